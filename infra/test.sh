@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Install (or refresh) .venv and run the default test suite. Extra args go to pytest,
+# e.g. `bash infra/test.sh -m slow` for the long suites.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$here/infra/install.sh"
+venv="${SD2_VENV:-$here/.venv}"
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAY_AUTH_MODE=disabled
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/sd2/torch_extensions}"
+export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"
+cd "$here"
+exec "$venv/bin/python" -m pytest "$@"

@@ -1,0 +1,151 @@
+"""``sd2 <command>``: parse flags, load the stage config, dispatch. Nothing else lives here.
+
+Every command takes ``--config FILE.yaml``, flags generated from its config's top-level
+fields (``--num-speculative-tokens 4``), and ``key=value`` overrides for nested fields
+(``sampling.temperature=0.7``). Precedence: overrides > flags > file > defaults.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+from sd2_ray.errors import Sd2Error
+
+
+@dataclass(frozen=True)
+class Command:
+    config: str  # "module:Class" of the stage config
+    runner: str  # "module:function" taking the config
+    help: str
+    section: str  # the section of a pipeline YAML this command reads when given one
+
+
+COMMANDS: dict[str, Command] = {
+    "kit": Command("sd2_ray.kit.config:KitConfig", "sd2_ray.kit.build:main",
+                   "build the embedded model kit (trained tiny target, drafters, prompts)", "kit"),
+    "distill": Command("sd2_ray.distill.config:DistillConfig", "sd2_ray.distill.job:main",
+                       "self-data distillation: the target regenerates responses (Ray Data)", "distill"),
+    "prune": Command("sd2_ray.prune.config:PruneConfig", "sd2_ray.prune.job:main",
+                     "one-shot pruning: SparseGPT, Wanda, magnitude, N:M, or layer pruning", "prune"),
+    "finetune": Command("sd2_ray.finetune.config:FinetuneConfig", "sd2_ray.finetune.job:main",
+                        "masked sparse fine-tuning on Ray Train + DeepSpeed ZeRO", "finetune"),
+    "tune": Command("sd2_ray.tune.config:TuneConfig", "sd2_ray.tune.job:main",
+                    "Ray Tune (ASHA) search over sparsity x learning rate by measured acceptance", "tune"),
+    "eval": Command("sd2_ray.evaluate.config:EvalConfig", "sd2_ray.evaluate.job:main",
+                    "speculative decoding eval: MAL, acceptance, MACs, speedup, losslessness", "eval"),
+    "serve": Command("sd2_ray.serve.config:ServeConfig", "sd2_ray.serve.job:main",
+                     "OpenAI-compatible endpoint (Ray Serve) for target + drafter", "serve"),
+    "run": Command("sd2_ray.pipeline_config:PipelineConfig", "sd2_ray.pipeline:main",
+                   "the whole SD2 pipeline as one job, with baselines and a report", ""),
+}
+
+
+def _load(ref: str) -> Any:
+    module, name = ref.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _scalar_fields(config_cls: Any) -> dict[str, Any]:
+    """Top-level fields that make sense as flags (scalars, optionals of scalars, literals)."""
+    from pydantic import BaseModel
+
+    out = {}
+    for name, field in config_cls.model_fields.items():
+        ann = field.annotation
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        base = args[0] if typing.get_origin(ann) is typing.Union and len(args) == 1 else ann
+        if isinstance(base, type) and issubclass(base, BaseModel):
+            continue
+        if typing.get_origin(base) in (dict, typing.Dict):
+            continue
+        out[name] = field
+    return out
+
+
+def _add_command(sub: Any, name: str, cmd: Command) -> None:
+    try:
+        config_cls = _load(cmd.config)
+    except (ImportError, AttributeError):
+        p = sub.add_parser(name, help=f"{cmd.help} [not built yet]", description=cmd.help)
+        p.set_defaults(_command=name, _missing=True)
+        return
+    p = sub.add_parser(name, help=cmd.help, description=(config_cls.__doc__ or cmd.help).strip(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML config (local or s3://); flags override it")
+    for field_name, field in _scalar_fields(config_cls).items():
+        flag = "--" + field_name.replace("_", "-")
+        default = field.default if field.default is not None else None
+        desc = (field.description or "").rstrip(".")
+        hint = f" (default: {default})" if default not in (None, "", typing.Any) and not callable(default) else ""
+        p.add_argument(flag, dest=f"flag__{field_name}", metavar=field_name.upper(), help=f"{desc}{hint}")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override any (nested) field")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.set_defaults(_command=name, _missing=False)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sd2", description="sd2-ray: Self-Distilled Sparse Drafters on Ray. "
+        "Run `sd2 <command> --help` for a command's flags.")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for name, cmd in COMMANDS.items():
+        _add_command(sub, name, cmd)
+    return parser
+
+
+def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
+    from sd2_ray.config import parse_override
+
+    values = {}
+    for key, raw in vars(args).items():
+        if key.startswith("flag__") and raw is not None:
+            values[key[len("flag__"):]] = parse_override(f"x={raw}")[1] if raw != "" else ""
+    return values
+
+
+def load_config(name: str, args: argparse.Namespace) -> Any:
+    from sd2_ray.config import parse_override, read_yaml
+
+    cmd = COMMANDS[name]
+    config_cls = _load(cmd.config)
+    overrides = _flag_values(args)
+    overrides.update(dict(parse_override(o) for o in args.overrides))
+    section = None
+    if args.config and cmd.section and cmd.section in read_yaml(args.config):
+        section = cmd.section  # a pipeline YAML: take this stage's section
+    return config_cls.load(args.config, overrides, section=section)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 0
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args._missing:
+        print(f"sd2 {args.command}: not built yet in this version", file=sys.stderr)
+        return 2
+    try:
+        config = load_config(args.command, args)
+        _load(COMMANDS[args.command].runner)(config)
+    except Sd2Error as err:
+        print(f"sd2 {args.command}: {err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:
+        print(f"sd2 {args.command}: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sd2 {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Sparsity masks: the contract between pruning, fine-tuning, eval and serving.
+
+A sparse model directory holds its weights with zeros in place, ``masks.safetensors`` (bool
+mask per pruned weight, ``True`` = kept) and ``sparsity.json``::
+
+    {"method": "sparsegpt", "pattern": "unstructured" | "2:4", "target_sparsity": 0.5,
+     "total_sparsity": 0.5, "layers": {"model.layers.0.self_attn.q_proj": {"sparsity": 0.5, ...}},
+     "calibration": {...}}
+
+Masks are derivable from zeros when ``masks.safetensors`` is missing.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+
+from sd2_ray.errors import DataError
+
+MASKS_FILE = "masks.safetensors"
+SPARSITY_FILE = "sparsity.json"
+
+
+def mask_key(module_name: str) -> str:
+    return f"{module_name}.weight"
+
+
+def masks_from_zeros(model: torch.nn.Module, module_names: list[str]) -> dict[str, torch.Tensor]:
+    modules = dict(model.named_modules())
+    return {mask_key(n): modules[n].weight.detach() != 0 for n in module_names}
+
+
+def sparsity_of(mask: torch.Tensor) -> float:
+    return 1.0 - mask.float().mean().item()
+
+
+def save_masks(out_dir: str, masks: dict[str, torch.Tensor], report: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    save_file({k: v.to(torch.bool).contiguous() for k, v in masks.items()}, os.path.join(out_dir, MASKS_FILE))
+    with open(os.path.join(out_dir, SPARSITY_FILE), "w") as f:
+        json.dump(report, f, indent=2)
+
+
+def read_report(model_dir: str) -> dict[str, Any] | None:
+    path = os.path.join(model_dir, SPARSITY_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_masks(model_dir: str, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Masks of a sparse model dir: from ``masks.safetensors``, else from the zeros of the
+    layers named in ``sparsity.json``; empty for a dense model."""
+    from safetensors.torch import load_file
+
+    path = os.path.join(model_dir, MASKS_FILE)
+    if os.path.isfile(path):
+        return {k: v.to(torch.bool) for k, v in load_file(path).items()}
+    report = read_report(model_dir)
+    if not report or model is None:
+        return {}
+    return masks_from_zeros(model, list(report.get("layers", {})))
+
+
+def check_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor], source: str = "model") -> None:
+    """Raise :class:`DataError` unless every mask names a weight of the right shape."""
+    params = dict(model.named_parameters())
+    for key, mask in masks.items():
+        if key not in params:
+            raise DataError(f"{source}: mask '{key}' names no parameter of the model")
+        if tuple(params[key].shape) != tuple(mask.shape):
+            raise DataError(f"{source}: mask '{key}' has shape {tuple(mask.shape)}, "
+                            f"weight has {tuple(params[key].shape)}")
+
+
+def apply_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, mask in masks.items():
+            params[key].mul_(mask.to(params[key].dtype))
+
+
+def masked_weights_nonzero(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> int:
+    """How many weights that the masks say must be zero are not (0 means the sparsity held)."""
+    params = dict(model.named_parameters())
+    return int(sum(((params[k].detach() != 0) & ~m).sum().item() for k, m in masks.items()))
+
+
+def check_nm(weight: torch.Tensor, n: int, m: int) -> bool:
+    """Every group of ``m`` consecutive input weights in a row has at most ``n`` nonzeros."""
+    rows, cols = weight.shape
+    if cols % m:
+        return False
+    groups = (weight.detach() != 0).reshape(rows, cols // m, m).sum(-1)
+    return bool((groups <= n).all())

@@ -1,0 +1,258 @@
+"""One storage layer for local paths and ``s3://`` URIs.
+
+Built on pyarrow's filesystems (the same objects Ray Data and Ray Train accept), honouring
+``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3`` so a loopback S3 server or MinIO works unchanged.
+Writes are atomic per file (temp name, then rename; on S3 a single PUT), and a directory
+output counts as finished only when its ``manifest.json`` says ``complete`` (see
+:mod:`sd2_ray.manifest`).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+S3_PREFIX = "s3://"
+
+
+def is_s3(path: str) -> bool:
+    return str(path).startswith(S3_PREFIX)
+
+
+def join(base: str, *parts: str) -> str:
+    base = str(base)
+    if is_s3(base):
+        return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+    return os.path.join(base, *parts)
+
+
+def parent(path: str) -> str:
+    path = str(path).rstrip("/")
+    if is_s3(path):
+        return path.rsplit("/", 1)[0]
+    return os.path.dirname(os.path.abspath(path))
+
+
+def basename(path: str) -> str:
+    return str(path).rstrip("/").rsplit("/", 1)[-1]
+
+
+def s3_endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+@lru_cache(maxsize=8)
+def _s3_filesystem(endpoint: str | None, region: str | None, key_id: str | None) -> pafs.S3FileSystem:
+    kwargs: dict[str, Any] = {}
+    if endpoint:
+        url = urlparse(endpoint)
+        kwargs["endpoint_override"] = url.netloc or url.path
+        kwargs["scheme"] = url.scheme or "https"
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs)
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    """The S3 filesystem for the current environment (endpoint, region, credentials)."""
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    return _s3_filesystem(s3_endpoint(), region, os.environ.get("AWS_ACCESS_KEY_ID"))
+
+
+def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path inside it) for a local path or s3:// URI."""
+    path = str(path)
+    if is_s3(path):
+        return s3_filesystem(), path[len(S3_PREFIX):].rstrip("/")
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def exists(path: str) -> bool:
+    fs, inner = filesystem(path)
+    return fs.get_file_info(inner).type != pafs.FileType.NotFound
+
+
+def is_file(path: str) -> bool:
+    fs, inner = filesystem(path)
+    return fs.get_file_info(inner).type == pafs.FileType.File
+
+
+def is_dir(path: str) -> bool:
+    fs, inner = filesystem(path)
+    return fs.get_file_info(inner).type == pafs.FileType.Directory
+
+
+def makedirs(path: str) -> None:
+    if not is_s3(path):  # S3 has no directories; keys imply them
+        os.makedirs(path, exist_ok=True)
+
+
+def list_files(path: str, suffix: str = "", recursive: bool = False) -> list[str]:
+    """Sorted full paths (same scheme as ``path``) of the files under a directory."""
+    fs, inner = filesystem(path)
+    if fs.get_file_info(inner).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(inner, recursive=recursive))
+    out = []
+    for info in infos:
+        if info.type == pafs.FileType.File and info.path.endswith(suffix):
+            out.append(S3_PREFIX + info.path if is_s3(path) else info.path)
+    return sorted(out)
+
+
+def read_bytes(path: str) -> bytes:
+    fs, inner = filesystem(path)
+    try:
+        with fs.open_input_stream(inner) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+
+
+def read_text(path: str) -> str:
+    return read_bytes(path).decode("utf-8")
+
+
+def read_json(path: str) -> Any:
+    return json.loads(read_text(path))
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Atomic write: readers see the old file, or the whole new one, never a prefix."""
+    fs, inner = filesystem(path)
+    if is_s3(path):
+        with fs.open_output_stream(inner) as f:  # one PUT: S3 publishes it whole or not at all
+            f.write(data)
+        return
+    os.makedirs(os.path.dirname(inner), exist_ok=True)
+    tmp = f"{inner}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, inner)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path: str, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def delete(path: str) -> None:
+    """Remove a file or a whole directory/prefix; missing is fine."""
+    fs, inner = filesystem(path)
+    kind = fs.get_file_info(inner).type
+    if kind == pafs.FileType.Directory:
+        fs.delete_dir(inner)
+    elif kind == pafs.FileType.File:
+        fs.delete_file(inner)
+
+
+def copy_dir(src: str, dst: str) -> None:
+    """Copy a directory tree between any two locations (local <-> s3)."""
+    src_fs, src_inner = filesystem(src)
+    dst_fs, dst_inner = filesystem(dst)
+    makedirs(dst)
+    pafs.copy_files(src_inner, dst_inner, source_filesystem=src_fs, destination_filesystem=dst_fs)
+
+
+def write_parquet(path: str, table) -> None:
+    """Write a pyarrow Table as one Parquet file, atomically."""
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    write_bytes(path, buf.getvalue())
+
+
+def read_parquet(path: str):
+    """Read one Parquet file or a directory of shards into a pyarrow Table."""
+    import pyarrow.parquet as pq
+
+    fs, inner = filesystem(path)
+    return pq.read_table(inner, filesystem=fs)
+
+
+def cache_root() -> str:
+    return os.environ.get("SD2_CACHE_DIR") or os.path.join(Path.home(), ".cache", "sd2")
+
+
+def local_dir(path: str) -> str:
+    """A local directory holding ``path``'s files: itself if local, else a cached download.
+
+    Downloads go to a temp folder renamed into the cache when whole, so an interrupted
+    download is never reused.
+    """
+    if not is_s3(path):
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{path}: no such directory")
+        return os.path.abspath(path)
+    if not is_dir(path):
+        raise FileNotFoundError(f"{path}: no such directory")
+    key = hashlib.sha256(path.rstrip("/").encode()).hexdigest()[:16]
+    target = os.path.join(cache_root(), "s3", f"{basename(path)}-{key}")
+    if os.path.isdir(target) and _cache_is_fresh(path, target):
+        return target
+    tmp = tempfile.mkdtemp(prefix="dl-", dir=os.path.dirname(target) if _mk(os.path.dirname(target)) else None)
+    copy_dir(path, tmp)
+    _write_listing(path, tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+def _mk(d: str) -> bool:
+    os.makedirs(d, exist_ok=True)
+    return True
+
+
+def _listing(path: str) -> list[list]:
+    fs, inner = filesystem(path)
+    infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
+    return sorted([i.path[len(inner):], i.size] for i in infos if i.type == pafs.FileType.File)
+
+
+def _write_listing(path: str, target: str) -> None:
+    with open(os.path.join(target, ".sd2-source.json"), "w") as f:
+        json.dump({"source": path, "files": _listing(path)}, f)
+
+
+def _cache_is_fresh(path: str, target: str) -> bool:
+    """The cached copy matches the remote file list and sizes (a changed prefix is re-downloaded)."""
+    try:
+        with open(os.path.join(target, ".sd2-source.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return saved.get("files") == _listing(path)
+
+
+def publish_dir(local: str, dest: str) -> None:
+    """Copy a finished local directory to ``dest`` (no-op when they are the same place)."""
+    if not is_s3(dest) and os.path.abspath(local) == os.path.abspath(dest):
+        return
+    copy_dir(local, dest)
+
+
+def iter_jsonl(path: str) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line) of a JSONL file, blank lines skipped."""
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
+        if line.strip():
+            yield number, line
