@@ -1,0 +1,1 @@
+"""Speculative decoding: lossless engine, target-only baseline, cross-tokenizer pairs."""
