@@ -1,0 +1,74 @@
+"""Config of ``sd2 distill``: the target regenerates the responses its drafter will learn from."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from sd2_ray.config import StageConfig
+
+
+class DistillConfig(StageConfig):
+    """Self-data distillation: the target model answers (or rewrites the reference answer of) every
+    prompt row, on a Ray Data actor pool of target engines; output is Parquet shards + manifest.json.
+
+    Resumable: input rows are cut into shards of `shard_size` rows (in input order); a rerun skips
+    shards already written and redoes the rest, so every input row appears exactly once.
+    """
+
+    target: str = Field(..., description="target model: HF directory, local path or s3:// prefix")
+    prompts: str = Field(..., description="prompt rows: JSONL/Parquet file or directory, local or s3://")
+    output: str = Field(..., description="output directory for Parquet shards + manifest.json, local or s3://")
+    mode: Literal["generate", "rewrite"] = Field(
+        "generate", description="generate: answer the prompt; rewrite: restate the reference answer "
+        "in the model's own words (kept only if it passes the filters, else the reference is kept)")
+    engine: Literal["transformers", "vllm"] = Field(
+        "transformers", description="target engine: transformers (CPU or GPU) or vllm (ray.data.llm)")
+    actors: int = Field(2, ge=1, description="engine replicas (Ray Data actor pool size / vLLM concurrency)")
+    batch_size: int = Field(16, ge=1, description="rows per engine batch")
+    max_new_tokens: int = Field(64, ge=1, description="maximum generated tokens per row")
+    temperature: float = Field(0.0, ge=0.0, description="sampling temperature (0 = greedy)")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling threshold")
+    seed: int = Field(0, description="sampling seed (non-greedy runs)")
+    shard_size: int = Field(256, ge=1, description="input rows per output shard (the unit of resumption)")
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="rows whose rendered prompt is longer are skipped "
+        "(default: the model's context length minus max_new_tokens)")
+    allow_truncated: bool = Field(
+        False, description="rewrite mode: keep a rewrite that hit max_new_tokens (else keep the reference)")
+    overwrite: bool = Field(False, description="redo a complete output instead of skipping it")
+    limit: int | None = Field(None, ge=1, description="only the first N input rows (smoke runs)")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="weights/activations dtype of the engines")
+    cpus_per_actor: float = Field(1.0, gt=0.0, description="CPUs reserved by each engine replica")
+    gpus_per_actor: float = Field(0.0, ge=0.0, description="GPUs per replica (transformers) or per "
+                                  "tensor-parallel worker (vllm); 0 = CPU")
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch threads per transformers actor (default: cpus_per_actor, at least 1)")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs (or CPU workers) per replica")
+    max_restarts: int = Field(4, ge=-1, description="restarts of a dead engine actor (-1 = unlimited)")
+    trust_remote_code: bool = Field(False, description="allow custom model code from the model directory")
+    vllm_engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="vllm: extra engine kwargs (e.g. max_model_len, enforce_eager)")
+
+    @field_validator("target", "prompts", "output")
+    @classmethod
+    def _non_empty(cls, value: str) -> str:
+        if not str(value).strip():
+            raise ValueError("must be a non-empty path")
+        return str(value).strip()
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> "DistillConfig":
+        if self.engine == "transformers" and self.tensor_parallel_size != 1:
+            raise ValueError("tensor_parallel_size > 1 needs engine=vllm")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def sampling_dict(self) -> dict[str, Any]:
+        """The sampling settings recorded in the manifest (and part of each shard's fingerprint)."""
+        return {"temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
+                "max_new_tokens": self.max_new_tokens}

@@ -1,0 +1,230 @@
+"""Pure distillation logic (no Ray): rows -> engine requests -> result rows, shards, filters.
+
+Prompt rows follow DESIGN.md (``prompt`` or ``messages``, optional ``response`` and ``id``).
+Each usable row becomes a :class:`Request` whose prompt is rendered with the target's chat
+template and tokenized *here*, once, so every engine (transformers or vLLM) sees the same ids.
+Unusable rows (no prompt, wrong types, over-long prompt) are skipped with a reason, never fatal.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from sd2_ray import rows as rowlib
+from sd2_ray import storage
+
+SHARD_PREFIX = "shard-"
+RECORDS_DIR = "_shards"  # per-shard completion records; "_" keeps them out of dataset listings
+SKIPPED_FILE = "_skipped.jsonl"
+
+# Rewrite mode: the target sees the instruction and the reference, and answers in its own words.
+REWRITE_TEMPLATE = (
+    "Below is an instruction and a reference answer.\n\n"
+    "Instruction:\n{instruction}\n\n"
+    "Reference answer:\n{reference}\n\n"
+    "Write your own answer to the instruction, in your own words. Reply with the answer only."
+)
+# A rewrite that echoes the wrapper's wording learned the wrapper, not the answer: reject it.
+LEAK_PHRASES = ("reference answer", "in your own words", "instruction:", "reply with the answer only")
+
+TARGET, REFERENCE = "target", "reference"
+
+
+@dataclass
+class Request:
+    """One usable input row, ready for an engine."""
+
+    index: int  # position in the input (stable across runs)
+    shard: int
+    id: str
+    messages: list[dict[str, str]] | None  # the original conversation (without a trailing answer)
+    prompt: str | None  # or the original plain prompt
+    reference: str | None
+    prompt_text: str  # what the engine sees (chat template applied; rewrite wrapper in rewrite mode)
+    prompt_ids: list[int]
+
+    def engine_item(self) -> dict[str, Any]:
+        """The slim record that travels through Ray Data (the rest stays on the driver)."""
+        return {"index": self.index, "shard": self.shard, "prompt_ids": self.prompt_ids,
+                "prompt_text": self.prompt_text}
+
+
+@dataclass
+class Generated:
+    """What an engine returns for one request."""
+
+    index: int
+    text: str | None
+    finish_reason: str | None  # "stop" | "length" | None on error
+    response_tokens: int
+    error: str | None = None
+
+
+def shard_of(index: int, shard_size: int) -> int:
+    return index // shard_size
+
+
+def shard_file(shard: int) -> str:
+    return f"{SHARD_PREFIX}{shard:05d}.parquet"
+
+
+def record_file(shard: int) -> str:
+    return f"{RECORDS_DIR}/{SHARD_PREFIX}{shard:05d}.json"
+
+
+def num_shards(num_rows: int, shard_size: int) -> int:
+    return max(1, -(-num_rows // shard_size))
+
+
+def safe_row_id(row: Any, index: int) -> str:
+    """The row's id; a row too broken to hash gets its position."""
+    try:
+        return rowlib.row_id(row)
+    except (TypeError, ValueError):
+        return f"row-{index}"
+
+
+def rewrite_messages(messages: list[dict[str, str]], reference: str) -> list[dict[str, str]]:
+    """The conversation with its last user turn wrapped in the rewrite instruction."""
+    last = messages[-1]
+    wrapped = REWRITE_TEMPLATE.format(instruction=last["content"], reference=reference)
+    return [*messages[:-1], {"role": last["role"], "content": wrapped}]
+
+
+def render(messages: list[dict[str, str]], tokenizer, plain_prompt: str | None) -> str:
+    """The prompt text for the engine (chat template when the tokenizer has one)."""
+    row = {"messages": messages} if plain_prompt is None else {"prompt": plain_prompt}
+    return rowlib.render_prompt(row, tokenizer)
+
+
+def encode(text: str, tokenizer) -> list[int]:
+    """Token ids of a rendered prompt: a chat template already holds the special tokens it wants."""
+    add_special = not getattr(tokenizer, "chat_template", None)
+    return list(tokenizer(text, add_special_tokens=add_special)["input_ids"])
+
+
+def prepare_row(row: Any, index: int, shard: int, tokenizer, mode: str,
+                max_prompt_tokens: int) -> tuple[Request | None, str | None]:
+    """(request, None) for a usable row, else (None, why it was skipped)."""
+    if not isinstance(row, dict):
+        return None, f"row must be an object, got {type(row).__name__}"
+    problem = rowlib.row_problem(row)
+    if problem:
+        return None, problem
+    messages = rowlib.instruction_messages(row)
+    if not messages:
+        return None, "'messages' has no turn before the answer"
+    reference = rowlib.reference_response(row)
+    uses_messages = row.get("messages") is not None
+    if mode == "rewrite":
+        if reference is None:
+            return None, "rewrite mode needs a reference 'response'"
+        text = render(rewrite_messages(messages, reference), tokenizer, None)
+    else:
+        text = render(messages, tokenizer, None if uses_messages else row["prompt"])
+    ids = encode(text, tokenizer)
+    if len(ids) > max_prompt_tokens:
+        return None, f"prompt has {len(ids)} tokens, more than max_prompt_tokens={max_prompt_tokens}"
+    return Request(index=index, shard=shard, id=safe_row_id(row, index),
+                   messages=messages if uses_messages else None,
+                   prompt=None if uses_messages else row["prompt"], reference=reference,
+                   prompt_text=text, prompt_ids=ids), None
+
+
+def prepare_rows(rows: list[Any], tokenizer, mode: str, max_prompt_tokens: int,
+                 shard_size: int) -> tuple[list[Request], list[dict[str, Any]]]:
+    """Requests for the usable rows and ``{index, shard, id, reason}`` for the skipped ones."""
+    requests, skipped = [], []
+    for index, row in enumerate(rows):
+        shard = shard_of(index, shard_size)
+        request, reason = prepare_row(row, index, shard, tokenizer, mode, max_prompt_tokens)
+        if request is None:
+            skipped.append({"index": index, "shard": shard, "id": safe_row_id(row, index), "reason": reason})
+        else:
+            requests.append(request)
+    return requests, skipped
+
+
+def rewrite_problem(text: str | None, finish_reason: str | None, allow_truncated: bool) -> str | None:
+    """Why a rewrite is not kept (the reference is kept instead), or None when it passes."""
+    if text is None or not text.strip():
+        return "empty"
+    if finish_reason == "length" and not allow_truncated:
+        return "truncated"
+    lowered = text.lower()
+    for phrase in LEAK_PHRASES:
+        if phrase in lowered:
+            return f"leaks the rewrite instruction ('{phrase}')"
+    return None
+
+
+def result_row(request: Request, generated: Generated, mode: str, allow_truncated: bool) -> dict[str, Any]:
+    """The output row: ``response`` is what the drafter learns; ``source`` says whose it is."""
+    response, source, rejected = generated.text, TARGET, None
+    if generated.error is not None:
+        response, source = None, None
+    elif mode == "rewrite":
+        rejected = rewrite_problem(generated.text, generated.finish_reason, allow_truncated)
+        if rejected:
+            response, source = request.reference, REFERENCE
+    return {
+        "id": request.id, "index": request.index, "messages": request.messages, "prompt": request.prompt,
+        "response": response, "reference": request.reference, "source": source,
+        "finish_reason": generated.finish_reason, "prompt_tokens": len(request.prompt_ids),
+        "response_tokens": generated.response_tokens, "rejected": rejected, "error": generated.error,
+    }
+
+
+def output_schema():
+    import pyarrow as pa
+
+    message = pa.struct([("role", pa.string()), ("content", pa.string())])
+    return pa.schema([
+        ("id", pa.string()), ("index", pa.int64()), ("messages", pa.list_(message)), ("prompt", pa.string()),
+        ("response", pa.string()), ("reference", pa.string()), ("source", pa.string()),
+        ("finish_reason", pa.string()), ("prompt_tokens", pa.int32()), ("response_tokens", pa.int32()),
+        ("rejected", pa.string()), ("error", pa.string()),
+    ])
+
+
+def result_table(result_rows: list[dict[str, Any]]):
+    """A shard's rows (sorted by input position) as a pyarrow Table with the fixed schema."""
+    import pyarrow as pa
+
+    ordered = sorted(result_rows, key=lambda r: r["index"])
+    return pa.Table.from_pylist(ordered, schema=output_schema())
+
+
+def shard_record(shard: int, fingerprint: str, rows_in: int, result_rows: list[dict[str, Any]],
+                 skipped: list[dict[str, Any]]) -> dict[str, Any]:
+    """Counts written next to a finished shard (and gathered into manifest.json)."""
+    failed = sum(1 for r in result_rows if r["error"] is not None)
+    return {
+        "shard": shard, "file": shard_file(shard), "fingerprint": fingerprint, "rows_in": rows_in,
+        "rows_out": len(result_rows) - failed, "skipped": len(skipped), "failed": failed,
+        "from_target": sum(1 for r in result_rows if r["source"] == TARGET),
+        "from_reference": sum(1 for r in result_rows if r["source"] == REFERENCE),
+        "response_tokens": sum(int(r["response_tokens"] or 0) for r in result_rows),
+        "skipped_rows": skipped,
+    }
+
+
+def fingerprint(ids: list[str], settings: dict[str, Any]) -> str:
+    """Identity of a shard's work: its input ids plus everything that changes its output."""
+    blob = json.dumps({"ids": ids, "settings": settings}, sort_keys=True)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:20]
+
+
+def read_distilled(path: str, include_failed: bool = False) -> list[dict[str, Any]]:
+    """Rows of a distilled output directory (local or s3://), in input order; failed rows dropped
+    unless asked for. For the prune / fine-tune stages."""
+    files = [f for f in storage.list_files(path, suffix=".parquet")
+             if storage.basename(f).startswith(SHARD_PREFIX)]
+    out: list[dict[str, Any]] = []
+    for file in files:
+        out.extend(storage.read_parquet(file).to_pylist())
+    if not include_failed:
+        out = [r for r in out if r["error"] is None]
+    return sorted(out, key=lambda r: r["index"])

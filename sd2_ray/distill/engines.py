@@ -1,0 +1,189 @@
+"""Target engines behind one interface: a Ray Data stage mapping request rows
+``{index, shard, prompt_ids, prompt_text}`` to result rows
+``{index, shard, response, finish_reason, response_tokens, error}``.
+
+- ``transformers``: :class:`TransformersEngine` (batched ``generate`` with KV cache, left padding)
+  wrapped in :class:`TransformersBatchUDF`, a callable class Ray Data runs on an actor pool
+  (one model load per actor).
+- ``vllm``: Ray's own ``ray.data.llm`` vLLM processor (tensor parallel, replicas = concurrency).
+
+Nothing here imports Ray, vLLM or torch at module level.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sd2_ray.distill.core import Generated
+
+log = logging.getLogger(__name__)
+
+RESULT_COLUMNS = ("index", "shard", "response", "finish_reason", "response_tokens", "error")
+
+
+class TransformersEngine:
+    """Batched HF generation for token-id prompts. At temperature 0 each row's output equals an
+    unbatched greedy ``model.generate`` on the same ids (left padding + attention mask)."""
+
+    def __init__(self, model_dir: str, dtype: str = "float32", device: str = "cpu",
+                 torch_threads: int | None = None, trust_remote_code: bool = False):
+        import torch
+
+        from sd2_ray.models.io import load_model, load_tokenizer
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.torch = torch
+        self.device = device
+        self.model = load_model(model_dir, dtype=getattr(torch, dtype), device=device,
+                                trust_remote_code=trust_remote_code)
+        self.tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+        self.eos_ids = eos_token_ids(self.model, self.tokenizer)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None) -> list[tuple[list[int], str]]:
+        """(generated ids without the EOS, finish_reason) per prompt, in one batched call."""
+        torch = self.torch
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):  # left padding: every prompt ends at the same column
+            ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+            mask[row, width - len(prompt):] = 1
+        sampling: dict[str, Any] = {"do_sample": False}
+        if temperature > 0:
+            if seed is not None:
+                torch.manual_seed(seed)
+            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                      max_new_tokens=max_new_tokens, pad_token_id=self.pad_id,
+                                      eos_token_id=self.eos_ids, use_cache=True, **sampling)
+        return [split_at_eos(seq[width:].tolist(), self.eos_ids, max_new_tokens) for seq in out]
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a response: the generation config's EOS id(s), else the tokenizer's."""
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    ids = eos if isinstance(eos, list) else [eos]
+    return [int(i) for i in ids if i is not None]
+
+
+def split_at_eos(generated: list[int], eos_ids: list[int], max_new_tokens: int) -> tuple[list[int], str]:
+    """Cut a generated sequence at its first EOS (padding follows it in a batch)."""
+    for pos, token in enumerate(generated):
+        if token in eos_ids:
+            return generated[:pos], "stop"
+    return generated, "length" if len(generated) >= max_new_tokens else "stop"
+
+
+class TransformersBatchUDF:
+    """Ray Data ``map_batches`` callable: loads the target once per actor, answers request batches.
+
+    A batch that raises is retried row by row, so one bad row is recorded with its error and
+    the others still get their responses.
+    """
+
+    def __init__(self, model_dir: str, settings: dict[str, Any]):
+        self.settings = settings
+        self.engine = TransformersEngine(model_dir, dtype=settings["dtype"], device=settings["device"],
+                                         torch_threads=settings.get("torch_threads"),
+                                         trust_remote_code=settings.get("trust_remote_code", False))
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        indices = [int(i) for i in batch["index"]]
+        prompts = [[int(t) for t in p] for p in batch["prompt_ids"]]
+        try:
+            generated = self._generate(prompts, seed_offset=min(indices))
+        except Exception as err:  # noqa: BLE001 - fall back to one row at a time
+            log.warning("batch of %d rows failed (%s); retrying row by row", len(prompts), err)
+            generated = [self._generate_one(p, i) for p, i in zip(prompts, indices)]
+        results = [self._result(i, g) for i, g in zip(indices, generated)]
+        out = {name: [r[name] for r in results] for name in RESULT_COLUMNS if name != "shard"}
+        out["shard"] = [int(s) for s in batch["shard"]]
+        return out
+
+    def _generate(self, prompts: list[list[int]], seed_offset: int) -> list:
+        s = self.settings
+        pairs = self.engine.generate(prompts, s["max_new_tokens"], s["temperature"], s["top_p"],
+                                     seed=s["seed"] + seed_offset)
+        return [Generated(0, self.engine.decode(ids), reason, len(ids)) for ids, reason in pairs]
+
+    def _generate_one(self, prompt: list[int], index: int) -> Generated:
+        try:
+            return self._generate([prompt], seed_offset=index)[0]
+        except Exception as err:  # noqa: BLE001 - recorded on the row, the job goes on
+            return Generated(index, None, None, 0, error=f"{type(err).__name__}: {err}")
+
+    @staticmethod
+    def _result(index: int, g: Generated) -> dict[str, Any]:
+        return {"index": index, "response": g.text, "finish_reason": g.finish_reason,
+                "response_tokens": g.response_tokens, "error": g.error}
+
+
+def apply_transformers(ds, model_dir: str, config) -> Any:
+    """Ray Data stage: an actor pool of :class:`TransformersBatchUDF` (``actors`` replicas)."""
+    settings = {**config.sampling_dict(), "dtype": config.dtype,
+                "device": "cuda" if config.gpus_per_actor > 0 else "cpu",
+                "torch_threads": config.torch_threads or max(1, int(config.cpus_per_actor)),
+                "trust_remote_code": config.trust_remote_code}
+    return ds.map_batches(
+        TransformersBatchUDF, fn_constructor_kwargs={"model_dir": model_dir, "settings": settings},
+        concurrency=config.actors, batch_size=config.batch_size, num_cpus=config.cpus_per_actor,
+        num_gpus=config.gpus_per_actor or None, max_restarts=config.max_restarts,
+        max_task_retries=-1 if config.max_restarts != 0 else 0)
+
+
+def vllm_processor(model_dir: str, config, eos_ids: list[int]):
+    """Ray's ``ray.data.llm`` vLLM processor; prompts arrive already rendered and tokenized."""
+    import os
+
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    from sd2_ray.runtime import worker_env
+
+    tp = config.tensor_parallel_size
+    bundle = {"CPU": config.cpus_per_actor, **({"GPU": config.gpus_per_actor} if config.gpus_per_actor else {})}
+    engine_kwargs = {"dtype": config.dtype, "tensor_parallel_size": tp, "seed": config.seed,
+                     "trust_remote_code": config.trust_remote_code,
+                     **({} if config.gpus_per_actor else {"enforce_eager": True}), **config.vllm_engine_kwargs}
+    env = worker_env()
+    if not config.gpus_per_actor:
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+    processor_config = vLLMEngineProcessorConfig(
+        model_source=model_dir, engine_kwargs=engine_kwargs, concurrency=config.actors,
+        batch_size=config.batch_size, chat_template_stage=False, tokenize_stage=False,
+        detokenize_stage=False, should_continue_on_error=True, runtime_env={"env_vars": env},
+        placement_group_config={"bundles": [bundle] * tp})
+    sampling = {"temperature": config.temperature, "top_p": config.top_p, "max_tokens": config.max_new_tokens}
+    if config.temperature > 0:
+        sampling["seed"] = config.seed
+    return build_processor(
+        processor_config,
+        preprocess=lambda row: {"index": row["index"], "shard": row["shard"], "prompt": row["prompt_text"],
+                                "tokenized_prompt": list(row["prompt_ids"]), "sampling_params": dict(sampling)},
+        postprocess=lambda row: vllm_result(row, eos_ids, config.max_new_tokens))
+
+
+def vllm_result(row: dict[str, Any], eos_ids: list[int], max_new_tokens: int) -> dict[str, Any]:
+    """A vLLM output row in the engines' result schema (errors included)."""
+    error = row.get("__inference_error__") or None
+    tokens = [int(t) for t in (row.get("generated_tokens") if row.get("generated_tokens") is not None else [])]
+    kept, reason = split_at_eos(tokens, eos_ids, max_new_tokens)
+    return {"index": int(row["index"]), "shard": int(row["shard"]),
+            "response": None if error else row.get("generated_text", ""),
+            "finish_reason": None if error else reason, "response_tokens": 0 if error else len(kept),
+            "error": error}
+
+
+def apply_engine(ds, model_dir: str, config, eos_ids: list[int]):
+    """The configured engine as a Ray Data stage over request rows."""
+    if config.engine == "vllm":
+        return vllm_processor(model_dir, config, eos_ids)(ds)
+    return apply_transformers(ds, model_dir, config)

@@ -1,0 +1,194 @@
+"""``sd2 distill``: read prompts, plan shards, generate the pending ones on Ray, write the output.
+
+Output directory (local or s3://)::
+
+    config.yaml             the resolved config
+    manifest.json           status (running -> complete, written last), counts per shard, settings
+    shard-00000.parquet     one per input shard (rows in input order; schema: core.output_schema)
+    _shards/shard-00000.json  the shard's completion record (counts, skipped rows, fingerprint)
+    _skipped.jsonl          every skipped input row with the reason
+
+A shard is done when its record exists with the same fingerprint (input ids + settings); the
+record is written after the Parquet file, so a killed run leaves at worst a shard to redo.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from sd2_ray import manifest, storage
+from sd2_ray.distill import core
+from sd2_ray.distill.config import DistillConfig
+from sd2_ray.errors import DataError
+
+log = logging.getLogger(__name__)
+
+STAGE = "distill"
+
+
+def main(config: DistillConfig) -> dict[str, Any]:
+    """Run (or resume) a distillation; returns the final manifest."""
+    out = config.output
+    if manifest.is_complete(out) and not config.overwrite:
+        log.info("%s is complete; skipping (use --overwrite to redo)", out)
+        return manifest.read(out) or {}
+    if config.overwrite and storage.exists(out):
+        storage.delete(out)
+
+    from sd2_ray.models.io import resolve_model_dir
+
+    model_dir = resolve_model_dir(config.target)
+    tokenizer, eos_ids, context = load_target_info(model_dir, config.trust_remote_code)
+    max_prompt = config.max_prompt_tokens or max(1, context - config.max_new_tokens)
+    rows = read_input(config)
+    requests, skipped = core.prepare_rows(rows, tokenizer, config.mode, max_prompt, config.shard_size)
+    plan = plan_shards(rows, requests, skipped, config, max_prompt)
+
+    config.save(out)
+    manifest.start(out, STAGE, **manifest_fields(config, model_dir, len(rows), plan))
+    started = time.time()
+    try:
+        run_pending(plan, requests, skipped, model_dir, eos_ids, config)
+    except Exception as err:
+        manifest.fail(out, STAGE, f"{type(err).__name__}: {err}")
+        raise
+    return finish(plan, skipped, config, len(rows), time.time() - started)
+
+
+def load_target_info(model_dir: str, trust_remote_code: bool) -> tuple[Any, list[int], int]:
+    """(tokenizer, EOS ids, context length) read on the driver, without loading weights."""
+    from transformers import AutoConfig, GenerationConfig
+
+    from sd2_ray.models.io import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+    model_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    try:
+        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    except OSError:
+        eos = None
+    if eos is None:
+        eos = getattr(model_config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    eos_ids = [int(i) for i in (eos if isinstance(eos, list) else [eos]) if i is not None]
+    context = getattr(model_config, "max_position_embeddings", None) or 2048
+    return tokenizer, eos_ids, int(context)
+
+
+def read_input(config: DistillConfig) -> list[Any]:
+    from sd2_ray.rows import read_rows
+
+    rows = read_rows(config.prompts, limit=config.limit)
+    if not rows:
+        raise DataError(f"{config.prompts}: no prompt rows")
+    return rows
+
+
+def shard_settings(config: DistillConfig, max_prompt: int) -> dict[str, Any]:
+    """Everything that changes a shard's content (engine and pool size do not)."""
+    return {"target": config.target, "mode": config.mode, "sampling": config.sampling_dict(),
+            "max_prompt_tokens": max_prompt, "allow_truncated": config.allow_truncated,
+            "dtype": config.dtype, "shard_size": config.shard_size}
+
+
+def plan_shards(rows: list[Any], requests: list[core.Request], skipped: list[dict[str, Any]],
+                config: DistillConfig, max_prompt: int) -> dict[int, dict[str, Any]]:
+    """Per shard: input size, fingerprint, and whether an earlier run already finished it."""
+    settings = shard_settings(config, max_prompt)
+    plan: dict[int, dict[str, Any]] = {}
+    for shard in range(core.num_shards(len(rows), config.shard_size)):
+        lo, hi = shard * config.shard_size, min(len(rows), (shard + 1) * config.shard_size)
+        ids = [core.safe_row_id(rows[i], i) for i in range(lo, hi)]
+        fp = core.fingerprint(ids, settings)
+        record = read_record(config.output, shard)
+        done = bool(record) and record.get("fingerprint") == fp \
+            and storage.exists(storage.join(config.output, core.shard_file(shard)))
+        plan[shard] = {"rows_in": hi - lo, "fingerprint": fp, "done": done}
+    done = sum(1 for p in plan.values() if p["done"])
+    if done:
+        log.info("resuming: %d of %d shards already complete", done, len(plan))
+    return plan
+
+
+def read_record(out: str, shard: int) -> dict[str, Any] | None:
+    path = storage.join(out, core.record_file(shard))
+    if not storage.exists(path):
+        return None
+    try:
+        return storage.read_json(path)
+    except ValueError:
+        return None
+
+
+def run_pending(plan: dict[int, dict[str, Any]], requests: list[core.Request], skipped: list[dict[str, Any]],
+                model_dir: str, eos_ids: list[int], config: DistillConfig) -> None:
+    from tqdm import tqdm
+
+    from sd2_ray.distill.pipeline import generate_shards
+
+    skipped_by_shard: dict[int, list[dict[str, Any]]] = {s: [] for s in plan}
+    for row in skipped:
+        skipped_by_shard[row["shard"]].append(row)
+    pending = [r for r in requests if not plan[r.shard]["done"]]
+    with_requests = {r.shard for r in pending}
+
+    def write(shard: int, answered: list[tuple[core.Request, core.Generated]]) -> None:
+        write_shard(config, shard, plan[shard], answered, skipped_by_shard[shard])
+
+    for shard, info in plan.items():  # shards whose every row was skipped need no engine
+        if not info["done"] and shard not in with_requests:
+            write(shard, [])
+    log.info("%d rows to generate in %d shards (%d rows skipped overall)", len(pending), len(with_requests),
+             len(skipped))
+    with tqdm(total=len(pending), desc="distill", unit="row") as progress:
+        generate_shards(pending, model_dir, config, eos_ids, write, progress=progress)
+
+
+def write_shard(config: DistillConfig, shard: int, info: dict[str, Any],
+                answered: list[tuple[core.Request, core.Generated]], skipped: list[dict[str, Any]]) -> None:
+    """Parquet first, then the record that marks the shard complete."""
+    results = [core.result_row(req, gen, config.mode, config.allow_truncated) for req, gen in answered]
+    storage.write_parquet(storage.join(config.output, core.shard_file(shard)), core.result_table(results))
+    record = core.shard_record(shard, info["fingerprint"], info["rows_in"], results, skipped)
+    storage.write_json(storage.join(config.output, core.record_file(shard)), record)
+    info["done"] = True
+    log.info("shard %d written: %d rows out, %d skipped, %d failed", shard, record["rows_out"],
+             record["skipped"], record["failed"])
+
+
+def manifest_fields(config: DistillConfig, model_dir: str, rows_in: int,
+                    plan: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    return {"mode": config.mode, "engine": config.engine, "model": config.target, "model_dir": model_dir,
+            "prompts": config.prompts, "sampling": config.sampling_dict(), "shard_size": config.shard_size,
+            "num_shards": len(plan), "rows_in": rows_in}
+
+
+def finish(plan: dict[int, dict[str, Any]], skipped: list[dict[str, Any]], config: DistillConfig,
+           rows_in: int, seconds: float) -> dict[str, Any]:
+    """Gather the shard records, drop stale shards of a bigger earlier input, mark complete."""
+    out = config.output
+    records = [read_record(out, shard) for shard in sorted(plan)]
+    missing = [s for s, r in zip(sorted(plan), records) if r is None]
+    if missing:
+        raise RuntimeError(f"{out}: shards {missing} have no completion record")
+    remove_stale_shards(out, len(plan))
+    storage.write_text(storage.join(out, core.SKIPPED_FILE), "".join(json.dumps(s) + "\n" for s in skipped))
+    totals = {key: sum(r[key] for r in records)
+              for key in ("rows_in", "rows_out", "skipped", "failed", "from_target", "from_reference",
+                          "response_tokens")}
+    shards = [{k: v for k, v in r.items() if k != "skipped_rows"} for r in records]
+    data = manifest.complete(out, STAGE, rows_in=rows_in, totals=totals, shards=shards, error=None,
+                             last_run_seconds=round(seconds, 2))
+    log.info("distill complete: %s", totals)
+    return data
+
+
+def remove_stale_shards(out: str, num_shards: int) -> None:
+    for path in storage.list_files(out, suffix=".parquet"):
+        name = storage.basename(path)
+        if name.startswith(core.SHARD_PREFIX) and int(name[len(core.SHARD_PREFIX):-len(".parquet")]) >= num_shards:
+            storage.delete(path)
+            storage.delete(storage.join(out, core.record_file(int(name[len(core.SHARD_PREFIX):-8]))))
