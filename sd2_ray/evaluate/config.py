@@ -1,0 +1,59 @@
+"""Config of ``sd2 eval``."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from sd2_ray.config import StageConfig
+
+
+class EvalConfig(StageConfig):
+    """Speculative decoding eval of a target + drafter pair on a prompt set: mean accepted length,
+    acceptance by draft position, MACs per token, cost coefficient, predicted and measured speedup
+    (wall clock against target-only decoding of the same prompts in the same run) and, for greedy
+    runs, whether every output equals the target's own. Writes report.json, report.md, a plot,
+    config.yaml and manifest.json next to each other (local or s3://)."""
+
+    target: str = Field(..., description="target model dir (local or s3://)")
+    drafter: str = Field(..., description="drafter model dir (local or s3://); another tokenizer means UAG")
+    prompts: str = Field(..., description="prompt rows: JSONL/Parquet file or dir (local or s3://)")
+    output: str = Field(..., description="report.json path (its directory gets the other files), "
+                                         "or a directory to write report.json into")
+    num_speculative_tokens: int = Field(4, ge=1, le=32, description="draft tokens K per verification pass")
+    temperature: float = Field(0.0, ge=0.0, description="0 = greedy (with the losslessness check)")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass (sampling only)")
+    top_k: int = Field(0, ge=0, description="top-k sampling, 0 = off (sampling only)")
+    seed: int = Field(0, description="base seed; prompt i samples with seed + i")
+    max_new_tokens: int = Field(64, ge=1, description="tokens generated per prompt at most")
+    batch_size: int = Field(8, ge=1, description="prompts decoded together")
+    max_prompts: int | None = Field(None, ge=1, description="use only the first N prompts")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="model dtype")
+    measure_baseline: bool = Field(True, description="also decode with the target alone to measure speedup "
+                                                     "(and losslessness for greedy)")
+    overwrite: bool = Field(False, description="redo a report whose manifest says complete")
+
+    @field_validator("target", "drafter", "prompts", "output")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value or not value.strip():
+            raise ValueError("must not be empty")
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _sampling_only_with_temperature(self):
+        if self.temperature == 0.0 and (self.top_p < 1.0 or self.top_k > 0):
+            raise ValueError("top_p/top_k need temperature > 0 (temperature 0 is greedy)")
+        return self
+
+    @property
+    def output_dir(self) -> str:
+        from sd2_ray import storage
+
+        return storage.parent(self.output) if self.output.endswith(".json") else self.output
+
+    @property
+    def report_path(self) -> str:
+        from sd2_ray import storage
+
+        return self.output if self.output.endswith(".json") else storage.join(self.output, "report.json")

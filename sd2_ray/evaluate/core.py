@@ -1,0 +1,183 @@
+"""Evaluate a target + drafter pair in-process (pure torch, no Ray): the measuring stick that
+``sd2 eval``, tune and the pipeline share.
+
+The target-only baseline is measured with the *same* engine and batching (drafter off), so the
+measured speedup isolates speculation. It can be measured once with
+:func:`measure_target_only` and passed to many :func:`evaluate_pair` calls (the pipeline
+scores several drafters on the same prompts).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from sd2_ray.errors import DataError
+from sd2_ray.models.macs import cost_coefficient, linear_macs, predicted_speedup
+from sd2_ray.rows import render_prompt, row_id, row_problem
+from sd2_ray.specdec.engine import SpeculativeEngine
+from sd2_ray.specdec.types import GenerationRequest, SamplingParams, SpecStats
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def prepare_prompts(rows: list[dict[str, Any]], tokenizer, source: str = "prompts") -> list[list[int]]:
+    """Token ids of each row's prompt rendered with the target's chat template."""
+    prompts = []
+    for i, row in enumerate(rows):
+        problem = row_problem(row)
+        if problem:
+            raise DataError(f"{source}: row {i + 1} (id {row_id(row)}): {problem}")
+        text = render_prompt(row, tokenizer)
+        templated = bool(getattr(tokenizer, "chat_template", None))
+        ids = tokenizer.encode(text, add_special_tokens=not templated)
+        if not ids:
+            raise DataError(f"{source}: row {i + 1} (id {row_id(row)}): prompt renders to no tokens")
+        prompts.append(ids)
+    return prompts
+
+
+def _requests(prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
+              top_k: int, seed: int) -> list[GenerationRequest]:
+    return [GenerationRequest(p, max_new_tokens,
+                              SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed + i))
+            for i, p in enumerate(prompts)]
+
+
+def _run(engine: SpeculativeEngine, requests: list[GenerationRequest], batch_size: int,
+         desc: str, progress: bool) -> tuple[list[list[int]], SpecStats, float]:
+    """Decode in batches of similar prompt length (less padding); outputs in request order."""
+    from tqdm import tqdm
+
+    order = sorted(range(len(requests)), key=lambda i: len(requests[i].prompt_ids))
+    outputs: list[list[int]] = [[] for _ in requests]
+    stats = SpecStats(num_speculative_tokens=engine.num_speculative_tokens,
+                      accepted_per_position=[0] * engine.num_speculative_tokens)
+    seconds = 0.0
+    with tqdm(total=len(requests), desc=desc, unit="prompt", disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            began = time.perf_counter()
+            results = engine.generate([requests[i] for i in chunk])
+            seconds += time.perf_counter() - began
+            for i, result in zip(chunk, results):
+                outputs[i] = result.token_ids
+                stats = stats.merge(result.stats)
+            bar.update(len(chunk))
+    return outputs, stats, seconds
+
+
+def _warm_up(engine: SpeculativeEngine, prompts: list[list[int]]) -> None:
+    """One short untimed decode so first-call allocations don't count against either side."""
+    engine.generate([GenerationRequest(prompts[0][:16], 4)])
+
+
+def measure_target_only(target, prompts: list[list[int]], *, max_new_tokens: int = 64,
+                        temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+                        batch_size: int = 8, progress: bool = True, target_tokenizer=None) -> dict[str, Any]:
+    """Target-only decoding of the prompts with the engine's batching: outputs and throughput."""
+    engine = SpeculativeEngine(target, None, 0, target_tokenizer)
+    _warm_up(engine, prompts)
+    requests = _requests(prompts, max_new_tokens, temperature, top_p, top_k, seed)
+    outputs, _, seconds = _run(engine, requests, batch_size, "target-only", progress)
+    tokens = sum(len(o) for o in outputs)
+    return {"outputs": outputs, "seconds": seconds, "generated_tokens": tokens,
+            "tokens_per_second": tokens / seconds if seconds else 0.0, "temperature": temperature,
+            "max_new_tokens": max_new_tokens, "batch_size": batch_size, "num_prompts": len(prompts)}
+
+
+def _load(path_or_model, dtype):
+    from sd2_ray.models.io import load_model, load_tokenizer
+
+    if isinstance(path_or_model, str):
+        return load_model(path_or_model, dtype=dtype), load_tokenizer(path_or_model)
+    return path_or_model, None
+
+
+def evaluate_pair(target_dir, drafter_dir, rows: list[dict[str, Any]], num_speculative_tokens: int, *,
+                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+                  max_new_tokens: int = 64, batch_size: int = 8, dtype: str = "float32",
+                  baseline: dict[str, Any] | None = None, measure_baseline: bool = True,
+                  target_tokenizer=None, drafter_tokenizer=None, progress: bool = True) -> dict[str, Any]:
+    """Spec-decode ``rows`` with the pair and return the report dict (see ``sd2 eval``).
+
+    ``target_dir``/``drafter_dir`` are model dirs (local or s3://) or already loaded models (then
+    pass the tokenizers). ``baseline``: a :func:`measure_target_only` result for the same prompts
+    and settings to reuse; else it is measured here unless ``measure_baseline`` is False (then
+    ``measured_speedup`` and ``lossless`` are None).
+    """
+    torch_dtype = DTYPES[dtype]
+    target, t_tok = _load(target_dir, torch_dtype)
+    drafter, d_tok = _load(drafter_dir, torch_dtype)
+    t_tok, d_tok = target_tokenizer or t_tok, drafter_tokenizer or d_tok
+    if t_tok is None:
+        raise DataError("evaluate_pair: a loaded target model needs target_tokenizer")
+    prompts = prepare_prompts(rows, t_tok)
+    if not prompts:
+        raise DataError("evaluate_pair: no prompt rows")
+    if baseline is None and measure_baseline:
+        baseline = measure_target_only(target, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                       top_p=top_p, top_k=top_k, seed=seed, batch_size=batch_size,
+                                       progress=progress, target_tokenizer=t_tok)
+    if baseline is not None and baseline.get("num_prompts", len(prompts)) != len(prompts):
+        raise DataError(f"evaluate_pair: baseline has {baseline['num_prompts']} prompts, rows have {len(prompts)}")
+    engine = SpeculativeEngine(target, drafter, num_speculative_tokens, t_tok, d_tok)
+    _warm_up(engine, prompts)
+    requests = _requests(prompts, max_new_tokens, temperature, top_p, top_k, seed)
+    outputs, stats, seconds = _run(engine, requests, batch_size, f"spec K={num_speculative_tokens}", progress)
+    t_macs, d_macs = linear_macs(target), linear_macs(drafter)
+    report = _report(stats, seconds, outputs, baseline, t_macs, d_macs, num_speculative_tokens, temperature)
+    report.update(cross_tokenizer=engine.cross_tokenizer, top_p=top_p, top_k=top_k, seed=seed,
+                  max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype, num_prompts=len(prompts),
+                  prompt_ids=[row_id(r) for r in rows], outputs=outputs,
+                  target=target_dir if isinstance(target_dir, str) else None,
+                  drafter=drafter_dir if isinstance(drafter_dir, str) else None)
+    return report
+
+
+def _report(stats: SpecStats, seconds: float, outputs, baseline, t_macs, d_macs, k: int,
+            temperature: float) -> dict[str, Any]:
+    tokens = sum(len(o) for o in outputs)
+    tps = tokens / seconds if seconds else 0.0
+    cost = cost_coefficient(d_macs, t_macs)
+    mal = stats.mean_accepted_length
+    out: dict[str, Any] = {
+        "mean_accepted_length": mal,
+        "acceptance_rate": stats.acceptance_rate,
+        "per_position_acceptance": stats.per_position_acceptance(),
+        "num_speculative_tokens": k,
+        "target_macs_per_token": t_macs["macs"],
+        "drafter_macs_per_token": d_macs["macs"],
+        "target_dense_macs_per_token": t_macs["dense_macs"],
+        "drafter_dense_macs_per_token": d_macs["dense_macs"],
+        "drafter_sparsity": d_macs["sparsity"],
+        "target_attention_macs_per_context_token": t_macs["attention_macs_per_context_token"],
+        "drafter_attention_macs_per_context_token": d_macs["attention_macs_per_context_token"],
+        "cost_coefficient": cost,
+        "predicted_speedup": predicted_speedup(mal, k, cost),
+        "tokens_per_second": tps,
+        "seconds": seconds,
+        "generated_tokens": tokens,
+        "target_passes": stats.target_passes,
+        "num_drafts": stats.num_drafts,
+        "num_draft_tokens": stats.num_draft_tokens,
+        "num_accepted_tokens": stats.num_accepted_tokens,
+        "temperature": temperature,
+        "measured_speedup": None,
+        "baseline_tokens_per_second": None,
+        "lossless": None,
+    }
+    if baseline is not None:
+        base_tps = baseline["tokens_per_second"]
+        out["baseline_tokens_per_second"] = base_tps
+        out["baseline_seconds"] = baseline["seconds"]
+        out["measured_speedup"] = tps / base_tps if base_tps else None
+        if temperature == 0.0:
+            mismatched = [i for i, (a, b) in enumerate(zip(outputs, baseline["outputs"])) if a != b]
+            out["lossless"] = not mismatched
+            out["lossless_mismatches"] = mismatched
+    return out

@@ -1,0 +1,296 @@
+"""The lossless speculative decoding engine: batched chain drafting + verification (pure torch).
+
+One loop serves three cases: target-only decoding (no drafter: K = 0, the speedup baseline and
+target-only serving), a drafter that shares the target's tokenizer, and a drafter with another
+tokenizer (Universal Assisted Generation, :mod:`sd2_ray.specdec.uag`). Every target forward
+is a verification pass: the first one verifies drafts made right after the prompt, so with
+drafter == target every pass commits K+1 tokens.
+
+Per step, for the rows still running: the drafter proposes up to K target ids per row; the
+target scores ``[uncached committed tokens, drafts]`` in one forward on its KV cache; each row
+accepts its own prefix (greedy: equal to the target's argmax; sampling: min(1, p/q) with the
+residual resample and bonus token); rejected drafts become holes in the caches
+(:mod:`sd2_ray.specdec.kv`), so nothing is ever recomputed.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from sd2_ray.specdec.kv import RaggedKV
+from sd2_ray.specdec.sampling import RowParams, pick, verify
+from sd2_ray.specdec.types import GenerationRequest, GenerationResult, SpecStats, TokenCallback
+
+logger = logging.getLogger(__name__)
+
+
+def eos_ids_of(model, tokenizer=None) -> tuple[int, ...]:
+    """EOS ids from the generation config, the model config and the tokenizer (any of them)."""
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return tuple(sorted(ids))
+
+
+def output_vocab_size(model) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def fit_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Drafter logits over the target's id range: extra ids cut, missing ids impossible."""
+    have = logits.shape[-1]
+    if have == vocab:
+        return logits
+    if have > vocab:
+        return logits[..., :vocab]
+    pad = logits.new_full(logits.shape[:-1] + (vocab - have,), float("-inf"))
+    return torch.cat([logits, pad], dim=-1)
+
+
+def right_aligned(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists of different lengths as one (B, W) chunk, holes on the left."""
+    width = max(len(s) for s in seqs)
+    tokens = torch.tensor([[0] * (width - len(s)) + s for s in seqs], dtype=torch.long)
+    real = torch.tensor([[False] * (width - len(s)) + [True] * len(s) for s in seqs], dtype=torch.bool)
+    return tokens, real
+
+
+class SameVocabDrafter:
+    """Chain drafting with a drafter that shares the target's token ids."""
+
+    def __init__(self, model, prompts: list[list[int]], vocab: int):
+        self.kv = RaggedKV(model, len(prompts))
+        self.vocab = vocab
+        self.pending: list[list[int]] = [list(p) for p in prompts]  # committed ids not in the cache
+        self.last_draft: torch.Tensor | None = None
+
+    def propose(self, k: int, rp: RowParams, uniforms: torch.Tensor, history=None):
+        tokens, real = right_aligned(self.pending)
+        logits = self.kv.forward(tokens, real, logits_to_keep=1)[:, -1]
+        drafts, probs = [], []
+        for j in range(k):
+            token, prob = pick(fit_vocab(logits, self.vocab), rp, uniforms[:, j])
+            drafts.append(token)
+            probs.append(prob)
+            if j < k - 1:  # the last draft is fed next step only if it gets accepted
+                logits = self.kv.forward(token.unsqueeze(1), torch.ones_like(token, dtype=torch.bool)
+                                         .unsqueeze(1), logits_to_keep=1)[:, -1]
+        self.last_draft = drafts[-1]
+        self.pending = [[] for _ in self.pending]
+        draft_probs = None if probs[0] is None else torch.stack(probs, dim=1)
+        return torch.stack(drafts, dim=1), torch.full((len(drafts[0]),), k, dtype=torch.long), draft_probs
+
+    def commit(self, k: int, accepted: list[int], next_tokens: list[int], new_tokens=None, history=None):
+        if k == 0:
+            for pending, token in zip(self.pending, next_tokens):
+                pending.append(token)
+            return
+        self.kv.drop_last(torch.tensor([k - 1 - min(a, k - 1) for a in accepted]))
+        last = self.last_draft.tolist()
+        self.pending = [([last[i]] if a == k else []) + [t]
+                        for i, (a, t) in enumerate(zip(accepted, next_tokens))]
+
+    def select(self, rows: list[int]) -> None:
+        self.kv.select(torch.tensor(rows))
+        self.pending = [self.pending[i] for i in rows]
+
+
+@dataclass
+class _Row:
+    index: int  # position in the caller's request list
+    request: GenerationRequest
+    stop_ids: frozenset
+    stats: SpecStats
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    @property
+    def remaining(self) -> int:
+        return self.request.max_new_tokens - len(self.tokens)
+
+
+class SpeculativeEngine:
+    """Lossless batched speculative decoding for any Hugging Face causal LM pair.
+
+    ``drafter_model=None`` decodes with the target alone through the same batched loop.
+    Tokenizers, when both are given and differ, switch to Universal Assisted Generation.
+    """
+
+    def __init__(self, target_model, drafter_model=None, num_speculative_tokens: int = 4,
+                 target_tokenizer=None, drafter_tokenizer=None, *,
+                 eos_token_ids: tuple[int, ...] | None = None, max_batch_size: int | None = None):
+        if num_speculative_tokens < 0:
+            raise ValueError("num_speculative_tokens must be >= 0")
+        self.target = target_model.eval()
+        self.drafter = drafter_model.eval() if drafter_model is not None else None
+        self.num_speculative_tokens = num_speculative_tokens if drafter_model is not None else 0
+        self.target_tokenizer, self.drafter_tokenizer = target_tokenizer, drafter_tokenizer
+        self.eos_token_ids = tuple(eos_token_ids) if eos_token_ids is not None \
+            else eos_ids_of(target_model, target_tokenizer)
+        self.max_batch_size = max_batch_size
+        self.vocab = output_vocab_size(target_model)
+        self.translator = None
+        if self.drafter is not None and self.num_speculative_tokens:
+            from sd2_ray.specdec.uag import needs_translation, Translator
+
+            if needs_translation(target_tokenizer, drafter_tokenizer):
+                self.translator = Translator(target_tokenizer, drafter_tokenizer, self.vocab,
+                                             eos_ids_of(drafter_model, drafter_tokenizer))
+
+    @property
+    def cross_tokenizer(self) -> bool:
+        return self.translator is not None
+
+    @classmethod
+    def from_dirs(cls, target_dir: str, drafter_dir: str | None = None, num_speculative_tokens: int = 4,
+                  dtype=torch.float32, **kwargs) -> "SpeculativeEngine":
+        from sd2_ray.models.io import load_model, load_tokenizer
+
+        target = load_model(target_dir, dtype=dtype)
+        target_tok = load_tokenizer(target_dir)
+        drafter = load_model(drafter_dir, dtype=dtype) if drafter_dir else None
+        drafter_tok = load_tokenizer(drafter_dir) if drafter_dir else None
+        return cls(target, drafter, num_speculative_tokens, target_tok, drafter_tok, **kwargs)
+
+    def generate(self, requests: list[GenerationRequest],
+                 on_tokens: TokenCallback | None = None) -> list[GenerationResult]:
+        for i, req in enumerate(requests):
+            if not req.prompt_ids:
+                raise ValueError(f"request {i}: empty prompt_ids")
+        size = self.max_batch_size or len(requests) or 1
+        results: list[GenerationResult] = []
+        with torch.inference_mode():
+            for start in range(0, len(requests), size):
+                results.extend(self._generate_batch(requests[start:start + size], start, on_tokens))
+        return results
+
+    def _new_row(self, offset: int, i: int, req: GenerationRequest) -> _Row:
+        k = self.num_speculative_tokens
+        generator = None
+        if not req.sampling.greedy:
+            generator = torch.Generator().manual_seed(
+                req.sampling.seed if req.sampling.seed is not None else random.getrandbits(63))
+        return _Row(offset + i, req, frozenset(self.eos_token_ids) | frozenset(req.stop_token_ids),
+                    SpecStats(num_speculative_tokens=k, accepted_per_position=[0] * k), generator)
+
+    def _new_drafter(self, prompts: list[list[int]], rp: RowParams):
+        if self.drafter is None or self.num_speculative_tokens == 0:
+            return None
+        if self.translator is not None:
+            from sd2_ray.specdec.uag import CrossVocabDrafter
+
+            return CrossVocabDrafter(self.drafter, self.translator, prompts)
+        return SameVocabDrafter(self.drafter, prompts, self.vocab)
+
+    def _generate_batch(self, requests, offset: int, on_tokens) -> list[GenerationResult]:
+        rows = [self._new_row(offset, i, r) for i, r in enumerate(requests)]
+        for row in rows:
+            if row.request.max_new_tokens <= 0:
+                row.finish_reason = "length"
+        live = [row for row in rows if row.finish_reason is None]
+        if live:
+            self._decode(live, on_tokens)
+        return [GenerationResult(row.tokens, row.finish_reason or "length", row.stats) for row in rows]
+
+    def _decode(self, rows: list[_Row], on_tokens) -> None:
+        prompts = [list(row.request.prompt_ids) for row in rows]
+        rp = RowParams.from_params([row.request.sampling for row in rows])
+        target_kv = RaggedKV(self.target, len(rows))
+        drafter = self._new_drafter(prompts, rp)
+        pending: list[list[int]] = prompts  # committed target ids not yet in the target cache
+        histories = [list(p) for p in prompts]  # prompt + generated target ids (for UAG)
+        while rows:
+            # never draft past the largest remaining budget: those tokens could not be emitted
+            k = min(self.num_speculative_tokens, max(row.remaining for row in rows) - 1) if drafter else 0
+            uniforms = self._uniforms(rows, k)
+            if k > 0:
+                drafts, draft_len, draft_probs = drafter.propose(k, rp, uniforms[:, :k], histories)
+            else:
+                drafts = torch.zeros(len(rows), 0, dtype=torch.long)
+                draft_len, draft_probs = torch.zeros(len(rows), dtype=torch.long), None
+            logits = self._score(target_kv, pending, drafts, draft_len)
+            accepted, next_token = verify(logits, drafts, draft_len, draft_probs, rp,
+                                          uniforms[:, k:2 * k], uniforms[:, 2 * k])
+            target_kv.drop_last(draft_len - accepted)
+            acc, nxt, lens = accepted.tolist(), next_token.tolist(), draft_len.tolist()
+            draft_lists = drafts.tolist()
+            new_tokens = [draft_lists[i][:acc[i]] + [nxt[i]] for i in range(len(rows))]
+            for row, toks, a, m in zip(rows, new_tokens, acc, lens):
+                self._commit(row, toks, a, m, k, on_tokens)
+            for history, toks in zip(histories, new_tokens):
+                history.extend(toks)
+            pending = [[t] for t in nxt]
+            if drafter is not None:
+                drafter.commit(k, acc, nxt, new_tokens, histories)
+            keep = [i for i, row in enumerate(rows) if row.finish_reason is None]
+            if len(keep) < len(rows):
+                rows, pending = [rows[i] for i in keep], [pending[i] for i in keep]
+                histories = [histories[i] for i in keep]
+                if keep:
+                    index = torch.tensor(keep)
+                    target_kv.select(index)
+                    rp = rp.select(index)
+                    if drafter is not None:
+                        drafter.select(keep)
+
+    def _uniforms(self, rows: list[_Row], k: int) -> torch.Tensor:
+        """(B, 2k+1) uniforms per row from its own generator: k for drafting, k for acceptance
+        tests, one for the resample / bonus token. Greedy rows draw nothing."""
+        out = torch.zeros(len(rows), 2 * k + 1)
+        for i, row in enumerate(rows):
+            if row.generator is not None:
+                out[i] = torch.rand(2 * k + 1, generator=row.generator)
+        return out
+
+    def _score(self, kv: RaggedKV, pending: list[list[int]], drafts: torch.Tensor,
+               draft_len: torch.Tensor) -> torch.Tensor:
+        """Target logits (B, M+1, V) at the position before each draft token and after the last."""
+        width = drafts.shape[1]
+        lens = draft_len.tolist()
+        if all(len(p) == 1 for p in pending) and all(m == width for m in lens):
+            tokens = torch.cat([torch.tensor(pending, dtype=torch.long), drafts], dim=1)
+            real = torch.ones_like(tokens, dtype=torch.bool)
+        else:
+            draft_lists = drafts.tolist()
+            tokens, real = right_aligned([p + d[:m] for p, d, m in zip(pending, draft_lists, lens)])
+        logits = kv.forward(tokens, real, logits_to_keep=width + 1)
+        if all(m == width for m in lens):
+            return logits
+        # row i's drafts end at the last column, so its window starts (width - m_i) columns later
+        shift = width - draft_len
+        index = (shift.unsqueeze(1) + torch.arange(width + 1).unsqueeze(0)).clamp_(max=width)
+        return logits.gather(1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+
+    def _commit(self, row: _Row, tokens: list[int], accepted: int, drafted: int, k: int,
+                on_tokens) -> None:
+        """Emit a row's new tokens up to a stop id or its budget; count them; call back."""
+        emitted = []
+        for token in tokens:
+            emitted.append(token)
+            if token in row.stop_ids:
+                row.finish_reason = "stop"
+                break
+            if len(row.tokens) + len(emitted) >= row.request.max_new_tokens:
+                row.finish_reason = "length"
+                break
+        row.tokens.extend(emitted)
+        stats = row.stats
+        stats.target_passes += 1
+        stats.committed_tokens += len(emitted)
+        if drafted:
+            accepted_emitted = min(accepted, len(emitted))
+            stats.num_drafts += 1
+            stats.num_draft_tokens += drafted
+            stats.num_accepted_tokens += accepted_emitted
+            for j in range(accepted_emitted):
+                stats.accepted_per_position[j] += 1
+        if on_tokens is not None and on_tokens(row.index, emitted) and row.finish_reason is None:
+            row.finish_reason = "stop"
