@@ -98,3 +98,30 @@ def check_nm(weight: torch.Tensor, n: int, m: int) -> bool:
         return False
     groups = (weight.detach() != 0).reshape(rows, cols // m, m).sum(-1)
     return bool((groups <= n).all())
+
+
+def sparsity_problems(model: torch.nn.Module, masks: dict[str, torch.Tensor],
+                      report: dict[str, Any] | None = None, tolerance: float = 1e-6) -> list[str]:
+    """Everything wrong with a sparse model against its masks and ``sparsity.json`` report:
+    masks that name no weight, masked weights that are nonzero, N:M groups with too many
+    nonzeros, per-layer sparsity that differs from the report. Empty when all holds."""
+    problems: list[str] = []
+    try:
+        check_masks(model, masks)
+    except DataError as err:
+        return [str(err)]
+    params = dict(model.named_parameters())
+    pattern = (report or {}).get("pattern", "unstructured")
+    nm = tuple(int(p) for p in pattern.split(":")) if ":" in str(pattern) else None
+    layers = (report or {}).get("layers", {})
+    for key, mask in masks.items():
+        weight = params[key].detach()
+        leaked = int(((weight != 0) & ~mask).sum())
+        if leaked:
+            problems.append(f"{key}: {leaked} weights are nonzero where the mask says pruned")
+        if nm is not None and not check_nm(weight, *nm):
+            problems.append(f"{key}: a group of {nm[1]} has more than {nm[0]} nonzeros")
+        expected = layers.get(key[:-len(".weight")] if key.endswith(".weight") else key, {}).get("sparsity")
+        if expected is not None and abs(sparsity_of(mask) - expected) > tolerance:
+            problems.append(f"{key}: mask sparsity {sparsity_of(mask):.6f}, report says {expected:.6f}")
+    return problems
