@@ -1,0 +1,93 @@
+"""One batch of requests through a blocking :class:`Engine`, streamed back per request.
+
+Ray Serve's ``@serve.batch`` decides *which* requests share a batch; this module runs that
+batch: the engine's ``generate`` (blocking, torch) runs in a thread so the replica's event loop
+keeps answering, and its ``on_tokens`` callback turns committed ids into text deltas that are
+yielded, one list slot per request, the shape ``@serve.batch`` async generators must yield.
+No Ray here, so it is tested with a plain event loop.
+"""
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Optional
+
+from sd2_ray.serve.core import PreparedRequest, TextStream
+from sd2_ray.specdec.types import Engine, GenerationResult, SpecStats
+
+
+@dataclass
+class Job:
+    """A request in flight: what to generate, its text state, and whether its client left."""
+
+    request: PreparedRequest
+    text: TextStream
+    cancelled: bool = False
+
+
+@dataclass
+class Delta:
+    """What one request gained in one step; the last one carries the finish reason and stats."""
+
+    text: str = ""
+    num_tokens: int = 0
+    finish_reason: Optional[str] = None
+    stats: Optional[SpecStats] = None
+    token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.text and not self.num_tokens and self.finish_reason is None
+
+
+_DONE = object()
+
+
+async def run_batch(engine: Engine, jobs: list[Job], executor: Executor) -> AsyncIterator[list[Delta]]:
+    """Yield, step by step, a list with one :class:`Delta` per job; the final list closes them all."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+
+    def on_tokens(index: int, new_ids: list[int]) -> bool:  # runs in the engine thread
+        job = jobs[index]
+        text = job.text.feed(list(new_ids))
+        loop.call_soon_threadsafe(events.put_nowait, (index, len(new_ids), text))
+        return job.text.stopped or job.cancelled
+
+    def generate() -> list[GenerationResult]:
+        try:
+            return engine.generate([job.request.generation_request() for job in jobs], on_tokens)
+        finally:
+            loop.call_soon_threadsafe(events.put_nowait, _DONE)
+
+    future = loop.run_in_executor(executor, generate)
+    finished = False
+    while not finished:
+        step = [Delta() for _ in jobs]
+        items = [await events.get()]
+        while not events.empty():
+            items.append(events.get_nowait())
+        for item in items:
+            if item is _DONE:
+                finished = True
+                continue
+            index, count, text = item
+            step[index].text += text
+            step[index].num_tokens += count
+        if finished:
+            results = await future  # re-raises an engine failure for every caller in the batch
+            yield [_final(job, result, delta) for job, result, delta in zip(jobs, results, step)]
+        elif any(not d.empty for d in step):
+            yield step
+
+
+def _final(job: Job, result: GenerationResult, delta: Delta) -> Delta:
+    missing = list(result.token_ids)[len(job.text.ids):]  # ids the callback did not report
+    if missing and not job.text.stopped:
+        delta.text += job.text.feed(missing)
+    delta.text += job.text.finish()
+    delta.finish_reason = "stop" if job.text.stopped else result.finish_reason
+    delta.stats = result.stats
+    delta.token_ids = list(result.token_ids)
+    return delta

@@ -1,0 +1,98 @@
+"""``sd2 serve`` configuration: which pair to serve, how, and how much load to admit."""
+from __future__ import annotations
+
+import os
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from sd2_ray.config import StageConfig
+
+
+class AutoscalingConfig(BaseModel):
+    """Ray Serve autoscaling of the model deployment (``autoscaling_config``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=0, description="fewest replicas kept running")
+    max_replicas: int = Field(2, ge=1, description="most replicas Serve may start")
+    target_ongoing_requests: float = Field(
+        4.0, gt=0, description="ongoing requests per replica Serve scales towards")
+
+    @model_validator(mode="after")
+    def _order(self) -> "AutoscalingConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        return self
+
+
+class ServeConfig(StageConfig):
+    """Serve a target (+ drafter) with speculative decoding behind an OpenAI-compatible API.
+
+    Engines: `transformers` (our lossless speculative engine, CPU default, any pair including
+    cross-tokenizer ones; concurrent requests share forward passes through Ray Serve's
+    dynamic batching) or `vllm` (Ray Serve LLM with vLLM's draft-model speculative decoding).
+    Endpoints: /v1/models, /v1/completions, /v1/chat/completions (SSE with stream=true),
+    /v1/spec_stats, /health.
+    """
+
+    target: str = Field(..., description="target model dir (local or s3://)")
+    drafter: Optional[str] = Field(None, description="drafter model dir; none serves the target alone")
+    engine: Literal["transformers", "vllm"] = Field(
+        "transformers", description="transformers (our speculative engine) or vllm (ray.serve.llm)")
+    host: str = Field("127.0.0.1", description="HTTP host to bind")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port")
+    num_speculative_tokens: int = Field(4, ge=1, le=32, description="draft tokens proposed per step (K)")
+    replicas: Union[int, Literal["auto"]] = Field(
+        1, description="model replicas, or 'auto' to autoscale with the autoscaling settings")
+    autoscaling: Optional[AutoscalingConfig] = Field(
+        None, description="autoscaling (min_replicas, max_replicas, target_ongoing_requests); "
+        "setting it turns autoscaling on")
+    api_key: Optional[str] = Field(None, description="require 'Authorization: Bearer KEY' on /v1")
+    model_name: Optional[str] = Field(None, description="model id clients send (default: target dir name)")
+    max_batch_size: int = Field(8, ge=1, le=256, description="most requests decoded together per batch")
+    batch_wait_timeout_s: float = Field(
+        0.02, ge=0, le=10, description="how long a batch waits for more requests before starting")
+    max_queued_requests: int = Field(
+        64, ge=0, description="requests waiting beyond the running batch per replica; more get 503")
+    max_model_len: Optional[int] = Field(
+        None, ge=2, description="context length: prompt + max_tokens (default: target's positions)")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens for chat requests that give none")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="weights dtype")
+    num_cpus_per_replica: float = Field(1.0, gt=0, description="CPUs reserved by each model replica")
+    app_name: str = Field("sd2", description="Ray Serve application name")
+
+    @field_validator("replicas", mode="before")
+    @classmethod
+    def _replicas(cls, value):
+        if isinstance(value, str) and value.strip().isdigit():
+            return int(value)
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise ValueError("must be >= 1 or 'auto'")
+        return value
+
+    @field_validator("target", "drafter")
+    @classmethod
+    def _non_empty(cls, value):
+        if value is not None and not str(value).strip():
+            raise ValueError("must be a model directory path")
+        return value
+
+    @property
+    def served_model_name(self) -> str:
+        return self.model_name or os.path.basename(self.target.rstrip("/")) or "sd2-target"
+
+    @property
+    def autoscaling_enabled(self) -> bool:
+        return self.replicas == "auto" or self.autoscaling is not None
+
+    def autoscaling_settings(self) -> Optional[dict]:
+        """Serve's ``autoscaling_config`` when autoscaling is on, else None (fixed ``replicas``)."""
+        if not self.autoscaling_enabled:
+            return None
+        return (self.autoscaling or AutoscalingConfig()).model_dump()
+
+    @property
+    def base_url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}/v1"

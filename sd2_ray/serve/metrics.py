@@ -1,0 +1,129 @@
+"""Speculative-decoding metrics of a serving replica.
+
+Two views of the same counters: Ray metrics (``ray.util.metrics.Counter``, exported to
+Prometheus by Ray, named like vLLM's ``spec_decode_*`` counters) and an in-process summary
+served as JSON at ``/v1/spec_stats``. Batching counters (batches, requests per batch, target
+forward calls) show whether concurrent requests really shared forward passes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any, Optional
+
+from sd2_ray.specdec.types import SpecStats
+
+log = logging.getLogger(__name__)
+
+PREFIX = "sd2_spec_decode_"
+
+
+class SpecMetrics:
+    def __init__(self, model_name: str, num_speculative_tokens: int, export_to_ray: bool = True):
+        self.model_name = model_name
+        self.num_speculative_tokens = num_speculative_tokens
+        self.totals = SpecStats(num_speculative_tokens=num_speculative_tokens,
+                                accepted_per_position=[0] * num_speculative_tokens)
+        self.requests = self.prompt_tokens = self.completion_tokens = 0
+        self.batches = self.batched_requests = self.max_batch_size_seen = 0
+        self.target_forward_calls = 0
+        self.rejected_requests = 0
+        self._lock = threading.Lock()  # forward hooks count from the engine thread
+        self._counters = _ray_counters() if export_to_ray else None
+
+    def record_request(self, stats: SpecStats, prompt_tokens: int, completion_tokens: int) -> None:
+        with self._lock:
+            self.totals = self.totals.merge(stats)
+            self.requests += 1
+            self.prompt_tokens += prompt_tokens
+            self.completion_tokens += completion_tokens
+        if self._counters:
+            tags = {"model": self.model_name}
+            values = {"num_drafts": stats.num_drafts, "num_draft_tokens": stats.num_draft_tokens,
+                      "num_accepted_tokens": stats.num_accepted_tokens,
+                      "target_passes": stats.target_passes, "committed_tokens": stats.committed_tokens}
+            for name, value in values.items():
+                _inc(self._counters[name], value, tags)
+            for pos, accepted in enumerate(stats.accepted_per_position):
+                _inc(self._counters["num_accepted_tokens_per_pos"], accepted, {**tags, "position": str(pos)})
+
+    def record_batch(self, size: int) -> None:
+        with self._lock:
+            self.batches += 1
+            self.batched_requests += size
+            self.max_batch_size_seen = max(self.max_batch_size_seen, size)
+        if self._counters:
+            _inc(self._counters["batches"], 1, {"model": self.model_name})
+
+    def record_forward(self) -> None:
+        with self._lock:
+            self.target_forward_calls += 1
+
+    def record_rejected(self) -> None:
+        with self._lock:
+            self.rejected_requests += 1
+
+    def summary(self) -> dict[str, Any]:
+        with self._lock:
+            t = self.totals
+            return {
+                "model": self.model_name,
+                "replica_pid": os.getpid(),
+                "num_speculative_tokens": self.num_speculative_tokens,
+                "requests": self.requests,
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+                "target_passes": t.target_passes,
+                "num_drafts": t.num_drafts,
+                "num_draft_tokens": t.num_draft_tokens,
+                "num_accepted_tokens": t.num_accepted_tokens,
+                "committed_tokens": t.committed_tokens,
+                "acceptance_rate": round(t.acceptance_rate, 4),
+                "mean_accepted_length": round(t.mean_accepted_length, 4),
+                "accepted_per_position": list(t.accepted_per_position),
+                "per_position_acceptance": [round(p, 4) for p in t.per_position_acceptance()],
+                "batches": self.batches,
+                "batched_requests": self.batched_requests,
+                "max_batch_size_seen": self.max_batch_size_seen,
+                "mean_batch_size": round(self.batched_requests / self.batches, 3) if self.batches else 0.0,
+                "target_forward_calls": self.target_forward_calls,
+                "rejected_requests": self.rejected_requests,
+            }
+
+
+def _inc(counter, value: int, tags: dict) -> None:
+    """Ray counters reject increments <= 0; a metrics hiccup must never fail a request."""
+    if value > 0:
+        try:
+            counter.inc(value, tags)
+        except Exception as err:  # noqa: BLE001
+            log.warning("metrics: %s", err)
+
+
+def _ray_counters() -> Optional[dict[str, Any]]:
+    try:
+        from ray.util.metrics import Counter
+    except ImportError:  # metrics are optional; the JSON summary still works
+        return None
+    model = ("model",)
+    spec = {
+        "num_drafts": "verification passes that checked a draft",
+        "num_draft_tokens": "tokens proposed by the drafter",
+        "num_accepted_tokens": "draft tokens accepted by the target",
+        "target_passes": "target verification forward passes (per request)",
+        "committed_tokens": "tokens committed by verification passes, bonus included",
+        "batches": "engine batches run (requests sharing forward passes)",
+    }
+    counters = {name: Counter(PREFIX + name, description=desc, tag_keys=model) for name, desc in spec.items()}
+    counters["num_accepted_tokens_per_pos"] = Counter(
+        PREFIX + "num_accepted_tokens_per_pos", description="accepted draft tokens by draft position",
+        tag_keys=("model", "position"))
+    return counters
+
+
+def watch_forward_calls(model, metrics: SpecMetrics):
+    """Count the target's forward passes (batched or not) with a hook on its input embeddings,
+    which every forward pass of a decoder runs exactly once, whichever entry point is used."""
+    embeddings = model.get_input_embeddings()
+    return embeddings.register_forward_hook(lambda *_: metrics.record_forward())
