@@ -1,0 +1,85 @@
+"""Config of ``sd2 finetune``: masked sparse fine-tuning on Ray Train + DeepSpeed ZeRO."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from sd2_ray import storage
+from sd2_ray.config import StageConfig
+
+
+class FinetuneConfig(StageConfig):
+    """Fine-tune a (pruned) drafter on distilled rows, keeping its sparsity masks exact.
+
+    Runs a Ray Train TorchTrainer with DeepSpeed ZeRO-2 or ZeRO-3 (gloo on CPU, nccl on GPU),
+    streams the data with Ray Data, checkpoints every N steps to local or s3:// storage and
+    resumes from the latest checkpoint after a worker failure or a rerun.
+    """
+
+    model: str = Field(..., description="drafter HF model dir (local or s3://), usually the prune "
+                                        "output with masks.safetensors / sparsity.json")
+    data: str = Field(..., description="distilled rows: Parquet/JSONL file or directory (local or s3://)")
+    output: str = Field(..., description="output dir for the fine-tuned drafter (local or s3://)")
+    workers: int = Field(2, ge=1, description="number of Ray Train workers (data-parallel ranks)")
+    zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage: 2 or 3")
+    epochs: int = Field(1, ge=1, description="passes over the data (ignored past max_steps)")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    lr: float = Field(5e-5, gt=0, description="peak learning rate (AdamW)")
+    batch_size: int = Field(8, ge=1, description="global batch: rows per optimizer step over all "
+                                                 "workers (same for any worker count)")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step on each worker")
+    seq_len: int = Field(256, ge=8, description="max tokens per row (prompt + response); longer "
+                                                "rows are truncated, prompt first")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps before the schedule")
+    scheduler: Literal["cosine", "constant"] = Field("cosine", description="lr schedule after warm-up")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine floor as a fraction of lr")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not on biases/norms)")
+    grad_clip: float | None = Field(1.0, gt=0, description="gradient norm clip (none: off)")
+    optimizer: Literal["torch_adamw", "deepspeed_adamw"] = Field(
+        "torch_adamw", description="client torch.optim.AdamW or DeepSpeed's AdamW (its CPU op is "
+                                   "JIT-built on first use)")
+    seed: int = Field(0, description="seed of the data shuffle")
+    shuffle_buffer: int = Field(10000, ge=0, description="rows in the seeded per-epoch shuffle buffer "
+                                                         "(0: keep file order)")
+    response_field: str = Field("response", description="column holding the training answer "
+                                                        "('response' = the target's distilled answer)")
+    checkpoint_every: int = Field(50, ge=1, description="save a checkpoint every N steps")
+    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept in storage")
+    max_failures: int = Field(2, ge=0, description="worker-group restarts Ray Train may do after a failure")
+    report_every: int = Field(1, ge=1, description="report metrics to Ray Train every N steps")
+    storage_path: str | None = Field(None, description="Ray Train storage for checkpoints (local or "
+                                                       "s3://); default: <output parent>/checkpoints")
+    run_name: str | None = Field(None, description="Ray Train run name under storage_path; "
+                                                   "default: the output's basename")
+    deepspeed_config: str | None = Field(None, description="DeepSpeed JSON to start from; default: "
+                                                           "jobs/deepspeed/zero<stage>.json")
+    deepspeed: dict[str, Any] = Field(default_factory=dict, description="overrides merged into the "
+                                      "DeepSpeed config (e.g. zero_optimization.offload_optimizer)")
+    enforce_masks: bool = Field(True, description="keep masked weights at zero (false only for "
+                                                  "ablations: the sparsity is then lost)")
+    use_gpu: bool = Field(False, description="GPU workers with nccl (a cluster); false: CPU + gloo")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per Ray Train worker")
+    overwrite: bool = Field(False, description="redo a complete output and drop its checkpoints")
+
+    @model_validator(mode="after")
+    def _check_batch(self) -> "FinetuneConfig":
+        per_step = self.workers * self.grad_accum
+        if self.batch_size % per_step:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of workers x grad_accum "
+                             f"= {per_step} (the global batch stays the same for any worker count)")
+        return self
+
+    @property
+    def micro_batch(self) -> int:
+        """Rows per forward pass on one worker."""
+        return self.batch_size // (self.workers * self.grad_accum)
+
+    def checkpoint_root(self) -> str:
+        return self.storage_path or storage.join(storage.parent(self.output), "checkpoints")
+
+    def checkpoint_run_name(self) -> str:
+        return self.run_name or storage.basename(self.output)
+
+    def checkpoint_run_dir(self) -> str:
+        return storage.join(self.checkpoint_root(), self.checkpoint_run_name())

@@ -1,0 +1,93 @@
+"""Toy inputs for tests and benchmarks of the fine-tuning stage (built in well under a second):
+a character tokenizer that fits the tiny random models' vocabulary, a magnitude-pruned tiny
+drafter with masks, and a distilled-style Parquet dataset with a learnable pattern."""
+from __future__ import annotations
+
+import random
+import string
+
+import torch
+
+CHARS = " \n" + string.ascii_lowercase + string.ascii_uppercase + string.digits + ".,:?!'-()"
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3 match the tiny configs' pad/bos/eos
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant: {% endif %}")
+WORDS = ["alpha", "beta", "gamma", "delta", "omega", "river", "stone", "cloud", "tiger", "maple",
+         "ember", "frost", "lunar", "solar", "pixel", "quartz"]
+
+
+def char_tokenizer():
+    """A fast tokenizer with one token per character and a simple chat template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + list(CHARS))}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>", chat_template=CHAT_TEMPLATE)
+
+
+def decoder_linear_names(model: torch.nn.Module) -> list[str]:
+    """The decoder blocks' linear layers (embeddings and LM head stay dense, as in SD²)."""
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in f".{n}"]
+
+
+def magnitude_masks(model: torch.nn.Module, sparsity: float) -> dict[str, torch.Tensor]:
+    """Keep the largest-magnitude (1 - sparsity) of each decoder linear weight."""
+    modules = dict(model.named_modules())
+    masks = {}
+    for name in decoder_linear_names(model):
+        w = modules[name].weight.detach().abs().flatten()
+        drop = int(round(sparsity * w.numel()))
+        keep = torch.ones_like(w, dtype=torch.bool)
+        keep[torch.argsort(w)[:drop]] = False
+        masks[f"{name}.weight"] = keep.reshape(modules[name].weight.shape)
+    return masks
+
+
+def make_sparse_drafter(out_dir: str, sparsity: float = 0.5, arch: str = "llama", seed: int = 0,
+                        **model_kwargs) -> str:
+    """Save a tiny random model pruned to ``sparsity`` with masks.safetensors + sparsity.json."""
+    from sd2_ray.models.sparsity import apply_masks, save_masks, sparsity_of
+    from sd2_ray.models.tiny import tiny_model
+
+    model = tiny_model(arch, seed=seed, **model_kwargs)
+    model.save_pretrained(out_dir)
+    char_tokenizer().save_pretrained(out_dir)
+    if sparsity > 0:
+        masks = magnitude_masks(model, sparsity)
+        apply_masks(model, masks)
+        model.save_pretrained(out_dir)
+        layers = {k[:-len(".weight")]: {"sparsity": sparsity_of(m)} for k, m in masks.items()}
+        save_masks(out_dir, masks, {"method": "magnitude", "pattern": "unstructured",
+                                    "target_sparsity": sparsity, "total_sparsity": sparsity,
+                                    "layers": layers})
+    return out_dir
+
+
+def toy_rows(n: int, seed: int = 0, field: str = "response") -> list[dict]:
+    """Instruction rows with a learnable answer: repeat a word a given number of times."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        word, times = rng.choice(WORDS), rng.randint(2, 4)
+        rows.append({"id": f"toy-{i}", "messages": [{"role": "user", "content": f"repeat {word} {times} times"}],
+                     field: " ".join([word] * times), "finish_reason": "stop"})
+    return rows
+
+
+def write_toy_dataset(path: str, n: int = 64, seed: int = 0, shards: int = 2, field: str = "response") -> str:
+    """Write ``n`` toy rows as Parquet shards under ``path`` (local or s3://)."""
+    import pyarrow as pa
+
+    from sd2_ray import storage
+
+    rows = toy_rows(n, seed, field)
+    per = (n + shards - 1) // shards
+    for s in range(shards):
+        part = rows[s * per:(s + 1) * per]
+        if part:
+            storage.write_parquet(storage.join(path, f"part-{s:05d}.parquet"), pa.Table.from_pylist(part))
+    return path
