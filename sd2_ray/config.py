@@ -67,13 +67,13 @@ def validate(cls: type[C], data: dict[str, Any], source: str | None = None) -> C
 def format_validation_error(err: ValidationError, source: str | None = None) -> str:
     """One line naming the first bad field: ``config.yaml: field 'prune.sparsity': ...``."""
     first = err.errors()[0]
-    field = ".".join(str(p) for p in first["loc"]) or "<root>"
-    msg = first["msg"]
+    field = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown field"
     where = f"{source}: " if source else ""
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{where}field '{field}': {msg}{more}"
+    return f"{where}field '{field}': {msg}{more}" if field else f"{where}{msg}{more}"
 
 
 def read_yaml(path: str) -> dict[str, Any]:

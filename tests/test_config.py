@@ -40,7 +40,7 @@ def test_section_of_pipeline_yaml(tmp_path):
 
 @pytest.mark.parametrize("text, expected", [
     ("model: a\nsparsty: 0.5\n", "field 'sparsty': unknown field"),
-    ("model: a\nsparsity: 1.5\n", "field 'sparsity': Value error, must be in (0, 1)"),
+    ("model: a\nsparsity: 1.5\n", "field 'sparsity': must be in (0, 1)"),
     ("model: a\nmode: other\n", "field 'mode'"),
     ("sparsity: 0.5\n", "field 'model': Field required"),
     ("model: [unclosed\n", "invalid YAML"),

@@ -1,0 +1,122 @@
+"""The pipeline's report: one row per drafter (the paper's comparison), a Markdown table, and
+two plots (MAL vs drafter MACs; acceptance by draft position)."""
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from sd2_ray import storage
+from sd2_ray.pipeline_config import PipelineConfig
+
+ENTRY_KEYS = ("mean_accepted_length", "acceptance_rate", "per_position_acceptance", "drafter_macs_per_token",
+              "drafter_dense_macs_per_token", "drafter_sparsity", "cost_coefficient", "predicted_speedup",
+              "measured_speedup", "tokens_per_second", "lossless", "cross_tokenizer", "drafter")
+DESCRIPTIONS = {
+    "dense": "drafter base, as pretrained",
+    "dense-sd": "dense, fine-tuned on self-distilled data",
+    "layer-pruned-sd": "layer-pruned (angular distance), fine-tuned on self-distilled data",
+    "sd2": "SD²: pruned, sparse-fine-tuned on self-distilled data",
+    "sparse-sft": "same sparse drafter, fine-tuned on the reference answers",
+    "uag": "cross-family drafter (other tokenizer), as pretrained",
+}
+
+
+def drafter_entries(reports: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"name": name, "description": DESCRIPTIONS.get(name, ""), **{k: r.get(k) for k in ENTRY_KEYS}}
+            for name, r in reports.items()]
+
+
+def comparisons(entries: list[dict[str, Any]]) -> dict[str, float]:
+    """The paper's headline ratios, where both drafters were evaluated."""
+    by = {e["name"]: e for e in entries}
+    out: dict[str, float] = {}
+    if "sd2" in by and "layer-pruned-sd" in by and by["layer-pruned-sd"]["mean_accepted_length"]:
+        out["sd2_mal_over_layer_pruned"] = by["sd2"]["mean_accepted_length"] / by["layer-pruned-sd"]["mean_accepted_length"]
+    if "sd2" in by and "dense-sd" in by:
+        dense, sparse = by["dense-sd"], by["sd2"]
+        out["sd2_macs_reduction_vs_dense_sd"] = 1 - sparse["drafter_macs_per_token"] / dense["drafter_macs_per_token"]
+        out["sd2_mal_drop_vs_dense_sd"] = 1 - sparse["mean_accepted_length"] / dense["mean_accepted_length"]
+    if "sd2" in by and "sparse-sft" in by and by["sparse-sft"]["mean_accepted_length"]:
+        out["sd2_mal_over_sparse_sft"] = by["sd2"]["mean_accepted_length"] / by["sparse-sft"]["mean_accepted_length"]
+    if "sd2" in by and "dense" in by and by["dense"]["mean_accepted_length"]:
+        out["sd2_mal_over_dense_base"] = by["sd2"]["mean_accepted_length"] / by["dense"]["mean_accepted_length"]
+    return out
+
+
+def _num(value: Any, fmt: str) -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def markdown_table(entries: list[dict[str, Any]]) -> str:
+    lines = ["| drafter | MAL | acceptance | drafter MACs/token | sparsity | c | predicted | measured | lossless |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for e in entries:
+        lines.append(" | ".join([
+            f"| {e['name']}", _num(e["mean_accepted_length"], ".3f"), _num(e["acceptance_rate"], ".3f"),
+            _num(e["drafter_macs_per_token"], ","), _num(e["drafter_sparsity"], ".2f"),
+            _num(e["cost_coefficient"], ".3f"), _num(e["predicted_speedup"], ".2f") + "x",
+            _num(e["measured_speedup"], ".2f") + "x", str(e["lossless"])]) + " |")
+    return "\n".join(lines)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    parts = [f"# SD² pipeline report\n\nTarget `{report['target']}`, K = {report['num_speculative_tokens']}, "
+             f"{report['num_prompts']} held-out prompts, target {report['target_macs_per_token']:,} MACs/token.\n",
+             markdown_table(report["drafters"]), "",
+             "Predicted speedup = MAL / (K·c + 1) with c from counted nonzero MACs; measured = wall-clock "
+             "tokens/s against target-only decoding in the same run (dense kernels: zeros still cost time).\n"]
+    if report["comparisons"]:
+        parts.append("## Headline comparisons\n")
+        parts += [f"- {k}: {v:.3f}" for k, v in report["comparisons"].items()]
+        parts.append("")
+    parts += ["## Drafters\n"] + [f"- **{e['name']}**: {e['description']} (`{e['drafter']}`)" for e in report["drafters"]]
+    parts += ["", "![MAL vs MACs](mal_vs_macs.png)", "", "![acceptance by position](acceptance_by_position.png)", ""]
+    return "\n".join(parts)
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def plots(entries: list[dict[str, Any]]) -> dict[str, bytes]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for e in entries:
+        ax.scatter(e["drafter_macs_per_token"], e["mean_accepted_length"])
+        ax.annotate(e["name"], (e["drafter_macs_per_token"], e["mean_accepted_length"]),
+                    textcoords="offset points", xytext=(4, 4))
+    ax.set(xlabel="drafter MACs per token (nonzero weights)", ylabel="mean accepted length",
+           title="MAL vs drafter cost")
+    ax.grid(alpha=0.3)
+    scatter = _png(fig)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for e in entries:
+        acc = e["per_position_acceptance"] or []
+        ax.plot(range(1, len(acc) + 1), acc, marker="o", label=e["name"])
+    ax.set(xlabel="draft position", ylabel="P(accepted)", title="acceptance by position", ylim=(0, 1.02))
+    ax.legend()
+    ax.grid(alpha=0.3)
+    lines = _png(fig)
+    plt.close(fig)
+    return {"mal_vs_macs.png": scatter, "acceptance_by_position.png": lines}
+
+
+def write_pipeline_report(config: PipelineConfig, reports: dict[str, dict[str, Any]], out_dir: str) -> dict[str, Any]:
+    entries = drafter_entries(reports)
+    first = next(iter(reports.values()))
+    report = {"target": first.get("target"), "num_speculative_tokens": config.num_speculative_tokens,
+              "num_prompts": first.get("num_prompts"), "target_macs_per_token": first.get("target_macs_per_token"),
+              "temperature": first.get("temperature"), "baseline_tokens_per_second":
+              first.get("baseline_tokens_per_second"), "drafters": entries, "comparisons": comparisons(entries)}
+    storage.write_json(storage.join(out_dir, "report.json"), report)
+    storage.write_text(storage.join(out_dir, "report.md"), render_markdown(report))
+    for name, data in plots(entries).items():
+        storage.write_bytes(storage.join(out_dir, name), data)
+    return {**report, "table": markdown_table(entries)}

@@ -1,0 +1,85 @@
+"""Pipeline pieces without Ray: config composition, layer-drop sizing, the report."""
+import json
+
+import pytest
+
+from sd2_ray.errors import ConfigError
+from sd2_ray.pipeline_config import PipelineConfig
+from sd2_ray.pipeline_report import comparisons, write_pipeline_report
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"prune.sparsty": 0.5}, "prune.sparsty: unknown field"),
+    ({"prune.sparsity": 1.5}, "prune.sparsity: must be in (0, 1)"),
+    ({"finetune.zero_stage": 4}, "finetune.zero_stage"),
+    ({"distill.target": "x"}, "distill.target: set by the pipeline"),
+    ({"drafters": ["dense", "bogus"]}, "field 'drafters.1'"),
+    ({"num_speculative_tokens": 0}, "field 'num_speculative_tokens'"),
+])
+def test_bad_sections_fail_at_load_in_one_line(tmp_path, override, message):
+    with pytest.raises(ConfigError) as err:
+        PipelineConfig.load(None, {"output": str(tmp_path), **override})
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_tiny_yaml_validates_and_fills_chained_paths():
+    cfg = PipelineConfig.load("jobs/configs/tiny.yaml", {"output": "o"})
+    assert cfg.drafters == ["dense", "dense-sd", "layer-pruned-sd", "sd2", "sparse-sft", "uag"]
+    ft = cfg.stage("finetune", model="m", data="d", output="x", response_field="reference")
+    assert ft.response_field == "reference" and ft.max_steps == cfg.finetune["max_steps"]
+
+
+def test_uag_dropped_without_a_uag_drafter():
+    cfg = PipelineConfig.load(None, {"output": "o", "uag_drafter": None})
+    assert "uag" not in cfg.drafters
+
+
+def test_unknown_kit_part_is_named(tmp_path, monkeypatch):
+    from sd2_ray import pipeline
+
+    monkeypatch.setattr("sd2_ray.kit.ensure_kit", lambda **kw: str(tmp_path))
+    cfg = PipelineConfig.load(None, {"output": "o", "target": "kit:tagret"})
+    with pytest.raises(ConfigError, match="field 'target': unknown kit part 'tagret'"):
+        pipeline.resolve_paths(cfg)
+
+
+def test_layer_drop_matches_sparse_macs(tmp_path):
+    import torch
+
+    from sd2_ray.models.tiny import tiny_model
+    from sd2_ray.pipeline import matching_layer_drop
+
+    dense = tiny_model("llama", layers=4, vocab_size=64)
+    dense.save_pretrained(tmp_path / "dense")
+    sparse = tiny_model("llama", layers=4, vocab_size=64)
+    with torch.no_grad():  # zero every weight of two blocks: MACs of a 2-block model
+        for i in (0, 1):
+            for p in sparse.model.layers[i].parameters():
+                p.zero_()
+    sparse.save_pretrained(tmp_path / "sparse")
+    assert matching_layer_drop(str(tmp_path / "dense"), str(tmp_path / "sparse")) == 2
+
+
+def fake_report(mal, macs, name):
+    return {"mean_accepted_length": mal, "acceptance_rate": (mal - 1) / 4, "per_position_acceptance": [0.5] * 4,
+            "drafter_macs_per_token": macs, "drafter_dense_macs_per_token": 1000, "drafter_sparsity": 0.0,
+            "cost_coefficient": macs / 10_000, "predicted_speedup": mal / (4 * macs / 10_000 + 1),
+            "measured_speedup": 1.1, "tokens_per_second": 100.0, "lossless": True, "cross_tokenizer": False,
+            "drafter": f"/d/{name}", "target": "/t", "num_prompts": 8, "target_macs_per_token": 10_000,
+            "temperature": 0.0, "baseline_tokens_per_second": 90.0}
+
+
+def test_report_rows_and_headline_ratios(tmp_path):
+    reports = {"dense-sd": fake_report(2.0, 1000, "dense-sd"), "layer-pruned-sd": fake_report(1.25, 600, "lp"),
+               "sd2": fake_report(1.8, 600, "sd2")}
+    cfg = PipelineConfig.load(None, {"output": str(tmp_path)})
+    summary = write_pipeline_report(cfg, reports, str(tmp_path / "report"))
+    saved = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert [d["name"] for d in saved["drafters"]] == ["dense-sd", "layer-pruned-sd", "sd2"]
+    ratios = comparisons(saved["drafters"])
+    assert ratios["sd2_mal_over_layer_pruned"] == pytest.approx(1.8 / 1.25)
+    assert ratios["sd2_macs_reduction_vs_dense_sd"] == pytest.approx(0.4)
+    assert ratios["sd2_mal_drop_vs_dense_sd"] == pytest.approx(0.1)
+    assert "| sd2 | 1.800 |" in summary["table"]
+    for png in ("mal_vs_macs.png", "acceptance_by_position.png"):
+        assert (tmp_path / "report" / png).read_bytes()[:4] == b"\x89PNG"
