@@ -1,0 +1,172 @@
+"""``sd2 kit``: build the embedded model kit, top to bottom (corpus, tokenizers, prompts,
+target, drafters, figures), into a directory that becomes visible only when complete."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import random
+import time
+
+from sd2_ray import manifest
+from sd2_ray.kit.cache import KIT_JSON, KIT_VERSION, STAGE, ensure
+from sd2_ray.errors import ConfigError
+from sd2_ray.kit.config import KitConfig
+
+log = logging.getLogger(__name__)
+
+MAL_K, MAL_PROMPTS, MAL_NEW_TOKENS = 4, 16, 32
+
+
+def main(config: KitConfig) -> str:
+    """CLI entry: build (or reuse) the kit and print where it is and its figures."""
+    start = time.time()
+    kit_dir = ensure(config)
+    with open(os.path.join(kit_dir, KIT_JSON)) as f:
+        info = json.load(f)
+    reused = time.time() - start < 5 and info.get("build_seconds", 0) > 5
+    print(f"kit: {kit_dir}" + ("  (cached)" if reused else ""))
+    print(summary(info))
+    return kit_dir
+
+
+def summary(info: dict) -> str:
+    lines = [f"{'model':<12} {'arch':<24} {'params':>10} {'vocab':>6} {'held-out loss':>14} {'ln(vocab)':>9}"]
+    for name, m in info["models"].items():
+        lines.append(f"{name:<12} {m['architecture']:<24} {m['params']:>10,} {m['vocab_size']:>6} "
+                     f"{m['heldout_loss']:>14.3f} {m['ln_vocab']:>9.3f}")
+    mal = info.get("drafter_greedy_mal")
+    if mal:
+        lines.append(f"drafter greedy MAL at K={mal['num_speculative_tokens']}: "
+                     f"{mal['mean_accepted_length']:.3f} ({mal['prompts']} eval prompts)")
+    lines.append(f"prompts: {info['prompts']['train']} train, {info['prompts']['eval']} eval; "
+                 f"build {info['build_seconds']:.0f} s; content hash {info['content_hash']}")
+    return "\n".join(lines)
+
+
+def build_kit(config: KitConfig, out: str, digest: str) -> dict:
+    """Build every part of the kit into ``out`` (a fresh local dir) and return kit.json's data."""
+    import torch
+
+    started = time.time()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.num_threads)  # fixed: same weights for a seed, and no spin under load
+    try:
+        config.save(out)
+        manifest.start(out, STAGE, content_hash=digest)
+        info = _build(config, out, digest, started)
+        with open(os.path.join(out, KIT_JSON), "w") as f:
+            json.dump(info, f, indent=2)
+        manifest.complete(out, STAGE, content_hash=digest, models=list(info["models"]),
+                          prompts=info["prompts"])
+        return info
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build(config: KitConfig, out: str, digest: str, started: float) -> dict:
+    from sd2_ray.kit import prompts as P
+    from sd2_ray.kit import shapes, training
+    from sd2_ray.kit.corpus import load_corpus
+    from sd2_ray.kit.tokenizer import render_chat, token_stream, train_tokenizer
+
+    random.seed(config.seed)
+    corpus = load_corpus(config.corpus_chars, config.heldout_fraction, config.seed)
+    log.info("kit corpus: %s", corpus.stats())
+    tok = train_tokenizer(corpus.train_texts(), config.vocab_size)
+    uag_tok = train_tokenizer(corpus.train_texts(), config.uag_vocab_size)
+
+    train_rows, eval_rows, chat_examples = _prompt_sets(config, corpus, tok)
+    _write_rows(os.path.join(out, "prompts", "train.jsonl"), train_rows)
+    _write_rows(os.path.join(out, "prompts", "eval.jsonl"), eval_rows)
+
+    corpus_stream = token_stream(tok, corpus.train_texts())
+    chat_stream = token_stream(tok, [render_chat(tok, e["prompt"], e["response"]) for e in chat_examples])
+    heldout_stream = token_stream(tok, corpus.heldout_texts())
+    uag_stream = token_stream(uag_tok, corpus.train_texts())
+    uag_heldout = token_stream(uag_tok, corpus.heldout_texts())
+    eval_chat_stream = token_stream(tok, [render_chat(tok, r["messages"][0]["content"], r["response"])
+                                          for r in eval_rows])
+
+    jobs = [  # name, shape, tokenizer, streams, shares, steps, held-out stream
+        ("target", shapes.TARGET, tok, [corpus_stream, chat_stream], [1 - config.chat_share, config.chat_share],
+         config.target_steps, heldout_stream),
+        ("drafter", shapes.DRAFTER, tok, [corpus_stream], [1.0], config.drafter_steps, heldout_stream),
+        ("drafter-uag", shapes.UAG_DRAFTER, uag_tok, [uag_stream], [1.0], config.uag_steps, uag_heldout),
+    ]
+    models, figures = {}, {}
+    for index, (name, shape, tokenizer, streams, shares, steps, heldout) in enumerate(jobs):
+        model = training.build_model(shape, tokenizer, seed=config.seed * 1000 + index)
+        sampler = training.WindowSampler(streams, shares, config.seq_len, config.batch_size,
+                                         seed=config.seed * 1000 + 100 + index)
+        t0 = time.time()
+        losses = training.train(model, sampler, steps, config.lr, name)
+        model.save_pretrained(os.path.join(out, name), safe_serialization=True)
+        tokenizer.save_pretrained(os.path.join(out, name))
+        models[name] = model
+        figures[name] = {
+            "architecture": type(model).__name__, "params": training.num_params(model),
+            "vocab_size": len(tokenizer), "ln_vocab": math.log(len(tokenizer)), "shape": shape.__dict__,
+            "steps": steps, "train_seconds": round(time.time() - t0, 1),
+            "final_train_loss": sum(losses[-10:]) / len(losses[-10:]),
+            "heldout_loss": training.heldout_loss(model, heldout, config.seq_len, config.heldout_windows),
+        }
+        log.info("kit %s: %s", name, figures[name])
+    figures["target"]["eval_chat_loss"] = training.heldout_loss(
+        models["target"], eval_chat_stream, min(config.seq_len, len(eval_chat_stream) - 1), config.heldout_windows)
+
+    info = {"kit_version": KIT_VERSION, "content_hash": digest, "seed": config.seed,
+            "seeds": {"init": {n: config.seed * 1000 + i for i, n in enumerate(models)},
+                      "data": {n: config.seed * 1000 + 100 + i for i, n in enumerate(models)}},
+            "models": figures, "corpus": {**corpus.stats(), "train_tokens": len(corpus_stream),
+                                          "chat_tokens": len(chat_stream), "heldout_tokens": len(heldout_stream)},
+            "prompts": {"train": len(train_rows), "eval": len(eval_rows), "chat_examples": len(chat_examples)},
+            "python": platform.python_version(), "torch_threads": config.num_threads}
+    if config.measure_mal:
+        info["drafter_greedy_mal"] = _measure_mal(models["target"], models["drafter"], tok, eval_rows)
+    info["build_seconds"] = round(time.time() - started, 1)
+    return info
+
+
+def _prompt_sets(config: KitConfig, corpus, tok) -> tuple[list[dict], list[dict], list[dict]]:
+    """Train rows and chat examples from train files, eval rows from held-out files; only
+    conversations that fit one training window."""
+    from sd2_ray.kit import prompts as P
+    from sd2_ray.kit.tokenizer import render_chat
+
+    def fits(example: dict) -> bool:
+        text = render_chat(tok, example["prompt"], example["response"])
+        return len(tok(text, add_special_tokens=False)["input_ids"]) <= config.seq_len - 8
+
+    train_examples = P.function_examples({f: corpus.texts[f] for f in corpus.train_files})
+    heldout_examples = P.function_examples({f: corpus.texts[f] for f in corpus.heldout_files})
+    chat_examples = P.select(train_examples, None, config.seed, fits)
+    if not chat_examples:
+        raise ConfigError(f"seq_len: no stdlib function fits a window of {config.seq_len} tokens")
+    train_rows = [P.make_row("train", i, e) for i, e in enumerate(chat_examples[:config.train_prompts])]
+    eval_rows = [P.make_row("eval", i, e)
+                 for i, e in enumerate(P.select(heldout_examples, config.eval_prompts, config.seed, fits))]
+    if not eval_rows:
+        raise ConfigError(f"heldout_fraction: the held-out files give no eval prompt "
+                          f"(corpus_chars={config.corpus_chars} may be too small)")
+    return train_rows, eval_rows, chat_examples
+
+
+def _write_rows(path: str, rows: list[dict]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _measure_mal(target, drafter, tok, eval_rows: list[dict]) -> dict:
+    from sd2_ray.kit.measure import greedy_mal
+    from sd2_ray.kit.tokenizer import render_chat
+
+    prompts = [tok(render_chat(tok, r["messages"][0]["content"]), add_special_tokens=False)["input_ids"]
+               for r in eval_rows[:MAL_PROMPTS]]
+    result = greedy_mal(target, drafter, prompts, k=MAL_K, max_new_tokens=MAL_NEW_TOKENS,
+                        eos_id=tok.eos_token_id)
+    return {**result, "prompts": len(prompts), "max_new_tokens": MAL_NEW_TOKENS}

@@ -1,0 +1,59 @@
+"""Config of ``sd2 kit``: where the kit goes and how much data / training each model gets."""
+from __future__ import annotations
+
+from pydantic import Field, field_validator, model_validator
+
+from sd2_ray.config import StageConfig
+
+# Fields that only say *where* or *whether* to build: they don't change the kit's content,
+# so they stay out of its content hash.
+PLACEMENT_FIELDS = ("out", "overwrite")
+
+
+class KitConfig(StageConfig):
+    """Build the embedded model kit: a byte-level BPE tokenizer, a small trained Llama target,
+    a smaller poorly aligned Llama drafter (same tokenizer), a Qwen2 drafter with its own
+    tokenizer (cross-tokenizer drafting), and train/eval prompt sets, all from the local Python
+    standard library's source. Deterministic for a seed; cached by a content hash."""
+
+    out: str | None = Field(None, description="Kit directory (default: $SD2_KIT_DIR, else "
+                            "<cache>/kit/<content-hash>)")
+    overwrite: bool = Field(False, description="Rebuild even when a complete, up-to-date kit is there")
+    seed: int = Field(0, description="Seed for file split, data order and model init")
+    corpus_chars: int = Field(3_000_000, ge=20_000, description="Characters of stdlib source to train on")
+    heldout_fraction: float = Field(0.08, gt=0.0, lt=0.5,
+                                    description="Share of stdlib files held out (held-out loss, eval prompts)")
+    vocab_size: int = Field(2048, ge=300, le=65536, description="BPE vocab of the target/drafter tokenizer")
+    uag_vocab_size: int = Field(1536, ge=300, le=65536,
+                                description="BPE vocab of the cross-family drafter's tokenizer")
+    seq_len: int = Field(256, ge=32, le=1024, description="Training window length in tokens")
+    batch_size: int = Field(8, ge=1, description="Windows per training step")
+    lr: float = Field(3e-3, gt=0, description="Peak AdamW learning rate (linear warmup, cosine decay)")
+    target_steps: int = Field(240, ge=1, description="Training steps of the target")
+    drafter_steps: int = Field(40, ge=1, description="Training steps of the same-family drafter")
+    uag_steps: int = Field(80, ge=1, description="Training steps of the cross-family drafter")
+    chat_share: float = Field(0.375, ge=0.0, le=1.0,
+                              description="Share of the target's windows drawn from chat-formatted examples")
+    train_prompts: int = Field(384, ge=1, description="Rows in prompts/train.jsonl")
+    eval_prompts: int = Field(64, ge=1, description="Rows in prompts/eval.jsonl")
+    heldout_windows: int = Field(32, ge=1, description="Held-out windows for the reported losses")
+    num_threads: int = Field(1, ge=1, description="Torch threads while building (fixed for determinism)")
+    measure_mal: bool = Field(True, description="Measure the drafter's greedy MAL at K=4 into kit.json")
+
+    @field_validator("out")
+    @classmethod
+    def _out_not_s3(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith("s3://"):
+            raise ValueError("the kit is built locally; copy it to S3 afterwards")
+        return value or None
+
+    @model_validator(mode="after")
+    def _vocabs_differ(self) -> "KitConfig":
+        if self.vocab_size == self.uag_vocab_size:
+            raise ValueError("vocab_size and uag_vocab_size must differ (the UAG drafter needs "
+                             "its own tokenizer)")
+        return self
+
+    def content_fields(self) -> dict:
+        """The fields that decide what the kit contains (hashed)."""
+        return {k: v for k, v in self.to_dict().items() if k not in PLACEMENT_FIELDS}

@@ -1,0 +1,63 @@
+"""Byte-level BPE tokenizers trained on the corpus, wrapped as transformers tokenizers with a
+chat template.
+
+The template is plain text markup (``<|user|>\\n...<|end|>\\n<|assistant|>\\n``) whose tags are
+special tokens; ``<|end|>`` closes a turn and is the EOS, so generation stops after an answer.
+Both kit tokenizers use the same markup, so a prompt renders to identical text for the target
+and the cross-tokenizer drafter. No BOS is added on encode: the template is all there is, so
+nothing doubles when callers render then tokenize.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+PAD, DOC, END = "<|pad|>", "<|endoftext|>", "<|end|>"
+ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
+SPECIAL_TOKENS = [PAD, DOC, END, *ROLE_TOKENS]  # ids 0..5 in this order
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int):
+    """A PreTrainedTokenizerFast with a byte-level BPE of ``vocab_size`` learned from ``texts``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    core.train_from_iterator(texts, trainer=trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, bos_token=DOC, eos_token=END,
+                                  unk_token=None, additional_special_tokens=ROLE_TOKENS,
+                                  clean_up_tokenization_spaces=False, model_max_length=1024)
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def render_chat(tokenizer, prompt: str, response: str | None = None) -> str:
+    """The conversation as text: the user turn, then the assistant turn (open if no response)."""
+    messages = [{"role": "user", "content": prompt}]
+    if response is None:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    messages.append({"role": "assistant", "content": response})
+    return tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def token_stream(tokenizer, texts: Iterable[str], separator: str = DOC) -> list[int]:
+    """All texts encoded and concatenated, each followed by the separator token."""
+    sep = tokenizer.convert_tokens_to_ids(separator)
+    ids: list[int] = []
+    texts = list(texts)
+    # the Rust tokenizer directly: no per-call length warnings, and it batches in parallel
+    for enc in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False):
+        ids.extend(enc.ids)
+        ids.append(sep)
+    return ids

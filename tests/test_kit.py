@@ -1,0 +1,290 @@
+"""The embedded model kit: loads, is trained, leaves room for alignment, is deterministic and cached.
+
+The full kit is built once per machine (session fixture ``kit_dir``, shared with every other
+test); determinism and cache behaviour are checked on a reduced-steps kit built here.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+# Bounds stated up front (measured figures: see kit.json of the default build).
+TARGET_HELDOUT_BOUND = 4.5  # nats/token on held-out stdlib files; uniform is ln(2048) = 7.62
+MAL_K = 4
+MAL_RANGE = (1.2, 2.5)
+
+SMALL = dict(corpus_chars=200_000, vocab_size=512, uag_vocab_size=400, seq_len=128, batch_size=2,
+             target_steps=3, drafter_steps=2, uag_steps=2, train_prompts=16, eval_prompts=4,
+             heldout_windows=2, measure_mal=False)
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def small_kit(tmp_path_factory):
+    from sd2_ray.kit import ensure_kit
+
+    return ensure_kit(str(tmp_path_factory.mktemp("kits") / "small-a"), **SMALL)
+
+
+def test_kit_loads_with_auto_classes(kit_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    info = json.load(open(os.path.join(kit_dir, "kit.json")))
+    expected = {"target": "LlamaForCausalLM", "drafter": "LlamaForCausalLM", "drafter-uag": "Qwen2ForCausalLM"}
+    vocabs = {}
+    for name, arch in expected.items():
+        path = os.path.join(kit_dir, name)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(path)
+        assert type(model).__name__ == arch
+        assert sum(p.numel() for p in model.parameters()) == info["models"][name]["params"]
+        assert model.config.head_dim if hasattr(model.config, "head_dim") else True
+        assert model.config.hidden_size // model.config.num_attention_heads in (32, 64)  # vLLM CPU sizes
+        assert len(tok) == model.config.vocab_size
+        assert tok.eos_token == "<|end|>" and model.config.eos_token_id == tok.eos_token_id
+        vocabs[name] = len(tok)
+    assert vocabs["target"] == vocabs["drafter"] != vocabs["drafter-uag"]
+    target_params, drafter_params = (info["models"][n]["params"] for n in ("target", "drafter"))
+    assert 2_000_000 <= target_params <= 10_000_000 and drafter_params < target_params / 3
+
+
+def test_prompt_sets_are_valid_and_disjoint(kit_dir):
+    from sd2_ray.rows import row_problem
+
+    train = read_jsonl(os.path.join(kit_dir, "prompts", "train.jsonl"))
+    evals = read_jsonl(os.path.join(kit_dir, "prompts", "eval.jsonl"))
+    assert len(train) >= 200 and len(evals) == 64
+    for row in train + evals:
+        assert row_problem(row) is None, row
+        assert row["messages"][0]["role"] == "user" and row["response"].strip()
+        assert row["messages"][0]["content"].startswith("Complete this Python function:")
+    assert len({r["id"] for r in train + evals}) == len(train) + len(evals)
+    assert not {r["messages"][0]["content"] for r in train} & {r["messages"][0]["content"] for r in evals}
+
+
+def test_target_heldout_loss_far_below_uniform(kit_dir):
+    """Recomputed here from the held-out stdlib files, not read back from kit.json."""
+    import torch
+
+    from sd2_ray.kit.config import KitConfig
+    from sd2_ray.kit.corpus import load_corpus
+    from sd2_ray.kit.tokenizer import token_stream
+    from sd2_ray.models.io import load_model, load_tokenizer
+
+    config = KitConfig.load(os.path.join(kit_dir, "config.yaml"))
+    corpus = load_corpus(config.corpus_chars, config.heldout_fraction, config.seed)
+    tok = load_tokenizer(os.path.join(kit_dir, "target"))
+    stream = torch.tensor(token_stream(tok, corpus.heldout_texts()))
+    windows = torch.stack([stream[i * 4096:i * 4096 + 256] for i in range(8)])
+    model = load_model(os.path.join(kit_dir, "target"))
+    with torch.no_grad():
+        loss = model(input_ids=windows, labels=windows).loss.item()
+    info = json.load(open(os.path.join(kit_dir, "kit.json")))
+    assert info["models"]["target"]["ln_vocab"] == pytest.approx(math.log(len(tok)))
+    assert loss < TARGET_HELDOUT_BOUND < math.log(len(tok)) - 3, loss
+    assert info["models"]["target"]["heldout_loss"] < TARGET_HELDOUT_BOUND
+    # the drafters are trained less: worse than the target on the same text
+    drafter_loss = info["models"]["drafter"]["heldout_loss"]
+    assert info["models"]["target"]["heldout_loss"] < drafter_loss < math.log(len(tok))
+
+
+def _chat_prompt_ids(tok, rows):
+    return [tok.apply_chat_template(r["messages"], add_generation_prompt=True, tokenize=True,
+                                    return_dict=False) for r in rows]
+
+
+def _mal(kit_dir, prompts, k, max_new_tokens):
+    """MAL with the project's engine when it is there, else the kit's simple greedy check."""
+    try:
+        from sd2_ray.specdec.engine import SpeculativeEngine
+        from sd2_ray.specdec.types import GenerationRequest
+    except ImportError:
+        from sd2_ray.kit.measure import greedy_mal
+        from sd2_ray.models.io import load_model
+
+        target, drafter = load_model(os.path.join(kit_dir, "target")), load_model(os.path.join(kit_dir, "drafter"))
+        return greedy_mal(target, drafter, prompts, k=k, max_new_tokens=max_new_tokens,
+                          eos_id=target.config.eos_token_id)["mean_accepted_length"]
+    engine = SpeculativeEngine.from_dirs(os.path.join(kit_dir, "target"), os.path.join(kit_dir, "drafter"),
+                                         num_speculative_tokens=k)
+    results = engine.generate([GenerationRequest(prompt_ids=p, max_new_tokens=max_new_tokens) for p in prompts])
+    passes = sum(r.stats.target_passes for r in results)
+    return sum(r.stats.committed_tokens for r in results) / passes
+
+
+def test_drafter_base_mal_leaves_room_for_alignment(kit_dir):
+    from sd2_ray.models.io import load_tokenizer
+
+    tok = load_tokenizer(os.path.join(kit_dir, "target"))
+    rows = read_jsonl(os.path.join(kit_dir, "prompts", "eval.jsonl"))[:16]
+    mal = _mal(kit_dir, _chat_prompt_ids(tok, rows), MAL_K, 32)
+    print(f"drafter base greedy MAL at K={MAL_K}: {mal:.3f}")
+    assert MAL_RANGE[0] <= mal <= MAL_RANGE[1], mal
+
+
+def test_chat_template_renders_and_eos_stops_generation(kit_dir):
+    import torch
+
+    from sd2_ray.models.io import load_model, load_tokenizer
+    from sd2_ray.rows import render_prompt
+
+    for name in ("target", "drafter-uag"):
+        tok = load_tokenizer(os.path.join(kit_dir, name))
+        msgs = [{"role": "user", "content": "hi"}]
+        assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
+            "<|user|>\nhi<|end|>\n<|assistant|>\n"
+        assert tok.apply_chat_template(msgs, tokenize=False) == "<|user|>\nhi<|end|>\n"
+        ids = tok("<|user|>\nhi<|end|>", add_special_tokens=False)["input_ids"]
+        assert ids[0] == tok.convert_tokens_to_ids("<|user|>") and ids[-1] == tok.eos_token_id
+    tok = load_tokenizer(os.path.join(kit_dir, "target"))
+    model = load_model(os.path.join(kit_dir, "target"))
+    rows = read_jsonl(os.path.join(kit_dir, "prompts", "eval.jsonl"))[:6]
+    stopped = 0
+    for row in rows:
+        ids = tok(render_prompt(row, tok), add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=120, do_sample=False)
+        new = out[0, ids.shape[1]:].tolist()
+        if tok.eos_token_id in new:
+            stopped += 1
+            assert new[-1] == tok.eos_token_id  # generation ends at the end-of-turn token
+    assert stopped >= len(rows) // 2, f"only {stopped}/{len(rows)} answers ended with <|end|>"
+
+
+def test_cached_call_returns_fast(kit_dir):
+    from sd2_ray.kit import ensure_kit
+
+    start = time.perf_counter()
+    again = ensure_kit()
+    assert again == kit_dir and time.perf_counter() - start < 1.0
+
+
+def test_same_seed_gives_identical_weights(small_kit, tmp_path):
+    from safetensors.torch import load_file
+
+    from sd2_ray.kit import ensure_kit
+
+    other = ensure_kit(str(tmp_path / "small-b"), **SMALL)
+    reseeded = ensure_kit(str(tmp_path / "small-c"), **{**SMALL, "seed": 1})
+    for name in ("target", "drafter", "drafter-uag"):
+        a = load_file(os.path.join(small_kit, name, "model.safetensors"))
+        b = load_file(os.path.join(other, name, "model.safetensors"))
+        c = load_file(os.path.join(reseeded, name, "model.safetensors"))
+        assert a.keys() == b.keys()
+        assert all(a[k].equal(b[k]) for k in a), name
+        assert not all(a[k].equal(c[k]) for k in a if k in c), name  # the seed matters
+        tok_a = open(os.path.join(small_kit, name, "tokenizer.json")).read()
+        assert tok_a == open(os.path.join(other, name, "tokenizer.json")).read()
+    for split in ("train", "eval"):
+        rel = os.path.join("prompts", f"{split}.jsonl")
+        assert read_jsonl(os.path.join(small_kit, rel)) == read_jsonl(os.path.join(other, rel))
+    ka, kb = (json.load(open(os.path.join(d, "kit.json"))) for d in (small_kit, other))
+    assert ka["content_hash"] == kb["content_hash"]
+    assert ka["models"]["target"]["heldout_loss"] == kb["models"]["target"]["heldout_loss"]
+
+
+def test_stale_or_unfinished_kit_is_rebuilt(small_kit, tmp_path):
+    import shutil
+
+    from sd2_ray import manifest
+    from sd2_ray.kit import ensure_kit
+
+    copy = str(tmp_path / "copy")
+    shutil.copytree(small_kit, copy)
+    start = time.perf_counter()
+    assert ensure_kit(copy, **SMALL) == copy and time.perf_counter() - start < 1.0  # current: reused
+    manifest.start(copy, "kit")  # looks like an interrupted build
+    weights = os.path.join(copy, "target", "model.safetensors")
+    os.remove(weights)
+    assert ensure_kit(copy, **SMALL) == copy
+    assert manifest.is_complete(copy) and os.path.isfile(weights)
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".kit-")]  # no temp dirs left
+
+
+def test_content_hash_tracks_content_not_placement():
+    from sd2_ray.kit.cache import content_hash
+    from sd2_ray.kit.config import KitConfig
+
+    base = content_hash(KitConfig())
+    assert content_hash(KitConfig(out="/somewhere", overwrite=True)) == base
+    assert content_hash(KitConfig(seed=1)) != base
+    assert content_hash(KitConfig(target_steps=1)) != base
+
+
+def test_config_rejects_bad_values():
+    from sd2_ray.errors import ConfigError
+    from sd2_ray.kit.config import KitConfig
+
+    with pytest.raises(ConfigError, match="uag_vocab_size|vocab"):
+        KitConfig.load(overrides={"vocab_size": 1000, "uag_vocab_size": 1000})
+    with pytest.raises(ConfigError, match="out"):
+        KitConfig.load(overrides={"out": "s3://bucket/kit"})
+    with pytest.raises(ConfigError, match="target_stpes"):
+        KitConfig.load(overrides={"target_stpes": 3})
+
+
+def test_cli_prints_location_and_figures(small_kit, capsys):
+    from sd2_ray.cli import main
+
+    argv = ["kit", "--out", small_kit] + [f"{k}={v}" for k, v in SMALL.items()]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert small_kit in out and "(cached)" in out
+    assert "target" in out and "LlamaForCausalLM" in out and "Qwen2ForCausalLM" in out
+
+
+def test_cached_path_imports_no_heavy_modules():
+    code = ("import sys, sd2_ray.kit, sd2_ray.kit.cache, sd2_ray.kit.build; "
+            "heavy = [m for m in ('torch', 'transformers', 'ray', 'vllm', 'deepspeed') if m in sys.modules]; "
+            "print(','.join(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+VLLM_SCRIPT = """
+import json, sys
+if __name__ == "__main__":
+    from vllm import LLM, SamplingParams
+    llm = LLM(model=sys.argv[1], dtype="float32", enforce_eager=True, max_model_len=256)
+    out = llm.generate([sys.argv[2]], SamplingParams(temperature=0.0, max_tokens=24))
+    print("VLLM_OUT " + json.dumps(list(out[0].outputs[0].token_ids)))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_target_loads_in_vllm(kit_dir, tmp_path):
+    """vLLM (CPU) serves the kit's target, and its greedy tokens equal transformers'."""
+    pytest.importorskip("vllm")
+    import torch
+
+    from sd2_ray.models.io import load_model, load_tokenizer
+    from sd2_ray.rows import render_prompt
+
+    target = os.path.join(kit_dir, "target")
+    tok = load_tokenizer(target)
+    prompt = render_prompt(read_jsonl(os.path.join(kit_dir, "prompts", "eval.jsonl"))[0], tok)
+    script = tmp_path / "vllm_check.py"
+    script.write_text(VLLM_SCRIPT)
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TMPDIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, str(script), target, prompt], capture_output=True, text=True,
+                          env=env, timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("VLLM_OUT ")]
+    assert lines, proc.stderr[-3000:]
+    vllm_ids = json.loads(lines[0][len("VLLM_OUT "):])
+    ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        hf = load_model(target).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
+                                         do_sample=False)[0, ids.shape[1]:].tolist()
+    assert vllm_ids == hf
