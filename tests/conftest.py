@@ -57,3 +57,12 @@ def tiny_model_dir(tmp_path, tiny_llama):
     out = tmp_path / "tiny-llama"
     tiny_llama.save_pretrained(out)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def kit_dir():
+    """The embedded model kit (trained target, drafters, prompts): built once per machine and
+    content hash (a few minutes), then returned from the cache at once. See sd2_ray.kit."""
+    from sd2_ray.kit import ensure_kit
+
+    return ensure_kit()
