@@ -66,7 +66,7 @@ def quiet_ray_data() -> None:
 
 def to_generated(row: dict[str, Any], eos_ids: list[int], max_new_tokens: int) -> Generated:
     """An engine output row (either engine; vLLM error rows skip the postprocess) as Generated."""
-    if "__inference_error__" in row:
+    if "response" not in row:  # a raw vLLM row: ray.data.llm sends failed rows past the postprocess
         row = vllm_result(row, eos_ids, max_new_tokens)
     error = row.get("error")
     text = row.get("response")
