@@ -49,10 +49,20 @@ def validate_request(model_cls: type[BaseModel], raw: bytes) -> Any:
         return model_cls.model_validate(data)
     except ValidationError as err:
         first = err.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
+        param = _param_name(first["loc"])
         msg = first["msg"].removeprefix("Value error, ")
         raise OpenAIError(f"invalid '{param}': {msg}" if param else msg, param=param,
                           code="invalid_value") from None
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _param_name(loc: tuple) -> Optional[str]:
+    """``messages.0.content`` from pydantic's location, without its union type tags."""
+    parts = [str(p) for p in loc
+             if isinstance(p, int) or ("[" not in p and "-" not in p and p not in _TYPE_TAGS)]
+    return ".".join(parts) or None
 
 
 class _Request(BaseModel):
@@ -138,14 +148,18 @@ class ChatMessage(BaseModel):
     role: StrictStr
     content: Union[StrictStr, list[dict[str, Any]], None] = None
 
-    def text(self) -> str:
-        if isinstance(self.content, list):  # content parts: only text parts are meaningful here
-            parts = []
-            for part in self.content:
+    @field_validator("content")
+    @classmethod
+    def _text_parts_only(cls, value):
+        if isinstance(value, list):
+            for part in value:
                 if part.get("type") != "text" or not isinstance(part.get("text"), str):
                     raise ValueError("only text content parts are supported")
-                parts.append(part["text"])
-            return "".join(parts)
+        return value
+
+    def text(self) -> str:
+        if isinstance(self.content, list):  # content parts: only text parts (checked above)
+            return "".join(part["text"] for part in self.content)
         return self.content or ""
 
 
@@ -156,16 +170,12 @@ class ChatCompletionRequest(_Request):
     max_completion_tokens: Optional[StrictInt] = Field(None, gt=0)
     tools: Optional[list[Any]] = None
 
-    @model_validator(mode="after")
-    def _checks(self):
-        if self.tools:
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, value):
+        if value:
             raise ValueError("tools are not supported")
-        for i, msg in enumerate(self.messages):
-            try:
-                msg.text()
-            except ValueError as err:
-                raise ValueError(f"messages[{i}]: {err}") from None
-        return self
+        return value
 
     @property
     def requested_max_tokens(self) -> Optional[int]:

@@ -1,0 +1,207 @@
+"""Serving layer without Ray: config, request validation, text/stop handling, batch runner."""
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from sd2_ray.errors import ConfigError
+from sd2_ray.serve import core
+from sd2_ray.serve import openai_schema as oa
+from sd2_ray.serve.config import ServeConfig
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    from sd2_ray.serve.testing import save_tiny_pair
+
+    return save_tiny_pair(str(tmp_path_factory.mktemp("pair")))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(pair):
+    from sd2_ray.models.io import load_tokenizer
+
+    return load_tokenizer(pair[0])
+
+
+def test_pure_modules_do_not_import_ray_or_vllm():
+    code = ("import sys; import sd2_ray.serve.core, sd2_ray.serve.openai_schema, sd2_ray.serve.batching, "
+            "sd2_ray.serve.config, sd2_ray.serve.http, sd2_ray.serve.metrics; "
+            "bad = [m for m in ('ray', 'vllm', 'deepspeed') if m in sys.modules]; print(bad); "
+            "sys.exit(1 if bad else 0)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_config_replicas_and_autoscaling():
+    cfg = ServeConfig.load(None, {"target": "/m/target", "replicas": "3"})
+    assert cfg.replicas == 3 and cfg.autoscaling_settings() is None
+    assert cfg.served_model_name == "target" and cfg.base_url == "http://127.0.0.1:8000/v1"
+    auto = ServeConfig.load(None, {"target": "t", "replicas": "auto"})
+    assert auto.autoscaling_settings() == {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4.0}
+    custom = ServeConfig.load(None, {"target": "t", "autoscaling.max_replicas": 5,
+                                     "autoscaling.target_ongoing_requests": 2})
+    assert custom.autoscaling_settings()["max_replicas"] == 5
+    with pytest.raises(ConfigError, match="autoscaling"):
+        ServeConfig.load(None, {"target": "t", "autoscaling": {"min_replicas": 3, "max_replicas": 2}})
+    with pytest.raises(ConfigError, match="replicas"):
+        ServeConfig.load(None, {"target": "t", "replicas": 0})
+    with pytest.raises(ConfigError, match="port"):
+        ServeConfig.load(None, {"target": "t", "port": 70000})
+    with pytest.raises(ConfigError, match="unknown field"):
+        ServeConfig.load(None, {"target": "t", "max_batch": 3})
+
+
+def test_cli_flags_come_from_config_fields():
+    from sd2_ray import cli
+
+    args = cli.build_parser().parse_args(["serve", "--target", "T", "--drafter", "D", "--port", "8123",
+                                          "--num-speculative-tokens", "3", "--replicas", "auto",
+                                          "--api-key", "k", "--engine", "vllm"])
+    cfg = cli.load_config("serve", args)
+    assert (cfg.target, cfg.drafter, cfg.port, cfg.num_speculative_tokens, cfg.replicas, cfg.api_key,
+            cfg.engine) == ("T", "D", 8123, 3, "auto", "k", "vllm")
+
+
+@pytest.mark.parametrize("body, param", [
+    (b"{not json", None),
+    (b"[1, 2]", None),
+    (b'{"prompt": "x", "max_tokens": 0}', "max_tokens"),
+    (b'{"prompt": "x", "max_tokens": -3}', "max_tokens"),
+    (b'{"prompt": "x", "max_tokens": "ten"}', "max_tokens"),
+    (b'{"prompt": "x", "temperature": "hot"}', "temperature"),
+    (b'{"prompt": "x", "temperature": 3}', "temperature"),
+    (b'{"prompt": "x", "n": 2}', "n"),
+    (b'{"prompt": "x", "stream": "yes"}', "stream"),
+    (b'{"prompt": 5}', "prompt"),
+    (b'{"max_tokens": 5}', "prompt"),
+    (b'{"prompt": ["a", "b"]}', "prompt"),
+    (b'{"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}', "stop"),
+    (b'{"prompt": "x", "logprobs": 3}', "logprobs"),
+])
+def test_completion_request_errors_are_400_naming_the_field(body, param):
+    with pytest.raises(oa.OpenAIError) as info:
+        oa.validate_request(oa.CompletionRequest, body)
+    err = info.value
+    assert err.status == 400 and err.message
+    assert err.param == param
+    assert set(err.body()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_chat_request_validation():
+    ok = oa.validate_request(oa.ChatCompletionRequest, b'{"messages": [{"role": "user", "content": '
+                                                      b'[{"type": "text", "text": "a"}, {"type": "text", '
+                                                      b'"text": "b"}]}], "max_completion_tokens": 4, '
+                                                      b'"stop": "x", "user": "ignored"}')
+    assert ok.plain_messages() == [{"role": "user", "content": "ab"}]
+    assert ok.requested_max_tokens == 4 and ok.stop_strings == ["x"]
+    for body in (b'{"messages": []}', b'{"messages": "hi"}', b'{"messages": [{"content": "x"}]}',
+                 b'{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}'):
+        with pytest.raises(oa.OpenAIError) as info:
+            oa.validate_request(oa.ChatCompletionRequest, body)
+        assert info.value.status == 400 and info.value.param.startswith("messages")
+
+
+def test_context_bounds_and_unknown_model(tokenizer):
+    req = oa.validate_request(oa.CompletionRequest, b'{"prompt": "hello world", "max_tokens": 5}')
+    prepared = core.prepare_completion(req, tokenizer, max_model_len=64, vocab_size=len(tokenizer))
+    assert prepared.max_tokens == 5 and prepared.prompt_ids == tokenizer("hello world")["input_ids"]
+    too_long = oa.validate_request(oa.CompletionRequest, b'{"prompt": "' + b"hello " * 80 + b'"}')
+    with pytest.raises(oa.OpenAIError, match="longer than the context") as info:
+        core.prepare_completion(too_long, tokenizer, max_model_len=64, vocab_size=len(tokenizer))
+    assert info.value.code == "context_length_exceeded"
+    big = oa.validate_request(oa.CompletionRequest, b'{"prompt": "hi", "max_tokens": 1000}')
+    with pytest.raises(oa.OpenAIError, match="max_tokens") as info:
+        core.prepare_completion(big, tokenizer, max_model_len=64, vocab_size=len(tokenizer))
+    assert info.value.param == "max_tokens"
+    ids = oa.validate_request(oa.CompletionRequest, b'{"prompt": [1, 99999]}')
+    with pytest.raises(oa.OpenAIError, match="vocabulary"):
+        core.prepare_completion(ids, tokenizer, max_model_len=64, vocab_size=len(tokenizer))
+    chat = oa.validate_request(oa.ChatCompletionRequest, b'{"messages": [{"role": "user", "content": "hi"}]}')
+    prepared = core.prepare_chat(chat, tokenizer, max_model_len=64, default_max_tokens=1000)
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                             add_generation_prompt=True)
+    assert prepared.prompt_ids == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert prepared.max_tokens == 64 - len(prepared.prompt_ids)  # default: the rest of the context
+    core.check_model(None, "target")
+    core.check_model("target", "target")
+    with pytest.raises(oa.OpenAIError) as info:
+        core.check_model("gpt-4", "target")
+    assert info.value.status == 400 and info.value.code == "model_not_found"
+
+
+def _feed_all(stream, ids, step=1):
+    out = ""
+    for i in range(0, len(ids), step):
+        out += stream.feed(ids[i:i + step])
+        if stream.stopped:
+            break
+    return out + stream.finish()
+
+
+def test_text_stream_equals_full_decode_and_trims_stop_strings(tokenizer):
+    text = "The quick brown fox jumps over the lazy dog. def add(a, b):"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert _feed_all(core.TextStream(tokenizer), ids) == text
+    stream = core.TextStream(tokenizer, stop=["lazy"])
+    assert _feed_all(stream, ids) == "The quick brown fox jumps over the "
+    assert stream.stopped
+    # a stop string spread over several tokens, fed 3 at a time: never leaks its first part
+    stream = core.TextStream(tokenizer, stop=["over the"])
+    pieces = [stream.feed(ids[i:i + 3]) for i in range(0, len(ids), 3)]
+    assert "".join(pieces) + stream.finish() == "The quick brown fox jumps "
+    assert all("over" not in p for p in pieces)
+    # multi-byte characters split over byte-level tokens are released whole
+    emoji = tokenizer("héllo → ü", add_special_tokens=False)["input_ids"]
+    stream = core.TextStream(tokenizer)
+    parts = [stream.feed([t]) for t in emoji]
+    assert all(core.REPLACEMENT_CHAR not in p for p in parts)
+    assert "".join(parts) + stream.finish() == "héllo → ü"
+
+
+def test_run_batch_streams_each_request_and_honours_stop(pair, tokenizer):
+    from sd2_ray.serve.batching import Job, run_batch
+    from sd2_ray.specdec.engine import SpeculativeEngine
+    from sd2_ray.specdec.types import SamplingParams
+
+    engine = SpeculativeEngine.from_dirs(pair[0], pair[1], num_speculative_tokens=3)
+    plain = core.PreparedRequest(tokenizer("hello")["input_ids"], 12, SamplingParams())
+    reference = engine.generate([plain.generation_request()])[0]
+    ref_text = tokenizer.decode(reference.token_ids, skip_special_tokens=True)
+    stop_at = ref_text[len(ref_text) // 2:len(ref_text) // 2 + 2]
+    stopped = core.PreparedRequest(plain.prompt_ids, 12, SamplingParams(), stop=[stop_at] if stop_at.strip() else [])
+    other = core.PreparedRequest(tokenizer("numbers 1 2")["input_ids"], 7, SamplingParams())
+    jobs = [core_job for core_job in (Job(r, core.TextStream(tokenizer, r.stop)) for r in (plain, stopped, other))]
+
+    async def collect():
+        texts, finals = ["", "", ""], [None, None, None]
+        async for step in run_batch(engine, jobs, ThreadPoolExecutor(1)):
+            assert len(step) == 3
+            for i, delta in enumerate(step):
+                texts[i] += delta.text
+                finals[i] = delta if delta.finish_reason else finals[i]
+        return texts, finals
+
+    texts, finals = asyncio.run(collect())
+    assert texts[0] == ref_text and finals[0].token_ids == reference.token_ids
+    assert finals[0].finish_reason == reference.finish_reason
+    if stopped.stop:
+        assert texts[1] == ref_text[:ref_text.index(stop_at)] and finals[1].finish_reason == "stop"
+    assert len(finals[2].token_ids) <= 7 and finals[2].stats.target_passes >= 1
+
+
+def test_metrics_summary_totals():
+    from sd2_ray.serve.metrics import SpecMetrics
+    from sd2_ray.specdec.types import SpecStats
+
+    m = SpecMetrics("t", 2, export_to_ray=False)
+    m.record_batch(3)
+    m.record_request(SpecStats(2, target_passes=4, num_drafts=4, num_draft_tokens=8, num_accepted_tokens=4,
+                               committed_tokens=8, accepted_per_position=[3, 1]), 5, 8)
+    s = m.summary()
+    assert s["mean_accepted_length"] == 2.0 and s["per_position_acceptance"] == [0.75, 0.25]
+    assert s["acceptance_rate"] == 0.5 and s["max_batch_size_seen"] == 3 and s["completion_tokens"] == 8
