@@ -30,10 +30,23 @@ def read_jsonl(path):
 
 
 @pytest.fixture(scope="module")
-def small_kit(tmp_path_factory):
+def small_cache(tmp_path_factory):
+    """A private cache for the reduced kits' trained parts (kept out of the user's cache)."""
+    return str(tmp_path_factory.mktemp("kit-cache"))
+
+
+@pytest.fixture(scope="module")
+def small_kit(tmp_path_factory, small_cache):
     from sd2_ray.kit import ensure_kit
 
-    return ensure_kit(str(tmp_path_factory.mktemp("kits") / "small-a"), **SMALL)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SD2_CACHE_DIR", small_cache)
+        return ensure_kit(str(tmp_path_factory.mktemp("kits") / "small-a"), **SMALL)
+
+
+@pytest.fixture
+def in_small_cache(small_cache, monkeypatch):
+    monkeypatch.setenv("SD2_CACHE_DIR", small_cache)
 
 
 def test_kit_loads_with_auto_classes(kit_dir):
@@ -170,12 +183,13 @@ def test_cached_call_returns_fast(kit_dir):
     assert again == kit_dir and time.perf_counter() - start < 1.0
 
 
-def test_same_seed_gives_identical_weights(small_kit, tmp_path):
+def test_same_seed_gives_identical_weights(small_kit, tmp_path, in_small_cache):
     from safetensors.torch import load_file
 
     from sd2_ray.kit import ensure_kit
 
-    other = ensure_kit(str(tmp_path / "small-b"), **SMALL)
+    # reuse_trained=False: really train again instead of loading the first build's models
+    other = ensure_kit(str(tmp_path / "small-b"), **SMALL, reuse_trained=False)
     reseeded = ensure_kit(str(tmp_path / "small-c"), **{**SMALL, "seed": 1})
     for name in ("target", "drafter", "drafter-uag"):
         a = load_file(os.path.join(small_kit, name, "model.safetensors"))
@@ -194,7 +208,7 @@ def test_same_seed_gives_identical_weights(small_kit, tmp_path):
     assert ka["models"]["target"]["heldout_loss"] == kb["models"]["target"]["heldout_loss"]
 
 
-def test_stale_or_unfinished_kit_is_rebuilt(small_kit, tmp_path):
+def test_stale_or_unfinished_kit_is_rebuilt(small_kit, tmp_path, in_small_cache):
     import shutil
 
     from sd2_ray import manifest
@@ -234,7 +248,7 @@ def test_config_rejects_bad_values():
         KitConfig.load(overrides={"target_stpes": 3})
 
 
-def test_cli_prints_location_and_figures(small_kit, capsys):
+def test_cli_prints_location_and_figures(small_kit, capsys, in_small_cache):
     from sd2_ray.cli import main
 
     argv = ["kit", "--out", small_kit] + [f"{k}={v}" for k, v in SMALL.items()]

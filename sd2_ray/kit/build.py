@@ -11,8 +11,8 @@ import random
 import time
 
 from sd2_ray import manifest
-from sd2_ray.kit.cache import KIT_JSON, KIT_VERSION, STAGE, ensure
 from sd2_ray.errors import ConfigError
+from sd2_ray.kit.cache import KIT_JSON, KIT_VERSION, STAGE, ensure
 from sd2_ray.kit.config import KitConfig
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,6 @@ def build_kit(config: KitConfig, out: str, digest: str) -> dict:
 
 
 def _build(config: KitConfig, out: str, digest: str, started: float) -> dict:
-    from sd2_ray.kit import prompts as P
     from sd2_ray.kit import shapes, training
     from sd2_ray.kit.corpus import load_corpus
     from sd2_ray.kit.tokenizer import render_chat, token_stream, train_tokenizer
@@ -98,20 +97,14 @@ def _build(config: KitConfig, out: str, digest: str, started: float) -> dict:
     ]
     models, figures = {}, {}
     for index, (name, shape, tokenizer, streams, shares, steps, heldout) in enumerate(jobs):
-        model = training.build_model(shape, tokenizer, seed=config.seed * 1000 + index)
-        sampler = training.WindowSampler(streams, shares, config.seq_len, config.batch_size,
-                                         seed=config.seed * 1000 + 100 + index)
-        t0 = time.time()
-        losses = training.train(model, sampler, steps, config.lr, name)
+        model, trained = _trained_model(config, index, name, shape, tokenizer, streams, shares, steps)
         model.save_pretrained(os.path.join(out, name), safe_serialization=True)
         tokenizer.save_pretrained(os.path.join(out, name))
         models[name] = model
         figures[name] = {
             "architecture": type(model).__name__, "params": training.num_params(model),
             "vocab_size": len(tokenizer), "ln_vocab": math.log(len(tokenizer)), "shape": shape.__dict__,
-            "steps": steps, "train_seconds": round(time.time() - t0, 1),
-            "final_train_loss": sum(losses[-10:]) / len(losses[-10:]),
-            "heldout_loss": training.heldout_loss(model, heldout, config.seq_len, config.heldout_windows),
+            **trained, "heldout_loss": training.heldout_loss(model, heldout, config.seq_len, config.heldout_windows),
         }
         log.info("kit %s: %s", name, figures[name])
     figures["target"]["eval_chat_loss"] = training.heldout_loss(
@@ -128,6 +121,45 @@ def _build(config: KitConfig, out: str, digest: str, started: float) -> dict:
         info["drafter_greedy_mal"] = _measure_mal(models["target"], models["drafter"], tok, eval_rows)
     info["build_seconds"] = round(time.time() - started, 1)
     return info
+
+
+def _trained_model(config: KitConfig, index: int, name: str, shape, tokenizer, streams, shares, steps):
+    """Train one model, or load it from the per-model cache when identical settings trained it
+    before (training is deterministic, so the weights are the same either way)."""
+    import shutil
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sd2_ray.kit import training
+    from sd2_ray.kit.cache import part_location
+
+    part = part_location(config, name)
+    record = os.path.join(part, "part.json")
+    if config.reuse_trained and os.path.isfile(record):
+        log.info("kit %s: reusing the trained model in %s", name, part)
+        with open(record) as f:
+            trained = json.load(f)
+        return AutoModelForCausalLM.from_pretrained(part, dtype=torch.float32).eval(), {**trained, "reused": True}
+    model = training.build_model(shape, tokenizer, seed=config.seed * 1000 + index)
+    sampler = training.WindowSampler(streams, shares, config.seq_len, config.batch_size,
+                                     seed=config.seed * 1000 + 100 + index)
+    started = time.time()
+    losses = training.train(model, sampler, steps, config.lr, name)
+    trained = {"steps": steps, "train_seconds": round(time.time() - started, 1),
+               "final_train_loss": sum(losses[-10:]) / len(losses[-10:])}
+    os.makedirs(os.path.dirname(part), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".part-", dir=os.path.dirname(part))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        with open(os.path.join(tmp, "part.json"), "w") as f:
+            json.dump(trained, f)
+        if not os.path.isdir(part):
+            os.replace(tmp, part)  # whole or absent: part.json is inside
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return model, trained
 
 
 def _prompt_sets(config: KitConfig, corpus, tok) -> tuple[list[dict], list[dict], list[dict]]:

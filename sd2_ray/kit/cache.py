@@ -37,6 +37,18 @@ def content_hash(config: KitConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def part_hash(config: KitConfig, name: str) -> str:
+    """Hash of what decides one trained model (its shape, data and training settings)."""
+    blob = json.dumps({"kit_version": KIT_VERSION, "python": list(sys.version_info[:3]), "model": name,
+                       "fields": config.training_fields(name), "shape": all_shapes()[name],
+                       "stdlib": stdlib_listing()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def part_location(config: KitConfig, name: str) -> str:
+    return os.path.join(storage.cache_root(), "kit", "parts", f"{name}-{part_hash(config, name)}")
+
+
 def kit_location(config: KitConfig, digest: str) -> str:
     """config.out, else $SD2_KIT_DIR, else <cache>/kit/<content-hash>."""
     out = config.out or os.environ.get("SD2_KIT_DIR") or os.path.join(storage.cache_root(), "kit", digest)

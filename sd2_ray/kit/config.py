@@ -7,7 +7,7 @@ from sd2_ray.config import StageConfig
 
 # Fields that only say *where* or *whether* to build: they don't change the kit's content,
 # so they stay out of its content hash.
-PLACEMENT_FIELDS = ("out", "overwrite")
+PLACEMENT_FIELDS = ("out", "overwrite", "reuse_trained")
 
 
 class KitConfig(StageConfig):
@@ -19,6 +19,8 @@ class KitConfig(StageConfig):
     out: str | None = Field(None, description="Kit directory (default: $SD2_KIT_DIR, else "
                             "<cache>/kit/<content-hash>)")
     overwrite: bool = Field(False, description="Rebuild even when a complete, up-to-date kit is there")
+    reuse_trained: bool = Field(True, description="Reuse a model trained earlier with identical settings "
+                                "(cached per model, so changing one model's steps retrains only that one)")
     seed: int = Field(0, description="Seed for file split, data order and model init")
     corpus_chars: int = Field(3_000_000, ge=20_000, description="Characters of stdlib source to train on")
     heldout_fraction: float = Field(0.08, gt=0.0, lt=0.5,
@@ -53,6 +55,17 @@ class KitConfig(StageConfig):
             raise ValueError("vocab_size and uag_vocab_size must differ (the UAG drafter needs "
                              "its own tokenizer)")
         return self
+
+    def training_fields(self, name: str) -> dict:
+        """The fields that decide one model's weights (its part of the cache)."""
+        steps = {"target": self.target_steps, "drafter": self.drafter_steps, "drafter-uag": self.uag_steps}
+        vocab = self.uag_vocab_size if name == "drafter-uag" else self.vocab_size
+        fields = {"seed": self.seed, "corpus_chars": self.corpus_chars, "heldout_fraction": self.heldout_fraction,
+                  "vocab_size": vocab, "seq_len": self.seq_len, "batch_size": self.batch_size, "lr": self.lr,
+                  "steps": steps[name], "num_threads": self.num_threads}
+        if name == "target":
+            fields["chat_share"] = self.chat_share
+        return fields
 
     def content_fields(self) -> dict:
         """The fields that decide what the kit contains (hashed)."""
