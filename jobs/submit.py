@@ -24,6 +24,7 @@ import logging
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -64,12 +65,47 @@ def load_spec(path: str) -> tuple[dict[str, Any], int, float]:
     return spec, retries, float(delay)
 
 
-def wait_for(client: Any, job_id: str, poll_s: float) -> Any:
-    """Block until the job reaches a terminal status; returns that status."""
+def transient(err: Exception) -> bool:
+    """Errors worth another try: the dashboard not reachable or not ready yet."""
+    import requests
+
+    return isinstance(err, (requests.RequestException, ConnectionError)) or "No available agent" in str(err)
+
+
+def submit_once(client: Any, kwargs: dict[str, Any], patience_s: float = 180.0) -> str:
+    """``submit_job`` under a fixed submission id, retried while the job server is unreachable or
+    not ready (a fresh cluster answers "No available agent to submit job" for a while). A retry
+    first asks whether the lost request got through, so a job is never submitted twice."""
+    deadline = time.monotonic() + patience_s
     while True:
-        status = client.get_job_status(job_id)
-        if status.is_terminal():
-            return status
+        try:
+            return client.submit_job(**kwargs)
+        except RuntimeError as err:
+            if "already exists" in str(err):  # our earlier request did get through
+                return kwargs["submission_id"]
+            if not transient(err) or time.monotonic() > deadline:
+                raise
+        except Exception as err:  # requests' errors
+            if not transient(err) or time.monotonic() > deadline:
+                raise
+            log.info("job server unreachable (%s); retrying", str(err).splitlines()[0][:120])
+        time.sleep(2.0)
+
+
+def wait_for(client: Any, job_id: str, poll_s: float, patience_s: float = 300.0) -> Any:
+    """Block until the job reaches a terminal status; dashboard hiccups shorter than
+    ``patience_s`` are ridden out."""
+    last_ok = time.monotonic()
+    while True:
+        try:
+            status = client.get_job_status(job_id)
+            last_ok = time.monotonic()
+            if status.is_terminal():
+                return status
+        except Exception as err:
+            if not transient(err) or time.monotonic() - last_ok > patience_s:
+                raise
+            log.info("status of %s unavailable (%s); retrying", job_id, str(err).splitlines()[0][:120])
         time.sleep(poll_s)
 
 
@@ -78,11 +114,13 @@ def submit_with_retries(client: Any, kwargs: dict[str, Any], max_retries: int, d
     """Submit, wait, resubmit a failed job up to ``max_retries`` times: (last status, job ids)."""
     from ray.job_submission import JobStatus
 
+    base_id = kwargs.get("submission_id") or f"sd2-{uuid.uuid4().hex[:8]}"
     job_ids: list[str] = []
     status = JobStatus.FAILED
     for attempt in range(max_retries + 1):
         metadata = {**(kwargs.get("metadata") or {}), "attempt": str(attempt)}
-        job_id = client.submit_job(**{**kwargs, "metadata": metadata})
+        job_id = submit_once(client, {**kwargs, "metadata": metadata,
+                                      "submission_id": f"{base_id}-attempt{attempt}"})
         job_ids.append(job_id)
         log.info("submitted %s (attempt %d of %d)", job_id, attempt + 1, max_retries + 1)
         status = wait_for(client, job_id, poll_s)
