@@ -43,7 +43,7 @@ def load_rows(path: str, num_samples: int, seed: int = 0) -> list[dict[str, Any]
     rows: list[dict[str, Any]] = []
     for file in calibration_files(path):
         rows.extend(read_rows(file))
-    usable = [r for r in rows if row_problem(r) is None]
+    usable = [r for r in rows if row_problem(r) is None and not r.get("error")]  # failed distill rows
     if len(usable) < len(rows):
         log.warning("calibration: skipped %d unusable rows of %s", len(rows) - len(usable), path)
     if not usable:

@@ -71,6 +71,15 @@ class PruneConfig(StageConfig):
             raise ValueError(f"must be in (0, 1), got {value}")
         return value
 
+    @field_validator("pattern", mode="before")
+    @classmethod
+    def _pattern_from_yaml_int(cls, value):
+        # YAML 1.1 (PyYAML, hence config files and CLI flags) reads an unquoted 2:4 as the
+        # base-60 integer 124; base 60 digits are < 60, so the N:M it came from is unambiguous.
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 60:
+            return f"{value // 60}:{value % 60}"
+        return str(value) if isinstance(value, int) else value
+
     @field_validator("pattern")
     @classmethod
     def _pattern_is_nm(cls, value: str) -> str:

@@ -93,8 +93,8 @@ def _prune_and_publish(config: PruneConfig) -> dict[str, Any]:
     model_dir = resolve_model_dir(config.model)
     tokenizer = _tokenizer(config, model_dir)
     device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    batches, calibration = _calibration(config, tokenizer)  # bad data fails before the model loads
     model = load_model(model_dir, trust_remote_code=config.trust_remote_code, device=device)
-    batches, calibration = _calibration(config, tokenizer)
     started = time.perf_counter()
     model, masks, report = prune_model(model, batches, config)
     seconds = time.perf_counter() - started
