@@ -115,9 +115,17 @@ def load_config(name: str, args: argparse.Namespace) -> Any:
     config_cls = _load(cmd.config)
     overrides = _flag_values(args)
     overrides.update(dict(parse_override(o) for o in args.overrides))
-    section = None
-    if args.config and cmd.section and cmd.section in read_yaml(args.config):
-        section = cmd.section  # a pipeline YAML: take this stage's section
+    data = read_yaml(args.config) if args.config else {}
+    if name != "run" and "output" in data and cmd.section in data:
+        # A pipeline YAML: this stage's section, chained to the others as `sd2 run` would.
+        from sd2_ray.config import set_dotted
+        from sd2_ray.pipeline import single_stage_config
+
+        nested: dict[str, Any] = {}
+        for key, value in overrides.items():
+            set_dotted(nested, key, value)
+        return single_stage_config(args.config, cmd.section, nested)
+    section = cmd.section if cmd.section and cmd.section in data else None
     return config_cls.load(args.config, overrides, section=section)
 
 

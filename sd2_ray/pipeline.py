@@ -71,8 +71,7 @@ class Pipeline:
     def distill(self) -> None:
         from sd2_ray.distill.job import main as distill_main
 
-        distill_main(self.config.stage("distill", target=self.paths["target"],
-                                       prompts=self.paths["train_prompts"], output=self.path("distilled")))
+        distill_main(self.config.stage("distill", **stage_fields(self.config, self.paths, "distill")))
 
     def prune(self, name: str, section: str, **extra: Any) -> str:
         from sd2_ray.prune.job import run_prune
@@ -119,7 +118,7 @@ class Pipeline:
     def tune(self) -> None:
         from sd2_ray.tune.job import main as tune_main
 
-        tune_main(self.config.stage("tune", **tune_paths(self.config, self.paths, self.path)))
+        tune_main(self.config.stage("tune", **stage_fields(self.config, self.paths, "tune")))
 
     def report(self, reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
         from sd2_ray.pipeline_report import write_pipeline_report
@@ -185,11 +184,22 @@ def _num_layers(model_dir: str) -> int:
     return int(AutoConfig.from_pretrained(resolve_model_dir(model_dir)).num_hidden_layers)
 
 
-def tune_paths(config: PipelineConfig, paths: dict[str, str], path) -> dict[str, Any]:
-    """The chained fields of the tune stage: same target, drafter base, distilled data, eval prompts."""
-    return {"target": paths["target"], "drafter": paths["drafter"], "data": path("distilled"),
-            "eval_prompts": paths["eval_prompts"], "output": path("tune"),
-            "num_speculative_tokens": config.num_speculative_tokens}
+def stage_fields(config: PipelineConfig, paths: dict[str, str], section: str) -> dict[str, Any]:
+    """The chained fields of one stage on the SD² path, as the pipeline sets them; also what a
+    single-stage command (`sd2 prune --config pipeline.yaml`) uses, so both agree."""
+    out = lambda *parts: storage.join(config.output, *parts)  # noqa: E731
+    k = config.num_speculative_tokens
+    fields = {
+        "distill": {"target": paths["target"], "prompts": paths["train_prompts"], "output": out("distilled")},
+        "prune": {"model": paths["drafter"], "calibration": out("distilled"), "output": out("pruned", "sd2")},
+        "finetune": {"model": out("pruned", "sd2"), "data": out("distilled"), "output": out("drafters", "sd2")},
+        "eval": {"target": paths["target"], "drafter": out("drafters", "sd2"), "prompts": paths["eval_prompts"],
+                 "output": out("eval", "sd2", "report.json"), "num_speculative_tokens": k},
+        "serve": {"target": paths["target"], "drafter": out("drafters", "sd2"), "num_speculative_tokens": k},
+        "tune": {"target": paths["target"], "drafter": paths["drafter"], "data": out("distilled"),
+                 "eval_prompts": paths["eval_prompts"], "output": out("tune"), "num_speculative_tokens": k},
+    }
+    return fields[section]
 
 
 def main(config: PipelineConfig) -> dict[str, Any]:
@@ -199,4 +209,11 @@ def main(config: PipelineConfig) -> dict[str, Any]:
     return summary
 
 
-__all__ = ["Pipeline", "main", "matching_layer_drop", "resolve_paths"]
+def single_stage_config(path: str, section: str, overrides: dict[str, Any]):
+    """A stage's config from a pipeline YAML: its section plus the pipeline's chained paths."""
+    config = PipelineConfig.load(path)
+    chained = stage_fields(config, resolve_paths(config), section)
+    return config.stage(section, **{**chained, **overrides})
+
+
+__all__ = ["Pipeline", "main", "matching_layer_drop", "resolve_paths", "single_stage_config", "stage_fields"]

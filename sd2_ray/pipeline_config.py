@@ -115,8 +115,10 @@ class PipelineConfig(StageConfig):
 
     def stage(self, section: str, **chained: Any) -> StageConfig:
         """The stage config of ``section`` with the pipeline's chained paths filled in."""
+        from sd2_ray.config import validate
+
         cls = stage_classes()[section]
-        return cls.model_validate({**(getattr(self, section) or {}), **chained})
+        return validate(cls, {**(getattr(self, section) or {}), **chained}, source=section)
 
     def uses_kit(self) -> bool:
         paths = (self.target, self.drafter, self.uag_drafter or "", self.train_prompts, self.eval_prompts)

@@ -83,3 +83,19 @@ def test_report_rows_and_headline_ratios(tmp_path):
     assert "| sd2 | 1.800 |" in summary["table"]
     for png in ("mal_vs_macs.png", "acceptance_by_position.png"):
         assert (tmp_path / "report" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_single_stage_from_pipeline_yaml_chains_like_the_pipeline(tmp_path):
+    from sd2_ray import cli
+
+    cfg_file = tmp_path / "p.yaml"
+    cfg_file.write_text(f"output: {tmp_path}/run\ntarget: /m/t\ndrafter: /m/d\ntrain_prompts: /p/train.jsonl\n"
+                        "eval_prompts: /p/eval.jsonl\nprune: {sparsity: 0.6}\nfinetune: {lr: 0.001}\n")
+    args = cli.build_parser().parse_args(["prune", "--config", str(cfg_file), "--num-samples", "8"])
+    prune = cli.load_config("prune", args)
+    assert (prune.model, prune.calibration, prune.sparsity, prune.num_samples) == \
+        ("/m/d", f"{tmp_path}/run/distilled", 0.6, 8)
+    assert prune.output == f"{tmp_path}/run/pruned/sd2"
+    args = cli.build_parser().parse_args(["finetune", "--config", str(cfg_file)])
+    finetune = cli.load_config("finetune", args)
+    assert (finetune.model, finetune.lr) == (prune.output, 0.001)
