@@ -1,0 +1,193 @@
+"""Config of ``sd2 tune``: Ray Tune (ASHA) search over sparsity x learning rate, scored by
+measured acceptance (MAL) and counted draft cost (MACs)."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from sd2_ray import storage
+from sd2_ray.config import StageConfig
+
+OBJECTIVES = ("predicted_speedup", "mal")
+PRUNE_METHODS = ("sparsegpt", "wanda", "magnitude")
+
+
+def _pattern_text(value: Any) -> str:
+    """N:M text; YAML 1.1 reads an unquoted 2:4 as the base-60 integer 124 (see PruneConfig)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 60:
+        return f"{value // 60}:{value % 60}"
+    return str(value).strip().lower()
+
+
+class SearchSpace(BaseModel):
+    """The grid: every pruning point (unstructured sparsities plus N:M patterns) x lr x epochs x method."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sparsity: list[float] = Field(default_factory=lambda: [0.5],
+                                  description="unstructured sparsity levels, each in (0, 1)")
+    pattern: list[str] = Field(default_factory=list,
+                               description="N:M patterns searched as well (e.g. ['2:4']); sparsity 1-N/M")
+    lr: list[float] = Field(default_factory=lambda: [5e-5], description="fine-tuning peak learning rates")
+    epochs: list[int] | None = Field(None, description="fine-tuning epochs to search (default: finetune's)")
+    method: list[Literal["sparsegpt", "wanda", "magnitude"]] | None = Field(
+        None, description="pruning methods to search (default: the prune section's method)")
+
+    @field_validator("sparsity")
+    @classmethod
+    def _sparsity_range(cls, values: list[float]) -> list[float]:
+        for v in values:
+            if not 0.0 < v < 1.0:
+                raise ValueError(f"each sparsity must be in (0, 1), got {v}")
+        return values
+
+    @field_validator("pattern", mode="before")
+    @classmethod
+    def _patterns(cls, values: Any) -> Any:
+        from sd2_ray.prune.config import parse_pattern
+
+        if values is None:
+            return []
+        out = [_pattern_text(v) for v in values]
+        for p in out:
+            if parse_pattern(p) is None:
+                raise ValueError(f"'{p}' is not an N:M pattern (use sparsity for unstructured)")
+        return out
+
+    @field_validator("lr")
+    @classmethod
+    def _lr_positive(cls, values: list[float]) -> list[float]:
+        if not values or any(v <= 0 for v in values):
+            raise ValueError(f"needs at least one learning rate, all > 0, got {values}")
+        return values
+
+    @field_validator("epochs")
+    @classmethod
+    def _epochs_positive(cls, values: list[int] | None) -> list[int] | None:
+        if values is not None and (not values or any(v < 1 for v in values)):
+            raise ValueError(f"each epochs value must be >= 1, got {values}")
+        return values
+
+    @model_validator(mode="after")
+    def _something_to_prune(self) -> "SearchSpace":
+        if not self.sparsity and not self.pattern:
+            raise ValueError("sparsity/pattern: give at least one sparsity level or N:M pattern")
+        return self
+
+
+class AshaSettings(BaseModel):
+    """ASHA early stopping on the metrics the fine-tuning reports while it trains."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="false: FIFO, every trial runs to the end")
+    metric: str = Field("loss", description="metric ASHA compares at each rung: loss (every step) or the "
+                                            "objective (only at checkpoints, with eval_at_checkpoints)")
+    mode: Literal["min", "max"] | None = Field(None, description="default: min for loss, max otherwise")
+    grace_period: int = Field(2, ge=1, description="steps every trial runs before it can be stopped")
+    reduction_factor: float = Field(2.0, gt=1.0, description="keep the best 1/reduction_factor at each rung")
+    time_attr: str = Field("step", description="the time axis: fine-tuning optimizer steps")
+
+    @property
+    def resolved_mode(self) -> str:
+        return self.mode or ("min" if self.metric == "loss" else "max")
+
+
+class TuneConfig(StageConfig):
+    """Search pruning sparsity x fine-tuning learning rate with Ray Tune + ASHA.
+
+    Each trial prunes the drafter (once per pruning point, cached under OUTPUT/pruned-cache),
+    fine-tunes it with the masks on a Ray Train TorchTrainer (loss reported to Tune every step,
+    so ASHA stops bad trials early), then measures MAL with speculative decoding on held-out
+    prompts and counts the drafter's MACs. Writes trials.json, tune_report.md, pareto.png and
+    the best drafter in OUTPUT/best/. A rerun restores an unfinished search (Tuner.restore).
+
+        sd2 tune --config jobs/configs/tiny-tune.yaml [--output O] [--num-samples N] [--max-concurrent C]
+    """
+
+    output: str = Field(..., description="output dir (local or s3://): trials, reports, best/ drafter")
+    target: str = Field(..., description="target model dir (local or s3://)")
+    drafter: str = Field(..., description="dense drafter to prune (local or s3://)")
+    data: str = Field(..., description="fine-tuning rows (distilled): JSONL/Parquet file or dir")
+    calibration: str | None = Field(None, description="pruning calibration rows (default: data)")
+    eval_prompts: str = Field(..., description="held-out prompt rows for measuring MAL (never trained on)")
+    search_space: SearchSpace = Field(default_factory=SearchSpace, description="the grid searched")
+    num_samples: int = Field(1, ge=1, description="repeats of the grid (Tune num_samples)")
+    max_concurrent: int = Field(2, ge=1, description="trials in flight at once")
+    num_speculative_tokens: int = Field(4, ge=1, le=32, description="draft tokens K per verification pass")
+    objective: Literal["predicted_speedup", "mal"] = Field(
+        "predicted_speedup", description="what the best trial maximises: predicted_speedup = "
+        "MAL/(K*c+1) with c from counted MACs, or mal")
+    max_steps: int | None = Field(None, ge=1, description="fine-tuning steps per trial (ASHA's max_t)")
+    max_eval_prompts: int | None = Field(32, ge=1, description="held-out prompts used per trial eval")
+    eval_max_new_tokens: int = Field(64, ge=1, description="tokens generated per eval prompt")
+    eval_batch_size: int = Field(8, ge=1, description="prompts decoded together in the eval")
+    eval_dtype: Literal["float32", "bfloat16"] = Field("float32", description="model dtype in the eval")
+    eval_at_checkpoints: bool = Field(False, description="also measure MAL (on checkpoint_eval_prompts "
+                                      "prompts) at every fine-tuning checkpoint and report it to Tune")
+    checkpoint_eval_prompts: int = Field(4, ge=1, description="prompts for the checkpoint MAL measurement")
+    asha: AshaSettings = Field(default_factory=AshaSettings, description="early stopping")
+    prune: dict[str, Any] = Field(default_factory=dict, description="PruneConfig fields for every trial "
+                                  "(method, num_samples, seq_len, ...); model/output/sparsity are set per trial")
+    finetune: dict[str, Any] = Field(default_factory=dict, description="FinetuneConfig fields for every "
+                                     "trial (workers, batch_size, seq_len, ...); lr/epochs come from the search")
+    storage_path: str | None = Field(None, description="Ray Tune experiment storage (local or s3://); "
+                                                       "default: the output dir")
+    name: str = Field("search", description="Tune experiment name under storage_path")
+    trial_cpus: float = Field(0.1, gt=0, description="CPUs reserved for each trial's driver function "
+                              "(it only launches the TorchTrainer; Ray rejects 0)")
+    trial_max_failures: int = Field(0, ge=0, description="Tune retries of a failed trial")
+    num_cpus: int | None = Field(None, ge=1, description="logical CPUs of the local Ray (no cluster) "
+                                                        "default: the machine's")
+    seed: int = Field(0, description="eval sampling seed")
+    overwrite: bool = Field(False, description="start the search afresh instead of restoring/skipping")
+
+    @field_validator("output", "target", "drafter", "data", "eval_prompts")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not str(value).strip():
+            raise ValueError("must not be empty")
+        return str(value).strip()
+
+    @field_validator("prune")
+    @classmethod
+    def _prune_section(cls, value: dict[str, Any]) -> dict[str, Any]:
+        fixed = {"model", "output", "sparsity", "pattern", "overwrite"} & set(value)
+        if fixed:
+            raise ValueError(f"{sorted(fixed)} are set per trial by the search, not in the prune section")
+        if value.get("method") == "layers":
+            raise ValueError("method 'layers' has no sparsity to search")
+        return value
+
+    @field_validator("finetune")
+    @classmethod
+    def _finetune_section(cls, value: dict[str, Any]) -> dict[str, Any]:
+        fixed = {"model", "output", "data", "lr", "storage_path", "run_name", "overwrite"} & set(value)
+        if fixed:
+            raise ValueError(f"{sorted(fixed)} are set per trial by the search, not in the finetune section")
+        return value
+
+    @model_validator(mode="after")
+    def _asha_metric_reported(self) -> "TuneConfig":
+        if self.asha.enabled and self.asha.metric not in ("loss", *OBJECTIVES, "objective"):
+            raise ValueError(f"asha.metric: '{self.asha.metric}' is not reported (loss, objective, "
+                             "predicted_speedup or mal)")
+        if self.asha.enabled and self.asha.metric != "loss" and not self.eval_at_checkpoints:
+            raise ValueError(f"asha.metric: '{self.asha.metric}' is only measured at checkpoints; "
+                             "set eval_at_checkpoints: true (or use loss)")
+        return self
+
+    @property
+    def experiment_root(self) -> str:
+        return self.storage_path or self.output
+
+    @property
+    def experiment_path(self) -> str:
+        return storage.join(self.experiment_root, self.name)
+
+    def trial_dir(self, trial_id: str) -> str:
+        return storage.join(self.output, "trials", trial_id)
+
+    def prune_cache_dir(self, key: str) -> str:
+        return storage.join(self.output, "pruned-cache", key)

@@ -1,0 +1,114 @@
+"""The Ray Tune driver: a Tuner over the trial function with ASHA, bounded concurrency, local or
+s3:// experiment storage, and ``Tuner.restore`` when an unfinished experiment is there.
+
+Returns the trials as plain records (see :func:`records`) so the report code needs no Ray.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sd2_ray import storage
+from sd2_ray.tune.config import TuneConfig
+from sd2_ray.tune.space import param_space
+
+log = logging.getLogger(__name__)
+
+NO_LIMIT_STEPS = 1_000_000  # ASHA's max_t when the trials run whole epochs (no max_steps)
+
+
+def trainable(config: TuneConfig):
+    """The trial function with the search's settings bound and its (small) driver resources."""
+    from ray import tune
+
+    from sd2_ray.tune.trial import run_trial
+
+    bound = tune.with_parameters(run_trial, settings=config.to_dict())
+    return tune.with_resources(bound, {"CPU": config.trial_cpus})
+
+
+def scheduler(config: TuneConfig):
+    """ASHA on the fine-tuning step axis; FIFO when disabled."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if not config.asha.enabled:
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr=config.asha.time_attr, metric=config.asha.metric, mode=config.asha.resolved_mode,
+        max_t=config.max_steps or NO_LIMIT_STEPS, grace_period=config.asha.grace_period,
+        reduction_factor=config.asha.reduction_factor,
+        # The final Train report arrives at max_t; the trial must still evaluate its drafter
+        # after it, so reaching max_t must not stop it.
+        stop_last_trials=False)
+
+
+def _storage(config: TuneConfig) -> tuple[Any, str]:
+    """(pyarrow filesystem or None for local, path inside it) of the experiment root."""
+    fs, inner = storage.filesystem(config.experiment_root)
+    return (fs if storage.is_s3(config.experiment_root) else None), inner
+
+
+def build_tuner(config: TuneConfig):
+    """A fresh Tuner, or the restored one when this experiment exists and is unfinished."""
+    from ray import tune
+
+    fs, root = _storage(config)
+    path = f"{root.rstrip('/')}/{config.name}"
+    if not config.overwrite and tune.Tuner.can_restore(path, storage_filesystem=fs):
+        log.info("tune: restoring the unfinished search at %s", config.experiment_path)
+        # Completed trials keep their results; running/pending ones start again (their
+        # fine-tuning resumes from its own checkpoints); errored ones stay errored.
+        return tune.Tuner.restore(path, trainable=trainable(config), resume_unfinished=True,
+                                  resume_errored=False, restart_errored=False, storage_filesystem=fs)
+    if config.overwrite:
+        storage.delete(config.experiment_path)
+    return tune.Tuner(
+        trainable(config), param_space=param_space(config),
+        tune_config=tune.TuneConfig(scheduler=scheduler(config), num_samples=config.num_samples,
+                                    max_concurrent_trials=config.max_concurrent),
+        run_config=tune.RunConfig(name=config.name, storage_path=root, storage_filesystem=fs,
+                                  failure_config=tune.FailureConfig(max_failures=config.trial_max_failures),
+                                  verbose=1))
+
+
+def run_search(config: TuneConfig) -> list[dict[str, Any]]:
+    """Run (or finish) the search; returns one record per trial."""
+    from sd2_ray import runtime
+    from sd2_ray.tune import cache
+
+    runtime.ensure_ray(num_cpus=config.num_cpus)
+    cache_actor = cache.start(config.experiment_path)
+    tuner = build_tuner(config)
+    try:
+        results = tuner.fit()
+    finally:
+        import ray
+
+        ray.kill(cache_actor)
+    return records(results)
+
+
+def records(results) -> list[dict[str, Any]]:
+    """Plain dicts of a ResultGrid: trial id, params, last reported metrics, error, step history."""
+    out = []
+    for result in results:
+        metrics = dict(result.metrics or {})
+        config = dict(result.config or {})
+        history = _history(result)
+        out.append({"trial_id": metrics.get("trial_id") or _trial_id(result), "params": config,
+                    "metrics": metrics, "error": None if result.error is None else
+                    f"{type(result.error).__name__}: {str(result.error).strip().splitlines()[-1][:300]}",
+                    "steps_reported": history, "path": result.path})
+    return out
+
+
+def _trial_id(result) -> str | None:
+    return (result.metrics or {}).get("trial_id") or storage.basename(result.path or "")
+
+
+def _history(result) -> list[int]:
+    """The training steps this trial reported to Tune (shows where ASHA stopped it)."""
+    frame = result.metrics_dataframe
+    if frame is None or "step" not in frame:
+        return []
+    return [int(s) for s in frame["step"].dropna().tolist()]

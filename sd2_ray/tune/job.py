@@ -1,0 +1,109 @@
+"""``sd2 tune``: run (or finish) the search and write its report; see :class:`TuneConfig`.
+
+Output layout (local or s3://)::
+
+    OUTPUT/config.yaml, manifest.json (complete last)
+    OUTPUT/trials.json, tune_report.md, pareto.png, best.json, best/ (the winning drafter)
+    OUTPUT/pruned-cache/<method>-<level>-<hash>/   pruned models shared by trials
+    OUTPUT/trials/<trial_id>/{drafter,checkpoints,attempts.json,eval.json,result.json}
+    OUTPUT/search/                                 Ray Tune experiment state (Tuner.restore)
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from sd2_ray import manifest, storage
+from sd2_ray.errors import ConfigError
+from sd2_ray.tune.config import TuneConfig
+from sd2_ray.tune.report import TRIALS_FILE, write_reports
+from sd2_ray.tune.space import grid, prune_fields
+
+log = logging.getLogger(__name__)
+
+STAGE = "tune"
+
+
+KIT_PREFIX = "kit:"
+PATH_FIELDS = ("target", "drafter", "data", "calibration", "eval_prompts")
+
+
+def main(config: TuneConfig) -> dict[str, Any]:
+    if manifest.is_complete(config.output) and not config.overwrite:
+        log.info("tune: %s is complete, skipping (overwrite=true to redo)", config.output)
+        return {"skipped": True, "trials": storage.read_json(storage.join(config.output, TRIALS_FILE))}
+    return run_tune(resolve_kit_paths(config))
+
+
+def resolve_kit_paths(config: TuneConfig) -> TuneConfig:
+    """``kit:target``, ``kit:drafter``, ``kit:train_prompts``, ``kit:eval_prompts`` -> the (built,
+    cached) model kit's parts, so a config runs on any machine without absolute paths."""
+    named = {f: getattr(config, f) for f in PATH_FIELDS if str(getattr(config, f) or "").startswith(KIT_PREFIX)}
+    if not named:
+        return config
+    from sd2_ray.kit import ensure_kit, kit_paths
+
+    parts = kit_paths(ensure_kit())
+    resolved = {}
+    for field, value in named.items():
+        part = value[len(KIT_PREFIX):]
+        if part not in parts:
+            raise ConfigError(f"field '{field}': unknown kit part '{part}' (one of {', '.join(parts)})")
+        resolved[field] = parts[part]
+    return config.model_copy(update=resolved)
+
+
+def check_inputs(config: TuneConfig) -> int:
+    """Fail before starting Ray: every trial's prune/finetune config must validate and the
+    paths must exist. Returns the number of trials."""
+    from sd2_ray.finetune.config import FinetuneConfig
+    from sd2_ray.prune.config import PruneConfig
+    from sd2_ray.tune.space import trial_epochs
+
+    for field in ("target", "drafter", "data", "eval_prompts"):
+        if not storage.exists(getattr(config, field)):
+            raise ConfigError(f"field '{field}': {getattr(config, field)} not found")
+    points = grid(config)
+    for params in points:
+        try:
+            PruneConfig.model_validate({**prune_fields(config, params), "output": "x"})
+            FinetuneConfig.model_validate({"workers": 1, **config.finetune, "model": "m", "data": "d",
+                                           "output": "o", "lr": params["lr"],
+                                           "epochs": trial_epochs(config, params)})
+        except ValueError as err:  # pydantic's ValidationError is a ValueError
+            first = err.errors()[0] if hasattr(err, "errors") else {"loc": (), "msg": str(err)}
+            where = ".".join(str(p) for p in first["loc"])
+            raise ConfigError(f"trial {params}: {where}: {first['msg']}") from None
+    return len(points) * config.num_samples
+
+
+def run_tune(config: TuneConfig) -> dict[str, Any]:
+    from sd2_ray.tune.driver import run_search
+
+    trials = check_inputs(config)
+    if config.overwrite:
+        storage.delete(manifest.path_of(config.output))
+    manifest.start(config.output, STAGE, trials=trials, objective=config.objective,
+                   experiment=config.experiment_path)
+    config.save(config.output)
+    started = time.perf_counter()
+    try:
+        records = run_search(config)
+        summary = write_reports(config.output, records, config.objective, config.num_speculative_tokens)
+    except BaseException as err:
+        manifest.fail(config.output, STAGE, f"{type(err).__name__}: {err}"[:500])
+        raise
+    seconds = time.perf_counter() - started
+    best = summary["best"]
+    manifest.complete(config.output, STAGE, seconds=round(seconds, 1), trials=summary["trials"],
+                      completed=summary["completed"], stopped_early=summary["stopped_early"],
+                      errored=summary["errored"], best_trial=best["trial_id"] if best else None,
+                      best_objective=best["objective"] if best else None)
+    if best:
+        log.info("tune: %d trials in %.0fs; best %s: sparsity %s, lr %s, MAL %.3f, predicted speedup %.3f",
+                 summary["trials"], seconds, best["trial_id"], best["sparsity"], best["lr"], best["mal"],
+                 best["predicted_speedup"])
+    else:
+        log.warning("tune: no trial completed (%s)", summary)
+    return {**summary, "seconds": seconds}
