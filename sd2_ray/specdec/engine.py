@@ -126,7 +126,8 @@ class SpeculativeEngine:
 
     def __init__(self, target_model, drafter_model=None, num_speculative_tokens: int = 4,
                  target_tokenizer=None, drafter_tokenizer=None, *,
-                 eos_token_ids: tuple[int, ...] | None = None, max_batch_size: int | None = None):
+                 eos_token_ids: tuple[int, ...] | None = None, max_batch_size: int | None = None,
+                 accept_rule=None):
         if num_speculative_tokens < 0:
             raise ValueError("num_speculative_tokens must be >= 0")
         self.target = target_model.eval()
@@ -136,6 +137,7 @@ class SpeculativeEngine:
         self.eos_token_ids = tuple(eos_token_ids) if eos_token_ids is not None \
             else eos_ids_of(target_model, target_tokenizer)
         self.max_batch_size = max_batch_size
+        self.accept_rule = accept_rule  # tests swap in a wrong rule to show the checks catch it
         self.vocab = output_vocab_size(target_model)
         self.translator = None
         if self.drafter is not None and self.num_speculative_tokens:
@@ -207,18 +209,22 @@ class SpeculativeEngine:
         drafter = self._new_drafter(prompts, rp)
         pending: list[list[int]] = prompts  # committed target ids not yet in the target cache
         histories = [list(p) for p in prompts]  # prompt + generated target ids (for UAG)
+        K = self.num_speculative_tokens
         while rows:
             # never draft past the largest remaining budget: those tokens could not be emitted
             k = min(self.num_speculative_tokens, max(row.remaining for row in rows) - 1) if drafter else 0
-            uniforms = self._uniforms(rows, k)
+            uniforms = self._uniforms(rows)
             if k > 0:
                 drafts, draft_len, draft_probs = drafter.propose(k, rp, uniforms[:, :k], histories)
+                # a row never drafts past its own budget, so its tokens don't depend on its batch
+                budget = torch.tensor([row.remaining - 1 for row in rows])
+                draft_len = torch.minimum(draft_len, budget)
             else:
                 drafts = torch.zeros(len(rows), 0, dtype=torch.long)
                 draft_len, draft_probs = torch.zeros(len(rows), dtype=torch.long), None
             logits = self._score(target_kv, pending, drafts, draft_len)
             accepted, next_token = verify(logits, drafts, draft_len, draft_probs, rp,
-                                          uniforms[:, k:2 * k], uniforms[:, 2 * k])
+                                          uniforms[:, K:K + k], uniforms[:, 2 * K], self.accept_rule)
             target_kv.drop_last(draft_len - accepted)
             acc, nxt, lens = accepted.tolist(), next_token.tolist(), draft_len.tolist()
             draft_lists = drafts.tolist()
@@ -241,13 +247,15 @@ class SpeculativeEngine:
                     if drafter is not None:
                         drafter.select(keep)
 
-    def _uniforms(self, rows: list[_Row], k: int) -> torch.Tensor:
-        """(B, 2k+1) uniforms per row from its own generator: k for drafting, k for acceptance
-        tests, one for the resample / bonus token. Greedy rows draw nothing."""
-        out = torch.zeros(len(rows), 2 * k + 1)
+    def _uniforms(self, rows: list[_Row]) -> torch.Tensor:
+        """(B, 2K+1) uniforms per row from its own generator, the same layout every pass (so a
+        seeded request's draws don't depend on its batch): [0, K) drafting, [K, 2K) acceptance
+        tests, 2K the resample / bonus token. Greedy rows draw nothing."""
+        size = 2 * self.num_speculative_tokens + 1
+        out = torch.zeros(len(rows), size)
         for i, row in enumerate(rows):
             if row.generator is not None:
-                out[i] = torch.rand(2 * k + 1, generator=row.generator)
+                out[i] = torch.rand(size, generator=row.generator)
         return out
 
     def _score(self, kv: RaggedKV, pending: list[list[int]], drafts: torch.Tensor,

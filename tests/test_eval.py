@@ -1,0 +1,116 @@
+"""``sd2 eval`` end to end on tiny pairs: report fields, files, resume, S3, baseline reuse."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from sd2_ray import manifest, storage
+from sd2_ray.cli import main as cli
+from sd2_ray.errors import DataError
+from sd2_ray.evaluate import evaluate_pair, measure_target_only, prepare_prompts
+from sd2_ray.models.io import load_model, load_tokenizer
+from sd2_ray.specdec.testing import tiny_pair_dirs
+
+REQUIRED = ["mean_accepted_length", "acceptance_rate", "per_position_acceptance", "num_speculative_tokens",
+            "target_macs_per_token", "drafter_macs_per_token", "cost_coefficient", "predicted_speedup",
+            "measured_speedup", "tokens_per_second", "lossless"]
+ROWS = [{"id": "a", "prompt": "the cat sat on"}, {"id": "b", "messages": [{"role": "user", "content": "hello"}]},
+        {"prompt": "An answer: 4"}, {"id": "d", "prompt": "x"}, {"id": "e", "prompt": "why the sky"}]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pairs")
+    same = tiny_pair_dirs(str(root / "same"))
+    cross = tiny_pair_dirs(str(root / "cross"), drafter_arch="gpt_neox", cross_tokenizer=True)
+    return {"same": same, "cross": cross}
+
+
+def write_prompts(path, rows=ROWS):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)
+
+
+def check_report(report, k):
+    for key in REQUIRED:
+        assert key in report, key
+    assert 1.0 <= report["mean_accepted_length"] <= k + 1
+    assert len(report["per_position_acceptance"]) == k
+    assert report["num_speculative_tokens"] == k and report["lossless"] is True
+    assert report["predicted_speedup"] == pytest.approx(
+        report["mean_accepted_length"] / (k * report["cost_coefficient"] + 1))
+    assert 0 < report["cost_coefficient"] < 1 and report["measured_speedup"] > 0
+
+
+@pytest.mark.parametrize("kind", ["same", "cross"])
+def test_cli_writes_report_locally_and_skips_when_complete(pairs, tmp_path, kind, capsys):
+    target, drafter = pairs[kind]
+    out = tmp_path / "out" / "report.json"
+    args = ["eval", "--target", target, "--drafter", drafter, "--prompts", write_prompts(tmp_path / "p.jsonl"),
+            "--num-speculative-tokens", "3", "--max-new-tokens", "12", "--batch-size", "2",
+            "--output", str(out)]
+    assert cli(args) == 0
+    report = json.loads(out.read_text())
+    check_report(report, 3)
+    assert report["cross_tokenizer"] is (kind == "cross") and report["num_prompts"] == len(ROWS)
+    folder = out.parent
+    for name in ("report.md", "acceptance_by_position.png", "config.yaml", "manifest.json"):
+        assert (folder / name).is_file(), name
+    assert (folder / "acceptance_by_position.png").read_bytes()[:4] == b"\x89PNG"
+    assert "mean accepted length" in (folder / "report.md").read_text()
+    assert manifest.is_complete(str(folder))
+    stamp = out.stat().st_mtime_ns
+    assert cli(args) == 0 and out.stat().st_mtime_ns == stamp  # complete: skipped
+
+
+def test_cli_to_s3_with_sampling(pairs, tmp_path, s3_bucket):
+    target, drafter = pairs["same"]
+    prompts = f"s3://{s3_bucket}/prompts/p.jsonl"
+    storage.write_text(prompts, "".join(json.dumps(r) + "\n" for r in ROWS[:3]))
+    out = f"s3://{s3_bucket}/runs/eval1"
+    assert cli(["eval", "--target", target, "--drafter", drafter, "--prompts", prompts,
+                "--num-speculative-tokens", "2", "--max-new-tokens", "8", "--temperature", "0.8",
+                "--output", out]) == 0
+    report = storage.read_json(f"{out}/report.json")
+    assert report["lossless"] is None and report["temperature"] == 0.8
+    assert 1.0 <= report["mean_accepted_length"] <= 3 and report["measured_speedup"] > 0
+    assert storage.exists(f"{out}/acceptance_by_position.png") and manifest.is_complete(out)
+
+
+def test_cli_bad_row_is_one_line_error(pairs, tmp_path, capsys):
+    target, drafter = pairs["same"]
+    prompts = write_prompts(tmp_path / "bad.jsonl", [ROWS[0], {"id": "zz", "prompt": ""}])
+    code = cli(["eval", "--target", target, "--drafter", drafter, "--prompts", prompts,
+                "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "row 2 (id zz)" in err and "'prompt' must be a non-empty string" in err
+    assert manifest.read(str(tmp_path / "o"))["status"] == "failed"
+
+
+def test_evaluate_pair_reuses_one_baseline(pairs):
+    target_dir, drafter_dir = pairs["same"]
+    target, tok = load_model(target_dir), load_tokenizer(target_dir)
+    baseline = measure_target_only(target, prepare_prompts(ROWS, tok), max_new_tokens=10, progress=False)
+    reports = [evaluate_pair(target, drafter_dir, ROWS, k, target_tokenizer=tok, max_new_tokens=10,
+                             baseline=baseline, progress=False) for k in (1, 3)]
+    for k, report in zip((1, 3), reports):
+        assert report["lossless"] is True and report["baseline_tokens_per_second"] == baseline["tokens_per_second"]
+        assert len(report["per_position_acceptance"]) == k
+    skipped = evaluate_pair(target, drafter_dir, ROWS, 2, target_tokenizer=tok, max_new_tokens=10,
+                            measure_baseline=False, progress=False)
+    assert skipped["measured_speedup"] is None and skipped["lossless"] is None
+    with pytest.raises(DataError, match="baseline has 5 prompts"):
+        evaluate_pair(target, drafter_dir, ROWS[:2], 2, target_tokenizer=tok, baseline=baseline, progress=False)
+    assert os.path.isdir(target_dir)
