@@ -74,15 +74,16 @@ def test_kill_mid_run_then_resume_has_every_row_once(kit_rows, target_dir, tmp_p
     cmd = [sys.executable, "-m", "sd2_ray.cli", "distill", "--target", target_dir, "--prompts", prompts,
            "--output", out, "--actors", "1", "--batch-size", "2", "--shard-size", "4", "--max-new-tokens", "48"]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    log = open(tmp_path / "job.log", "w")
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     first = os.path.join(out, core.record_file(0))
     deadline = time.time() + 240
     while not os.path.exists(first) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the whole job: driver and the Ray it started
     proc.wait()
-    assert os.path.exists(first), "the first shard never completed"
+    log.close()
+    assert os.path.exists(first), "first shard never completed: " + (tmp_path / "job.log").read_text()[-2000:]
     done_before = sorted(os.listdir(os.path.join(out, core.RECORDS_DIR)))
     assert manifest.read(out)["status"] == "running"
     assert len(done_before) < 6, "the kill came after the job had finished: nothing was interrupted"

@@ -100,31 +100,28 @@ class TransformersBatchUDF:
         indices = [int(i) for i in batch["index"]]
         prompts = [[int(t) for t in p] for p in batch["prompt_ids"]]
         try:
-            generated = self._generate(prompts, seed_offset=min(indices))
+            generated = self._generate(prompts, indices)
         except Exception as err:  # noqa: BLE001 - fall back to one row at a time
             log.warning("batch of %d rows failed (%s); retrying row by row", len(prompts), err)
             generated = [self._generate_one(p, i) for p, i in zip(prompts, indices)]
-        results = [self._result(i, g) for i, g in zip(indices, generated)]
-        out = {name: [r[name] for r in results] for name in RESULT_COLUMNS if name != "shard"}
-        out["shard"] = [int(s) for s in batch["shard"]]
+        out: dict[str, list] = {"index": indices, "shard": [int(s) for s in batch["shard"]],
+                                "response": [g.text for g in generated],
+                                "finish_reason": [g.finish_reason for g in generated],
+                                "response_tokens": [g.response_tokens for g in generated],
+                                "error": [g.error for g in generated]}
         return out
 
-    def _generate(self, prompts: list[list[int]], seed_offset: int) -> list:
-        s = self.settings
+    def _generate(self, prompts: list[list[int]], indices: list[int]) -> list[Generated]:
+        s = self.settings  # the seed follows the batch's first row, so a rerun samples the same
         pairs = self.engine.generate(prompts, s["max_new_tokens"], s["temperature"], s["top_p"],
-                                     seed=s["seed"] + seed_offset)
-        return [Generated(0, self.engine.decode(ids), reason, len(ids)) for ids, reason in pairs]
+                                     seed=s["seed"] + min(indices))
+        return [Generated(i, self.engine.decode(ids), reason, len(ids)) for i, (ids, reason) in zip(indices, pairs)]
 
     def _generate_one(self, prompt: list[int], index: int) -> Generated:
         try:
-            return self._generate([prompt], seed_offset=index)[0]
+            return self._generate([prompt], [index])[0]
         except Exception as err:  # noqa: BLE001 - recorded on the row, the job goes on
             return Generated(index, None, None, 0, error=f"{type(err).__name__}: {err}")
-
-    @staticmethod
-    def _result(index: int, g: Generated) -> dict[str, Any]:
-        return {"index": index, "response": g.text, "finish_reason": g.finish_reason,
-                "response_tokens": g.response_tokens, "error": g.error}
 
 
 def apply_transformers(ds, model_dir: str, config) -> Any:
