@@ -72,6 +72,21 @@ def transient(err: Exception) -> bool:
     return isinstance(err, (requests.RequestException, ConnectionError)) or "No available agent" in str(err)
 
 
+def connect(address: str | None, patience_s: float = 120.0) -> Any:
+    """A ``JobSubmissionClient``, retried while the dashboard does not answer yet."""
+    from ray.job_submission import JobSubmissionClient
+
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            return JobSubmissionClient(address)
+        except Exception as err:
+            if not transient(err) or time.monotonic() > deadline:
+                raise
+            log.info("dashboard at %s unreachable; retrying", address)
+            time.sleep(2.0)
+
+
 def submit_once(client: Any, kwargs: dict[str, Any], patience_s: float = 180.0) -> str:
     """``submit_job`` under a fixed submission id, retried while the job server is unreachable or
     not ready (a fresh cluster answers "No available agent to submit job" for a while). A retry
@@ -146,9 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"submit: {err}", file=sys.stderr)
         return 2
-    from ray.job_submission import JobSubmissionClient
-
-    client = JobSubmissionClient(args.address)
+    client = connect(args.address)
     status, job_ids = submit_with_retries(client, kwargs, retries, delay, args.poll_s)
     print(f"{status} after {len(job_ids)} attempt(s): {' '.join(job_ids)}")
     return 0 if status == "SUCCEEDED" else 1

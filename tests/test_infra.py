@@ -177,9 +177,13 @@ def test_serve_config_validates_and_names_the_app_builder():
     (app,) = schema.applications
     assert app.import_path == SERVE_IMPORT_PATH
     assert {"target", "drafter", "num_speculative_tokens"} <= set(app.args)
-    if (REPO / "sd2_ray" / "serve" / "config.py").exists():  # the args are ServeConfig fields
+    if (REPO / "sd2_ray" / "serve" / "app.py").exists():  # the builder exists, args are its fields
+        import importlib
+
         from sd2_ray.serve.config import ServeConfig
 
+        module, name = SERVE_IMPORT_PATH.split(":")
+        assert callable(getattr(importlib.import_module(module), name))
         ServeConfig.model_validate(app.args)
 
 
