@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import logging
 import sys
+import types
 import typing
 from dataclasses import dataclass
 from typing import Any
@@ -58,7 +60,8 @@ def _scalar_fields(config_cls: Any) -> dict[str, Any]:
     for name, field in config_cls.model_fields.items():
         ann = field.annotation
         args = [a for a in typing.get_args(ann) if a is not type(None)]
-        base = args[0] if typing.get_origin(ann) is typing.Union and len(args) == 1 else ann
+        optional = typing.get_origin(ann) in (typing.Union, types.UnionType)
+        base = args[0] if optional and len(args) == 1 else ann
         if isinstance(base, type) and issubclass(base, BaseModel):
             continue
         if typing.get_origin(base) in (dict, typing.Dict):
@@ -74,15 +77,23 @@ def _add_command(sub: Any, name: str, cmd: Command) -> None:
         p = sub.add_parser(name, help=f"{cmd.help} [not built yet]", description=cmd.help)
         p.set_defaults(_command=name, _missing=True)
         return
-    p = sub.add_parser(name, help=cmd.help, description=(config_cls.__doc__ or cmd.help).strip(),
+    p = sub.add_parser(name, help=cmd.help, description=inspect.cleandoc(config_cls.__doc__ or cmd.help),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="FILE.yaml", help="YAML config (local or s3://); flags override it")
     for field_name, field in _scalar_fields(config_cls).items():
         flag = "--" + field_name.replace("_", "-")
-        default = field.default if field.default is not None else None
         desc = (field.description or "").rstrip(".")
-        hint = f" (default: {default})" if default not in (None, "", typing.Any) and not callable(default) else ""
-        p.add_argument(flag, dest=f"flag__{field_name}", metavar=field_name.upper(), help=f"{desc}{hint}")
+        if field.is_required():
+            hint = " (required)"
+        elif field.default not in (None, "") and field.default_factory is None:
+            hint = f" (default: {field.default})"
+        else:
+            hint = ""
+        if field.annotation is bool:  # `--overwrite` alone means true; `--overwrite false` works too
+            p.add_argument(flag, dest=f"flag__{field_name}", nargs="?", const="true", metavar="BOOL",
+                           help=f"{desc}{hint}")
+        else:
+            p.add_argument(flag, dest=f"flag__{field_name}", metavar=field_name.upper(), help=f"{desc}{hint}")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override any (nested) field")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.set_defaults(_command=name, _missing=False)

@@ -25,9 +25,8 @@ def test_each_command_has_help(name, capsys):
         cli.main([name, "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert cli.COMMANDS[name].help.split(":")[0] in out
-    if not cli.build_parser().parse_args([name])._missing:
-        assert "--config" in out and "key=value" in out
+    assert f"usage: sd2 {name}" in out
+    assert "--config" in out and "key=value" in out, "every command is built"
 
 
 def test_missing_config_file_is_one_line(capsys, tmp_path):
@@ -51,3 +50,10 @@ def test_bad_yaml_and_unknown_field(capsys, tmp_path):
     unknown.write_text("definitely_not_a_field: 1\n")
     code, _, err = run_cli([built[0], "--config", str(unknown)], capsys)
     assert code == 2 and "definitely_not_a_field" in err and "unknown field" in err
+
+
+def test_cli_help_imports_no_heavy_stack():
+    code = ("import sys, sd2_ray.cli as c; c.build_parser(); "
+            "print(sorted(m for m in ('torch', 'ray', 'transformers', 'vllm', 'deepspeed') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stdout + res.stderr
