@@ -42,12 +42,13 @@ def pair(request, tmp_path_factory):
 def server(pair):
     from ray import serve
 
-    from sd2_ray.runtime import ensure_ray
     from sd2_ray.serve.app import build_app
     from sd2_ray.serve.config import ServeConfig
 
     target, drafter, _ = pair
-    ray = ensure_ray(num_cpus=4)
+    from sd2_ray.serve.job import start_ray
+
+    ray = start_ray(num_cpus=4)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:

@@ -1,0 +1,179 @@
+"""Serving benchmark: speculative vs target-only serving, same run, same machine, loopback only.
+
+Two Ray Serve applications on one local Serve instance: ``/spec`` (target + drafter, our
+speculative engine) and ``/base`` (the target alone through the same server). For 1, 8 and 32
+concurrent OpenAI clients (chat completions, greedy, fixed max_tokens) it measures completion
+tokens/s and p50/p99 request latency, then prints a table with the speculative/target-only
+ratio. Goals: >= 1.3x tokens/s at 1 client; no errors at 32 clients.
+
+    python bench/bench_serve.py                      # model kit: target + drafter
+    python bench/bench_serve.py --drafter DIR        # e.g. an SD2 drafter from `sd2 run`
+Bounded: requests per level (--requests-per-level) and a time limit per level (--level-timeout).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+GOAL_SPEEDUP_AT_1 = 1.3
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", help="target dir (default: the model kit's target)")
+    p.add_argument("--drafter", help="drafter dir (default: the model kit's drafter)")
+    p.add_argument("--num-speculative-tokens", type=int, default=4)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--concurrency", default="1,8,32")
+    p.add_argument("--requests-per-level", type=int, default=32, help="requests per concurrency level "
+                   "(at least one per client)")
+    p.add_argument("--level-timeout", type=float, default=240.0, help="seconds per level before giving up")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=1, help="CPUs (torch threads) per replica")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_serve.json"))
+    return p.parse_args(argv)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def models_and_prompts(args) -> tuple[str, str, list[str]]:
+    from sd2_ray.kit import ensure_kit, kit_paths
+    from sd2_ray.rows import instruction_messages, read_rows
+
+    paths = kit_paths(ensure_kit())
+    rows = read_rows(paths["eval_prompts"])
+    prompts = [instruction_messages(row)[-1]["content"] for row in rows]
+    return args.target or paths["target"], args.drafter or paths["drafter"], prompts
+
+
+def start_apps(args, target: str, drafter: str) -> str:
+    from ray import serve
+
+    from sd2_ray.serve.app import build_app
+    from sd2_ray.serve.config import ServeConfig
+    from sd2_ray.serve.job import start_ray
+
+    start_ray(num_cpus=2 * args.threads + 1)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    common = dict(target=target, port=port, num_speculative_tokens=args.num_speculative_tokens,
+                  max_batch_size=args.max_batch_size, batch_wait_timeout_s=0.01, max_queued_requests=256,
+                  num_cpus_per_replica=args.threads, model_name="target")
+    serve.run(build_app(ServeConfig(drafter=drafter, app_name="spec", **common)), name="spec",
+              route_prefix="/spec")
+    serve.run(build_app(ServeConfig(drafter=None, app_name="base", **common)), name="base",
+              route_prefix="/base")
+    return f"http://127.0.0.1:{port}"
+
+
+async def run_level(base_url: str, prompts: list[str], clients: int, total: int, max_tokens: int,
+                    timeout: float) -> dict:
+    import openai
+
+    per_client = max(1, total // clients)
+    latencies: list[float] = []
+    tokens, errors = [0], [0]
+
+    async def client(i: int):
+        async with openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=timeout) as c:
+            for j in range(per_client):
+                prompt = prompts[(i * per_client + j) % len(prompts)]
+                start = time.perf_counter()
+                try:
+                    r = await c.chat.completions.create(
+                        model="target", messages=[{"role": "user", "content": prompt}],
+                        max_tokens=max_tokens, temperature=0)
+                except Exception:  # noqa: BLE001 - counted, reported
+                    errors[0] += 1
+                    continue
+                latencies.append(time.perf_counter() - start)
+                tokens[0] += r.usage.completion_tokens
+
+    start = time.perf_counter()
+    try:
+        await asyncio.wait_for(asyncio.gather(*(client(i) for i in range(clients))), timeout)
+    except asyncio.TimeoutError:
+        errors[0] += clients * per_client - len(latencies) - errors[0]
+    wall = time.perf_counter() - start
+    lat = sorted(latencies)
+    pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] if lat else float("nan")  # noqa: E731
+    return {"clients": clients, "requests": clients * per_client, "ok": len(lat), "errors": errors[0],
+            "completion_tokens": tokens[0], "wall_s": round(wall, 3),
+            "tokens_per_s": round(tokens[0] / wall, 2) if wall else 0.0,
+            "p50_s": round(statistics.median(lat), 3) if lat else float("nan"), "p99_s": round(pick(0.99), 3)}
+
+
+def spec_stats(url: str) -> dict:
+    import httpx
+
+    return httpx.get(f"{url}/v1/spec_stats", timeout=30).json()
+
+
+def print_table(rows: list[dict], mal: float) -> None:
+    head = f"{'clients':>7} | {'mode':<11} | {'ok/req':>7} | {'errors':>6} | {'tok/s':>8} | {'p50 s':>7} | {'p99 s':>7} | {'spec/base':>9}"
+    print(head)
+    print("-" * len(head))
+    for row in rows:
+        for mode in ("speculative", "target-only"):
+            r = row[mode]
+            ratio = f"{row['speedup']:.2f}x" if mode == "speculative" else ""
+            print(f"{r['clients']:>7} | {mode:<11} | {r['ok']:>3}/{r['requests']:<3} | {r['errors']:>6} | "
+                  f"{r['tokens_per_s']:>8.1f} | {r['p50_s']:>7.3f} | {r['p99_s']:>7.3f} | {ratio:>9}")
+    first = rows[0]
+    last = rows[-1]
+    print(f"\nMAL (speculative server, all levels): {mal:.2f}")
+    print(f"goal >= {GOAL_SPEEDUP_AT_1}x tokens/s at {first['clients']} client: {first['speedup']:.2f}x "
+          f"-> {'MET' if first['speedup'] >= GOAL_SPEEDUP_AT_1 else 'NOT MET'}")
+    errs = last["speculative"]["errors"] + last["target-only"]["errors"]
+    print(f"goal no errors at {last['clients']} clients: {errs} errors -> {'MET' if errs == 0 else 'NOT MET'}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    target, drafter, prompts = models_and_prompts(args)
+    t0 = time.perf_counter()
+    root = start_apps(args, target, drafter)
+    print(f"servers ready in {time.perf_counter() - t0:.1f}s (target {target}, drafter {drafter}, "
+          f"K={args.num_speculative_tokens}, max_tokens={args.max_tokens})", flush=True)
+    urls = {"speculative": f"{root}/spec/v1", "target-only": f"{root}/base/v1"}
+    for url in urls.values():  # warm-up: first forward passes allocate
+        asyncio.run(run_level(url, prompts, 2, 2, args.max_tokens, args.level_timeout))
+    rows = []
+    for clients in [int(c) for c in args.concurrency.split(",")]:
+        row = {}
+        for mode, url in urls.items():
+            row[mode] = asyncio.run(run_level(url, prompts, clients, max(clients, args.requests_per_level),
+                                              args.max_tokens, args.level_timeout))
+            print(f"  {clients:>2} clients {mode:<11}: {row[mode]}", flush=True)
+        base = row["target-only"]["tokens_per_s"]
+        row["speedup"] = row["speculative"]["tokens_per_s"] / base if base else 0.0
+        rows.append({"clients": clients, **row})
+    stats = spec_stats(urls["speculative"])
+    print()
+    print_table(rows, stats["mean_accepted_length"])
+    with open(args.out, "w") as f:
+        json.dump({"args": vars(args), "levels": rows, "spec_stats": stats,
+                   "base_stats": spec_stats(urls["target-only"])}, f, indent=2)
+    print(f"\nwrote {args.out}")
+    from ray import serve
+
+    serve.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
