@@ -83,9 +83,9 @@ def test_objective_and_finite_loss():
 
 
 def record(tid, sparsity, lr, mal=None, macs=None, speedup=None, final=True, error=None, step=4):
-    metrics = {"step": step, "loss": 1.0}
+    metrics = {"step": step, "loss": 1.0, "final": True}  # Ray Train's last report says final too
     if final:
-        metrics.update(final=True, mal=mal, drafter_macs=macs, predicted_speedup=speedup, cost_coefficient=0.1,
+        metrics.update(evaluated=True, mal=mal, drafter_macs=macs, predicted_speedup=speedup, cost_coefficient=0.1,
                        drafter=f"/trials/{tid}/drafter")
     return {"trial_id": tid, "params": {"pruning": {"sparsity": sparsity, "pattern": "unstructured"}, "lr": lr},
             "metrics": metrics, "error": error, "steps_reported": list(range(1, step + 1))}
@@ -95,13 +95,15 @@ RECORDS = [record("a", 0.5, 1e-4, mal=2.0, macs=100, speedup=1.30),
            record("b", 0.7, 1e-4, mal=1.8, macs=60, speedup=1.35),
            record("c", 0.5, 1e-3, mal=1.9, macs=100, speedup=1.25),   # dominated by a
            record("d", 0.7, 10.0, final=False, step=2),                # stopped by ASHA
+           record("f", 0.7, 10.0, final=False, step=4),                # stopped after training, before eval
            record("e", 0.9, 1e-4, final=False, error="RuntimeError: boom", step=0)]
 
 
 def test_status_best_and_pareto():
     rows = R.table(RECORDS, "predicted_speedup")
     status = {r["trial_id"]: r["status"] for r in rows}
-    assert status == {"a": R.COMPLETED, "b": R.COMPLETED, "c": R.COMPLETED, "d": R.STOPPED, "e": R.ERRORED}
+    assert status == {"a": R.COMPLETED, "b": R.COMPLETED, "c": R.COMPLETED, "d": R.STOPPED, "e": R.ERRORED,
+                      "f": R.STOPPED}
     assert R.best_row(rows)["trial_id"] == "b"
     assert R.best_row(R.table(RECORDS, "mal"))["trial_id"] == "a"
     assert [r["trial_id"] for r in R.pareto_front(rows)] == ["b", "a"]
@@ -114,10 +116,10 @@ def test_write_reports(tmp_path, monkeypatch):
     copied = []
     monkeypatch.setattr(R, "copy_best", lambda best, out: copied.append(best["trial_id"]))
     summary = R.write_reports(str(tmp_path), RECORDS, "predicted_speedup", 4)
-    assert summary["completed"] == 3 and summary["stopped_early"] == 1 and summary["errored"] == 1
+    assert summary["completed"] == 3 and summary["stopped_early"] == 2 and summary["errored"] == 1
     assert copied == ["b"] and summary["pareto"] == ["b", "a"]
     trials = json.loads((tmp_path / R.TRIALS_FILE).read_text())
-    assert isinstance(trials, list) and len(trials) == 5
+    assert isinstance(trials, list) and len(trials) == 6
     for key in ("sparsity", "lr", "mal", "drafter_macs", "cost_coefficient", "predicted_speedup", "status"):
         assert all(key in t for t in trials)
     md = (tmp_path / R.REPORT_FILE).read_text()

@@ -21,10 +21,10 @@ BEST_FILE = "best.json"
 
 
 def trial_status(record: dict[str, Any]) -> str:
-    """errored (an exception), completed (the final eval was reported), else stopped early (ASHA)."""
+    """errored (an exception), completed (the trial's eval was reported), else stopped early (ASHA)."""
     if record.get("error"):
         return ERRORED
-    return COMPLETED if record.get("metrics", {}).get("final") else STOPPED
+    return COMPLETED if record.get("metrics", {}).get("evaluated") else STOPPED
 
 
 def trial_row(record: dict[str, Any], objective: str) -> dict[str, Any]:

@@ -123,7 +123,7 @@ def final_metrics(config: TuneConfig, params: dict[str, Any], report: dict[str, 
                   trial_dir: str, pruned: dict[str, Any], attempt: int) -> dict[str, Any]:
     """The trial's last Tune report: searched values, training outcome, measured acceptance, cost."""
     out = {
-        "final": True,
+        "evaluated": True,  # not "final": Ray Train's last report already carries final=True
         "step": summary.get("steps_done"),
         "loss": finite_or_inf(summary.get("final_loss")),
         "first_loss": summary.get("first_loss"),
