@@ -19,8 +19,12 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def ensure_ray(num_cpus: int | None = None):
-    """``ray.init`` once: the cluster in ``RAY_ADDRESS`` (a submitted job), else a local one."""
+def ensure_ray(num_cpus: int | None = None, attempts: int = 2):
+    """``ray.init`` once: the cluster in ``RAY_ADDRESS`` (a submitted job), else a local one.
+
+    A local start is retried: on a saturated machine the raylet can miss Ray's fixed
+    registration deadline, and a second start then usually succeeds.
+    """
     import ray
 
     if ray.is_initialized():
@@ -28,11 +32,19 @@ def ensure_ray(num_cpus: int | None = None):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env={"env_vars": worker_env()}, log_to_driver=True)
-    else:
-        # A private local cluster: token auth only gets in the way of the embedded default.
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": worker_env()},
-                 log_to_driver=True)
+        return ray
+    # A private local cluster: token auth only gets in the way of the embedded default.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": worker_env()},
+                     log_to_driver=True)
+            break
+        except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception for this
+            if "timed out during startup" not in str(err) or attempt == attempts:
+                raise
+            log.warning("local Ray did not start in time (busy machine?); retrying")
+            ray.shutdown()
     log.info("ray: %s", ray.cluster_resources())
     return ray
 
