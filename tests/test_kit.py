@@ -156,9 +156,9 @@ def test_chat_template_renders_and_eos_stops_generation(kit_dir):
         tok = load_tokenizer(os.path.join(kit_dir, name))
         msgs = [{"role": "user", "content": "hi"}]
         assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
-            "<|user|>\nhi<|end|>\n<|assistant|>\n"
-        assert tok.apply_chat_template(msgs, tokenize=False) == "<|user|>\nhi<|end|>\n"
-        ids = tok("<|user|>\nhi<|end|>", add_special_tokens=False)["input_ids"]
+            "<|user|>hi<|end|>\n<|assistant|>"
+        assert tok.apply_chat_template(msgs, tokenize=False) == "<|user|>hi<|end|>\n"
+        ids = tok("<|user|>hi<|end|>", add_special_tokens=False)["input_ids"]
         assert ids[0] == tok.convert_tokens_to_ids("<|user|>") and ids[-1] == tok.eos_token_id
     tok = load_tokenizer(os.path.join(kit_dir, "target"))
     model = load_model(os.path.join(kit_dir, "target"))

@@ -12,7 +12,7 @@ import time
 
 from sd2_ray import manifest
 from sd2_ray.errors import ConfigError
-from sd2_ray.kit.cache import KIT_JSON, KIT_VERSION, STAGE, ensure
+from sd2_ray.kit.cache import KIT_JSON, KIT_VERSION, STAGE, ensure_with_status
 from sd2_ray.kit.config import KitConfig
 
 log = logging.getLogger(__name__)
@@ -22,12 +22,10 @@ MAL_K, MAL_PROMPTS, MAL_NEW_TOKENS = 4, 16, 32
 
 def main(config: KitConfig) -> str:
     """CLI entry: build (or reuse) the kit and print where it is and its figures."""
-    start = time.time()
-    kit_dir = ensure(config)
+    kit_dir, built = ensure_with_status(config)
     with open(os.path.join(kit_dir, KIT_JSON)) as f:
         info = json.load(f)
-    reused = time.time() - start < 5 and info.get("build_seconds", 0) > 5
-    print(f"kit: {kit_dir}" + ("  (cached)" if reused else ""))
+    print(f"kit: {kit_dir}" + ("" if built else "  (cached)"))
     print(summary(info))
     return kit_dir
 

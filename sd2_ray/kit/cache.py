@@ -23,7 +23,7 @@ from sd2_ray.kit.shapes import all_shapes
 log = logging.getLogger(__name__)
 
 # Bump when the build changes in a way the config and shapes don't show (data format, recipe).
-KIT_VERSION = 1
+KIT_VERSION = 2
 KIT_JSON = "kit.json"
 STAGE = "kit"
 
@@ -85,13 +85,18 @@ def build_lock(kit_dir: str) -> Iterator[None]:
 def ensure(config: KitConfig) -> str:
     """The kit directory for ``config``: returned at once when current, else built (into a temp
     dir renamed into place, so a half-built kit is never visible)."""
+    return ensure_with_status(config)[0]
+
+
+def ensure_with_status(config: KitConfig) -> tuple[str, bool]:
+    """(kit directory, whether this call built it)."""
     digest = content_hash(config)
     kit_dir = kit_location(config, digest)
     if not config.overwrite and is_current(kit_dir, digest):
-        return kit_dir
+        return kit_dir, False
     with build_lock(kit_dir):
         if not config.overwrite and is_current(kit_dir, digest):
-            return kit_dir  # another process finished it while we waited
+            return kit_dir, False  # another process finished it while we waited
         from sd2_ray.kit.build import build_kit
 
         tmp = tempfile.mkdtemp(prefix=".kit-building-", dir=os.path.dirname(kit_dir))
@@ -100,7 +105,7 @@ def ensure(config: KitConfig) -> str:
             _replace_dir(tmp, kit_dir)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return kit_dir
+    return kit_dir, True
 
 
 def _replace_dir(new: str, dest: str) -> None:

@@ -1,8 +1,11 @@
-"""Byte-level BPE tokenizers trained on the corpus, wrapped as transformers tokenizers with a
+r"""Byte-level BPE tokenizers trained on the corpus, wrapped as transformers tokenizers with a
 chat template.
 
-The template is plain text markup (``<|user|>\\n...<|end|>\\n<|assistant|>\\n``) whose tags are
-special tokens; ``<|end|>`` closes a turn and is the EOS, so generation stops after an answer.
+The template is plain text markup (``<|user|>...<|end|>\n<|assistant|>``) whose tags are special
+tokens; ``<|end|>`` closes a turn and is the EOS, so generation stops after an answer. A turn's
+text follows its tag directly, with no newline: the generation prompt then ends on a special
+token, so the answer's first token is the one the model saw in training (a trailing ``\n``
+would be cut off from the indentation that byte-level BPE merges it with in training).
 Both kit tokenizers use the same markup, so a prompt renders to identical text for the target
 and the cross-tokenizer drafter. No BOS is added on encode: the template is all there is, so
 nothing doubles when callers render then tokenize.
@@ -17,9 +20,9 @@ SPECIAL_TOKENS = [PAD, DOC, END, *ROLE_TOKENS]  # ids 0..5 in this order
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>\n' }}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
 
 
