@@ -27,6 +27,7 @@ CHAINED = {
     "finetune": {"model", "data", "output", "response_field"},
     "eval": {"target", "drafter", "prompts", "output", "num_speculative_tokens"},
     "serve": {"target", "drafter", "num_speculative_tokens"},
+    "tune": {"target", "drafter", "data", "eval_prompts", "output", "num_speculative_tokens"},
 }
 
 
@@ -49,8 +50,8 @@ def stage_classes() -> dict[str, type[StageConfig]]:
 
 def placeholders(section: str) -> dict[str, Any]:
     fill = {"target": "t", "prompts": "p", "output": "o", "model": "m", "calibration": "c",
-            "data": "d", "drafter": "d"}
-    chained = {k: v for k, v in fill.items() if k in CHAINED.get(section, set()) or section == "tune"}
+            "data": "d", "drafter": "d", "eval_prompts": "e"}
+    chained = {k: v for k, v in fill.items() if k in CHAINED.get(section, set())}
     if section == "layer_prune":
         chained.update(method="layers", drop_layers=1)
     return chained
