@@ -7,6 +7,7 @@ Output layout (local or s3://)::
     OUTPUT/pruned-cache/<method>-<level>-<hash>/   pruned models shared by trials
     OUTPUT/trials/<trial_id>/{drafter,checkpoints,attempts.json,eval.json,result.json}
     OUTPUT/search/                                 Ray Tune experiment state (Tuner.restore)
+    OUTPUT/data/train.parquet                      JSONL training rows staged as Parquet
 """
 from __future__ import annotations
 
@@ -33,7 +34,27 @@ def main(config: TuneConfig) -> dict[str, Any]:
     if manifest.is_complete(config.output) and not config.overwrite:
         log.info("tune: %s is complete, skipping (overwrite=true to redo)", config.output)
         return {"skipped": True, "trials": storage.read_json(storage.join(config.output, TRIALS_FILE))}
-    return run_tune(resolve_kit_paths(config))
+    return run_tune(stage_data(resolve_kit_paths(config)))
+
+
+def stage_data(config: TuneConfig) -> TuneConfig:
+    """JSONL training rows -> one Parquet file under OUTPUT/data (once), the distilled format.
+
+    Why: the fine-tuning stage reads JSONL with ``ray.data.read_json(..., filesystem=, lines=True)``,
+    which Ray 2.60 rejects; Parquet takes its other path. Calibration keeps the original file.
+    """
+    from sd2_ray.rows import data_files, read_rows
+
+    if all(f.endswith(".parquet") for f in data_files(config.data)):
+        return config
+    import pyarrow as pa
+
+    staged = storage.join(config.output, "data", "train.parquet")
+    if not storage.exists(staged) or config.overwrite:
+        rows = read_rows(config.data)
+        storage.write_parquet(staged, pa.Table.from_pylist(rows))
+        log.info("tune: staged %d rows of %s as %s", len(rows), config.data, staged)
+    return config.model_copy(update={"data": staged, "calibration": config.calibration or config.data})
 
 
 def resolve_kit_paths(config: TuneConfig) -> TuneConfig:
