@@ -14,6 +14,8 @@ from sd2_ray import storage
 from sd2_ray.errors import DataError
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+# In a directory only shards count: manifest.json and other metadata sit beside them.
+SHARD_SUFFIXES = (".jsonl", ".parquet")
 
 
 def data_files(path: str) -> list[str]:
@@ -22,7 +24,7 @@ def data_files(path: str) -> list[str]:
         return [path]
     if storage.is_dir(path):
         files = [f for f in storage.list_files(path, recursive=True)
-                 if f.endswith(DATA_SUFFIXES) and "/_" not in f and "/." not in f]
+                 if f.endswith(SHARD_SUFFIXES) and "/_" not in f and "/." not in f]
         if not files:
             raise DataError(f"{path}: directory has no .jsonl or .parquet files")
         return files
