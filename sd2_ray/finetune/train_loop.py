@@ -269,6 +269,8 @@ def train_loop(cfg: dict) -> None:
     """Entry point of each Ray Train worker."""
     import ray.train
 
+    for key, value in cfg.get("env", {}).items():
+        os.environ.setdefault(key, value)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(cfg["cpus_per_worker"])))

@@ -141,7 +141,11 @@ def loop_config(config: FinetuneConfig, steps: int, fail_once: dict | None = Non
             "epochs", "warmup_steps", "scheduler", "min_lr_ratio", "lr", "weight_decay", "optimizer",
             "checkpoint_every", "report_every", "enforce_masks", "cpus_per_worker")
     cfg = {k: getattr(config, k) for k in keys}
-    cfg.update(total_steps=steps, deepspeed_config=ds, fail_once=fail_once)
+    from sd2_ray.runtime import worker_env
+
+    # S3 endpoint/credentials, offline hub, extension cache: set in workers that lack them
+    # (a Ray cluster started before this driver's environment was).
+    cfg.update(total_steps=steps, deepspeed_config=ds, fail_once=fail_once, env=worker_env())
     return cfg
 
 
