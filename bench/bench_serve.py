@@ -65,9 +65,9 @@ def start_apps(args, target: str, drafter: str) -> str:
 
     from sd2_ray.serve.app import build_app
     from sd2_ray.serve.config import ServeConfig
-    from sd2_ray.serve.job import start_ray
+    from sd2_ray.runtime import ensure_ray
 
-    start_ray(num_cpus=2 * args.threads + 1)
+    ensure_ray(num_cpus=2 * args.threads + 1)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     common = dict(target=target, port=port, num_speculative_tokens=args.num_speculative_tokens,

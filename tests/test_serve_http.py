@@ -46,9 +46,9 @@ def server(pair):
     from sd2_ray.serve.config import ServeConfig
 
     target, drafter, _ = pair
-    from sd2_ray.serve.job import start_ray
+    from sd2_ray.runtime import ensure_ray
 
-    ray = start_ray(num_cpus=4)
+    ray = ensure_ray(num_cpus=4)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:

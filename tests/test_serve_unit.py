@@ -205,3 +205,19 @@ def test_metrics_summary_totals():
     s = m.summary()
     assert s["mean_accepted_length"] == 2.0 and s["per_position_acceptance"] == [0.75, 0.25]
     assert s["acceptance_rate"] == 0.5 and s["max_batch_size_seen"] == 3 and s["completion_tokens"] == 8
+
+
+def test_app_builder_maps_replicas_autoscaling_and_queue_bounds():
+    from sd2_ray.errors import ConfigError as Err
+    from sd2_ray.serve.app import app_builder
+
+    auto = app_builder({"target": "/m/target", "replicas": "auto", "max_batch_size": 4,
+                        "max_queued_requests": 10, "autoscaling": {"max_replicas": 3}})._bound_deployment
+    cfg = auto._deployment_config
+    assert (cfg.autoscaling_config.min_replicas, cfg.autoscaling_config.max_replicas) == (1, 3)
+    # the replica answers 503 itself past 4 + 10; Serve's limits sit above that as a backstop
+    assert cfg.max_ongoing_requests > 14 and cfg.max_queued_requests >= 14
+    fixed = app_builder({"target": "/m/target", "replicas": 3})._bound_deployment
+    assert fixed._deployment_config.num_replicas == 3 and fixed._deployment_config.autoscaling_config is None
+    with pytest.raises(Err, match="num_speculative_tokens"):
+        app_builder({"target": "/m/target", "num_speculative_tokens": 0})

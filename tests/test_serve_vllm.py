@@ -28,10 +28,10 @@ def vllm_server(kit_dir):
 
     from sd2_ray.serve.app import build_app
     from sd2_ray.serve.config import ServeConfig
-    from sd2_ray.serve.job import start_ray
+    from sd2_ray.runtime import ensure_ray
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    ray = start_ray(num_cpus=4)
+    ray = ensure_ray(num_cpus=4)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = ServeConfig(target=os.path.join(kit_dir, "target"), drafter=os.path.join(kit_dir, "drafter"),

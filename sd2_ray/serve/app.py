@@ -157,6 +157,7 @@ class SpecDecodeServer:
                 text += delta.text
                 final = delta if delta.finish_reason else final
         finally:
+            job.cancelled = True  # a client that left (task cancelled) stops its decoding
             self.in_flight -= 1
         usage = self._finish(request_id, prepared, final)
         if chat:

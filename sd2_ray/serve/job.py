@@ -31,30 +31,14 @@ def check_inputs(config: ServeConfig) -> None:
                 from None
 
 
-def start_ray(num_cpus: int | None = None):
-    """``ensure_ray`` with one retry: on a saturated machine the local raylet can miss Ray's
-    fixed 30 s registration deadline, and a second start then usually succeeds."""
-    import ray
-
-    from sd2_ray.runtime import ensure_ray
-
-    try:
-        return ensure_ray(num_cpus=num_cpus)
-    except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception for this
-        if "timed out during startup" not in str(err) or os.environ.get("RAY_ADDRESS"):
-            raise
-        log.warning("local Ray did not start in time (busy machine?); retrying once")
-        ray.shutdown()
-        return ensure_ray(num_cpus=num_cpus)
-
-
 def start(config: ServeConfig) -> str:
     """Start Serve's HTTP proxy on host:port and run the app; returns the base URL."""
     from ray import serve
 
+    from sd2_ray.runtime import ensure_ray
     from sd2_ray.serve.app import build_app
 
-    start_ray()
+    ensure_ray()
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=False)
     return config.base_url
@@ -64,10 +48,12 @@ def main(config: ServeConfig) -> None:
     check_inputs(config)
     started_ray = not os.environ.get("RAY_ADDRESS")
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     try:
         url = start(config)
+        # After ray.init: Ray's core worker installs its own SIGTERM handler, which aborts the
+        # process (exit 134) instead of letting us take the app down cleanly.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
         print(f"sd2 serve: ready at {url} (model '{config.served_model_name}', engine "
               f"{config.engine}, drafter {config.drafter or 'none'})", flush=True)
         while not stop.wait(0.5):
