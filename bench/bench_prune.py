@@ -60,7 +60,7 @@ started = time.perf_counter()
 oneshot(model=model, dataset=dataset, recipe=modifier, num_calibration_samples=len(ids),
         max_seq_length=args["seq_len"], shuffle_calibration_samples=False, pipeline="sequential")
 seconds = time.perf_counter() - started
-save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, args["weights"])
+save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, args["weights"])
 print("LLMC_RESULT " + json.dumps({"seconds": seconds}))
 '''
 

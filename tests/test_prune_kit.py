@@ -1,0 +1,102 @@
+"""Pruning quality on the model kit (trained models): held-out perplexity per method, one layer's
+reconstruction error. Numbers seen (threads=1, 64 calibration rows x 256 tokens, 64 held-out rows):
+
+    kit drafter (trained 40 steps on purpose: held-out loss 6.28 vs ln(vocab) 7.62)
+        kit 213a54: dense 541.38; 50 %: sparsegpt 541.16, wanda 540.60, magnitude 540.96
+                                   70 %: sparsegpt 539.88, wanda 546.74, magnitude 548.80
+        kit 6a9bfa: dense 593.28; 70 %: sparsegpt 591.75, wanda 598.63, magnitude 597.87
+    kit target (240 steps)
+        kit 213a54: dense 39.39;  50 %: sparsegpt 39.40, wanda 39.65, magnitude 39.65
+                                   70 %: sparsegpt 39.71, wanda 41.30, magnitude 41.39
+        kit 6a9bfa: dense 39.91;  70 %: sparsegpt 40.38, wanda 42.50, magnitude 42.31
+
+SparseGPT is clearly best everywhere. Wanda vs magnitude differs by < 0.5 % and flips sign between
+kit builds: these small models have no outlier input features, which is where Wanda's |W|*||X||
+score departs from |W|; so that order is asserted on a layer with outlier inputs instead
+(tests/test_prune_math.py), and here SparseGPT <= min(Wanda, magnitude). At 50 % the undertrained
+drafter's perplexity does not move beyond noise under any method (asserted: within 1 % of dense).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sd2_ray.models.io import load_model, load_tokenizer
+from sd2_ray.prune.calibration import load_calibration, load_rows, render_sample, tokenize_samples
+from sd2_ray.prune.config import PruneConfig
+from sd2_ray.prune.magnitude import magnitude_prune
+from sd2_ray.prune.quality import perplexity, reconstruction_error
+from sd2_ray.prune.sequential import prune_model
+from sd2_ray.prune.sparsegpt import Hessian, sparsegpt_prune
+from sd2_ray.prune.wanda import InputNorms, wanda_prune
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def kit_data(kit_dir, part, num_samples=64):
+    from sd2_ray.kit import kit_paths
+
+    paths = kit_paths(kit_dir)
+    tok = load_tokenizer(paths[part])
+    calib, _ = load_calibration(paths["train_prompts"], tok, num_samples, 256)
+    held_out = tokenize_samples([render_sample(r, tok) for r in load_rows(paths["eval_prompts"], 64, seed=1)],
+                                tok, 256)
+    return paths[part], calib, held_out
+
+
+def perplexities(model_dir, calib, held_out, sparsity):
+    out = {"dense": perplexity(load_model(model_dir), held_out)}
+    for method in ("sparsegpt", "wanda", "magnitude"):
+        cfg = PruneConfig(model="-", output="-", calibration="-", method=method, sparsity=sparsity)
+        model, _, _ = prune_model(load_model(model_dir), calib, cfg)
+        out[method] = perplexity(model, held_out)
+    print(f"{model_dir} at {sparsity:.0%}: " + ", ".join(f"{k} {v:.3f}" for k, v in out.items()))
+    return out
+
+
+def test_drafter_perplexity_ordering(kit_dir):
+    model_dir, calib, held_out = kit_data(kit_dir, "drafter")
+    at_50 = perplexities(model_dir, calib, held_out, 0.5)
+    assert at_50["sparsegpt"] == pytest.approx(at_50["dense"], rel=0.01)  # half the weights, no loss
+    at_70 = perplexities(model_dir, calib, held_out, 0.7)
+    assert at_70["sparsegpt"] < 0.995 * min(at_70["wanda"], at_70["magnitude"]), at_70
+
+
+@pytest.mark.slow
+def test_target_perplexity_ordering(kit_dir):
+    model_dir, calib, held_out = kit_data(kit_dir, "target")
+    at_50 = perplexities(model_dir, calib, held_out, 0.5)
+    assert at_50["sparsegpt"] <= min(at_50["wanda"], at_50["magnitude"]), at_50
+    assert at_50["sparsegpt"] < at_50["dense"] * 1.01, at_50
+    at_70 = perplexities(model_dir, calib, held_out, 0.7)
+    assert at_70["sparsegpt"] < 0.99 * min(at_70["wanda"], at_70["magnitude"]), at_70
+
+
+def test_sparsegpt_reconstructs_a_kit_layer_better(kit_dir):
+    """The drafter's last MLP down-projection on its real calibration inputs."""
+    model_dir, calib, _ = kit_data(kit_dir, "drafter", num_samples=32)
+    model = load_model(model_dir)
+    layer = model.model.layers[-1].mlp.down_proj
+    inputs: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda m, a, o: inputs.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for ids in calib:
+            model(ids, use_cache=False)
+    handle.remove()
+    x = torch.cat(inputs)
+    hessian, norms = Hessian(x.shape[1]), InputNorms(x.shape[1])
+    hessian.add(x)
+    norms.add(x)
+    weight = layer.weight.detach()
+    for sparsity, nm in [(0.5, None), (0.5, (2, 4))]:
+        errors = {"sparsegpt": reconstruction_error(weight, sparsegpt_prune(weight, hessian.matrix(), sparsity, nm)[0], x),
+                  "wanda": reconstruction_error(weight, wanda_prune(weight, norms.norms(), sparsity, nm)[0], x),
+                  "magnitude": reconstruction_error(weight, magnitude_prune(weight, sparsity, nm)[0], x)}
+        print(f"down_proj reconstruction error at {sparsity} {nm}: {errors}")
+        assert errors["sparsegpt"] < errors["wanda"] and errors["sparsegpt"] < errors["magnitude"], errors
