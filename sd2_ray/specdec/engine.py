@@ -219,12 +219,15 @@ class SpeculativeEngine:
                 # a row never drafts past its own budget, so its tokens don't depend on its batch
                 budget = torch.tensor([row.remaining - 1 for row in rows])
                 draft_len = torch.minimum(draft_len, budget)
+                width = int(draft_len.max())  # cross-tokenizer rows may all propose fewer than k
+                drafts = drafts[:, :width]
+                draft_probs = draft_probs[:, :width] if draft_probs is not None else None
             else:
                 drafts = torch.zeros(len(rows), 0, dtype=torch.long)
                 draft_len, draft_probs = torch.zeros(len(rows), dtype=torch.long), None
             logits = self._score(target_kv, pending, drafts, draft_len)
             accepted, next_token = verify(logits, drafts, draft_len, draft_probs, rp,
-                                          uniforms[:, K:K + k], uniforms[:, 2 * K], self.accept_rule)
+                                          uniforms[:, K:K + drafts.shape[1]], uniforms[:, 2 * K], self.accept_rule)
             target_kv.drop_last(draft_len - accepted)
             acc, nxt, lens = accepted.tolist(), next_token.tolist(), draft_len.tolist()
             draft_lists = drafts.tolist()

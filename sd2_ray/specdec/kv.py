@@ -28,9 +28,14 @@ class RaggedKV:
     def forward(self, tokens: torch.Tensor, real: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
         """Append a chunk (B, W) whose ``real`` slots are tokens and the rest holes; return logits
         of the last ``logits_to_keep`` columns (all when 0)."""
-        positions = self.lengths.unsqueeze(1) + (real.long().cumsum(1) - 1).clamp_(min=0)
         mask = torch.cat([self.real, real], dim=1)
-        out = self.model(input_ids=tokens, attention_mask=mask.long(), position_ids=positions,
+        if bool(mask.all()):
+            # no holes anywhere: slot index == position, and HF's mask-free causal path is faster
+            attention_mask = positions = None
+        else:
+            attention_mask = mask.long()
+            positions = self.lengths.unsqueeze(1) + (real.long().cumsum(1) - 1).clamp_(min=0)
+        out = self.model(input_ids=tokens, attention_mask=attention_mask, position_ids=positions,
                          past_key_values=self.cache, use_cache=True, logits_to_keep=logits_to_keep)
         self.real = mask
         self.lengths = self.lengths + real.sum(1)
