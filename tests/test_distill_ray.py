@@ -123,7 +123,7 @@ def test_two_actors_every_id_once_and_greedy_equals_direct_generate(kit_rows, ta
 def test_s3_in_and_out_rewrite_mode_with_bad_rows(kit_rows, target_dir, s3_bucket):
     rows = kit_rows[56:66]
     bad = [{"id": "no-prompt", "response": "x"}, {"id": "int-prompt", "prompt": 7},
-           {"id": "bad-messages", "messages": "hello"}, {"id": "too-long", "prompt": "def f(): pass\n" * 200}]
+           {"id": "bad-messages", "messages": "hello"}, {"id": "too-long", "prompt": "def f(): pass\n" * 200, "response": "ok"}]
     prompts = f"s3://{s3_bucket}/in/prompts.jsonl"
     write_jsonl(prompts, rows[:5] + bad + rows[5:])
     out = f"s3://{s3_bucket}/runs/distilled"
