@@ -32,7 +32,8 @@ class KitConfig(StageConfig):
     batch_size: int = Field(8, ge=1, description="Windows per training step")
     lr: float = Field(3e-3, gt=0, description="Peak AdamW learning rate (linear warmup, cosine decay)")
     target_steps: int = Field(240, ge=1, description="Training steps of the target")
-    drafter_steps: int = Field(40, ge=1, description="Training steps of the same-family drafter")
+    drafter_steps: int = Field(160, ge=1, description="Training steps of the same-family drafter (fewer "
+                               "than the target and no chat data: it starts poorly aligned)")
     uag_steps: int = Field(80, ge=1, description="Training steps of the cross-family drafter")
     chat_share: float = Field(0.375, ge=0.0, le=1.0,
                               description="Share of the target's windows drawn from chat-formatted examples")
