@@ -1,0 +1,34 @@
+"""Eval on the model kit (trained pair): lossless with the same and with another tokenizer."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sd2_ray.evaluate import evaluate_pair
+from sd2_ray.kit import kit_paths
+from sd2_ray.models.macs import linear_macs
+from sd2_ray.models.io import load_model
+from sd2_ray.rows import read_rows
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("drafter", ["drafter", "drafter-uag"])
+def test_kit_pair_is_lossless(kit_dir, drafter):
+    paths = kit_paths(kit_dir)
+    rows = read_rows(paths["eval_prompts"], limit=4)
+    report = evaluate_pair(paths["target"], paths[drafter], rows, 3, max_new_tokens=24, batch_size=4,
+                           progress=False)
+    print(f"{drafter}: MAL {report['mean_accepted_length']:.3f}, per position "
+          f"{report['per_position_acceptance']}, c {report['cost_coefficient']:.3f}")
+    assert report["lossless"] is True and report["cross_tokenizer"] is (drafter == "drafter-uag")
+    assert 1.0 <= report["mean_accepted_length"] <= 4.0
+    expected_c = linear_macs(load_model(paths[drafter]))["macs"] / linear_macs(load_model(paths["target"]))["macs"]
+    assert report["cost_coefficient"] == pytest.approx(expected_c)
+    assert report["generated_tokens"] > 0 and report["target_passes"] < report["generated_tokens"] + 4
