@@ -36,9 +36,21 @@ def run_prune(config: PruneConfig) -> str:
         return config.output
     from sd2_ray.runtime import in_ray_job
 
+    if _inside_ray_worker():  # a Tune trial or actor already placed us: no nested task
+        return prune_to_output(config, executor="ray_worker")
     if in_ray_job():
         return _run_as_ray_task(config)
     return prune_to_output(config, executor="local")
+
+
+def _inside_ray_worker() -> bool:
+    import sys
+
+    if "ray" not in sys.modules:
+        return False
+    import ray
+
+    return ray.is_initialized() and ray._private.worker.global_worker.mode == ray.WORKER_MODE
 
 
 def _run_as_ray_task(config: PruneConfig) -> str:

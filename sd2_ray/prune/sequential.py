@@ -190,7 +190,6 @@ def prune_model(model: torch.nn.Module, calibration_batches: list[torch.Tensor] 
         return model, {}, report
     started = time.perf_counter()
     targets = select_targets(model, config.targets, config.ignore)
-    names: list[str] = []
     module_masks: dict[str, torch.Tensor] = {}
     layers: dict[str, dict[str, Any]] = {}
     if config.method == "magnitude":
