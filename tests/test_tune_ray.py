@@ -18,7 +18,9 @@ from sd2_ray.kit import kit_paths
 from sd2_ray.tune import report as R
 from sd2_ray.tune.config import TuneConfig
 
-pytestmark = pytest.mark.ray
+# Each trial starts a TorchTrainer (~20-40 s of Ray/DeepSpeed start-up on 2 idle cores; many
+# minutes when the box is saturated), so these get more than the suite's 900 s default.
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(3600)]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXT_DIR = os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/sd2/torch_extensions"))
@@ -29,8 +31,15 @@ def ray_cluster():
     import ray
 
     # logical CPUs: one training worker + Ray Data's read tasks + the trial drivers (0.1 each)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"TORCH_EXTENSIONS_DIR": EXT_DIR, "HF_HUB_OFFLINE": "1"}})
+    for attempt in range(3):  # on a saturated box the raylet can miss Ray's 30 s start-up window
+        try:
+            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": {"TORCH_EXTENSIONS_DIR": EXT_DIR, "HF_HUB_OFFLINE": "1"}})
+            break
+        except Exception as err:
+            ray.shutdown()
+            if attempt == 2 or "timed out during startup" not in str(err):
+                raise
     yield
     ray.shutdown()
 
@@ -146,7 +155,7 @@ def _completed_in_state(exp_dir: str) -> int:
 @pytest.mark.slow
 def test_restore_after_killed_driver(kit_dir, tmp_path):
     out = tmp_path / "restore"
-    cfg = settings(kit_dir, str(out), search_space={"sparsity": [0.5], "lr": [1e-3, 3e-3, 1e-2]},
+    cfg = settings(kit_dir, str(out), search_space={"sparsity": [0.5], "lr": [1e-3, 3e-3]},
                    asha={"enabled": False}, num_cpus=4)
     path = tmp_path / "tune.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -172,7 +181,7 @@ def test_restore_after_killed_driver(kit_dir, tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "restoring the unfinished search" in second.stderr
     trials = json.load(open(out / R.TRIALS_FILE))
-    assert len(trials) == 3 and all(t["status"] == R.COMPLETED for t in trials)
+    assert len(trials) == 2 and all(t["status"] == R.COMPLETED for t in trials)
     for trial_id in done_before:  # completed before the kill: never started again
         attempts = json.load(open(out / "trials" / trial_id / "attempts.json"))
         assert len(attempts) == 1, trial_id

@@ -138,8 +138,9 @@ class TuneConfig(StageConfig):
     trial_cpus: float = Field(0.1, gt=0, description="CPUs reserved for each trial's driver function "
                               "(it only launches the TorchTrainer; Ray rejects 0)")
     trial_max_failures: int = Field(0, ge=0, description="Tune retries of a failed trial")
-    num_cpus: int | None = Field(None, ge=1, description="logical CPUs of the local Ray (no cluster) "
-                                                        "default: the machine's")
+    num_cpus: int | None = Field(None, ge=1, description="logical CPUs of the local Ray when there is no "
+                                 "cluster; default: the machine's, at least 4 (a training worker holds 1 "
+                                 "and Ray Data's read tasks need 1 more, or the trial waits forever)")
     seed: int = Field(0, description="eval sampling seed")
     overwrite: bool = Field(False, description="start the search afresh instead of restoring/skipping")
 

@@ -14,6 +14,7 @@ from sd2_ray.tune.space import param_space
 
 log = logging.getLogger(__name__)
 
+MIN_LOCAL_CPUS = 4
 NO_LIMIT_STEPS = 1_000_000  # ASHA's max_t when the trials run whole epochs (no max_steps)
 
 
@@ -71,12 +72,22 @@ def build_tuner(config: TuneConfig):
                                   verbose=1))
 
 
+def local_cpus(config: TuneConfig) -> int | None:
+    """Logical CPUs for a local Ray (ignored when joining a cluster): a trial's TorchTrainer worker
+    holds one and its Ray Data read tasks need another, so 2 cores must still show 4."""
+    import os
+
+    if os.environ.get("RAY_ADDRESS"):
+        return None
+    return config.num_cpus or max(os.cpu_count() or 1, MIN_LOCAL_CPUS)
+
+
 def run_search(config: TuneConfig) -> list[dict[str, Any]]:
     """Run (or finish) the search; returns one record per trial."""
     from sd2_ray import runtime
     from sd2_ray.tune import cache
 
-    runtime.ensure_ray(num_cpus=config.num_cpus)
+    runtime.ensure_ray(num_cpus=local_cpus(config))
     cache_actor = cache.start(config.experiment_path)
     tuner = build_tuner(config)
     try:
