@@ -1,20 +1,19 @@
 """Pruning quality on the model kit (trained models): held-out perplexity per method, one layer's
 reconstruction error. Numbers seen (threads=1, 64 calibration rows x 256 tokens, 64 held-out rows):
 
-    kit drafter (trained 40 steps on purpose: held-out loss 6.28 vs ln(vocab) 7.62)
-        kit 213a54: dense 541.38; 50 %: sparsegpt 541.16, wanda 540.60, magnitude 540.96
-                                   70 %: sparsegpt 539.88, wanda 546.74, magnitude 548.80
-        kit 6a9bfa: dense 593.28; 70 %: sparsegpt 591.75, wanda 598.63, magnitude 597.87
-    kit target (240 steps)
-        kit 213a54: dense 39.39;  50 %: sparsegpt 39.40, wanda 39.65, magnitude 39.65
-                                   70 %: sparsegpt 39.71, wanda 41.30, magnitude 41.39
-        kit 6a9bfa: dense 39.91;  70 %: sparsegpt 40.38, wanda 42.50, magnitude 42.31
+    kit drafter, 160 training steps (kit of 2026-11-22 02:00): dense 268.99
+        50 %: sparsegpt 269.91, wanda 273.56, magnitude 269.56
+        70 %: sparsegpt 270.55, wanda 290.62, magnitude 326.45
+    kit target (240 steps): dense 39.39
+        50 %: sparsegpt 39.40, wanda 39.65, magnitude 39.65
+        70 %: sparsegpt 39.71, wanda 41.30, magnitude 41.39
 
-SparseGPT is clearly best everywhere. Wanda vs magnitude differs by < 0.5 % and flips sign between
-kit builds: these small models have no outlier input features, which is where Wanda's |W|*||X||
-score departs from |W|; so that order is asserted on a layer with outlier inputs instead
-(tests/test_prune_math.py), and here SparseGPT <= min(Wanda, magnitude). At 50 % the undertrained
-drafter's perplexity does not move beyond noise under any method (asserted: within 1 % of dense).
+At 50 % these small models barely notice any method: SparseGPT and magnitude stay within 0.4 % of
+dense and differ by 0.1 % (noise), so there the test asserts SparseGPT within 1 % of dense, <= Wanda,
+and not worse than magnitude beyond 0.5 %. The SparseGPT <= Wanda <= magnitude ordering is
+asserted at 70 %, where the gaps are 7 % and 12 %. (An earlier kit drafter trained only 40 steps
+showed Wanda and magnitude within 0.2 % of each other, in either order: undertrained models have no
+outlier input features, which is where Wanda's |W|*||X|| departs from |W|.)
 """
 from __future__ import annotations
 
@@ -63,9 +62,12 @@ def perplexities(model_dir, calib, held_out, sparsity):
 def test_drafter_perplexity_ordering(kit_dir):
     model_dir, calib, held_out = kit_data(kit_dir, "drafter")
     at_50 = perplexities(model_dir, calib, held_out, 0.5)
-    assert at_50["sparsegpt"] == pytest.approx(at_50["dense"], rel=0.01)  # half the weights, no loss
+    assert at_50["sparsegpt"] == pytest.approx(at_50["dense"], rel=0.01)  # half the weights, ~no loss
+    assert at_50["sparsegpt"] <= at_50["wanda"], at_50
+    assert at_50["sparsegpt"] <= 1.005 * at_50["magnitude"], at_50
     at_70 = perplexities(model_dir, calib, held_out, 0.7)
-    assert at_70["sparsegpt"] < 0.995 * min(at_70["wanda"], at_70["magnitude"]), at_70
+    assert at_70["sparsegpt"] <= at_70["wanda"] <= at_70["magnitude"], at_70
+    assert at_70["sparsegpt"] < 0.98 * at_70["magnitude"], at_70
 
 
 @pytest.mark.slow
@@ -99,4 +101,4 @@ def test_sparsegpt_reconstructs_a_kit_layer_better(kit_dir):
                   "wanda": reconstruction_error(weight, wanda_prune(weight, norms.norms(), sparsity, nm)[0], x),
                   "magnitude": reconstruction_error(weight, magnitude_prune(weight, sparsity, nm)[0], x)}
         print(f"down_proj reconstruction error at {sparsity} {nm}: {errors}")
-        assert errors["sparsegpt"] < errors["wanda"] and errors["sparsegpt"] < errors["magnitude"], errors
+        assert errors["sparsegpt"] < errors["wanda"] < errors["magnitude"], errors
