@@ -52,6 +52,7 @@ def check_report(report, k):
     assert report["predicted_speedup"] == pytest.approx(
         report["mean_accepted_length"] / (k * report["cost_coefficient"] + 1))
     assert 0 < report["cost_coefficient"] < 1 and report["measured_speedup"] > 0
+    assert report["measured_speedup_cpu"] > 0
 
 
 @pytest.mark.parametrize("kind", ["same", "cross"])

@@ -49,26 +49,29 @@ def _requests(prompts: list[list[int]], max_new_tokens: int, temperature: float,
 
 
 def _run(engine: SpeculativeEngine, requests: list[GenerationRequest], batch_size: int,
-         desc: str, progress: bool) -> tuple[list[list[int]], SpecStats, float]:
-    """Decode in batches of similar prompt length (less padding); outputs in request order."""
+         desc: str, progress: bool) -> tuple[list[list[int]], SpecStats, float, float]:
+    """Decode in batches of similar prompt length (less padding); outputs in request order.
+    Returns (outputs, summed stats, wall seconds, process CPU seconds). CPU time is reported too
+    because wall clock on a shared machine measures the neighbours as much as the engine."""
     from tqdm import tqdm
 
     order = sorted(range(len(requests)), key=lambda i: len(requests[i].prompt_ids))
     outputs: list[list[int]] = [[] for _ in requests]
     stats = SpecStats(num_speculative_tokens=engine.num_speculative_tokens,
                       accepted_per_position=[0] * engine.num_speculative_tokens)
-    seconds = 0.0
+    seconds = cpu = 0.0
     with tqdm(total=len(requests), desc=desc, unit="prompt", disable=not progress) as bar:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            began = time.perf_counter()
+            began, began_cpu = time.perf_counter(), time.process_time()
             results = engine.generate([requests[i] for i in chunk])
             seconds += time.perf_counter() - began
+            cpu += time.process_time() - began_cpu
             for i, result in zip(chunk, results):
                 outputs[i] = result.token_ids
                 stats = stats.merge(result.stats)
             bar.update(len(chunk))
-    return outputs, stats, seconds
+    return outputs, stats, seconds, cpu
 
 
 def _warm_up(engine: SpeculativeEngine, prompts: list[list[int]]) -> None:
@@ -83,9 +86,9 @@ def measure_target_only(target, prompts: list[list[int]], *, max_new_tokens: int
     engine = SpeculativeEngine(target, None, 0, target_tokenizer)
     _warm_up(engine, prompts)
     requests = _requests(prompts, max_new_tokens, temperature, top_p, top_k, seed)
-    outputs, _, seconds = _run(engine, requests, batch_size, "target-only", progress)
+    outputs, _, seconds, cpu = _run(engine, requests, batch_size, "target-only", progress)
     tokens = sum(len(o) for o in outputs)
-    return {"outputs": outputs, "seconds": seconds, "generated_tokens": tokens,
+    return {"outputs": outputs, "seconds": seconds, "cpu_seconds": cpu, "generated_tokens": tokens,
             "tokens_per_second": tokens / seconds if seconds else 0.0, "temperature": temperature,
             "max_new_tokens": max_new_tokens, "batch_size": batch_size, "num_prompts": len(prompts)}
 
@@ -128,9 +131,10 @@ def evaluate_pair(target_dir, drafter_dir, rows: list[dict[str, Any]], num_specu
     engine = SpeculativeEngine(target, drafter, num_speculative_tokens, t_tok, d_tok)
     _warm_up(engine, prompts)
     requests = _requests(prompts, max_new_tokens, temperature, top_p, top_k, seed)
-    outputs, stats, seconds = _run(engine, requests, batch_size, f"spec K={num_speculative_tokens}", progress)
+    outputs, stats, seconds, cpu = _run(engine, requests, batch_size, f"spec K={num_speculative_tokens}",
+                                         progress)
     t_macs, d_macs = linear_macs(target), linear_macs(drafter)
-    report = _report(stats, seconds, outputs, baseline, t_macs, d_macs, num_speculative_tokens, temperature)
+    report = _report(stats, seconds, cpu, outputs, baseline, t_macs, d_macs, num_speculative_tokens, temperature)
     report.update(cross_tokenizer=engine.cross_tokenizer, top_p=top_p, top_k=top_k, seed=seed,
                   max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype, num_prompts=len(prompts),
                   prompt_ids=[row_id(r) for r in rows], outputs=outputs,
@@ -139,7 +143,7 @@ def evaluate_pair(target_dir, drafter_dir, rows: list[dict[str, Any]], num_specu
     return report
 
 
-def _report(stats: SpecStats, seconds: float, outputs, baseline, t_macs, d_macs, k: int,
+def _report(stats: SpecStats, seconds: float, cpu: float, outputs, baseline, t_macs, d_macs, k: int,
             temperature: float) -> dict[str, Any]:
     tokens = sum(len(o) for o in outputs)
     tps = tokens / seconds if seconds else 0.0
@@ -161,6 +165,9 @@ def _report(stats: SpecStats, seconds: float, outputs, baseline, t_macs, d_macs,
         "predicted_speedup": predicted_speedup(mal, k, cost),
         "tokens_per_second": tps,
         "seconds": seconds,
+        "cpu_seconds": cpu,
+        "cpu_tokens_per_second": tokens / cpu if cpu else 0.0,
+        "measured_speedup_cpu": None,
         "generated_tokens": tokens,
         "target_passes": stats.target_passes,
         "num_drafts": stats.num_drafts,
@@ -176,6 +183,9 @@ def _report(stats: SpecStats, seconds: float, outputs, baseline, t_macs, d_macs,
         out["baseline_tokens_per_second"] = base_tps
         out["baseline_seconds"] = baseline["seconds"]
         out["measured_speedup"] = tps / base_tps if base_tps else None
+        base_cpu = baseline.get("cpu_seconds")
+        if base_cpu and cpu:
+            out["measured_speedup_cpu"] = base_cpu / baseline["generated_tokens"] * tokens / cpu
         if temperature == 0.0:
             mismatched = [i for i, (a, b) in enumerate(zip(outputs, baseline["outputs"])) if a != b]
             out["lossless"] = not mismatched

@@ -42,6 +42,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         ("cost coefficient c", report["cost_coefficient"]),
         ("predicted speedup MAL / (K·c + 1)", report["predicted_speedup"]),
         ("measured speedup (wall clock vs target-only)", report["measured_speedup"]),
+        ("measured speedup (process CPU time)", report.get("measured_speedup_cpu")),
         ("tokens / s (speculative)", report["tokens_per_second"]),
         ("tokens / s (target-only)", report.get("baseline_tokens_per_second")),
         ("lossless (greedy: outputs equal target-only)", report.get("lossless")),

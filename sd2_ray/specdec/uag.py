@@ -190,7 +190,9 @@ class CrossVocabDrafter:
             generated = history[len(self.prompts[i]):]
             want = self.tr.drafter_context(self.prompts[i], generated)
             keep = common_prefix(want, self.context[i][:self.cached[i]])
-            keep = min(keep, self.cached[i])
+            # the next draft needs logits after the last token: re-feed it when the cache already
+            # covers all the text (the drafter's own drafts can spell the committed text exactly)
+            keep = min(keep, self.cached[i], len(want) - 1)
             drop.append(self.cached[i] - keep)
             self.context[i], self.cached[i] = want, keep
         self.kv.drop_last(torch.tensor(drop))
