@@ -120,7 +120,7 @@ async def run_level(base_url: str, prompts: list[str], clients: int, total: int,
 def spec_stats(url: str) -> dict:
     import httpx
 
-    return httpx.get(f"{url}/v1/spec_stats", timeout=30).json()
+    return httpx.get(f"{url}/spec_stats", timeout=30).json()
 
 
 def print_table(rows: list[dict], mal: float) -> None:
