@@ -29,14 +29,17 @@ def ray_cluster(s3_server):
     ``s3_bucket`` fixture sets later (Ray Data read tasks take their env from the cluster)."""
     import ray
 
-    env = {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR")
+    env = {"HF_HUB_OFFLINE": "1", "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR")
            or os.path.expanduser("~/.cache/sd2/torch_extensions"),
            "AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    # 2 training workers + room for Ray Data's read tasks (logical CPUs; the box has 2 cores)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+    # 2 training workers + room for Ray Data's read tasks (logical CPUs; the box has 2 cores);
+    # ensure_ray passes the environment to every worker and retries a start on a busy machine
+    from sd2_ray.runtime import ensure_ray
+
+    ensure_ray(num_cpus=4, attempts=3)
     yield
     ray.shutdown()
     for key, value in saved.items():
@@ -116,16 +119,21 @@ def test_worker_failure_resumes_from_checkpoint(zero2_run, inputs, tmp_path):
     assert_sparse_and_learned(result, inputs["model"])
 
 
+@pytest.mark.slow
 def test_rerun_after_failed_driver_run_resumes(inputs, tmp_path):
     """A run that dies (no retries left) leaves checkpoints; `sd2 finetune` again continues them."""
     from ray.train.v2.api.exceptions import TrainingFailedError
+
+    from sd2_ray.cli import main
+    from sd2_ray.finetune.trainer import load_result
 
     cfg = finetune(inputs, "rerun", workers=2, zero_stage=2, max_failures=0)
     with pytest.raises(TrainingFailedError):
         run_finetune(cfg, fail_once={"step": 5, "marker": str(tmp_path / "m")})
     assert manifest.read(cfg.output)["status"] == manifest.FAILED
-    result = run_finetune(cfg)
-    assert result.summary["restarts"] == 1
+    assert main(["finetune", "--config", cfg.save(str(tmp_path))]) == 0  # the CLI rerun
+    result = load_result(cfg.output)
+    assert result.summary["restarts"] == 1 and result.summary["steps_done"] == STEPS
     assert [h["step"] for h in result.history if h["restarts"] == 1] == [5, 6]  # from the step-4 checkpoint
     assert manifest.is_complete(cfg.output)
     again = run_finetune(cfg)  # complete: skipped, same metrics
@@ -137,10 +145,31 @@ def test_zero3_on_s3_keeps_sparsity_and_learns(inputs, s3_bucket):
     storage.copy_dir(inputs["model"], f"{base}/pruned")
     write_toy_dataset(f"{base}/distilled", 64)
     cfg = finetune(inputs, "zero3", workers=2, zero_stage=3, model=f"{base}/pruned",
-                   data=f"{base}/distilled", output=f"{base}/drafter")
+                   data=f"{base}/distilled", output=f"{base}/drafter", stream_data=True)
     result = run_finetune(cfg)
     assert_sparse_and_learned(result, inputs["model"])
     keys = storage.list_files(f"{base}/checkpoints/drafter", recursive=True)
     assert any("/step-0000004/" in k and "zero_pp_rank_1" in k for k in keys)  # both ranks' shards
     assert any(k.endswith("/final/model/model.safetensors") for k in keys)
     assert storage.exists(f"{base}/drafter/model.safetensors")
+
+
+@pytest.mark.slow
+def test_kit_drafter_pruned_with_sparsegpt_learns_from_jsonl(kit_dir, tmp_path):
+    """The realistic path: the kit's trained drafter, SparseGPT-pruned to 50 % by the prune
+    stage, fine-tuned on the kit's JSONL prompt rows (their reference responses)."""
+    from sd2_ray.prune.config import PruneConfig
+    from sd2_ray.prune.job import run_prune
+
+    prompts = os.path.join(kit_dir, "prompts", "train.jsonl")
+    pruned = run_prune(PruneConfig(model=os.path.join(kit_dir, "drafter"), calibration=prompts,
+                                   method="sparsegpt", sparsity=0.5, num_samples=32, seq_len=128,
+                                   output=str(tmp_path / "pruned")))
+    cfg = FinetuneConfig(model=pruned, data=prompts, output=str(tmp_path / "drafter"), workers=2,
+                         zero_stage=2, max_steps=12, lr=5e-4, batch_size=8, seq_len=128, checkpoint_every=6)
+    result = run_finetune(cfg)
+    out = storage.local_dir(result.output)
+    masks = load_masks(out)
+    assert masks and masked_weights_nonzero(load_model(out), masks) == 0
+    losses = [h["loss"] for h in result.history]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3

@@ -13,7 +13,8 @@ class FinetuneConfig(StageConfig):
     """Fine-tune a (pruned) drafter on distilled rows, keeping its sparsity masks exact.
 
     Runs a Ray Train TorchTrainer with DeepSpeed ZeRO-2 or ZeRO-3 (gloo on CPU, nccl on GPU),
-    streams the data with Ray Data, checkpoints every N steps to local or s3:// storage and
+    reads the data with Ray Data (once into the object store, or streamed by every worker each
+    epoch with ``stream_data``), checkpoints every N steps to local or s3:// storage and
     resumes from the latest checkpoint after a worker failure or a rerun.
     """
 
@@ -42,6 +43,9 @@ class FinetuneConfig(StageConfig):
     seed: int = Field(0, description="seed of the data shuffle")
     shuffle_buffer: int = Field(10000, ge=0, description="rows in the seeded per-epoch shuffle buffer "
                                                          "(0: keep file order)")
+    stream_data: bool = Field(False, description="stream the rows from storage in every worker each "
+                                                  "epoch (data larger than Ray's object store); default: "
+                                                  "read once into the object store, workers iterate that")
     response_field: str = Field("response", description="column holding the training answer "
                                                         "('response' = the target's distilled answer)")
     checkpoint_every: int = Field(50, ge=1, description="save a checkpoint every N steps")

@@ -163,6 +163,7 @@ def build_dataset(files: list[str]):
         parts.append(ray.data.read_json(jsonl, filesystem=fs, lines=True))
     dataset = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
     dataset.context.enable_progress_bars = False  # one bar per worker per epoch floods the driver log
+    dataset.context.execution_options.preserve_order = True  # file order, whichever read ends first
     return dataset
 
 
@@ -238,7 +239,12 @@ def _fit(config: FinetuneConfig, cfg: dict, files: list[str], callbacks: list | 
     from sd2_ray.runtime import ensure_ray
 
     ensure_ray()
-    trainer = build_trainer(config, cfg, build_dataset(files), callbacks)
+    dataset = build_dataset(files)
+    if not config.stream_data:
+        # One parallel read for the whole run: otherwise every worker re-runs the read
+        # pipeline (tasks, process start-up) every epoch, which dominates small runs.
+        dataset = dataset.materialize()
+    trainer = build_trainer(config, cfg, dataset, callbacks)
     log.info("finetune: %d workers, ZeRO-%d, %d steps, checkpoints in %s", config.workers,
              config.zero_stage, cfg["total_steps"], config.checkpoint_run_dir())
     return trainer.fit()
