@@ -97,8 +97,10 @@ class Pipeline:
             sources["sd2"] = self.prune("sd2", "prune")
         if "layer-pruned-sd" in wanted:
             drop = self.config.drop_layers
-            if drop == "auto":
+            if drop == "auto" and not manifest.is_complete(self.path("pruned", "layers")):
                 drop = matching_layer_drop(self.paths["drafter"], sources["sd2"])
+            elif drop == "auto":
+                drop = 1  # the output is complete and will be reused; any valid count passes validation
             sources["layers"] = self.prune("layers", "layer_prune", method="layers", drop_layers=drop,
                                            sparsity=None, pattern="unstructured")
         dirs = {"dense": self.paths["drafter"]}
