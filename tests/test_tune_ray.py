@@ -136,6 +136,15 @@ def test_asha_stops_absurd_learning_rate(ray_cluster, kit_dir, tmp_path):
     assert json.load(open(os.path.join(out, R.BEST_FILE)))["lr"] == 3e-3
 
 
+RAY_START_TIMEOUT = "timed out during startup"
+
+
+def _ray_start_timed_out(proc, log) -> bool:
+    """The driver died because its local Ray missed the raylet's 30 s start-up window (a
+    saturated box): start it again. Any other exit is a failure of the test."""
+    return proc.poll() is not None and RAY_START_TIMEOUT in open(log).read()
+
+
 def _completed_in_state(exp_dir: str) -> int:
     """Trials Tune's saved experiment state records as TERMINATED with a final result."""
     states = sorted(f for f in os.listdir(exp_dir) if f.startswith("experiment_state")) if os.path.isdir(exp_dir) else []
@@ -161,23 +170,29 @@ def test_restore_after_killed_driver(kit_dir, tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1", "RAY_AUTH_MODE": "disabled"}
     cmd = [sys.executable, "-m", "sd2_ray.cli", "tune", "--config", str(path)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
-                            stdout=open(tmp_path / "first.log", "w"), stderr=subprocess.STDOUT)
     exp = str(out / "search")
-    deadline = time.time() + 600
+    deadline = time.time() + 1800
+    proc = None
     try:
         while _completed_in_state(exp) < 1:
+            if proc is None or _ray_start_timed_out(proc, tmp_path / "first.log"):
+                proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
+                                        stdout=open(tmp_path / "first.log", "w"), stderr=subprocess.STDOUT)
             assert proc.poll() is None, open(tmp_path / "first.log").read()[-3000:]
             assert time.time() < deadline, "no trial completed in time"
             time.sleep(1)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
-        proc.wait()
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+            proc.wait()
     assert not manifest.is_complete(str(out))
     done_before = [t for t in os.listdir(out / "trials") if (out / "trials" / t / "result.json").exists()]
     assert done_before
 
-    second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    for _ in range(3):
+        second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+        if RAY_START_TIMEOUT not in second.stderr:
+            break
     assert second.returncode == 0, second.stderr[-3000:]
     assert "restoring the unfinished search" in second.stderr
     trials = json.load(open(out / R.TRIALS_FILE))

@@ -117,7 +117,8 @@ def run_tune(config: TuneConfig) -> dict[str, Any]:
         raise
     seconds = time.perf_counter() - started
     best = summary["best"]
-    manifest.complete(config.output, STAGE, seconds=round(seconds, 1), trials=summary["trials"],
+    manifest.complete(config.output, STAGE, error=None,  # a restored run clears the failed run's error
+                      seconds=round(seconds, 1), trials=summary["trials"],
                       completed=summary["completed"], stopped_early=summary["stopped_early"],
                       errored=summary["errored"], best_trial=best["trial_id"] if best else None,
                       best_objective=best["objective"] if best else None)
