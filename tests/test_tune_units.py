@@ -12,7 +12,7 @@ import pytest
 from sd2_ray.errors import ConfigError
 from sd2_ray.tune import report as R
 from sd2_ray.tune.config import TuneConfig
-from sd2_ray.tune.space import (finite_or_inf, grid, objective_value, param_space, prune_fields, prune_key,
+from sd2_ray.tune.space import (NO_LIMIT_STEPS, asha_max_t, finite_or_inf, grid, objective_value, param_space, prune_fields, prune_key,
                                 pruning_points)
 
 BASE = dict(output="o", target="t", drafter="d", data="x", eval_prompts="e")
@@ -71,6 +71,13 @@ def test_prune_fields_and_cache_key():
     assert prune_key({**f1, "num_samples": 16}) != prune_key(f1)
     magnitude = prune_fields(config(prune={"method": "magnitude"}), grid(config())[0])
     assert "calibration" not in magnitude
+
+
+def test_asha_horizon_stops_short_of_the_last_step():
+    # a rung at the last step would stop fully trained trials before their eval
+    assert asha_max_t(config(max_steps=8, asha={"grace_period": 2})) == 7
+    assert asha_max_t(config(max_steps=4, asha={"grace_period": 4})) is None  # no rung fits: FIFO
+    assert asha_max_t(config(asha={"grace_period": 50})) == NO_LIMIT_STEPS
 
 
 def test_objective_and_finite_loss():

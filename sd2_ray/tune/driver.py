@@ -10,12 +10,11 @@ from typing import Any
 
 from sd2_ray import storage
 from sd2_ray.tune.config import TuneConfig
-from sd2_ray.tune.space import param_space
+from sd2_ray.tune.space import asha_max_t, param_space
 
 log = logging.getLogger(__name__)
 
 MIN_LOCAL_CPUS = 4
-NO_LIMIT_STEPS = 1_000_000  # ASHA's max_t when the trials run whole epochs (no max_steps)
 
 
 def trainable(config: TuneConfig):
@@ -32,11 +31,16 @@ def scheduler(config: TuneConfig):
     """ASHA on the fine-tuning step axis; FIFO when disabled."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    max_t = asha_max_t(config)
     if not config.asha.enabled:
+        return FIFOScheduler()
+    if max_t is None:
+        log.warning("tune: asha.grace_period %d leaves no rung before the last step (%s); running "
+                    "every trial to the end", config.asha.grace_period, config.max_steps)
         return FIFOScheduler()
     return ASHAScheduler(
         time_attr=config.asha.time_attr, metric=config.asha.metric, mode=config.asha.resolved_mode,
-        max_t=config.max_steps or NO_LIMIT_STEPS, grace_period=config.asha.grace_period,
+        max_t=max_t, grace_period=config.asha.grace_period,
         reduction_factor=config.asha.reduction_factor,
         # The final Train report arrives at max_t; the trial must still evaluate its drafter
         # after it, so reaching max_t must not stop it.

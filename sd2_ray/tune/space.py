@@ -85,6 +85,17 @@ def prune_key(fields: dict[str, Any]) -> str:
     return f"{fields['method']}-{level}-{digest}"
 
 
+NO_LIMIT_STEPS = 1_000_000  # ASHA's horizon when trials run whole epochs (no max_steps)
+
+
+def asha_max_t(config: TuneConfig) -> int | None:
+    """ASHA's max_t, one step short of the trials' last step: ASHA also compares trials at a rung
+    equal to max_t, which would stop fully trained trials right before their eval. None when no
+    rung fits before the last step (grace_period too long): then ASHA cannot stop anything."""
+    max_t = config.max_steps - 1 if config.max_steps else NO_LIMIT_STEPS
+    return max_t if max_t >= config.asha.grace_period else None
+
+
 def objective_value(metrics: dict[str, Any], objective: str) -> float | None:
     """The objective of a finished trial's metrics (None when it was not measured)."""
     key = "mal" if objective == "mal" else "predicted_speedup"
