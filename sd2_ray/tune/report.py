@@ -136,11 +136,12 @@ def plot_pareto(rows: list[dict[str, Any]], front: list[dict[str, Any]], best: d
         ax.annotate(f"s={_fmt(r['sparsity'], '.2g')} lr={_fmt(r['lr'], '.1g')}", (r["drafter_macs"], r["mal"]),
                     fontsize=7, xytext=(3, 3), textcoords="offset points")
     if front:
-        ax.plot([r["drafter_macs"] for r in front], [r["mal"] for r in front], color="tab:orange",
+        ax.plot([r["drafter_macs"] for r in front], [r["mal"] for r in front], color="tab:orange", marker="o",
                 label="Pareto front")
     if best is not None:
         ax.scatter([best["drafter_macs"]], [best["mal"]], s=160, facecolors="none", edgecolors="tab:red",
                    label="best")
+    ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))  # 6-digit MACs overlap otherwise
     ax.set_xlabel("drafter MACs per token (nonzero weights)")
     ax.set_ylabel("mean accepted length (MAL)")
     ax.set_title("Search: MAL vs draft cost")
