@@ -56,9 +56,11 @@ def main() -> None:
 
     ln_vocab = math.log(len(tok))
     table = [
-        ("target held-out loss (nats)", loss, loss_random, f"< {ln_vocab - 3:.2f} (ln V - 3)", loss < ln_vocab - 3),
+        ("target held-out loss (nats)", loss, loss_random, "< 5.25 (test bound)", loss < 5.25),
         ("drafter greedy MAL, K=4", mal, mal_random, "1.2 .. 2.5", 1.2 <= mal <= 2.5),
-        ("build seconds (kit.json)", info["build_seconds"], None, "<= 600", info["build_seconds"] <= 600),
+        ("build wall seconds (kit.json)", info["build_seconds"], None, "<= 600", info["build_seconds"] <= 600),
+        ("build CPU seconds (kit.json)", info.get("build_cpu_seconds", float("nan")), None, "<= 600",
+         info.get("build_cpu_seconds", 0) <= 600),
         ("cached ensure_kit() seconds", ensure_seconds, None, "< 1", ensure_seconds < 1),
     ]
     print(f"kit {kit}  (ln V = {ln_vocab:.3f}, {args.prompts} eval prompts x {args.new_tokens} tokens)")
