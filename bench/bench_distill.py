@@ -88,11 +88,11 @@ def main() -> None:
     from sd2_ray.rows import read_rows
     from sd2_ray.runtime import ensure_ray
 
+    ensure_ray(num_cpus=2, attempts=4)  # first: a busy machine can make the local start slow
     kit = ensure_kit()
     target = kit_paths(kit)["target"]
     rows = read_rows(kit_paths(kit)["train_prompts"])[:args.rows]
     requests = load_requests(target, rows, args.batch_size)
-    ensure_ray(num_cpus=2)
     results = {
         "baseline_1proc_2threads": run_baseline(target, requests, args.max_new_tokens, args.batch_size, 2),
         "ray_1_actor": run_ray(target, requests, args.max_new_tokens, args.batch_size, 1),

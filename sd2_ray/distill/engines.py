@@ -132,11 +132,14 @@ def apply_transformers(ds, model_dir: str, config) -> Any:
                 "trust_remote_code": config.trust_remote_code}
     import warnings
 
+    import ray
+
     with warnings.catch_warnings():  # max_restarts has no named parameter yet in Ray 2.60
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         return ds.map_batches(
             TransformersBatchUDF, fn_constructor_kwargs={"model_dir": model_dir, "settings": settings},
-            concurrency=config.actors, batch_size=config.batch_size, num_cpus=config.cpus_per_actor,
+            compute=ray.data.ActorPoolStrategy(size=config.actors), batch_size=config.batch_size,
+            num_cpus=config.cpus_per_actor,
             num_gpus=config.gpus_per_actor or None, max_restarts=config.max_restarts,
             max_task_retries=-1 if config.max_restarts != 0 else 0)
 
