@@ -160,7 +160,7 @@ def build_dataset(files: list[str]):
     if parquet:
         parts.append(ray.data.read_parquet(parquet, filesystem=fs))
     if jsonl:
-        parts.append(ray.data.read_json(jsonl, filesystem=fs, lines=True))
+        parts.append(ray.data.read_json(jsonl, filesystem=fs))  # pyarrow reads newline-delimited JSON
     dataset = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
     dataset.context.enable_progress_bars = False  # one bar per worker per epoch floods the driver log
     dataset.context.execution_options.preserve_order = True  # file order, whichever read ends first
