@@ -46,6 +46,17 @@ def s3_bucket(s3_server, monkeypatch):
 
 
 @pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test: math tests are faster and steadier on a shared 2-core box."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def tiny_llama():
     from sd2_ray.models.tiny import tiny_model
 

@@ -14,12 +14,7 @@ from sd2_ray.models.sparsity import check_nm, load_masks, masked_weights_nonzero
 from sd2_ray.prune.verify import verify_pruned
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

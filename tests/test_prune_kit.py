@@ -30,12 +30,7 @@ from sd2_ray.prune.sparsegpt import Hessian, sparsegpt_prune
 from sd2_ray.prune.wanda import InputNorms, wanda_prune
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def kit_data(kit_dir, part, num_samples=64):

@@ -13,12 +13,7 @@ from sd2_ray.prune.calibration import render_sample, tokenize_samples
 from sd2_ray.prune.layers import angular_distances, drop_blocks, layer_prune
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,7 @@ from sd2_ray.prune.sequential import decoder_blocks, prune_model
 from sd2_ray.prune.sparsegpt import Hessian, sparsegpt_prune
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
