@@ -21,12 +21,7 @@ ROWS = [{"id": "a", "prompt": "the cat sat on"}, {"id": "b", "messages": [{"role
         {"prompt": "An answer: 4"}, {"id": "d", "prompt": "x"}, {"id": "e", "prompt": "why the sky"}]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

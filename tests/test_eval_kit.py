@@ -11,12 +11,7 @@ from sd2_ray.models.io import load_model
 from sd2_ray.rows import read_rows
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("drafter,batch,prompts,tokens,k", [("drafter", 4, 4, 24, 3), ("drafter-uag", 4, 4, 24, 3),

@@ -15,13 +15,7 @@ from sd2_ray.prune.sparsegpt import Hessian, inverse_hessian_factor, sparsegpt_p
 from sd2_ray.prune.wanda import InputNorms, wanda_prune
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Other jobs share the 2 cores; OpenMP spinning on 2 threads is then ~10x slower than 1.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def correlated_inputs(tokens: int, cols: int, seed: int = 0) -> torch.Tensor:

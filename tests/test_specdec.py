@@ -41,13 +41,7 @@ def hf_greedy(model, prompt: list[int], n: int, eos: int | None = 2) -> list[int
     return out[0, len(prompt):].tolist()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core box threads thrash."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "gpt_neox"])

@@ -14,12 +14,7 @@ torch.set_grad_enabled(False)
 TEXTS = ["hello there", "the cat sat on the", "x", "An answer: 42"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
