@@ -8,6 +8,7 @@ output counts as finished only when its ``manifest.json`` says ``complete`` (see
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import io
 import json
@@ -15,9 +16,10 @@ import os
 import shutil
 import tempfile
 import uuid
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -194,11 +196,16 @@ def cache_root() -> str:
     return os.environ.get("SD2_CACHE_DIR") or os.path.join(Path.home(), ".cache", "sd2")
 
 
-def local_dir(path: str) -> str:
+def local_dir(path: str, include: Sequence[str] | None = None) -> str:
     """A local directory holding ``path``'s files: itself if local, else a cached download.
 
-    Downloads go to a temp folder renamed into the cache when whole, so an interrupted
-    download is never reused.
+    ``include``: ``fnmatch`` patterns of the relative file paths to fetch (e.g. only a model's
+    config and tokenizer, not its weights); None fetches every file. Each (path, include) pair
+    has its own cache entry, fresh while the remote file list and sizes are unchanged.
+
+    Safe for concurrent callers (several actors on one node): one process downloads under a
+    file lock into a temp folder renamed into place when whole; the others wait for the lock
+    and then find the fresh copy. An interrupted download is never reused.
     """
     if not is_s3(path):
         if not os.path.isdir(path):
@@ -206,42 +213,81 @@ def local_dir(path: str) -> str:
         return os.path.abspath(path)
     if not is_dir(path):
         raise FileNotFoundError(f"{path}: no such directory")
-    key = hashlib.sha256(path.rstrip("/").encode()).hexdigest()[:16]
+    patterns = tuple(include) if include is not None else None
+    key_source = path.rstrip("/") + ("" if patterns is None else "\0" + "\0".join(patterns))
+    key = hashlib.sha256(key_source.encode()).hexdigest()[:16]
     target = os.path.join(cache_root(), "s3", f"{basename(path)}-{key}")
-    if os.path.isdir(target) and _cache_is_fresh(path, target):
+    files = _listing(path, patterns)
+    if _cache_is_fresh(files, target):
         return target
-    tmp = tempfile.mkdtemp(prefix="dl-", dir=os.path.dirname(target) if _mk(os.path.dirname(target)) else None)
-    copy_dir(path, tmp)
-    _write_listing(path, tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with _file_lock(target + ".lock"):
+        files = _listing(path, patterns)
+        if _cache_is_fresh(files, target):  # another process finished it while we waited
+            return target
+        tmp = tempfile.mkdtemp(prefix=".dl-", dir=os.path.dirname(target))
+        try:
+            _download(path, tmp, patterns, files)
+            with open(os.path.join(tmp, SOURCE_FILE), "w") as f:
+                json.dump({"source": path, "include": patterns, "files": files}, f)
+            _replace_dir(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
-def _mk(d: str) -> bool:
-    os.makedirs(d, exist_ok=True)
-    return True
+SOURCE_FILE = ".sd2-source.json"
 
 
-def _listing(path: str) -> list[list]:
+@contextmanager
+def _file_lock(lock_path: str) -> Iterator[None]:
+    import fcntl
+
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the handle closes
+        yield
+
+
+def _download(path: str, dest: str, patterns: tuple[str, ...] | None, files: list[list]) -> None:
+    if patterns is None:
+        copy_dir(path, dest)
+        return
+    for rel, _size in files:
+        src_fs, src_inner = filesystem(path + "/" + rel)
+        out = os.path.join(dest, rel)
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        pafs.copy_files(src_inner, out, source_filesystem=src_fs, destination_filesystem=pafs.LocalFileSystem())
+
+
+def _replace_dir(new: str, target: str) -> None:
+    """Move ``new`` to ``target``; a stale ``target`` is moved aside first (rename is atomic)."""
+    if os.path.isdir(target):
+        old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(target))
+        os.replace(target, os.path.join(old, "dir"))
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)
+
+
+def _listing(path: str, patterns: tuple[str, ...] | None = None) -> list[list]:
+    """[relative path, size] of the files under ``path`` (matching ``patterns`` if given)."""
     fs, inner = filesystem(path)
     infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
-    return sorted([i.path[len(inner):], i.size] for i in infos if i.type == pafs.FileType.File)
+    files = sorted([i.path[len(inner):].lstrip("/"), i.size] for i in infos if i.type == pafs.FileType.File)
+    if patterns is None:
+        return files
+    return [f for f in files if any(fnmatch.fnmatchcase(f[0], p) for p in patterns)]
 
 
-def _write_listing(path: str, target: str) -> None:
-    with open(os.path.join(target, ".sd2-source.json"), "w") as f:
-        json.dump({"source": path, "files": _listing(path)}, f)
-
-
-def _cache_is_fresh(path: str, target: str) -> bool:
+def _cache_is_fresh(files: list[list], target: str) -> bool:
     """The cached copy matches the remote file list and sizes (a changed prefix is re-downloaded)."""
     try:
-        with open(os.path.join(target, ".sd2-source.json")) as f:
+        with open(os.path.join(target, SOURCE_FILE)) as f:
             saved = json.load(f)
     except (OSError, ValueError):
         return False
-    return saved.get("files") == _listing(path)
+    return saved.get("files") == files
 
 
 def publish_dir(local: str, dest: str) -> None:

@@ -14,28 +14,66 @@ from sd2_ray.errors import DataError
 
 WEIGHT_SUFFIXES = (".safetensors",)
 
+# The small files of a model dir: everything a driver needs to plan work (tokenize prompts, read
+# the architecture, EOS ids, chat template, sparsity report) without the weights.
+METADATA_FILES = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
+                  "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "spiece.model",
+                  "chat_template*", "*.jinja", "sparsity.json")
+
+
+def check_model_dir(path: str) -> None:
+    """Raise DataError unless ``path`` (local or s3://) is an HF model dir with safetensors
+    weights; reads only the file listing, never downloads."""
+    if not storage.is_dir(path):
+        raise DataError(f"{path}: model directory not found")
+    names = {storage.basename(f) for f in storage.list_files(path)}
+    _check_names(path, names)
+
+
+def _check_names(path: str, names: set[str]) -> None:
+    if "config.json" not in names:
+        raise DataError(f"{path}: not a Hugging Face model directory (no config.json)")
+    if not any(n.endswith(WEIGHT_SUFFIXES) for n in names):
+        raise DataError(f"{path}: model directory has no safetensors weights")
+
 
 def resolve_model_dir(path: str) -> str:
-    """Local directory of a model given as a local path or s3:// prefix, checked for weights."""
+    """Local directory of a model given as a local path or s3:// prefix, checked for weights.
+
+    Downloads the whole model when ``path`` is on S3: call it where the weights are loaded (in
+    the actor/worker/task), not on a driver that only needs metadata (:func:`model_metadata_dir`).
+    """
     try:
         local = storage.local_dir(path)
     except FileNotFoundError:
         raise DataError(f"{path}: model directory not found") from None
-    if not os.path.isfile(os.path.join(local, "config.json")):
-        raise DataError(f"{path}: not a Hugging Face model directory (no config.json)")
-    if not any(f.endswith(WEIGHT_SUFFIXES) for f in os.listdir(local)):
-        raise DataError(f"{path}: model directory has no safetensors weights")
+    _check_names(path, set(os.listdir(local)))
     return local
 
 
-def load_model(path: str, dtype: Any = None, trust_remote_code: bool = False, device: str = "cpu"):
+def model_metadata_dir(path: str, extra: tuple[str, ...] = ()) -> str:
+    """Local directory with only the small files of a model (:data:`METADATA_FILES` plus the
+    ``extra`` patterns), for a driver: an s3:// model's weights are not downloaded. The model
+    dir is checked first (config.json and weights present) from its listing."""
+    check_model_dir(path)
+    return storage.local_dir(path, include=METADATA_FILES + tuple(extra))  # a local dir is used as is
+
+
+def load_model(path: str, dtype: Any = None, trust_remote_code: bool = False, device: Any = "cpu",
+               device_map: Any = None):
+    """A causal LM in eval mode, on ``device`` (loaded straight onto it, no CPU copy first), or
+    placed by an accelerate ``device_map`` (e.g. ``"auto"``: a model too big for one GPU sharded
+    over the visible GPUs of this process); ``device_map`` wins over ``device``."""
     import torch
     from transformers import AutoModelForCausalLM
 
     local = resolve_model_dir(path)
+    if device_map is None and str(device) != "cpu":
+        device_map = {"": str(device)}
     model = AutoModelForCausalLM.from_pretrained(
-        local, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True)
-    return model.to(device).eval()
+        local, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True,
+        device_map=device_map)
+    return (model if device_map is not None else model.to(device)).eval()
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
