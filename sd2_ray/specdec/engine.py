@@ -11,6 +11,10 @@ target scores ``[uncached committed tokens, drafts]`` in one forward on its KV c
 accepts its own prefix (greedy: equal to the target's argmax; sampling: min(1, p/q) with the
 residual resample and bonus token); rejected drafts become holes in the caches
 (:mod:`sd2_ray.specdec.kv`), so nothing is ever recomputed.
+
+Devices: every tensor of the loop lives on the target's input device; the drafter works on its
+own device (it may be another GPU) and hands drafts and probabilities back on the target's.
+Per-request generators stay on the CPU, so a seed gives the same draws on any device.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sd2_ray.models.device import input_device
 from sd2_ray.specdec.kv import RaggedKV
 from sd2_ray.specdec.sampling import RowParams, pick, verify
 from sd2_ray.specdec.types import GenerationRequest, GenerationResult, SpecStats, TokenCallback
@@ -54,26 +59,30 @@ def fit_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:
     return torch.cat([logits, pad], dim=-1)
 
 
-def right_aligned(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def right_aligned(seqs: list[list[int]], device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Token lists of different lengths as one (B, W) chunk, holes on the left."""
     width = max(len(s) for s in seqs)
-    tokens = torch.tensor([[0] * (width - len(s)) + s for s in seqs], dtype=torch.long)
-    real = torch.tensor([[False] * (width - len(s)) + [True] * len(s) for s in seqs], dtype=torch.bool)
+    tokens = torch.tensor([[0] * (width - len(s)) + s for s in seqs], dtype=torch.long, device=device)
+    real = torch.tensor([[False] * (width - len(s)) + [True] * len(s) for s in seqs], dtype=torch.bool,
+                        device=device)
     return tokens, real
 
 
 class SameVocabDrafter:
     """Chain drafting with a drafter that shares the target's token ids."""
 
-    def __init__(self, model, prompts: list[list[int]], vocab: int):
+    def __init__(self, model, prompts: list[list[int]], vocab: int, out_device=None):
         self.kv = RaggedKV(model, len(prompts))
+        self.device = self.kv.device  # the drafter's own device
+        self.out_device = out_device if out_device is not None else self.device  # the target's
         self.vocab = vocab
         self.pending: list[list[int]] = [list(p) for p in prompts]  # committed ids not in the cache
         self.last_draft: torch.Tensor | None = None
 
     def propose(self, k: int, rp: RowParams, uniforms: torch.Tensor, history=None):
-        tokens, real = right_aligned(self.pending)
+        tokens, real = right_aligned(self.pending, self.device)
         logits = self.kv.forward(tokens, real, logits_to_keep=1)[:, -1]
+        rp, uniforms = rp.to(self.device), uniforms.to(self.device)
         drafts, probs = [], []
         for j in range(k):
             token, prob = pick(fit_vocab(logits, self.vocab), rp, uniforms[:, j])
@@ -84,21 +93,23 @@ class SameVocabDrafter:
                                          .unsqueeze(1), logits_to_keep=1)[:, -1]
         self.last_draft = drafts[-1]
         self.pending = [[] for _ in self.pending]
-        draft_probs = None if probs[0] is None else torch.stack(probs, dim=1)
-        return torch.stack(drafts, dim=1), torch.full((len(drafts[0]),), k, dtype=torch.long), draft_probs
+        draft_probs = None if probs[0] is None else torch.stack(probs, dim=1).to(self.out_device)
+        draft_len = torch.full((len(drafts[0]),), k, dtype=torch.long, device=self.out_device)
+        return torch.stack(drafts, dim=1).to(self.out_device), draft_len, draft_probs
 
     def commit(self, k: int, accepted: list[int], next_tokens: list[int], new_tokens=None, history=None):
         if k == 0:
             for pending, token in zip(self.pending, next_tokens):
                 pending.append(token)
             return
-        self.kv.drop_last(torch.tensor([k - 1 - min(a, k - 1) for a in accepted]))
+        self.kv.drop_last(torch.tensor([k - 1 - min(a, k - 1) for a in accepted], dtype=torch.long,
+                                       device=self.device))
         last = self.last_draft.tolist()
         self.pending = [([last[i]] if a == k else []) + [t]
                         for i, (a, t) in enumerate(zip(accepted, next_tokens))]
 
     def select(self, rows: list[int]) -> None:
-        self.kv.select(torch.tensor(rows))
+        self.kv.select(torch.tensor(rows, dtype=torch.long, device=self.device))
         self.pending = [self.pending[i] for i in rows]
 
 
@@ -139,13 +150,16 @@ class SpeculativeEngine:
         self.max_batch_size = max_batch_size
         self.accept_rule = accept_rule  # tests swap in a wrong rule to show the checks catch it
         self.vocab = output_vocab_size(target_model)
+        self.device = input_device(self.target)
+        self.drafter_device = input_device(self.drafter) if self.drafter is not None else None
         self.translator = None
         if self.drafter is not None and self.num_speculative_tokens:
             from sd2_ray.specdec.uag import needs_translation, Translator
 
             if needs_translation(target_tokenizer, drafter_tokenizer):
                 self.translator = Translator(target_tokenizer, drafter_tokenizer, self.vocab,
-                                             eos_ids_of(drafter_model, drafter_tokenizer))
+                                             eos_ids_of(drafter_model, drafter_tokenizer),
+                                             device=self.drafter_device)
 
     @property
     def cross_tokenizer(self) -> bool:
@@ -153,12 +167,17 @@ class SpeculativeEngine:
 
     @classmethod
     def from_dirs(cls, target_dir: str, drafter_dir: str | None = None, num_speculative_tokens: int = 4,
-                  dtype=torch.float32, **kwargs) -> "SpeculativeEngine":
+                  dtype=torch.float32, *, device="cpu", drafter_device=None, device_map=None,
+                  **kwargs) -> "SpeculativeEngine":
+        """Load a pair: the target on ``device`` (or placed by an accelerate ``device_map``, e.g.
+        "auto" to shard it over the visible GPUs), the drafter on ``drafter_device`` (default:
+        the target's input device)."""
         from sd2_ray.models.io import load_model, load_tokenizer
 
-        target = load_model(target_dir, dtype=dtype)
+        target = load_model(target_dir, dtype=dtype, device=device, device_map=device_map)
         target_tok = load_tokenizer(target_dir)
-        drafter = load_model(drafter_dir, dtype=dtype) if drafter_dir else None
+        drafter_device = drafter_device or input_device(target)
+        drafter = load_model(drafter_dir, dtype=dtype, device=drafter_device) if drafter_dir else None
         drafter_tok = load_tokenizer(drafter_dir) if drafter_dir else None
         return cls(target, drafter, num_speculative_tokens, target_tok, drafter_tok, **kwargs)
 
@@ -189,8 +208,8 @@ class SpeculativeEngine:
         if self.translator is not None:
             from sd2_ray.specdec.uag import CrossVocabDrafter
 
-            return CrossVocabDrafter(self.drafter, self.translator, prompts)
-        return SameVocabDrafter(self.drafter, prompts, self.vocab)
+            return CrossVocabDrafter(self.drafter, self.translator, prompts, out_device=self.device)
+        return SameVocabDrafter(self.drafter, prompts, self.vocab, out_device=self.device)
 
     def _generate_batch(self, requests, offset: int, on_tokens) -> list[GenerationResult]:
         rows = [self._new_row(offset, i, r) for i, r in enumerate(requests)]
@@ -204,7 +223,7 @@ class SpeculativeEngine:
 
     def _decode(self, rows: list[_Row], on_tokens) -> None:
         prompts = [list(row.request.prompt_ids) for row in rows]
-        rp = RowParams.from_params([row.request.sampling for row in rows])
+        rp = RowParams.from_params([row.request.sampling for row in rows], device=self.device)
         target_kv = RaggedKV(self.target, len(rows))
         drafter = self._new_drafter(prompts, rp)
         pending: list[list[int]] = prompts  # committed target ids not yet in the target cache
@@ -217,14 +236,15 @@ class SpeculativeEngine:
             if k > 0:
                 drafts, draft_len, draft_probs = drafter.propose(k, rp, uniforms[:, :k], histories)
                 # a row never drafts past its own budget, so its tokens don't depend on its batch
-                budget = torch.tensor([row.remaining - 1 for row in rows])
+                budget = torch.tensor([row.remaining - 1 for row in rows], dtype=torch.long,
+                                      device=self.device)
                 draft_len = torch.minimum(draft_len, budget)
                 width = int(draft_len.max())  # cross-tokenizer rows may all propose fewer than k
                 drafts = drafts[:, :width]
                 draft_probs = draft_probs[:, :width] if draft_probs is not None else None
             else:
-                drafts = torch.zeros(len(rows), 0, dtype=torch.long)
-                draft_len, draft_probs = torch.zeros(len(rows), dtype=torch.long), None
+                drafts = torch.zeros(len(rows), 0, dtype=torch.long, device=self.device)
+                draft_len, draft_probs = torch.zeros(len(rows), dtype=torch.long, device=self.device), None
             logits = self._score(target_kv, pending, drafts, draft_len)
             accepted, next_token = verify(logits, drafts, draft_len, draft_probs, rp,
                                           uniforms[:, K:K + drafts.shape[1]], uniforms[:, 2 * K], self.accept_rule)
@@ -244,7 +264,7 @@ class SpeculativeEngine:
                 rows, pending = [rows[i] for i in keep], [pending[i] for i in keep]
                 histories = [histories[i] for i in keep]
                 if keep:
-                    index = torch.tensor(keep)
+                    index = torch.tensor(keep, dtype=torch.long, device=self.device)
                     target_kv.select(index)
                     rp = rp.select(index)
                     if drafter is not None:
@@ -253,13 +273,16 @@ class SpeculativeEngine:
     def _uniforms(self, rows: list[_Row]) -> torch.Tensor:
         """(B, 2K+1) uniforms per row from its own generator, the same layout every pass (so a
         seeded request's draws don't depend on its batch): [0, K) drafting, [K, 2K) acceptance
-        tests, 2K the resample / bonus token. Greedy rows draw nothing."""
+        tests, 2K the resample / bonus token. Greedy rows draw nothing. Drawn on the CPU (the
+        generators live there, so a seed means the same draws on any device), then moved."""
         size = 2 * self.num_speculative_tokens + 1
-        out = torch.zeros(len(rows), size)
+        if all(row.generator is None for row in rows):
+            return torch.zeros(len(rows), size, device=self.device)
+        out = torch.zeros(len(rows), size, device="cpu")
         for i, row in enumerate(rows):
             if row.generator is not None:
                 out[i] = torch.rand(size, generator=row.generator)
-        return out
+        return out.to(self.device)
 
     def _score(self, kv: RaggedKV, pending: list[list[int]], drafts: torch.Tensor,
                draft_len: torch.Tensor) -> torch.Tensor:
@@ -267,17 +290,19 @@ class SpeculativeEngine:
         width = drafts.shape[1]
         lens = draft_len.tolist()
         if all(len(p) == 1 for p in pending) and all(m == width for m in lens):
-            tokens = torch.cat([torch.tensor(pending, dtype=torch.long), drafts], dim=1)
+            tokens = torch.cat([torch.tensor(pending, dtype=torch.long, device=self.device), drafts], dim=1)
             real = torch.ones_like(tokens, dtype=torch.bool)
         else:
             draft_lists = drafts.tolist()
-            tokens, real = right_aligned([p + d[:m] for p, d, m in zip(pending, draft_lists, lens)])
+            tokens, real = right_aligned([p + d[:m] for p, d, m in zip(pending, draft_lists, lens)],
+                                         self.device)
         logits = kv.forward(tokens, real, logits_to_keep=width + 1)
         if all(m == width for m in lens):
             return logits
         # row i's drafts end at the last column, so its window starts (width - m_i) columns later
         shift = width - draft_len
-        index = (shift.unsqueeze(1) + torch.arange(width + 1).unsqueeze(0)).clamp_(max=width)
+        columns = torch.arange(width + 1, device=self.device)
+        index = (shift.unsqueeze(1) + columns.unsqueeze(0)).clamp_(max=width)
         return logits.gather(1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
 
     def _commit(self, row: _Row, tokens: list[int], accepted: int, drafted: int, k: int,

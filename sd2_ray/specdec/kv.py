@@ -8,6 +8,10 @@ would have without holes. Attention is invariant to the physical order of cached
 key carries its own position), and new tokens always come after every cached slot, so holes
 anywhere are correct. Holes are trimmed when a column is empty in every row and compacted
 away (a stable per-row gather) when they grow beyond a fraction of the cache.
+
+Device: the bookkeeping tensors live where the model takes its inputs (``self.device``); chunks
+are moved there and logits are returned there (a model sharded with a ``device_map`` may put
+its last layers, hence its logits and some cache layers, on other GPUs).
 """
 from __future__ import annotations
 
@@ -20,14 +24,19 @@ class RaggedKV:
     def __init__(self, model, batch_size: int):
         from transformers import DynamicCache
 
+        from sd2_ray.models.device import input_device
+
         self.model = model
+        self.device = input_device(model)
         self.cache = DynamicCache(config=model.config)
-        self.real = torch.zeros(batch_size, 0, dtype=torch.bool)  # (B, L): slot holds a real token
-        self.lengths = torch.zeros(batch_size, dtype=torch.long)  # real tokens per row
+        # (B, L): slot holds a real token
+        self.real = torch.zeros(batch_size, 0, dtype=torch.bool, device=self.device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # real tokens per row
 
     def forward(self, tokens: torch.Tensor, real: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
         """Append a chunk (B, W) whose ``real`` slots are tokens and the rest holes; return logits
-        of the last ``logits_to_keep`` columns (all when 0)."""
+        of the last ``logits_to_keep`` columns (all when 0), on ``self.device``."""
+        tokens, real = tokens.to(self.device), real.to(self.device)
         mask = torch.cat([self.real, real], dim=1)
         if bool(mask.all()):
             # no holes anywhere: slot index == position, and HF's mask-free causal path is faster
@@ -39,10 +48,11 @@ class RaggedKV:
                          past_key_values=self.cache, use_cache=True, logits_to_keep=logits_to_keep)
         self.real = mask
         self.lengths = self.lengths + real.sum(1)
-        return out.logits
+        return out.logits.to(self.device)
 
     def drop_last(self, counts: torch.Tensor) -> None:
         """Turn the last ``counts[i]`` real tokens of row i into holes (rejected drafts)."""
+        counts = counts.to(self.device)
         if not bool((counts > 0).any()):
             return
         real_from_end = self.real.flip(1).long().cumsum(1).flip(1)  # real slots at or after each slot
@@ -52,7 +62,10 @@ class RaggedKV:
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only these rows (finished requests leave the batch)."""
-        self.cache.batch_select_indices(rows)
+        rows = rows.to(self.device)
+        for layer in self.cache.layers:  # each layer's keys may sit on its own GPU (device_map)
+            keys = getattr(layer, "keys", None)
+            layer.batch_select_indices(rows.to(keys.device) if keys is not None else rows)
         self.real, self.lengths = self.real[rows], self.lengths[rows]
         self._tidy()
 
@@ -87,7 +100,7 @@ class RaggedKV:
         order = torch.sort(self.real.long(), dim=1, stable=True).indices  # holes first, order kept
         for layer in self._layers():
             b, h, _, d = layer.keys.shape
-            index = order.view(b, 1, -1, 1).expand(b, h, -1, d)
+            index = order.to(layer.keys.device).view(b, 1, -1, 1).expand(b, h, -1, d)
             layer.keys = layer.keys.gather(2, index)
             layer.values = layer.values.gather(2, index)
         self.real = self.real.gather(1, order)

@@ -24,14 +24,21 @@ class RowParams:
     top_p: torch.Tensor  # float, 1.0 = off
 
     @classmethod
-    def from_params(cls, params: list[SamplingParams]) -> "RowParams":
-        return cls(greedy=torch.tensor([p.greedy for p in params], dtype=torch.bool),
-                   temperature=torch.tensor([p.temperature if not p.greedy else 1.0 for p in params]),
-                   top_k=torch.tensor([max(0, p.top_k) for p in params], dtype=torch.long),
-                   top_p=torch.tensor([p.top_p for p in params]))
+    def from_params(cls, params: list[SamplingParams], device=None) -> "RowParams":
+        return cls(greedy=torch.tensor([p.greedy for p in params], dtype=torch.bool, device=device),
+                   temperature=torch.tensor([p.temperature if not p.greedy else 1.0 for p in params],
+                                            dtype=torch.float32, device=device),
+                   top_k=torch.tensor([max(0, p.top_k) for p in params], dtype=torch.long, device=device),
+                   top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device))
 
     def select(self, rows: torch.Tensor) -> "RowParams":
+        rows = rows.to(self.greedy.device)
         return RowParams(self.greedy[rows], self.temperature[rows], self.top_k[rows], self.top_p[rows])
+
+    def to(self, device) -> "RowParams":
+        """The same rows on another device (a drafter on its own GPU); no copy when already there."""
+        return RowParams(self.greedy.to(device), self.temperature.to(device), self.top_k.to(device),
+                         self.top_p.to(device))
 
     @property
     def all_greedy(self) -> bool:
@@ -53,7 +60,7 @@ def warp_probs(logits: torch.Tensor, rp: RowParams) -> torch.Tensor:
         return torch.softmax(logits, dim=-1)
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     vocab = logits.shape[-1]
-    rank = torch.arange(vocab).view(1, 1, -1)
+    rank = torch.arange(vocab, device=logits.device).view(1, 1, -1)
     k = torch.where(rp.top_k > 0, rp.top_k, torch.full_like(rp.top_k, vocab)).view(-1, 1, 1)
     sorted_logits = sorted_logits.masked_fill(rank >= k, float("-inf"))
     sorted_probs = torch.softmax(sorted_logits, dim=-1)
@@ -103,7 +110,7 @@ def verify(target_logits: torch.Tensor, drafts: torch.Tensor, draft_len: torch.T
     that a wrong rule is caught).
     """
     k = drafts.shape[1]
-    in_draft = torch.arange(k).unsqueeze(0) < draft_len.unsqueeze(1)
+    in_draft = torch.arange(k, device=drafts.device).unsqueeze(0) < draft_len.unsqueeze(1)
     argmax = target_logits.argmax(dim=-1)  # (B, k+1)
     ok = drafts == argmax[:, :k]
     probs = None
@@ -118,7 +125,7 @@ def verify(target_logits: torch.Tensor, drafts: torch.Tensor, draft_len: torch.T
     next_token = argmax.gather(1, accepted.unsqueeze(1)).squeeze(1)
     if probs is None:
         return accepted, next_token
-    rows = torch.arange(len(accepted))
+    rows = torch.arange(len(accepted), device=accepted.device)
     dist = probs[rows, accepted]  # (B, V): p at the first rejected position, or the bonus position
     if k:
         rejected = accepted < draft_len

@@ -64,7 +64,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 class Translator:
     """What is shared by all batches of one cross-tokenizer pair: the vocabulary map."""
 
-    def __init__(self, target_tok, drafter_tok, target_vocab: int, drafter_eos_ids=()):
+    def __init__(self, target_tok, drafter_tok, target_vocab: int, drafter_eos_ids=(), device=None):
         if target_tok is None or drafter_tok is None:
             raise ValueError("a cross-tokenizer pair needs both tokenizers")
         self.target_tok, self.drafter_tok = target_tok, drafter_tok
@@ -79,7 +79,7 @@ class Translator:
             for e in set(drafter_eos_ids) | {drafter_tok.eos_token_id}:
                 if e is not None and e < len(d2t):
                     d2t[e] = target_eos
-        self.drafter_to_target = torch.tensor(d2t, dtype=torch.long)
+        self.drafter_to_target = torch.tensor(d2t, dtype=torch.long, device=device)  # on the drafter's device
         self.shared = self.drafter_to_target >= 0
         logger.info("cross-tokenizer pair: %d of %d drafter tokens exist in the target vocabulary",
                     int(self.shared.sum()), len(d2t))
@@ -125,27 +125,30 @@ class Translator:
 class CrossVocabDrafter:
     """Drafts target ids with a drafter that has another tokenizer (see module docstring)."""
 
-    def __init__(self, model, translator: Translator, prompts: list[list[int]]):
+    def __init__(self, model, translator: Translator, prompts: list[list[int]], out_device=None):
         self.tr = translator
         self.kv = RaggedKV(model, len(prompts))
+        self.device = self.kv.device  # the drafter's own device
+        self.out_device = out_device if out_device is not None else self.device  # the target's
         self.prompts = [list(p) for p in prompts]
         self.prompt_ctx = [translator.drafter_prompt(p) for p in prompts]
         self.context = [list(c) for c in self.prompt_ctx]  # drafter ids the drafter should see
         self.cached = [0] * len(prompts)  # how many of them are in its cache
-        self.shared = translator.shared
-        self.d2t = translator.drafter_to_target
+        self.shared = translator.shared.to(self.device)
+        self.d2t = translator.drafter_to_target.to(self.device)
 
     def propose(self, k: int, rp: RowParams, uniforms: torch.Tensor, histories: list[list[int]]):
         from sd2_ray.specdec.engine import right_aligned
 
-        tokens, real = right_aligned([c[n:] for c, n in zip(self.context, self.cached)])
+        tokens, real = right_aligned([c[n:] for c, n in zip(self.context, self.cached)], self.device)
         logits = self.kv.forward(tokens, real, logits_to_keep=1)[:, -1]
+        rp, uniforms = rp.to(self.device), uniforms.to(self.device)
         greedy_rows = rp.greedy.unsqueeze(1)
         drafted, probs = [], []
         for j in range(k):
             vocab = logits.shape[-1]
             shared = self.shared[:vocab] if len(self.shared) >= vocab else torch.cat(
-                [self.shared, torch.zeros(vocab - len(self.shared), dtype=torch.bool)])
+                [self.shared, torch.zeros(vocab - len(self.shared), dtype=torch.bool, device=self.device)])
             # sampled rows only ever draft shared tokens (intersection); greedy rows draft freely
             restricted = logits.masked_fill(~shared & ~greedy_rows, float("-inf"))
             token, prob = pick(restricted, rp, uniforms[:, j])
@@ -161,8 +164,7 @@ class CrossVocabDrafter:
             self.cached[i] = len(self.context[i])
         greedy = rp.greedy.tolist()
         mapped = self.d2t[drafted_ids.clamp(max=len(self.d2t) - 1)].clamp(min=0).tolist()
-        drafts = torch.zeros(len(greedy), k, dtype=torch.long)
-        draft_len = torch.zeros(len(greedy), dtype=torch.long)
+        rows, lens = [], []
         for i, is_greedy in enumerate(greedy):
             if is_greedy:
                 context = self.context[i][:len(self.context[i]) - (k - 1)]
@@ -170,8 +172,11 @@ class CrossVocabDrafter:
                 ids = self.tr.target_candidates(histories[i], text, k)
             else:
                 ids = mapped[i]
-            drafts[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-            draft_len[i] = len(ids)
+            rows.append(list(ids) + [0] * (k - len(ids)))  # padding past draft_len is never read
+            lens.append(len(ids))
+        # built in Python and copied once (not one small copy per row) onto the target's device
+        drafts = torch.tensor(rows, dtype=torch.long, device=self.out_device).view(len(rows), k)
+        draft_len = torch.tensor(lens, dtype=torch.long, device=self.out_device)
         return drafts, draft_len, self._target_probs(probs)
 
     def _target_probs(self, probs: list) -> torch.Tensor | None:
@@ -182,7 +187,7 @@ class CrossVocabDrafter:
         vocab = min(q.shape[-1], len(self.d2t))
         q, d2t, shared = q[..., :vocab], self.d2t[:vocab], self.shared[:vocab]
         out = q.new_zeros(q.shape[:-1] + (self.tr.target_vocab,))
-        return out.index_add_(-1, d2t[shared], q[..., shared])
+        return out.index_add_(-1, d2t[shared], q[..., shared]).to(self.out_device)
 
     def commit(self, k: int, accepted: list[int], next_tokens: list[int], new_tokens, histories):
         drop = []
@@ -195,10 +200,10 @@ class CrossVocabDrafter:
             keep = min(keep, self.cached[i], len(want) - 1)
             drop.append(self.cached[i] - keep)
             self.context[i], self.cached[i] = want, keep
-        self.kv.drop_last(torch.tensor(drop))
+        self.kv.drop_last(torch.tensor(drop, dtype=torch.long, device=self.device))
 
     def select(self, rows: list[int]) -> None:
-        self.kv.select(torch.tensor(rows))
+        self.kv.select(torch.tensor(rows, dtype=torch.long, device=self.device))
         self.prompts = [self.prompts[i] for i in rows]
         self.prompt_ctx = [self.prompt_ctx[i] for i in rows]
         self.context = [self.context[i] for i in rows]
