@@ -1,7 +1,7 @@
 """Config of ``sd2 eval``."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
@@ -28,7 +28,16 @@ class EvalConfig(StageConfig):
     max_new_tokens: int = Field(64, ge=1, description="tokens generated per prompt at most")
     batch_size: int = Field(8, ge=1, description="prompts decoded together")
     max_prompts: int | None = Field(None, ge=1, description="use only the first N prompts")
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="model dtype")
+    device: str = Field("auto", description="where the models run: auto (cuda if available, else cpu), "
+                                            "cpu, cuda or cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="model dtype; auto = bfloat16 on cuda, float32 on cpu")
+    device_map: Optional[str] = Field(
+        None, description="accelerate device_map for the target, e.g. 'auto' to shard a target too "
+                          "big for one GPU over the visible GPUs (the drafter goes where the target "
+                          "takes its inputs); overrides device for the target")
+    gpus: float = Field(0, ge=0, description="run the eval as Ray task(s) holding this many GPUs each ("
+                                             "'sd2 run': the baseline and every drafter); 0 = in this process")
     measure_baseline: bool = Field(True, description="also decode with the target alone to measure speedup "
                                                      "(and losslessness for greedy)")
     overwrite: bool = Field(False, description="redo a report whose manifest says complete")
@@ -39,6 +48,19 @@ class EvalConfig(StageConfig):
         if not value or not value.strip():
             raise ValueError("must not be empty")
         return value.strip()
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        from sd2_ray.models.device import check_device_name
+
+        return check_device_name(value)
+
+    @model_validator(mode="after")
+    def _gpus_need_a_gpu_device(self):
+        if self.gpus > 0 and self.device == "cpu" and self.device_map is None:
+            raise ValueError("gpus > 0 reserves GPUs that device 'cpu' never uses (set device auto or cuda)")
+        return self
 
     @model_validator(mode="after")
     def _sampling_only_with_temperature(self):

@@ -15,15 +15,13 @@ from typing import Any
 import torch
 
 from sd2_ray.errors import DataError
+from sd2_ray.models.device import input_device
 from sd2_ray.models.macs import cost_coefficient, linear_macs, predicted_speedup
 from sd2_ray.rows import render_prompt, row_id, row_problem
 from sd2_ray.specdec.engine import SpeculativeEngine
 from sd2_ray.specdec.types import GenerationRequest, SamplingParams, SpecStats
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
 
 def prepare_prompts(rows: list[dict[str, Any]], tokenizer, source: str = "prompts") -> list[list[int]]:
     """Token ids of each row's prompt rendered with the target's chat template."""
@@ -93,18 +91,43 @@ def measure_target_only(target, prompts: list[list[int]], *, max_new_tokens: int
             "max_new_tokens": max_new_tokens, "batch_size": batch_size, "num_prompts": len(prompts)}
 
 
-def _load(path_or_model, dtype):
+def resolve_placement(device: str = "auto", dtype: str = "auto") -> tuple[str, torch.dtype]:
+    """(device, torch dtype) for the config names, resolved in *this* process (the one that loads
+    the models): device auto = cuda if available else cpu; dtype auto = bf16 on cuda, fp32 on cpu."""
+    from sd2_ray.models.device import resolve_device, resolve_dtype
+
+    where = resolve_device(device)
+    return where, resolve_dtype(dtype, where)
+
+
+def load_target(path: str, device: str = "auto", dtype: str = "auto", device_map=None):
+    """(model, tokenizer) of a target placed as the eval config says."""
+    from sd2_ray.models.io import load_model, load_tokenizer
+
+    where, torch_dtype = resolve_placement(device, dtype)
+    return (load_model(path, dtype=torch_dtype, device=where, device_map=device_map),
+            load_tokenizer(path))
+
+
+def _load(path_or_model, dtype, device, device_map=None):
+    """A model dir loaded onto ``device`` (or by ``device_map``); a loaded model as it is."""
     from sd2_ray.models.io import load_model, load_tokenizer
 
     if isinstance(path_or_model, str):
-        return load_model(path_or_model, dtype=dtype), load_tokenizer(path_or_model)
+        return (load_model(path_or_model, dtype=dtype, device=device, device_map=device_map),
+                load_tokenizer(path_or_model))
     return path_or_model, None
+
+
+def _on_device(model, device: str):
+    """A loaded drafter moved to the target's device (in place; no copy when already there)."""
+    return model.to(device) if str(input_device(model)) != device else model
 
 
 def evaluate_pair(target_dir, drafter_dir, rows: list[dict[str, Any]], num_speculative_tokens: int, *,
                   temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-                  max_new_tokens: int = 64, batch_size: int = 8, dtype: str = "float32",
-                  baseline: dict[str, Any] | None = None, measure_baseline: bool = True,
+                  max_new_tokens: int = 64, batch_size: int = 8, dtype: str = "auto", device: str = "auto",
+                  device_map=None, baseline: dict[str, Any] | None = None, measure_baseline: bool = True,
                   target_tokenizer=None, drafter_tokenizer=None, progress: bool = True) -> dict[str, Any]:
     """Spec-decode ``rows`` with the pair and return the report dict (see ``sd2 eval``).
 
@@ -112,10 +135,17 @@ def evaluate_pair(target_dir, drafter_dir, rows: list[dict[str, Any]], num_specu
     pass the tokenizers). ``baseline``: a :func:`measure_target_only` result for the same prompts
     and settings to reuse; else it is measured here unless ``measure_baseline`` is False (then
     ``measured_speedup`` and ``lossless`` are None).
+    ``device``/``dtype`` (names, see :func:`resolve_placement`) place models given as dirs
+    (``device_map`` places the target); a loaded target stays where it is. The drafter always
+    runs where the target takes its inputs (a loaded one is moved there).
     """
-    torch_dtype = DTYPES[dtype]
-    target, t_tok = _load(target_dir, torch_dtype)
-    drafter, d_tok = _load(drafter_dir, torch_dtype)
+    from sd2_ray.models.device import dtype_name
+
+    where, torch_dtype = resolve_placement(device, dtype)
+    target, t_tok = _load(target_dir, torch_dtype, where, device_map)
+    where = str(input_device(target))
+    drafter, d_tok = _load(drafter_dir, torch_dtype, where)
+    drafter = _on_device(drafter, where)
     t_tok, d_tok = target_tokenizer or t_tok, drafter_tokenizer or d_tok
     if t_tok is None:
         raise DataError("evaluate_pair: a loaded target model needs target_tokenizer")
@@ -136,7 +166,8 @@ def evaluate_pair(target_dir, drafter_dir, rows: list[dict[str, Any]], num_specu
     t_macs, d_macs = linear_macs(target), linear_macs(drafter)
     report = _report(stats, seconds, cpu, outputs, baseline, t_macs, d_macs, num_speculative_tokens, temperature)
     report.update(cross_tokenizer=engine.cross_tokenizer, top_p=top_p, top_k=top_k, seed=seed,
-                  max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype, num_prompts=len(prompts),
+                  max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype_name(torch_dtype),
+                  device=where, num_prompts=len(prompts),
                   prompt_ids=[row_id(r) for r in rows], outputs=outputs,
                   target=target_dir if isinstance(target_dir, str) else None,
                   drafter=drafter_dir if isinstance(drafter_dir, str) else None)

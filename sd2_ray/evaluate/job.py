@@ -18,15 +18,15 @@ def main(config: EvalConfig) -> dict | None:
     if manifest.is_complete(out_dir) and storage.exists(config.report_path) and not config.overwrite:
         logger.info("%s is complete; skipping (set overwrite=true to redo)", config.report_path)
         return storage.read_json(config.report_path)
+    if config.gpus <= 0:  # fail before writing anything; a Ray task checks on its own node
+        from sd2_ray.models.device import resolve_device
+
+        resolve_device(config.device)
     config.save(out_dir)
     manifest.start(out_dir, STAGE, target=config.target, drafter=config.drafter, prompts=config.prompts)
     try:
         rows = read_rows(config.prompts, limit=config.max_prompts)
-        report = evaluate_pair(
-            config.target, config.drafter, rows, config.num_speculative_tokens,
-            temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, seed=config.seed,
-            max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, dtype=config.dtype,
-            measure_baseline=config.measure_baseline)
+        report = run_eval(config, rows)
         report["prompts"] = config.prompts
         files = write_report(report, config.report_path)
     except Exception as err:
@@ -40,3 +40,26 @@ def main(config: EvalConfig) -> dict | None:
                 f"{report['measured_speedup']:.2f}x" if report["measured_speedup"] else "n/a",
                 report["lossless"], config.report_path)
     return report
+
+
+def evaluate_config(config: EvalConfig, rows, progress: bool = True) -> dict:
+    """The pair evaluated as the config says, in this process."""
+    return evaluate_pair(
+        config.target, config.drafter, rows, config.num_speculative_tokens,
+        temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, seed=config.seed,
+        max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, dtype=config.dtype,
+        device=config.device, device_map=config.device_map, measure_baseline=config.measure_baseline,
+        progress=progress)
+
+
+def run_eval(config: EvalConfig, rows) -> dict:
+    """Here, or with ``gpus`` > 0 as one Ray task holding that many GPUs (e.g. a job submitted to
+    a cluster whose head has none)."""
+    if config.gpus <= 0:
+        return evaluate_config(config, rows)
+    from sd2_ray.runtime import ensure_ray
+
+    ray = ensure_ray()
+    task = ray.remote(num_cpus=1, num_gpus=config.gpus, max_retries=0)(evaluate_config)
+    logger.info("eval as a Ray task with %s GPU(s)", config.gpus)
+    return ray.get(task.remote(config, rows, False))

@@ -31,14 +31,16 @@ api = install_error_handlers(FastAPI(title="sd2-ray", description="OpenAI-compat
 
 def load_engine(config: ServeConfig):
     """(engine, target model, target tokenizer) for the configured pair, via our engine."""
-    import torch
-
+    from sd2_ray.models.device import input_device, resolve_device, resolve_dtype
     from sd2_ray.models.io import load_model, load_tokenizer
     from sd2_ray.specdec.engine import SpeculativeEngine
 
-    dtype = getattr(torch, config.dtype)
-    target, tokenizer = load_model(config.target, dtype=dtype), load_tokenizer(config.target)
-    drafter = load_model(config.drafter, dtype=dtype) if config.drafter else None
+    device = resolve_device(config.device)  # in the replica: the GPUs Ray gave it
+    dtype = resolve_dtype(config.dtype, device)
+    target = load_model(config.target, dtype=dtype, device=device, device_map=config.device_map)
+    tokenizer = load_tokenizer(config.target)
+    drafter = (load_model(config.drafter, dtype=dtype, device=str(input_device(target)))
+               if config.drafter else None)
     drafter_tokenizer = load_tokenizer(config.drafter) if config.drafter else None
     engine = SpeculativeEngine(target, drafter, config.num_speculative_tokens,
                                target_tokenizer=tokenizer, drafter_tokenizer=drafter_tokenizer)
@@ -217,6 +219,8 @@ def deployment_options(config: ServeConfig) -> dict[str, Any]:
         "max_queued_requests": capacity + 8,
         "ray_actor_options": {"num_cpus": config.num_cpus_per_replica},
     }
+    if config.gpus_per_replica > 0:
+        options["ray_actor_options"]["num_gpus"] = config.gpus_per_replica
     autoscaling = config.autoscaling_settings()
     if autoscaling is not None:
         options["autoscaling_config"] = autoscaling

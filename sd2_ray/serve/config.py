@@ -58,8 +58,16 @@ class ServeConfig(StageConfig):
     max_model_len: Optional[int] = Field(
         None, ge=2, description="context length: prompt + max_tokens (default: target's positions)")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens for chat requests that give none")
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="weights dtype")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights dtype; auto = bfloat16 on cuda, float32 on cpu")
+    device: str = Field("auto", description="transformers engine: where the models run, auto (cuda if "
+                                            "the replica sees one, else cpu), cpu, cuda or cuda:N")
+    device_map: Optional[str] = Field(
+        None, description="transformers engine: accelerate device_map for the target, e.g. 'auto' to "
+                          "shard it over the replica's GPUs (set gpus_per_replica to match)")
     num_cpus_per_replica: float = Field(1.0, gt=0, description="CPUs reserved by each model replica")
+    gpus_per_replica: float = Field(0, ge=0, description="transformers engine: GPUs reserved by each "
+                                                         "model replica (ray_actor_options num_gpus)")
     app_name: str = Field("sd2", description="Ray Serve application name")
 
     @field_validator("replicas", mode="before")
@@ -70,6 +78,23 @@ class ServeConfig(StageConfig):
         if isinstance(value, int) and not isinstance(value, bool) and value < 1:
             raise ValueError("must be >= 1 or 'auto'")
         return value
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        from sd2_ray.models.device import check_device_name
+
+        return check_device_name(value)
+
+    @model_validator(mode="after")
+    def _placement(self) -> "ServeConfig":
+        if self.engine == "vllm":
+            for name, default in (("device", "auto"), ("device_map", None), ("gpus_per_replica", 0)):
+                if getattr(self, name) != default:
+                    raise ValueError(f"{name} applies to engine 'transformers' (vLLM places the models itself)")
+        elif self.gpus_per_replica > 0 and self.device == "cpu" and self.device_map is None:
+            raise ValueError("gpus_per_replica > 0 reserves GPUs that device 'cpu' never uses")
+        return self
 
     @field_validator("target", "drafter")
     @classmethod

@@ -88,7 +88,9 @@ def llm_config(config: ServeConfig) -> LLMConfig:
 
     target = _local_or_s3(config.target)
     on_gpu = torch.cuda.is_available()
-    engine_kwargs: dict[str, Any] = {"dtype": config.dtype, "max_model_len": _context_length(config, target)}
+    # our "auto" (bf16 on GPU, fp32 on CPU), not vLLM's (which turns fp32 weights into fp16)
+    dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+    engine_kwargs: dict[str, Any] = {"dtype": dtype, "max_model_len": _context_length(config, target)}
     if not on_gpu:
         engine_kwargs["enforce_eager"] = True  # torch.compile costs ~45 s of start-up on CPU
     speculative = None
