@@ -120,14 +120,24 @@ def test_two_actors_every_id_once_and_greedy_equals_direct_generate(kit_rows, ta
     assert again["updated_at"] == final["updated_at"]
 
 
-def test_s3_in_and_out_rewrite_mode_with_bad_rows(kit_rows, target_dir, s3_bucket):
+def test_s3_target_in_and_out_rewrite_mode_with_bad_rows(kit_rows, target_dir, s3_bucket, tmp_path,
+                                                         monkeypatch):
+    """Target, prompts and output all on S3; the driver fetches only the target's metadata, the
+    engine actor downloads the weights itself (into the cache named by the propagated env)."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SD2_CACHE_DIR", str(cache))
+    target = f"s3://{s3_bucket}/models/target"
+    storage.copy_dir(target_dir, target)
+    driver_copies = []
+    real_copy_dir = storage.copy_dir
+    monkeypatch.setattr(storage, "copy_dir", lambda src, dst: (driver_copies.append(src), real_copy_dir(src, dst)))
     rows = kit_rows[56:66]
     bad = [{"id": "no-prompt", "response": "x"}, {"id": "int-prompt", "prompt": 7},
            {"id": "bad-messages", "messages": "hello"}, {"id": "too-long", "prompt": "def f(): pass\n" * 200, "response": "ok"}]
     prompts = f"s3://{s3_bucket}/in/prompts.jsonl"
     write_jsonl(prompts, rows[:5] + bad + rows[5:])
     out = f"s3://{s3_bucket}/runs/distilled"
-    config = DistillConfig(target=target_dir, prompts=prompts, output=out, mode="rewrite", actors=1,
+    config = DistillConfig(target=target, prompts=prompts, output=out, mode="rewrite", actors=1,
                            batch_size=5, shard_size=7, max_new_tokens=24, max_prompt_tokens=400)
     final = main(config)
     assert manifest.is_complete(out)
@@ -148,3 +158,51 @@ def test_s3_in_and_out_rewrite_mode_with_bad_rows(kit_rows, target_dir, s3_bucke
             assert r["response"] == r["reference"] and r["rejected"]
         assert "Reference answer" not in r["messages"][0]["content"]  # the original instruction is kept
     assert storage.exists(f"{out}/config.yaml") and storage.exists(f"{out}/shard-00001.parquet")
+    assert not any(src.startswith(target) for src in driver_copies)  # no whole-model download on the driver
+    cached = {name: os.listdir(cache / "s3" / name) for name in os.listdir(cache / "s3") if not name.endswith(".lock")}
+    weights = [name for name, files in cached.items() if "model.safetensors" in files]
+    metadata = [name for name, files in cached.items() if "tokenizer.json" in files and "model.safetensors" not in files]
+    assert len(weights) == 1 and len(metadata) == 1, cached  # the actor's full copy, the driver's metadata
+
+
+def test_a_killed_engine_actor_is_restarted_and_every_row_arrives_once(kit_rows, target_dir, tmp_path,
+                                                                        monkeypatch):
+    """SIGKILL one live engine actor mid-run: Ray restarts it (max_restarts) and retries its
+    tasks; the job completes with every row exactly once."""
+    import threading
+
+    from sd2_ray.distill.engines import ACTOR_PID_DIR_ENV
+
+    rows = kit_rows[66:90]
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    out = str(tmp_path / "out")
+    pid_dir = tmp_path / "pids"
+    monkeypatch.setenv(ACTOR_PID_DIR_ENV, str(pid_dir))
+    config = DistillConfig(target=target_dir, prompts=prompts, output=out, actors=2, batch_size=2,
+                           shard_size=4, max_new_tokens=32, max_restarts=2)
+    records = os.path.join(out, core.RECORDS_DIR)
+    killed: dict = {}
+
+    def kill_one_actor_mid_run() -> None:
+        deadline = time.time() + 240
+        while time.time() < deadline:  # both actors up and the first shard written
+            pids = sorted(pid_dir.iterdir()) if pid_dir.exists() else []
+            if len(pids) >= 2 and os.path.isdir(records) and os.listdir(records):
+                pid = int(pids[0].read_text())
+                killed["shards_done"] = len(os.listdir(records))
+                os.kill(pid, signal.SIGKILL)
+                killed["pid"] = pid
+                return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_one_actor_mid_run, daemon=True)
+    killer.start()
+    final = main(config)
+    killer.join(timeout=5)
+    assert "pid" in killed, "no actor was killed"
+    assert killed["shards_done"] < 6, "the kill came after the last shard: nothing was interrupted"
+    assert len(list(pid_dir.iterdir())) >= 3  # the killed actor came back as a new process
+    assert final["status"] == "complete" and final["totals"]["rows_out"] == 24
+    assert final["totals"]["failed"] == 0
+    ids = output_ids(out)
+    assert ids == [r["id"] for r in rows]  # every row once, in input order

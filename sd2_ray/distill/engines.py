@@ -29,15 +29,18 @@ class TransformersEngine:
                  torch_threads: int | None = None, trust_remote_code: bool = False):
         import torch
 
-        from sd2_ray.models.io import load_model, load_tokenizer
+        from sd2_ray.models.io import load_model, load_tokenizer, resolve_model_dir
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.torch = torch
         self.device = device
-        self.model = load_model(model_dir, dtype=getattr(torch, dtype), device=device,
+        # Resolved here, in the process that loads the weights: an s3:// model is downloaded
+        # into this node's cache (shared safely by the actors of one node), never on the driver.
+        local = resolve_model_dir(model_dir)
+        self.model = load_model(local, dtype=getattr(torch, dtype), device=device,
                                 trust_remote_code=trust_remote_code)
-        self.tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+        self.tokenizer = load_tokenizer(local, trust_remote_code=trust_remote_code)
         self.eos_ids = eos_token_ids(self.model, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
 
@@ -92,6 +95,7 @@ class TransformersBatchUDF:
 
     def __init__(self, model_dir: str, settings: dict[str, Any]):
         self.settings = settings
+        _record_pid()
         self.engine = TransformersEngine(model_dir, dtype=settings["dtype"], device=settings["device"],
                                          torch_threads=settings.get("torch_threads"),
                                          trust_remote_code=settings.get("trust_remote_code", False))
@@ -124,28 +128,61 @@ class TransformersBatchUDF:
             return Generated(index, None, None, 0, error=f"{type(err).__name__}: {err}")
 
 
+ACTOR_PID_DIR_ENV = "SD2_DISTILL_ACTOR_PID_DIR"
+
+
+def _record_pid() -> None:
+    """Test hook: with ``SD2_DISTILL_ACTOR_PID_DIR`` set, each engine actor leaves its PID there
+    (lets a test SIGKILL a live actor to exercise Ray's restart path)."""
+    import os
+
+    pid_dir = os.environ.get(ACTOR_PID_DIR_ENV)
+    if pid_dir:
+        os.makedirs(pid_dir, exist_ok=True)
+        with open(os.path.join(pid_dir, f"{os.getpid()}.pid"), "w") as f:
+            f.write(str(os.getpid()))
+
+
 def apply_transformers(ds, model_dir: str, config) -> Any:
-    """Ray Data stage: an actor pool of :class:`TransformersBatchUDF` (``actors`` replicas)."""
+    """Ray Data stage: an actor pool of :class:`TransformersBatchUDF` (``actors`` replicas).
+
+    ``model_dir`` is the configured path (local or s3://); each actor resolves it itself. The
+    actors get the driver's current storage environment (AWS_*, SD2_CACHE_DIR) so they reach
+    the same S3 endpoint even when Ray was started before it was set.
+    """
     settings = {**config.sampling_dict(), "dtype": config.dtype,
                 "device": "cuda" if config.gpus_per_actor > 0 else "cpu",
                 "torch_threads": config.torch_threads or max(1, int(config.cpus_per_actor)),
                 "trust_remote_code": config.trust_remote_code}
+    import os
     import warnings
 
     import ray
 
+    from sd2_ray.runtime import worker_env
+
+    env = worker_env()
+    if os.environ.get(ACTOR_PID_DIR_ENV):
+        env[ACTOR_PID_DIR_ENV] = os.environ[ACTOR_PID_DIR_ENV]
     with warnings.catch_warnings():  # max_restarts has no named parameter yet in Ray 2.60
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         return ds.map_batches(
             TransformersBatchUDF, fn_constructor_kwargs={"model_dir": model_dir, "settings": settings},
             compute=ray.data.ActorPoolStrategy(size=config.actors), batch_size=config.batch_size,
             num_cpus=config.cpus_per_actor,
-            num_gpus=config.gpus_per_actor or None, max_restarts=config.max_restarts,
+            num_gpus=config.gpus_per_actor or None, runtime_env={"env_vars": env},
+            max_restarts=config.max_restarts,
             max_task_retries=-1 if config.max_restarts != 0 else 0)
 
 
 def vllm_processor(model_dir: str, config, eos_ids: list[int]):
-    """Ray's ``ray.data.llm`` vLLM processor; prompts arrive already rendered and tokenized."""
+    """Ray's ``ray.data.llm`` vLLM processor; prompts arrive already rendered and tokenized.
+
+    ``model_dir`` is passed through as given, s3:// included: in Ray 2.60 the vLLM engine stage
+    downloads a remote ``model_source`` itself in each actor (``download_model_files`` ->
+    a boto3 client, which honours AWS_ENDPOINT_URL[_S3]; a per-node file lock, cached under
+    the node's model cache), so the driver never fetches the weights.
+    """
     import os
 
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig

@@ -37,20 +37,22 @@ def main(config: DistillConfig) -> dict[str, Any]:
     if config.overwrite and storage.exists(out):
         storage.delete(out)
 
-    from sd2_ray.models.io import resolve_model_dir
+    from sd2_ray.models.io import model_metadata_dir
 
-    model_dir = resolve_model_dir(config.target)
-    tokenizer, eos_ids, context = load_target_info(model_dir, config.trust_remote_code)
+    # Only config + tokenizer on the driver: the engine actors fetch the weights themselves,
+    # each on its own node (an s3:// target is never downloaded whole to the driver).
+    metadata_dir = model_metadata_dir(config.target)
+    tokenizer, eos_ids, context = load_target_info(metadata_dir, config.trust_remote_code)
     max_prompt = config.max_prompt_tokens or max(1, context - config.max_new_tokens)
     rows = read_input(config)
     requests, skipped = core.prepare_rows(rows, tokenizer, config.mode, max_prompt, config.shard_size)
     plan = plan_shards(rows, requests, skipped, config, max_prompt)
 
     config.save(out)
-    manifest.start(out, STAGE, **manifest_fields(config, model_dir, len(rows), plan))
+    manifest.start(out, STAGE, **manifest_fields(config, len(rows), plan))
     started = time.time()
     try:
-        run_pending(plan, requests, skipped, model_dir, eos_ids, config)
+        run_pending(plan, requests, skipped, eos_ids, config)
     except Exception as err:
         manifest.fail(out, STAGE, f"{type(err).__name__}: {err}")
         raise
@@ -58,7 +60,7 @@ def main(config: DistillConfig) -> dict[str, Any]:
 
 
 def load_target_info(model_dir: str, trust_remote_code: bool) -> tuple[Any, list[int], int]:
-    """(tokenizer, EOS ids, context length) read on the driver, without loading weights."""
+    """(tokenizer, EOS ids, context length) read on the driver from a dir without weights."""
     from transformers import AutoConfig, GenerationConfig
 
     from sd2_ray.models.io import load_tokenizer
@@ -124,7 +126,7 @@ def read_record(out: str, shard: int) -> dict[str, Any] | None:
 
 
 def run_pending(plan: dict[int, dict[str, Any]], requests: list[core.Request], skipped: list[dict[str, Any]],
-                model_dir: str, eos_ids: list[int], config: DistillConfig) -> None:
+                eos_ids: list[int], config: DistillConfig) -> None:
     from tqdm import tqdm
 
     from sd2_ray.distill.pipeline import generate_shards
@@ -144,7 +146,7 @@ def run_pending(plan: dict[int, dict[str, Any]], requests: list[core.Request], s
     log.info("%d rows to generate in %d shards (%d rows skipped overall)", len(pending), len(with_requests),
              len(skipped))
     with tqdm(total=len(pending), desc="distill", unit="row") as progress:
-        generate_shards(pending, model_dir, config, eos_ids, write, progress=progress)
+        generate_shards(pending, config.target, config, eos_ids, write, progress=progress)
 
 
 def write_shard(config: DistillConfig, shard: int, info: dict[str, Any],
@@ -159,9 +161,8 @@ def write_shard(config: DistillConfig, shard: int, info: dict[str, Any],
              record["skipped"], record["failed"])
 
 
-def manifest_fields(config: DistillConfig, model_dir: str, rows_in: int,
-                    plan: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    return {"mode": config.mode, "engine": config.engine, "model": config.target, "model_dir": model_dir,
+def manifest_fields(config: DistillConfig, rows_in: int, plan: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    return {"mode": config.mode, "engine": config.engine, "model": config.target,
             "prompts": config.prompts, "sampling": config.sampling_dict(), "shard_size": config.shard_size,
             "num_shards": len(plan), "rows_in": rows_in}
 
