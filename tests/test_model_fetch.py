@@ -132,3 +132,19 @@ def test_concurrent_processes_share_one_download(s3_bucket, tmp_path, monkeypatc
     assert log.read_text().count("download") == 1  # the others waited and reused it
     leftovers = [n for n in os.listdir(cache / "s3") if n.startswith(".")]
     assert leftovers == []  # no temp download dirs left behind
+
+
+def test_ray_llm_downloads_an_s3_model_source_from_the_configured_endpoint(s3_target, tmp_path, monkeypatch):
+    """The vLLM engine passes an s3:// target straight to ray.data.llm: this guards that Ray's
+    own per-actor download (the call its vLLM engine stage makes) reaches our S3 endpoint."""
+    from ray.llm._internal.common.utils.download_utils import NodeModelDownloadable, download_model_files
+
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # Ray's download lock files go to ~
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # and the model here
+    local = download_model_files(model_id=s3_target, mirror_config=None,
+                                 download_model=NodeModelDownloadable.MODEL_AND_TOKENIZER,
+                                 download_extra_files=False)
+    assert local.startswith(str(tmp_path / "hub")) and os.path.isdir(local)
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(local))
