@@ -181,9 +181,9 @@ def matching_layer_drop(dense_dir: str, sparse_dir: str) -> int:
 def _num_layers(model_dir: str) -> int:
     from transformers import AutoConfig
 
-    from sd2_ray.models.io import resolve_model_dir
+    from sd2_ray.models.io import model_metadata_dir
 
-    return int(AutoConfig.from_pretrained(resolve_model_dir(model_dir)).num_hidden_layers)
+    return int(AutoConfig.from_pretrained(model_metadata_dir(model_dir)).num_hidden_layers)  # no weights
 
 
 def stage_fields(config: PipelineConfig, paths: dict[str, str], section: str) -> dict[str, Any]:

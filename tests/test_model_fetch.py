@@ -148,3 +148,46 @@ def test_ray_llm_downloads_an_s3_model_source_from_the_configured_endpoint(s3_ta
                                  download_extra_files=False)
     assert local.startswith(str(tmp_path / "hub")) and os.path.isdir(local)
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(local))
+
+
+def test_finetune_driver_check_fetches_masks_not_weights(tiny_model_dir, s3_bucket, tmp_path, monkeypatch):
+    import torch
+
+    from sd2_ray.finetune.config import FinetuneConfig
+    from sd2_ray.finetune.trainer import check_model
+    from sd2_ray.models.sparsity import MASKS_FILE, save_masks
+
+    monkeypatch.setenv("SD2_CACHE_DIR", str(tmp_path / "cache"))
+    name = "model.layers.0.mlp.down_proj.weight"
+    from safetensors.torch import load_file
+
+    shape = load_file(os.path.join(tiny_model_dir, "model.safetensors"))[name].shape
+    save_masks(tiny_model_dir, {name: torch.rand(shape) > 0.5}, {"layers": {name[:-7]: {}}})
+    remote = f"s3://{s3_bucket}/models/pruned"
+    storage.copy_dir(tiny_model_dir, remote)
+    config = FinetuneConfig(model=remote, data=f"s3://{s3_bucket}/data.jsonl", output=str(tmp_path / "out"))
+    local = check_model(config)
+    names = set(os.listdir(local))
+    assert {"config.json", MASKS_FILE, "sparsity.json"} <= names and "model.safetensors" not in names
+    save_masks(tiny_model_dir, {name: torch.ones(3, 3, dtype=torch.bool)}, {"layers": {}})  # wrong shape
+    storage.copy_dir(tiny_model_dir, remote)
+    with pytest.raises(DataError, match="pruned"):
+        check_model(config)
+
+
+def test_serve_input_check_validates_s3_models_from_their_listing(kit_dir, s3_target, s3_bucket, tmp_path):
+    import socket
+
+    from sd2_ray.serve.config import ServeConfig
+    from sd2_ray.serve.job import check_inputs
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    before = sorted(os.listdir(tmp_path / "cache" / "s3")) if (tmp_path / "cache" / "s3").exists() else []
+    check_inputs(ServeConfig(target=s3_target, host="127.0.0.1", port=port))
+    missing = f"s3://{s3_bucket}/models/no-drafter"
+    with pytest.raises(DataError, match="no-drafter: model directory not found"):
+        check_inputs(ServeConfig(target=s3_target, drafter=missing, host="127.0.0.1", port=port))
+    after = sorted(os.listdir(tmp_path / "cache" / "s3")) if (tmp_path / "cache" / "s3").exists() else []
+    assert after == before  # validated without downloading anything

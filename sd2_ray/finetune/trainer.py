@@ -57,11 +57,12 @@ class FinetuneResult:
 # ---------------------------------------------------------------- input checks (driver)
 
 def check_model(config: FinetuneConfig) -> str:
-    """Local copy of the model dir, its masks checked against the architecture (no weights loaded)."""
-    from sd2_ray.models.io import resolve_model_dir
+    """Local copy of the model dir's config, sparsity report and masks (not its weights: the
+    workers fetch those themselves), the masks checked against the architecture."""
+    from sd2_ray.models.io import model_metadata_dir
     from sd2_ray.models.sparsity import MASKS_FILE, check_masks, load_masks
 
-    local = resolve_model_dir(config.model)
+    local = model_metadata_dir(config.model, extra=(MASKS_FILE,))
     if not os.path.isfile(os.path.join(local, MASKS_FILE)):
         return local
     try:

@@ -20,13 +20,15 @@ class SparsityLost(RuntimeError):
     """Masked weights came out nonzero although masks were enforced (a bug, not bad input)."""
 
 
-def _input_masks(input_local: str) -> dict:
+def _input_masks(input_local: str, source: str) -> dict:
+    """``input_local`` may hold only the input's metadata and masks; the weights (needed only
+    to derive masks from zeros) are loaded from ``source``, the configured model path."""
     masks = load_masks(input_local)
     if masks or read_report(input_local) is None:
         return masks
     from sd2_ray.models.io import load_model
 
-    return load_masks(input_local, load_model(input_local))  # derived from the input's zeros
+    return load_masks(input_local, load_model(source))  # derived from the input's zeros
 
 
 def verify_sparsity(config, input_local: str, final_local: str) -> dict:
@@ -34,7 +36,7 @@ def verify_sparsity(config, input_local: str, final_local: str) -> dict:
     into ``config.output``. Returns the check as a dict for metrics.json."""
     from sd2_ray.models.io import load_model
 
-    masks = _input_masks(input_local)
+    masks = _input_masks(input_local, config.model)
     if not masks:
         return {"masked_tensors": 0, "masked_weights": 0, "masked_nonzero": 0, "verified": True}
     model = load_model(final_local)

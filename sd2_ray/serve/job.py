@@ -8,7 +8,6 @@ import signal
 import socket
 import threading
 
-from sd2_ray import storage
 from sd2_ray.errors import ConfigError
 from sd2_ray.serve.config import ServeConfig
 
@@ -17,11 +16,11 @@ log = logging.getLogger(__name__)
 
 def check_inputs(config: ServeConfig) -> None:
     """Fail in one line before starting anything: missing model dirs, a port already taken."""
-    from sd2_ray.models.io import resolve_model_dir
+    from sd2_ray.models.io import check_model_dir
 
     for path in (config.target, config.drafter):
-        if path and not storage.is_s3(path):
-            resolve_model_dir(path)  # raises DataError naming the dir
+        if path:
+            check_model_dir(path)  # from the listing (s3:// too), nothing downloaded; DataError names the dir
     with socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
