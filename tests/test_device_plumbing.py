@@ -236,12 +236,11 @@ def test_pipeline_eval_in_gpu_tasks_matches_the_embedded_eval(tmp_path, ray_with
         root = str(tmp_path / f"run{gpus}" / "eval")
         if gpus:  # the driver must not evaluate anything itself
             monkeypatch.setattr(pipeline_eval, "_evaluate_here", lambda *a: pytest.fail("evaluated in the driver"))
-        reports[gpus] = evaluate_drafters(config, paths, {"dense": drafter_dir, "self": target_dir}, root)
-        assert json.loads((tmp_path / f"run{gpus}" / "eval" / "self" / "manifest.json").read_text())["status"] \
+        reports[gpus] = evaluate_drafters(config, paths, {"dense": drafter_dir}, root)["dense"]
+        assert json.loads((tmp_path / f"run{gpus}" / "eval" / "dense" / "manifest.json").read_text())["status"] \
             == "complete"
-    for name in ("dense", "self"):
-        here, remote = reports[0][name], reports[1][name]
-        for key in ("outputs", "mean_accepted_length", "num_accepted_tokens", "lossless", "dtype", "device"):
-            assert here[key] == remote[key], key
-    assert reports[1]["self"]["lossless"] and reports[1]["self"]["acceptance_rate"] == 1.0
-    assert (reports[0]["dense"]["dtype"], reports[0]["dense"]["device"]) == ("float32", "cpu")
+        assert (tmp_path / f"run{gpus}" / "eval" / "target-only.json").exists()
+    for key in ("outputs", "mean_accepted_length", "num_accepted_tokens", "lossless", "dtype", "device"):
+        assert reports[0][key] == reports[1][key], key
+    assert reports[1]["lossless"] and reports[1]["num_prompts"] == 3
+    assert (reports[0]["dtype"], reports[0]["device"]) == ("float32", "cpu")
