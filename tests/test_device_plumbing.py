@@ -205,13 +205,15 @@ def test_serve_replicas_ask_ray_for_their_gpus():
 
 # ---- the pipeline's eval step as Ray tasks ------------------------------------------------------
 
-@pytest.fixture
-def ray_with_a_declared_gpu(monkeypatch):
+@pytest.fixture(scope="module")
+def ray_with_a_declared_gpu():
     """A local Ray that *declares* one GPU (there is none): tasks asking for num_gpus=1 get
     scheduled, and device auto falls back to the CPU inside them."""
+    import os
+
     import ray
 
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=1, num_gpus=1, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
@@ -244,3 +246,20 @@ def test_pipeline_eval_in_gpu_tasks_matches_the_embedded_eval(tmp_path, ray_with
         assert reports[0][key] == reports[1][key], key
     assert reports[1]["lossless"] and reports[1]["num_prompts"] == 3
     assert (reports[0]["dtype"], reports[0]["device"]) == ("float32", "cpu")
+
+
+def test_sd2_eval_with_gpus_runs_as_a_ray_task(tmp_path, ray_with_a_declared_gpu, monkeypatch):
+    from sd2_ray.evaluate import job
+    from sd2_ray.evaluate.config import EvalConfig
+    from sd2_ray.specdec.testing import tiny_pair_dirs
+
+    target_dir, drafter_dir = tiny_pair_dirs(str(tmp_path / "models"))
+    prompts_file = tmp_path / "eval.jsonl"
+    prompts_file.write_text(json.dumps({"id": "a", "messages": [{"role": "user", "content": "hello"}]}) + "\n")
+    monkeypatch.setattr(job, "evaluate_pair", lambda *a, **k: pytest.fail("evaluated in the driver"))
+    config = EvalConfig(target=target_dir, drafter=drafter_dir, prompts=str(prompts_file),
+                        output=str(tmp_path / "out"), max_new_tokens=8, gpus=1)
+    report = job.main(config)
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["lossless"] and saved["mean_accepted_length"] == report["mean_accepted_length"]
+    assert (saved["device"], saved["dtype"]) == ("cpu", "float32")
