@@ -263,3 +263,24 @@ def test_sd2_eval_with_gpus_runs_as_a_ray_task(tmp_path, ray_with_a_declared_gpu
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["lossless"] and saved["mean_accepted_length"] == report["mean_accepted_length"]
     assert (saved["device"], saved["dtype"]) == ("cpu", "float32")
+
+
+def test_tune_trial_eval_with_eval_gpus_runs_as_a_ray_task(tmp_path, ray_with_a_declared_gpu, monkeypatch):
+    import os
+
+    import sd2_ray.evaluate.core as core
+    from sd2_ray.specdec.testing import tiny_pair_dirs
+    from sd2_ray.tune import trial
+    from sd2_ray.tune.config import TuneConfig
+
+    target_dir, drafter_dir = tiny_pair_dirs(str(tmp_path / "models"))
+    prompts_file = tmp_path / "eval.jsonl"
+    prompts_file.write_text(json.dumps({"id": "a", "messages": [{"role": "user", "content": "hello"}]}) + "\n")
+    settings = dict(output=str(tmp_path / "tune"), target=target_dir, drafter=drafter_dir, data=str(prompts_file),
+                    eval_prompts=str(prompts_file), eval_max_new_tokens=6, num_speculative_tokens=3)
+    real = core.evaluate_pair  # tagged with the pid of the process that ran it (shipped by value)
+    monkeypatch.setattr(core, "evaluate_pair", lambda *a, **k: {**real(*a, **k), "pid": os.getpid()})
+    here = trial.evaluate(TuneConfig(**settings), drafter_dir)
+    remote = trial.evaluate(TuneConfig(**settings, eval_gpus=1, eval_device="auto"), drafter_dir)
+    assert here["pid"] == os.getpid() and remote["pid"] != os.getpid()
+    assert remote["outputs"] == here["outputs"] and remote["device"] == "cpu"

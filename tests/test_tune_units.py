@@ -51,6 +51,8 @@ def test_optional_axes_and_yaml_base60_pattern():
     ({"finetune": {"lr": 0.1}}, "set per trial"),
     ({"asha": {"metric": "mal"}}, "eval_at_checkpoints"),
     ({"objective": "speed"}, "objective"),
+    ({"eval_device": "tpu"}, "eval_device"),
+    ({"eval_gpus": 1}, "eval_gpus"),
     ({"search_space": {"sparsity": [0.5], "typo": 1}}, "unknown field"),
 ])
 def test_bad_configs_name_the_field(kwargs, words):

@@ -39,7 +39,7 @@ class TrialReportCallback(TuneReportCallback):
         """MAL of the checkpoint's weights; a failed measurement is logged, never fatal."""
         started = time.perf_counter()
         try:
-            report = evaluate_checkpoint(checkpoint, self._checkpoint_eval)
+            report = run_checkpoint_eval(checkpoint, self._checkpoint_eval)
         except Exception as err:  # the trial's training must not die of a side measurement
             log.warning("checkpoint eval at step %s failed: %s: %s", step, type(err).__name__, err)
             return {}
@@ -50,6 +50,16 @@ class TrialReportCallback(TuneReportCallback):
         log.info("step %s: checkpoint MAL %.3f, predicted speedup %.3f (%.1fs)", step, out["mal"],
                  out["predicted_speedup"], time.perf_counter() - started)
         return out
+
+
+def run_checkpoint_eval(checkpoint, settings: dict[str, Any]) -> dict[str, Any]:
+    """Here, or as a Ray task holding ``settings["gpus"]`` GPUs (the trial process has none)."""
+    if not settings.get("gpus"):
+        return evaluate_checkpoint(checkpoint, settings)
+    import ray
+
+    task = ray.remote(num_cpus=1, num_gpus=settings["gpus"], max_retries=0)(evaluate_checkpoint)
+    return ray.get(task.remote(checkpoint, settings))
 
 
 def evaluate_checkpoint(checkpoint, settings: dict[str, Any]) -> dict[str, Any]:
@@ -77,10 +87,11 @@ def evaluate_checkpoint(checkpoint, settings: dict[str, Any]) -> dict[str, Any]:
                            f"unexpected {unexpected[:3]}")
     masks = load_masks(settings["drafter"], drafter)
     apply_masks(drafter, masks)  # already zero (gradients are masked); cheap insurance
-    target = load_model(settings["target"], dtype=None)
     rows = read_rows(settings["eval_prompts"], limit=settings["num_prompts"])
-    return evaluate_pair(target, drafter.eval(), rows, settings["num_speculative_tokens"],
-                         target_tokenizer=load_tokenizer(settings["target"]),
+    # the target is placed as the trial's eval is (device, dtype, device_map); the drafter follows it
+    return evaluate_pair(settings["target"], drafter.eval(), rows, settings["num_speculative_tokens"],
                          drafter_tokenizer=load_tokenizer(settings["drafter"]),
                          max_new_tokens=settings["max_new_tokens"], batch_size=settings["batch_size"],
+                         dtype=settings.get("dtype", "float32"), device=settings.get("device", "cpu"),
+                         device_map=settings.get("device_map"),
                          measure_baseline=False, progress=False, seed=settings["seed"])

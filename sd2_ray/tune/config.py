@@ -2,7 +2,7 @@
 measured acceptance (MAL) and counted draft cost (MACs)."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -123,7 +123,13 @@ class TuneConfig(StageConfig):
     max_eval_prompts: int | None = Field(32, ge=1, description="held-out prompts used per trial eval")
     eval_max_new_tokens: int = Field(64, ge=1, description="tokens generated per eval prompt")
     eval_batch_size: int = Field(8, ge=1, description="prompts decoded together in the eval")
-    eval_dtype: Literal["float32", "bfloat16"] = Field("float32", description="model dtype in the eval")
+    eval_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32", description="model dtype in the eval (auto: bfloat16 on cuda, float32 on cpu)")
+    eval_device: str = Field("cpu", description="where a trial's eval runs: cpu, auto, cuda, cuda:N")
+    eval_device_map: Optional[str] = Field(None, description="accelerate device_map for the eval's target "
+                                           "(e.g. 'auto' to shard a large target over eval_gpus GPUs)")
+    eval_gpus: float = Field(0, ge=0, description="GPUs for each trial's eval, run as a Ray task beside "
+                             "the trial (0: in the trial's own process)")
     eval_at_checkpoints: bool = Field(False, description="also measure MAL (on checkpoint_eval_prompts "
                                       "prompts) at every fine-tuning checkpoint and report it to Tune")
     checkpoint_eval_prompts: int = Field(4, ge=1, description="prompts for the checkpoint MAL measurement")
@@ -150,6 +156,20 @@ class TuneConfig(StageConfig):
         if not str(value).strip():
             raise ValueError("must not be empty")
         return str(value).strip()
+
+    @field_validator("eval_device")
+    @classmethod
+    def _eval_device_name(cls, value: str) -> str:
+        from sd2_ray.models.device import check_device_name
+
+        return check_device_name(value)
+
+    @model_validator(mode="after")
+    def _eval_gpus_need_a_gpu_device(self) -> "TuneConfig":
+        if self.eval_gpus > 0 and self.eval_device == "cpu" and self.eval_device_map is None:
+            raise ValueError("eval_gpus > 0 reserves GPUs that eval_device 'cpu' never uses "
+                             "(set eval_device auto or cuda)")
+        return self
 
     @field_validator("prune")
     @classmethod

@@ -97,7 +97,8 @@ def checkpoint_eval_settings(config: TuneConfig, pruned: str) -> dict[str, Any]:
             "num_prompts": config.checkpoint_eval_prompts,
             "num_speculative_tokens": config.num_speculative_tokens,
             "max_new_tokens": config.eval_max_new_tokens, "batch_size": config.eval_batch_size,
-            "objective": config.objective, "seed": config.seed}
+            "objective": config.objective, "seed": config.seed, "dtype": config.eval_dtype,
+            "device": config.eval_device, "device_map": config.eval_device_map, "gpus": config.eval_gpus}
 
 
 def _finetune(config: TuneConfig, finetune, pruned: str):
@@ -114,9 +115,18 @@ def evaluate(config: TuneConfig, drafter: str) -> dict[str, Any]:
     from sd2_ray.rows import read_rows
 
     rows = read_rows(config.eval_prompts, limit=config.max_eval_prompts)
-    return evaluate_pair(config.target, drafter, rows, config.num_speculative_tokens,
-                         max_new_tokens=config.eval_max_new_tokens, batch_size=config.eval_batch_size,
-                         dtype=config.eval_dtype, seed=config.seed, measure_baseline=False, progress=False)
+    args = (config.target, drafter, rows, config.num_speculative_tokens)
+    kwargs = dict(max_new_tokens=config.eval_max_new_tokens, batch_size=config.eval_batch_size,
+                  dtype=config.eval_dtype, device=config.eval_device, device_map=config.eval_device_map,
+                  seed=config.seed, measure_baseline=False, progress=False)
+    if config.eval_gpus <= 0:
+        return evaluate_pair(*args, **kwargs)
+    import ray
+
+    # the trial's own process holds only CPUs (fine-tuning has its own workers); the target
+    # needs GPUs just for the eval, so they are taken for that task alone
+    task = ray.remote(num_cpus=1, num_gpus=config.eval_gpus, max_retries=0)(evaluate_pair)
+    return ray.get(task.remote(*args, **kwargs))
 
 
 def final_metrics(config: TuneConfig, params: dict[str, Any], report: dict[str, Any], summary: dict[str, Any],
