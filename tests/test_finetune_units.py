@@ -204,3 +204,17 @@ def test_bad_inputs_give_one_line_errors(drafter_and_data, capsys):
     code, err = _cli(["--model", f"{root}/nowhere", "--data", good, "--output", out], capsys)
     assert code == 2 and "model directory not found" in err
     assert not storage.exists(f"{out}/manifest.json")  # nothing started for bad input
+
+
+def test_reports_are_spaced_in_time_but_never_past_the_last_step(monkeypatch):
+    from sd2_ray.finetune import train_loop
+
+    now = [100.0]
+    monkeypatch.setattr(train_loop.time, "monotonic", lambda: now[0])
+    cfg = {"report_every": 1, "report_interval_s": 2.0}
+    assert not train_loop.report_due(cfg, 3, 10, last_report=99.0, world=1)  # 1 s after the last
+    now[0] = 101.5
+    assert train_loop.report_due(cfg, 3, 10, last_report=99.0, world=1)
+    assert not train_loop.report_due(cfg, 10, 10, last_report=0.0, world=1)  # the final report does it
+    assert not train_loop.report_due({**cfg, "report_every": 4}, 3, 10, last_report=0.0, world=1)
+    assert train_loop.report_due({**cfg, "report_interval_s": 0.0}, 3, 10, last_report=now[0], world=1)

@@ -52,6 +52,11 @@ class FinetuneConfig(StageConfig):
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept in storage")
     max_failures: int = Field(2, ge=0, description="worker-group restarts Ray Train may do after a failure")
     report_every: int = Field(1, ge=1, description="report metrics to Ray Train every N steps")
+    report_interval_s: float = Field(
+        2.0, ge=0, description="at least this many seconds between metric reports (Ray Train's controller "
+        "takes one report per worker every 2 s, and a worker's report waits for the previous one to be "
+        "taken, so reporting faster stalls training); every step's metrics are still kept in the run's "
+        "history; 0 = report every report_every steps")
     storage_path: str | None = Field(None, description="Ray Train storage for checkpoints (local or "
                                                        "s3://); default: <output parent>/checkpoints")
     run_name: str | None = Field(None, description="Ray Train run name under storage_path; "

@@ -265,6 +265,25 @@ def _progress(total: int, done: int, rank: int):
     return bar
 
 
+def report_due(cfg: dict, step: int, total: int, last_report: float, world: int) -> bool:
+    """Whether this step's metrics go to Ray Train. Every rank must decide alike (a report is a
+    collective), so the time gate is agreed on: rank 0's clock decides for everyone."""
+    if step % cfg["report_every"] or step >= total:
+        return False
+    interval = cfg.get("report_interval_s", 0.0)
+    if not interval:
+        return True
+    elapsed = time.monotonic() - last_report
+    if world > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            flag = torch.tensor([1.0 if elapsed >= interval else 0.0], dtype=torch.float64)
+            dist.broadcast(flag, src=0)
+            return bool(flag.item())
+    return elapsed >= interval
+
+
 def train_loop(cfg: dict) -> None:
     """Entry point of each Ray Train worker."""
     import ray.train
@@ -290,6 +309,7 @@ def train_loop(cfg: dict) -> None:
     total = cfg["total_steps"]
     metrics: dict[str, Any] = {}
     bar = _progress(total, state.step, rank)
+    last_report = time.monotonic()
     while state.step < total and state.epoch < cfg["epochs"]:
         for index, rows in enumerate(global_batches(shard, cfg, state.epoch)):
             if index < state.step_in_epoch:
@@ -304,7 +324,7 @@ def train_loop(cfg: dict) -> None:
                 bar.update(1)
                 bar.set_description(f"finetune loss {metrics['loss']:.4f}")
             metrics.update(step=state.step, epoch=state.epoch, samples=state.samples,
-                           restarts=state.restarts)
+                           restarts=state.restarts, wall_time=time.time())
             due = state.step % cfg["checkpoint_every"] == 0 and state.step < total
             if due:
                 metrics["masked_nonzero"] = masking.count_masked_nonzero(engine.module, masks)
@@ -312,8 +332,10 @@ def train_loop(cfg: dict) -> None:
                 state.history.append(dict(metrics))
             if due:
                 save_checkpoint(engine, state, metrics, rank)
-            elif state.step % cfg["report_every"] == 0 and state.step < total:
+                last_report = time.monotonic()
+            elif report_due(cfg, state.step, total, last_report, world):
                 ray.train.report(metrics)
+                last_report = time.monotonic()
             _maybe_fail(cfg, state, rank, world)
         else:
             state.epoch += 1

@@ -140,7 +140,7 @@ def loop_config(config: FinetuneConfig, steps: int, fail_once: dict | None = Non
         overrides=config.deepspeed)
     keys = ("model", "seq_len", "response_field", "batch_size", "grad_accum", "seed", "shuffle_buffer",
             "epochs", "warmup_steps", "scheduler", "min_lr_ratio", "lr", "weight_decay", "optimizer",
-            "checkpoint_every", "report_every", "enforce_masks", "cpus_per_worker")
+            "checkpoint_every", "report_every", "report_interval_s", "enforce_masks", "cpus_per_worker")
     cfg = {k: getattr(config, k) for k in keys}
     from sd2_ray.runtime import worker_env
 

@@ -80,10 +80,11 @@ def _ensure_pruned(config: TuneConfig, fields: dict[str, Any]) -> dict[str, Any]
 
 def finetune_config(config: TuneConfig, params: dict[str, Any], pruned: str, trial_dir: str):
     """The trial's FinetuneConfig: the finetune section, one worker unless it says otherwise,
-    this trial's lr/epochs, and outputs + checkpoints inside the trial dir."""
+    this trial's lr/epochs, and outputs + checkpoints inside the trial dir. Every step's loss
+    reaches Tune unless the section says otherwise: ASHA decides at its rungs' steps."""
     from sd2_ray.finetune.config import FinetuneConfig
 
-    fields = {"workers": 1, **config.finetune, "model": pruned, "data": config.data,
+    fields = {"workers": 1, "report_interval_s": 0.0, **config.finetune, "model": pruned, "data": config.data,
               "output": storage.join(trial_dir, DRAFTER_SUBDIR), "lr": float(params["lr"]),
               "epochs": trial_epochs(config, params),
               "storage_path": storage.join(trial_dir, "checkpoints"), "run_name": DRAFTER_SUBDIR}
