@@ -6,6 +6,7 @@ from typing import Literal, Optional
 from pydantic import Field, field_validator, model_validator
 
 from sd2_ray.config import StageConfig
+from sd2_ray.models.device import DeviceName
 
 
 class EvalConfig(StageConfig):
@@ -28,7 +29,7 @@ class EvalConfig(StageConfig):
     max_new_tokens: int = Field(64, ge=1, description="tokens generated per prompt at most")
     batch_size: int = Field(8, ge=1, description="prompts decoded together")
     max_prompts: int | None = Field(None, ge=1, description="use only the first N prompts")
-    device: str = Field("auto", description="where the models run: auto (cuda if available, else cpu), "
+    device: DeviceName = Field("auto", description="where the models run: auto (cuda if available, else cpu), "
                                             "cpu, cuda or cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="model dtype; auto = bfloat16 on cuda, float32 on cpu")
@@ -48,13 +49,6 @@ class EvalConfig(StageConfig):
         if not value or not value.strip():
             raise ValueError("must not be empty")
         return value.strip()
-
-    @field_validator("device")
-    @classmethod
-    def _device_name(cls, value: str) -> str:
-        from sd2_ray.models.device import check_device_name
-
-        return check_device_name(value)
 
     @model_validator(mode="after")
     def _gpus_need_a_gpu_device(self):

@@ -8,6 +8,9 @@ into what torch uses *where the models are loaded* (a Ray worker may see GPUs th
 from __future__ import annotations
 
 import re
+from typing import Annotated
+
+from pydantic import AfterValidator
 
 from sd2_ray.errors import ConfigError
 
@@ -21,6 +24,10 @@ def check_device_name(value: str) -> str:
     if not DEVICE_NAME.match(value):
         raise ValueError(f"'{value}' is not a device (auto, cpu, cuda or cuda:N)")
     return value
+
+
+# the type of every config's device field: a checked name, resolved later where models load
+DeviceName = Annotated[str, AfterValidator(check_device_name)]
 
 
 def resolve_device(name: str = "auto", field: str = "device") -> str:

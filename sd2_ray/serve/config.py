@@ -7,6 +7,7 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sd2_ray.config import StageConfig
+from sd2_ray.models.device import DeviceName
 
 
 class AutoscalingConfig(BaseModel):
@@ -60,7 +61,7 @@ class ServeConfig(StageConfig):
     default_max_tokens: int = Field(256, ge=1, description="max_tokens for chat requests that give none")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights dtype; auto = bfloat16 on cuda, float32 on cpu")
-    device: str = Field("auto", description="transformers engine: where the models run, auto (cuda if "
+    device: DeviceName = Field("auto", description="transformers engine: where the models run, auto (cuda if "
                                             "the replica sees one, else cpu), cpu, cuda or cuda:N")
     device_map: Optional[str] = Field(
         None, description="transformers engine: accelerate device_map for the target, e.g. 'auto' to "
@@ -78,13 +79,6 @@ class ServeConfig(StageConfig):
         if isinstance(value, int) and not isinstance(value, bool) and value < 1:
             raise ValueError("must be >= 1 or 'auto'")
         return value
-
-    @field_validator("device")
-    @classmethod
-    def _device_name(cls, value: str) -> str:
-        from sd2_ray.models.device import check_device_name
-
-        return check_device_name(value)
 
     @model_validator(mode="after")
     def _placement(self) -> "ServeConfig":

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from sd2_ray import storage
 from sd2_ray.config import StageConfig
+from sd2_ray.models.device import DeviceName
 
 OBJECTIVES = ("predicted_speedup", "mal")
 PRUNE_METHODS = ("sparsegpt", "wanda", "magnitude")
@@ -125,7 +126,7 @@ class TuneConfig(StageConfig):
     eval_batch_size: int = Field(8, ge=1, description="prompts decoded together in the eval")
     eval_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "float32", description="model dtype in the eval (auto: bfloat16 on cuda, float32 on cpu)")
-    eval_device: str = Field("cpu", description="where a trial's eval runs: cpu, auto, cuda, cuda:N")
+    eval_device: DeviceName = Field("cpu", description="where a trial's eval runs: cpu, auto, cuda, cuda:N")
     eval_device_map: Optional[str] = Field(None, description="accelerate device_map for the eval's target "
                                            "(e.g. 'auto' to shard a large target over eval_gpus GPUs)")
     eval_gpus: float = Field(0, ge=0, description="GPUs for each trial's eval, run as a Ray task beside "
@@ -156,13 +157,6 @@ class TuneConfig(StageConfig):
         if not str(value).strip():
             raise ValueError("must not be empty")
         return str(value).strip()
-
-    @field_validator("eval_device")
-    @classmethod
-    def _eval_device_name(cls, value: str) -> str:
-        from sd2_ray.models.device import check_device_name
-
-        return check_device_name(value)
 
     @model_validator(mode="after")
     def _eval_gpus_need_a_gpu_device(self) -> "TuneConfig":
