@@ -39,6 +39,8 @@ def parse_args(argv=None):
                    "(at least one per client)")
     p.add_argument("--level-timeout", type=float, default=240.0, help="seconds per level before giving up")
     p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--disable-by-batch-size", type=int, default=8,
+                   help="the speculative server decodes batches this large without the drafter (0: never)")
     p.add_argument("--threads", type=int, default=1, help="CPUs (torch threads) per replica")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_serve.json"))
     return p.parse_args(argv)
@@ -73,7 +75,9 @@ def start_apps(args, target: str, drafter: str) -> str:
     common = dict(target=target, port=port, num_speculative_tokens=args.num_speculative_tokens,
                   max_batch_size=args.max_batch_size, batch_wait_timeout_s=0.01, max_queued_requests=256,
                   num_cpus_per_replica=args.threads, model_name="target")
-    serve.run(build_app(ServeConfig(drafter=drafter, app_name="spec", **common)), name="spec",
+    disable = args.disable_by_batch_size or None
+    serve.run(build_app(ServeConfig(drafter=drafter, app_name="spec", speculative_disable_by_batch_size=disable,
+                                    **common)), name="spec",
               route_prefix="/spec")
     serve.run(build_app(ServeConfig(drafter=None, app_name="base", **common)), name="base",
               route_prefix="/base")
@@ -165,6 +169,8 @@ def main(argv=None) -> int:
     stats = spec_stats(urls["speculative"])
     print()
     print_table(rows, stats["mean_accepted_length"])
+    print(f"speculative server: {stats.get('batches_without_speculation', 0)} of {stats['batches']} batches "
+          f"decoded without the drafter (batch >= {args.disable_by_batch_size or 'never'})")
     with open(args.out, "w") as f:
         json.dump({"args": vars(args), "levels": rows, "spec_stats": stats,
                    "base_stats": spec_stats(urls["target-only"])}, f, indent=2)

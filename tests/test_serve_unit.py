@@ -194,6 +194,37 @@ def test_run_batch_streams_each_request_and_honours_stop(pair, tokenizer):
     assert len(finals[2].token_ids) <= 7 and finals[2].stats.target_passes >= 1
 
 
+def test_large_batches_decode_without_the_drafter_and_say_so(pair, tokenizer):
+    from sd2_ray.serve.batching import Job, run_batch
+    from sd2_ray.serve.metrics import SpecMetrics
+    from sd2_ray.specdec.engine import SpeculativeEngine
+    from sd2_ray.specdec.types import SamplingParams
+
+    engine = SpeculativeEngine.from_dirs(pair[0], pair[1], num_speculative_tokens=3)
+    requests = [core.PreparedRequest(tokenizer(text)["input_ids"], 10, SamplingParams())
+                for text in ("hello", "numbers 1 2", "the cat")]
+
+    async def finals(speculate):
+        jobs = [Job(r, core.TextStream(tokenizer, r.stop)) for r in requests]
+        last = [None] * len(jobs)
+        async for step in run_batch(engine, jobs, ThreadPoolExecutor(1), speculate=speculate):
+            last = [d if d.finish_reason else prev for d, prev in zip(step, last)]
+        return last
+
+    drafted, plain = asyncio.run(finals(True)), asyncio.run(finals(False))
+    assert [d.token_ids for d in drafted] == [d.token_ids for d in plain]  # greedy: same text either way
+    assert sum(d.stats.num_draft_tokens for d in drafted) > 0
+    assert all(d.stats.num_draft_tokens == 0 and d.stats.target_passes == len(d.token_ids) for d in plain)
+    metrics = SpecMetrics("t", 3, export_to_ray=False)
+    metrics.record_batch(3, speculative=False)
+    metrics.record_batch(1)
+    assert metrics.summary()["batches_without_speculation"] == 1
+    with pytest.raises(ConfigError, match="speculative_disable_by_batch_size"):
+        ServeConfig.load(overrides={"target": "t", "engine": "vllm", "speculative_disable_by_batch_size": 8})
+    with pytest.raises(ConfigError, match="speculative_disable_by_batch_size"):
+        ServeConfig.load(overrides={"target": "t", "speculative_disable_by_batch_size": 1})
+
+
 def test_metrics_summary_totals():
     from sd2_ray.serve.metrics import SpecMetrics
     from sd2_ray.specdec.types import SpecStats

@@ -136,8 +136,10 @@ class SpecDecodeServer:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def _generate_batch(self, jobs: list[Job]) -> AsyncIterator[list[Delta]]:
         """Requests that arrive together run as one engine batch (shared forward passes)."""
-        self.metrics.record_batch(len(jobs))
-        async for step in run_batch(self.engine, jobs, self.executor):
+        limit = self.config.speculative_disable_by_batch_size
+        speculate = limit is None or len(jobs) < limit
+        self.metrics.record_batch(len(jobs), speculative=speculate)
+        async for step in run_batch(self.engine, jobs, self.executor, speculate=speculate):
             yield step
 
     def _admit(self) -> None:

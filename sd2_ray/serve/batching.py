@@ -44,8 +44,10 @@ class Delta:
 _DONE = object()
 
 
-async def run_batch(engine: Engine, jobs: list[Job], executor: Executor) -> AsyncIterator[list[Delta]]:
-    """Yield, step by step, a list with one :class:`Delta` per job; the final list closes them all."""
+async def run_batch(engine: Engine, jobs: list[Job], executor: Executor,
+                    speculate: bool = True) -> AsyncIterator[list[Delta]]:
+    """Yield, step by step, a list with one :class:`Delta` per job; the final list closes them all.
+    ``speculate=False``: the engine decodes this batch with the target alone."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
 
@@ -57,7 +59,8 @@ async def run_batch(engine: Engine, jobs: list[Job], executor: Executor) -> Asyn
 
     def generate() -> list[GenerationResult]:
         try:
-            return engine.generate([job.request.generation_request() for job in jobs], on_tokens)
+            return engine.generate([job.request.generation_request() for job in jobs], on_tokens,
+                                   speculate=speculate)
         finally:
             loop.call_soon_threadsafe(events.put_nowait, _DONE)
 

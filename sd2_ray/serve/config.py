@@ -52,6 +52,10 @@ class ServeConfig(StageConfig):
     api_key: Optional[str] = Field(None, description="require 'Authorization: Bearer KEY' on /v1")
     model_name: Optional[str] = Field(None, description="model id clients send (default: target dir name)")
     max_batch_size: int = Field(8, ge=1, le=256, description="most requests decoded together per batch")
+    speculative_disable_by_batch_size: Optional[int] = Field(
+        None, ge=2, description="transformers engine: batches of at least this many requests decode "
+        "without the drafter (at large batches verifying K drafts per row costs more target compute "
+        "than accepted tokens save); none = always speculate")
     batch_wait_timeout_s: float = Field(
         0.02, ge=0, le=10, description="how long a batch waits for more requests before starting")
     max_queued_requests: int = Field(
@@ -86,6 +90,9 @@ class ServeConfig(StageConfig):
             for name, default in (("device", "auto"), ("device_map", None), ("gpus_per_replica", 0)):
                 if getattr(self, name) != default:
                     raise ValueError(f"{name} applies to engine 'transformers' (vLLM places the models itself)")
+            if self.speculative_disable_by_batch_size is not None:
+                raise ValueError("speculative_disable_by_batch_size applies to engine 'transformers' "
+                                 "(vLLM 0.32's speculative_config has no such switch)")
         elif self.gpus_per_replica > 0 and self.device == "cpu" and self.device_map is None:
             raise ValueError("gpus_per_replica > 0 reserves GPUs that device 'cpu' never uses")
         return self

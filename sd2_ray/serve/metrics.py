@@ -27,6 +27,7 @@ class SpecMetrics:
                                 accepted_per_position=[0] * num_speculative_tokens)
         self.requests = self.prompt_tokens = self.completion_tokens = 0
         self.batches = self.batched_requests = self.max_batch_size_seen = 0
+        self.batches_without_speculation = 0
         self.target_forward_calls = 0
         self.rejected_requests = 0
         self._lock = threading.Lock()  # forward hooks count from the engine thread
@@ -48,9 +49,10 @@ class SpecMetrics:
             for pos, accepted in enumerate(stats.accepted_per_position):
                 _inc(self._counters["num_accepted_tokens_per_pos"], accepted, {**tags, "position": str(pos)})
 
-    def record_batch(self, size: int) -> None:
+    def record_batch(self, size: int, speculative: bool = True) -> None:
         with self._lock:
             self.batches += 1
+            self.batches_without_speculation += 0 if speculative else 1
             self.batched_requests += size
             self.max_batch_size_seen = max(self.max_batch_size_seen, size)
         if self._counters:
@@ -84,6 +86,7 @@ class SpecMetrics:
                 "accepted_per_position": list(t.accepted_per_position),
                 "per_position_acceptance": [round(p, 4) for p in t.per_position_acceptance()],
                 "batches": self.batches,
+                "batches_without_speculation": self.batches_without_speculation,
                 "batched_requests": self.batched_requests,
                 "max_batch_size_seen": self.max_batch_size_seen,
                 "mean_batch_size": round(self.batched_requests / self.batches, 3) if self.batches else 0.0,

@@ -181,8 +181,11 @@ class SpeculativeEngine:
         drafter_tok = load_tokenizer(drafter_dir) if drafter_dir else None
         return cls(target, drafter, num_speculative_tokens, target_tok, drafter_tok, **kwargs)
 
-    def generate(self, requests: list[GenerationRequest],
-                 on_tokens: TokenCallback | None = None) -> list[GenerationResult]:
+    def generate(self, requests: list[GenerationRequest], on_tokens: TokenCallback | None = None,
+                 speculate: bool = True) -> list[GenerationResult]:
+        """``speculate=False`` decodes with the target alone (same output for greedy requests): a
+        server turns drafting off for large batches, where verifying K drafts per row costs more
+        target compute than the accepted tokens save."""
         for i, req in enumerate(requests):
             if not req.prompt_ids:
                 raise ValueError(f"request {i}: empty prompt_ids")
@@ -190,7 +193,7 @@ class SpeculativeEngine:
         results: list[GenerationResult] = []
         with torch.inference_mode():
             for start in range(0, len(requests), size):
-                results.extend(self._generate_batch(requests[start:start + size], start, on_tokens))
+                results.extend(self._generate_batch(requests[start:start + size], start, on_tokens, speculate))
         return results
 
     def _new_row(self, offset: int, i: int, req: GenerationRequest) -> _Row:
@@ -202,8 +205,8 @@ class SpeculativeEngine:
         return _Row(offset + i, req, frozenset(self.eos_token_ids) | frozenset(req.stop_token_ids),
                     SpecStats(num_speculative_tokens=k, accepted_per_position=[0] * k), generator)
 
-    def _new_drafter(self, prompts: list[list[int]], rp: RowParams):
-        if self.drafter is None or self.num_speculative_tokens == 0:
+    def _new_drafter(self, prompts: list[list[int]], rp: RowParams, speculate: bool = True):
+        if self.drafter is None or self.num_speculative_tokens == 0 or not speculate:
             return None
         if self.translator is not None:
             from sd2_ray.specdec.uag import CrossVocabDrafter
@@ -211,21 +214,21 @@ class SpeculativeEngine:
             return CrossVocabDrafter(self.drafter, self.translator, prompts, out_device=self.device)
         return SameVocabDrafter(self.drafter, prompts, self.vocab, out_device=self.device)
 
-    def _generate_batch(self, requests, offset: int, on_tokens) -> list[GenerationResult]:
+    def _generate_batch(self, requests, offset: int, on_tokens, speculate: bool = True) -> list[GenerationResult]:
         rows = [self._new_row(offset, i, r) for i, r in enumerate(requests)]
         for row in rows:
             if row.request.max_new_tokens <= 0:
                 row.finish_reason = "length"
         live = [row for row in rows if row.finish_reason is None]
         if live:
-            self._decode(live, on_tokens)
+            self._decode(live, on_tokens, speculate)
         return [GenerationResult(row.tokens, row.finish_reason or "length", row.stats) for row in rows]
 
-    def _decode(self, rows: list[_Row], on_tokens) -> None:
+    def _decode(self, rows: list[_Row], on_tokens, speculate: bool = True) -> None:
         prompts = [list(row.request.prompt_ids) for row in rows]
         rp = RowParams.from_params([row.request.sampling for row in rows], device=self.device)
         target_kv = RaggedKV(self.target, len(rows))
-        drafter = self._new_drafter(prompts, rp)
+        drafter = self._new_drafter(prompts, rp, speculate)
         pending: list[list[int]] = prompts  # committed target ids not yet in the target cache
         histories = [list(p) for p in prompts]  # prompt + generated target ids (for UAG)
         K = self.num_speculative_tokens

@@ -81,7 +81,7 @@ class GenerationResult:
 
 
 class Engine(Protocol):
-    def generate(self, requests: list[GenerationRequest],
-                 on_tokens: TokenCallback | None = None) -> list[GenerationResult]:
+    def generate(self, requests: list[GenerationRequest], on_tokens: TokenCallback | None = None,
+                 speculate: bool = True) -> list[GenerationResult]:
         """Advance all requests together (batched) until each stops; mixed sampling params allowed."""
         ...
