@@ -26,7 +26,7 @@ def test_tiny_yaml_validates_and_fills_chained_paths():
     cfg = PipelineConfig.load("jobs/configs/tiny.yaml", {"output": "o"})
     assert cfg.drafters == ["dense", "dense-sd", "layer-pruned-sd", "sd2", "sparse-sft", "uag"]
     ft = cfg.stage("finetune", model="m", data="d", output="x", response_field="reference")
-    assert ft.response_field == "reference" and ft.max_steps == cfg.finetune["max_steps"]
+    assert ft.response_field == "reference" and ft.epochs == cfg.finetune["epochs"] == 4
 
 
 def test_uag_dropped_without_a_uag_drafter():
