@@ -97,10 +97,8 @@ class Pipeline:
             sources["sd2"] = self.prune("sd2", "prune")
         if "layer-pruned-sd" in wanted:
             drop = self.config.drop_layers
-            if drop == "auto" and not manifest.is_complete(self.path("pruned", "layers")):
-                drop = matching_layer_drop(self.paths["drafter"], sources["sd2"])
-            elif drop == "auto":
-                drop = 1  # the output is complete and will be reused; any valid count passes validation
+            if drop == "auto":
+                drop = self.auto_layer_drop(sources["sd2"])
             sources["layers"] = self.prune("layers", "layer_prune", method="layers", drop_layers=drop,
                                            sparsity=None, pattern="unstructured")
         dirs = {"dense": self.paths["drafter"]}
@@ -111,6 +109,14 @@ class Pipeline:
         if "uag" in wanted:
             dirs["uag"] = self.paths["uag_drafter"]
         return {name: dirs[name] for name in wanted}
+
+    def auto_layer_drop(self, sparse_dir: str) -> int:
+        """Blocks the layer baseline drops to match the SD² drafter's MACs; a finished baseline
+        (reused on rerun) keeps the count it recorded, without loading the models again."""
+        done = self.path("pruned", "layers")
+        if manifest.is_complete(done):
+            return len(manifest.read(done)["dropped_blocks"])
+        return matching_layer_drop(self.paths["drafter"], sparse_dir)
 
     def evaluate(self, drafter_dirs: dict[str, str]) -> dict[str, dict[str, Any]]:
         from sd2_ray.pipeline_eval import evaluate_drafters

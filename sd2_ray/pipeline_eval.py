@@ -46,12 +46,6 @@ def evaluate_drafters(config: PipelineConfig, paths: dict[str, str], drafter_dir
     return {name: reports[name] for name in drafter_dirs}
 
 
-def _eval_kwargs(settings) -> dict[str, Any]:
-    return dict(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
-                seed=settings.seed, max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
-                dtype=settings.dtype, device=settings.device)
-
-
 def _evaluate_here(settings, target_dir: str, pending: dict[str, str], rows, baseline_path: str,
                    eval_root: str):
     """In this process: the target loaded once, the drafters one after another."""
@@ -62,7 +56,7 @@ def _evaluate_here(settings, target_dir: str, pending: dict[str, str], rows, bas
     for name, drafter in pending.items():
         manifest.start(storage.join(eval_root, name), "eval", drafter=drafter, name=name)
         report = evaluate_pair(target, drafter, rows, settings.num_speculative_tokens,
-                               **_eval_kwargs(settings), baseline=baseline, target_tokenizer=tokenizer)
+                               **settings.pair_kwargs(), baseline=baseline, target_tokenizer=tokenizer)
         yield name, drafter, report
 
 
@@ -100,7 +94,7 @@ def _drafter_task(settings, target_dir: str, drafter: str, rows, baseline: dict[
 
     target, tokenizer = load_target(target_dir, settings.device, settings.dtype, settings.device_map)
     return evaluate_pair(target, drafter, rows, settings.num_speculative_tokens,
-                         **_eval_kwargs(settings), baseline=baseline, target_tokenizer=tokenizer,
+                         **settings.pair_kwargs(), baseline=baseline, target_tokenizer=tokenizer,
                          progress=False)
 
 

@@ -49,6 +49,16 @@ def ensure_ray(num_cpus: int | None = None, attempts: int = 2):
     return ray
 
 
+def run_with_gpus(fn, gpus: float, *args, **kwargs):
+    """``fn(*args, **kwargs)`` here when ``gpus`` is 0, else as one Ray task holding that many
+    GPUs (the caller, e.g. a driver on a GPU-less head or a Tune trial, has none to give)."""
+    if gpus <= 0:
+        return fn(*args, **kwargs)
+    ray = ensure_ray()
+    task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=0)(fn)
+    return ray.get(task.remote(*args, **kwargs))
+
+
 def in_ray_job() -> bool:
     """True when running as a Ray job (``ray job submit``) or with Ray already up."""
     if os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_ADDRESS"):

@@ -59,6 +59,15 @@ def test_layer_drop_matches_sparse_macs(tmp_path):
     sparse.save_pretrained(tmp_path / "sparse")
     assert matching_layer_drop(str(tmp_path / "dense"), str(tmp_path / "sparse")) == 2
 
+    from sd2_ray import manifest, pipeline
+
+    run = pipeline.Pipeline(PipelineConfig.load(None, {
+        "output": str(tmp_path / "run"), "target": "t", "drafter": str(tmp_path / "dense"),
+        "uag_drafter": None, "train_prompts": "p", "eval_prompts": "e"}))
+    assert run.auto_layer_drop(str(tmp_path / "sparse")) == 2  # sized from the MACs
+    manifest.complete(run.path("pruned", "layers"), "prune", dropped_blocks=[3])
+    assert run.auto_layer_drop(str(tmp_path / "nowhere")) == 1  # a finished baseline keeps its count
+
 
 def fake_report(mal, macs, name):
     return {"mean_accepted_length": mal, "acceptance_rate": (mal - 1) / 4, "per_position_acceptance": [0.5] * 4,

@@ -1,12 +1,12 @@
 """Config of ``sd2 eval``."""
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Optional
 
 from pydantic import Field, field_validator, model_validator
 
 from sd2_ray.config import StageConfig
-from sd2_ray.models.device import DeviceName
+from sd2_ray.models.device import DeviceName, DtypeName
 
 
 class EvalConfig(StageConfig):
@@ -31,7 +31,7 @@ class EvalConfig(StageConfig):
     max_prompts: int | None = Field(None, ge=1, description="use only the first N prompts")
     device: DeviceName = Field("auto", description="where the models run: auto (cuda if available, else cpu), "
                                             "cpu, cuda or cuda:N")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    dtype: DtypeName = Field(
         "auto", description="model dtype; auto = bfloat16 on cuda, float32 on cpu")
     device_map: Optional[str] = Field(
         None, description="accelerate device_map for the target, e.g. 'auto' to shard a target too "
@@ -49,6 +49,12 @@ class EvalConfig(StageConfig):
         if not value or not value.strip():
             raise ValueError("must not be empty")
         return value.strip()
+
+    def pair_kwargs(self) -> dict:
+        """The decoding and placement settings :func:`~sd2_ray.evaluate.core.evaluate_pair` takes."""
+        return dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
+                    max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, dtype=self.dtype,
+                    device=self.device, device_map=self.device_map)
 
     @model_validator(mode="after")
     def _gpus_need_a_gpu_device(self):

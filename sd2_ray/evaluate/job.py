@@ -44,22 +44,15 @@ def main(config: EvalConfig) -> dict | None:
 
 def evaluate_config(config: EvalConfig, rows, progress: bool = True) -> dict:
     """The pair evaluated as the config says, in this process."""
-    return evaluate_pair(
-        config.target, config.drafter, rows, config.num_speculative_tokens,
-        temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, seed=config.seed,
-        max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, dtype=config.dtype,
-        device=config.device, device_map=config.device_map, measure_baseline=config.measure_baseline,
-        progress=progress)
+    return evaluate_pair(config.target, config.drafter, rows, config.num_speculative_tokens,
+                         **config.pair_kwargs(), measure_baseline=config.measure_baseline, progress=progress)
 
 
 def run_eval(config: EvalConfig, rows) -> dict:
     """Here, or with ``gpus`` > 0 as one Ray task holding that many GPUs (e.g. a job submitted to
     a cluster whose head has none)."""
-    if config.gpus <= 0:
-        return evaluate_config(config, rows)
-    from sd2_ray.runtime import ensure_ray
+    from sd2_ray.runtime import run_with_gpus
 
-    ray = ensure_ray()
-    task = ray.remote(num_cpus=1, num_gpus=config.gpus, max_retries=0)(evaluate_config)
-    logger.info("eval as a Ray task with %s GPU(s)", config.gpus)
-    return ray.get(task.remote(config, rows, False))
+    if config.gpus > 0:
+        logger.info("eval as a Ray task with %s GPU(s)", config.gpus)
+    return run_with_gpus(evaluate_config, config.gpus, config, rows, progress=config.gpus <= 0)

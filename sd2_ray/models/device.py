@@ -8,14 +8,15 @@ into what torch uses *where the models are loaded* (a Ray worker may see GPUs th
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import Annotated, Literal, get_args
 
 from pydantic import AfterValidator
 
 from sd2_ray.errors import ConfigError
 
 DEVICE_NAME = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
-DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+DtypeName = Literal["auto", "float32", "bfloat16", "float16"]  # every config's dtype field
+DTYPE_NAMES = get_args(DtypeName)
 
 
 def check_device_name(value: str) -> str:

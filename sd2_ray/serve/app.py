@@ -31,20 +31,14 @@ api = install_error_handlers(FastAPI(title="sd2-ray", description="OpenAI-compat
 
 def load_engine(config: ServeConfig):
     """(engine, target model, target tokenizer) for the configured pair, via our engine."""
-    from sd2_ray.models.device import input_device, resolve_device, resolve_dtype
-    from sd2_ray.models.io import load_model, load_tokenizer
+    from sd2_ray.models.device import resolve_device, resolve_dtype
     from sd2_ray.specdec.engine import SpeculativeEngine
 
     device = resolve_device(config.device)  # in the replica: the GPUs Ray gave it
-    dtype = resolve_dtype(config.dtype, device)
-    target = load_model(config.target, dtype=dtype, device=device, device_map=config.device_map)
-    tokenizer = load_tokenizer(config.target)
-    drafter = (load_model(config.drafter, dtype=dtype, device=str(input_device(target)))
-               if config.drafter else None)
-    drafter_tokenizer = load_tokenizer(config.drafter) if config.drafter else None
-    engine = SpeculativeEngine(target, drafter, config.num_speculative_tokens,
-                               target_tokenizer=tokenizer, drafter_tokenizer=drafter_tokenizer)
-    return engine, target, tokenizer
+    engine = SpeculativeEngine.from_dirs(config.target, config.drafter, config.num_speculative_tokens,
+                                         dtype=resolve_dtype(config.dtype, device), device=device,
+                                         device_map=config.device_map)
+    return engine, engine.target, engine.target_tokenizer
 
 
 def _import(ref: str):

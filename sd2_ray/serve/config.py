@@ -7,7 +7,7 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sd2_ray.config import StageConfig
-from sd2_ray.models.device import DeviceName
+from sd2_ray.models.device import DeviceName, DtypeName
 
 
 class AutoscalingConfig(BaseModel):
@@ -63,7 +63,7 @@ class ServeConfig(StageConfig):
     max_model_len: Optional[int] = Field(
         None, ge=2, description="context length: prompt + max_tokens (default: target's positions)")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens for chat requests that give none")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    dtype: DtypeName = Field(
         "auto", description="weights dtype; auto = bfloat16 on cuda, float32 on cpu")
     device: DeviceName = Field("auto", description="transformers engine: where the models run, auto (cuda if "
                                             "the replica sees one, else cpu), cpu, cuda or cuda:N")

@@ -205,8 +205,8 @@ class SpeculativeEngine:
         return _Row(offset + i, req, frozenset(self.eos_token_ids) | frozenset(req.stop_token_ids),
                     SpecStats(num_speculative_tokens=k, accepted_per_position=[0] * k), generator)
 
-    def _new_drafter(self, prompts: list[list[int]], rp: RowParams, speculate: bool = True):
-        if self.drafter is None or self.num_speculative_tokens == 0 or not speculate:
+    def _new_drafter(self, prompts: list[list[int]]):
+        if self.drafter is None or self.num_speculative_tokens == 0:
             return None
         if self.translator is not None:
             from sd2_ray.specdec.uag import CrossVocabDrafter
@@ -228,7 +228,7 @@ class SpeculativeEngine:
         prompts = [list(row.request.prompt_ids) for row in rows]
         rp = RowParams.from_params([row.request.sampling for row in rows], device=self.device)
         target_kv = RaggedKV(self.target, len(rows))
-        drafter = self._new_drafter(prompts, rp, speculate)
+        drafter = self._new_drafter(prompts) if speculate else None
         pending: list[list[int]] = prompts  # committed target ids not yet in the target cache
         histories = [list(p) for p in prompts]  # prompt + generated target ids (for UAG)
         K = self.num_speculative_tokens

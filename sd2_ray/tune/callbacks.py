@@ -13,6 +13,7 @@ from typing import Any
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from sd2_ray.runtime import run_with_gpus
 from sd2_ray.tune.space import finite_or_inf, objective_value
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,8 @@ class TrialReportCallback(TuneReportCallback):
         """MAL of the checkpoint's weights; a failed measurement is logged, never fatal."""
         started = time.perf_counter()
         try:
-            report = run_checkpoint_eval(checkpoint, self._checkpoint_eval)
+            report = run_with_gpus(evaluate_checkpoint, self._checkpoint_eval.get("gpus", 0), checkpoint,
+                                   self._checkpoint_eval)  # the trial process has no GPUs to give
         except Exception as err:  # the trial's training must not die of a side measurement
             log.warning("checkpoint eval at step %s failed: %s: %s", step, type(err).__name__, err)
             return {}
@@ -50,16 +52,6 @@ class TrialReportCallback(TuneReportCallback):
         log.info("step %s: checkpoint MAL %.3f, predicted speedup %.3f (%.1fs)", step, out["mal"],
                  out["predicted_speedup"], time.perf_counter() - started)
         return out
-
-
-def run_checkpoint_eval(checkpoint, settings: dict[str, Any]) -> dict[str, Any]:
-    """Here, or as a Ray task holding ``settings["gpus"]`` GPUs (the trial process has none)."""
-    if not settings.get("gpus"):
-        return evaluate_checkpoint(checkpoint, settings)
-    import ray
-
-    task = ray.remote(num_cpus=1, num_gpus=settings["gpus"], max_retries=0)(evaluate_checkpoint)
-    return ray.get(task.remote(checkpoint, settings))
 
 
 def evaluate_checkpoint(checkpoint, settings: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from sd2_ray import storage
 from sd2_ray.config import StageConfig
-from sd2_ray.models.device import DeviceName
+from sd2_ray.models.device import DeviceName, DtypeName
 
 OBJECTIVES = ("predicted_speedup", "mal")
 PRUNE_METHODS = ("sparsegpt", "wanda", "magnitude")
@@ -124,7 +124,7 @@ class TuneConfig(StageConfig):
     max_eval_prompts: int | None = Field(32, ge=1, description="held-out prompts used per trial eval")
     eval_max_new_tokens: int = Field(64, ge=1, description="tokens generated per eval prompt")
     eval_batch_size: int = Field(8, ge=1, description="prompts decoded together in the eval")
-    eval_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    eval_dtype: DtypeName = Field(
         "float32", description="model dtype in the eval (auto: bfloat16 on cuda, float32 on cpu)")
     eval_device: DeviceName = Field("cpu", description="where a trial's eval runs: cpu, auto, cuda, cuda:N")
     eval_device_map: Optional[str] = Field(None, description="accelerate device_map for the eval's target "

@@ -120,14 +120,11 @@ def evaluate(config: TuneConfig, drafter: str) -> dict[str, Any]:
     kwargs = dict(max_new_tokens=config.eval_max_new_tokens, batch_size=config.eval_batch_size,
                   dtype=config.eval_dtype, device=config.eval_device, device_map=config.eval_device_map,
                   seed=config.seed, measure_baseline=False, progress=False)
-    if config.eval_gpus <= 0:
-        return evaluate_pair(*args, **kwargs)
-    import ray
-
     # the trial's own process holds only CPUs (fine-tuning has its own workers); the target
     # needs GPUs just for the eval, so they are taken for that task alone
-    task = ray.remote(num_cpus=1, num_gpus=config.eval_gpus, max_retries=0)(evaluate_pair)
-    return ray.get(task.remote(*args, **kwargs))
+    from sd2_ray.runtime import run_with_gpus
+
+    return run_with_gpus(evaluate_pair, config.eval_gpus, *args, **kwargs)
 
 
 def final_metrics(config: TuneConfig, params: dict[str, Any], report: dict[str, Any], summary: dict[str, Any],
