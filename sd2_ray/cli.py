@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
-import logging
 import sys
 import types
 import typing
@@ -42,9 +41,10 @@ COMMANDS: dict[str, Command] = {
                     "speculative decoding eval: MAL, acceptance, MACs, speedup, losslessness", "eval"),
     "serve": Command("sd2_ray.serve.config:ServeConfig", "sd2_ray.serve.job:main",
                      "OpenAI-compatible endpoint (Ray Serve) for target + drafter", "serve"),
-    "run": Command("sd2_ray.pipeline_config:PipelineConfig", "sd2_ray.pipeline:main",
+    "run": Command("sd2_ray.pipeline.config:PipelineConfig", "sd2_ray.pipeline.run:main",
                    "the whole SD2 pipeline as one job, with baselines and a report", ""),
 }
+DEBUG_ENV = "SD2_DEBUG"
 
 
 def _load(ref: str) -> Any:
@@ -71,18 +71,13 @@ def _scalar_fields(config_cls: Any) -> dict[str, Any]:
 
 
 def _add_command(sub: Any, name: str, cmd: Command) -> None:
-    try:
-        config_cls = _load(cmd.config)
-    except (ImportError, AttributeError):
-        p = sub.add_parser(name, help=f"{cmd.help} [not built yet]", description=cmd.help)
-        p.set_defaults(_command=name, _missing=True)
-        return
+    config_cls = _load(cmd.config)
     p = sub.add_parser(name, help=cmd.help, description=inspect.cleandoc(config_cls.__doc__ or cmd.help),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="FILE.yaml", help="YAML config (local or s3://); flags override it")
     for field_name, field in _scalar_fields(config_cls).items():
         flag = "--" + field_name.replace("_", "-")
-        desc = (field.description or "").rstrip(".")
+        desc = (field.description or "").rstrip(".").replace("%", "%%")  # argparse formats help with %
         if field.is_required():
             hint = " (required)"
         elif field.default not in (None, "") and field.default_factory is None:
@@ -96,7 +91,8 @@ def _add_command(sub: Any, name: str, cmd: Command) -> None:
             p.add_argument(flag, dest=f"flag__{field_name}", metavar=field_name.upper(), help=f"{desc}{hint}")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override any (nested) field")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    p.set_defaults(_command=name, _missing=False)
+    p.add_argument("--debug", action="store_true", help=f"full tracebacks for errors (or {DEBUG_ENV}=1)")
+    p.set_defaults(_command=name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,25 +115,38 @@ def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
+def looks_like_pipeline(data: dict[str, Any], config_cls: Any) -> bool:
+    """A pipeline YAML given to a stage command: its keys are a pipeline config's, not the stage's."""
+    from sd2_ray.pipeline.config import PipelineConfig
+
+    keys = set(data)
+    return bool(keys) and keys <= set(PipelineConfig.model_fields) and not keys <= set(config_cls.model_fields)
+
+
 def load_config(name: str, args: argparse.Namespace) -> Any:
-    from sd2_ray.config import parse_override, read_yaml
+    """The command's config: file < $SD2_OVERRIDES < flags < key=value overrides; every local path
+    made absolute and every kit: name resolved before anything runs."""
+    from sd2_ray.config import env_overrides, parse_override, read_yaml
 
     cmd = COMMANDS[name]
     config_cls = _load(cmd.config)
-    overrides = _flag_values(args)
+    overrides = dict(parse_override(o) for o in env_overrides())
+    overrides.update(_flag_values(args))
     overrides.update(dict(parse_override(o) for o in args.overrides))
     data = read_yaml(args.config) if args.config else {}
-    if name != "run" and "output" in data and cmd.section in data:
+    if cmd.section and looks_like_pipeline(data, config_cls):
         # A pipeline YAML: this stage's section, chained to the others as `sd2 run` would.
-        from sd2_ray.config import set_dotted
-        from sd2_ray.pipeline import single_stage_config
+        from sd2_ray.pipeline.chain import stage_from_pipeline
 
-        nested: dict[str, Any] = {}
-        for key, value in overrides.items():
-            set_dotted(nested, key, value)
-        return single_stage_config(args.config, cmd.section, nested)
+        return stage_from_pipeline(args.config, cmd.section, overrides).with_kit_paths()
     section = cmd.section if cmd.section and cmd.section in data else None
-    return config_cls.load(args.config, overrides, section=section)
+    return config_cls.load(args.config, overrides, section=section).with_kit_paths()
+
+
+def _debug(args: argparse.Namespace) -> bool:
+    import os
+
+    return bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,19 +155,17 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 0
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args._missing:
-        print(f"sd2 {args.command}: not built yet in this version", file=sys.stderr)
-        return 2
+    from sd2_ray.logs import setup_logging
+
+    setup_logging(verbose=args.verbose)
     try:
         config = load_config(args.command, args)
         _load(COMMANDS[args.command].runner)(config)
-    except Sd2Error as err:
-        print(f"sd2 {args.command}: {err}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as err:
-        print(f"sd2 {args.command}: {err}", file=sys.stderr)
+    except (Sd2Error, FileNotFoundError) as err:
+        if _debug(args):
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"sd2 {args.command}: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"sd2 {args.command}: interrupted", file=sys.stderr)

@@ -8,17 +8,60 @@ written next to it (:meth:`StageConfig.save`).
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Any, TypeVar
+import os
+import types
+import typing
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from sd2_ray.errors import ConfigError
 
 C = TypeVar("C", bound="StageConfig")
 
 CONFIG_FILE = "config.yaml"
+KIT_PREFIX = "kit:"
+OVERRIDES_ENV = "SD2_OVERRIDES"
+
+
+def resolve_path(value: Any) -> str:
+    """A user's path as every process will read it: a local path made absolute against the
+    caller's working directory (Ray Train, Tune and Serve run code in other directories, so a
+    relative path would name another place there); ``s3://`` URIs and ``kit:`` names are kept
+    (the latter are resolved by :meth:`StageConfig.with_kit_paths`)."""
+    text = str(value).strip()
+    if not text:
+        raise ValueError("must not be empty")
+    if text.startswith(("s3://", KIT_PREFIX)):
+        return text
+    if "://" in text:
+        raise ValueError(f"'{text}': only local paths and s3:// URIs are supported")
+    return os.path.abspath(os.path.expanduser(text))
+
+
+class _PathMark:
+    """Marks a field as a storage path (see :func:`path_fields`)."""
+
+
+PATH_MARK = _PathMark()
+# The type of every path field in every stage config: local (made absolute), s3:// or kit:.
+StoragePath = Annotated[str, AfterValidator(resolve_path), PATH_MARK]
+
+
+def _is_path(annotation: Any, metadata: list[Any]) -> bool:
+    if any(m is PATH_MARK for m in metadata):
+        return True
+    if typing.get_origin(annotation) is Annotated:
+        return any(m is PATH_MARK for m in typing.get_args(annotation)[1:])
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_is_path(arg, []) for arg in typing.get_args(annotation))
+    return False
+
+
+def path_fields(cls: type[BaseModel]) -> list[str]:
+    """The names of a config class's :data:`StoragePath` fields (optional ones included)."""
+    return [name for name, field in cls.model_fields.items() if _is_path(field.annotation, field.metadata)]
 
 
 class StageConfig(BaseModel):
@@ -42,6 +85,22 @@ class StageConfig(BaseModel):
             set_dotted(data, key, value)
         return validate(cls, data, source=path)
 
+    def kit_overrides(self) -> dict[str, Any]:
+        """KitConfig fields used to resolve ``kit:`` names (a pipeline config carries some)."""
+        return {}
+
+    def with_kit_paths(self: C) -> C:
+        """A copy with every ``kit:NAME`` path replaced by that part of the (built, cached) model
+        kit; the kit is built on first use (minutes), later calls return at once."""
+        named = {f: getattr(self, f) for f in path_fields(type(self))
+                 if str(getattr(self, f) or "").startswith(KIT_PREFIX)}
+        if not named:
+            return self
+        from sd2_ray.kit import kit_part
+
+        overrides = self.kit_overrides()
+        return self.model_copy(update={f: kit_part(v, f, **overrides) for f, v in named.items()})
+
     def to_dict(self) -> dict[str, Any]:
         return json.loads(self.model_dump_json())
 
@@ -64,10 +123,13 @@ def validate(cls: type[C], data: dict[str, Any], source: str | None = None) -> C
         raise ConfigError(format_validation_error(err, source)) from None
 
 
-def format_validation_error(err: ValidationError, source: str | None = None) -> str:
-    """One line naming the first bad field: ``config.yaml: field 'prune.sparsity': ...``."""
-    first = err.errors()[0]
-    field = ".".join(str(p) for p in first["loc"])
+def format_validation_error(err: ValidationError, source: str | None = None, prefix: str = "") -> str:
+    """One line naming the first bad field: ``config.yaml: field 'prune.sparsity': ...``
+    (``prefix``: the section the validated data came from). An unknown field is named first: a
+    typo in a field's name is also why that field then counts as missing."""
+    errors = err.errors()
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    field = ".".join([p for p in [prefix] if p] + [str(p) for p in first["loc"]])
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown field"
@@ -106,6 +168,14 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
             raise ConfigError(f"override '{key}': '{part}' is not a section")
         node = child
     node[parts[-1]] = value
+
+
+def env_overrides() -> list[str]:
+    """``key=value`` overrides from ``$SD2_OVERRIDES`` (space-separated): a smaller budget for a
+    smoke run of an unchanged command line, e.g. in CI. The command line's own overrides win."""
+    import shlex
+
+    return shlex.split(os.environ.get(OVERRIDES_ENV, ""))
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -16,6 +16,7 @@ from sd2_ray.errors import DataError
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 # In a directory only shards count: manifest.json and other metadata sit beside them.
 SHARD_SUFFIXES = (".jsonl", ".parquet")
+SKIPPED_FILE = "_skipped.jsonl"  # beside a stage's output: every row it left out, and why
 
 
 def data_files(path: str) -> list[str]:
@@ -31,36 +32,101 @@ def data_files(path: str) -> list[str]:
     raise DataError(f"{path}: dataset not found")
 
 
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-    rows = []
-    for number, line in storage.iter_jsonl(path):
+def _jsonl_lines(path: str) -> Iterable[tuple[int, str | None, str | None]]:
+    """(1-based line number, text or None, problem or None) of every non-blank line. Lines end
+    at "\n" only: a JSON string may hold U+2028 and other characters str.splitlines() would cut at;
+    one line of invalid UTF-8 is that line's problem, not the file's."""
+    data = storage.read_bytes(path)
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]  # a UTF-8 byte order mark, as some editors write
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}: line {number}: invalid JSON ({err.msg})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
+            yield number, raw.decode("utf-8").rstrip("\r"), None
+        except UnicodeDecodeError as err:
+            yield number, None, f"not UTF-8 text (byte {err.start} of the line)"
+
+
+def read_jsonl(path: str, skipped: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The objects of a JSON Lines file. A line that is not a JSON object raises DataError naming
+    the file and line, unless ``skipped`` is given: then it is recorded there and left out."""
+    rows = []
+    for number, line, problem in _jsonl_lines(path):
+        if problem is None:
+            try:
+                row = json.loads(line)
+                problem = None if isinstance(row, dict) else f"expected a JSON object, got {type(row).__name__}"
+            except json.JSONDecodeError as err:
+                problem = f"invalid JSON ({err.msg})"
+        if problem is None:
+            rows.append(row)
+        elif skipped is None:
+            raise DataError(f"{path}: line {number}: {problem}")
+        else:
+            skipped.append({"file": path, "line": number, "id": None, "reason": problem})
     return rows
 
 
-def read_rows(path: str, limit: int | None = None) -> list[dict[str, Any]]:
-    """All rows of a JSONL/Parquet file or directory (local or s3://), in file order."""
+def read_rows(path: str, limit: int | None = None,
+              skipped: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """All rows of a JSONL/Parquet file or directory (local or s3://), in file order; unreadable
+    JSONL lines go to ``skipped`` when it is given (see :func:`read_jsonl`)."""
     rows: list[dict[str, Any]] = []
     for file in data_files(path):
         if file.endswith(".parquet"):
-            rows.extend(storage.read_parquet(file).to_pylist())
+            rows.extend(_read_parquet_rows(file))
         else:
-            rows.extend(read_jsonl(file))
+            rows.extend(read_jsonl(file, skipped))
         if limit is not None and len(rows) >= limit:
             return rows[:limit]
     return rows
 
 
+def _read_parquet_rows(file: str) -> list[dict[str, Any]]:
+    try:
+        return storage.read_parquet(file).to_pylist()
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        raise DataError(f"{file}: not a readable Parquet file ({str(err).splitlines()[0][:200]})") from None
+
+
+# ---------------------------------------------------------------- bad rows: count and skip
+
+def skip_record(index: int, row: Any, reason: str) -> dict[str, Any]:
+    """One skipped row for ``_skipped.jsonl``: where it was, its id if it has one, and why."""
+    try:
+        rid = row_id(row) if isinstance(row, dict) else None
+    except (TypeError, ValueError):
+        rid = None
+    return {"index": index, "id": rid, "reason": reason}
+
+
+def require_usable(source: str, kept: int, skipped: list[dict[str, Any]], min_share: float = 0.0) -> None:
+    """The one policy for bad rows in every stage: they are counted and skipped, and the stage
+    fails (DataError, exit 2) only when no rows, or less than ``min_share`` of them, remain."""
+    total = kept + len(skipped)
+    if kept and kept >= min_share * total:
+        return
+    example = ""
+    if skipped:
+        first = skipped[0]
+        where = f"line {first['line']}" if first.get("line") else f"row {first.get('row') or first.get('index', 0) + 1}"
+        where += f" (id '{first['id']}')" if first.get("id") else ""
+        example = f"; e.g. {where}: {first['reason']}"
+    if not kept:
+        raise DataError(f"{source}: no usable rows ({len(skipped)} skipped{example})")
+    raise DataError(f"{source}: only {kept} of {total} rows are usable, below the required share "
+                    f"{min_share:g}{example}")
+
+
+def write_skipped(path: str, skipped: list[dict[str, Any]]) -> None:
+    storage.write_text(path, "".join(json.dumps(s, ensure_ascii=False, default=str) + "\n" for s in skipped))
+
+
 def content_id(row: dict[str, Any]) -> str:
     """A stable id from the row's instruction (prompt or messages)."""
     key = row.get("messages") if row.get("messages") is not None else row.get("prompt")
-    blob = json.dumps(key, sort_keys=True, ensure_ascii=False)
+    blob = json.dumps(key, sort_keys=True, ensure_ascii=False, default=str)
     return "h-" + hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
@@ -117,7 +183,3 @@ def reference_response(row: dict[str, Any]) -> str | None:
     if msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant":
         return msgs[-1].get("content")
     return None
-
-
-def with_ids(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{**row, "id": row_id(row)} for row in rows]

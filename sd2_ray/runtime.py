@@ -1,26 +1,75 @@
-"""Ray start-up shared by every stage's adapter: join a cluster if there is one, else start
-the embedded local Ray. Imported lazily: the pure cores never import Ray."""
+"""Ray start-up and remote calls shared by every stage's adapter (a Ray adapter itself: the pure
+cores never import this). Joins the cluster of a submitted job or a local `ray start`, else
+starts a private local Ray bound to loopback; runs work as Ray tasks holding GPUs; turns a
+remote failure back into the one-line error the stage raised."""
 from __future__ import annotations
 
+import json
 import logging
 import os
+import socket
+import tempfile
+from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
 # Passed to every Ray worker so S3 endpoints, offline hub and thread limits match the driver.
 PROPAGATED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                   "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "HF_HUB_OFFLINE",
-                  "SD2_CACHE_DIR", "TORCH_EXTENSIONS_DIR", "VLLM_CPU_KVCACHE_SPACE", "OMP_NUM_THREADS")
+                  "SD2_CACHE_DIR", "SD2_KIT_DIR", "TORCH_EXTENSIONS_DIR", "VLLM_CPU_KVCACHE_SPACE",
+                  "OMP_NUM_THREADS", "SD2_VERBOSE")
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor in a submitted job's driver
 
 
 def worker_env() -> dict[str, str]:
+    """The driver's environment every worker needs (S3 endpoint, offline hub, caches)."""
     env = {k: os.environ[k] for k in PROPAGATED_ENV if k in os.environ}
     env.setdefault("HF_HUB_OFFLINE", "1")
     return env
 
 
+def job_runtime_env() -> dict[str, Any]:
+    """The submitted job's own runtime env (empty outside a submitted job)."""
+    try:
+        job = json.loads(os.environ.get(JOB_CONFIG_ENV) or "{}")
+    except ValueError:
+        return {}
+    return job.get("runtime_env") or {}
+
+
+def driver_runtime_env() -> dict[str, Any]:
+    """The runtime env ``ray.init`` adds: only what the job's runtime env lacks. Ray refuses to
+    merge a job's runtime env with the driver's when both set a key, even to the same value."""
+    job = job_runtime_env()
+    env = {k: v for k, v in worker_env().items() if k not in (job.get("env_vars") or {})}
+    out: dict[str, Any] = {"env_vars": env} if env else {}
+    if "worker_process_setup_hook" not in job:
+        out["worker_process_setup_hook"] = "sd2_ray.logs.quiet_worker"  # the libraries' chatter, per worker
+    return out
+
+
+def local_cluster_address() -> str | None:
+    """The address of a cluster started by `ray start` on this machine (what a bare ``ray.init()``
+    would join), if its GCS answers; a stale address file (a killed cluster) is ignored."""
+    temp = os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()
+    try:
+        with open(os.path.join(temp, "ray", "ray_current_cluster")) as f:
+            address = f.read().strip()
+    except OSError:
+        return None
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=2.0):
+            return address
+    except (OSError, ValueError):
+        log.warning("ignoring %s: no Ray cluster answers at %s (left by a killed `ray start`?)",
+                    os.path.join(temp, "ray", "ray_current_cluster"), address)
+        return None
+
+
 def ensure_ray(num_cpus: int | None = None, attempts: int = 2):
-    """``ray.init`` once: the cluster in ``RAY_ADDRESS`` (a submitted job), else a local one.
+    """``ray.init`` once: the cluster in ``RAY_ADDRESS`` (a submitted job), else a cluster started
+    by `ray start` on this machine (said so in the log), else a private local one on loopback.
 
     A local start is retried: on a saturated machine the raylet can miss Ray's fixed
     registration deadline, and a second start then usually succeeds.
@@ -30,33 +79,79 @@ def ensure_ray(num_cpus: int | None = None, attempts: int = 2):
     if ray.is_initialized():
         return ray
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env={"env_vars": worker_env()}, log_to_driver=True)
+    address = os.environ.get("RAY_ADDRESS") or local_cluster_address()
+    if address and address != "local":
+        log.info("ray: joining the cluster at %s%s", address, "" if os.environ.get("RAY_ADDRESS") else
+                 " (started by `ray start` here; RAY_ADDRESS=local starts a private one instead)")
+        ray.init(address=address, runtime_env=driver_runtime_env(), log_to_driver=True)
         return ray
-    # A private local cluster: token auth only gets in the way of the embedded default.
+    # A private local cluster: token auth only gets in the way of the embedded default, and its
+    # ports need not be reachable from other machines.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     for attempt in range(1, attempts + 1):
         try:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": worker_env()},
-                     log_to_driver=True)
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                     _node_ip_address="127.0.0.1", runtime_env=driver_runtime_env(), log_to_driver=True)
             break
         except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception for this
             if "timed out during startup" not in str(err) or attempt == attempts:
                 raise
             log.warning("local Ray did not start in time (busy machine?); retrying")
             ray.shutdown()
-    log.info("ray: %s", ray.cluster_resources())
+    log.info("ray: private local cluster %s", ray.cluster_resources())
     return ray
 
 
-def run_with_gpus(fn, gpus: float, *args, **kwargs):
+def unwrap_remote_error(err: Exception) -> Exception:
+    """The exception a Ray task raised, without Ray's wrapper: our one-line errors stay one line
+    (the CLI prints them and exits 2), anything else keeps its type and last message line."""
+    from sd2_ray.errors import Sd2Error
+
+    cause = err.as_instanceof_cause() if hasattr(err, "as_instanceof_cause") else err
+    for candidate in (getattr(err, "cause", None), cause):
+        if isinstance(candidate, Sd2Error):
+            for base in type(candidate).__mro__:
+                if base.__module__.startswith("sd2_ray"):
+                    return base(str(candidate).strip().splitlines()[-1])
+    return err
+
+
+def _remote(fn: Callable, gpus: float, num_cpus: float = 1):
+    ray = ensure_ray()
+    # Not captured by the caller's placement group (a Tune trial's is CPU-only): the task asks
+    # the cluster for its own GPUs.
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    strategy = PlacementGroupSchedulingStrategy(placement_group=None)
+    return ray.remote(num_cpus=num_cpus, num_gpus=gpus, max_retries=0, scheduling_strategy=strategy)(fn)
+
+
+def run_with_gpus(fn: Callable, gpus: float, *args, **kwargs):
     """``fn(*args, **kwargs)`` here when ``gpus`` is 0, else as one Ray task holding that many
     GPUs (the caller, e.g. a driver on a GPU-less head or a Tune trial, has none to give)."""
     if gpus <= 0:
         return fn(*args, **kwargs)
-    ray = ensure_ray()
-    task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=0)(fn)
-    return ray.get(task.remote(*args, **kwargs))
+    return submit_with_gpus(fn, gpus, *args, **kwargs).result()
+
+
+class RemoteResult:
+    """A submitted task; ``result()`` waits and raises the task's own error, unwrapped."""
+
+    def __init__(self, ref):
+        self.ref = ref
+
+    def result(self):
+        import ray
+
+        try:
+            return ray.get(self.ref)
+        except ray.exceptions.RayTaskError as err:
+            raise unwrap_remote_error(err) from None
+
+
+def submit_with_gpus(fn: Callable, gpus: float, *args, num_cpus: float = 1, **kwargs) -> RemoteResult:
+    """Start ``fn`` as a Ray task holding ``gpus`` GPUs (may be 0) without waiting for it."""
+    return RemoteResult(_remote(fn, gpus, num_cpus).remote(*args, **kwargs))
 
 
 def in_ray_job() -> bool:

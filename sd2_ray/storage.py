@@ -122,7 +122,14 @@ def read_bytes(path: str) -> bytes:
 
 
 def read_text(path: str) -> str:
-    return read_bytes(path).decode("utf-8")
+    data = read_bytes(path)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        from sd2_ray.errors import DataError
+
+        line = data[:err.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line}: not UTF-8 text (byte {err.start})") from None
 
 
 def read_json(path: str) -> Any:
@@ -230,7 +237,7 @@ def local_dir(path: str, include: Sequence[str] | None = None) -> str:
             _download(path, tmp, patterns, files)
             with open(os.path.join(tmp, SOURCE_FILE), "w") as f:
                 json.dump({"source": path, "include": patterns, "files": files}, f)
-            _replace_dir(tmp, target)
+            replace_dir(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -259,7 +266,7 @@ def _download(path: str, dest: str, patterns: tuple[str, ...] | None, files: lis
         pafs.copy_files(src_inner, out, source_filesystem=src_fs, destination_filesystem=pafs.LocalFileSystem())
 
 
-def _replace_dir(new: str, target: str) -> None:
+def replace_dir(new: str, target: str) -> None:
     """Move ``new`` to ``target``; a stale ``target`` is moved aside first (rename is atomic)."""
     if os.path.isdir(target):
         old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(target))
@@ -288,17 +295,3 @@ def _cache_is_fresh(files: list[list], target: str) -> bool:
     except (OSError, ValueError):
         return False
     return saved.get("files") == files
-
-
-def publish_dir(local: str, dest: str) -> None:
-    """Copy a finished local directory to ``dest`` (no-op when they are the same place)."""
-    if not is_s3(dest) and os.path.abspath(local) == os.path.abspath(dest):
-        return
-    copy_dir(local, dest)
-
-
-def iter_jsonl(path: str) -> Iterator[tuple[int, str]]:
-    """(1-based line number, line) of a JSONL file, blank lines skipped."""
-    for number, line in enumerate(read_text(path).splitlines(), start=1):
-        if line.strip():
-            yield number, line

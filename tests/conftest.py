@@ -45,6 +45,17 @@ def s3_bucket(s3_server, monkeypatch):
     yield name
 
 
+@pytest.fixture(autouse=True)
+def torch_grad_mode_restored():
+    """Process-wide torch state a test changes must not reach the next test (the suite runs in
+    one process): grad mode is put back after every test."""
+    import torch
+
+    before = torch.is_grad_enabled()
+    yield
+    torch.set_grad_enabled(before)
+
+
 @pytest.fixture
 def one_torch_thread():
     """One torch thread for the test: math tests are faster and steadier on a shared 2-core box."""

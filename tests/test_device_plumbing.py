@@ -14,10 +14,17 @@ import torch
 from sd2_ray.errors import ConfigError
 from sd2_ray.models.tiny import tiny_model
 from sd2_ray.specdec.engine import SpeculativeEngine
-from sd2_ray.specdec.testing import bpe_tokenizer, char_tokenizer, sharpen
+from sd2_ray.specdec.testing import bpe_tokenizer, char_tokenizer, noisy_copy, sharpen
 from sd2_ray.specdec.types import GenerationRequest, SamplingParams
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def no_grad():
+    """Inference only; a module-level set_grad_enabled(False) would leak into every later test file
+    of the same process (fine-tuning tests then train nothing)."""
+    with torch.no_grad():
+        yield
 SPECDEC = Path(__file__).resolve().parents[1] / "sd2_ray" / "specdec"
 FACTORIES = {"tensor", "zeros", "ones", "full", "arange", "empty", "randn", "rand", "randint", "eye",
              "linspace"}
@@ -58,11 +65,7 @@ def test_the_scan_catches_a_tensor_without_device(tmp_path):
 @pytest.fixture(scope="module")
 def pair():
     target = sharpen(tiny_model("llama", seed=0), 4.0)
-    torch.manual_seed(7)
-    drafter = copy.deepcopy(target)
-    for p in drafter.parameters():
-        p.add_(torch.randn_like(p) * 0.5 * p.std())
-    return target.eval(), drafter.eval()
+    return target.eval(), noisy_copy(target, 0.5)
 
 
 def prompts(n: int, seed: int = 0) -> list[list[int]]:
@@ -220,25 +223,24 @@ def ray_with_a_declared_gpu():
 
 
 def test_pipeline_eval_in_gpu_tasks_matches_the_embedded_eval(tmp_path, ray_with_a_declared_gpu, monkeypatch):
-    from sd2_ray import pipeline_eval
-    from sd2_ray.pipeline_config import PipelineConfig
-    from sd2_ray.pipeline_eval import evaluate_drafters
+    from sd2_ray.evaluate import fanout
+    from sd2_ray.pipeline.chain import chain, eval_root
+    from sd2_ray.pipeline.config import PipelineConfig
     from sd2_ray.specdec.testing import tiny_pair_dirs
 
     target_dir, drafter_dir = tiny_pair_dirs(str(tmp_path / "models"))
     prompts_file = tmp_path / "eval.jsonl"
     prompts_file.write_text("".join(json.dumps({"id": str(i), "messages": [{"role": "user", "content": text}]}) + "\n"
                                     for i, text in enumerate(["hello there", "the cat", "An answer"])))
-    paths = {"target": target_dir, "eval_prompts": str(prompts_file)}
     eval_section = {"max_new_tokens": 12, "batch_size": 2, "measure_baseline": True}
     reports = {}
     for gpus in (0, 1):
         config = PipelineConfig.load(None, {"output": str(tmp_path / f"run{gpus}"), "num_speculative_tokens": 3,
-                                            "eval": {**eval_section, "gpus": gpus}})
-        root = str(tmp_path / f"run{gpus}" / "eval")
+                                            "target": target_dir, "drafter": drafter_dir,
+                                            "eval_prompts": str(prompts_file), "eval": {**eval_section, "gpus": gpus}})
         if gpus:  # the driver must not evaluate anything itself
-            monkeypatch.setattr(pipeline_eval, "_evaluate_here", lambda *a: pytest.fail("evaluated in the driver"))
-        reports[gpus] = evaluate_drafters(config, paths, {"dense": drafter_dir}, root)["dense"]
+            monkeypatch.setattr(fanout, "_evaluate_here", lambda *a: pytest.fail("evaluated in the driver"))
+        reports[gpus] = fanout.evaluate_drafters({"dense": chain(config, "eval", "dense")}, eval_root(config))["dense"]
         assert json.loads((tmp_path / f"run{gpus}" / "eval" / "dense" / "manifest.json").read_text())["status"] \
             == "complete"
         assert (tmp_path / f"run{gpus}" / "eval" / "target-only.json").exists()
@@ -256,10 +258,14 @@ def test_sd2_eval_with_gpus_runs_as_a_ray_task(tmp_path, ray_with_a_declared_gpu
     target_dir, drafter_dir = tiny_pair_dirs(str(tmp_path / "models"))
     prompts_file = tmp_path / "eval.jsonl"
     prompts_file.write_text(json.dumps({"id": "a", "messages": [{"role": "user", "content": "hello"}]}) + "\n")
-    monkeypatch.setattr(job, "evaluate_pair", lambda *a, **k: pytest.fail("evaluated in the driver"))
+    import os
+
+    real = job.evaluate_pair  # tagged with the pid of the process that ran it (shipped by value)
+    monkeypatch.setattr(job, "evaluate_pair", lambda *a, **k: {**real(*a, **k), "pid": os.getpid()})
     config = EvalConfig(target=target_dir, drafter=drafter_dir, prompts=str(prompts_file),
                         output=str(tmp_path / "out"), max_new_tokens=8, gpus=1)
     report = job.main(config)
+    assert report["pid"] != os.getpid()  # evaluated in a Ray task, not in the driver
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["lossless"] and saved["mean_accepted_length"] == report["mean_accepted_length"]
     assert (saved["device"], saved["dtype"]) == ("cpu", "float32")

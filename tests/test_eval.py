@@ -11,6 +11,7 @@ from sd2_ray import manifest, storage
 from sd2_ray.cli import main as cli
 from sd2_ray.errors import DataError
 from sd2_ray.evaluate import evaluate_pair, measure_target_only, prepare_prompts
+from sd2_ray.evaluate.config import EvalSettings
 from sd2_ray.models.io import load_model, load_tokenizer
 from sd2_ray.specdec.testing import tiny_pair_dirs
 
@@ -85,28 +86,47 @@ def test_cli_to_s3_with_sampling(pairs, tmp_path, s3_bucket):
     assert storage.exists(f"{out}/acceptance_by_position.png") and manifest.is_complete(out)
 
 
-def test_cli_bad_row_is_one_line_error(pairs, tmp_path, capsys):
+def test_bad_rows_are_skipped_and_listed_and_none_left_is_one_line_error(pairs, tmp_path, capsys):
     target, drafter = pairs["same"]
-    prompts = write_prompts(tmp_path / "bad.jsonl", [ROWS[0], {"id": "zz", "prompt": ""}])
-    code = cli(["eval", "--target", target, "--drafter", drafter, "--prompts", prompts,
-                "--output", str(tmp_path / "o")])
+    prompts = tmp_path / "bad.jsonl"
+    long_prompt = {"id": "long", "prompt": "word " * 400}  # past the tiny target's 256 positions
+    prompts.write_bytes(b"\n".join([json.dumps(ROWS[0]).encode(), json.dumps({"id": "zz", "prompt": ""}).encode(),
+                                    b"{not json", b"\xff\xfe bytes", json.dumps(long_prompt).encode()]) + b"\n")
+    out = tmp_path / "o"
+    code = cli(["eval", "--target", target, "--drafter", drafter, "--prompts", str(prompts), "--output", str(out),
+                "--max-new-tokens", "8"])
+    assert code == 0, capsys.readouterr().err
+    capsys.readouterr()
+    report = json.loads((out / "report.json").read_text())
+    assert report["num_prompts"] == 1 and report["lossless"] is True
+    skipped = [json.loads(line) for line in (out / "_skipped.jsonl").read_text().splitlines()]
+    reasons = " | ".join(s["reason"] for s in skipped)
+    assert len(skipped) == 4 and "invalid JSON" in reasons and "not UTF-8" in reasons
+    assert "'prompt' must be a non-empty string" in reasons and "context window" in reasons
+
+    prompts.write_text(json.dumps({"id": "zz", "prompt": ""}) + "\n")
+    code = cli(["eval", "--target", target, "--drafter", drafter, "--prompts", str(prompts),
+                "--output", str(tmp_path / "o2")])
     err = capsys.readouterr().err
-    assert code == 2 and "row 2 (id zz)" in err and "'prompt' must be a non-empty string" in err
-    assert manifest.read(str(tmp_path / "o"))["status"] == "failed"
+    assert code == 2 and "no usable rows (1 skipped; e.g. row 1 (id 'zz'): 'prompt' must be a non-empty" in err
+    assert err.strip().count("\n") == 0
+    assert manifest.read(str(tmp_path / "o2"))["status"] == "failed"
 
 
 def test_evaluate_pair_reuses_one_baseline(pairs):
     target_dir, drafter_dir = pairs["same"]
     target, tok = load_model(target_dir), load_tokenizer(target_dir)
-    baseline = measure_target_only(target, prepare_prompts(ROWS, tok), max_new_tokens=10, progress=False)
-    reports = [evaluate_pair(target, drafter_dir, ROWS, k, target_tokenizer=tok, max_new_tokens=10,
+    settings = EvalSettings(max_new_tokens=10)
+    baseline = measure_target_only(target, prepare_prompts(ROWS, tok), settings, progress=False)
+    reports = [evaluate_pair(target, drafter_dir, ROWS, k, settings, target_tokenizer=tok,
                              baseline=baseline, progress=False) for k in (1, 3)]
     for k, report in zip((1, 3), reports):
         assert report["lossless"] is True and report["baseline_tokens_per_second"] == baseline["tokens_per_second"]
         assert len(report["per_position_acceptance"]) == k
-    skipped = evaluate_pair(target, drafter_dir, ROWS, 2, target_tokenizer=tok, max_new_tokens=10,
-                            measure_baseline=False, progress=False)
+    skipped = evaluate_pair(target, drafter_dir, ROWS, 2, EvalSettings(max_new_tokens=10, measure_baseline=False),
+                            target_tokenizer=tok, progress=False)
     assert skipped["measured_speedup"] is None and skipped["lossless"] is None
     with pytest.raises(DataError, match="baseline has 5 prompts"):
-        evaluate_pair(target, drafter_dir, ROWS[:2], 2, target_tokenizer=tok, baseline=baseline, progress=False)
+        evaluate_pair(target, drafter_dir, ROWS[:2], 2, settings, target_tokenizer=tok, baseline=baseline,
+                      progress=False)
     assert os.path.isdir(target_dir)

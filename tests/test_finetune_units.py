@@ -13,7 +13,7 @@ from sd2_ray.finetune import data as D
 from sd2_ray.finetune import masking
 from sd2_ray.finetune.config import FinetuneConfig
 from sd2_ray.finetune.toy import char_tokenizer, magnitude_masks, make_sparse_drafter, toy_rows, write_toy_dataset
-from sd2_ray.finetune.train_loop import fill_deepspeed_config, lr_factor, param_groups
+from sd2_ray.finetune.step import fill_deepspeed_config, lr_factor, param_groups, zero_template
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def tok():
 def test_core_modules_do_not_import_ray_or_deepspeed():
     code = ("import sys\n"
             "import sd2_ray.finetune.config, sd2_ray.finetune.data, sd2_ray.finetune.masking\n"
-            "import sd2_ray.finetune.train_loop, sd2_ray.finetune.trainer, sd2_ray.finetune.job\n"
+            "import sd2_ray.finetune.step, sd2_ray.finetune.trainer, sd2_ray.finetune.job\n"
             "bad = [m for m in ('ray', 'deepspeed', 'vllm') if m in sys.modules]\n"
             "print(','.join(bad))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -141,12 +141,10 @@ def test_lr_schedule():
     assert lr_factor(7, 0, 10, "constant") == 1.0
 
 
-def test_deepspeed_templates_fill_and_match_builtin():
-    from sd2_ray.finetune.trainer import BUILTIN_ZERO, DEEPSPEED_DIR
-
+def test_deepspeed_templates_are_package_data_and_fill():
     for stage in (2, 3):
-        template = json.loads((DEEPSPEED_DIR / f"zero{stage}.json").read_text())
-        assert template["zero_optimization"] == BUILTIN_ZERO[stage]["zero_optimization"]
+        template = zero_template(stage)
+        assert template["zero_optimization"]["stage"] == stage
         ds = fill_deepspeed_config(template, zero_stage=stage, batch_size=8, micro_batch=2, grad_accum=2,
                                    grad_clip=1.0, optimizer="deepspeed_adamw", lr=1e-4, weight_decay=0.0,
                                    overrides={"zero_optimization": {"overlap_comm": True}})
@@ -161,7 +159,7 @@ def test_config_checks_global_batch():
         FinetuneConfig.load(None, {"model": "m", "data": "d", "output": "o", "workers": 3, "batch_size": 8})
     cfg = FinetuneConfig(model="m", data="d", output="/x/out", workers=2, batch_size=8, grad_accum=2)
     assert cfg.micro_batch == 2
-    assert cfg.checkpoint_run_dir() == "/x/checkpoints/out"
+    assert cfg.checkpoint_run_dir() == "/x/out/_checkpoints/out"  # every artifact under the output
 
 
 @pytest.fixture
@@ -187,14 +185,15 @@ def test_bad_inputs_give_one_line_errors(drafter_and_data, capsys):
     empty = f"{root}/empty"
     storage.write_parquet(f"{empty}/part-0.parquet", pa.Table.from_pylist([], schema=pa.schema([("prompt", pa.string()), ("response", pa.string())])))
     code, err = _cli(["--model", model, "--data", empty, "--output", out], capsys)
-    assert code == 2 and "dataset is empty" in err and "\n" not in err
+    assert code == 2 and "no usable rows (0 skipped)" in err and "\n" not in err
 
     noresp = f"{root}/noresp"
     rows = toy_rows(6)
-    rows[3]["response"] = None
+    for row in rows:
+        row["response"] = None
     storage.write_parquet(f"{noresp}/part-0.parquet", pa.Table.from_pylist(rows))
     code, err = _cli(["--model", model, "--data", noresp, "--output", out], capsys)
-    assert code == 2 and "row 4 (id 'toy-3'): row has no 'response'" in err and "\n" not in err
+    assert code == 2 and "no usable rows (6 skipped; e.g. row 1 (id 'toy-0'): row has no 'response')" in err and "\n" not in err
 
     good = write_toy_dataset(f"{root}/good", 16)
     save_masks(model, {"model.layers.0.mlp.up_proj.weight": torch.ones(2, 2, dtype=torch.bool)}, {"layers": {}})
@@ -207,14 +206,15 @@ def test_bad_inputs_give_one_line_errors(drafter_and_data, capsys):
 
 
 def test_reports_are_spaced_in_time_but_never_past_the_last_step(monkeypatch):
-    from sd2_ray.finetune import train_loop
+    from sd2_ray.finetune import step
 
     now = [100.0]
-    monkeypatch.setattr(train_loop.time, "monotonic", lambda: now[0])
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(step.time, "monotonic", lambda: now[0])
     cfg = {"report_every": 1, "report_interval_s": 2.0}
-    assert not train_loop.report_due(cfg, 3, 10, last_report=99.0, world=1)  # 1 s after the last
+    assert not step.report_due(cfg, 3, 10, last_report=99.0, world=1, device=cpu)  # 1 s after the last
     now[0] = 101.5
-    assert train_loop.report_due(cfg, 3, 10, last_report=99.0, world=1)
-    assert not train_loop.report_due(cfg, 10, 10, last_report=0.0, world=1)  # the final report does it
-    assert not train_loop.report_due({**cfg, "report_every": 4}, 3, 10, last_report=0.0, world=1)
-    assert train_loop.report_due({**cfg, "report_interval_s": 0.0}, 3, 10, last_report=now[0], world=1)
+    assert step.report_due(cfg, 3, 10, last_report=99.0, world=1, device=cpu)
+    assert not step.report_due(cfg, 10, 10, last_report=0.0, world=1, device=cpu)  # the final report does it
+    assert not step.report_due({**cfg, "report_every": 4}, 3, 10, last_report=0.0, world=1, device=cpu)
+    assert step.report_due({**cfg, "report_interval_s": 0.0}, 3, 10, last_report=now[0], world=1, device=cpu)

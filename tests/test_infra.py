@@ -305,8 +305,8 @@ def s3_strings(node, where=""):
 
 @pytest.mark.parametrize("path", GPU_CONFIGS, ids=rel)
 def test_gpu_config_sections(path):
-    from sd2_ray.pipeline import single_stage_config
-    from sd2_ray.pipeline_config import PipelineConfig
+    from sd2_ray.pipeline.chain import stage_from_pipeline
+    from sd2_ray.pipeline.config import PipelineConfig
 
     config = load(path)
     run_prefix = config["output"]
@@ -317,7 +317,7 @@ def test_gpu_config_sections(path):
         assert value.startswith(f"s3://{bucket}/"), f"{where} leaves the bucket"
     PipelineConfig.load(str(path))  # every section holds its stage's real fields
     for section in ("distill", "prune", "finetune", "eval"):
-        stage = single_stage_config(str(path), section, {})  # what `python jobs/<stage>.py --config` runs
+        stage = stage_from_pipeline(str(path), section, {})  # what `python jobs/<stage>.py --config` runs
         assert stage.output.startswith(run_prefix + "/"), f"{section}.output outside {run_prefix}"
 
 

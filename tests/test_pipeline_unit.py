@@ -1,18 +1,26 @@
 """Pipeline pieces without Ray: config composition, layer-drop sizing, the report."""
 import json
+import os
 
 import pytest
 
 from sd2_ray.errors import ConfigError
-from sd2_ray.pipeline_config import PipelineConfig
-from sd2_ray.pipeline_report import comparisons, write_pipeline_report
+from sd2_ray.pipeline.chain import chain
+from sd2_ray.pipeline.config import PipelineConfig
+from sd2_ray.pipeline.report import comparisons, write_pipeline_report
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("override, message", [
-    ({"prune.sparsty": 0.5}, "prune.sparsty: unknown field"),
-    ({"prune.sparsity": 1.5}, "prune.sparsity: must be in (0, 1)"),
+    ({"prune.sparsty": 0.5}, "'prune.sparsty': unknown field"),
+    ({"prune.sparsity": 1.5}, "'prune.sparsity': must be in (0, 1)"),
     ({"finetune.zero_stage": 4}, "finetune.zero_stage"),
-    ({"distill.target": "x"}, "distill.target: set by the pipeline"),
+    ({"distill.target": "x"}, "distill.target': unknown field"),
+    ({"layer_prune.method": "wanda"}, "layer_prune.method': unknown field"),
+    ({"prune.method": "layers"}, "method 'layers' is the layer baseline"),
+    ({"drafters": ["uag"], "uag_drafter": None}, "drafters: 'uag' needs uag_drafter"),
     ({"drafters": ["dense", "bogus"]}, "field 'drafters.1'"),
     ({"num_speculative_tokens": 0}, "field 'num_speculative_tokens'"),
 ])
@@ -22,32 +30,47 @@ def test_bad_sections_fail_at_load_in_one_line(tmp_path, override, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-def test_tiny_yaml_validates_and_fills_chained_paths():
-    cfg = PipelineConfig.load("jobs/configs/tiny.yaml", {"output": "o"})
-    assert cfg.drafters == ["dense", "dense-sd", "layer-pruned-sd", "sd2", "sparse-sft", "uag"]
-    ft = cfg.stage("finetune", model="m", data="d", output="x", response_field="reference")
-    assert ft.response_field == "reference" and ft.epochs == cfg.finetune["epochs"] == 4
+def test_tiny_yaml_validates_and_chains_every_stage(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative output is made absolute against the caller's directory
+    cfg = PipelineConfig.load(os.path.join(ROOT, "jobs/configs/tiny.yaml"), {"output": "o"})
+    assert cfg.output == str(tmp_path / "o")
+    assert cfg.drafter_names == ["dense", "dense-sd", "layer-pruned-sd", "sd2", "sparse-sft", "uag"]
+    ft = chain(cfg, "finetune", "sparse-sft")
+    assert ft.response_field == "reference" and ft.epochs == cfg.finetune.epochs == 4
+    assert ft.model == str(tmp_path / "o" / "pruned" / "sd2") and ft.output == str(tmp_path / "o/drafters/sparse-sft")
+    assert chain(cfg, "finetune", "dense-sd").model == cfg.drafter == "kit:drafter"
+    layers = chain(cfg, "layer_prune", drop_layers=3)
+    assert (layers.method, layers.drop_layers, layers.num_samples) == ("layers", 3, 32)
+    served = chain(cfg, "serve")
+    assert served.drafter == str(tmp_path / "o/drafters/sd2") and served.num_speculative_tokens == 4
+    ev = chain(cfg, "eval", "uag")
+    assert ev.drafter == "kit:drafter-uag" and ev.output.endswith("eval/uag/report.json")
 
 
-def test_uag_dropped_without_a_uag_drafter():
+def test_layer_baseline_inherits_the_prune_sections_placement(tmp_path):
+    cfg = PipelineConfig.load(None, {"output": str(tmp_path), "prune.num_gpus": 1, "prune.device": "cuda",
+                                     "layer_prune.num_gpus": 2})
+    layers = chain(cfg, "layer_prune", drop_layers=1)
+    assert (layers.device, layers.num_gpus) == ("cuda", 2)
+
+
+def test_uag_left_out_without_a_uag_drafter():
     cfg = PipelineConfig.load(None, {"output": "o", "uag_drafter": None})
-    assert "uag" not in cfg.drafters
+    assert "uag" not in cfg.drafter_names
 
 
 def test_unknown_kit_part_is_named(tmp_path, monkeypatch):
-    from sd2_ray import pipeline
-
     monkeypatch.setattr("sd2_ray.kit.ensure_kit", lambda **kw: str(tmp_path))
     cfg = PipelineConfig.load(None, {"output": "o", "target": "kit:tagret"})
-    with pytest.raises(ConfigError, match="field 'target': unknown kit part 'tagret'"):
-        pipeline.resolve_paths(cfg)
+    with pytest.raises(ConfigError, match="field 'target': unknown kit part 'kit:tagret'"):
+        cfg.with_kit_paths()
 
 
 def test_layer_drop_matches_sparse_macs(tmp_path):
     import torch
 
     from sd2_ray.models.tiny import tiny_model
-    from sd2_ray.pipeline import matching_layer_drop
+    from sd2_ray.prune.layers import matching_layer_drop
 
     dense = tiny_model("llama", layers=4, vocab_size=64)
     dense.save_pretrained(tmp_path / "dense")
@@ -59,14 +82,20 @@ def test_layer_drop_matches_sparse_macs(tmp_path):
     sparse.save_pretrained(tmp_path / "sparse")
     assert matching_layer_drop(str(tmp_path / "dense"), str(tmp_path / "sparse")) == 2
 
-    from sd2_ray import manifest, pipeline
+    import shutil
 
-    run = pipeline.Pipeline(PipelineConfig.load(None, {
+    from sd2_ray import manifest
+    from sd2_ray.pipeline.chain import pruned_dir
+    from sd2_ray.pipeline.run import Pipeline
+
+    run = Pipeline(PipelineConfig.load(None, {
         "output": str(tmp_path / "run"), "target": "t", "drafter": str(tmp_path / "dense"),
         "uag_drafter": None, "train_prompts": "p", "eval_prompts": "e"}))
-    assert run.auto_layer_drop(str(tmp_path / "sparse")) == 2  # sized from the MACs
-    manifest.complete(run.path("pruned", "layers"), "prune", dropped_blocks=[3])
-    assert run.auto_layer_drop(str(tmp_path / "nowhere")) == 1  # a finished baseline keeps its count
+    shutil.copytree(tmp_path / "sparse", pruned_dir(run.config, "sd2"))
+    assert run.layer_drop() == 2  # sized from the MACs
+    shutil.rmtree(pruned_dir(run.config, "sd2"))
+    manifest.complete(pruned_dir(run.config, "layers"), "prune", dropped_blocks=[3])
+    assert run.layer_drop() == 1  # a finished baseline keeps its count
 
 
 def fake_report(mal, macs, name):
@@ -104,6 +133,8 @@ def test_single_stage_from_pipeline_yaml_chains_like_the_pipeline(tmp_path):
     prune = cli.load_config("prune", args)
     assert (prune.model, prune.calibration, prune.sparsity, prune.num_samples) == \
         ("/m/d", f"{tmp_path}/run/distilled", 0.6, 8)
+    args = cli.build_parser().parse_args(["prune", "--config", str(cfg_file), "output=rel/out"])
+    assert cli.load_config("prune", args).output == os.path.abspath("rel/out")
     assert prune.output == f"{tmp_path}/run/pruned/sd2"
     args = cli.build_parser().parse_args(["finetune", "--config", str(cfg_file)])
     finetune = cli.load_config("finetune", args)

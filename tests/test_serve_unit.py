@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -64,7 +65,7 @@ def test_cli_flags_come_from_config_fields():
                                           "--api-key", "k", "--engine", "vllm"])
     cfg = cli.load_config("serve", args)
     assert (cfg.target, cfg.drafter, cfg.port, cfg.num_speculative_tokens, cfg.replicas, cfg.api_key,
-            cfg.engine) == ("T", "D", 8123, 3, "auto", "k", "vllm")
+            cfg.engine) == (os.path.abspath("T"), os.path.abspath("D"), 8123, 3, "auto", "k", "vllm")
 
 
 @pytest.mark.parametrize("body, param", [
@@ -215,7 +216,7 @@ def test_large_batches_decode_without_the_drafter_and_say_so(pair, tokenizer):
     assert [d.token_ids for d in drafted] == [d.token_ids for d in plain]  # greedy: same text either way
     assert sum(d.stats.num_draft_tokens for d in drafted) > 0
     assert all(d.stats.num_draft_tokens == 0 and d.stats.target_passes == len(d.token_ids) for d in plain)
-    metrics = SpecMetrics("t", 3, export_to_ray=False)
+    metrics = SpecMetrics("t", 3)
     metrics.record_batch(3, speculative=False)
     metrics.record_batch(1)
     assert metrics.summary()["batches_without_speculation"] == 1
@@ -229,7 +230,7 @@ def test_metrics_summary_totals():
     from sd2_ray.serve.metrics import SpecMetrics
     from sd2_ray.specdec.types import SpecStats
 
-    m = SpecMetrics("t", 2, export_to_ray=False)
+    m = SpecMetrics("t", 2)
     m.record_batch(3)
     m.record_request(SpecStats(2, target_passes=4, num_drafts=4, num_draft_tokens=8, num_accepted_tokens=4,
                                committed_tokens=8, accepted_per_position=[3, 1]), 5, 8)

@@ -2,7 +2,6 @@
 ``generate``), sampling follows the target's distribution, batched rows diverge correctly."""
 from __future__ import annotations
 
-import copy
 import subprocess
 import sys
 
@@ -13,20 +12,18 @@ from sd2_ray.models.tiny import tiny_model
 from sd2_ray.specdec.engine import SpeculativeEngine
 from sd2_ray.specdec.kv import RaggedKV
 from sd2_ray.specdec.sampling import RowParams, warp_probs
-from sd2_ray.specdec.testing import sharpen
+from sd2_ray.specdec.testing import noisy_copy, sharpen
 from sd2_ray.specdec.types import GenerationRequest, SamplingParams
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def no_grad():
+    """Inference only; a module-level set_grad_enabled(False) would leak into every later test file
+    of the same process (fine-tuning tests then train nothing)."""
+    with torch.no_grad():
+        yield
 PROMPT_LENGTHS = [5, 11, 2, 8, 3]
-
-
-def noisy_copy(model, scale: float, seed: int = 7):
-    """A drafter that agrees with the target often but not always (acceptance varies by row)."""
-    torch.manual_seed(seed)
-    clone = copy.deepcopy(model)
-    for p in clone.parameters():
-        p.add_(torch.randn_like(p) * scale * p.std())
-    return clone.eval()
 
 
 def prompts_for(n: int, vocab: int = 96, seed: int = 0) -> list[list[int]]:

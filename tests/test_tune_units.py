@@ -2,6 +2,7 @@
 trial status, best row and Pareto front, and the report files."""
 from __future__ import annotations
 
+import os
 import json
 import math
 import subprocess
@@ -65,7 +66,8 @@ def test_prune_fields_and_cache_key():
     cfg = config(search_space={"sparsity": [0.5], "pattern": ["2:4"]}, prune={"method": "wanda", "num_samples": 8})
     unstructured, nm = grid(cfg)[0], grid(cfg)[1]
     f1, f2 = prune_fields(cfg, unstructured), prune_fields(cfg, nm)
-    assert f1 == {"method": "wanda", "num_samples": 8, "model": "d", "calibration": "x", "sparsity": 0.5}
+    assert f1 == {"method": "wanda", "num_samples": 8, "model": os.path.abspath("d"), "calibration": os.path.abspath("x"),
+                  "sparsity": 0.5}
     assert f2["pattern"] == "2:4" and "sparsity" not in f2
     assert prune_key(f1).startswith("wanda-s0.5-") and prune_key(f2).startswith("wanda-2of4-")
     # the same point with the same settings shares a key; any changed setting gets another one

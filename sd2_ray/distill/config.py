@@ -3,22 +3,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from sd2_ray.config import StageConfig
+from sd2_ray.config import StageConfig, StoragePath
 
 
-class DistillConfig(StageConfig):
-    """Self-data distillation: the target model answers (or rewrites the reference answer of) every
-    prompt row, on a Ray Data actor pool of target engines; output is Parquet shards + manifest.json.
+class DistillSettings(StageConfig):
+    """How to distil (the `distill` section of a pipeline config); :class:`DistillConfig` adds
+    the paths."""
 
-    Resumable: input rows are cut into shards of `shard_size` rows (in input order); a rerun skips
-    shards already written and redoes the rest, so every input row appears exactly once.
-    """
-
-    target: str = Field(..., description="target model: HF directory, local path or s3:// prefix")
-    prompts: str = Field(..., description="prompt rows: JSONL/Parquet file or directory, local or s3://")
-    output: str = Field(..., description="output directory for Parquet shards + manifest.json, local or s3://")
     mode: Literal["generate", "rewrite"] = Field(
         "generate", description="generate: answer the prompt; rewrite: restate the reference answer "
         "in the model's own words (kept only if it passes the filters, else the reference is kept)")
@@ -51,13 +44,6 @@ class DistillConfig(StageConfig):
     vllm_engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="vllm: extra engine kwargs (e.g. max_model_len, enforce_eager)")
 
-    @field_validator("target", "prompts", "output")
-    @classmethod
-    def _non_empty(cls, value: str) -> str:
-        if not str(value).strip():
-            raise ValueError("must be a non-empty path")
-        return str(value).strip()
-
     @model_validator(mode="after")
     def _check_combination(self) -> "DistillConfig":
         if self.engine == "transformers" and self.tensor_parallel_size != 1:
@@ -72,3 +58,17 @@ class DistillConfig(StageConfig):
         """The sampling settings recorded in the manifest (and part of each shard's fingerprint)."""
         return {"temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
                 "max_new_tokens": self.max_new_tokens}
+
+
+class DistillConfig(DistillSettings):
+    """Self-data distillation: the target model answers (or rewrites the reference answer of) every
+    prompt row, on a Ray Data actor pool of target engines; output is Parquet shards + manifest.json.
+
+    Resumable: input rows are cut into shards of `shard_size` rows (in input order); a rerun skips
+    shards already written and redoes the rest, so every input row appears exactly once.
+    """
+
+    target: StoragePath = Field(..., description="target model: HF directory, local path or s3:// prefix")
+    prompts: StoragePath = Field(..., description="prompt rows: JSONL/Parquet file or directory, local or s3://")
+    output: StoragePath = Field(..., description="output directory for Parquet shards + manifest.json, "
+                                                 "local or s3://")

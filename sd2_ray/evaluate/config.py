@@ -3,25 +3,16 @@ from __future__ import annotations
 
 from typing import Optional
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from sd2_ray.config import StageConfig
+from sd2_ray.config import StageConfig, StoragePath
 from sd2_ray.models.device import DeviceName, DtypeName
 
 
-class EvalConfig(StageConfig):
-    """Speculative decoding eval of a target + drafter pair on a prompt set: mean accepted length,
-    acceptance by draft position, MACs per token, cost coefficient, predicted and measured speedup
-    (wall clock against target-only decoding of the same prompts in the same run) and, for greedy
-    runs, whether every output equals the target's own. Writes report.json, report.md, a plot,
-    config.yaml and manifest.json next to each other (local or s3://)."""
+class EvalSettings(StageConfig):
+    """How to evaluate a pair (the `eval` section of a pipeline config; a search's trial evals
+    use it too); :class:`EvalConfig` adds the paths."""
 
-    target: str = Field(..., description="target model dir (local or s3://)")
-    drafter: str = Field(..., description="drafter model dir (local or s3://); another tokenizer means UAG")
-    prompts: str = Field(..., description="prompt rows: JSONL/Parquet file or dir (local or s3://)")
-    output: str = Field(..., description="report.json path (its directory gets the other files), "
-                                         "or a directory to write report.json into")
-    num_speculative_tokens: int = Field(4, ge=1, le=32, description="draft tokens K per verification pass")
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy (with the losslessness check)")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass (sampling only)")
     top_k: int = Field(0, ge=0, description="top-k sampling, 0 = off (sampling only)")
@@ -39,16 +30,12 @@ class EvalConfig(StageConfig):
                           "takes its inputs); overrides device for the target")
     gpus: float = Field(0, ge=0, description="run the eval as Ray task(s) holding this many GPUs each ("
                                              "'sd2 run': the baseline and every drafter); 0 = in this process")
+    min_usable_share: float = Field(0.0, ge=0.0, le=1.0, description="fail when fewer than this share of "
+                                    "the prompt rows are usable (bad or over-long rows are skipped and listed in "
+                                    "_skipped.jsonl; with no usable row the eval always fails)")
     measure_baseline: bool = Field(True, description="also decode with the target alone to measure speedup "
                                                      "(and losslessness for greedy)")
     overwrite: bool = Field(False, description="redo a report whose manifest says complete")
-
-    @field_validator("target", "drafter", "prompts", "output")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value or not value.strip():
-            raise ValueError("must not be empty")
-        return value.strip()
 
     def pair_kwargs(self) -> dict:
         """The decoding and placement settings :func:`~sd2_ray.evaluate.core.evaluate_pair` takes."""
@@ -67,6 +54,22 @@ class EvalConfig(StageConfig):
         if self.temperature == 0.0 and (self.top_p < 1.0 or self.top_k > 0):
             raise ValueError("top_p/top_k need temperature > 0 (temperature 0 is greedy)")
         return self
+
+
+class EvalConfig(EvalSettings):
+    """Speculative decoding eval of a target + drafter pair on a prompt set: mean accepted length,
+    acceptance by draft position, MACs per token, cost coefficient, predicted and measured speedup
+    (wall clock against target-only decoding of the same prompts in the same run) and, for greedy
+    runs, whether every output equals the target's own. Writes report.json, report.md, a plot,
+    config.yaml and manifest.json next to each other (local or s3://)."""
+
+    target: StoragePath = Field(..., description="target model dir (local or s3://)")
+    drafter: StoragePath = Field(..., description="drafter model dir (local or s3://); another tokenizer "
+                                                  "means UAG")
+    prompts: StoragePath = Field(..., description="prompt rows: JSONL/Parquet file or dir (local or s3://)")
+    output: StoragePath = Field(..., description="report.json path (its directory gets the other files), "
+                                                 "or a directory to write report.json into")
+    num_speculative_tokens: int = Field(4, ge=1, le=32, description="draft tokens K per verification pass")
 
     @property
     def output_dir(self) -> str:

@@ -17,32 +17,63 @@ import torch
 from sd2_ray.errors import DataError
 from sd2_ray.models.device import input_device
 from sd2_ray.models.macs import cost_coefficient, linear_macs, predicted_speedup
-from sd2_ray.rows import render_prompt, row_id, row_problem
+from sd2_ray.models.tokens import encode_rendered
+from sd2_ray.rows import render_prompt, require_usable, row_id, row_problem, skip_record
 from sd2_ray.specdec.engine import SpeculativeEngine
 from sd2_ray.specdec.types import GenerationRequest, SamplingParams, SpecStats
 
 logger = logging.getLogger(__name__)
 
-def prepare_prompts(rows: list[dict[str, Any]], tokenizer, source: str = "prompts") -> list[list[int]]:
-    """Token ids of each row's prompt rendered with the target's chat template."""
-    prompts = []
-    for i, row in enumerate(rows):
-        problem = row_problem(row)
+def usable_prompts(rows: list[dict[str, Any]], tokenizer, max_prompt_tokens: int | None = None
+                   ) -> tuple[list[list[int]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(prompt ids, the rows they came from, skipped rows with reasons): each row's prompt rendered
+    with the target's chat template. Rows without a usable prompt, or whose prompt leaves no room
+    for the generation inside the models' context (``max_prompt_tokens``), are skipped, as distill
+    and serve skip or refuse them: decoding past the context window is not an eval."""
+    prompts, kept, skipped = [], [], []
+    for index, row in enumerate(rows):
+        problem = row_problem(row) if isinstance(row, dict) else "row must be an object"
+        ids = [] if problem else encode_rendered(render_prompt(row, tokenizer), tokenizer)
+        if not problem and not ids:
+            problem = "prompt renders to no tokens"
+        if not problem and max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+            problem = (f"prompt has {len(ids)} tokens; with the generation it would pass the context "
+                       f"window (at most {max_prompt_tokens} prompt tokens)")
         if problem:
-            raise DataError(f"{source}: row {i + 1} (id {row_id(row)}): {problem}")
-        text = render_prompt(row, tokenizer)
-        templated = bool(getattr(tokenizer, "chat_template", None))
-        ids = tokenizer.encode(text, add_special_tokens=not templated)
-        if not ids:
-            raise DataError(f"{source}: row {i + 1} (id {row_id(row)}): prompt renders to no tokens")
-        prompts.append(ids)
-    return prompts
+            skipped.append(skip_record(index, row, problem))
+        else:
+            prompts.append(ids)
+            kept.append(row)
+    return prompts, kept, skipped
 
 
-def _requests(prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
-              top_k: int, seed: int) -> list[GenerationRequest]:
-    return [GenerationRequest(p, max_new_tokens,
-                              SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed + i))
+def prepare_prompts(rows: list[dict[str, Any]], tokenizer) -> list[list[int]]:
+    """Token ids of the usable rows' prompts (see :func:`usable_prompts`)."""
+    return usable_prompts(rows, tokenizer)[0]
+
+
+def eval_prompts(rows: list[dict[str, Any]], tokenizer, target, settings, k: int):
+    """(prompt ids, kept rows, skipped rows) as every eval of these rows uses them (the baseline
+    and each drafter alike): the prompt plus ``max_new_tokens`` plus K draft tokens must fit the
+    target's context window, which is what losslessness is judged against. Fails (DataError)
+    when too few rows remain (``settings.min_usable_share``)."""
+    limit = context_length(target) - settings.max_new_tokens - k - 1
+    prompts, kept, skipped = usable_prompts(rows, tokenizer, limit)
+    require_usable("eval prompts", len(prompts), skipped, settings.min_usable_share)
+    if skipped:
+        logger.warning("eval: skipped %d of %d prompts (e.g. %s)", len(skipped), len(rows), skipped[0]["reason"])
+    return prompts, kept, skipped
+
+
+def context_length(model) -> int:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return int(getattr(cfg, "max_position_embeddings", None) or 2048)
+
+
+def _requests(prompts: list[list[int]], settings) -> list[GenerationRequest]:
+    return [GenerationRequest(p, settings.max_new_tokens,
+                              SamplingParams(temperature=settings.temperature, top_p=settings.top_p,
+                                             top_k=settings.top_k, seed=settings.seed + i))
             for i, p in enumerate(prompts)]
 
 
@@ -77,18 +108,19 @@ def _warm_up(engine: SpeculativeEngine, prompts: list[list[int]]) -> None:
     engine.generate([GenerationRequest(prompts[0][:16], 4)])
 
 
-def measure_target_only(target, prompts: list[list[int]], *, max_new_tokens: int = 64,
-                        temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-                        batch_size: int = 8, progress: bool = True, target_tokenizer=None) -> dict[str, Any]:
-    """Target-only decoding of the prompts with the engine's batching: outputs and throughput."""
+def measure_target_only(target, prompts: list[list[int]], settings, *, progress: bool = True,
+                        target_tokenizer=None) -> dict[str, Any]:
+    """Target-only decoding of the prompts with the engine's batching (``settings``: an
+    :class:`~sd2_ray.evaluate.config.EvalSettings`): outputs and throughput."""
     engine = SpeculativeEngine(target, None, 0, target_tokenizer)
     _warm_up(engine, prompts)
-    requests = _requests(prompts, max_new_tokens, temperature, top_p, top_k, seed)
-    outputs, _, seconds, cpu = _run(engine, requests, batch_size, "target-only", progress)
+    outputs, _, seconds, cpu = _run(engine, _requests(prompts, settings), settings.batch_size, "target-only",
+                                    progress)
     tokens = sum(len(o) for o in outputs)
     return {"outputs": outputs, "seconds": seconds, "cpu_seconds": cpu, "generated_tokens": tokens,
-            "tokens_per_second": tokens / seconds if seconds else 0.0, "temperature": temperature,
-            "max_new_tokens": max_new_tokens, "batch_size": batch_size, "num_prompts": len(prompts)}
+            "tokens_per_second": tokens / seconds if seconds else 0.0, "temperature": settings.temperature,
+            "max_new_tokens": settings.max_new_tokens, "batch_size": settings.batch_size,
+            "num_prompts": len(prompts)}
 
 
 def resolve_placement(device: str = "auto", dtype: str = "auto") -> tuple[str, torch.dtype]:
@@ -124,51 +156,45 @@ def _on_device(model, device: str):
     return model.to(device) if str(input_device(model)) != device else model
 
 
-def evaluate_pair(target_dir, drafter_dir, rows: list[dict[str, Any]], num_speculative_tokens: int, *,
-                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-                  max_new_tokens: int = 64, batch_size: int = 8, dtype: str = "auto", device: str = "auto",
-                  device_map=None, baseline: dict[str, Any] | None = None, measure_baseline: bool = True,
-                  target_tokenizer=None, drafter_tokenizer=None, progress: bool = True) -> dict[str, Any]:
-    """Spec-decode ``rows`` with the pair and return the report dict (see ``sd2 eval``).
+def evaluate_pair(target_dir, drafter_dir, rows: list[dict[str, Any]], num_speculative_tokens: int,
+                  settings, *, baseline: dict[str, Any] | None = None, target_tokenizer=None,
+                  drafter_tokenizer=None, progress: bool = True) -> dict[str, Any]:
+    """Spec-decode ``rows`` with the pair and return the report dict (see ``sd2 eval``);
+    ``settings`` is an :class:`~sd2_ray.evaluate.config.EvalSettings` (decoding, batching,
+    placement, row policy).
 
     ``target_dir``/``drafter_dir`` are model dirs (local or s3://) or already loaded models (then
     pass the tokenizers). ``baseline``: a :func:`measure_target_only` result for the same prompts
-    and settings to reuse; else it is measured here unless ``measure_baseline`` is False (then
-    ``measured_speedup`` and ``lossless`` are None).
-    ``device``/``dtype`` (names, see :func:`resolve_placement`) place models given as dirs
-    (``device_map`` places the target); a loaded target stays where it is. The drafter always
-    runs where the target takes its inputs (a loaded one is moved there).
+    and settings to reuse; else it is measured here unless ``settings.measure_baseline`` is False
+    (then ``measured_speedup`` and ``lossless`` are None). A loaded target stays where it is;
+    the drafter always runs where the target takes its inputs (a loaded one is moved there).
     """
     from sd2_ray.models.device import dtype_name
 
-    where, torch_dtype = resolve_placement(device, dtype)
-    target, t_tok = _load(target_dir, torch_dtype, where, device_map)
+    where, torch_dtype = resolve_placement(settings.device, settings.dtype)
+    target, t_tok = _load(target_dir, torch_dtype, where, settings.device_map)
     where = str(input_device(target))
     drafter, d_tok = _load(drafter_dir, torch_dtype, where)
     drafter = _on_device(drafter, where)
     t_tok, d_tok = target_tokenizer or t_tok, drafter_tokenizer or d_tok
     if t_tok is None:
         raise DataError("evaluate_pair: a loaded target model needs target_tokenizer")
-    prompts = prepare_prompts(rows, t_tok)
-    if not prompts:
-        raise DataError("evaluate_pair: no prompt rows")
-    if baseline is None and measure_baseline:
-        baseline = measure_target_only(target, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                                       top_p=top_p, top_k=top_k, seed=seed, batch_size=batch_size,
-                                       progress=progress, target_tokenizer=t_tok)
+    k = num_speculative_tokens
+    prompts, kept, skipped = eval_prompts(rows, t_tok, target, settings, k)
+    if baseline is None and settings.measure_baseline:
+        baseline = measure_target_only(target, prompts, settings, progress=progress, target_tokenizer=t_tok)
     if baseline is not None and baseline.get("num_prompts", len(prompts)) != len(prompts):
         raise DataError(f"evaluate_pair: baseline has {baseline['num_prompts']} prompts, rows have {len(prompts)}")
-    engine = SpeculativeEngine(target, drafter, num_speculative_tokens, t_tok, d_tok)
+    engine = SpeculativeEngine(target, drafter, k, t_tok, d_tok)
     _warm_up(engine, prompts)
-    requests = _requests(prompts, max_new_tokens, temperature, top_p, top_k, seed)
-    outputs, stats, seconds, cpu = _run(engine, requests, batch_size, f"spec K={num_speculative_tokens}",
-                                         progress)
+    outputs, stats, seconds, cpu = _run(engine, _requests(prompts, settings), settings.batch_size,
+                                        f"spec K={k}", progress)
     t_macs, d_macs = linear_macs(target), linear_macs(drafter)
-    report = _report(stats, seconds, cpu, outputs, baseline, t_macs, d_macs, num_speculative_tokens, temperature)
-    report.update(cross_tokenizer=engine.cross_tokenizer, top_p=top_p, top_k=top_k, seed=seed,
-                  max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype_name(torch_dtype),
-                  device=where, num_prompts=len(prompts),
-                  prompt_ids=[row_id(r) for r in rows], outputs=outputs,
+    report = _report(stats, seconds, cpu, outputs, baseline, t_macs, d_macs, k, settings.temperature)
+    report.update(cross_tokenizer=engine.cross_tokenizer, top_p=settings.top_p, top_k=settings.top_k,
+                  seed=settings.seed, max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
+                  dtype=dtype_name(torch_dtype), device=where, num_prompts=len(prompts),
+                  skipped_prompts=skipped, prompt_ids=[row_id(r) for r in kept], outputs=outputs,
                   target=target_dir if isinstance(target_dir, str) else None,
                   drafter=drafter_dir if isinstance(drafter_dir, str) else None)
     return report

@@ -1,27 +1,20 @@
 """Config of ``sd2 finetune``: masked sparse fine-tuning on Ray Train + DeepSpeed ZeRO."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 from pydantic import Field, model_validator
 
 from sd2_ray import storage
-from sd2_ray.config import StageConfig
+from sd2_ray.config import StageConfig, StoragePath
+
+CHECKPOINTS_DIR = "_checkpoints"
 
 
-class FinetuneConfig(StageConfig):
-    """Fine-tune a (pruned) drafter on distilled rows, keeping its sparsity masks exact.
+class FinetuneSettings(StageConfig):
+    """How to fine-tune (the `finetune` section of a pipeline config, and of a search's trials);
+    :class:`FinetuneConfig` adds the paths."""
 
-    Runs a Ray Train TorchTrainer with DeepSpeed ZeRO-2 or ZeRO-3 (gloo on CPU, nccl on GPU),
-    reads the data with Ray Data (once into the object store, or streamed by every worker each
-    epoch with ``stream_data``), checkpoints every N steps to local or s3:// storage and
-    resumes from the latest checkpoint after a worker failure or a rerun.
-    """
-
-    model: str = Field(..., description="drafter HF model dir (local or s3://), usually the prune "
-                                        "output with masks.safetensors / sparsity.json")
-    data: str = Field(..., description="distilled rows: Parquet/JSONL file or directory (local or s3://)")
-    output: str = Field(..., description="output dir for the fine-tuned drafter (local or s3://)")
     workers: int = Field(2, ge=1, description="number of Ray Train workers (data-parallel ranks)")
     zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage: 2 or 3")
     epochs: int = Field(1, ge=1, description="passes over the data (ignored past max_steps)")
@@ -46,8 +39,6 @@ class FinetuneConfig(StageConfig):
     stream_data: bool = Field(False, description="stream the rows from storage in every worker each "
                                                   "epoch (data larger than Ray's object store); default: "
                                                   "read once into the object store, workers iterate that")
-    response_field: str = Field("response", description="column holding the training answer "
-                                                        "('response' = the target's distilled answer)")
     checkpoint_every: int = Field(50, ge=1, description="save a checkpoint every N steps")
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept in storage")
     max_failures: int = Field(2, ge=0, description="worker-group restarts Ray Train may do after a failure")
@@ -57,17 +48,21 @@ class FinetuneConfig(StageConfig):
         "takes one report per worker every 2 s, and a worker's report waits for the previous one to be "
         "taken, so reporting faster stalls training); every step's metrics are still kept in the run's "
         "history; 0 = report every report_every steps")
-    storage_path: str | None = Field(None, description="Ray Train storage for checkpoints (local or "
-                                                       "s3://); default: <output parent>/checkpoints")
-    run_name: str | None = Field(None, description="Ray Train run name under storage_path; "
-                                                   "default: the output's basename")
-    deepspeed_config: str | None = Field(None, description="DeepSpeed JSON to start from; default: "
-                                                           "jobs/deepspeed/zero<stage>.json")
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="overrides merged into the "
                                       "DeepSpeed config (e.g. zero_optimization.offload_optimizer)")
     enforce_masks: bool = Field(True, description="keep masked weights at zero (false only for "
                                                   "ablations: the sparsity is then lost)")
     use_gpu: bool = Field(False, description="GPU workers with nccl (a cluster); false: CPU + gloo")
+    backend: Optional[str] = Field(None, description="torch.distributed backend (default: nccl with use_gpu, "
+                                   "else gloo); e.g. cuda:gloo makes CPU-tensor collectives fail as under NCCL")
+    gradient_checkpointing: bool = Field(False, description="recompute each block's activations in backward "
+                                         "(activation memory of one block instead of all; ~30 % more compute)")
+    loss_chunk_tokens: int = Field(1024, ge=1, description="positions whose LM-head logits exist at once "
+                                   "while computing the loss (the full-vocabulary logits of a whole batch "
+                                   "are never held)")
+    min_usable_share: float = Field(0.0, ge=0.0, le=1.0, description="fail when fewer than this share of "
+                                    "the rows are usable (bad rows are skipped and listed in "
+                                    "_skipped.jsonl; with no usable row the stage always fails)")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per Ray Train worker")
     overwrite: bool = Field(False, description="redo a complete output and drop its checkpoints")
 
@@ -79,13 +74,40 @@ class FinetuneConfig(StageConfig):
                              f"= {per_step} (the global batch stays the same for any worker count)")
         return self
 
+    storage_path: StoragePath | None = Field(
+        None, description=f"Ray Train storage for checkpoints (local or s3://); default: "
+        f"<output>/{CHECKPOINTS_DIR}, so every artifact of the stage stays under its output")
+    deepspeed_config: StoragePath | None = Field(
+        None, description="DeepSpeed JSON to start from; default: the package's zero<stage>.json")
+
+    def process_group_backend(self) -> str:
+        return self.backend or ("nccl" if self.use_gpu else "gloo")
+
     @property
     def micro_batch(self) -> int:
         """Rows per forward pass on one worker."""
         return self.batch_size // (self.workers * self.grad_accum)
 
+
+class FinetuneConfig(FinetuneSettings):
+    """Fine-tune a (pruned) drafter on distilled rows, keeping its sparsity masks exact.
+
+    Runs a Ray Train TorchTrainer with DeepSpeed ZeRO-2 or ZeRO-3 (gloo on CPU, nccl on GPU),
+    reads the data with Ray Data (once into the object store, or streamed by every worker each
+    epoch with ``stream_data``), checkpoints every N steps to local or s3:// storage and
+    resumes from the latest checkpoint after a worker failure or a rerun.
+    """
+
+    model: StoragePath = Field(..., description="drafter HF model dir (local or s3://), usually the prune "
+                                                "output with masks.safetensors / sparsity.json")
+    data: StoragePath = Field(..., description="distilled rows: Parquet/JSONL file or directory (local or s3://)")
+    output: StoragePath = Field(..., description="output dir for the fine-tuned drafter (local or s3://)")
+    response_field: str = Field("response", description="column holding the training answer "
+                                                        "('response' = the target's distilled answer)")
+    run_name: str | None = Field(None, description="Ray Train run name under storage_path; "
+                                                   "default: the output's basename")
     def checkpoint_root(self) -> str:
-        return self.storage_path or storage.join(storage.parent(self.output), "checkpoints")
+        return self.storage_path or storage.join(self.output, CHECKPOINTS_DIR)
 
     def checkpoint_run_name(self) -> str:
         return self.run_name or storage.basename(self.output)

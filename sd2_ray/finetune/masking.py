@@ -56,17 +56,25 @@ def register_gradient_masks(model: torch.nn.Module, masks: dict[str, torch.Tenso
     handles = []
     for key, mask in masks.items():
         param = params[key]
-        keep = mask.to(device=param.device, dtype=param.dtype)  # 0/1 in the grad dtype: one mul
-        handles.append(param.register_hook(_masker(keep)))
+        # 0/1 in the parameter's dtype on its device (placed before this call): one multiply per
+        # gradient, no copy. Only a gradient of another dtype or device (bf16 under mixed
+        # precision, a model moved afterwards) converts it, once, and keeps the converted copy.
+        handles.append(param.register_hook(_Masker(mask.to(device=param.device, dtype=param.dtype))))
     return handles
 
 
-def _masker(keep: torch.Tensor):
-    def hook(grad: torch.Tensor) -> torch.Tensor:
-        if keep.device != grad.device or keep.dtype != grad.dtype:
-            return grad * keep.to(device=grad.device, dtype=grad.dtype)
-        return grad * keep
-    return hook
+class _Masker:
+    """Gradient hook multiplying by a 0/1 mask kept on the gradient's device and in its dtype."""
+
+    def __init__(self, keep: torch.Tensor):
+        self.keep = keep
+        self.conversions = 0  # tests check that it stays 0 once the devices agree
+
+    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
+        if self.keep.device != grad.device or self.keep.dtype != grad.dtype:
+            self.keep = self.keep.to(device=grad.device, dtype=grad.dtype)
+            self.conversions += 1
+        return grad * self.keep
 
 
 def remove_hooks(handles: list) -> None:

@@ -17,30 +17,21 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from sd2_ray import manifest, storage
 from sd2_ray.errors import ConfigError, DataError
 from sd2_ray.finetune.config import FinetuneConfig
 from sd2_ray.finetune.data import row_error
-from sd2_ray.finetune.train_loop import (FINAL_CHECKPOINT, MODEL_SUBDIR, STATE_FILE, fill_deepspeed_config,
-                                         train_loop)
+from sd2_ray.finetune.checkpoint import FINAL_CHECKPOINT, MODEL_SUBDIR
+from sd2_ray.finetune.step import STATE_FILE, fill_deepspeed_config, zero_template
+from sd2_ray.rows import SKIPPED_FILE, require_usable, skip_record, write_skipped
 
 log = logging.getLogger(__name__)
 
 STAGE = "finetune"
 METRICS_FILE = "metrics.json"
-DEEPSPEED_DIR = Path(__file__).resolve().parents[2] / "jobs" / "deepspeed"
-BUILTIN_ZERO = {  # used when the jobs/ templates are not on disk (a pip-installed package)
-    2: {"zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True,
-                              "reduce_scatter": True, "allgather_bucket_size": 50_000_000,
-                              "reduce_bucket_size": 50_000_000}},
-    3: {"zero_optimization": {"stage": 3, "overlap_comm": False, "contiguous_gradients": True,
-                              "reduce_bucket_size": 50_000_000, "stage3_prefetch_bucket_size": 50_000_000,
-                              "stage3_param_persistence_threshold": 10_000,
-                              "stage3_gather_16bit_weights_on_model_save": False}},
-}
+STAGED_DATA = "_data"
 
 
 @dataclass
@@ -82,30 +73,44 @@ def _shape_model(local: str):
         return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(local))
 
 
-def data_files(config: FinetuneConfig) -> list[str]:
-    from sd2_ray.rows import data_files as files_of
+def prepare_data(config: FinetuneConfig) -> tuple[list[str], int]:
+    """(files to train from, usable rows). Every row is checked on the driver; rows that cannot be
+    trained on (no instruction, no answer, unreadable JSONL lines) are skipped and listed in
+    ``<output>/_skipped.jsonl``. When any was skipped, or the data is JSONL, the usable rows are
+    staged once as Parquet under ``<output>/_data`` so every worker reads exactly them."""
+    from sd2_ray.rows import data_files, read_jsonl
 
-    return files_of(config.data)
-
-
-def check_data(config: FinetuneConfig, files: list[str]) -> int:
-    """Row count after checking every row has an instruction and a response."""
-    from sd2_ray.rows import read_jsonl, row_id
-
-    count = 0
+    files = data_files(config.data)
+    rows, skipped = [], []
     for file in files:
-        rows = storage.read_parquet(file).to_pylist() if file.endswith(".parquet") else read_jsonl(file)
-        for number, row in enumerate(rows, start=1):
+        unreadable: list[dict] = []
+        table = storage.read_parquet(file).to_pylist() if file.endswith(".parquet") else read_jsonl(file, unreadable)
+        skipped.extend(unreadable)
+        for number, row in enumerate(table, start=1):
             problem = row_error(row, config.response_field)
             if problem:
-                raise DataError(f"{file}: row {number} (id '{row_id(row)}'): {problem}")
-        count += len(rows)
-    if count == 0:
-        raise DataError(f"{config.data}: dataset is empty")
-    if count < config.batch_size:
-        raise DataError(f"{config.data}: {count} rows, fewer than one global batch "
+                skipped.append({**skip_record(number - 1, row, problem), "file": file, "row": number})
+            else:
+                rows.append(row)
+    write_skipped(storage.join(config.output, SKIPPED_FILE), skipped)
+    require_usable(config.data, len(rows), skipped, config.min_usable_share)
+    if skipped:
+        log.warning("finetune: skipped %d of %d rows (e.g. %s); see %s", len(skipped), len(rows) + len(skipped),
+                    skipped[0]["reason"], storage.join(config.output, SKIPPED_FILE))
+    if len(rows) < config.batch_size:
+        raise DataError(f"{config.data}: {len(rows)} usable rows, fewer than one global batch "
                         f"(batch_size {config.batch_size})")
-    return count
+    if skipped or not all(f.endswith(".parquet") for f in files):
+        files = [stage_rows(rows, storage.join(config.output, STAGED_DATA, "train.parquet"))]
+    return files, len(rows)
+
+
+def stage_rows(rows: list[dict], path: str) -> str:
+    """Rows written as one Parquet file (the format every worker reads), returned as its path."""
+    import pyarrow as pa
+
+    storage.write_parquet(path, pa.Table.from_pylist(rows))
+    return path
 
 
 def total_steps(config: FinetuneConfig, rows: int) -> int:
@@ -115,12 +120,10 @@ def total_steps(config: FinetuneConfig, rows: int) -> int:
 
 
 def deepspeed_template(config: FinetuneConfig) -> dict:
-    if config.deepspeed_config:
-        path = config.deepspeed_config
-    else:
-        path = str(DEEPSPEED_DIR / f"zero{config.zero_stage}.json")
-        if not os.path.isfile(path):
-            return json.loads(json.dumps(BUILTIN_ZERO[config.zero_stage]))
+    """The DeepSpeed JSON to start from: the configured file, else the package's ZeRO template."""
+    if not config.deepspeed_config:
+        return zero_template(config.zero_stage)
+    path = config.deepspeed_config
     if not storage.exists(path):
         raise ConfigError(f"field 'deepspeed_config': {path} not found")
     try:
@@ -131,7 +134,7 @@ def deepspeed_template(config: FinetuneConfig) -> dict:
 
 # ---------------------------------------------------------------- the run
 
-def loop_config(config: FinetuneConfig, steps: int, fail_once: dict | None = None) -> dict[str, Any]:
+def loop_config(config: FinetuneConfig, steps: int) -> dict[str, Any]:
     """Everything a worker needs, as plain data (shipped to every worker by Ray Train)."""
     ds = fill_deepspeed_config(
         deepspeed_template(config), zero_stage=config.zero_stage, batch_size=config.batch_size,
@@ -140,58 +143,15 @@ def loop_config(config: FinetuneConfig, steps: int, fail_once: dict | None = Non
         overrides=config.deepspeed)
     keys = ("model", "seq_len", "response_field", "batch_size", "grad_accum", "seed", "shuffle_buffer",
             "epochs", "warmup_steps", "scheduler", "min_lr_ratio", "lr", "weight_decay", "optimizer",
-            "checkpoint_every", "report_every", "report_interval_s", "enforce_masks", "cpus_per_worker")
+            "checkpoint_every", "report_every", "report_interval_s", "enforce_masks", "cpus_per_worker",
+            "use_gpu", "gradient_checkpointing", "loss_chunk_tokens")
     cfg = {k: getattr(config, k) for k in keys}
     from sd2_ray.runtime import worker_env
 
     # S3 endpoint/credentials, offline hub, extension cache: set in workers that lack them
     # (a Ray cluster started before this driver's environment was).
-    cfg.update(total_steps=steps, deepspeed_config=ds, fail_once=fail_once, env=worker_env())
+    cfg.update(total_steps=steps, deepspeed_config=ds, env=worker_env())
     return cfg
-
-
-def build_dataset(files: list[str]):
-    import ray.data
-
-    fs, _ = storage.filesystem(files[0])
-    inner = [storage.filesystem(f)[1] for f in files]
-    parquet = [f for f in inner if f.endswith(".parquet")]
-    jsonl = [f for f in inner if not f.endswith(".parquet")]
-    parts = []
-    if parquet:
-        parts.append(ray.data.read_parquet(parquet, filesystem=fs))
-    if jsonl:
-        parts.append(ray.data.read_json(jsonl, filesystem=fs))  # pyarrow reads newline-delimited JSON
-    dataset = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
-    dataset.context.enable_progress_bars = False  # one bar per worker per epoch floods the driver log
-    dataset.context.execution_options.preserve_order = True  # file order, whichever read ends first
-    return dataset
-
-
-def build_trainer(config: FinetuneConfig, cfg: dict, dataset, callbacks: list | None = None):
-    from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    root = config.checkpoint_root()
-    fs, inner = storage.filesystem(root)
-    run_config = RunConfig(
-        name=config.checkpoint_run_name(), storage_path=inner,
-        storage_filesystem=fs if storage.is_s3(root) else None,
-        failure_config=FailureConfig(max_failures=config.max_failures),
-        checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
-        callbacks=callbacks or None)
-    return TorchTrainer(
-        train_loop, train_loop_config=cfg,
-        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
-                                     resources_per_worker={"CPU": config.cpus_per_worker}),
-        torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
-        datasets={"train": dataset},
-        # Not split: every worker streams the same seeded order and keeps its slice of each
-        # global batch, which makes 1-vs-N runs and resumed runs see identical batches.
-        dataset_config=DataConfig(datasets_to_split=[],
-                                  execution_options=ExecutionOptions(preserve_order=True)),
-        run_config=run_config)
 
 
 def final_checkpoint(config: FinetuneConfig) -> str | None:
@@ -201,13 +161,11 @@ def final_checkpoint(config: FinetuneConfig) -> str | None:
     return None
 
 
-def run_finetune(config: FinetuneConfig, callbacks: list | None = None,
-                 fail_once: dict | None = None) -> FinetuneResult:
+def run_finetune(config: FinetuneConfig, callbacks: list | None = None) -> FinetuneResult:
     """Fine-tune ``config.model`` on ``config.data`` into ``config.output``.
 
     ``callbacks``: Ray Train ``UserCallback``s run on the controller after every report
-    (e.g. Tune's ``TuneReportCallback``). ``fail_once={"step": N, "marker": path}`` makes the
-    last worker raise once after step N (tests of the recovery path).
+    (e.g. Tune's ``TuneReportCallback``).
     """
     if manifest.is_complete(config.output) and not config.overwrite:
         log.info("%s: complete, skipping (overwrite=true redoes it)", config.output)
@@ -215,40 +173,40 @@ def run_finetune(config: FinetuneConfig, callbacks: list | None = None,
     if config.overwrite:
         storage.delete(config.checkpoint_run_dir())
         storage.delete(manifest.path_of(config.output))
+    from sd2_ray.finetune.extensions import extensions_dir
+
+    extensions_dir()  # before the workers' environment is built (loop_config)
     local_model = check_model(config)
-    files = data_files(config)
-    rows = check_data(config, files)
+    files, rows = prepare_data(config)
     steps = total_steps(config, rows)
-    cfg = loop_config(config, steps, fail_once)  # before any output: a bad DeepSpeed JSON fails here
+    cfg = loop_config(config, steps)  # before any output: a bad DeepSpeed JSON fails here
     manifest.start(config.output, STAGE, model=config.model, data=config.data, rows=rows, total_steps=steps,
                    checkpoints=config.checkpoint_run_dir())
     config.save(config.output)
     ray_result = None
     try:
         if final_checkpoint(config) is None:
-            ray_result = _fit(config, cfg, files, callbacks)
+            from sd2_ray.finetune.extensions import wait_for_build_locks
+            from sd2_ray.finetune.ray_train import fit
+
+            wait_for_build_locks()
+            ray_result = fit(config, cfg, files, callbacks)
         else:
             log.info("%s: training already finished; publishing", config.checkpoint_run_dir())
         summary, history = publish(config, local_model, rows, steps)
     except Exception as err:
         manifest.fail(config.output, STAGE, error=f"{type(err).__name__}: {err}"[:500])
         raise
+    cleanup(config)
     return FinetuneResult(config.output, history, summary, ray_result)
 
 
-def _fit(config: FinetuneConfig, cfg: dict, files: list[str], callbacks: list | None):
-    from sd2_ray.runtime import ensure_ray
-
-    ensure_ray()
-    dataset = build_dataset(files)
-    if not config.stream_data:
-        # One parallel read for the whole run: otherwise every worker re-runs the read
-        # pipeline (tasks, process start-up) every epoch, which dominates small runs.
-        dataset = dataset.materialize()
-    trainer = build_trainer(config, cfg, dataset, callbacks)
-    log.info("finetune: %d workers, ZeRO-%d, %d steps, checkpoints in %s", config.workers,
-             config.zero_stage, cfg["total_steps"], config.checkpoint_run_dir())
-    return trainer.fit()
+def cleanup(config: FinetuneConfig) -> None:
+    """A published drafter needs neither its training checkpoints (kept only where the user put
+    them, storage_path) nor the staged copy of its data."""
+    if config.storage_path is None:
+        storage.delete(config.checkpoint_root())
+    storage.delete(storage.join(config.output, STAGED_DATA))
 
 
 # ---------------------------------------------------------------- publishing

@@ -34,4 +34,18 @@ def kit_paths(kit_dir: str) -> dict[str, str]:
             "kit_json": os.path.join(kit_dir, "kit.json")}
 
 
-__all__ = ["ensure_kit", "kit_paths"]
+def kit_part(name: str, field: str = "path", **overrides: Any) -> str:
+    """The local path of a ``kit:NAME`` part (the kit is built or taken from the cache);
+    ``field`` names the config field in the one-line error for an unknown part."""
+    from sd2_ray.config import KIT_PREFIX
+    from sd2_ray.errors import ConfigError
+
+    part = name[len(KIT_PREFIX):] if name.startswith(KIT_PREFIX) else name
+    parts = kit_paths("")
+    if part not in parts or part == "kit_json":
+        known = ", ".join(KIT_PREFIX + p for p in parts if p != "kit_json")
+        raise ConfigError(f"field '{field}': unknown kit part '{name}' (one of {known})")
+    return kit_paths(ensure_kit(**overrides))[part]
+
+
+__all__ = ["ensure_kit", "kit_part", "kit_paths"]

@@ -102,17 +102,7 @@ def ensure_with_status(config: KitConfig) -> tuple[str, bool]:
         tmp = tempfile.mkdtemp(prefix=".kit-building-", dir=os.path.dirname(kit_dir))
         try:
             build_kit(config, tmp, digest)
-            _replace_dir(tmp, kit_dir)
+            storage.replace_dir(tmp, kit_dir)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return kit_dir, True
-
-
-def _replace_dir(new: str, dest: str) -> None:
-    old = None
-    if os.path.lexists(dest):
-        old = tempfile.mkdtemp(prefix=".kit-old-", dir=os.path.dirname(dest))
-        os.replace(dest, os.path.join(old, "kit"))
-    os.replace(new, dest)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)

@@ -82,13 +82,14 @@ def apply_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> None:
     params = dict(model.named_parameters())
     with torch.no_grad():
         for key, mask in masks.items():
-            params[key].mul_(mask.to(params[key].dtype))
+            params[key].mul_(mask.to(device=params[key].device, dtype=params[key].dtype))
 
 
 def masked_weights_nonzero(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> int:
     """How many weights that the masks say must be zero are not (0 means the sparsity held)."""
     params = dict(model.named_parameters())
-    return int(sum(((params[k].detach() != 0) & ~m).sum().item() for k, m in masks.items()))
+    # compared where the weight is (a CUDA weight against a CPU mask is a device mismatch)
+    return int(sum(((params[k].detach() != 0) & ~m.to(params[k].device)).sum().item() for k, m in masks.items()))
 
 
 def check_nm(weight: torch.Tensor, n: int, m: int) -> bool:

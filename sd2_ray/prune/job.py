@@ -30,42 +30,19 @@ def main(config: PruneConfig) -> str:
 
 
 def run_prune(config: PruneConfig) -> str:
-    """Prune per ``config`` and return the output path; a complete output is reused unless ``overwrite``."""
+    """Prune per ``config`` and return the output path; a complete output is reused unless ``overwrite``.
+
+    With Ray up (a job on a cluster, the pipeline, a search's prune cache) the work runs as one Ray
+    task holding ``num_gpus``/``num_cpus``, so it lands on a node that has them; else in-process."""
     if manifest.is_complete(config.output) and not config.overwrite:
         log.info("prune: %s is complete, skipping (overwrite=true to redo)", config.output)
         return config.output
-    from sd2_ray.runtime import in_ray_job
+    from sd2_ray.runtime import in_ray_job, submit_with_gpus
 
-    if _inside_ray_worker():  # a Tune trial or actor already placed us: no nested task
-        return prune_to_output(config, executor="ray_worker")
-    if in_ray_job():
-        return _run_as_ray_task(config)
-    return prune_to_output(config, executor="local")
-
-
-def _inside_ray_worker() -> bool:
-    import sys
-
-    if "ray" not in sys.modules:
-        return False
-    import ray
-
-    return ray.is_initialized() and ray._private.worker.global_worker.mode == ray.WORKER_MODE
-
-
-def _run_as_ray_task(config: PruneConfig) -> str:
-    from sd2_ray.runtime import ensure_ray
-
-    ray = ensure_ray()
-    task = ray.remote(num_gpus=config.num_gpus, num_cpus=config.num_cpus, max_retries=0)(_ray_task)
+    if not in_ray_job() and config.num_gpus <= 0:
+        return prune_to_output(config, executor="local")
     log.info("prune: running as a Ray task (num_gpus=%s, num_cpus=%s)", config.num_gpus, config.num_cpus)
-    try:
-        return ray.get(task.remote(config.to_dict()))
-    except ray.exceptions.RayTaskError as err:
-        cause = err.as_instanceof_cause()
-        if isinstance(cause, (ConfigError, DataError)):
-            raise type(cause)(str(cause).splitlines()[-1]) from None
-        raise
+    return submit_with_gpus(_ray_task, config.num_gpus, config.to_dict(), num_cpus=config.num_cpus).result()
 
 
 def _ray_task(config_dict: dict[str, Any]) -> str:

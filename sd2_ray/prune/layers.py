@@ -91,3 +91,28 @@ def layer_prune(model: torch.nn.Module, batches: list[torch.Tensor], n: int) -> 
               "num_hidden_layers_before": layers, "num_hidden_layers_after": layers - n,
               "calibration_tokens": int(sum(b.numel() for b in batches))}
     return model, report
+
+
+def matching_layer_drop(dense_dir: str, sparse_dir: str) -> int:
+    """Blocks to drop from the dense drafter so its MACs come closest to the sparse drafter's
+    (the layer baseline is compared with SD² at equal cost)."""
+    from sd2_ray.models.io import load_model
+    from sd2_ray.models.macs import linear_macs
+
+    dense = linear_macs(load_model(dense_dir))
+    sparse_macs = linear_macs(load_model(sparse_dir))["macs"]
+    layers = _num_layers(dense_dir)
+    per_block = dense["blocks_dense_macs"] / layers
+    best = min(range(1, layers), key=lambda n: abs(dense["dense_macs"] - n * per_block - sparse_macs),
+               default=1)
+    log.info("layer baseline: dropping %d of %d blocks (sparse drafter %d MACs, dense %d, per block %d)",
+             best, layers, sparse_macs, dense["dense_macs"], per_block)
+    return best
+
+
+def _num_layers(model_dir: str) -> int:
+    from transformers import AutoConfig
+
+    from sd2_ray.models.io import model_metadata_dir
+
+    return int(AutoConfig.from_pretrained(model_metadata_dir(model_dir)).num_hidden_layers)  # no weights

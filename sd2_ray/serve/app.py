@@ -22,7 +22,7 @@ from sd2_ray.serve import openai_schema as oa
 from sd2_ray.serve.batching import Delta, Job, run_batch
 from sd2_ray.serve.config import ServeConfig
 from sd2_ray.serve.http import check_api_key, install_error_handlers, queue_full
-from sd2_ray.serve.metrics import SpecMetrics, watch_forward_calls
+from sd2_ray.serve.metrics import COUNTERS, PREFIX, SpecMetrics, watch_forward_calls
 
 log = logging.getLogger("sd2_ray.serve")
 
@@ -44,6 +44,13 @@ def load_engine(config: ServeConfig):
 def _import(ref: str):
     module, name = ref.split(":")
     return getattr(importlib.import_module(module), name)
+
+
+def ray_counters() -> dict:
+    """The replica's counters as Ray metrics (Ray exports them to Prometheus)."""
+    from ray.util.metrics import Counter
+
+    return {name: Counter(PREFIX + name, description=desc, tag_keys=tags) for name, (desc, tags) in COUNTERS.items()}
 
 
 # Chunk builders sit above the class: Serve pickles the class with the globals defined so far.
@@ -81,7 +88,8 @@ class SpecDecodeServer:
         self.model_name = cfg.served_model_name
         self.max_model_len = core.context_length(target.config, cfg.max_model_len)
         self.vocab_size = int(target.config.vocab_size)
-        self.metrics = SpecMetrics(self.model_name, cfg.num_speculative_tokens if cfg.drafter else 0)
+        self.metrics = SpecMetrics(self.model_name, cfg.num_speculative_tokens if cfg.drafter else 0,
+                                   counters=ray_counters())
         self._hook = watch_forward_calls(target, self.metrics)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sd2-engine")
         self.capacity = cfg.max_batch_size + cfg.max_queued_requests
@@ -127,7 +135,9 @@ class SpecDecodeServer:
 
     # ---- generation -----------------------------------------------------------------------
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    # Placeholders: the decorator needs values when the class is defined, and __init__ sets the
+    # configured max_batch_size / batch_wait_timeout_s through Ray Serve's setters for that.
+    @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.0)
     async def _generate_batch(self, jobs: list[Job]) -> AsyncIterator[list[Delta]]:
         """Requests that arrive together run as one engine batch (shared forward passes)."""
         limit = self.config.speculative_disable_by_batch_size
@@ -231,6 +241,8 @@ def build_app(config: ServeConfig, engine_factory: Optional[str] = None) -> "ser
     ``engine_factory`` ("module:function(config) -> (engine, target_model, tokenizer)") swaps
     the engine, e.g. for tests of the HTTP layer; by default our speculative engine is loaded.
     """
+    # The key is read here, where the file and $SD2_API_KEY are; replicas on other nodes get it.
+    config = config.model_copy(update={"api_key": config.effective_api_key(), "api_key_file": None})
     if config.engine == "vllm":
         from sd2_ray.serve.vllm_app import build_vllm_app
 

@@ -6,8 +6,10 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from sd2_ray.config import StageConfig
+from sd2_ray.config import StageConfig, StoragePath
 from sd2_ray.models.device import DeviceName, DtypeName
+
+API_KEY_ENV = "SD2_API_KEY"
 
 
 class AutoscalingConfig(BaseModel):
@@ -27,29 +29,21 @@ class AutoscalingConfig(BaseModel):
         return self
 
 
-class ServeConfig(StageConfig):
-    """Serve a target (+ drafter) with speculative decoding behind an OpenAI-compatible API.
+class ServeSettings(StageConfig):
+    """How to serve (the `serve` section of a pipeline config); :class:`ServeConfig` adds the pair."""
 
-    Engines: `transformers` (our lossless speculative engine, CPU default, any pair including
-    cross-tokenizer ones; concurrent requests share forward passes through Ray Serve's
-    dynamic batching) or `vllm` (Ray Serve LLM with vLLM's draft-model speculative decoding).
-    Endpoints: /v1/models, /v1/completions, /v1/chat/completions (SSE with stream=true),
-    /v1/spec_stats, /health.
-    """
-
-    target: str = Field(..., description="target model dir (local or s3://)")
-    drafter: Optional[str] = Field(None, description="drafter model dir; none serves the target alone")
     engine: Literal["transformers", "vllm"] = Field(
         "transformers", description="transformers (our speculative engine) or vllm (ray.serve.llm)")
     host: str = Field("127.0.0.1", description="HTTP host to bind")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port")
-    num_speculative_tokens: int = Field(4, ge=1, le=32, description="draft tokens proposed per step (K)")
     replicas: Union[int, Literal["auto"]] = Field(
         1, description="model replicas, or 'auto' to autoscale with the autoscaling settings")
     autoscaling: Optional[AutoscalingConfig] = Field(
         None, description="autoscaling (min_replicas, max_replicas, target_ongoing_requests); "
         "setting it turns autoscaling on")
-    api_key: Optional[str] = Field(None, description="require 'Authorization: Bearer KEY' on /v1")
+    api_key: Optional[str] = Field(None, description="require 'Authorization: Bearer KEY' on /v1 (on the command "
+                                   "line it shows in `ps`: prefer api_key_file or $SD2_API_KEY)")
+    api_key_file: Optional[StoragePath] = Field(None, description="file holding the API key (first line)")
     model_name: Optional[str] = Field(None, description="model id clients send (default: target dir name)")
     max_batch_size: int = Field(8, ge=1, le=256, description="most requests decoded together per batch")
     speculative_disable_by_batch_size: Optional[int] = Field(
@@ -85,7 +79,7 @@ class ServeConfig(StageConfig):
         return value
 
     @model_validator(mode="after")
-    def _placement(self) -> "ServeConfig":
+    def _placement(self) -> "ServeSettings":
         if self.engine == "vllm":
             for name, default in (("device", "auto"), ("device_map", None), ("gpus_per_replica", 0)):
                 if getattr(self, name) != default:
@@ -97,16 +91,21 @@ class ServeConfig(StageConfig):
             raise ValueError("gpus_per_replica > 0 reserves GPUs that device 'cpu' never uses")
         return self
 
-    @field_validator("target", "drafter")
-    @classmethod
-    def _non_empty(cls, value):
-        if value is not None and not str(value).strip():
-            raise ValueError("must be a model directory path")
-        return value
+    def effective_api_key(self) -> Optional[str]:
+        """The key clients must send: api_key, else the first line of api_key_file, else
+        $SD2_API_KEY; None leaves /v1 open."""
+        if self.api_key:
+            return self.api_key
+        if self.api_key_file:
+            from sd2_ray import storage
 
-    @property
-    def served_model_name(self) -> str:
-        return self.model_name or os.path.basename(self.target.rstrip("/")) or "sd2-target"
+            text = storage.read_text(self.api_key_file).strip().splitlines()
+            if not text or not text[0].strip():
+                from sd2_ray.errors import ConfigError
+
+                raise ConfigError(f"field 'api_key_file': {self.api_key_file} is empty")
+            return text[0].strip()
+        return os.environ.get(API_KEY_ENV) or None
 
     @property
     def autoscaling_enabled(self) -> bool:
@@ -122,3 +121,22 @@ class ServeConfig(StageConfig):
     def base_url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
         return f"http://{host}:{self.port}/v1"
+
+
+class ServeConfig(ServeSettings):
+    """Serve a target (+ drafter) with speculative decoding behind an OpenAI-compatible API.
+
+    Engines: `transformers` (our lossless speculative engine, CPU default, any pair including
+    cross-tokenizer ones; concurrent requests share forward passes through Ray Serve's
+    dynamic batching) or `vllm` (Ray Serve LLM with vLLM's draft-model speculative decoding).
+    Endpoints: /v1/models, /v1/completions, /v1/chat/completions (SSE with stream=true),
+    /v1/spec_stats, /health.
+    """
+
+    target: StoragePath = Field(..., description="target model dir (local or s3://)")
+    drafter: Optional[StoragePath] = Field(None, description="drafter model dir; none serves the target alone")
+    num_speculative_tokens: int = Field(4, ge=1, le=32, description="draft tokens proposed per step (K)")
+
+    @property
+    def served_model_name(self) -> str:
+        return self.model_name or os.path.basename(self.target.rstrip("/")) or "sd2-target"

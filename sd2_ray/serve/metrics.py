@@ -1,7 +1,8 @@
 """Speculative-decoding metrics of a serving replica.
 
-Two views of the same counters: Ray metrics (``ray.util.metrics.Counter``, exported to
-Prometheus by Ray, named like vLLM's ``spec_decode_*`` counters) and an in-process summary
+Two views of the same counters: exported counters (the serve app passes Ray's
+``ray.util.metrics.Counter``s, exported to Prometheus by Ray, named like vLLM's
+``spec_decode_*`` counters; :data:`COUNTERS` describes them) and an in-process summary
 served as JSON at ``/v1/spec_stats``. Batching counters (batches, requests per batch, target
 forward calls) show whether concurrent requests really shared forward passes.
 """
@@ -17,10 +18,21 @@ from sd2_ray.specdec.types import SpecStats
 log = logging.getLogger(__name__)
 
 PREFIX = "sd2_spec_decode_"
+COUNTERS = {  # name -> (description, tag keys)
+    "num_drafts": ("verification passes that checked a draft", ("model",)),
+    "num_draft_tokens": ("tokens proposed by the drafter", ("model",)),
+    "num_accepted_tokens": ("draft tokens accepted by the target", ("model",)),
+    "target_passes": ("target verification forward passes (per request)", ("model",)),
+    "committed_tokens": ("tokens committed by verification passes, bonus included", ("model",)),
+    "batches": ("engine batches run (requests sharing forward passes)", ("model",)),
+    "num_accepted_tokens_per_pos": ("accepted draft tokens by draft position", ("model", "position")),
+}
 
 
 class SpecMetrics:
-    def __init__(self, model_name: str, num_speculative_tokens: int, export_to_ray: bool = True):
+    def __init__(self, model_name: str, num_speculative_tokens: int, counters: Optional[dict[str, Any]] = None):
+        """``counters``: Prometheus-style counters by name (``inc(value, tags)``), e.g. Ray's from
+        :func:`sd2_ray.serve.app.ray_counters`; None keeps only the JSON summary."""
         self.model_name = model_name
         self.num_speculative_tokens = num_speculative_tokens
         self.totals = SpecStats(num_speculative_tokens=num_speculative_tokens,
@@ -31,7 +43,7 @@ class SpecMetrics:
         self.target_forward_calls = 0
         self.rejected_requests = 0
         self._lock = threading.Lock()  # forward hooks count from the engine thread
-        self._counters = _ray_counters() if export_to_ray else None
+        self._counters = counters
 
     def record_request(self, stats: SpecStats, prompt_tokens: int, completion_tokens: int) -> None:
         with self._lock:
@@ -102,27 +114,6 @@ def _inc(counter, value: int, tags: dict) -> None:
             counter.inc(value, tags)
         except Exception as err:  # noqa: BLE001
             log.warning("metrics: %s", err)
-
-
-def _ray_counters() -> Optional[dict[str, Any]]:
-    try:
-        from ray.util.metrics import Counter
-    except ImportError:  # metrics are optional; the JSON summary still works
-        return None
-    model = ("model",)
-    spec = {
-        "num_drafts": "verification passes that checked a draft",
-        "num_draft_tokens": "tokens proposed by the drafter",
-        "num_accepted_tokens": "draft tokens accepted by the target",
-        "target_passes": "target verification forward passes (per request)",
-        "committed_tokens": "tokens committed by verification passes, bonus included",
-        "batches": "engine batches run (requests sharing forward passes)",
-    }
-    counters = {name: Counter(PREFIX + name, description=desc, tag_keys=model) for name, desc in spec.items()}
-    counters["num_accepted_tokens_per_pos"] = Counter(
-        PREFIX + "num_accepted_tokens_per_pos", description="accepted draft tokens by draft position",
-        tag_keys=("model", "position"))
-    return counters
 
 
 def watch_forward_calls(model, metrics: SpecMetrics):

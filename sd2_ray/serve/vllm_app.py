@@ -13,19 +13,20 @@ from typing import Any, Optional
 
 from fastapi import Request
 from ray import serve
-from ray.llm._internal.serve.core.configs.openai_api_models import (ChatCompletionRequest,
-                                                                     CompletionRequest, to_model_metadata)
-from ray.llm._internal.serve.core.ingress.ingress import (DEFAULT_ENDPOINTS, OpenAiIngress,
-                                                          make_fastapi_ingress)
 from ray.serve.llm import LLMConfig, build_llm_deployment
+from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
+from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
 from sd2_ray import storage
 from sd2_ray.serve.config import ServeConfig
 from sd2_ray.serve.http import check_api_key, error_response
 from sd2_ray.serve.openai_schema import OpenAIError
 
-ENDPOINTS = {
-    **{name: DEFAULT_ENDPOINTS[name] for name in ("models", "model_data", "completions", "chat")},
+ENDPOINTS = {  # Ray's OpenAI routes we serve (its DEFAULT_ENDPOINTS add embeddings, audio, ...) + ours
+    "models": lambda app: app.get("/v1/models"),
+    "model_data": lambda app: app.get("/v1/models/{model:path}"),
+    "completions": lambda app: app.post("/v1/completions"),
+    "chat": lambda app: app.post("/v1/chat/completions"),
     "health": lambda app: app.get("/health"),
     "spec_stats": lambda app: app.get("/v1/spec_stats"),
 }
@@ -113,6 +114,14 @@ def llm_config(config: ServeConfig) -> LLMConfig:
                      engine_kwargs=engine_kwargs, deployment_config=deployment, **kwargs)
 
 
+def model_card(llm: LLMConfig):
+    """The /v1/models entry Ray's ingress serves. Ray builds it with a function it does not export
+    (its own build_openai_app does the same); the one private import of the serving path."""
+    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+
+    return to_model_metadata(llm.model_id, llm)
+
+
 def build_vllm_app(config: ServeConfig) -> "serve.Application":
     llm = llm_config(config)
     server = build_llm_deployment(llm)
@@ -120,5 +129,5 @@ def build_vllm_app(config: ServeConfig) -> "serve.Application":
     options = Sd2VllmIngress.get_deployment_options([llm])
     return serve.deployment(ingress, **options).bind(
         llm_deployments={llm.model_id: server},
-        model_cards={llm.model_id: to_model_metadata(llm.model_id, llm)},
+        model_cards={llm.model_id: model_card(llm)},
         api_key=config.api_key, speculative=llm.engine_kwargs.get("speculative_config"))

@@ -66,6 +66,18 @@ def permuted_copy(model, source_tok, dest_tok):
     return clone.eval()
 
 
+def noisy_copy(model, scale: float, seed: int = 7):
+    """A drafter that agrees with ``model`` often but not always (acceptance varies by row)."""
+    import copy
+
+    torch.manual_seed(seed)
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in clone.parameters():
+            p.add_(torch.randn_like(p) * scale * p.std())
+    return clone.eval()
+
+
 def sharpen(model, factor: float = 8.0):
     """Scale the LM head so a random model's next-token distributions are peaked, not uniform."""
     with torch.no_grad():

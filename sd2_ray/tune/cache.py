@@ -1,6 +1,7 @@
 """Pruned-model cache shared by the trials of one search: each pruning point is pruned once.
 
 Trials with the same (method, sparsity/pattern, settings) share ``OUTPUT/pruned-cache/<key>``.
+The pruning itself runs as a Ray task with the prune section's GPUs (see ``run_prune``).
 Two trials may want the same key at the same moment (on any node), so pruning goes through one
 named, threaded actor started by the search driver: a per-key lock makes the second trial wait
 for the first one's result instead of pruning into the same directory. ``run_prune`` itself skips
@@ -23,7 +24,6 @@ class PruneCache:
     def __init__(self):
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
-        self.pruned: list[str] = []  # keys this actor actually pruned (not found complete)
 
     def ensure(self, fields: dict[str, Any], output: str) -> dict[str, Any]:
         """Prune into ``output`` unless it is complete; returns {"path", "pruned_now"}."""
@@ -38,11 +38,7 @@ class PruneCache:
                 return {"path": output, "pruned_now": False}
             log.info("pruning %s", output)
             run_prune(PruneConfig.model_validate({**fields, "output": output}))
-            self.pruned.append(output)
             return {"path": output, "pruned_now": True}
-
-    def pruned_outputs(self) -> list[str]:
-        return list(self.pruned)
 
 
 def actor_name(experiment: str) -> str:
@@ -56,10 +52,9 @@ def start(experiment: str):
     """The search's cache actor (created by the driver, so it lives exactly as long as the search)."""
     import ray
 
-    from sd2_ray.runtime import worker_env
-
-    remote = ray.remote(num_cpus=0, max_concurrency=64, max_restarts=-1,
-                        runtime_env={"env_vars": worker_env()})(PruneCache)
+    # num_cpus 0: the actor only waits; run_prune runs each pruning as its own Ray task holding
+    # the prune section's num_gpus/num_cpus (outside any trial's placement group).
+    remote = ray.remote(num_cpus=0, max_concurrency=64, max_restarts=-1)(PruneCache)
     return remote.options(name=actor_name(experiment), get_if_exists=True).remote()
 
 

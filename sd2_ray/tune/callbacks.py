@@ -40,7 +40,7 @@ class TrialReportCallback(TuneReportCallback):
         """MAL of the checkpoint's weights; a failed measurement is logged, never fatal."""
         started = time.perf_counter()
         try:
-            report = run_with_gpus(evaluate_checkpoint, self._checkpoint_eval.get("gpus", 0), checkpoint,
+            report = run_with_gpus(evaluate_checkpoint, self._checkpoint_eval["eval"]["gpus"], checkpoint,
                                    self._checkpoint_eval)  # the trial process has no GPUs to give
         except Exception as err:  # the trial's training must not die of a side measurement
             log.warning("checkpoint eval at step %s failed: %s: %s", step, type(err).__name__, err)
@@ -55,35 +55,16 @@ class TrialReportCallback(TuneReportCallback):
 
 
 def evaluate_checkpoint(checkpoint, settings: dict[str, Any]) -> dict[str, Any]:
-    """Rebuild the drafter from an intermediate DeepSpeed checkpoint and spec-decode a few prompts.
-
-    The fine-tuning loop stores DeepSpeed's ZeRO files (tag ``ds``) at intermediate steps;
-    DeepSpeed's own converter merges them into a full fp32 state dict (ZeRO-2 and ZeRO-3).
-    These are files this run just wrote, not an input model.
-    """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
+    """Spec-decode a few held-out prompts with the drafter of an intermediate checkpoint."""
+    from sd2_ray.evaluate.config import EvalSettings
     from sd2_ray.evaluate.core import evaluate_pair
-    from sd2_ray.finetune.train_loop import DS_TAG
-    from sd2_ray.models.io import load_model, load_tokenizer
-    from sd2_ray.models.sparsity import apply_masks, load_masks
+    from sd2_ray.finetune.checkpoint import drafter_from_checkpoint
     from sd2_ray.rows import read_rows
 
+    eval_settings = EvalSettings.model_validate(settings["eval"])
     with checkpoint.as_directory() as directory:
-        state = get_fp32_state_dict_from_zero_checkpoint(directory, tag=DS_TAG)
-    drafter = load_model(settings["drafter"])
-    missing, unexpected = drafter.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if getattr(drafter.config, "tie_word_embeddings", False) else set()
-    if set(missing) - tied or unexpected:
-        raise RuntimeError(f"checkpoint does not match the drafter: missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]}")
-    masks = load_masks(settings["drafter"], drafter)
-    apply_masks(drafter, masks)  # already zero (gradients are masked); cheap insurance
-    rows = read_rows(settings["eval_prompts"], limit=settings["num_prompts"])
+        drafter, tokenizer = drafter_from_checkpoint(directory, settings["drafter"])
+    rows = read_rows(settings["eval_prompts"], limit=eval_settings.max_prompts)
     # the target is placed as the trial's eval is (device, dtype, device_map); the drafter follows it
-    return evaluate_pair(settings["target"], drafter.eval(), rows, settings["num_speculative_tokens"],
-                         drafter_tokenizer=load_tokenizer(settings["drafter"]),
-                         max_new_tokens=settings["max_new_tokens"], batch_size=settings["batch_size"],
-                         dtype=settings.get("dtype", "float32"), device=settings.get("device", "cpu"),
-                         device_map=settings.get("device_map"),
-                         measure_baseline=False, progress=False, seed=settings["seed"])
+    return evaluate_pair(settings["target"], drafter, rows, settings["num_speculative_tokens"], eval_settings,
+                         drafter_tokenizer=tokenizer, progress=False)

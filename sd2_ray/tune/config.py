@@ -7,18 +7,13 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sd2_ray import storage
-from sd2_ray.config import StageConfig
+from sd2_ray.config import StageConfig, StoragePath
+from sd2_ray.finetune.config import FinetuneSettings
 from sd2_ray.models.device import DeviceName, DtypeName
+from sd2_ray.prune.config import PruneSettings, pattern_text
 
 OBJECTIVES = ("predicted_speedup", "mal")
 PRUNE_METHODS = ("sparsegpt", "wanda", "magnitude")
-
-
-def _pattern_text(value: Any) -> str:
-    """N:M text; YAML 1.1 reads an unquoted 2:4 as the base-60 integer 124 (see PruneConfig)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 60:
-        return f"{value // 60}:{value % 60}"
-    return str(value).strip().lower()
 
 
 class SearchSpace(BaseModel):
@@ -50,7 +45,7 @@ class SearchSpace(BaseModel):
 
         if values is None:
             return []
-        out = [_pattern_text(v) for v in values]
+        out = [pattern_text(v) for v in values]
         for p in out:
             if parse_pattern(p) is None:
                 raise ValueError(f"'{p}' is not an N:M pattern (use sparsity for unstructured)")
@@ -95,28 +90,12 @@ class AshaSettings(BaseModel):
         return self.mode or ("min" if self.metric == "loss" else "max")
 
 
-class TuneConfig(StageConfig):
-    """Search pruning sparsity x fine-tuning learning rate with Ray Tune + ASHA.
+class TuneSettings(StageConfig):
+    """How to search (the `tune` section of a pipeline config); :class:`TuneConfig` adds the paths."""
 
-    Each trial prunes the drafter (once per pruning point, cached under OUTPUT/pruned-cache),
-    fine-tunes it with the masks on a Ray Train TorchTrainer (loss reported to Tune every step,
-    so ASHA stops bad trials early), then measures MAL with speculative decoding on held-out
-    prompts and counts the drafter's MACs. Writes trials.json, tune_report.md, pareto.png and
-    the best drafter in OUTPUT/best/. A rerun restores an unfinished search (Tuner.restore).
-
-        sd2 tune --config jobs/configs/tiny-tune.yaml [--output O] [--num-samples N] [--max-concurrent C]
-    """
-
-    output: str = Field(..., description="output dir (local or s3://): trials, reports, best/ drafter")
-    target: str = Field(..., description="target model dir (local or s3://)")
-    drafter: str = Field(..., description="dense drafter to prune (local or s3://)")
-    data: str = Field(..., description="fine-tuning rows (distilled): JSONL/Parquet file or dir")
-    calibration: str | None = Field(None, description="pruning calibration rows (default: data)")
-    eval_prompts: str = Field(..., description="held-out prompt rows for measuring MAL (never trained on)")
     search_space: SearchSpace = Field(default_factory=SearchSpace, description="the grid searched")
     num_samples: int = Field(1, ge=1, description="repeats of the grid (Tune num_samples)")
     max_concurrent: int = Field(2, ge=1, description="trials in flight at once")
-    num_speculative_tokens: int = Field(4, ge=1, le=32, description="draft tokens K per verification pass")
     objective: Literal["predicted_speedup", "mal"] = Field(
         "predicted_speedup", description="what the best trial maximises: predicted_speedup = "
         "MAL/(K*c+1) with c from counted MACs, or mal")
@@ -135,12 +114,12 @@ class TuneConfig(StageConfig):
                                       "prompts) at every fine-tuning checkpoint and report it to Tune")
     checkpoint_eval_prompts: int = Field(4, ge=1, description="prompts for the checkpoint MAL measurement")
     asha: AshaSettings = Field(default_factory=AshaSettings, description="early stopping")
-    prune: dict[str, Any] = Field(default_factory=dict, description="PruneConfig fields for every trial "
-                                  "(method, num_samples, seq_len, ...); model/output/sparsity are set per trial")
-    finetune: dict[str, Any] = Field(default_factory=dict, description="FinetuneConfig fields for every "
-                                     "trial (workers, batch_size, seq_len, ...); lr/epochs come from the search")
-    storage_path: str | None = Field(None, description="Ray Tune experiment storage (local or s3://); "
-                                                       "default: the output dir")
+    prune: PruneSettings = Field(default_factory=PruneSettings, description="sd2 prune settings for every "
+                                 "trial (method, num_samples, seq_len, ...); sparsity/pattern come from the search")
+    finetune: FinetuneSettings = Field(default_factory=FinetuneSettings, description="sd2 finetune settings for "
+                                       "every trial (workers, batch_size, seq_len, ...); lr comes from the search")
+    storage_path: StoragePath | None = Field(None, description="Ray Tune experiment storage (local or s3://); "
+                                                               "default: the output dir")
     name: str = Field("search", description="Tune experiment name under storage_path")
     trial_cpus: float = Field(0.1, gt=0, description="CPUs reserved for each trial's driver function "
                               "(it only launches the TorchTrainer; Ray rejects 0)")
@@ -151,15 +130,8 @@ class TuneConfig(StageConfig):
     seed: int = Field(0, description="eval sampling seed")
     overwrite: bool = Field(False, description="start the search afresh instead of restoring/skipping")
 
-    @field_validator("output", "target", "drafter", "data", "eval_prompts")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not str(value).strip():
-            raise ValueError("must not be empty")
-        return str(value).strip()
-
     @model_validator(mode="after")
-    def _eval_gpus_need_a_gpu_device(self) -> "TuneConfig":
+    def _eval_gpus_need_a_gpu_device(self) -> "TuneSettings":
         if self.eval_gpus > 0 and self.eval_device == "cpu" and self.eval_device_map is None:
             raise ValueError("eval_gpus > 0 reserves GPUs that eval_device 'cpu' never uses "
                              "(set eval_device auto or cuda)")
@@ -167,24 +139,24 @@ class TuneConfig(StageConfig):
 
     @field_validator("prune")
     @classmethod
-    def _prune_section(cls, value: dict[str, Any]) -> dict[str, Any]:
-        fixed = {"model", "output", "sparsity", "pattern", "overwrite"} & set(value)
+    def _prune_section(cls, value: PruneSettings) -> PruneSettings:
+        fixed = {"sparsity", "pattern", "overwrite"} & value.model_fields_set
         if fixed:
             raise ValueError(f"{sorted(fixed)} are set per trial by the search, not in the prune section")
-        if value.get("method") == "layers":
+        if value.method == "layers":
             raise ValueError("method 'layers' has no sparsity to search")
         return value
 
     @field_validator("finetune")
     @classmethod
-    def _finetune_section(cls, value: dict[str, Any]) -> dict[str, Any]:
-        fixed = {"model", "output", "data", "lr", "storage_path", "run_name", "overwrite"} & set(value)
+    def _finetune_section(cls, value: FinetuneSettings) -> FinetuneSettings:
+        fixed = {"lr", "overwrite", "storage_path"} & value.model_fields_set
         if fixed:
             raise ValueError(f"{sorted(fixed)} are set per trial by the search, not in the finetune section")
         return value
 
     @model_validator(mode="after")
-    def _asha_metric_reported(self) -> "TuneConfig":
+    def _asha_metric_reported(self) -> "TuneSettings":
         if self.asha.enabled and self.asha.metric not in ("loss", *OBJECTIVES, "objective"):
             raise ValueError(f"asha.metric: '{self.asha.metric}' is not reported (loss, objective, "
                              "predicted_speedup or mal)")
@@ -192,6 +164,37 @@ class TuneConfig(StageConfig):
             raise ValueError(f"asha.metric: '{self.asha.metric}' is only measured at checkpoints; "
                              "set eval_at_checkpoints: true (or use loss)")
         return self
+
+    def eval_settings(self):
+        """The trials' evals as typed eval settings (the same ones `sd2 eval` and the pipeline use)."""
+        from sd2_ray.evaluate.config import EvalSettings
+
+        return EvalSettings(max_new_tokens=self.eval_max_new_tokens, batch_size=self.eval_batch_size,
+                            max_prompts=self.max_eval_prompts, dtype=self.eval_dtype, device=self.eval_device,
+                            device_map=self.eval_device_map, gpus=self.eval_gpus, seed=self.seed,
+                            measure_baseline=False)
+
+
+class TuneConfig(TuneSettings):
+    """Search pruning sparsity x fine-tuning learning rate with Ray Tune + ASHA.
+
+    Each trial prunes the drafter (once per pruning point, cached under OUTPUT/pruned-cache),
+    fine-tunes it with the masks on a Ray Train TorchTrainer (loss reported to Tune every step,
+    so ASHA stops bad trials early), then measures MAL with speculative decoding on held-out
+    prompts and counts the drafter's MACs. Writes trials.json, tune_report.md, pareto.png and
+    the best drafter in OUTPUT/best/. A rerun restores an unfinished search (Tuner.restore).
+
+        sd2 tune --config jobs/configs/tiny-tune.yaml [--output O] [--num-samples N] [--max-concurrent C]
+    """
+
+    output: StoragePath = Field(..., description="output dir (local or s3://): trials, reports, best/ drafter")
+    target: StoragePath = Field(..., description="target model dir (local or s3://)")
+    drafter: StoragePath = Field(..., description="dense drafter to prune (local or s3://)")
+    data: StoragePath = Field(..., description="fine-tuning rows (distilled): JSONL/Parquet file or dir")
+    calibration: StoragePath | None = Field(None, description="pruning calibration rows (default: data)")
+    eval_prompts: StoragePath = Field(..., description="held-out prompt rows for measuring MAL (never "
+                                                       "trained on)")
+    num_speculative_tokens: int = Field(4, ge=1, le=32, description="draft tokens K per verification pass")
 
     @property
     def experiment_root(self) -> str:

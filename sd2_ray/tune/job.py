@@ -15,6 +15,8 @@ import logging
 import time
 from typing import Any
 
+from pydantic import ValidationError
+
 from sd2_ray import manifest, storage
 from sd2_ray.errors import ConfigError
 from sd2_ray.tune.config import TuneConfig
@@ -26,61 +28,35 @@ log = logging.getLogger(__name__)
 STAGE = "tune"
 
 
-KIT_PREFIX = "kit:"
-PATH_FIELDS = ("target", "drafter", "data", "calibration", "eval_prompts")
-
-
 def main(config: TuneConfig) -> dict[str, Any]:
     if manifest.is_complete(config.output) and not config.overwrite:
         log.info("tune: %s is complete, skipping (overwrite=true to redo)", config.output)
         return {"skipped": True, "trials": storage.read_json(storage.join(config.output, TRIALS_FILE))}
-    return run_tune(stage_data(resolve_kit_paths(config)))
+    return run_tune(stage_data(config.with_kit_paths()))
 
 
 def stage_data(config: TuneConfig) -> TuneConfig:
-    """JSONL training rows -> one Parquet file under OUTPUT/data (once), the distilled format.
-
-    Why: the fine-tuning stage reads JSONL with ``ray.data.read_json(..., filesystem=, lines=True)``,
-    which Ray 2.60 rejects; Parquet takes its other path. Calibration keeps the original file.
-    """
+    """Training rows that are not Parquet -> one Parquet file under OUTPUT/data (once), so every
+    trial's fine-tune reads it as it is instead of staging its own copy."""
+    from sd2_ray.finetune.trainer import stage_rows
     from sd2_ray.rows import data_files, read_rows
 
     if all(f.endswith(".parquet") for f in data_files(config.data)):
         return config
-    import pyarrow as pa
-
     staged = storage.join(config.output, "data", "train.parquet")
     if not storage.exists(staged) or config.overwrite:
         rows = read_rows(config.data)
-        storage.write_parquet(staged, pa.Table.from_pylist(rows))
+        stage_rows(rows, staged)
         log.info("tune: staged %d rows of %s as %s", len(rows), config.data, staged)
     return config.model_copy(update={"data": staged, "calibration": config.calibration or config.data})
-
-
-def resolve_kit_paths(config: TuneConfig) -> TuneConfig:
-    """``kit:target``, ``kit:drafter``, ``kit:train_prompts``, ``kit:eval_prompts`` -> the (built,
-    cached) model kit's parts, so a config runs on any machine without absolute paths."""
-    named = {f: getattr(config, f) for f in PATH_FIELDS if str(getattr(config, f) or "").startswith(KIT_PREFIX)}
-    if not named:
-        return config
-    from sd2_ray.kit import ensure_kit, kit_paths
-
-    parts = kit_paths(ensure_kit())
-    resolved = {}
-    for field, value in named.items():
-        part = value[len(KIT_PREFIX):]
-        if part not in parts:
-            raise ConfigError(f"field '{field}': unknown kit part '{part}' (one of {', '.join(parts)})")
-        resolved[field] = parts[part]
-    return config.model_copy(update=resolved)
 
 
 def check_inputs(config: TuneConfig) -> int:
     """Fail before starting Ray: every trial's prune/finetune config must validate and the
     paths must exist. Returns the number of trials."""
-    from sd2_ray.finetune.config import FinetuneConfig
+    from sd2_ray.config import format_validation_error
     from sd2_ray.prune.config import PruneConfig
-    from sd2_ray.tune.space import trial_epochs
+    from sd2_ray.tune.trial import finetune_config
 
     for field in ("target", "drafter", "data", "eval_prompts"):
         if not storage.exists(getattr(config, field)):
@@ -88,14 +64,10 @@ def check_inputs(config: TuneConfig) -> int:
     points = grid(config)
     for params in points:
         try:
-            PruneConfig.model_validate({**prune_fields(config, params), "output": "x"})
-            FinetuneConfig.model_validate({"workers": 1, **config.finetune, "model": "m", "data": "d",
-                                           "output": "o", "lr": params["lr"],
-                                           "epochs": trial_epochs(config, params)})
-        except ValueError as err:  # pydantic's ValidationError is a ValueError
-            first = err.errors()[0] if hasattr(err, "errors") else {"loc": (), "msg": str(err)}
-            where = ".".join(str(p) for p in first["loc"])
-            raise ConfigError(f"trial {params}: {where}: {first['msg']}") from None
+            PruneConfig.model_validate({**prune_fields(config, params), "output": config.output})
+            finetune_config(config, params, config.drafter, config.output)
+        except ValidationError as err:
+            raise ConfigError(f"trial {params}: {format_validation_error(err)}") from None
     return len(points) * config.num_samples
 
 

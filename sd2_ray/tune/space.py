@@ -53,19 +53,20 @@ def grid(config: TuneConfig) -> list[dict[str, Any]]:
 
 
 def trial_method(config: TuneConfig, params: dict[str, Any]) -> str:
-    return params.get("method") or config.prune.get("method", "sparsegpt")
+    return params.get("method") or config.prune.method
 
 
 def trial_epochs(config: TuneConfig, params: dict[str, Any]) -> int:
-    return int(params.get("epochs") or config.finetune.get("epochs", 1))
+    return int(params.get("epochs") or config.finetune.epochs)
 
 
 def prune_fields(config: TuneConfig, params: dict[str, Any]) -> dict[str, Any]:
     """Everything a trial's PruneConfig holds except its output (which is keyed by this)."""
     point = params["pruning"]
-    fields = {**config.prune, "model": config.drafter, "method": trial_method(config, params)}
+    fields = {**config.prune.model_dump(exclude_unset=True), "model": config.drafter,
+              "method": trial_method(config, params)}
     if fields["method"] != "magnitude":
-        fields.setdefault("calibration", config.calibration or config.data)
+        fields["calibration"] = config.calibration or config.data
     if point["pattern"] == UNSTRUCTURED:
         fields["sparsity"] = point["sparsity"]
     else:

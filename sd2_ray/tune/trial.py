@@ -84,7 +84,8 @@ def finetune_config(config: TuneConfig, params: dict[str, Any], pruned: str, tri
     reaches Tune unless the section says otherwise: ASHA decides at its rungs' steps."""
     from sd2_ray.finetune.config import FinetuneConfig
 
-    fields = {"workers": 1, "report_interval_s": 0.0, **config.finetune, "model": pruned, "data": config.data,
+    fields = {"workers": 1, "report_interval_s": 0.0, **config.finetune.model_dump(exclude_unset=True),
+              "model": pruned, "data": config.data,
               "output": storage.join(trial_dir, DRAFTER_SUBDIR), "lr": float(params["lr"]),
               "epochs": trial_epochs(config, params),
               "storage_path": storage.join(trial_dir, "checkpoints"), "run_name": DRAFTER_SUBDIR}
@@ -94,12 +95,11 @@ def finetune_config(config: TuneConfig, params: dict[str, Any], pruned: str, tri
 
 
 def checkpoint_eval_settings(config: TuneConfig, pruned: str) -> dict[str, Any]:
+    """What the checkpoint evals (on the Train controller) need, as plain data."""
+    settings = config.eval_settings().model_copy(update={"max_prompts": config.checkpoint_eval_prompts})
     return {"target": config.target, "drafter": pruned, "eval_prompts": config.eval_prompts,
-            "num_prompts": config.checkpoint_eval_prompts,
-            "num_speculative_tokens": config.num_speculative_tokens,
-            "max_new_tokens": config.eval_max_new_tokens, "batch_size": config.eval_batch_size,
-            "objective": config.objective, "seed": config.seed, "dtype": config.eval_dtype,
-            "device": config.eval_device, "device_map": config.eval_device_map, "gpus": config.eval_gpus}
+            "num_speculative_tokens": config.num_speculative_tokens, "objective": config.objective,
+            "eval": settings.to_dict()}
 
 
 def _finetune(config: TuneConfig, finetune, pruned: str):
@@ -114,17 +114,14 @@ def evaluate(config: TuneConfig, drafter: str) -> dict[str, Any]:
     """MAL, acceptance and MACs of the fine-tuned drafter on the held-out prompts (greedy)."""
     from sd2_ray.evaluate.core import evaluate_pair
     from sd2_ray.rows import read_rows
-
-    rows = read_rows(config.eval_prompts, limit=config.max_eval_prompts)
-    args = (config.target, drafter, rows, config.num_speculative_tokens)
-    kwargs = dict(max_new_tokens=config.eval_max_new_tokens, batch_size=config.eval_batch_size,
-                  dtype=config.eval_dtype, device=config.eval_device, device_map=config.eval_device_map,
-                  seed=config.seed, measure_baseline=False, progress=False)
-    # the trial's own process holds only CPUs (fine-tuning has its own workers); the target
-    # needs GPUs just for the eval, so they are taken for that task alone
     from sd2_ray.runtime import run_with_gpus
 
-    return run_with_gpus(evaluate_pair, config.eval_gpus, *args, **kwargs)
+    settings = config.eval_settings()
+    rows = read_rows(config.eval_prompts, limit=settings.max_prompts)
+    # the trial's own process holds only CPUs (fine-tuning has its own workers); the target
+    # needs GPUs just for the eval, so they are taken for that task alone
+    return run_with_gpus(evaluate_pair, settings.gpus, config.target, drafter, rows,
+                         config.num_speculative_tokens, settings, progress=False)
 
 
 def final_metrics(config: TuneConfig, params: dict[str, Any], report: dict[str, Any], summary: dict[str, Any],

@@ -6,7 +6,7 @@ import io
 from typing import Any
 
 from sd2_ray import storage
-from sd2_ray.pipeline_config import PipelineConfig
+from sd2_ray.pipeline.config import PipelineConfig
 
 ENTRY_KEYS = ("mean_accepted_length", "acceptance_rate", "per_position_acceptance", "drafter_macs_per_token",
               "drafter_dense_macs_per_token", "drafter_sparsity", "cost_coefficient", "predicted_speedup",

@@ -1,0 +1,226 @@
+"""One fine-tuning step and its pieces, as plain torch + DeepSpeed (no Ray): the schedule, the
+DeepSpeed config, the loss module DeepSpeed wraps, and the step itself.
+
+Devices: everything a step creates (batches, the counts it all-reduces, masks it compares) is
+made on the engine's device. Under NCCL a collective on a CPU tensor fails ("No backend type
+associated with device type cpu"), and a CPU batch fed to a CUDA model fails in the embedding.
+
+Memory: :class:`CausalLMLoss` never materialises full-vocabulary fp32 logits for the whole
+batch. It runs the decoder, then the LM head and the loss over chunks of positions, each chunk
+recomputed in the backward pass (activation checkpointing), so the logits held at any moment
+are ``chunk x vocab`` (a 128k vocabulary at 2048 positions would otherwise be 1 GB per row).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from typing import Any
+
+import torch
+
+from sd2_ray.finetune import data as D
+
+STATE_FILE = "train_state.json"
+
+
+# ---------------------------------------------------------------- schedule and DeepSpeed config
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str = "cosine", floor: float = 0.0) -> float:
+    """Multiplier of the peak lr for optimizer step ``step`` (0-based)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def merge_dicts(base: dict, overrides: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_dicts(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def zero_template(stage: int) -> dict:
+    """The package's DeepSpeed ZeRO-``stage`` template (``sd2_ray/finetune/deepspeed/``)."""
+    text = resources.files("sd2_ray.finetune").joinpath("deepspeed", f"zero{stage}.json").read_text()
+    return json.loads(text)
+
+
+def fill_deepspeed_config(base: dict, *, zero_stage: int, batch_size: int, micro_batch: int,
+                          grad_accum: int, grad_clip: float | None, optimizer: str, lr: float,
+                          weight_decay: float, overrides: dict | None = None) -> dict:
+    """A complete DeepSpeed config: the template's ``"auto"`` values filled from our config."""
+    ds = merge_dicts(base, overrides or {})
+    ds["train_batch_size"] = batch_size
+    ds["train_micro_batch_size_per_gpu"] = micro_batch
+    ds["gradient_accumulation_steps"] = grad_accum
+    ds["gradient_clipping"] = float(grad_clip or 0.0)
+    ds.setdefault("zero_optimization", {})["stage"] = zero_stage
+    if optimizer == "deepspeed_adamw":
+        ds["optimizer"] = {"type": "AdamW", "params": {"lr": lr, "weight_decay": weight_decay,
+                                                       "betas": [0.9, 0.999], "eps": 1e-8}}
+    else:
+        ds.pop("optimizer", None)
+    ds.pop("scheduler", None)  # the client cosine schedule is the one that is checkpointed
+    return ds
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on matrices, none on biases and norm weights (1-D)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved with every checkpoint so a restart continues, not restarts."""
+
+    step: int = 0            # optimizer steps done
+    epoch: int = 0           # current epoch
+    step_in_epoch: int = 0   # global batches of this epoch already trained on
+    samples: int = 0         # rows consumed over all workers
+    finished: bool = False
+    restarts: int = 0        # how many times this run resumed from a checkpoint
+    history: list[dict] = field(default_factory=list)  # per-step metrics (rank 0)
+
+    def save(self, directory: str) -> None:
+        import os
+
+        with open(os.path.join(directory, STATE_FILE), "w") as f:
+            json.dump(asdict(self), f)
+
+    @classmethod
+    def load(cls, directory: str) -> "TrainState":
+        import os
+
+        with open(os.path.join(directory, STATE_FILE)) as f:
+            return cls(**json.load(f))
+
+
+# ---------------------------------------------------------------- the loss module
+
+class CausalLMLoss(torch.nn.Module):
+    """What DeepSpeed trains: the HF causal LM (``.lm``, saved as the drafter) behind a forward
+    that returns the *summed* next-token cross-entropy over the labelled positions.
+
+    The decoder runs once; the LM head and the loss run per chunk of ``chunk_tokens`` positions
+    under activation checkpointing. Models whose logits are post-processed (soft-capping, a
+    logit scale) use their own forward instead, unchunked, so the loss is always the model's."""
+
+    def __init__(self, lm: torch.nn.Module, chunk_tokens: int = 1024):
+        super().__init__()
+        self.lm = lm
+        self.chunk_tokens = chunk_tokens
+        cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+        special = any(getattr(cfg, a, None) not in (None, 1.0) for a in ("final_logit_softcapping", "logit_scale"))
+        self.chunked = not special and hasattr(lm, "get_decoder") and lm.get_output_embeddings() is not None
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if not self.chunked:
+            logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            return D.token_loss_sum(logits, labels)
+        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                       use_cache=False).last_hidden_state
+        return chunked_loss_sum(hidden[:, :-1], labels[:, 1:], self.lm.get_output_embeddings(), self.chunk_tokens)
+
+
+def _chunk_loss(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
+    logits = head(hidden).float()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                             ignore_index=D.IGNORE_INDEX, reduction="sum")
+
+
+def chunked_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module,
+                     chunk_tokens: int) -> torch.Tensor:
+    """Summed cross-entropy of ``head(hidden)`` against ``labels`` (already shifted), computed
+    over chunks of positions with each chunk's logits recomputed in backward."""
+    from torch.utils.checkpoint import checkpoint
+
+    per_chunk = max(1, chunk_tokens // max(1, hidden.shape[0]))
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[1], per_chunk):
+        h, y = hidden[:, start:start + per_chunk], labels[:, start:start + per_chunk]
+        if not bool((y != D.IGNORE_INDEX).any()):
+            continue
+        total = total + checkpoint(_chunk_loss, h, y, head, use_reentrant=False)
+    return total
+
+
+# ---------------------------------------------------------------- one step
+
+def all_reduce(values: list[float], device: torch.device) -> list[float]:
+    """Sums over the ranks, on ``device`` (NCCL reduces CUDA tensors only)."""
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def engine_device(engine) -> torch.device:
+    """Where the engine's model computes (``engine.device`` for DeepSpeed engines)."""
+    device = getattr(engine, "device", None)
+    if device is not None:
+        return torch.device(device)
+    return next(engine.parameters()).device
+
+
+def train_step(engine, rows: list[dict], tokenizer, cfg: dict, rank: int, world: int) -> dict:
+    """One optimizer step on this worker's slice of a global batch; metrics over all workers."""
+    start = time.perf_counter()
+    device = engine_device(engine)
+    mine = D.rank_slice(rows, rank, world)
+    micro = [D.collate(D.encode_rows(chunk, tokenizer, cfg["seq_len"], cfg["response_field"]),
+                       tokenizer.pad_token_id)
+             for chunk in D.micro_batches(mine, cfg["grad_accum"])]
+    local_labels = sum(D.labelled_tokens(b["labels"]) for b in micro)
+    local_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+    step_labels, _ = all_reduce([local_labels, local_tokens], device)
+    # DeepSpeed divides by grad_accum and averages over ranks; undo both so the gradient is
+    # the mean over every labelled token of the global batch.
+    scale = world * cfg["grad_accum"] / max(step_labels, 1.0)
+    lr = engine.get_lr()[0]
+    loss_sum = 0.0
+    for batch in micro:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        summed = engine(**batch)
+        engine.backward(summed * scale)
+        engine.step()
+        loss_sum += summed.item()
+    total_loss, total_labels, total_tokens = all_reduce([loss_sum, local_labels, local_tokens], device)
+    elapsed = time.perf_counter() - start
+    return {"loss": total_loss / max(total_labels, 1.0), "lr": lr, "tokens": int(total_tokens),
+            "loss_tokens": int(total_labels), "step_time_s": elapsed,
+            "tokens_per_s": total_tokens / elapsed if elapsed > 0 else 0.0}
+
+
+def report_due(cfg: dict, step: int, total: int, last_report: float, world: int, device: torch.device) -> bool:
+    """Whether this step's metrics go to Ray Train. Every rank must decide alike (a report is a
+    collective), so the time gate is agreed on: rank 0's clock decides for everyone."""
+    if step % cfg["report_every"] or step >= total:
+        return False
+    interval = cfg.get("report_interval_s", 0.0)
+    if not interval:
+        return True
+    elapsed = time.monotonic() - last_report
+    if world > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            flag = torch.tensor([1.0 if elapsed >= interval else 0.0], dtype=torch.float64, device=device)
+            dist.broadcast(flag, src=0)
+            return bool(flag.item())
+    return elapsed >= interval

@@ -1,0 +1,92 @@
+"""``PipelineConfig``: the whole SD² run (``sd2 run``) composed of the stages' typed settings.
+
+A pipeline YAML has run-wide fields (models, prompts, output prefix, K) and one section per
+stage holding that stage's *settings* (``PruneSettings``, ``FinetuneSettings``, ...): the paths
+that chain the stages are not settings, so a section that names one is an unknown field,
+caught when the file is loaded. :mod:`sd2_ray.pipeline.chain` builds every stage's full config
+from these. Paths may name parts of the embedded model kit: ``kit:target``, ``kit:drafter``,
+``kit:drafter-uag``, ``kit:train_prompts``, ``kit:eval_prompts``.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import Field, field_validator, model_validator
+
+from sd2_ray.config import StageConfig, StoragePath
+from sd2_ray.distill.config import DistillSettings
+from sd2_ray.evaluate.config import EvalSettings
+from sd2_ray.finetune.config import FinetuneSettings
+from sd2_ray.prune.config import LayerPruneSettings, PruneSettings
+from sd2_ray.serve.config import ServeSettings
+from sd2_ray.tune.config import TuneSettings
+
+DRAFTERS = ("dense", "dense-sd", "layer-pruned-sd", "sd2", "sparse-sft", "uag")
+DrafterName = Literal["dense", "dense-sd", "layer-pruned-sd", "sd2", "sparse-sft", "uag"]
+
+
+class PipelineConfig(StageConfig):
+    """The SD² pipeline: distill -> prune -> fine-tune -> eval, with the paper's baselines side by
+    side (dense, dense-sd, layer-pruned-sd, sd2, sparse-sft, uag), a report, and optionally a
+    Ray Tune search and a served-pair smoke check. Each stage's output under `output` carries a
+    manifest; a rerun skips complete stages and resumes the first unfinished one.
+    """
+
+    output: StoragePath = Field(..., description="prefix for every stage's output, local or s3://")
+    target: StoragePath = Field("kit:target", description="target model dir (or kit:target)")
+    drafter: StoragePath = Field("kit:drafter", description="pretrained drafter base to prune (or kit:drafter)")
+    uag_drafter: Optional[StoragePath] = Field(
+        None, description="cross-family drafter with its own tokenizer (or kit:drafter-uag); needed "
+        "by the uag drafter")
+    train_prompts: StoragePath = Field("kit:train_prompts", description="prompts the target distils "
+                                                                        "(JSONL/Parquet)")
+    eval_prompts: StoragePath = Field("kit:eval_prompts", description="held-out prompts for eval")
+    num_speculative_tokens: int = Field(4, ge=1, le=32, description="draft tokens K, the same for every drafter")
+    drafters: Optional[list[DrafterName]] = Field(
+        None, description="drafters to build and evaluate (default: all of them; uag only when "
+        "uag_drafter is set)")
+    drop_layers: int | Literal["auto"] = Field(
+        "auto", description="layer-pruned baseline: blocks to drop; auto = the count whose MACs are "
+        "closest to the SD² drafter's")
+    serve_smoke: bool = Field(True, description="serve the SD² pair once and check one request")
+    serve_smoke_timeout_s: Optional[float] = Field(
+        None, gt=0, description="how long the smoke check waits for the served pair to be healthy; "
+        "default: 180 s plus 10 s per GB of target and drafter weights")
+    kit: dict[str, Any] = Field(default_factory=dict, description="model-kit overrides (kit: paths)")
+    distill: DistillSettings = Field(default_factory=DistillSettings, description="sd2 distill settings")
+    prune: PruneSettings = Field(default_factory=PruneSettings,
+                                 description="sd2 prune settings for the SD² drafter")
+    layer_prune: LayerPruneSettings = Field(
+        default_factory=LayerPruneSettings, description="calibration settings of the layer baseline "
+        "(device, num_gpus and num_cpus default to the prune section's)")
+    finetune: FinetuneSettings = Field(default_factory=FinetuneSettings,
+                                       description="sd2 finetune settings (every fine-tuned drafter)")
+    eval: EvalSettings = Field(default_factory=EvalSettings, description="sd2 eval settings")
+    tune: Optional[TuneSettings] = Field(None, description="sd2 tune settings; set to run a search too")
+    serve: ServeSettings = Field(default_factory=ServeSettings,
+                                 description="sd2 serve settings (the smoke check, `sd2 serve --config`)")
+
+    @field_validator("prune")
+    @classmethod
+    def _prune_is_sparse(cls, value: PruneSettings) -> PruneSettings:
+        if value.method == "layers":
+            raise ValueError("method 'layers' is the layer baseline (its settings are the "
+                             "layer_prune section); the SD² drafter needs sparsegpt, wanda or magnitude")
+        return value
+
+    @model_validator(mode="after")
+    def _uag_needs_its_drafter(self) -> "PipelineConfig":
+        if self.drafters is not None and "uag" in self.drafters and not self.uag_drafter:
+            raise ValueError("drafters: 'uag' needs uag_drafter (a cross-family drafter dir, or "
+                             "kit:drafter-uag)")
+        return self
+
+    @property
+    def drafter_names(self) -> list[str]:
+        """The drafters this run builds and evaluates, in report order."""
+        if self.drafters is not None:
+            return list(self.drafters)
+        return [d for d in DRAFTERS if d != "uag" or self.uag_drafter]
+
+    def kit_overrides(self) -> dict[str, Any]:
+        return dict(self.kit)

@@ -1,0 +1,120 @@
+"""``sd2 run``: the SD² pipeline as one job, with the paper's baselines side by side.
+
+Reads top to bottom: distill, prune (the sparse drafter and the layer baseline), fine-tune every
+drafter that needs it, evaluate all of them on the same prompts and K, search (optional),
+report, serve the SD² pair once. Every stage's config comes from :mod:`sd2_ray.pipeline.chain`
+(the one place that decides where artifacts live) and every stage skips an output whose
+manifest is complete, so rerunning after a crash resumes at the stage that failed.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from sd2_ray import manifest, storage
+from sd2_ray.pipeline.chain import FINETUNED, chain, drafter_dir, eval_root, out, pruned_dir
+from sd2_ray.pipeline.config import PipelineConfig
+
+log = logging.getLogger(__name__)
+STAGE = "run"
+
+
+class Pipeline:
+    def __init__(self, config: PipelineConfig):
+        self.config = config.with_kit_paths()
+        self.timings: dict[str, float] = {}
+
+    def timed(self, name: str, fn, *args, **kwargs):
+        began = time.perf_counter()
+        log.info("=== %s", name)
+        result = fn(*args, **kwargs)
+        self.timings[name] = round(time.perf_counter() - began, 2)
+        return result
+
+    def run(self) -> dict[str, Any]:
+        from sd2_ray.runtime import ensure_ray
+
+        config = self.config
+        ensure_ray()
+        config.save(config.output)
+        manifest.start(config.output, STAGE, drafters=config.drafter_names)
+        try:
+            self.timed("distill", self.distill)
+            drafter_dirs = self.build_drafters()
+            reports = self.timed("eval", self.evaluate, drafter_dirs)
+            if config.tune is not None:
+                self.timed("tune", self.tune)
+            summary = self.timed("report", self.report, reports)
+            if config.serve_smoke and "sd2" in drafter_dirs:
+                summary["serve_smoke"] = self.timed("serve_smoke", self.serve_smoke)
+        except BaseException as err:
+            manifest.fail(config.output, STAGE, f"{type(err).__name__}: {err}", timings=self.timings)
+            raise
+        manifest.complete(config.output, STAGE, timings=self.timings, report=out(config, "report", "report.json"))
+        return summary
+
+    # -- stages -----------------------------------------------------------------------------
+    def distill(self) -> None:
+        from sd2_ray.distill.job import main as distill_main
+
+        distill_main(chain(self.config, "distill"))
+
+    def build_drafters(self) -> dict[str, str]:
+        """Prune and fine-tune what the requested drafters need; {drafter name: model dir}."""
+        from sd2_ray.finetune.trainer import run_finetune
+        from sd2_ray.prune.job import run_prune
+
+        wanted = self.config.drafter_names
+        if {"sd2", "sparse-sft", "layer-pruned-sd"} & set(wanted):
+            self.timed("prune:sd2", run_prune, chain(self.config, "prune"))
+        if "layer-pruned-sd" in wanted:
+            self.timed("prune:layers", run_prune,
+                       chain(self.config, "layer_prune", drop_layers=self.layer_drop()))
+        for name in wanted:
+            if name in FINETUNED:
+                self.timed(f"finetune:{name}", run_finetune, chain(self.config, "finetune", name))
+        return {name: drafter_dir(self.config, name) for name in wanted}
+
+    def layer_drop(self) -> int:
+        """Blocks the layer baseline drops: as configured, or (auto) the count whose MACs match the
+        SD² drafter's; a finished baseline (reused on rerun) keeps the count it recorded."""
+        from sd2_ray.prune.layers import matching_layer_drop
+
+        if self.config.drop_layers != "auto":
+            return self.config.drop_layers
+        done = pruned_dir(self.config, "layers")
+        if manifest.is_complete(done):
+            return len(manifest.read(done)["dropped_blocks"])
+        return matching_layer_drop(self.config.drafter, pruned_dir(self.config, "sd2"))
+
+    def evaluate(self, drafter_dirs: dict[str, str]) -> dict[str, dict[str, Any]]:
+        from sd2_ray.evaluate.fanout import evaluate_drafters
+
+        configs = {name: chain(self.config, "eval", name) for name in drafter_dirs}
+        return evaluate_drafters(configs, eval_root(self.config))
+
+    def tune(self) -> None:
+        from sd2_ray.tune.job import main as tune_main
+
+        tune_main(chain(self.config, "tune"))
+
+    def report(self, reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        from sd2_ray.pipeline.report import write_pipeline_report
+
+        return write_pipeline_report(self.config, reports, out(self.config, "report"))
+
+    def serve_smoke(self) -> dict[str, Any]:
+        from sd2_ray.serve.smoke import serve_smoke
+
+        result = serve_smoke(chain(self.config, "serve", "sd2"), self.config.eval_prompts,
+                             self.config.serve_smoke_timeout_s)
+        storage.write_json(out(self.config, "serve_smoke.json"), result)
+        return result
+
+
+def main(config: PipelineConfig) -> dict[str, Any]:
+    summary = Pipeline(config).run()
+    print(summary.get("table", ""))
+    print(f"sd2 run: report at {storage.join(config.output, 'report', 'report.md')}")
+    return summary
