@@ -69,7 +69,7 @@ def local_cluster_address() -> str | None:
 
 def ensure_ray(num_cpus: int | None = None, attempts: int = 2):
     """``ray.init`` once: the cluster in ``RAY_ADDRESS`` (a submitted job), else a cluster started
-    by `ray start` on this machine (said so in the log), else a private local one on loopback.
+    by `ray start` on this machine (said so in the log), else a private local one.
 
     A local start is retried: on a saturated machine the raylet can miss Ray's fixed
     registration deadline, and a second start then usually succeeds.
@@ -85,13 +85,14 @@ def ensure_ray(num_cpus: int | None = None, attempts: int = 2):
                  " (started by `ray start` here; RAY_ADDRESS=local starts a private one instead)")
         ray.init(address=address, runtime_env=driver_runtime_env(), log_to_driver=True)
         return ray
-    # A private local cluster: token auth only gets in the way of the embedded default, and its
-    # ports need not be reachable from other machines.
+    # A private local cluster: token auth only gets in the way of the embedded default. (Its
+    # gRPC servers still listen on every interface: Ray 2.60 binds them to 0.0.0.0 whatever
+    # node IP it is given; the served HTTP endpoint binds to the configured host.)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     for attempt in range(1, attempts + 1):
         try:
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                     _node_ip_address="127.0.0.1", runtime_env=driver_runtime_env(), log_to_driver=True)
+                     runtime_env=driver_runtime_env(), log_to_driver=True)
             break
         except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception for this
             if "timed out during startup" not in str(err) or attempt == attempts:

@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -11,10 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from sd2_ray.serve.http import free_port  # noqa: E402  (one home; tests import it from here)
 
 
 @pytest.fixture(scope="session")
@@ -43,6 +44,24 @@ def s3_bucket(s3_server, monkeypatch):
     name = f"sd2-test-{uuid.uuid4().hex[:8]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     yield name
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The plain closing line CI reads: "N passed, N failed, N skipped" (errors count as failed)."""
+    stats = terminalreporter.stats
+    count = lambda *keys: sum(len(stats.get(k, [])) for k in keys)  # noqa: E731
+    terminalreporter.write_line(f"{count('passed')} passed, {count('failed', 'error')} failed, "
+                                f"{count('skipped')} skipped")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_down_after_module():
+    """A module that left Ray initialised must not hand its cluster (and that cluster's
+    environment and CPU count) to the next module of the same pytest process."""
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 @pytest.fixture(autouse=True)
@@ -88,3 +107,71 @@ def kit_dir():
     from sd2_ray.kit import ensure_kit
 
     return ensure_kit()
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports (held open together while they are chosen)."""
+    socks = [socket.socket() for _ in range(count)]
+    for sock in socks:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in socks]
+    for sock in socks:
+        sock.close()
+    return ports
+
+
+@pytest.fixture
+def cluster_env() -> dict:
+    """Environment the `job_server` cluster (its raylet, hence every job and worker) starts with;
+    a test module overrides this fixture to hand its jobs settings."""
+    return {}
+
+
+@pytest.fixture
+def job_server(cluster_env):
+    """A private single-node Ray cluster with a job server, on free ports only (other Ray
+    clusters on this machine hold the fixed default ports), stopped by its own process group."""
+    import signal
+    import tempfile
+    import time
+
+    import requests
+
+    temp_dir = tempfile.mkdtemp(prefix="sd2r-", dir="/tmp")  # Unix socket paths must stay short
+
+    gcs, dashboard, agent, agent_grpc, client, metrics, env_agent = free_ports(7)
+    cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--num-cpus=1",
+           f"--port={gcs}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
+           f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+           f"--ray-client-server-port={client}", f"--metrics-export-port={metrics}",
+           f"--runtime-env-agent-port={env_agent}", "--include-dashboard=true",
+           f"--temp-dir={temp_dir}"]
+    # A loaded 2-core machine starts the dashboard agent slowly; give it time to register.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_agent_register_timeout_ms": "180000",
+           **cluster_env}
+    env.pop("RAY_ADDRESS", None)
+    log = open(os.path.join(temp_dir, "ray-start.log"), "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if requests.get(f"{address}/api/version", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("ray start failed: " + Path(temp_dir, "ray-start.log").read_text()[-1500:])
+            time.sleep(1)
+        yield address
+        os.environ.pop("RAY_ADDRESS", None)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` stops its own processes
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)

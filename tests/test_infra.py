@@ -331,7 +331,7 @@ def unquote(value):
 
 def terraform_blocks() -> dict[str, dict]:
     """{block kind: {name: body}} over every .tf file, via python-hcl2 (a real HCL parser)."""
-    hcl2 = pytest.importorskip("hcl2")
+    import hcl2
     out: dict[str, dict] = {"resource": {}, "data": {}, "variable": {}, "output": {}}
     for path in sorted(TERRAFORM.glob("*.tf")):
         with path.open() as f:
@@ -473,66 +473,6 @@ def test_dockerfile_sanity():
 
 
 # --- the retry wrapper against a real Ray job server ------------------------------------------
-
-def free_ports(count: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(count)]
-    for sock in socks:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in socks]
-    for sock in socks:
-        sock.close()
-    return ports
-
-
-@pytest.fixture
-def job_server():
-    """A private single-node Ray cluster with a job server, on free ports only (other Ray
-    clusters on this machine hold the fixed default ports), stopped by its own process group."""
-    import signal
-    import tempfile
-    import time
-
-    import requests
-
-    temp_dir = tempfile.mkdtemp(prefix="sd2r-", dir="/tmp")  # Unix socket paths must stay short
-
-    gcs, dashboard, agent, agent_grpc, client, metrics, env_agent = free_ports(7)
-    cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--num-cpus=1",
-           f"--port={gcs}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
-           f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-           f"--ray-client-server-port={client}", f"--metrics-export-port={metrics}",
-           f"--runtime-env-agent-port={env_agent}", "--include-dashboard=true",
-           f"--temp-dir={temp_dir}"]
-    # A loaded 2-core machine starts the dashboard agent slowly; give it time to register.
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_agent_register_timeout_ms": "180000"}
-    env.pop("RAY_ADDRESS", None)
-    log = open(os.path.join(temp_dir, "ray-start.log"), "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if requests.get(f"{address}/api/version", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("ray start failed: " + Path(temp_dir, "ray-start.log").read_text()[-1500:])
-            time.sleep(1)
-        yield address
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` stops its own processes
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
 
 @pytest.mark.slow
 @pytest.mark.ray

@@ -176,14 +176,11 @@ def test_finetune_driver_check_fetches_masks_not_weights(tiny_model_dir, s3_buck
 
 
 def test_serve_input_check_validates_s3_models_from_their_listing(kit_dir, s3_target, s3_bucket, tmp_path):
-    import socket
-
     from sd2_ray.serve.config import ServeConfig
+    from sd2_ray.serve.http import free_port
     from sd2_ray.serve.job import check_inputs
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     before = sorted(os.listdir(tmp_path / "cache" / "s3")) if (tmp_path / "cache" / "s3").exists() else []
     check_inputs(ServeConfig(target=s3_target, host="127.0.0.1", port=port))
     missing = f"s3://{s3_bucket}/models/no-drafter"

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -13,13 +12,9 @@ import time
 import httpx
 import pytest
 
+from sd2_ray.serve.http import free_port  # noqa: E402
+
 pytestmark = pytest.mark.ray
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _lines(proc) -> queue.Queue:
@@ -60,7 +55,7 @@ def pair(tmp_path_factory):
 def test_sd2_serve_subprocess_with_api_key(pair):
     import openai
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "sd2_ray.cli", "serve", "--target", pair[0], "--drafter", pair[1],

@@ -63,12 +63,7 @@ def server(pair):
         ray.shutdown()
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from sd2_ray.serve.http import free_port  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -70,3 +70,12 @@ def check_api_key(request: Request, api_key: Optional[str]) -> None:
 def queue_full(capacity: int) -> OpenAIError:
     return OpenAIError(f"server is at capacity ({capacity} requests running or queued); retry later",
                        status=503, type="service_unavailable", code="queue_full")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (for a server started next, on loopback)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]

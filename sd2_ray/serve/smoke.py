@@ -3,21 +3,15 @@ send one greedy chat request through the OpenAI route, read the acceptance count
 app down. Failures are one-line errors that say what to change."""
 from __future__ import annotations
 
-import socket
 import time
 from typing import Any
 
 from sd2_ray.errors import Sd2Error
 from sd2_ray.serve.config import ServeConfig
+from sd2_ray.serve.http import free_port
 
 BASE_TIMEOUT_S = 180.0
 SECONDS_PER_GB = 10.0  # loading weights from S3 and into the engine; 140 GB of 70B weights ~ 25 min
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def weights_gb(*model_dirs: str | None) -> float:

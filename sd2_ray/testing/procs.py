@@ -1,0 +1,39 @@
+"""Processes of this machine's Ray sessions, for tests that kill a worker the way a lost node or
+an OOM kill would (SIGKILL, no clean-up)."""
+from __future__ import annotations
+
+import os
+
+
+def our_raylet_pid() -> int:
+    """The raylet of the Ray this process is connected to (read by a task from its environment)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def raylet_pid() -> int:
+        return int(os.environ["RAY_RAYLET_PID"])
+
+    return ray.get(raylet_pid.remote())
+
+
+def ray_worker_pids(title: str, raylet_pid: int | None = None) -> list[int]:
+    """PIDs of Ray worker processes whose title contains ``title`` (Ray names them
+    ``ray::<Actor or task>``), only those of the given raylet's session when one is given:
+    other Ray sessions may run on the same machine."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+            if title not in cmdline or not cmdline.startswith("ray::"):
+                continue
+            if raylet_pid is not None:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if f"RAY_RAYLET_PID={raylet_pid}".encode() not in f.read().split(b"\0"):
+                        continue
+        except OSError:  # gone, or not ours to read
+            continue
+        pids.append(int(entry))
+    return pids
