@@ -24,5 +24,11 @@ pip install --quiet -e "$here[cpu,dev]"
 pip uninstall --quiet -y torchvision torchaudio torchcodec triton
 "$venv/bin/python" -c "import torch, ray, transformers, vllm, deepspeed" \
   || { echo "sd2 install: the stack does not import; see above" >&2; exit 1; }
+# DeepSpeed JIT-builds its CPU communication op on first use (1-2 min of g++ on 2 cores); a
+# build killed midway leaves a lock every later build waits on. Build it here, once, into this
+# venv's own folder (sd2 uses $venv/torch_extensions unless TORCH_EXTENSIONS_DIR is set).
+TORCH_EXTENSIONS_DIR="$venv/torch_extensions" DS_ACCELERATOR=cpu "$venv/bin/python" -c \
+  "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()" >/dev/null \
+  || { echo "sd2 install: building DeepSpeed's CPU op failed; see above" >&2; exit 1; }
 echo "$want" > "$stamp"
 echo "sd2 install: ready in $venv"

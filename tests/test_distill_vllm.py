@@ -12,7 +12,6 @@ from sd2_ray.distill import core
 from sd2_ray.distill.config import DistillConfig
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
-pytest.importorskip("vllm")
 
 
 @pytest.fixture(autouse=True)

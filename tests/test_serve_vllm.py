@@ -12,7 +12,6 @@ import socket
 import httpx
 import pytest
 
-pytest.importorskip("vllm")
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.ray]
 
 
