@@ -24,6 +24,7 @@ class Command:
     runner: str  # "module:function" taking the config
     help: str
     section: str  # the section of a pipeline YAML this command reads when given one
+    config_is_input: bool = False  # --config names the file the command works on, not its settings
 
 
 COMMANDS: dict[str, Command] = {
@@ -43,6 +44,9 @@ COMMANDS: dict[str, Command] = {
                      "OpenAI-compatible endpoint (Ray Serve) for target + drafter", "serve"),
     "run": Command("sd2_ray.pipeline.config:PipelineConfig", "sd2_ray.pipeline.run:main",
                    "the whole SD2 pipeline as one job, with baselines and a report", ""),
+    "plan": Command("sd2_ray.plan.config:PlanConfig", "sd2_ray.plan.job:main",
+                    "Ray resources and per-GPU memory of every stage, checked against --cluster", "",
+                    config_is_input=True),
 }
 DEBUG_ENV = "SD2_DEBUG"
 
@@ -76,6 +80,8 @@ def _add_command(sub: Any, name: str, cmd: Command) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="FILE.yaml", help="YAML config (local or s3://); flags override it")
     for field_name, field in _scalar_fields(config_cls).items():
+        if cmd.config_is_input and field_name == "config":
+            continue  # that is --config itself
         flag = "--" + field_name.replace("_", "-")
         desc = (field.description or "").rstrip(".").replace("%", "%%")  # argparse formats help with %
         if field.is_required():
@@ -133,6 +139,8 @@ def load_config(name: str, args: argparse.Namespace) -> Any:
     overrides = dict(parse_override(o) for o in env_overrides())
     overrides.update(_flag_values(args))
     overrides.update(dict(parse_override(o) for o in args.overrides))
+    if cmd.config_is_input:
+        return config_cls.load(None, {**overrides, **({"config": args.config} if args.config else {})})
     data = read_yaml(args.config) if args.config else {}
     if cmd.section and looks_like_pipeline(data, config_cls):
         # A pipeline YAML: this stage's section, chained to the others as `sd2 run` would.

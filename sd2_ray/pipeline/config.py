@@ -52,6 +52,10 @@ class PipelineConfig(StageConfig):
     serve_smoke_timeout_s: Optional[float] = Field(
         None, gt=0, description="how long the smoke check waits for the served pair to be healthy; "
         "default: 180 s plus 10 s per GB of target and drafter weights")
+    cluster: Optional[StoragePath] = Field(
+        None, description="Ray cluster launcher YAML or KubeRay manifest the run is planned against: "
+        "`sd2 run` checks every stage's resources and per-GPU memory against its node types first "
+        "(see `sd2 plan`)")
     kit: dict[str, Any] = Field(default_factory=dict, description="model-kit overrides (kit: paths)")
     distill: DistillSettings = Field(default_factory=DistillSettings, description="sd2 distill settings")
     prune: PruneSettings = Field(default_factory=PruneSettings,

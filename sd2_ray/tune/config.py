@@ -195,6 +195,8 @@ class TuneConfig(TuneSettings):
     eval_prompts: StoragePath = Field(..., description="held-out prompt rows for measuring MAL (never "
                                                        "trained on)")
     num_speculative_tokens: int = Field(4, ge=1, le=32, description="draft tokens K per verification pass")
+    cluster: Optional[StoragePath] = Field(None, description="cluster YAML `sd2 plan` checks the trials' "
+                                           "stages against")
 
     @property
     def experiment_root(self) -> str:
