@@ -53,9 +53,17 @@ def s3_endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
+def s3_timeout_s() -> float:
+    """Seconds one S3 request may take ($SD2_S3_TIMEOUT_S, default 30): an unreachable endpoint
+    fails in bounded time instead of retrying for minutes."""
+    return float(os.environ.get("SD2_S3_TIMEOUT_S", "30"))
+
+
 @lru_cache(maxsize=8)
-def _s3_filesystem(endpoint: str | None, region: str | None, key_id: str | None) -> pafs.S3FileSystem:
-    kwargs: dict[str, Any] = {}
+def _s3_filesystem(endpoint: str | None, region: str | None, key_id: str | None,
+                   timeout_s: float) -> pafs.S3FileSystem:
+    kwargs: dict[str, Any] = {"connect_timeout": min(timeout_s, 10.0), "request_timeout": timeout_s,
+                              "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3)}
     if endpoint:
         url = urlparse(endpoint)
         kwargs["endpoint_override"] = url.netloc or url.path
@@ -68,7 +76,7 @@ def _s3_filesystem(endpoint: str | None, region: str | None, key_id: str | None)
 def s3_filesystem() -> pafs.S3FileSystem:
     """The S3 filesystem for the current environment (endpoint, region, credentials)."""
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    return _s3_filesystem(s3_endpoint(), region, os.environ.get("AWS_ACCESS_KEY_ID"))
+    return _s3_filesystem(s3_endpoint(), region, os.environ.get("AWS_ACCESS_KEY_ID"), s3_timeout_s())
 
 
 def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
@@ -79,19 +87,39 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
 
-def exists(path: str) -> bool:
+@contextmanager
+def s3_errors(path: str) -> Iterator[None]:
+    """An S3 failure (no credentials, endpoint unreachable, access denied) as one line naming the
+    URL and the endpoint consulted; local errors pass through unchanged."""
+    try:
+        yield
+    except OSError as err:
+        if not is_s3(path) or isinstance(err, FileNotFoundError):
+            raise
+        from sd2_ray.errors import DataError
+
+        where = s3_endpoint() or "AWS's default endpoint"
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise DataError(f"{path}: S3 request failed (endpoint {where}; set AWS_ENDPOINT_URL and credentials, "
+                        f"or SD2_S3_TIMEOUT_S): {first}") from None
+
+
+def _kind(path: str):
     fs, inner = filesystem(path)
-    return fs.get_file_info(inner).type != pafs.FileType.NotFound
+    with s3_errors(path):
+        return fs.get_file_info(inner).type
+
+
+def exists(path: str) -> bool:
+    return _kind(path) != pafs.FileType.NotFound
 
 
 def is_file(path: str) -> bool:
-    fs, inner = filesystem(path)
-    return fs.get_file_info(inner).type == pafs.FileType.File
+    return _kind(path) == pafs.FileType.File
 
 
 def is_dir(path: str) -> bool:
-    fs, inner = filesystem(path)
-    return fs.get_file_info(inner).type == pafs.FileType.Directory
+    return _kind(path) == pafs.FileType.Directory
 
 
 def makedirs(path: str) -> None:
@@ -102,9 +130,10 @@ def makedirs(path: str) -> None:
 def list_files(path: str, suffix: str = "", recursive: bool = False) -> list[str]:
     """Sorted full paths (same scheme as ``path``) of the files under a directory."""
     fs, inner = filesystem(path)
-    if fs.get_file_info(inner).type != pafs.FileType.Directory:
+    if _kind(path) != pafs.FileType.Directory:
         return []
-    infos = fs.get_file_info(pafs.FileSelector(inner, recursive=recursive))
+    with s3_errors(path):
+        infos = fs.get_file_info(pafs.FileSelector(inner, recursive=recursive))
     out = []
     for info in infos:
         if info.type == pafs.FileType.File and info.path.endswith(suffix):
@@ -115,7 +144,7 @@ def list_files(path: str, suffix: str = "", recursive: bool = False) -> list[str
 def read_bytes(path: str) -> bytes:
     fs, inner = filesystem(path)
     try:
-        with fs.open_input_stream(inner) as f:
+        with s3_errors(path), fs.open_input_stream(inner) as f:
             return f.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such file") from None
@@ -140,7 +169,7 @@ def write_bytes(path: str, data: bytes) -> None:
     """Atomic write: readers see the old file, or the whole new one, never a prefix."""
     fs, inner = filesystem(path)
     if is_s3(path):
-        with fs.open_output_stream(inner) as f:  # one PUT: S3 publishes it whole or not at all
+        with s3_errors(path), fs.open_output_stream(inner) as f:  # one PUT: published whole or not at all
             f.write(data)
         return
     os.makedirs(os.path.dirname(inner), exist_ok=True)
@@ -221,9 +250,7 @@ def local_dir(path: str, include: Sequence[str] | None = None) -> str:
     if not is_dir(path):
         raise FileNotFoundError(f"{path}: no such directory")
     patterns = tuple(include) if include is not None else None
-    key_source = path.rstrip("/") + ("" if patterns is None else "\0" + "\0".join(patterns))
-    key = hashlib.sha256(key_source.encode()).hexdigest()[:16]
-    target = os.path.join(cache_root(), "s3", f"{basename(path)}-{key}")
+    target = cache_path(path, patterns)
     files = _listing(path, patterns)
     if _cache_is_fresh(files, target):
         return target
@@ -244,6 +271,14 @@ def local_dir(path: str, include: Sequence[str] | None = None) -> str:
 
 
 SOURCE_FILE = ".sd2-source.json"
+
+
+def cache_path(path: str, patterns: tuple[str, ...] | None = None) -> str:
+    """Where :func:`local_dir` keeps ``path``'s files on every node (same cache root, same place):
+    a process can name it before the files are there (e.g. for a server that downloads them)."""
+    key_source = path.rstrip("/") + ("" if patterns is None else "\0" + "\0".join(patterns))
+    key = hashlib.sha256(key_source.encode()).hexdigest()[:16]
+    return os.path.join(cache_root(), "s3", f"{basename(path)}-{key}")
 
 
 @contextmanager

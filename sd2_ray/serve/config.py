@@ -65,6 +65,13 @@ class ServeSettings(StageConfig):
         None, description="transformers engine: accelerate device_map for the target, e.g. 'auto' to "
                           "shard it over the replica's GPUs (set gpus_per_replica to match)")
     num_cpus_per_replica: float = Field(1.0, gt=0, description="CPUs reserved by each model replica")
+    accelerator: Literal["gpu", "cpu"] = Field(
+        "gpu", description="vllm engine: where each replica runs (decided here, never by probing the machine "
+        "that builds the app: a driver or head node has no GPU)")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm engine: GPUs per replica (one node: the "
+                                      "placement group is STRICT_PACK)")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm engine: share of each GPU's "
+                                          "memory vLLM may take (weights + KV cache)")
     gpus_per_replica: float = Field(0, ge=0, description="transformers engine: GPUs reserved by each "
                                                          "model replica (ray_actor_options num_gpus)")
     app_name: str = Field("sd2", description="Ray Serve application name")
@@ -83,7 +90,10 @@ class ServeSettings(StageConfig):
         if self.engine == "vllm":
             for name, default in (("device", "auto"), ("device_map", None), ("gpus_per_replica", 0)):
                 if getattr(self, name) != default:
-                    raise ValueError(f"{name} applies to engine 'transformers' (vLLM places the models itself)")
+                    raise ValueError(f"{name} applies to engine 'transformers' (vLLM places the models itself; "
+                                     "use accelerator and tensor_parallel_size)")
+            if self.accelerator == "cpu" and self.tensor_parallel_size != 1:
+                raise ValueError("tensor_parallel_size > 1 needs accelerator gpu")
             if self.speculative_disable_by_batch_size is not None:
                 raise ValueError("speculative_disable_by_batch_size applies to engine 'transformers' "
                                  "(vLLM 0.32's speculative_config has no such switch)")

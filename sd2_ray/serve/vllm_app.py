@@ -8,7 +8,6 @@ class but no extra routes, so its few assembly lines are mirrored in :func:`buil
 Imported only when ``engine: vllm`` (it imports vLLM through Ray LLM).
 """
 import json
-import os
 from typing import Any, Optional
 
 from fastapi import Request
@@ -70,35 +69,58 @@ class Sd2VllmIngress(OpenAiIngress):
                                                     "vllm:spec_decode_num_accepted_tokens, ..."}
 
 
-def _context_length(config: ServeConfig, target_dir: str) -> int:
+def context_length(config: ServeConfig) -> int:
+    """max_model_len: as configured, else the target's max_position_embeddings read from its
+    config.json (an s3:// target too, one small GET); a ConfigError when neither is there."""
     if config.max_model_len:
         return config.max_model_len
-    if storage.is_s3(target_dir):
-        return 2048
-    with open(os.path.join(target_dir, "config.json")) as f:
-        return int(json.load(f).get("max_position_embeddings") or 2048)
+    from sd2_ray.errors import ConfigError
+
+    try:
+        cfg = json.loads(storage.read_text(storage.join(config.target, "config.json")))
+        return int((cfg.get("text_config") or cfg)["max_position_embeddings"])
+    except Exception as err:  # noqa: BLE001 - one line naming the field, whatever the reason
+        raise ConfigError(f"field 'max_model_len': not set, and {config.target}/config.json gives no "
+                          f"max_position_embeddings ({type(err).__name__})") from None
 
 
-def _local_or_s3(path: str) -> str:
-    return path if storage.is_s3(path) else os.path.abspath(path)
+def drafter_source(config: ServeConfig) -> tuple[str | None, dict[str, Any]]:
+    """(the path vLLM loads the drafter from, the callback that puts it there). vLLM reads a draft
+    model from local disk only, and Ray Serve LLM downloads just the target: an s3:// drafter is
+    fetched on each replica's node, before the engine starts, into the cache path every node
+    shares (SD2_CACHE_DIR is passed to the replicas)."""
+    if not config.drafter or not storage.is_s3(config.drafter):
+        return config.drafter, {}
+    callback = {"callback_class": "sd2_ray.serve.vllm_callbacks:FetchDrafter",
+                "callback_kwargs": {"drafter": config.drafter}}
+    return storage.cache_path(config.drafter), callback
+
+
+def placement(config: ServeConfig) -> dict[str, Any]:
+    """One replica's placement group: tensor_parallel_size GPU bundles on one node, or CPUs."""
+    if config.accelerator == "cpu":
+        return {"bundles": [{"CPU": config.num_cpus_per_replica}]}
+    bundle = {"GPU": 1, "CPU": config.num_cpus_per_replica}
+    return {"bundles": [bundle] * config.tensor_parallel_size, "strategy": "STRICT_PACK"}
 
 
 def llm_config(config: ServeConfig) -> LLMConfig:
-    """Ray Serve LLM config: target as the model, drafter as vLLM's speculative draft model."""
-    import torch
-
-    target = _local_or_s3(config.target)
-    on_gpu = torch.cuda.is_available()
+    """Ray Serve LLM config: target as the model, drafter as vLLM's speculative draft model;
+    placement and engine settings from the config alone (this may run on a GPU-less head)."""
+    target = config.target
+    gpu = config.accelerator == "gpu"
     # our "auto" (bf16 on GPU, fp32 on CPU), not vLLM's (which turns fp32 weights into fp16)
-    dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
-    engine_kwargs: dict[str, Any] = {"dtype": dtype, "max_model_len": _context_length(config, target)}
-    if not on_gpu:
+    dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if gpu else "float32")
+    engine_kwargs: dict[str, Any] = {"dtype": dtype, "max_model_len": context_length(config),
+                                     "tensor_parallel_size": config.tensor_parallel_size}
+    if gpu:
+        engine_kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+    else:
         engine_kwargs["enforce_eager"] = True  # torch.compile costs ~45 s of start-up on CPU
-    speculative = None
-    if config.drafter:
-        speculative = {"model": _local_or_s3(config.drafter),
-                       "num_speculative_tokens": config.num_speculative_tokens}
-        engine_kwargs["speculative_config"] = speculative
+    drafter, callback = drafter_source(config)
+    if drafter:
+        engine_kwargs["speculative_config"] = {"model": drafter,
+                                               "num_speculative_tokens": config.num_speculative_tokens}
     source: Any = {"bucket_uri": target} if storage.is_s3(target) else target
     deployment: dict[str, Any] = {"max_ongoing_requests": config.max_batch_size + config.max_queued_requests,
                                   "max_queued_requests": config.max_queued_requests}
@@ -107,9 +129,12 @@ def llm_config(config: ServeConfig) -> LLMConfig:
         deployment["autoscaling_config"] = autoscaling
     else:
         deployment["autoscaling_config"] = {"min_replicas": config.replicas, "max_replicas": config.replicas}
-    kwargs: dict[str, Any] = {}
-    if not on_gpu:
-        kwargs["placement_group_config"] = {"bundles": [{"CPU": config.num_cpus_per_replica}]}
+    from sd2_ray.runtime import worker_env
+
+    kwargs: dict[str, Any] = {"placement_group_config": placement(config),
+                              "runtime_env": {"env_vars": worker_env()}}
+    if callback:
+        kwargs["callback_config"] = callback
     return LLMConfig(model_loading_config={"model_id": config.served_model_name, "model_source": source},
                      engine_kwargs=engine_kwargs, deployment_config=deployment, **kwargs)
 
