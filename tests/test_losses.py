@@ -162,3 +162,85 @@ def test_one_hot_target_with_full_support_stays_finite():
         total = loss_sum(logits, batch, LossSpec(kind=kind)).total
         total.backward()
         assert torch.isfinite(total) and bool(torch.isfinite(logits.grad).all())
+
+
+# ---------------------------------------------------------------- rows -> batches, config checks
+
+def char_tok():
+    from sd2_ray.specdec.testing import char_tokenizer
+
+    return char_tokenizer()
+
+
+def distilled_row(tok, prompt="ab", answer="cde", k=3, stop=True):
+    ids = tok(answer, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if stop else [])
+    topk = [[t] + [(t + j) % 50 + 3 for j in range(1, k)] for t in ids]
+    logprobs = [[-0.1 * (j + 1) - 0.01 * i for j in range(k)] for i in range(len(ids))]
+    return {"id": "r", "prompt": prompt, "response": answer, "response_ids": ids, "topk_ids": topk,
+            "topk_logprobs": logprobs}
+
+
+def test_rows_with_ids_train_on_them_with_aligned_top_k():
+    tok = char_tok()
+    row = distilled_row(tok, stop=False)  # a length-cut answer: no EOS is invented
+    ex = D.encode_row(row, tok, seq_len=64, use_ids=True)
+    prompt = tok("ab", add_special_tokens=False)["input_ids"]
+    assert ex.input_ids == prompt + row["response_ids"] and ex.topk_start == len(prompt)
+    assert ex.labels == [D.IGNORE_INDEX] * len(prompt) + row["response_ids"]
+    assert ex.topk_ids.tolist() == row["topk_ids"]
+    text = D.encode_row(row, tok, seq_len=64)  # default: the text path, EOS appended, no top-k
+    assert text.topk_ids is None and text.input_ids[-1] == tok.eos_token_id
+    cut = D.encode_row(distilled_row(tok, answer="cdefgh"), tok, seq_len=6, use_ids=True)
+    assert len(cut.input_ids) == 6 and cut.topk_ids.shape[0] == 6 - cut.topk_start
+    assert cut.topk_ids[:, 0].tolist() == cut.input_ids[cut.topk_start:]
+    bad = {**row, "topk_ids": row["topk_ids"][:-1]}
+    with pytest.raises(D.DataError, match="one list per response id"):
+        D.encode_row(bad, tok, 64, use_ids=True)
+
+
+def test_collate_pads_top_k_with_a_mask_and_rows_without_it_still_train_ce():
+    tok = char_tok()
+    plain = {"id": "p", "prompt": "xyz", "response": "hello"}
+    rows = [distilled_row(tok), plain, {**distilled_row(tok, "q", "rs"), "response_ids": None}]
+    batch = D.collate(D.encode_rows(rows, tok, 64, use_ids=True), tok.pad_token_id)
+    mask = batch["topk_mask"]
+    assert batch["topk_ids"].shape[:2] == batch["labels"].shape and batch["topk_ids"].shape[2] == 3
+    assert mask[0].sum() == len(rows[0]["response_ids"]) and not mask[1:].any()
+    assert bool((batch["topk_ids"][0][mask[0]][:, 0] == batch["labels"][0][mask[0]]).all())
+    logits = torch.randn(*batch["labels"].shape, len(tok), requires_grad=True)
+    kd = loss_sum(logits, batch, LossSpec(kind="tvd", ce_weight=1.0))
+    assert kd.kd_tokens == len(rows[0]["response_ids"]) and kd.ce_tokens == D.labelled_tokens(batch["labels"])
+    ce_only = D.collate(D.encode_rows([plain], tok, 64, use_ids=True), tok.pad_token_id)
+    assert "topk_ids" not in ce_only
+    assert loss_sum(logits[1:2, :ce_only["labels"].shape[1]], ce_only, LossSpec()).ce_tokens > 0
+
+
+def finetune_config(**fields):
+    from sd2_ray.finetune.config import FinetuneConfig
+
+    return FinetuneConfig.load(overrides={"model": "M", "data": "D", "output": "O", **fields})
+
+
+def test_check_loss_data_fails_with_one_line_naming_the_field():
+    from sd2_ray.errors import ConfigError
+    from sd2_ray.finetune.config import TOPK_COLUMNS, check_loss_data
+
+    plain = ["id", "prompt", "response", "response_ids"]
+    check_loss_data(finetune_config(), plain)  # ce needs nothing more
+    check_loss_data(finetune_config(loss="fkl"), plain + list(TOPK_COLUMNS))
+    cases = [(finetune_config(loss="fkl"), plain, "field 'loss'"),
+             (finetune_config(loss="tvd", use_response_ids=False), plain + list(TOPK_COLUMNS),
+              "field 'use_response_ids'"),
+             (finetune_config(loss="jsd", response_field="reference"), plain + list(TOPK_COLUMNS),
+              "field 'response_field'"),
+             (finetune_config(select_by="expected_mal", eval_every=10), plain, "field 'select_by'")]
+    for config, columns, field in cases:
+        with pytest.raises(ConfigError, match=field) as err:
+            check_loss_data(config, columns)
+        assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="eval_every"):
+        finetune_config(select_by="expected_mal")
+    with pytest.raises(ConfigError, match="field 'loss'"):
+        finetune_config(loss="kl")
+    spec = LossSpec.from_config(finetune_config(loss="rkl", ce_weight=0.2, kd_temperature=0.7))
+    assert (spec.kind, spec.ce_weight, spec.compare_temperature, spec.needs_topk) == ("rkl", 0.2, 0.7, True)

@@ -1,12 +1,17 @@
 """Config of ``sd2 finetune``: masked sparse fine-tuning on Ray Train + DeepSpeed ZeRO."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 from pydantic import Field, model_validator
 
 from sd2_ray import storage
 from sd2_ray.config import StageConfig
+from sd2_ray.errors import ConfigError
+
+# Distilled-row columns the distillation losses and the acceptance metric read
+# (written by `sd2 distill` with logprobs_top_k > 0; see sd2_ray.distill.core).
+TOPK_COLUMNS = ("response_ids", "topk_ids", "topk_logprobs")
 
 
 class FinetuneConfig(StageConfig):
@@ -70,6 +75,30 @@ class FinetuneConfig(StageConfig):
     use_gpu: bool = Field(False, description="GPU workers with nccl (a cluster); false: CPU + gloo")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per Ray Train worker")
     overwrite: bool = Field(False, description="redo a complete output and drop its checkpoints")
+    loss: Literal["ce", "fkl", "rkl", "jsd", "tvd"] = Field(
+        "ce", description="ce: cross-entropy on the distilled tokens (SD2); fkl / rkl / jsd / tvd: forward KL, "
+        "reverse KL, Jensen-Shannon or total variation to the target's stored top-k distribution (needs "
+        "data distilled with logprobs_top_k > 0; see sd2_ray/finetune/losses.py)")
+    ce_weight: float = Field(0.0, ge=0, description="weight of a cross-entropy term added to a divergence "
+                                                    "loss: loss = divergence + ce_weight x ce (ignored for ce)")
+    kd_temperature: float = Field(
+        0.0, ge=0, description="serving temperature the drafter's and target's distributions are compared at "
+        "(losses and acceptance); 0 = greedy serving: divergences at temperature 1, acceptance = argmax agreement")
+    loss_chunk_tokens: int = Field(1024, ge=1, description="labelled positions per loss chunk (the fp32 "
+                                                           "vocabulary-wide tensors exist for one chunk at a time)")
+    use_response_ids: bool = Field(
+        True, description="train on the target's own token ids (column response_ids) when rows have them, "
+        "instead of re-tokenising the response text; needs the target's tokenizer (false for another family)")
+    eval_every: int | None = Field(
+        None, ge=1, description="every N optimizer steps, score held-out rows teacher-forced: loss, acceptance "
+        "alpha and expected MAL at num_speculative_tokens (sd2_ray/finetune/acceptance.py); none = off")
+    eval_rows: int = Field(32, ge=1, description="distilled rows held out of training for eval_every "
+                                                 "(the last rows of the data, in file order)")
+    num_speculative_tokens: int = Field(4, ge=1, description="K of the expected MAL reported by eval_every")
+    select_by: Literal["loss", "expected_mal"] = Field(
+        "loss", description="checkpoint published as the drafter: loss = lowest held-out loss at an "
+        "eval_every check (the last step when eval_every is off); expected_mal = highest held-out expected "
+        "MAL (needs eval_every and top-k rows)")
 
     @model_validator(mode="after")
     def _check_batch(self) -> "FinetuneConfig":
@@ -77,6 +106,12 @@ class FinetuneConfig(StageConfig):
         if self.batch_size % per_step:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of workers x grad_accum "
                              f"= {per_step} (the global batch stays the same for any worker count)")
+        return self
+
+    @model_validator(mode="after")
+    def _check_selection(self) -> "FinetuneConfig":
+        if self.select_by == "expected_mal" and self.eval_every is None:
+            raise ValueError("select_by expected_mal needs eval_every (held-out acceptance is measured then)")
         return self
 
     @property
@@ -92,3 +127,26 @@ class FinetuneConfig(StageConfig):
 
     def checkpoint_run_dir(self) -> str:
         return storage.join(self.checkpoint_root(), self.checkpoint_run_name())
+
+
+def check_loss_data(config: FinetuneConfig, columns: Iterable[str]) -> None:
+    """Raise a one-line ConfigError naming the field when the configured loss or checkpoint
+    selection cannot run on data with these columns (e.g. the Parquet schema's names): called
+    before training starts, so a mismatch never surfaces mid-run."""
+    have = set(columns)
+    missing = [c for c in TOPK_COLUMNS if c not in have]
+    needs = []
+    if config.loss != "ce":
+        needs.append(("loss", f"loss {config.loss}"))
+    if config.select_by == "expected_mal":
+        needs.append(("select_by", "select_by expected_mal"))
+    for field, what in needs:
+        if missing:
+            raise ConfigError(f"field '{field}': {what} needs the target's top-k log-probs, but the data "
+                              f"has no column {', '.join(missing)} (distil with logprobs_top_k > 0)")
+        if not config.use_response_ids:
+            raise ConfigError(f"field 'use_response_ids': {what} needs it true (the top-k are aligned "
+                              "with the target's token ids)")
+        if config.response_field != "response":
+            raise ConfigError(f"field 'response_field': {what} needs 'response' (the top-k belong to the "
+                              f"distilled response, not '{config.response_field}')")
