@@ -240,6 +240,17 @@ def vllm_processor(model_dir: str, config, eos_ids: list[int]):
     downloads a remote ``model_source`` itself in each actor (``download_model_files`` ->
     a boto3 client, which honours AWS_ENDPOINT_URL[_S3]; a per-node file lock, cached under
     the node's model cache), so the driver never fetches the weights.
+
+    Top-k (``logprobs_top_k``): ``SamplingParams(logprobs=k)``. Ray 2.60's vLLM stage copies
+    ``output.outputs[0].logprobs`` into the row as ``logprobs`` (``vLLMOutputData``: one
+    ``{token_id: {logprob, rank, decoded_token}}`` per generated token, k entries plus the
+    sampled token when it is not among them); vLLM's default ``logprobs_mode=raw_logprobs``
+    makes them the temperature-1 log-softmax of the raw logits, as the transformers engine
+    stores. The int-keyed dicts do not convert to Arrow, so Ray Data pickles the stage's
+    ``__data`` column between the engine and our postprocess (it logs "Failed to convert
+    column '__data' ... falling back to serialize as pickled python objects"); the postprocess
+    (:func:`vllm_result`) turns them into the plain ``topk_ids`` / ``topk_logprobs`` list
+    columns, so everything downstream is Arrow again.
     """
     import os
 
