@@ -124,8 +124,9 @@ def test_udf_rows_and_the_parquet_row_contract(pair, tmp_path):
     assert schema.field("topk_ids").type.value_type.value_type == pa.int32()  # list<list<int32>>
     assert schema.field("topk_logprobs").type.value_type.value_type == pa.float32()
     back = core.read_distilled(str(tmp_path), include_failed=True)
-    assert back[0]["response_ids"] == out["response_ids"][0] and back[0]["topk_ids"] == out["topk_ids"][0]
-    assert np.allclose(back[0]["topk_logprobs"], out["topk_logprobs"][0])
+    assert back[0]["response_ids"] == out["response_ids"][0]
+    assert back[0]["topk_ids"] == out["topk_ids"][0].to_pylist()
+    assert np.allclose(back[0]["topk_logprobs"], out["topk_logprobs"][0].to_pylist())
     assert back[1]["response_ids"] is None and back[1]["topk_ids"] is None
     assert "topk_ids" not in core.output_schema(0).names and "response_ids" in core.output_schema(0).names
 
@@ -169,7 +170,8 @@ def test_on_policy_udf_scores_the_drafters_continuation_with_the_target(pair):
     assert out["response_ids"] != [o.response_ids for o in udf.engine.generate_scored(prompts, 8)]
     for prompt, ids, topk, values in zip(prompts, out["response_ids"], out["topk_ids"], out["topk_logprobs"]):
         want_ids, want_values = direct_topk(udf.engine.model, prompt, ids, K)  # the *target's* scores
-        assert (np.array(topk) == want_ids).all() and np.allclose(values, want_values, atol=1e-4)
+        assert (np.array(topk.to_pylist()) == want_ids).all()
+        assert np.allclose(values.to_pylist(), want_values, atol=1e-4)
     request = core.Request(0, 0, "a", None, "the cat", None, "the cat", prompts[0])
     row = core.result_row(request, core.Generated(0, "x", "stop", 1), "on-policy", False)
     assert row["source"] == "drafter"

@@ -173,12 +173,24 @@ def generated_of(index: int, text: str, output: EngineOutput) -> Generated:
 
 
 def token_columns(generated: list[Generated], top_k: int) -> dict[str, list]:
-    """The token-level result columns as plain nested lists (Arrow list<list<...>> in Ray Data)."""
+    """The token-level result columns. Top-k cells are one Arrow list<value> array per row
+    (empty for a failed row): Ray Data stacks a column of Arrow arrays into list<list<...>>
+    without a Python object per value (nested Python lists cost ~6 % of generation time)."""
     out: dict[str, list] = {"response_ids": [g.token_ids for g in generated]}
     if top_k:
-        out["topk_ids"] = [None if g.topk_ids is None else g.topk_ids.tolist() for g in generated]
-        out["topk_logprobs"] = [None if g.topk_logprobs is None else g.topk_logprobs.tolist() for g in generated]
+        out["topk_ids"] = [row_list_array(g.topk_ids, top_k, "int32") for g in generated]
+        out["topk_logprobs"] = [row_list_array(g.topk_logprobs, top_k, "float32") for g in generated]
     return out
+
+
+def row_list_array(matrix, k: int, dtype: str):
+    """An (n, k) matrix (None: no rows) as an Arrow list<dtype> array of n lists of k values."""
+    import numpy as np
+    import pyarrow as pa
+
+    values = np.zeros(0, dtype=dtype) if matrix is None else np.ascontiguousarray(matrix, dtype=dtype).ravel()
+    offsets = np.arange(0, len(values) + 1, k, dtype=np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 
 ACTOR_PID_DIR_ENV = "SD2_DISTILL_ACTOR_PID_DIR"

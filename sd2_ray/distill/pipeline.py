@@ -88,6 +88,8 @@ def _matrix(value: Any, dtype: str, k: int):
         return None
     if len(value) == 0:
         return np.zeros((0, k), dtype=dtype)
+    if hasattr(value, "flatten"):  # an Arrow list array (a UDF's cell before Ray Data stacks it)
+        return value.flatten().to_numpy(zero_copy_only=False).astype(dtype).reshape(-1, k)
     return np.stack([np.asarray(v, dtype=dtype) for v in value])
 
 
