@@ -31,8 +31,9 @@ class DistillConfig(StageConfig):
       topk_logprobs  list<list<float32>>: their log-probabilities at temperature 1 (raw
                      logits' log-softmax, most likely first; see sd2_ray/distill/scoring.py)
     Size per response token, Arrow in memory: 4 (response id) + 8k (k ids + k values) + 8
-    (two inner-list offsets) bytes = 172 B at k = 20 (vs ~4-5 B of text); Parquet's
-    compression brings that down on disk (bench/bench_distill.py prints the measured figure).
+    (two inner-list offsets) bytes = 172 B at k = 20 (vs ~4-5 B of text). On disk Parquet
+    saves little (float log-probs hardly compress): 137 B per token more than without top-k at
+    k = 20 on the kit (154 vs 16 B per token for the whole row; bench/bench_distill.py).
     """
 
     target: str = Field(..., description="target model: HF directory, local path or s3:// prefix")
