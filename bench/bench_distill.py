@@ -1,7 +1,12 @@
 """Distillation throughput: Ray Data actor pool (1 vs 2 actors) vs a plain single-process batched
-``generate`` loop over the same prompts, on the model kit's target.
+``generate`` loop over the same prompts, on the model kit's target; and the cost of storing the
+target's top-k log-probs (2 actors, ``logprobs_top_k`` 0 vs K, alternated ``--repeats`` times in
+the same run, best steady rate of each kept), with the stored bytes per response token, and the
+same comparison inside one engine actor's callable in this process, timed in CPU seconds
+(``time.process_time``: far less sensitive than wall time to other load on the machine).
 
-    python bench/bench_distill.py [--rows 192] [--max-new-tokens 48] [--batch-size 16]
+    python bench/bench_distill.py [--rows 192] [--max-new-tokens 48] [--batch-size 16] [--topk 20]
+                                  [--repeats 2] [--topk-only]
 
 Fairness on a 2-core box: each actor gets 1 torch thread; the baseline process gets 2. Steady
 throughput counts rows after the first shard/batch (model loading and actor start excluded);
@@ -20,6 +25,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 GOAL_ACTORS, GOAL_BASELINE = 1.8, 1.0
+GOAL_TOPK_SLOWDOWN = 0.15  # storing top-20 may cost at most 15 % of steady tokens/s
 
 
 def load_requests(target: str, rows: list[dict], batch_size: int):
@@ -54,21 +60,56 @@ def run_baseline(target: str, requests, max_new_tokens: int, batch_size: int, th
     return steady(marks, started)
 
 
-def run_ray(target: str, requests, max_new_tokens: int, batch_size: int, actors: int) -> dict:
+def run_ray(target: str, requests, max_new_tokens: int, batch_size: int, actors: int, top_k: int = 0) -> dict:
+    """The distill job's path: actor pool, shards handed back, each shard's table built as the
+    job writes it (Parquet serialised in memory, so its size is measured, not the disk)."""
+    from sd2_ray.distill import core
     from sd2_ray.distill.config import DistillConfig
     from sd2_ray.distill.pipeline import generate_shards
 
     config = DistillConfig(target=target, prompts="-", output="-", actors=actors, batch_size=batch_size,
-                           shard_size=batch_size, max_new_tokens=max_new_tokens, torch_threads=1)
-    marks = []
+                           shard_size=batch_size, max_new_tokens=max_new_tokens, torch_threads=1,
+                           logprobs_top_k=top_k)
+    marks, sizes = [], {"arrow_bytes": 0, "parquet_bytes": 0, "stored_tokens": 0}
 
     def on_shard(shard, answered):
+        table = core.result_table([core.result_row(r, g, "generate", False) for r, g in answered], top_k)
+        sizes["arrow_bytes"] += table.nbytes
+        sizes["parquet_bytes"] += parquet_size(table)
+        sizes["stored_tokens"] += sum(len(g.token_ids or []) for _, g in answered)
         marks.append((time.perf_counter(), len(answered), sum(g.response_tokens for _, g in answered)))
 
     eos = target_eos_ids(target)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     generate_shards(requests, target, config, eos, on_shard)
-    return steady(marks, started)
+    return {**steady(marks, started), **sizes, "driver_cpu_s": time.process_time() - cpu}
+
+
+def run_udf_cpu(target: str, requests, max_new_tokens: int, batch_size: int, top_k: int) -> dict:
+    """CPU seconds of one engine actor's callable (generation + result columns) over the rows."""
+    from sd2_ray.distill.engines import TransformersBatchUDF
+
+    settings = {"max_new_tokens": max_new_tokens, "temperature": 0.0, "top_p": 1.0, "seed": 0,
+                "dtype": "float32", "device": "cpu", "torch_threads": 1, "logprobs_top_k": top_k}
+    udf = TransformersBatchUDF(target, settings)
+    cpu, tokens = time.process_time(), 0
+    for lo in range(0, len(requests), batch_size):
+        part = requests[lo:lo + batch_size]
+        out = udf({"index": [r.index for r in part], "shard": [0] * len(part),
+                   "prompt_ids": [r.prompt_ids for r in part]})
+        tokens += sum(out["response_tokens"])
+    seconds = time.process_time() - cpu
+    return {"top_k": top_k, "cpu_s": seconds, "tokens": tokens, "tokens_per_cpu_s": tokens / seconds}
+
+
+def parquet_size(table) -> int:
+    import io
+
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf)  # as storage.write_parquet writes shards
+    return len(buf.getvalue())
 
 
 def target_eos_ids(target: str) -> list[int]:
@@ -82,6 +123,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=192)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--topk", type=int, default=20, help="logprobs_top_k of the comparison (0: skip it)")
+    parser.add_argument("--repeats", type=int, default=2, help="alternated off/on runs of the top-k comparison")
+    parser.add_argument("--topk-only", action="store_true", help="only the top-k comparison")
     args = parser.parse_args()
 
     from sd2_ray.kit import ensure_kit, kit_paths
@@ -93,17 +137,62 @@ def main() -> None:
     target = kit_paths(kit)["target"]
     rows = read_rows(kit_paths(kit)["train_prompts"])[:args.rows]
     requests = load_requests(target, rows, args.batch_size)
-    results = {
-        "baseline_1proc_2threads": run_baseline(target, requests, args.max_new_tokens, args.batch_size, 2),
-        "ray_1_actor": run_ray(target, requests, args.max_new_tokens, args.batch_size, 1),
-        "ray_2_actors": run_ray(target, requests, args.max_new_tokens, args.batch_size, 2),
-    }
+    results = {}
+    if not args.topk_only:
+        results["baseline_1proc_2threads"] = run_baseline(target, requests, args.max_new_tokens, args.batch_size, 2)
+        results["ray_1_actor"] = run_ray(target, requests, args.max_new_tokens, args.batch_size, 1)
+        results["ray_2_actors"] = run_ray(target, requests, args.max_new_tokens, args.batch_size, 2)
+    topk_runs = []
+    for _ in range(args.repeats if args.topk else 0):  # alternated: load drifts hit both alike
+        for k in (0, args.topk):
+            topk_runs.append({"top_k": k, **run_ray(target, requests, args.max_new_tokens, args.batch_size, 2, k)})
     import ray
 
     ray.shutdown()
-    print_table(results, args)
+    udf_runs = [run_udf_cpu(target, requests, args.max_new_tokens, args.batch_size, k)
+                for _ in range(args.repeats if args.topk else 0) for k in (0, args.topk)]
+    if not args.topk_only:
+        print_table(results, args)
+    if topk_runs:
+        results["topk_comparison"] = print_topk(topk_runs, args)
+        results["topk_udf_cpu"] = print_udf_cpu(udf_runs, args)
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_distill.json"), "w") as f:
         json.dump({"args": vars(args), "results": results}, f, indent=2)
+
+
+def print_topk(runs: list[dict], args) -> dict:
+    """Best steady tokens/s of each setting, the slowdown, and bytes stored per response token."""
+    print(f"\nlogprobs_top_k 0 vs {args.topk}, 2 actors, {args.repeats} alternated runs each "
+          f"(rows={args.rows}, max_new_tokens={args.max_new_tokens})")
+    print(f"{'top_k':>5s} {'tokens/s':>9s} {'wall s':>7s} {'driver cpu s':>12s} {'arrow B/token':>13s} "
+          f"{'parquet B/token':>15s}")
+    for r in runs:
+        per = max(r["stored_tokens"], 1)
+        print(f"{r['top_k']:5d} {r['tokens_per_s']:9.1f} {r['wall_s']:7.1f} {r['driver_cpu_s']:12.2f} "
+              f"{r['arrow_bytes'] / per:13.1f} {r['parquet_bytes'] / per:15.1f}")
+    rates = {k: [r["tokens_per_s"] for r in runs if r["top_k"] == k] for k in (0, args.topk)}
+    best = {k: max(v) for k, v in rates.items()}
+    mean = {k: sum(v) / len(v) for k, v in rates.items()}
+    slowdown = 1.0 - best[args.topk] / best[0]
+    size = {k: [r for r in runs if r["top_k"] == k][0] for k in (0, args.topk)}
+    extra = {form: (size[args.topk][f"{form}_bytes"] - size[0][f"{form}_bytes"]) / max(size[0]["stored_tokens"], 1)
+             for form in ("arrow", "parquet")}
+    verdict = "met" if slowdown <= GOAL_TOPK_SLOWDOWN else "NOT met"
+    print(f"top-{args.topk} slowdown (best steady tokens/s): {100 * slowdown:.1f} %  "
+          f"goal <= {100 * GOAL_TOPK_SLOWDOWN:.0f} %: {verdict}  "
+          f"(mean of the runs: {100 * (1.0 - mean[args.topk] / mean[0]):.1f} %)")
+    print(f"top-{args.topk} adds {extra['arrow']:.1f} B/token in Arrow, {extra['parquet']:.1f} B/token in Parquet")
+    return {"runs": runs, "best_tokens_per_s": best, "mean_tokens_per_s": mean, "slowdown": slowdown,
+            "extra_bytes_per_token": extra}
+
+
+def print_udf_cpu(runs: list[dict], args) -> dict:
+    best = {k: max(r["tokens_per_cpu_s"] for r in runs if r["top_k"] == k) for k in (0, args.topk)}
+    listed = " / ".join(f"k={r['top_k']}: {r['tokens_per_cpu_s']:.0f}" for r in runs)
+    print(f"one engine actor's callable, in process: tokens per CPU second {listed}")
+    slowdown = 1.0 - best[args.topk] / best[0]
+    print(f"top-{args.topk} slowdown (best tokens per CPU s): {100 * slowdown:.1f} %")
+    return {"runs": runs, "best_tokens_per_cpu_s": best, "slowdown": slowdown}
 
 
 def print_table(results: dict, args) -> None:

@@ -206,3 +206,64 @@ def test_a_killed_engine_actor_is_restarted_and_every_row_arrives_once(kit_rows,
     assert final["totals"]["failed"] == 0
     ids = output_ids(out)
     assert ids == [r["id"] for r in rows]  # every row once, in input order
+
+
+def test_top_k_rows_on_ray_align_with_the_ids_and_feed_the_loss_check(kit_rows, target_dir, tmp_path):
+    """logprobs_top_k through the actor pool: Parquet list columns aligned with response_ids,
+    greedy top-1 = the token produced, and the fine-tune data check accepts the schema."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from sd2_ray.errors import ConfigError
+    from sd2_ray.finetune.config import FinetuneConfig, check_loss_data
+
+    rows = kit_rows[90:98]
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    out = str(tmp_path / "out")
+    final = main(DistillConfig(target=target_dir, prompts=prompts, output=out, actors=1, batch_size=4,
+                               shard_size=4, max_new_tokens=24, logprobs_top_k=5))
+    assert final["status"] == "complete" and final["logprobs_top_k"] == 5 and final["totals"]["rows_out"] == 8
+    result = core.read_distilled(out)
+    for r in result:
+        assert len(r["topk_ids"]) == len(r["topk_logprobs"]) == len(r["response_ids"])
+        assert len(r["response_ids"]) == r["response_tokens"] + (r["finish_reason"] == "stop")
+        assert [ids[0] for ids in r["topk_ids"]] == r["response_ids"]
+        assert all(len(lp) == 5 and lp == sorted(lp, reverse=True) for lp in r["topk_logprobs"])
+    assert any(r["finish_reason"] == "stop" for r in result)
+    columns = pq.read_schema(os.path.join(out, core.shard_file(0))).names
+    finetune = FinetuneConfig(model="M", data=out, output="O", loss="tvd")
+    check_loss_data(finetune, columns)
+    plain = str(tmp_path / "plain")
+    main(DistillConfig(target=target_dir, prompts=prompts, output=plain, actors=1, batch_size=4,
+                       shard_size=8, max_new_tokens=24, limit=4))
+    with pytest.raises(ConfigError, match="field 'loss'"):
+        check_loss_data(finetune, pq.read_schema(os.path.join(plain, core.shard_file(0))).names)
+    same = core.read_distilled(plain)
+    assert [r["response"] for r in same] == [r["response"] for r in result[:4]]  # top-k changes no text
+    assert np.isfinite(np.concatenate([np.ravel(r["topk_logprobs"]) for r in result])).all()
+
+
+def test_on_policy_cli_drafter_writes_and_target_scores(kit_rows, kit_dir, target_dir, tmp_path):
+    from sd2_ray import cli
+    from sd2_ray.distill.scoring import score_continuations
+    from sd2_ray.models.io import load_model, load_tokenizer
+
+    rows = kit_rows[98:104]
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    out = str(tmp_path / "out")
+    drafter = os.path.join(kit_dir, "drafter")
+    code = cli.main(["distill", "--target", target_dir, "--prompts", prompts, "--output", out, "--mode",
+                     "on-policy", "--drafter", drafter, "--logprobs-top-k", "4", "--actors", "1",
+                     "--batch-size", "3", "--max-new-tokens", "16"])
+    assert code == 0
+    result = core.read_distilled(out)
+    assert len(result) == 6 and {r["source"] for r in result} == {"drafter"}
+    tok = load_tokenizer(target_dir)
+    requests, _ = core.prepare_rows(rows, tok, "generate", 10_000, 8)
+    scored = score_continuations(load_model(target_dir), [r.prompt_ids for r in requests],
+                                 [r["response_ids"] for r in result], 4, tok.pad_token_id)
+    import numpy as np
+
+    for r, (ids, lps) in zip(result, scored):
+        assert r["topk_ids"] == ids.tolist() and np.allclose(r["topk_logprobs"], lps, atol=1e-4)
+    assert any([ids[0] for ids in r["topk_ids"]] != r["response_ids"] for r in result)  # the drafter's words

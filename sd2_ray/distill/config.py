@@ -12,9 +12,13 @@ class DistillSettings(StageConfig):
     """How to distil (the `distill` section of a pipeline config); :class:`DistillConfig` adds
     the paths."""
 
-    mode: Literal["generate", "rewrite"] = Field(
+    mode: Literal["generate", "rewrite", "on-policy"] = Field(
         "generate", description="generate: answer the prompt; rewrite: restate the reference answer "
-        "in the model's own words (kept only if it passes the filters, else the reference is kept)")
+        "in the model's own words (kept only if it passes the filters, else the reference is kept); "
+        "on-policy: the drafter answers, the target scores its tokens (top-k log-probs)")
+    logprobs_top_k: int = Field(
+        0, ge=0, description="store the target's top-k token ids and temperature-1 log-probs for every "
+        "response token (columns topk_ids, topk_logprobs; 8k + 12 bytes per token); 0 = off")
     engine: Literal["transformers", "vllm"] = Field(
         "transformers", description="target engine: transformers (CPU or GPU) or vllm (ray.data.llm)")
     actors: int = Field(2, ge=1, description="engine replicas (Ray Data actor pool size / vLLM concurrency)")
@@ -45,9 +49,14 @@ class DistillSettings(StageConfig):
         default_factory=dict, description="vllm: extra engine kwargs (e.g. max_model_len, enforce_eager)")
 
     @model_validator(mode="after")
-    def _check_combination(self) -> "DistillConfig":
+    def _check_combination(self) -> "DistillSettings":
         if self.engine == "transformers" and self.tensor_parallel_size != 1:
             raise ValueError("tensor_parallel_size > 1 needs engine=vllm")
+        if self.mode == "on-policy":
+            if self.engine != "transformers":
+                raise ValueError("on-policy needs engine transformers")
+            if not self.logprobs_top_k:
+                raise ValueError("on-policy needs logprobs_top_k > 0 (the target's scores are the data)")
         return self
 
     @property
@@ -66,9 +75,40 @@ class DistillConfig(DistillSettings):
 
     Resumable: input rows are cut into shards of `shard_size` rows (in input order); a rerun skips
     shards already written and redoes the rest, so every input row appears exactly once.
+
+    Modes: `generate` (the target answers), `rewrite` (the target restates the reference answer),
+    `on-policy` (DistillSpec: `drafter` writes the continuations, the target scores every token of
+    them; transformers engine, needs `logprobs_top_k`).
+
+    Row contract (Parquet, one row per input row): id, index, messages | prompt, response,
+    reference, source (target | reference | drafter), finish_reason, prompt_tokens,
+    response_tokens, rejected, error, and
+      response_ids   list<int32>: the ids the response was decoded from, in the target's
+                     tokenizer, ending with the EOS id when generation stopped on one (so it
+                     is response_tokens or response_tokens + 1 long); null when source is
+                     reference (the reference text was never generated) or on error.
+    With `logprobs_top_k` = k > 0, two more columns, one inner list per response id:
+      topk_ids       list<list<int32>>: the target's k most likely next ids at that position
+      topk_logprobs  list<list<float32>>: their log-probabilities at temperature 1 (raw
+                     logits' log-softmax, most likely first; see sd2_ray/distill/scoring.py)
+    Size per response token, Arrow in memory: 4 (response id) + 8k (k ids + k values) + 8
+    (two inner-list offsets) bytes = 172 B at k = 20 (vs ~4-5 B of text). On disk Parquet
+    saves little (float log-probs hardly compress): 137 B per token more than without top-k at
+    k = 20 on the kit (154 vs 16 B per token for the whole row; bench/bench_distill.py).
     """
 
     target: StoragePath = Field(..., description="target model: HF directory, local path or s3:// prefix")
     prompts: StoragePath = Field(..., description="prompt rows: JSONL/Parquet file or directory, local or s3://")
     output: StoragePath = Field(..., description="output directory for Parquet shards + manifest.json, "
                                                  "local or s3://")
+    drafter: StoragePath | None = Field(
+        None, description="on-policy mode: the drafter that writes the continuations (HF dir, local or "
+        "s3://; must share the target's tokenizer); sampled with temperature/top_p/seed")
+
+    @model_validator(mode="after")
+    def _drafter_for_on_policy(self) -> "DistillConfig":
+        if self.mode == "on-policy" and not self.drafter:
+            raise ValueError("on-policy needs a drafter (--drafter DIR)")
+        if self.mode != "on-policy" and self.drafter:
+            raise ValueError("drafter is only used by mode on-policy")
+        return self

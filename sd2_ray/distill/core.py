@@ -4,6 +4,8 @@ Prompt rows follow DESIGN.md (``prompt`` or ``messages``, optional ``response`` 
 Each usable row becomes a :class:`Request` whose prompt is rendered with the target's chat
 template and tokenized *here*, once, so every engine (transformers or vLLM) sees the same ids.
 Unusable rows (no prompt, wrong types, over-long prompt) are skipped with a reason, never fatal.
+The output row contract (columns, types, sizes) is documented on
+:class:`sd2_ray.distill.config.DistillConfig`.
 """
 from __future__ import annotations
 
@@ -29,7 +31,10 @@ REWRITE_TEMPLATE = (
 # A rewrite that echoes the wrapper's wording learned the wrapper, not the answer: reject it.
 LEAK_PHRASES = ("reference answer", "in your own words", "instruction:", "reply with the answer only")
 
-TARGET, REFERENCE = "target", "reference"
+TARGET, REFERENCE, DRAFTER = "target", "reference", "drafter"
+# Bumped whenever the row contract changes: part of every shard's fingerprint, so a resumed
+# run never mixes shards of two schemas in one output.
+ROW_SCHEMA_VERSION = 2
 
 
 @dataclass
@@ -60,6 +65,9 @@ class Generated:
     finish_reason: str | None  # "stop" | "length" | None on error
     response_tokens: int
     error: str | None = None
+    token_ids: list[int] | None = None  # the response's ids, the EOS that ended it included
+    topk_ids: Any = None  # (len(token_ids), k) int32 array: the target's top-k ids per token
+    topk_logprobs: Any = None  # (len(token_ids), k) float32 array: their temperature-1 log-probs
 
 
 def shard_of(index: int, shard_size: int) -> int:
@@ -161,40 +169,77 @@ def rewrite_problem(text: str | None, finish_reason: str | None, allow_truncated
 
 
 def result_row(request: Request, generated: Generated, mode: str, allow_truncated: bool) -> dict[str, Any]:
-    """The output row: ``response`` is what the drafter learns; ``source`` says whose it is."""
-    response, source, rejected = generated.text, TARGET, None
+    """The output row: ``response`` is what the drafter learns; ``source`` says whose it is.
+    The token-level columns (``response_ids``, top-k) travel only with generated text."""
+    response, source, rejected = generated.text, DRAFTER if mode == "on-policy" else TARGET, None
     if generated.error is not None:
         response, source = None, None
     elif mode == "rewrite":
         rejected = rewrite_problem(generated.text, generated.finish_reason, allow_truncated)
         if rejected:
             response, source = request.reference, REFERENCE
+    generated_text = source in (TARGET, DRAFTER)
     return {
         "id": request.id, "index": request.index, "messages": request.messages, "prompt": request.prompt,
         "response": response, "reference": request.reference, "source": source,
         "finish_reason": generated.finish_reason, "prompt_tokens": len(request.prompt_ids),
         "response_tokens": generated.response_tokens, "rejected": rejected, "error": generated.error,
+        "response_ids": generated.token_ids if generated_text else None,
+        "topk_ids": generated.topk_ids if generated_text else None,
+        "topk_logprobs": generated.topk_logprobs if generated_text else None,
     }
 
 
-def output_schema():
+TOPK_COLUMNS = ("topk_ids", "topk_logprobs")
+
+
+def output_schema(top_k: int = 0):
+    """The row contract; the top-k columns exist only when ``logprobs_top_k`` > 0."""
     import pyarrow as pa
 
     message = pa.struct([("role", pa.string()), ("content", pa.string())])
-    return pa.schema([
+    fields = [
         ("id", pa.string()), ("index", pa.int64()), ("messages", pa.list_(message)), ("prompt", pa.string()),
         ("response", pa.string()), ("reference", pa.string()), ("source", pa.string()),
         ("finish_reason", pa.string()), ("prompt_tokens", pa.int32()), ("response_tokens", pa.int32()),
-        ("rejected", pa.string()), ("error", pa.string()),
-    ])
+        ("rejected", pa.string()), ("error", pa.string()), ("response_ids", pa.list_(pa.int32())),
+    ]
+    if top_k:
+        fields += [("topk_ids", pa.list_(pa.list_(pa.int32()))),
+                   ("topk_logprobs", pa.list_(pa.list_(pa.float32())))]
+    return pa.schema(fields)
 
 
-def result_table(result_rows: list[dict[str, Any]]):
-    """A shard's rows (sorted by input position) as a pyarrow Table with the fixed schema."""
+def result_table(result_rows: list[dict[str, Any]], top_k: int = 0):
+    """A shard's rows (sorted by input position) as a pyarrow Table with the fixed schema. The
+    top-k matrices are laid into Arrow arrays in bulk (no per-value Python objects)."""
     import pyarrow as pa
 
     ordered = sorted(result_rows, key=lambda r: r["index"])
-    return pa.Table.from_pylist(ordered, schema=output_schema())
+    schema = output_schema(top_k)
+    scalar = [{k: v for k, v in r.items() if k not in TOPK_COLUMNS} for r in ordered]
+    table = pa.Table.from_pylist(scalar, schema=pa.schema([f for f in schema if f.name not in TOPK_COLUMNS]))
+    for name in TOPK_COLUMNS if top_k else ():
+        value_type = schema.field(name).type.value_type.value_type
+        table = table.append_column(schema.field(name), nested_array([r.get(name) for r in ordered], top_k,
+                                                                     value_type))
+    return table
+
+
+def nested_array(matrices: list[Any], k: int, value_type):
+    """list<list<value_type>> from one (n_i, k) matrix (or None = null) per row."""
+    import numpy as np
+    import pyarrow as pa
+
+    mats = [None if m is None else np.asarray(m).reshape(-1, k) for m in matrices]
+    lengths = np.array([0 if m is None else m.shape[0] for m in mats], dtype=np.int32)
+    dtype = value_type.to_pandas_dtype()
+    flat = [m.astype(dtype, copy=False).ravel() for m in mats if m is not None]
+    values = pa.array(np.concatenate(flat) if flat else np.zeros(0, dtype=dtype), type=value_type)
+    inner = pa.ListArray.from_arrays(pa.array(np.arange(0, values.__len__() + 1, k, dtype=np.int32)), values)
+    outer_offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    nulls = pa.array([m is None for m in mats])
+    return pa.ListArray.from_arrays(outer_offsets, inner, mask=nulls)
 
 
 def shard_record(shard: int, fingerprint: str, rows_in: int, result_rows: list[dict[str, Any]],
@@ -206,6 +251,7 @@ def shard_record(shard: int, fingerprint: str, rows_in: int, result_rows: list[d
         "rows_out": len(result_rows) - failed, "skipped": len(skipped), "failed": failed,
         "from_target": sum(1 for r in result_rows if r["source"] == TARGET),
         "from_reference": sum(1 for r in result_rows if r["source"] == REFERENCE),
+        "from_drafter": sum(1 for r in result_rows if r["source"] == DRAFTER),
         "response_tokens": sum(int(r["response_tokens"] or 0) for r in result_rows),
         "skipped_rows": skipped,
     }

@@ -43,6 +43,8 @@ def main(config: DistillConfig) -> dict[str, Any]:
     # each on its own node (an s3:// target is never downloaded whole to the driver).
     metadata_dir = model_metadata_dir(config.target)
     tokenizer, eos_ids, context = load_target_info(metadata_dir, config.trust_remote_code)
+    if config.mode == "on-policy":
+        check_drafter_tokenizer(config, tokenizer)
     max_prompt = config.max_prompt_tokens or max(1, context - config.max_new_tokens)
     rows = read_input(config)
     requests, skipped = core.prepare_rows(rows, tokenizer, config.mode, max_prompt, config.shard_size)
@@ -80,6 +82,16 @@ def load_target_info(model_dir: str, trust_remote_code: bool) -> tuple[Any, list
     return tokenizer, eos_ids, int(context)
 
 
+def check_drafter_tokenizer(config: DistillConfig, target_tokenizer) -> None:
+    """On-policy mode scores the drafter's token ids with the target: one vocabulary, or nothing."""
+    from sd2_ray.models.io import load_tokenizer, model_metadata_dir
+
+    drafter = load_tokenizer(model_metadata_dir(config.drafter), trust_remote_code=config.trust_remote_code)
+    if drafter.get_vocab() != target_tokenizer.get_vocab():
+        raise DataError(f"{config.drafter}: on-policy needs a drafter with the target's tokenizer "
+                        "(the target scores the drafter's token ids)")
+
+
 def read_input(config: DistillConfig) -> list[Any]:
     from sd2_ray.rows import read_rows
 
@@ -93,7 +105,8 @@ def shard_settings(config: DistillConfig, max_prompt: int) -> dict[str, Any]:
     """Everything that changes a shard's content (engine and pool size do not)."""
     return {"target": config.target, "mode": config.mode, "sampling": config.sampling_dict(),
             "max_prompt_tokens": max_prompt, "allow_truncated": config.allow_truncated,
-            "dtype": config.dtype, "shard_size": config.shard_size}
+            "dtype": config.dtype, "shard_size": config.shard_size, "row_schema": core.ROW_SCHEMA_VERSION,
+            "logprobs_top_k": config.logprobs_top_k, "drafter": config.drafter}
 
 
 def plan_shards(rows: list[Any], requests: list[core.Request], skipped: list[dict[str, Any]],
@@ -153,7 +166,8 @@ def write_shard(config: DistillConfig, shard: int, info: dict[str, Any],
                 answered: list[tuple[core.Request, core.Generated]], skipped: list[dict[str, Any]]) -> None:
     """Parquet first, then the record that marks the shard complete."""
     results = [core.result_row(req, gen, config.mode, config.allow_truncated) for req, gen in answered]
-    storage.write_parquet(storage.join(config.output, core.shard_file(shard)), core.result_table(results))
+    storage.write_parquet(storage.join(config.output, core.shard_file(shard)),
+                          core.result_table(results, config.logprobs_top_k))
     record = core.shard_record(shard, info["fingerprint"], info["rows_in"], results, skipped)
     storage.write_json(storage.join(config.output, core.record_file(shard)), record)
     info["done"] = True
@@ -164,7 +178,8 @@ def write_shard(config: DistillConfig, shard: int, info: dict[str, Any],
 def manifest_fields(config: DistillConfig, rows_in: int, plan: dict[int, dict[str, Any]]) -> dict[str, Any]:
     return {"mode": config.mode, "engine": config.engine, "model": config.target,
             "prompts": config.prompts, "sampling": config.sampling_dict(), "shard_size": config.shard_size,
-            "num_shards": len(plan), "rows_in": rows_in}
+            "num_shards": len(plan), "rows_in": rows_in, "logprobs_top_k": config.logprobs_top_k,
+            "drafter": config.drafter}
 
 
 def finish(plan: dict[int, dict[str, Any]], skipped: list[dict[str, Any]], config: DistillConfig,
@@ -177,9 +192,9 @@ def finish(plan: dict[int, dict[str, Any]], skipped: list[dict[str, Any]], confi
         raise RuntimeError(f"{out}: shards {missing} have no completion record")
     remove_stale_shards(out, len(plan))
     storage.write_text(storage.join(out, core.SKIPPED_FILE), "".join(json.dumps(s) + "\n" for s in skipped))
-    totals = {key: sum(r[key] for r in records)
+    totals = {key: sum(r.get(key, 0) for r in records)
               for key in ("rows_in", "rows_out", "skipped", "failed", "from_target", "from_reference",
-                          "response_tokens")}
+                          "from_drafter", "response_tokens")}
     shards = [{k: v for k, v in r.items() if k != "skipped_rows"} for r in records]
     data = manifest.complete(out, STAGE, rows_in=rows_in, totals=totals, shards=shards, error=None,
                              last_run_seconds=round(seconds, 2))

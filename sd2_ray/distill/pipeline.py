@@ -41,7 +41,7 @@ def generate_shards(requests: list[Request], model_dir: str, config, eos_ids: li
     pending: dict[int, list[tuple[Request, Generated]]] = defaultdict(list)
     for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
         for row in batch.to_dict("records"):
-            generated = to_generated(row, eos_ids, config.max_new_tokens)
+            generated = to_generated(row, eos_ids, config.max_new_tokens, config.logprobs_top_k)
             request = by_index.pop(generated.index, None)
             if request is None:  # a retried task can deliver a row twice: keep the first
                 log.debug("duplicate result for row %d ignored", generated.index)
@@ -64,16 +64,33 @@ def quiet_ray_data() -> None:
     ctx.print_on_execution_start = False
 
 
-def to_generated(row: dict[str, Any], eos_ids: list[int], max_new_tokens: int) -> Generated:
+def to_generated(row: dict[str, Any], eos_ids: list[int], max_new_tokens: int, top_k: int = 0) -> Generated:
     """An engine output row (either engine; vLLM error rows skip the postprocess) as Generated."""
     if "response" not in row:  # a raw vLLM row: ray.data.llm sends failed rows past the postprocess
-        row = vllm_result(row, eos_ids, max_new_tokens)
+        row = vllm_result(row, eos_ids, max_new_tokens, top_k)
     error = row.get("error")
     text = row.get("response")
+    ids = row.get("response_ids")
     return Generated(index=int(row["index"]), text=None if _missing(text) else str(text),
                      finish_reason=None if _missing(row.get("finish_reason")) else str(row["finish_reason"]),
                      response_tokens=int(row.get("response_tokens") or 0),
-                     error=None if _missing(error) or error == "" else str(error))
+                     error=None if _missing(error) or error == "" else str(error),
+                     token_ids=None if _missing(ids) else [int(t) for t in ids],
+                     topk_ids=_matrix(row.get("topk_ids"), "int32", top_k),
+                     topk_logprobs=_matrix(row.get("topk_logprobs"), "float32", top_k))
+
+
+def _matrix(value: Any, dtype: str, k: int):
+    """A nested list column's cell (pandas gives an array of arrays) as an (n, k) array."""
+    import numpy as np
+
+    if not k or _missing(value):
+        return None
+    if len(value) == 0:
+        return np.zeros((0, k), dtype=dtype)
+    if hasattr(value, "flatten"):  # an Arrow list array (a UDF's cell before Ray Data stacks it)
+        return value.flatten().to_numpy(zero_copy_only=False).astype(dtype).reshape(-1, k)
+    return np.stack([np.asarray(v, dtype=dtype) for v in value])
 
 
 def _missing(value: Any) -> bool:

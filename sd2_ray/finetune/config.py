@@ -1,14 +1,18 @@
 """Config of ``sd2 finetune``: masked sparse fine-tuning on Ray Train + DeepSpeed ZeRO."""
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Iterable, Literal, Optional
 
 from pydantic import Field, model_validator
 
 from sd2_ray import storage
 from sd2_ray.config import StageConfig, StoragePath
+from sd2_ray.errors import ConfigError
 
 CHECKPOINTS_DIR = "_checkpoints"
+# Distilled-row columns the distillation losses and the acceptance metric read
+# (written by `sd2 distill` with logprobs_top_k > 0; see sd2_ray.distill.core).
+TOPK_COLUMNS = ("response_ids", "topk_ids", "topk_logprobs")
 
 
 class FinetuneSettings(StageConfig):
@@ -57,14 +61,35 @@ class FinetuneSettings(StageConfig):
                                    "else gloo); e.g. cuda:gloo makes CPU-tensor collectives fail as under NCCL")
     gradient_checkpointing: bool = Field(False, description="recompute each block's activations in backward "
                                          "(activation memory of one block instead of all; ~30 % more compute)")
-    loss_chunk_tokens: int = Field(1024, ge=1, description="positions whose LM-head logits exist at once "
-                                   "while computing the loss (the full-vocabulary logits of a whole batch "
-                                   "are never held)")
     min_usable_share: float = Field(0.0, ge=0.0, le=1.0, description="fail when fewer than this share of "
                                     "the rows are usable (bad rows are skipped and listed in "
                                     "_skipped.jsonl; with no usable row the stage always fails)")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per Ray Train worker")
     overwrite: bool = Field(False, description="redo a complete output and drop its checkpoints")
+    loss: Literal["ce", "fkl", "rkl", "jsd", "tvd"] = Field(
+        "ce", description="ce: cross-entropy on the distilled tokens (SD2); fkl / rkl / jsd / tvd: forward KL, "
+        "reverse KL, Jensen-Shannon or total variation to the target's stored top-k distribution (needs "
+        "data distilled with logprobs_top_k > 0; see sd2_ray/finetune/losses.py)")
+    ce_weight: float = Field(0.0, ge=0, description="weight of a cross-entropy term added to a divergence "
+                                                    "loss: loss = divergence + ce_weight x ce (ignored for ce)")
+    kd_temperature: float = Field(
+        0.0, ge=0, description="serving temperature the drafter's and target's distributions are compared at "
+        "(losses and acceptance); 0 = greedy serving: divergences at temperature 1, acceptance = argmax agreement")
+    loss_chunk_tokens: int = Field(1024, ge=1, description="positions whose LM-head logits exist at once while "
+                                   "computing the loss (the fp32 full-vocabulary tensors of a whole batch are "
+                                   "never held)")
+    use_response_ids: bool = Field(
+        True, description="train on the target's own token ids (column response_ids) when rows have them, "
+        "instead of re-tokenising the response text; needs the target's tokenizer (false for another family)")
+    eval_every: int | None = Field(
+        None, ge=1, description="every N optimizer steps, score held-out rows teacher-forced: loss, acceptance "
+        "alpha and expected MAL at num_speculative_tokens (sd2_ray/finetune/acceptance.py); none = off")
+    eval_rows: int = Field(32, ge=1, description="distilled rows held out of training for eval_every "
+                                                 "(the last rows of the data, in file order)")
+    select_by: Literal["loss", "expected_mal"] = Field(
+        "loss", description="checkpoint published as the drafter: loss = lowest held-out loss at an "
+        "eval_every check (the last step when eval_every is off); expected_mal = highest held-out expected "
+        "MAL (needs eval_every and top-k rows)")
 
     @model_validator(mode="after")
     def _check_batch(self) -> "FinetuneConfig":
@@ -82,6 +107,12 @@ class FinetuneSettings(StageConfig):
 
     def process_group_backend(self) -> str:
         return self.backend or ("nccl" if self.use_gpu else "gloo")
+
+    @model_validator(mode="after")
+    def _check_selection(self) -> "FinetuneConfig":
+        if self.select_by == "expected_mal" and self.eval_every is None:
+            raise ValueError("select_by expected_mal needs eval_every (held-out acceptance is measured then)")
+        return self
 
     @property
     def micro_batch(self) -> int:
@@ -106,6 +137,8 @@ class FinetuneConfig(FinetuneSettings):
                                                         "('response' = the target's distilled answer)")
     run_name: str | None = Field(None, description="Ray Train run name under storage_path; "
                                                    "default: the output's basename")
+    num_speculative_tokens: int = Field(4, ge=1, description="K of the expected MAL reported by eval_every (set by the pipeline and the search: their K)")
+
     def checkpoint_root(self) -> str:
         return self.storage_path or storage.join(self.output, CHECKPOINTS_DIR)
 
@@ -114,3 +147,26 @@ class FinetuneConfig(FinetuneSettings):
 
     def checkpoint_run_dir(self) -> str:
         return storage.join(self.checkpoint_root(), self.checkpoint_run_name())
+
+
+def check_loss_data(config: FinetuneConfig, columns: Iterable[str]) -> None:
+    """Raise a one-line ConfigError naming the field when the configured loss or checkpoint
+    selection cannot run on data with these columns (e.g. the Parquet schema's names): called
+    before training starts, so a mismatch never surfaces mid-run."""
+    have = set(columns)
+    missing = [c for c in TOPK_COLUMNS if c not in have]
+    needs = []
+    if config.loss != "ce":
+        needs.append(("loss", f"loss {config.loss}"))
+    if config.select_by == "expected_mal":
+        needs.append(("select_by", "select_by expected_mal"))
+    for field, what in needs:
+        if missing:
+            raise ConfigError(f"field '{field}': {what} needs the target's top-k log-probs, but the data "
+                              f"has no column {', '.join(missing)} (distil with logprobs_top_k > 0)")
+        if not config.use_response_ids:
+            raise ConfigError(f"field 'use_response_ids': {what} needs it true (the top-k are aligned "
+                              "with the target's token ids)")
+        if config.response_field != "response":
+            raise ConfigError(f"field 'response_field': {what} needs 'response' (the top-k belong to the "
+                              f"distilled response, not '{config.response_field}')")

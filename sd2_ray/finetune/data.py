@@ -4,6 +4,14 @@ Each row becomes ``prompt ids + response ids + eos``, the prompt rendered with t
 tokenizer's chat template (as the drafter will see it at inference), and labels that are
 ``-100`` on the prompt and on padding, so the loss is only on the answer. Batches are
 right-padded with an attention mask of zeros on the padding.
+
+With ``use_ids`` a distilled row's answer is the exact token ids the target produced
+(``response_ids``, its EOS included when it stopped on one; see :mod:`sd2_ray.distill.core`)
+instead of its re-tokenised text, and the target's stored top-k (``topk_ids`` /
+``topk_logprobs``, one list per response token) travels along, aligned with the labels, for
+the distillation losses (:mod:`sd2_ray.finetune.losses`). That needs the drafter to share the
+target's tokenizer (SD²'s same-family drafters do). Rows without ids (a rewrite that kept the
+reference answer, older data) take the text path and carry no top-k.
 """
 from __future__ import annotations
 
@@ -27,6 +35,10 @@ class Example:
 
     input_ids: list[int]
     labels: list[int]
+    # the target's top-k per answer token, (n, k); row j belongs to input position topk_start + j
+    topk_ids: torch.Tensor | None = None
+    topk_logprobs: torch.Tensor | None = None
+    topk_start: int = 0
 
     @property
     def loss_tokens(self) -> int:
@@ -55,31 +67,64 @@ def row_error(row: dict[str, Any], field: str = "response") -> str | None:
     return None
 
 
-def encode_row(row: dict[str, Any], tokenizer, seq_len: int, field: str = "response") -> Example:
+def answer_of(row: dict[str, Any], tokenizer, field: str, use_ids: bool):
+    """(answer ids, top-k ids, top-k log-probs): the target's stored ids and distribution when
+    asked for and present, else the text tokenised + EOS (and no top-k)."""
+    ids = row.get("response_ids") if use_ids and field == "response" else None
+    if ids is not None and len(ids):
+        answer = [int(t) for t in ids]
+        topk = row.get("topk_ids")
+        if topk is None or row.get("topk_logprobs") is None:
+            return answer, None, None
+        topk_ids, topk_lp = _matrix(topk, torch.int32), _matrix(row["topk_logprobs"], torch.float32)
+        if topk_ids.shape[0] != len(answer) or topk_lp.shape != topk_ids.shape:
+            raise DataError(f"row '{row_id(row)}': topk_ids/topk_logprobs must have one list per "
+                            f"response id ({len(answer)}), got {tuple(topk_ids.shape)} / {tuple(topk_lp.shape)}")
+        return answer, topk_ids, topk_lp
+    answer = tokenizer(response_of(row, field), add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        answer = answer + [tokenizer.eos_token_id]
+    return answer, None, None
+
+
+def _matrix(value: Any, dtype: torch.dtype) -> torch.Tensor:
+    """A list of equal-length lists (or arrays of arrays, as pandas gives them) as an (n, k) tensor."""
+    import numpy as np
+
+    if len(value) == 0:
+        return torch.zeros((0, 0), dtype=dtype)
+    return torch.from_numpy(np.stack([np.asarray(v) for v in value])).to(dtype)
+
+
+def encode_row(row: dict[str, Any], tokenizer, seq_len: int, field: str = "response",
+               use_ids: bool = False) -> Example:
     """Tokenize one row. Prompt and answer are tokenized apart so the boundary is exact; an
     over-long row loses prompt tokens from the left first (the answer is what is learned),
-    then answer tokens from the right."""
+    then answer tokens from the right (with their top-k)."""
     problem = row_error(row, field)
     if problem:
         raise DataError(f"row '{row_id(row)}': {problem}")
     prompt_ids = tokenizer(render_prompt(row, tokenizer), add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(response_of(row, field), add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
-        answer_ids = answer_ids + [tokenizer.eos_token_id]
+    answer_ids, topk_ids, topk_lp = answer_of(row, tokenizer, field, use_ids)
     keep_prompt = max(seq_len - len(answer_ids), min(len(prompt_ids), seq_len // 2))
     prompt_ids = prompt_ids[len(prompt_ids) - min(len(prompt_ids), keep_prompt):]
     ids = (prompt_ids + answer_ids)[:seq_len]
     labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:seq_len]
-    return Example(ids, labels)
+    if topk_ids is None:
+        return Example(ids, labels)
+    kept = len(ids) - len(prompt_ids)
+    return Example(ids, labels, topk_ids[:kept], topk_lp[:kept], len(prompt_ids))
 
 
 def encode_rows(rows: Iterable[dict[str, Any]], tokenizer, seq_len: int,
-                field: str = "response") -> list[Example]:
-    return [encode_row(row, tokenizer, seq_len, field) for row in rows]
+                field: str = "response", use_ids: bool = False) -> list[Example]:
+    return [encode_row(row, tokenizer, seq_len, field, use_ids) for row in rows]
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example: ``input_ids``, ``attention_mask``, ``labels``."""
+    """Right-pad to the longest example: ``input_ids``, ``attention_mask``, ``labels``; when any
+    example has the target's top-k, also ``topk_ids`` / ``topk_logprobs`` (B, W, k) and
+    ``topk_mask`` (B, W), true where a position holds a stored top-k."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -89,7 +134,27 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
         ids[i, :n] = torch.tensor(e.input_ids)
         mask[i, :n] = 1
         labels[i, :n] = torch.tensor(e.labels)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    with_topk = [e for e in examples if e.topk_ids is not None and e.topk_ids.numel()]
+    if with_topk:
+        batch.update(collate_topk(examples, width, with_topk[0].topk_ids.shape[1]))
+    return batch
+
+
+def collate_topk(examples: Sequence[Example], width: int, k: int) -> dict[str, torch.Tensor]:
+    topk_ids = torch.zeros((len(examples), width, k), dtype=torch.long)
+    topk_lp = torch.zeros((len(examples), width, k), dtype=torch.float32)
+    topk_mask = torch.zeros((len(examples), width), dtype=torch.bool)
+    for i, e in enumerate(examples):
+        if e.topk_ids is None or not e.topk_ids.numel():
+            continue
+        if e.topk_ids.shape[1] != k:
+            raise DataError(f"rows of one batch store different top-k sizes ({k} and {e.topk_ids.shape[1]})")
+        span = slice(e.topk_start, e.topk_start + e.topk_ids.shape[0])
+        topk_ids[i, span] = e.topk_ids.long()
+        topk_lp[i, span] = e.topk_logprobs
+        topk_mask[i, span] = True
+    return {"topk_ids": topk_ids, "topk_logprobs": topk_lp, "topk_mask": topk_mask}
 
 
 def rank_slice(rows: Sequence[Any], rank: int, world: int) -> Sequence[Any]:

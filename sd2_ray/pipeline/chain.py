@@ -88,7 +88,7 @@ def chain(config: PipelineConfig, stage: str, drafter: str = "sd2", **extra: Any
         source, field = FINETUNED[drafter]
         return _stage(FinetuneConfig, config.finetune, model=_source_model(config, source),
                       data=distilled_dir(config), output=drafter_dir(config, drafter), response_field=field,
-                      **extra)
+                      num_speculative_tokens=config.num_speculative_tokens, **extra)
     if stage == "eval":
         from sd2_ray.evaluate.config import EvalConfig
 

@@ -85,7 +85,7 @@ def finetune_config(config: TuneConfig, params: dict[str, Any], pruned: str, tri
     from sd2_ray.finetune.config import FinetuneConfig
 
     fields = {"workers": 1, "report_interval_s": 0.0, **config.finetune.model_dump(exclude_unset=True),
-              "model": pruned, "data": config.data,
+              "model": pruned, "data": config.data, "num_speculative_tokens": config.num_speculative_tokens,
               "output": storage.join(trial_dir, DRAFTER_SUBDIR), "lr": float(params["lr"]),
               "epochs": trial_epochs(config, params),
               "storage_path": storage.join(trial_dir, "checkpoints"), "run_name": DRAFTER_SUBDIR}
