@@ -33,6 +33,12 @@ def setup_logging(verbose: bool = False) -> None:
         quiet_libraries()
 
 
+def no_gpu_here() -> bool:
+    """No NVIDIA device node: DeepSpeed would pick its CPU accelerator anyway (told so up front,
+    it skips its warning in every process that imports it, transformers' imports included)."""
+    return not os.path.exists("/dev/nvidia0") and not os.path.exists("/dev/nvidiactl")
+
+
 def quiet_libraries() -> None:
     for name in CHATTY:
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -41,6 +47,8 @@ def quiet_libraries() -> None:
     for pattern in MESSAGE_FILTERS:
         warnings.filterwarnings("ignore", message=pattern)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if no_gpu_here():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     # transformers' and the hub's per-file bars ("Loading weights ..."), read when they import
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if "transformers" in sys.modules:  # imported already: its switch, not the environment

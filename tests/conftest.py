@@ -128,7 +128,13 @@ def cluster_env() -> dict:
 
 
 @pytest.fixture
-def job_server(cluster_env):
+def cluster_cpus() -> int:
+    """Logical CPUs of the `job_server` cluster (a test module overrides this fixture)."""
+    return 1
+
+
+@pytest.fixture
+def job_server(cluster_env, cluster_cpus):
     """A private single-node Ray cluster with a job server, on free ports only (other Ray
     clusters on this machine hold the fixed default ports), stopped by its own process group."""
     import signal
@@ -140,7 +146,7 @@ def job_server(cluster_env):
     temp_dir = tempfile.mkdtemp(prefix="sd2r-", dir="/tmp")  # Unix socket paths must stay short
 
     gcs, dashboard, agent, agent_grpc, client, metrics, env_agent = free_ports(7)
-    cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--num-cpus=1",
+    cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", f"--num-cpus={cluster_cpus}",
            f"--port={gcs}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
            f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
            f"--ray-client-server-port={client}", f"--metrics-export-port={metrics}",

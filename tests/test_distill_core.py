@@ -194,17 +194,18 @@ def test_config_flags_and_validation():
         DistillConfig.load(overrides={"target": "T", "prompts": "P", "output": "O", "actors": 0})
 
 
-def test_malformed_jsonl_names_the_line(chat_model_dir, tmp_path, capsys):
+def test_no_usable_row_is_one_line_naming_the_first_bad_line(chat_model_dir, tmp_path, capsys):
     from sd2_ray import cli
 
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text(json.dumps({"prompt": "fox"}) + "\n" + json.dumps({"prompt": "dog"}) + "\n{oops\n")
+    prompts.write_bytes(b"{oops\n" + json.dumps({"prompt": ""}).encode() + b"\n\xff\xfe\n")
     code = cli.main(["distill", "--target", chat_model_dir, "--prompts", str(prompts),
                      "--output", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and err.count("\n") == 0
-    assert "p.jsonl" in err and "line 3" in err and "invalid JSON" in err
-    with pytest.raises(DataError, match="no prompt rows"):
+    assert code == 2 and err.count("\n") == 0, err
+    assert "p.jsonl" in err and "no usable rows (3 skipped; e.g. line 1: invalid JSON" in err
+    assert not (tmp_path / "out" / "manifest.json").exists()  # nothing started, nothing marked complete
+    with pytest.raises(DataError, match="no usable rows"):
         (tmp_path / "empty.jsonl").write_text("\n")
         from sd2_ray.distill.job import main
 

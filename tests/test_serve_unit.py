@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -253,3 +254,39 @@ def test_app_builder_maps_replicas_autoscaling_and_queue_bounds():
     assert fixed._deployment_config.num_replicas == 3 and fixed._deployment_config.autoscaling_config is None
     with pytest.raises(Err, match="num_speculative_tokens"):
         app_builder({"target": "/m/target", "num_speculative_tokens": 0})
+
+
+def test_one_failing_request_fails_alone_not_its_batch(pair, tokenizer):
+    """An engine failure caused by one request (here an id past the vocabulary, which the HTTP
+    edge would refuse) fails that request only; the rest of its batch still gets its answer."""
+    from sd2_ray.serve.batching import Job, run_batch
+    from sd2_ray.specdec.engine import SpeculativeEngine
+    from sd2_ray.specdec.types import SamplingParams
+
+    engine = SpeculativeEngine.from_dirs(pair[0], pair[1], num_speculative_tokens=3)
+    good = [core.PreparedRequest(tokenizer(text)["input_ids"], 6, SamplingParams()) for text in ("hello", "the cat")]
+    bad = core.PreparedRequest([10 ** 6], 6, SamplingParams())
+    expected = [r.token_ids for r in engine.generate([g.generation_request() for g in good])]
+
+    async def finals():
+        jobs = [Job(r, core.TextStream(tokenizer, r.stop)) for r in (good[0], bad, good[1])]
+        last = [None] * 3
+        async for step in run_batch(engine, jobs, ThreadPoolExecutor(1)):
+            last = [d if d.finish_reason else prev for d, prev in zip(step, last)]
+        return last
+
+    first, failed, third = asyncio.run(finals())
+    assert failed.finish_reason == "error" and "IndexError" in failed.error
+    assert (first.error, third.error) == (None, None)
+    assert [first.token_ids, third.token_ids] == expected
+
+
+@pytest.mark.parametrize("seed, ok", [(2 ** 63 - 1, True), (-(2 ** 63), True), (2 ** 70, False), (-(2 ** 64), False)])
+def test_seed_outside_64_bits_is_a_400_naming_it(seed, ok):
+    body = json.dumps({"prompt": "hi", "seed": seed}).encode()
+    if ok:
+        assert oa.validate_request(oa.CompletionRequest, body).seed == seed
+    else:
+        with pytest.raises(oa.OpenAIError) as err:
+            oa.validate_request(oa.CompletionRequest, body)
+        assert err.value.status == 400 and err.value.param == "seed"

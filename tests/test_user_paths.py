@@ -150,6 +150,12 @@ def cluster_env(kit_dir, tmp_path) -> dict:
             "SD2_RUNS_DIR": str(tmp_path / "runs"), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
 
 
+@pytest.fixture
+def cluster_cpus() -> int:
+    """What `ray start --head` advertises on this machine (its cores)."""
+    return os.cpu_count() or 2
+
+
 def test_tiny_job_spec_runs_on_a_real_cluster(job_server, cluster_env):
     """`python jobs/submit.py jobs/specs/tiny.yaml` as the README says, against `ray start --head`:
     the job's driver joins the cluster (no runtime-env clash) and the run writes its report."""

@@ -34,6 +34,9 @@ class DistillSettings(StageConfig):
     allow_truncated: bool = Field(
         False, description="rewrite mode: keep a rewrite that hit max_new_tokens (else keep the reference)")
     overwrite: bool = Field(False, description="redo a complete output instead of skipping it")
+    min_usable_share: float = Field(0.0, ge=0.0, le=1.0, description="fail when fewer than this share of "
+                                    "the prompt rows are usable (bad rows are skipped and listed in "
+                                    "_skipped.jsonl; with no usable row the stage always fails)")
     limit: int | None = Field(None, ge=1, description="only the first N input rows (smoke runs)")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="weights/activations dtype of the engines")

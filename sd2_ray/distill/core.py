@@ -16,10 +16,10 @@ from typing import Any
 
 from sd2_ray import rows as rowlib
 from sd2_ray import storage
+from sd2_ray.rows import SKIPPED_FILE  # noqa: F401  (one name for every stage's skip list)
 
 SHARD_PREFIX = "shard-"
 RECORDS_DIR = "_shards"  # per-shard completion records; "_" keeps them out of dataset listings
-SKIPPED_FILE = "_skipped.jsonl"
 
 # Rewrite mode: the target sees the instruction and the reference, and answers in its own words.
 REWRITE_TEMPLATE = (

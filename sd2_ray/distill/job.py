@@ -13,7 +13,6 @@ record is written after the Parquet file, so a killed run leaves at worst a shar
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any
@@ -22,6 +21,7 @@ from sd2_ray import manifest, storage
 from sd2_ray.distill import core
 from sd2_ray.distill.config import DistillConfig
 from sd2_ray.errors import DataError
+from sd2_ray.rows import require_usable, write_skipped
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,11 @@ def main(config: DistillConfig) -> dict[str, Any]:
     if config.mode == "on-policy":
         check_drafter_tokenizer(config, tokenizer)
     max_prompt = config.max_prompt_tokens or max(1, context - config.max_new_tokens)
-    rows = read_input(config)
+    unreadable: list[dict[str, Any]] = []
+    rows = read_input(config, unreadable)
     requests, skipped = core.prepare_rows(rows, tokenizer, config.mode, max_prompt, config.shard_size)
+    # bad rows are counted and skipped; no usable row at all is bad input (exit 2), before any output
+    require_usable(config.prompts, len(requests), unreadable + skipped, config.min_usable_share)
     plan = plan_shards(rows, requests, skipped, config, max_prompt)
 
     config.save(out)
@@ -58,7 +61,7 @@ def main(config: DistillConfig) -> dict[str, Any]:
     except Exception as err:
         manifest.fail(out, STAGE, f"{type(err).__name__}: {err}")
         raise
-    return finish(plan, skipped, config, len(rows), time.time() - started)
+    return finish(plan, unreadable + skipped, config, len(rows), time.time() - started)
 
 
 def load_target_info(model_dir: str, trust_remote_code: bool) -> tuple[Any, list[int], int]:
@@ -92,13 +95,11 @@ def check_drafter_tokenizer(config: DistillConfig, target_tokenizer) -> None:
                         "(the target scores the drafter's token ids)")
 
 
-def read_input(config: DistillConfig) -> list[Any]:
+def read_input(config: DistillConfig, unreadable: list[dict[str, Any]]) -> list[Any]:
+    """The prompt rows; lines that are not JSON objects go to ``unreadable`` (with file and line)."""
     from sd2_ray.rows import read_rows
 
-    rows = read_rows(config.prompts, limit=config.limit)
-    if not rows:
-        raise DataError(f"{config.prompts}: no prompt rows")
-    return rows
+    return read_rows(config.prompts, limit=config.limit, skipped=unreadable)
 
 
 def shard_settings(config: DistillConfig, max_prompt: int) -> dict[str, Any]:
@@ -191,11 +192,14 @@ def finish(plan: dict[int, dict[str, Any]], skipped: list[dict[str, Any]], confi
     if missing:
         raise RuntimeError(f"{out}: shards {missing} have no completion record")
     remove_stale_shards(out, len(plan))
-    storage.write_text(storage.join(out, core.SKIPPED_FILE), "".join(json.dumps(s) + "\n" for s in skipped))
+    write_skipped(storage.join(out, core.SKIPPED_FILE), skipped)
     totals = {key: sum(r.get(key, 0) for r in records)
               for key in ("rows_in", "rows_out", "skipped", "failed", "from_target", "from_reference",
                           "from_drafter", "response_tokens")}
     shards = [{k: v for k, v in r.items() if k != "skipped_rows"} for r in records]
+    if not totals["rows_out"]:
+        raise DataError(f"{out}: no row was distilled ({totals['failed']} failed, {totals['skipped']} skipped; "
+                        "the errors are in the shards' error column)")
     data = manifest.complete(out, STAGE, rows_in=rows_in, totals=totals, shards=shards, error=None,
                              last_run_seconds=round(seconds, 2))
     log.info("distill complete: %s", totals)

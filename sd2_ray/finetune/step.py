@@ -164,9 +164,10 @@ def all_reduce(values: list[float], device: torch.device) -> list[float]:
     """Sums over the ranks, on ``device`` (NCCL reduces CUDA tensors only)."""
     import torch.distributed as dist
 
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [float(v) for v in values]
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
+    dist.all_reduce(t)
     return t.tolist()
 
 

@@ -70,9 +70,15 @@ def load_model(path: str, dtype: Any = None, trust_remote_code: bool = False, de
     local = resolve_model_dir(path)
     if device_map is None and str(device) != "cpu":
         device_map = {"": str(device)}
-    model = AutoModelForCausalLM.from_pretrained(
-        local, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True,
-        device_map=device_map)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            local, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True,
+            device_map=device_map)
+    except Exception as err:  # noqa: BLE001 - a damaged model dir is the user's to fix, in one line
+        if type(err).__name__ == "SafetensorError" or isinstance(err, (OSError, ValueError, KeyError)):
+            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+            raise DataError(f"{path}: cannot load the model ({type(err).__name__}: {first})") from None
+        raise
     return (model if device_map is not None else model.to(device)).eval()
 
 

@@ -167,6 +167,9 @@ class SpecDecodeServer:
         finally:
             job.cancelled = True  # a client that left (task cancelled) stops its decoding
             self.in_flight -= 1
+        if final.error:
+            log.error("%s: generation failed: %s", request_id, final.error)
+            raise oa.OpenAIError(f"generation failed: {final.error}", status=500, type="server_error")
         usage = self._finish(request_id, prepared, final)
         if chat:
             body = oa.ChatCompletionResponse(
@@ -186,6 +189,10 @@ class SpecDecodeServer:
             if chat:
                 yield oa.sse(chunk(request_id, created, self.model_name, None, role=True))
             async for delta in self._generate_batch(job):
+                if delta.error:
+                    log.error("%s: generation failed: %s", request_id, delta.error)
+                    yield oa.sse(oa.error_body(f"generation failed: {delta.error}", "server_error"))
+                    break
                 if delta.text or delta.finish_reason:
                     yield oa.sse(chunk(request_id, created, self.model_name, delta))
                 if delta.finish_reason:

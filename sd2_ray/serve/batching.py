@@ -35,10 +35,11 @@ class Delta:
     finish_reason: Optional[str] = None
     stats: Optional[SpecStats] = None
     token_ids: list[int] = field(default_factory=list)
+    error: Optional[str] = None  # this request failed (the others of its batch did not)
 
     @property
     def empty(self) -> bool:
-        return not self.text and not self.num_tokens and self.finish_reason is None
+        return not self.text and not self.num_tokens and self.finish_reason is None and self.error is None
 
 
 _DONE = object()
@@ -79,10 +80,41 @@ async def run_batch(engine: Engine, jobs: list[Job], executor: Executor,
             step[index].text += text
             step[index].num_tokens += count
         if finished:
-            results = await future  # re-raises an engine failure for every caller in the batch
+            try:
+                results = await future
+            except Exception as err:  # noqa: BLE001 - isolate it: one bad request must not fail its batch
+                yield await _alone(engine, jobs, executor, speculate, step, err)
+                return
             yield [_final(job, result, delta) for job, result, delta in zip(jobs, results, step)]
         elif any(not d.empty for d in step):
             yield step
+
+
+async def _alone(engine: Engine, jobs: list[Job], executor: Executor, speculate: bool, step: list[Delta],
+                 batch_error: Exception) -> list[Delta]:
+    """After a batch failed: each request that had not streamed anything yet runs again on its
+    own (so only the request that fails alone fails); one that had streamed tokens cannot be
+    replayed without repeating them, and reports the batch's error."""
+    loop = asyncio.get_running_loop()
+    out = []
+    for job, delta in zip(jobs, step):
+        if job.text.ids or job.cancelled:
+            out.append(_failed(delta, batch_error))
+            continue
+        try:
+            result = await loop.run_in_executor(
+                executor, lambda j=job: engine.generate([j.request.generation_request()], speculate=speculate)[0])
+        except Exception as err:  # noqa: BLE001 - this request's own failure
+            out.append(_failed(delta, err))
+            continue
+        out.append(_final(job, result, delta))
+    return out
+
+
+def _failed(delta: Delta, err: Exception) -> Delta:
+    delta.error = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+    delta.finish_reason = "error"
+    return delta
 
 
 def _final(job: Job, result: GenerationResult, delta: Delta) -> Delta:

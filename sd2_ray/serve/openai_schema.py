@@ -74,7 +74,8 @@ class _Request(BaseModel):
     top_p: StrictFloat = Field(1.0, gt=0, le=1)
     n: StrictInt = 1
     stop: Optional[Union[StrictStr, list[StrictStr]]] = None
-    seed: Optional[StrictInt] = None
+    # a 64-bit seed, as OpenAI documents it (torch's generators take no more)
+    seed: Optional[StrictInt] = Field(None, ge=-(2 ** 63), le=2 ** 63 - 1)
     stream: StrictBool = False
     stream_options: Optional[dict[str, Any]] = None
     logprobs: Optional[Any] = None

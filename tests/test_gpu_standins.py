@@ -1,0 +1,113 @@
+"""What only a GPU run would show, shown on the CPU: a training step whose engine lives on another
+device than the CPU (the ``meta`` device stands in for CUDA: a CPU tensor fed to it fails, as it
+would on a GPU), gradient masks kept on the gradient's device and dtype, and a Ray Tune search on
+a Ray that *declares* 4 GPUs (placement as on a GPU cluster; the CUDA work itself runs on CPU)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from sd2_ray.finetune import data as D
+from sd2_ray.finetune import masking, step
+from sd2_ray.finetune.toy import char_tokenizer, magnitude_masks, toy_rows
+
+
+class MetaEngine:
+    """A DeepSpeed engine stand-in on the meta device: every tensor it is fed must be there."""
+
+    device = torch.device("meta")
+
+    def __init__(self):
+        self.forwards = 0
+
+    def __call__(self, **batch):
+        for name, tensor in batch.items():
+            assert tensor.device == self.device, f"{name} on {tensor.device}, the engine is on {self.device}"
+        self.forwards += 1
+        return torch.tensor(float(batch["labels"].shape[0]))  # the step reads .item(): a CPU scalar
+
+    def backward(self, loss):
+        pass
+
+    def step(self):
+        pass
+
+    def get_lr(self):
+        return [1e-3]
+
+
+def test_train_step_feeds_the_engine_on_its_device():
+    """Before the fix the collated batches stayed on the CPU and a CUDA engine failed in the
+    embedding (issue 16.2)."""
+    engine, cfg = MetaEngine(), {"seq_len": 48, "response_field": "response", "grad_accum": 2}
+    metrics = step.train_step(engine, toy_rows(8), char_tokenizer(), cfg, rank=0, world=1)
+    assert engine.forwards == 2 and metrics["tokens"] > 0
+
+
+def test_gradient_mask_converts_once_not_every_backward():
+    """A mask meets a gradient of another dtype (bf16 training) or device: converted once and
+    kept, not copied on every micro-step (issue 16.4: fp32 host->device copies per step)."""
+    keep = torch.tensor([[True, False], [False, True]])
+    masker = masking._Masker(keep.to(torch.float32))
+    for _ in range(4):
+        grad = masker(torch.ones(2, 2, dtype=torch.bfloat16))
+        assert grad.dtype == torch.bfloat16 and grad.tolist() == [[1.0, 0.0], [0.0, 1.0]]
+    assert masker.conversions == 1
+
+
+def test_masks_registered_on_a_placed_model_never_convert(tiny_llama):
+    """The worker places the drafter before registering the hooks, so each mask is built in the
+    gradient's device and dtype from the start; the zeros hold through backward."""
+    masks = magnitude_masks(tiny_llama, 0.5)
+    model = tiny_llama.to(torch.bfloat16).train()
+    params = dict(model.named_parameters())
+    maskers = [masking._Masker(m.to(device=params[k].device, dtype=params[k].dtype)) for k, m in masks.items()]
+    handles = [params[k].register_hook(h) for k, h in zip(masks, maskers)]
+    ids = torch.randint(3, 90, (2, 12))
+    for _ in range(3):
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+    for key, mask in masks.items():
+        assert (params[key].grad[~mask] == 0).all()
+    assert all(m.conversions == 0 for m in maskers)
+    masking.remove_hooks(handles)
+
+
+@pytest.fixture(scope="module")
+def ray_with_4_declared_gpus():
+    """A local Ray that *declares* 4 GPUs: tasks asking for GPUs are placed as on a GPU node."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=4, num_gpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(1800)
+def test_search_places_its_gpu_tasks_outside_the_trials_cpu_bundles(ray_with_4_declared_gpus, kit_dir, tmp_path):
+    """Configured like gpu-tune.yaml: each trial's prune task and eval task (and the checkpoint
+    evals run from the Train controller) ask for GPUs while the trial holds only a CPU bundle.
+    Before the fix they asked inside the trial's placement group and never got scheduled (issue
+    16.5). Here every one runs, on CPU where no CUDA exists, and the search finishes."""
+    from sd2_ray.kit import kit_paths
+    from sd2_ray.tune.config import TuneConfig
+    from sd2_ray.tune.job import main
+
+    parts = kit_paths(kit_dir)
+    config = TuneConfig(output=str(tmp_path / "tune"), target=parts["target"], drafter=parts["drafter"],
+                        data=parts["train_prompts"], eval_prompts=parts["eval_prompts"], max_concurrent=1,
+                        max_steps=4, max_eval_prompts=4, eval_max_new_tokens=16, eval_gpus=1, eval_device="auto",
+                        eval_at_checkpoints=True, checkpoint_eval_prompts=2, asha={"enabled": False},
+                        search_space={"sparsity": [0.5], "lr": [1e-3]},
+                        prune={"method": "sparsegpt", "num_samples": 8, "seq_len": 64, "num_gpus": 1,
+                               "device": "cpu"},
+                        finetune={"workers": 1, "batch_size": 4, "seq_len": 64, "checkpoint_every": 2})
+    summary = main(config)
+    assert summary["completed"] == 1 and summary["errored"] == 0, summary
+    best = summary["best"]
+    assert 1.0 <= best["mal"] <= 5.0
