@@ -52,14 +52,14 @@ def prepare_prompts(rows: list[dict[str, Any]], tokenizer) -> list[list[int]]:
     return usable_prompts(rows, tokenizer)[0]
 
 
-def eval_prompts(rows: list[dict[str, Any]], tokenizer, target, settings, k: int):
+def eval_prompts(rows: list[dict[str, Any]], tokenizer, target, settings, k: int, unreadable=()):
     """(prompt ids, kept rows, skipped rows) as every eval of these rows uses them (the baseline
     and each drafter alike): the prompt plus ``max_new_tokens`` plus K draft tokens must fit the
     target's context window, which is what losslessness is judged against. Fails (DataError)
     when too few rows remain (``settings.min_usable_share``)."""
     limit = context_length(target) - settings.max_new_tokens - k - 1
     prompts, kept, skipped = usable_prompts(rows, tokenizer, limit)
-    require_usable("eval prompts", len(prompts), skipped, settings.min_usable_share)
+    require_usable("eval prompts", len(prompts), [*unreadable, *skipped], settings.min_usable_share)
     if skipped:
         logger.warning("eval: skipped %d of %d prompts (e.g. %s)", len(skipped), len(rows), skipped[0]["reason"])
     return prompts, kept, skipped
@@ -158,7 +158,7 @@ def _on_device(model, device: str):
 
 def evaluate_pair(target_dir, drafter_dir, rows: list[dict[str, Any]], num_speculative_tokens: int,
                   settings, *, baseline: dict[str, Any] | None = None, target_tokenizer=None,
-                  drafter_tokenizer=None, progress: bool = True) -> dict[str, Any]:
+                  drafter_tokenizer=None, progress: bool = True, unreadable=()) -> dict[str, Any]:
     """Spec-decode ``rows`` with the pair and return the report dict (see ``sd2 eval``);
     ``settings`` is an :class:`~sd2_ray.evaluate.config.EvalSettings` (decoding, batching,
     placement, row policy).
@@ -166,7 +166,8 @@ def evaluate_pair(target_dir, drafter_dir, rows: list[dict[str, Any]], num_specu
     ``target_dir``/``drafter_dir`` are model dirs (local or s3://) or already loaded models (then
     pass the tokenizers). ``baseline``: a :func:`measure_target_only` result for the same prompts
     and settings to reuse; else it is measured here unless ``settings.measure_baseline`` is False
-    (then ``measured_speedup`` and ``lossless`` are None). A loaded target stays where it is;
+    (then ``measured_speedup`` and ``lossless`` are None). ``unreadable``: rows the reader
+    already left out (they count towards the usable share). A loaded target stays where it is;
     the drafter always runs where the target takes its inputs (a loaded one is moved there).
     """
     from sd2_ray.models.device import dtype_name
@@ -180,7 +181,7 @@ def evaluate_pair(target_dir, drafter_dir, rows: list[dict[str, Any]], num_specu
     if t_tok is None:
         raise DataError("evaluate_pair: a loaded target model needs target_tokenizer")
     k = num_speculative_tokens
-    prompts, kept, skipped = eval_prompts(rows, t_tok, target, settings, k)
+    prompts, kept, skipped = eval_prompts(rows, t_tok, target, settings, k, unreadable)
     if baseline is None and settings.measure_baseline:
         baseline = measure_target_only(target, prompts, settings, progress=progress, target_tokenizer=t_tok)
     if baseline is not None and baseline.get("num_prompts", len(prompts)) != len(prompts):

@@ -31,7 +31,8 @@ def main(config: EvalConfig) -> dict | None:
         if config.gpus > 0:
             logger.info("eval as a Ray task with %s GPU(s)", config.gpus)
         report = run_with_gpus(evaluate_pair, config.gpus, config.target, config.drafter, rows,
-                               config.num_speculative_tokens, config, progress=config.gpus <= 0)
+                               config.num_speculative_tokens, config, progress=config.gpus <= 0,
+                               unreadable=unreadable)
         report["prompts"] = config.prompts
         skipped = unreadable + report["skipped_prompts"]
         write_skipped(storage.join(out_dir, SKIPPED_FILE), skipped)

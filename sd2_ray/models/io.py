@@ -22,12 +22,42 @@ METADATA_FILES = ("config.json", "generation_config.json", "tokenizer*", "specia
 
 
 def check_model_dir(path: str) -> None:
-    """Raise DataError unless ``path`` (local or s3://) is an HF model dir with safetensors
-    weights; reads only the file listing, never downloads."""
+    """Raise DataError unless ``path`` (local or s3://) is an HF model dir with whole safetensors
+    weights; reads the file listing and each weight file's header (a few KB), never the weights."""
     if not storage.is_dir(path):
         raise DataError(f"{path}: model directory not found")
-    names = {storage.basename(f) for f in storage.list_files(path)}
-    _check_names(path, names)
+    files = storage.list_files(path)
+    _check_names(path, {storage.basename(f) for f in files})
+    for file in files:
+        if file.endswith(WEIGHT_SUFFIXES):
+            check_safetensors(file)
+
+
+def check_safetensors(path: str) -> None:
+    """A safetensors file must hold its header and every tensor the header lists: a truncated
+    copy (an interrupted upload or download) is a DataError naming the file, before any worker
+    tries to load it. Reads 8 bytes, the header and the size; random access works on S3 too."""
+    import json
+    import struct
+
+    fs, inner = storage.filesystem(path)
+    with storage.s3_errors(path), fs.open_input_file(inner) as f:
+        size = f.size()
+        head = f.read(8) if size >= 8 else b""
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        problem = None
+        if length is None or 8 + length > size:
+            problem = "header incomplete"
+        else:
+            try:
+                header = json.loads(f.read(length))
+                end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+                if 8 + length + end > size:
+                    problem = f"{size} bytes, the header lists {8 + length + end}"
+            except (ValueError, KeyError, TypeError):
+                problem = "header is not safetensors JSON"
+    if problem:
+        raise DataError(f"{path}: truncated or damaged safetensors file ({problem})")
 
 
 def _check_names(path: str, names: set[str]) -> None:

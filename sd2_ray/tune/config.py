@@ -140,7 +140,10 @@ class TuneSettings(StageConfig):
     @field_validator("prune")
     @classmethod
     def _prune_section(cls, value: PruneSettings) -> PruneSettings:
-        fixed = {"sparsity", "pattern", "overwrite"} & value.model_fields_set
+        # by value, not by which fields were given: the trials rebuild this config from its dump
+        fixed = [name for name, given in (("sparsity", value.sparsity is not None),
+                                          ("pattern", value.pattern != "unstructured"),
+                                          ("overwrite", value.overwrite)) if given]
         if fixed:
             raise ValueError(f"{sorted(fixed)} are set per trial by the search, not in the prune section")
         if value.method == "layers":
@@ -150,7 +153,9 @@ class TuneSettings(StageConfig):
     @field_validator("finetune")
     @classmethod
     def _finetune_section(cls, value: FinetuneSettings) -> FinetuneSettings:
-        fixed = {"lr", "overwrite", "storage_path"} & value.model_fields_set
+        default_lr = FinetuneSettings.model_fields["lr"].default
+        fixed = [name for name, given in (("lr", value.lr != default_lr), ("overwrite", value.overwrite),
+                                          ("storage_path", value.storage_path is not None)) if given]
         if fixed:
             raise ValueError(f"{sorted(fixed)} are set per trial by the search, not in the finetune section")
         return value

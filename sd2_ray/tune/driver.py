@@ -23,7 +23,8 @@ def trainable(config: TuneConfig):
 
     from sd2_ray.tune.trial import run_trial
 
-    bound = tune.with_parameters(run_trial, settings=config.to_dict())
+    # only the fields the user set: a trial tells its own defaults (1 worker, per-step reports) apart
+    bound = tune.with_parameters(run_trial, settings=config.model_dump(mode="json", exclude_unset=True))
     return tune.with_resources(bound, {"CPU": config.trial_cpus})
 
 
