@@ -95,6 +95,20 @@ def test_private_ray_only_where_named():
     assert not leaks, "private Ray modules used:\n" + "\n".join(leaks)
 
 
+def test_pure_modules_pull_in_no_ray_vllm_or_deepspeed():
+    """Importing every non-adapter module loads none of the heavy runtimes (they stay lazy, in
+    the functions that need them): the configs, the CLI's help and the pure cores stay light."""
+    import subprocess
+    import sys
+
+    names = [".".join(("sd2_ray", *p.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__")
+             for p in modules() if str(p.relative_to(PACKAGE)) not in ADAPTERS]
+    code = (f"import importlib, sys\nfor n in {names!r}: importlib.import_module(n)\n"
+            "print(','.join(m for m in ('ray', 'vllm', 'deepspeed') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip() == "", res.stdout + res.stderr[-2000:]
+
+
 @pytest.mark.parametrize("source, expected", [
     ("import ray\n", [(1, "ray")]),
     ("def f():\n    from ray import train\n", [(2, "ray")]),
