@@ -36,15 +36,11 @@ def decoder_linear_names(model: torch.nn.Module) -> list[str]:
 
 def magnitude_masks(model: torch.nn.Module, sparsity: float) -> dict[str, torch.Tensor]:
     """Keep the largest-magnitude (1 - sparsity) of each decoder linear weight."""
+    from sd2_ray.prune.magnitude import magnitude_prune
+
     modules = dict(model.named_modules())
-    masks = {}
-    for name in decoder_linear_names(model):
-        w = modules[name].weight.detach().abs().flatten()
-        drop = int(round(sparsity * w.numel()))
-        keep = torch.ones_like(w, dtype=torch.bool)
-        keep[torch.argsort(w)[:drop]] = False
-        masks[f"{name}.weight"] = keep.reshape(modules[name].weight.shape)
-    return masks
+    return {f"{name}.weight": magnitude_prune(modules[name].weight, sparsity)[1]
+            for name in decoder_linear_names(model)}
 
 
 def make_sparse_drafter(out_dir: str, sparsity: float = 0.5, arch: str = "llama", seed: int = 0,
