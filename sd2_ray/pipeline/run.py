@@ -36,6 +36,10 @@ class Pipeline:
         from sd2_ray.runtime import ensure_ray
 
         config = self.config
+        if config.cluster:  # before anything is launched: a stage that cannot fit fails now, in one line
+            from sd2_ray.plan.job import check
+
+            check(config)
         ensure_ray()
         config.save(config.output)
         manifest.start(config.output, STAGE, drafters=config.drafter_names)
@@ -114,7 +118,9 @@ class Pipeline:
 
 
 def main(config: PipelineConfig) -> dict[str, Any]:
-    summary = Pipeline(config).run()
+    pipeline = Pipeline(config)
+    summary = pipeline.run()
     print(summary.get("table", ""))
-    print(f"sd2 run: report at {storage.join(config.output, 'report', 'report.md')}")
+    print("\n| stage | seconds |\n|---|---|\n" + "\n".join(f"| {k} | {v:.1f} |" for k, v in pipeline.timings.items()))
+    print(f"sd2 run: report at {storage.join(pipeline.config.output, 'report', 'report.md')}")
     return summary
