@@ -104,12 +104,12 @@ def test_greedy_output_equals_target_only(client, pair):
     import torch
 
     from sd2_ray.models.io import load_model, load_tokenizer
-    from sd2_ray.serve.core import render_chat
+    from sd2_ray.serve.core import render_messages
     from sd2_ray.specdec.engine import eos_ids_of
 
     model, tok = load_model(pair[0]), load_tokenizer(pair[0])
     for prompt in pair[2][:3]:
-        text = render_chat([{"role": "user", "content": prompt}], tok)
+        text = render_messages([{"role": "user", "content": prompt}], tok)
         ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
         with torch.inference_mode():  # the plain target, no drafter, no engine: Hugging Face greedy
             out = model.generate(ids, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=list(eos_ids_of(model, tok)),

@@ -118,10 +118,10 @@ def test_context_bounds_and_unknown_model(tokenizer):
                                              add_generation_prompt=True)
     assert prepared.prompt_ids == tokenizer(rendered, add_special_tokens=False)["input_ids"]
     assert prepared.max_tokens == 64 - len(prepared.prompt_ids)  # default: the rest of the context
-    core.check_model(None, "target")
-    core.check_model("target", "target")
+    core.check_model_name(None, "target")
+    core.check_model_name("target", "target")
     with pytest.raises(oa.OpenAIError) as info:
-        core.check_model("gpt-4", "target")
+        core.check_model_name("gpt-4", "target")
     assert info.value.status == 400 and info.value.code == "model_not_found"
 
 

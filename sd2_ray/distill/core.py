@@ -108,9 +108,10 @@ def render(messages: list[dict[str, str]], tokenizer, plain_prompt: str | None) 
 
 
 def encode(text: str, tokenizer) -> list[int]:
-    """Token ids of a rendered prompt: a chat template already holds the special tokens it wants."""
-    add_special = not getattr(tokenizer, "chat_template", None)
-    return list(tokenizer(text, add_special_tokens=add_special)["input_ids"])
+    """Token ids of a rendered prompt (the conventions every stage shares)."""
+    from sd2_ray.models.tokens import encode_rendered
+
+    return encode_rendered(text, tokenizer)
 
 
 def prepare_row(row: Any, index: int, shard: int, tokenizer, mode: str,

@@ -47,7 +47,7 @@ class FinetuneResult:
 
 # ---------------------------------------------------------------- input checks (driver)
 
-def check_model(config: FinetuneConfig) -> str:
+def check_model_and_masks(config: FinetuneConfig) -> str:
     """Local copy of the model dir's config, sparsity report and masks (not its weights: the
     workers fetch those themselves), the masks checked against the architecture."""
     from sd2_ray.models.io import model_metadata_dir
@@ -176,7 +176,7 @@ def run_finetune(config: FinetuneConfig, callbacks: list | None = None) -> Finet
     from sd2_ray.finetune.extensions import extensions_dir
 
     extensions_dir()  # before the workers' environment is built (loop_config)
-    local_model = check_model(config)
+    local_model = check_model_and_masks(config)
     files, rows = prepare_data(config)
     steps = total_steps(config, rows)
     cfg = loop_config(config, steps)  # before any output: a bad DeepSpeed JSON fails here

@@ -69,11 +69,11 @@ def render_sample(row: dict[str, Any], tokenizer) -> str:
 
 def tokenize_samples(texts: list[str], tokenizer, seq_len: int) -> list[torch.Tensor]:
     """One ``[1, T]`` LongTensor per text, ``T <= seq_len``; empty texts are dropped."""
-    templated = bool(getattr(tokenizer, "chat_template", None))
+    from sd2_ray.models.tokens import encode_rendered
+
     batches = []
     for text in texts:
-        # A chat template already writes the BOS token; adding it again would double it.
-        ids = tokenizer(text, add_special_tokens=not templated)["input_ids"][:seq_len]
+        ids = encode_rendered(text, tokenizer)[:seq_len]
         if len(ids) >= 2:
             batches.append(torch.tensor([ids], dtype=torch.long))
     return batches

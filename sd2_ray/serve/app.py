@@ -121,7 +121,7 @@ class SpecDecodeServer:
     async def completions(self, request: Request):
         check_api_key(request, self.config.api_key)
         req = oa.validate_request(oa.CompletionRequest, await request.body())
-        core.check_model(req.model, self.model_name)
+        core.check_model_name(req.model, self.model_name)
         prepared = core.prepare_completion(req, self.tokenizer, self.max_model_len, self.vocab_size)
         return await self._answer(prepared, req, chat=False)
 
@@ -129,7 +129,7 @@ class SpecDecodeServer:
     async def chat_completions(self, request: Request):
         check_api_key(request, self.config.api_key)
         req = oa.validate_request(oa.ChatCompletionRequest, await request.body())
-        core.check_model(req.model, self.model_name)
+        core.check_model_name(req.model, self.model_name)
         prepared = core.prepare_chat(req, self.tokenizer, self.max_model_len, self.config.default_max_tokens)
         return await self._answer(prepared, req, chat=True)
 

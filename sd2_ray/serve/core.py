@@ -26,7 +26,7 @@ class PreparedRequest:
                                  sampling=self.sampling)
 
 
-def check_model(requested: Optional[str], served: str) -> None:
+def check_model_name(requested: Optional[str], served: str) -> None:
     if requested is not None and requested != served:
         raise OpenAIError(f"model '{requested}' does not exist; this server serves '{served}'",
                           param="model", code="model_not_found")
@@ -69,7 +69,7 @@ def prepare_completion(req: CompletionRequest, tokenizer, max_model_len: int,
     return PreparedRequest(prompt_ids, max_tokens, sampling_params(req), req.stop_strings)
 
 
-def render_chat(messages: list[dict[str, str]], tokenizer) -> str:
+def render_messages(messages: list[dict[str, str]], tokenizer) -> str:
     """The target's chat template with the generation prompt; plain lines when it has none."""
     if getattr(tokenizer, "chat_template", None):
         try:
@@ -82,9 +82,10 @@ def render_chat(messages: list[dict[str, str]], tokenizer) -> str:
 
 def prepare_chat(req: ChatCompletionRequest, tokenizer, max_model_len: int,
                  default_max_tokens: int) -> PreparedRequest:
-    text = render_chat(req.plain_messages(), tokenizer)
-    # The template already holds any BOS; adding special tokens again would double it.
-    prompt_ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    from sd2_ray.models.tokens import encode_rendered
+
+    # the same ids distillation, fine-tuning and eval give the same conversation
+    prompt_ids = encode_rendered(render_messages(req.plain_messages(), tokenizer), tokenizer)
     max_tokens = bound_max_tokens(len(prompt_ids), req.requested_max_tokens, max_model_len,
                                   default=default_max_tokens)
     return PreparedRequest(prompt_ids, max_tokens, sampling_params(req), req.stop_strings)
