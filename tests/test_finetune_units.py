@@ -207,3 +207,20 @@ def test_reports_are_spaced_in_time_but_never_past_the_last_step(monkeypatch):
     assert not step.report_due(cfg, 10, 10, last_report=0.0, world=1, device=cpu)  # the final report does it
     assert not step.report_due({**cfg, "report_every": 4}, 3, 10, last_report=0.0, world=1, device=cpu)
     assert step.report_due({**cfg, "report_interval_s": 0.0}, 3, 10, last_report=now[0], world=1, device=cpu)
+
+
+def test_a_stale_extension_build_lock_is_named_not_waited_on_forever(tmp_path):
+    """A DeepSpeed op build killed midway leaves torch's lock file; later builds used to wait on
+    it silently. A live build's lock is waited for; one that outlives the patience is named."""
+    import threading
+
+    from sd2_ray.errors import Sd2Error
+    from sd2_ray.finetune.extensions import wait_for_build_locks
+
+    lock = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text("")
+    with pytest.raises(Sd2Error, match="deepspeed_shm_comm/lock.*delete the lock file"):
+        wait_for_build_locks(patience_s=0.5, poll_s=0.1, root=str(tmp_path))
+    threading.Timer(0.3, lock.unlink).start()  # a build that finishes while we wait
+    wait_for_build_locks(patience_s=5, poll_s=0.1, root=str(tmp_path))
