@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from sd2_ray.evaluate import evaluate_pair
+from sd2_ray.evaluate.config import EvalSettings
 from sd2_ray.kit import kit_paths
 from sd2_ray.models.macs import linear_macs
 from sd2_ray.models.io import load_model
@@ -21,8 +22,8 @@ def test_kit_pair_is_lossless(kit_dir, drafter, batch, prompts, tokens, k):
     leaving nothing to feed for the next draft's logits."""
     paths = kit_paths(kit_dir)
     rows = read_rows(paths["eval_prompts"], limit=prompts)
-    report = evaluate_pair(paths["target"], paths[drafter], rows, k, max_new_tokens=tokens, batch_size=batch,
-                           progress=False)
+    report = evaluate_pair(paths["target"], paths[drafter], rows, k,
+                           EvalSettings(max_new_tokens=tokens, batch_size=batch), progress=False)
     print(f"{drafter}: MAL {report['mean_accepted_length']:.3f}, per position "
           f"{report['per_position_acceptance']}, c {report['cost_coefficient']:.3f}")
     assert report["lossless"] is True and report["cross_tokenizer"] is (drafter == "drafter-uag")
