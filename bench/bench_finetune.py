@@ -49,7 +49,7 @@ def hook_microbench(model_dir: str, args, reps: int = 30) -> dict:
     """One fwd+bwd+AdamW step with and without the mask hooks, alternated to cancel drift."""
     from sd2_ray.finetune import data as D
     from sd2_ray.finetune import masking
-    from sd2_ray.finetune.toy import char_tokenizer, toy_rows
+    from sd2_ray.testing.toy import char_tokenizer, toy_rows
     from sd2_ray.models.io import load_model
 
     torch.set_num_threads(1)
@@ -89,7 +89,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/sd2/torch_extensions"))
-    from sd2_ray.finetune.toy import make_sparse_drafter, write_toy_dataset
+    from sd2_ray.testing.toy import make_sparse_drafter, write_toy_dataset
 
     root = tempfile.mkdtemp(prefix="bench-finetune-")
     model = make_sparse_drafter(os.path.join(root, "pruned"), 0.5, hidden=args.hidden, layers=args.layers,

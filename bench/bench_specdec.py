@@ -25,7 +25,7 @@ def load_pair(args):
 
     if args.random:
         from sd2_ray.models.tiny import tiny_model
-        from sd2_ray.specdec.testing import char_tokenizer
+        from sd2_ray.testing.engine_pairs import char_tokenizer
 
         tok = char_tokenizer()
         target = tiny_model("llama", seed=0, vocab_size=len(tok), hidden=256, layers=6, heads=8, kv_heads=4,

@@ -97,7 +97,7 @@ K, NEW_TOKENS = 4, 24
 @pytest.fixture(scope="module")
 def tiny_target():
     from sd2_ray.models.tiny import tiny_model
-    from sd2_ray.specdec.testing import char_tokenizer, sharpen
+    from sd2_ray.testing.engine_pairs import char_tokenizer, sharpen
 
     tok = char_tokenizer()
     return sharpen(tiny_model("llama", seed=0, vocab_size=len(tok))), tok

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """A tiny chat target + drafter, and a copy of the target whose weights file is cut short."""
-    from sd2_ray.serve.testing import save_tiny_pair
+    from sd2_ray.testing.serve_pairs import save_tiny_pair
 
     root = tmp_path_factory.mktemp("models")
     target, drafter = save_tiny_pair(str(root))
@@ -97,7 +97,7 @@ def test_no_usable_row_fails_with_one_line_and_writes_no_complete_output(models,
 
 def test_finetune_skips_a_bad_row_instead_of_rejecting_the_data(tmp_path):
     from sd2_ray.finetune.config import FinetuneConfig
-    from sd2_ray.finetune.toy import make_sparse_drafter, toy_rows
+    from sd2_ray.testing.toy import make_sparse_drafter, toy_rows
     from sd2_ray.finetune.trainer import prepare_data
 
     rows = toy_rows(16)

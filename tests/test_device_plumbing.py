@@ -14,7 +14,7 @@ import torch
 from sd2_ray.errors import ConfigError
 from sd2_ray.models.tiny import tiny_model
 from sd2_ray.specdec.engine import SpeculativeEngine
-from sd2_ray.specdec.testing import bpe_tokenizer, char_tokenizer, noisy_copy, sharpen
+from sd2_ray.testing.engine_pairs import bpe_tokenizer, char_tokenizer, noisy_copy, sharpen
 from sd2_ray.specdec.types import GenerationRequest, SamplingParams
 
 
@@ -112,7 +112,7 @@ def test_seeded_sampling_is_reproducible_in_bfloat16(pair):
 
 
 def test_from_dirs_with_an_explicit_cpu_device(tmp_path):
-    from sd2_ray.specdec.testing import tiny_pair_dirs
+    from sd2_ray.testing.engine_pairs import tiny_pair_dirs
 
     target_dir, drafter_dir = tiny_pair_dirs(str(tmp_path))
     engine = SpeculativeEngine.from_dirs(target_dir, drafter_dir, 3, device="cpu", dtype=torch.bfloat16)
@@ -226,7 +226,7 @@ def test_pipeline_eval_in_gpu_tasks_matches_the_embedded_eval(tmp_path, ray_with
     from sd2_ray.evaluate import fanout
     from sd2_ray.pipeline.chain import chain, eval_root
     from sd2_ray.pipeline.config import PipelineConfig
-    from sd2_ray.specdec.testing import tiny_pair_dirs
+    from sd2_ray.testing.engine_pairs import tiny_pair_dirs
 
     target_dir, drafter_dir = tiny_pair_dirs(str(tmp_path / "models"))
     prompts_file = tmp_path / "eval.jsonl"
@@ -253,7 +253,7 @@ def test_pipeline_eval_in_gpu_tasks_matches_the_embedded_eval(tmp_path, ray_with
 def test_sd2_eval_with_gpus_runs_as_a_ray_task(tmp_path, ray_with_a_declared_gpu, monkeypatch):
     from sd2_ray.evaluate import job
     from sd2_ray.evaluate.config import EvalConfig
-    from sd2_ray.specdec.testing import tiny_pair_dirs
+    from sd2_ray.testing.engine_pairs import tiny_pair_dirs
 
     target_dir, drafter_dir = tiny_pair_dirs(str(tmp_path / "models"))
     prompts_file = tmp_path / "eval.jsonl"
@@ -275,7 +275,7 @@ def test_tune_trial_eval_with_eval_gpus_runs_as_a_ray_task(tmp_path, ray_with_a_
     import os
 
     import sd2_ray.evaluate.core as core
-    from sd2_ray.specdec.testing import tiny_pair_dirs
+    from sd2_ray.testing.engine_pairs import tiny_pair_dirs
     from sd2_ray.tune import trial
     from sd2_ray.tune.config import TuneConfig
 

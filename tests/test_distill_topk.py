@@ -19,7 +19,7 @@ def pair(tmp_path_factory):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sd2_ray.specdec.testing import tiny_pair_dirs
+    from sd2_ray.testing.engine_pairs import tiny_pair_dirs
 
     target, drafter = tiny_pair_dirs(str(tmp_path_factory.mktemp("pair")))
     model = AutoModelForCausalLM.from_pretrained(target)

@@ -13,7 +13,7 @@ from sd2_ray.errors import DataError
 from sd2_ray.evaluate import evaluate_pair, measure_target_only, prepare_prompts
 from sd2_ray.evaluate.config import EvalSettings
 from sd2_ray.models.io import load_model, load_tokenizer
-from sd2_ray.specdec.testing import tiny_pair_dirs
+from sd2_ray.testing.engine_pairs import tiny_pair_dirs
 
 REQUIRED = ["mean_accepted_length", "acceptance_rate", "per_position_acceptance", "num_speculative_tokens",
             "target_macs_per_token", "drafter_macs_per_token", "cost_coefficient", "predicted_speedup",

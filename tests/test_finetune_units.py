@@ -11,7 +11,7 @@ from sd2_ray.errors import ConfigError, DataError
 from sd2_ray.finetune import data as D
 from sd2_ray.finetune import masking
 from sd2_ray.finetune.config import FinetuneConfig
-from sd2_ray.finetune.toy import char_tokenizer, magnitude_masks, make_sparse_drafter, toy_rows, write_toy_dataset
+from sd2_ray.testing.toy import char_tokenizer, magnitude_masks, make_sparse_drafter, toy_rows, write_toy_dataset
 from sd2_ray.finetune.step import fill_deepspeed_config, lr_factor, param_groups, zero_template
 
 

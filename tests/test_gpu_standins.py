@@ -11,7 +11,7 @@ import torch
 
 from sd2_ray.finetune import data as D
 from sd2_ray.finetune import masking, step
-from sd2_ray.finetune.toy import char_tokenizer, magnitude_masks, toy_rows
+from sd2_ray.testing.toy import char_tokenizer, magnitude_masks, toy_rows
 
 
 class MetaEngine:

@@ -167,7 +167,7 @@ def test_one_hot_target_with_full_support_stays_finite():
 # ---------------------------------------------------------------- rows -> batches, config checks
 
 def char_tok():
-    from sd2_ray.specdec.testing import char_tokenizer
+    from sd2_ray.testing.engine_pairs import char_tokenizer
 
     return char_tokenizer()
 

@@ -27,7 +27,7 @@ def pair(request, tmp_path_factory):
         if os.environ.get("SD2_SERVE_TESTS_TINY"):  # quick iterations without the kit
             raise ImportError
     except ImportError:
-        from sd2_ray.serve.testing import save_tiny_pair
+        from sd2_ray.testing.serve_pairs import save_tiny_pair
 
         target, drafter = save_tiny_pair(str(tmp_path_factory.mktemp("pair")))
         return target, drafter, ["hello world", "def add(a, b):", "The quick brown fox"]

@@ -16,7 +16,7 @@ from sd2_ray.serve.config import ServeConfig
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    from sd2_ray.serve.testing import save_tiny_pair
+    from sd2_ray.testing.serve_pairs import save_tiny_pair
 
     return save_tiny_pair(str(tmp_path_factory.mktemp("pair")))
 

@@ -1,2 +1,9 @@
-"""Helpers the test suite and the benchmarks share (tiny models, toy data, processes, ports).
-Nothing in the pipeline imports this package."""
+"""Helpers the test suite and the benchmarks share, in one place; nothing in the pipeline
+imports this package.
+
+- :mod:`~sd2_ray.testing.engine_pairs`: tiny tokenizers (char, BPE) and target/drafter pairs for
+  the speculative engine and everything built on it.
+- :mod:`~sd2_ray.testing.serve_pairs`: a tiny chat pair with a byte-level BPE tokenizer.
+- :mod:`~sd2_ray.testing.toy`: a sparse toy drafter and distilled-style rows for fine-tuning.
+- :mod:`~sd2_ray.testing.procs`: Ray worker processes of a session (tests that SIGKILL one).
+"""
