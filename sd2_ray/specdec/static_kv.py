@@ -1,0 +1,163 @@
+"""A preallocated KV cache for speculative decoding: slot == position, rollback by length.
+
+Every row owns ``capacity`` slots per layer, allocated once per batch. The token at logical
+position p of row b is written in place into slot p of row b (a scatter), so rejecting drafts
+is only ``lengths -= rejected``: the stale slots are hidden by the mask and overwritten by the
+next tokens. Nothing is re-allocated, re-sliced or compacted per step (compare
+:class:`~sd2_ray.specdec.kv.RaggedKV`, which keeps rejected slots as holes). One extra slot is
+a trash slot that padding columns write into; it is never attended.
+
+Chunks are right-aligned (padding on the left), as for ``RaggedKV``, so the logits a caller
+needs are always in the last columns. The attention mask is one comparison per forward,
+``slot <= query position``, shared by every layer and handed to the model as a 4D mask, so
+Hugging Face builds none. A padding query attends to its row's history (slot 0 at least), so
+no softmax row is empty: an empty one gives NaN, and 0 * NaN would leak into real rows.
+
+Attention reads the first ``read_width`` slots. Eagerly that is a multiple of ``WIDTH_STEP``
+covering every position written so far (a host-side upper bound, so sizing it never syncs);
+for compiled steps it is fixed to the whole capacity, so shapes never change.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+WIDTH_STEP = 64
+CAPACITY_STEP = 256  # capacities are rounded up so compiled steps see few distinct shapes
+MASK_KINDS = {"sdpa": "bool", "eager": "additive"}  # attention implementations taking a 4D mask
+
+
+def supports_static(model) -> bool:
+    """True when the model's attention takes a custom 4D mask (sdpa or eager attention)."""
+    return getattr(model.config, "_attn_implementation", None) in MASK_KINDS
+
+
+def round_capacity(tokens: int) -> int:
+    return -(-tokens // CAPACITY_STEP) * CAPACITY_STEP
+
+
+class SlotLayer(CacheLayerMixin):
+    """One layer's keys/values: (B, kv_heads, capacity + 1, head_dim), written by position."""
+
+    is_compileable = True
+    is_sliding = False
+
+    def __init__(self, owner: "StaticKV"):
+        super().__init__()
+        self.owner = owner
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        # allocated on the layer's own device (a device_map may spread layers over GPUs)
+        b, h = key_states.shape[:2]
+        slots = self.owner.trash + 1
+        self.keys = torch.zeros((b, h, slots, key_states.shape[-1]), dtype=key_states.dtype,
+                                device=key_states.device)
+        self.values = torch.zeros((b, h, slots, value_states.shape[-1]), dtype=value_states.dtype,
+                                  device=value_states.device)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        b, h, q, _ = key_states.shape
+        slots = self.owner.write_slots.to(key_states.device).view(b, 1, q, 1)
+        self.keys.scatter_(2, slots.expand(b, h, q, self.keys.shape[-1]), key_states)
+        self.values.scatter_(2, slots.expand(b, h, q, self.values.shape[-1]), value_states)
+        width = self.owner.read_width
+        return self.keys[:, :, :width], self.values[:, :, :width]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.read_width, 0
+
+    def get_seq_length(self) -> int:
+        return 0  # positions always come from the caller
+
+    def get_max_length(self) -> int:
+        return self.owner.trash
+
+
+class SlotCache(Cache):
+    def __init__(self, owner: "StaticKV", num_layers: int):
+        super().__init__(layers=[SlotLayer(owner) for _ in range(num_layers)])
+
+
+def num_cache_layers(model) -> int:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return config.num_hidden_layers
+
+
+class StaticKV:
+    """The :class:`~sd2_ray.specdec.kv.RaggedKV` interface over preallocated slots.
+
+    ``capacity``: the most tokens a row will hold (prompt + generated + drafts in flight).
+    ``fixed_width``: attention always reads the whole capacity (compiled steps).
+    """
+
+    def __init__(self, model, batch_size: int, capacity: int, fixed_width: bool = False):
+        from sd2_ray.models.device import input_device
+
+        self.model = model
+        self.device = input_device(model)
+        self.trash = capacity  # slots 0..capacity-1 hold tokens, slot ``capacity`` is trash
+        self.fixed_width = fixed_width
+        self.mask_kind = MASK_KINDS[model.config._attn_implementation]
+        self.mask_dtype = model.dtype
+        self.cache = SlotCache(self, num_cache_layers(model))
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # tokens per row
+        self.slot_ids = torch.arange(capacity + 1, device=self.device)
+        self.write_slots = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
+        self.bound = 0  # host-side upper bound of max(lengths)
+        self.read_width = capacity + 1 if fixed_width else 0
+
+    def reserve(self, width: int) -> None:
+        """Account for a chunk of ``width`` columns before it is run (host only, no sync)."""
+        self.bound += width
+        if self.bound > self.trash:
+            raise RuntimeError(f"static KV cache overflow: {self.bound} tokens in {self.trash} slots")
+        if not self.fixed_width:
+            self.read_width = min(self.trash + 1, -(-self.bound // WIDTH_STEP) * WIDTH_STEP)
+
+    def inputs(self, real: torch.Tensor):
+        """Position ids, write slots and the 4D mask of a right-aligned chunk (``real``: (B, W))."""
+        positions = self.lengths.unsqueeze(1) + real.long().cumsum(1) - 1  # of the real tokens
+        slots = torch.where(real, positions, self.trash)
+        seen = torch.where(real, positions, (self.lengths - 1).clamp(min=0).unsqueeze(1))
+        mask = self.slot_ids[:self.read_width].view(1, 1, 1, -1) <= seen.unsqueeze(1).unsqueeze(-1)
+        if self.mask_kind == "additive":
+            mask = torch.zeros((), dtype=self.mask_dtype, device=mask.device).masked_fill(
+                ~mask, torch.finfo(self.mask_dtype).min)
+        return positions.clamp(min=0), slots, mask
+
+    def run(self, tokens: torch.Tensor, real: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+        """One forward of a chunk the caller has reserved; traceable (no host reads)."""
+        positions, self.write_slots, mask = self.inputs(real)
+        out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=logits_to_keep)
+        self.lengths.add_(real.sum(1))
+        return out.logits
+
+    def forward(self, tokens: torch.Tensor, real: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+        """Append a chunk (B, W) whose ``real`` slots are tokens and the rest padding; logits of the
+        last ``logits_to_keep`` columns (all when 0), on ``self.device``."""
+        tokens, real = tokens.to(self.device), real.to(self.device)
+        self.reserve(tokens.shape[1])
+        return self.run(tokens, real, logits_to_keep).to(self.device)
+
+    def drop_last(self, counts: torch.Tensor) -> None:
+        """Roll row i back by ``counts[i]`` tokens (rejected drafts): only the lengths change."""
+        self.lengths.sub_(counts.to(self.device))
+        self.resync()
+
+    def resync(self) -> None:
+        """Tighten the host bound to the real lengths (one sync; callers do it once per pass)."""
+        self.bound = int(self.lengths.max()) if self.lengths.numel() else 0
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only these rows (finished requests leave the batch)."""
+        rows = rows.to(self.device)
+        for layer in self.cache.layers:
+            if layer.is_initialized:
+                layer.keys = layer.keys.index_select(0, rows.to(layer.keys.device))
+                layer.values = layer.values.index_select(0, rows.to(layer.values.device))
+        self.lengths = self.lengths.index_select(0, rows)
+        self.resync()
