@@ -113,3 +113,21 @@ def test_compiled_steps_give_the_eager_tokens():
     requests = [GenerationRequest(p, n) for p, n in zip(prompts, budgets)]
     greedy = [r.token_ids for r in engines[1].generate(requests)]
     assert [r.token_ids for r in alone.generate(requests)] == greedy
+
+
+@pytest.mark.slow
+def test_compiled_verification_serves_a_cross_tokenizer_pair():
+    """The cross-tokenizer drafter stays eager on its growing cache; the target's verification
+    runs compiled with its fixed K+1 chunk although rows propose fewer drafts."""
+    from sd2_ray.specdec.testing import bpe_tokenizer, char_tokenizer
+
+    t_tok, d_tok = char_tokenizer(), bpe_tokenizer()
+    target = sharpen(tiny_model("llama", seed=0, vocab_size=len(t_tok)), 4.0)
+    drafter = sharpen(tiny_model("qwen2", seed=1, vocab_size=len(d_tok)), 4.0)
+    prompts = [t_tok.encode(t) for t in ("hello there", "the cat sat on the")]
+    compiled = SpeculativeEngine(target, drafter, 3, t_tok, d_tok, compile=True)
+    assert compiled.cross_tokenizer and compiled.compile
+    for sp in (SamplingParams(), SamplingParams(temperature=0.8, seed=5)):
+        requests = [GenerationRequest(p, 16, sp) for p in prompts]
+        eager = SpeculativeEngine(target, drafter, 3, t_tok, d_tok).generate(requests)
+        assert [r.token_ids for r in compiled.generate(requests)] == [r.token_ids for r in eager]

@@ -68,8 +68,15 @@ def mark_batch_dynamic(args) -> None:
 
 
 def _compiler(fn, device: torch.device):
+    import os
+
     import torch._dynamo
 
+    from sd2_ray.storage import cache_root
+
+    # compiled kernels persist with the model kit, not under a per-job TMPDIR: a later process
+    # (the next eval, Tune trial or replica) then compiles in seconds instead of minutes
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(cache_root(), "inductor"))
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     if device.type == "cuda":
         # CUDA graphs (cudagraph trees): one graph per batch size, replayed without launches
