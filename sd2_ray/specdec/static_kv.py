@@ -20,7 +20,6 @@ for compiled steps it is fixed to the whole capacity, so shapes never change.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
 
 WIDTH_STEP = 64
 CAPACITY_STEP = 256  # capacities are rounded up so compiled steps see few distinct shapes
@@ -34,51 +33,6 @@ def supports_static(model) -> bool:
 
 def round_capacity(tokens: int) -> int:
     return -(-tokens // CAPACITY_STEP) * CAPACITY_STEP
-
-
-class SlotLayer(CacheLayerMixin):
-    """One layer's keys/values: (B, kv_heads, capacity + 1, head_dim), written by position."""
-
-    is_compileable = True
-    is_sliding = False
-
-    def __init__(self, owner: "StaticKV"):
-        super().__init__()
-        self.owner = owner
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        # allocated on the layer's own device (a device_map may spread layers over GPUs)
-        b, h = key_states.shape[:2]
-        slots = self.owner.trash + 1
-        self.keys = torch.zeros((b, h, slots, key_states.shape[-1]), dtype=key_states.dtype,
-                                device=key_states.device)
-        self.values = torch.zeros((b, h, slots, value_states.shape[-1]), dtype=value_states.dtype,
-                                  device=value_states.device)
-        self.is_initialized = True
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        b, h, q, _ = key_states.shape
-        slots = self.owner.write_slots.to(key_states.device).view(b, 1, q, 1)
-        self.keys.scatter_(2, slots.expand(b, h, q, self.keys.shape[-1]), key_states)
-        self.values.scatter_(2, slots.expand(b, h, q, self.values.shape[-1]), value_states)
-        width = self.owner.read_width
-        return self.keys[:, :, :width], self.values[:, :, :width]
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.owner.read_width, 0
-
-    def get_seq_length(self) -> int:
-        return 0  # positions always come from the caller
-
-    def get_max_length(self) -> int:
-        return self.owner.trash
-
-
-class SlotCache(Cache):
-    def __init__(self, owner: "StaticKV", num_layers: int):
-        super().__init__(layers=[SlotLayer(owner) for _ in range(num_layers)])
 
 
 def num_cache_layers(model) -> int:
@@ -102,6 +56,8 @@ class StaticKV:
         self.fixed_width = fixed_width
         self.mask_kind = MASK_KINDS[model.config._attn_implementation]
         self.mask_dtype = model.dtype
+        from sd2_ray.specdec.slot_cache import SlotCache  # transformers: imported only when used
+
         self.cache = SlotCache(self, num_cache_layers(model))
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # tokens per row
         self.slot_ids = torch.arange(capacity + 1, device=self.device)
