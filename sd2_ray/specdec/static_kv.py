@@ -44,7 +44,9 @@ class StaticKV:
     """The :class:`~sd2_ray.specdec.kv.RaggedKV` interface over preallocated slots.
 
     ``capacity``: the most tokens a row will hold (prompt + generated + drafts in flight).
-    ``fixed_width``: attention always reads the whole capacity (compiled steps).
+    ``fixed_width``: attention always reads the whole capacity (compiled steps); on CUDA the
+    tensors the steps mutate in place are then marked as static addresses, which CUDA graphs
+    need to replay over them.
     """
 
     def __init__(self, model, batch_size: int, capacity: int, fixed_width: bool = False):
@@ -59,11 +61,18 @@ class StaticKV:
         from sd2_ray.specdec.slot_cache import SlotCache  # transformers: imported only when used
 
         self.cache = SlotCache(self, num_cache_layers(model))
-        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # tokens per row
+        self.lengths = self.pinned(torch.zeros(batch_size, dtype=torch.long, device=self.device))  # per row
         self.slot_ids = torch.arange(capacity + 1, device=self.device)
         self.write_slots = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
         self.bound = 0  # host-side upper bound of max(lengths)
         self.read_width = capacity + 1 if fixed_width else 0
+
+    def pinned(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.fixed_width and tensor.device.type == "cuda":
+            import torch._dynamo
+
+            torch._dynamo.mark_static_address(tensor)
+        return tensor
 
     def reserve(self, width: int) -> None:
         """Account for a chunk of ``width`` columns before it is run (host only, no sync)."""
@@ -113,7 +122,7 @@ class StaticKV:
         rows = rows.to(self.device)
         for layer in self.cache.layers:
             if layer.is_initialized:
-                layer.keys = layer.keys.index_select(0, rows.to(layer.keys.device))
-                layer.values = layer.values.index_select(0, rows.to(layer.values.device))
-        self.lengths = self.lengths.index_select(0, rows)
+                layer.keys = self.pinned(layer.keys.index_select(0, rows.to(layer.keys.device)))
+                layer.values = self.pinned(layer.values.index_select(0, rows.to(layer.values.device)))
+        self.lengths = self.pinned(self.lengths.index_select(0, rows))
         self.resync()
