@@ -1,5 +1,6 @@
 """The speculative engine is lossless: greedy equals the target's own greedy decoding (HF
-``generate``), sampling follows the target's distribution, batched rows diverge correctly."""
+``generate``), sampling follows the target's distribution, batched rows diverge correctly.
+The engine-level tests run on both KV caches: static (the default) and the growing one."""
 from __future__ import annotations
 
 import subprocess
@@ -47,12 +48,18 @@ def pair(request):
     return request.param, target, noisy_copy(target, 0.6)
 
 
+@pytest.fixture(params=["static", "growing"])
+def make_engine(request):
+    """SpeculativeEngine on one of the two KV caches."""
+    return lambda *args, **kwargs: SpeculativeEngine(*args, static_cache=request.param == "static", **kwargs)
+
+
 @pytest.mark.parametrize("batch,k", [(1, 1), (5, 3), (4, 5)])
-def test_greedy_equals_target_greedy(pair, batch, k):
+def test_greedy_equals_target_greedy(pair, batch, k, make_engine):
     _, target, drafter = pair
     prompts = prompts_for(batch, seed=batch * 10 + k)
     refs = [hf_greedy(target, p, 24) for p in prompts]
-    results = SpeculativeEngine(target, drafter, k).generate([GenerationRequest(p, 24) for p in prompts])
+    results = make_engine(target, drafter, k).generate([GenerationRequest(p, 24) for p in prompts])
     assert [r.token_ids for r in results] == refs
     for r, ref in zip(results, refs):
         assert r.finish_reason == ("stop" if ref[-1] == 2 else "length")
@@ -60,12 +67,12 @@ def test_greedy_equals_target_greedy(pair, batch, k):
         assert r.stats.committed_tokens == len(ref)
 
 
-def test_rows_accept_different_lengths_and_stay_lossless(pair):
-    """The ragged path (holes, compaction) is exercised: rows' acceptance differs."""
+def test_rows_accept_different_lengths_and_stay_lossless(pair, make_engine):
+    """Rows' acceptance differs: rollback by length (static) or holes and compaction (growing)."""
     _, target, drafter = pair
     prompts = prompts_for(6, seed=3)
     refs = [hf_greedy(target, p, 40, eos=None) for p in prompts]
-    engine = SpeculativeEngine(target, drafter, 4, eos_token_ids=())
+    engine = make_engine(target, drafter, 4, eos_token_ids=())
     results = engine.generate([GenerationRequest(p, 40) for p in prompts])
     assert [r.token_ids for r in results] == refs
     per_row = {tuple(r.stats.accepted_per_position) for r in results}
@@ -73,7 +80,7 @@ def test_rows_accept_different_lengths_and_stay_lossless(pair):
     assert any(0 < r.stats.acceptance_rate < 1 for r in results)
 
 
-def test_stop_token_mid_draft(pair):
+def test_stop_token_mid_draft(pair, make_engine):
     _, target, _ = pair
     prompt = prompts_for(1, seed=5)[0]
     ref = hf_greedy(target, prompt, 20, eos=None)
@@ -81,7 +88,7 @@ def test_stop_token_mid_draft(pair):
     expected = ref[:ref.index(stop) + 1]
     for engine_kwargs, request_kwargs in (({"eos_token_ids": ()}, {"stop_token_ids": (stop,)}),
                                           ({"eos_token_ids": (stop,)}, {})):
-        engine = SpeculativeEngine(target, target, 3, **engine_kwargs)
+        engine = make_engine(target, target, 3, **engine_kwargs)
         result = engine.generate([GenerationRequest(prompt, 20, **request_kwargs)])[0]
         assert result.token_ids == expected and result.finish_reason == "stop"
         assert result.stats.committed_tokens == len(expected)
@@ -99,15 +106,15 @@ def test_drafter_equal_to_target_gives_mal_k_plus_one(pair, k):
         assert r.stats.target_passes == 3 and r.stats.accepted_per_position == [3] * k
 
 
-def test_target_only_engine_is_greedy_and_counts_passes(pair):
+def test_target_only_engine_is_greedy_and_counts_passes(pair, make_engine):
     _, target, _ = pair
     prompts = prompts_for(3, seed=9)
-    results = SpeculativeEngine(target, None).generate([GenerationRequest(p, 12) for p in prompts])
+    results = make_engine(target, None).generate([GenerationRequest(p, 12) for p in prompts])
     assert [r.token_ids for r in results] == [hf_greedy(target, p, 12) for p in prompts]
     assert all(r.stats.num_drafts == 0 and r.stats.target_passes == len(r.token_ids) for r in results)
 
 
-def test_callback_streams_in_order_and_can_stop(pair):
+def test_callback_streams_in_order_and_can_stop(pair, make_engine):
     _, target, drafter = pair
     prompts = prompts_for(3, seed=11)
     seen: dict[int, list[int]] = {0: [], 1: [], 2: []}
@@ -116,7 +123,7 @@ def test_callback_streams_in_order_and_can_stop(pair):
         seen[index].extend(ids)
         return index == 1 and len(seen[1]) >= 4  # stop request 1 early
 
-    engine = SpeculativeEngine(target, drafter, 3, eos_token_ids=())
+    engine = make_engine(target, drafter, 3, eos_token_ids=())
     results = engine.generate([GenerationRequest(p, 16) for p in prompts], on_tokens=on_tokens)
     assert [seen[i] for i in range(3)] == [r.token_ids for r in results]
     assert results[1].finish_reason == "stop" and 4 <= len(results[1].token_ids) < 16
@@ -124,12 +131,12 @@ def test_callback_streams_in_order_and_can_stop(pair):
     assert results[1].token_ids == hf_greedy(target, prompts[1], 16, eos=None)[:len(results[1].token_ids)]
 
 
-def test_mixed_batch_and_max_batch_size(pair):
+def test_mixed_batch_and_max_batch_size(pair, make_engine):
     _, target, drafter = pair
     prompts = prompts_for(4, seed=13)
     params = [SamplingParams(), SamplingParams(temperature=0.8, top_k=10, seed=1), SamplingParams(),
               SamplingParams(temperature=1.2, top_p=0.8, seed=2)]
-    engine = SpeculativeEngine(target, drafter, 3, max_batch_size=3)
+    engine = make_engine(target, drafter, 3, max_batch_size=3)
     results = engine.generate([GenerationRequest(p, 16, s) for p, s in zip(prompts, params)])
     for i in (0, 2):
         assert results[i].token_ids == hf_greedy(target, prompts[i], 16)
@@ -218,15 +225,15 @@ def tv_bound(p: torch.Tensor, n: int) -> float:
 
 
 @pytest.mark.parametrize("sp", [SamplingParams(1.0), SamplingParams(0.7, 0.9, 5)], ids=["plain", "warped"])
-def test_sampling_matches_target_distribution_and_catches_broken_rule(sp):
+def test_sampling_matches_target_distribution_and_catches_broken_rule(sp, make_engine):
     target = sharpen(tiny_model("llama", seed=0, vocab_size=VOCAB), 6.0)
     drafter = sharpen(tiny_model("llama", seed=5, vocab_size=VOCAB, layers=1), 6.0)
     prompt, n = [3, 5, 4, 6], 4000
     exact = exact_joint(target, prompt, sp)
     bound = tv_bound(exact.flatten(), n)
-    good = SpeculativeEngine(target, drafter, 2, eos_token_ids=())
+    good = make_engine(target, drafter, 2, eos_token_ids=())
     tv_good = 0.5 * (sampled_joint(good, prompt, sp, n) - exact).abs().sum().item()
-    broken = SpeculativeEngine(target, drafter, 2, eos_token_ids=(), accept_rule=lambda p, q, u: u < 1.0)
+    broken = make_engine(target, drafter, 2, eos_token_ids=(), accept_rule=lambda p, q, u: u < 1.0)
     tv_broken = 0.5 * (sampled_joint(broken, prompt, sp, n) - exact).abs().sum().item()
     assert tv_good < bound, (tv_good, bound)
     assert tv_broken > bound, (tv_broken, bound)  # always accepting = sampling the drafter

@@ -9,8 +9,11 @@ drafter == target every pass commits K+1 tokens.
 Per step, for the rows still running: the drafter proposes up to K target ids per row; the
 target scores ``[uncached committed tokens, drafts]`` in one forward on its KV cache; each row
 accepts its own prefix (greedy: equal to the target's argmax; sampling: min(1, p/q) with the
-residual resample and bonus token); rejected drafts become holes in the caches
-(:mod:`sd2_ray.specdec.kv`), so nothing is ever recomputed.
+residual resample and bonus token); the caches roll rejected drafts back by length (static
+caches, :mod:`sd2_ray.specdec.static_kv`) or turn them into holes (growing caches,
+:mod:`sd2_ray.specdec.kv`), so nothing is ever recomputed. After the first pass every chunk
+has a fixed shape (drafter: 2 tokens, target: K+1), which is what lets the draft chain and the
+verification run compiled (:mod:`sd2_ray.specdec.steps`).
 
 Devices: every tensor of the loop lives on the target's input device; the drafter works on its
 own device (it may be another GPU) and hands drafts and probabilities back on the target's.
@@ -26,10 +29,14 @@ import torch
 
 from sd2_ray.models.device import input_device
 from sd2_ray.specdec.kv import RaggedKV
-from sd2_ray.specdec.sampling import RowParams, pick, verify
+from sd2_ray.specdec.sampling import RowParams, verify
+from sd2_ray.specdec.static_kv import StaticKV, round_capacity, supports_static
+from sd2_ray.specdec.steps import DecodeSteps
 from sd2_ray.specdec.types import GenerationRequest, GenerationResult, SpecStats, TokenCallback
 
 logger = logging.getLogger(__name__)
+
+STEADY_DRAFT_CHUNK = 2  # what the drafter is fed after the first pass: [last draft,] bonus token
 
 
 def eos_ids_of(model, tokenizer=None) -> tuple[int, ...]:
@@ -48,20 +55,10 @@ def output_vocab_size(model) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
 
-def fit_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Drafter logits over the target's id range: extra ids cut, missing ids impossible."""
-    have = logits.shape[-1]
-    if have == vocab:
-        return logits
-    if have > vocab:
-        return logits[..., :vocab]
-    pad = logits.new_full(logits.shape[:-1] + (vocab - have,), float("-inf"))
-    return torch.cat([logits, pad], dim=-1)
-
-
-def right_aligned(seqs: list[list[int]], device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists of different lengths as one (B, W) chunk, holes on the left."""
-    width = max(len(s) for s in seqs)
+def right_aligned(seqs: list[list[int]], device=None, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists of different lengths as one (B, W) chunk, holes on the left (W: the longest
+    list, or ``width``)."""
+    width = max(len(s) for s in seqs) if width is None else width
     tokens = torch.tensor([[0] * (width - len(s)) + s for s in seqs], dtype=torch.long, device=device)
     real = torch.tensor([[False] * (width - len(s)) + [True] * len(s) for s in seqs], dtype=torch.bool,
                         device=device)
@@ -69,33 +66,34 @@ def right_aligned(seqs: list[list[int]], device=None) -> tuple[torch.Tensor, tor
 
 
 class SameVocabDrafter:
-    """Chain drafting with a drafter that shares the target's token ids."""
+    """Chain drafting with a drafter that shares the target's token ids.
 
-    def __init__(self, model, prompts: list[list[int]], vocab: int, out_device=None):
-        self.kv = RaggedKV(model, len(prompts))
+    With ``steps`` over a static cache (``capacity`` given), the K draft steps after the first
+    pass are one call of the same shape every pass (a chunk of 2: the bonus token, preceded
+    by the last draft when all were accepted), so a compiled chain is reused."""
+
+    def __init__(self, model, prompts: list[list[int]], vocab: int, out_device=None, *,
+                 steps: DecodeSteps | None = None, capacity: int | None = None):
+        self.steps = steps or DecodeSteps(model)
+        self.kv = StaticKV(model, len(prompts), capacity, fixed_width=self.steps.compiled) \
+            if capacity is not None else RaggedKV(model, len(prompts))
         self.device = self.kv.device  # the drafter's own device
         self.out_device = out_device if out_device is not None else self.device  # the target's
         self.vocab = vocab
         self.pending: list[list[int]] = [list(p) for p in prompts]  # committed ids not in the cache
         self.last_draft: torch.Tensor | None = None
+        self.steady = False  # past the first pass (the prompts)
 
     def propose(self, k: int, rp: RowParams, uniforms: torch.Tensor, history=None):
-        tokens, real = right_aligned(self.pending, self.device)
-        logits = self.kv.forward(tokens, real, logits_to_keep=1)[:, -1]
-        rp, uniforms = rp.to(self.device), uniforms.to(self.device)
-        drafts, probs = [], []
-        for j in range(k):
-            token, prob = pick(fit_vocab(logits, self.vocab), rp, uniforms[:, j])
-            drafts.append(token)
-            probs.append(prob)
-            if j < k - 1:  # the last draft is fed next step only if it gets accepted
-                logits = self.kv.forward(token.unsqueeze(1), torch.ones_like(token, dtype=torch.bool)
-                                         .unsqueeze(1), logits_to_keep=1)[:, -1]
-        self.last_draft = drafts[-1]
+        steady = self.steady and max(len(p) for p in self.pending) <= STEADY_DRAFT_CHUNK
+        tokens, real = right_aligned(self.pending, self.device, STEADY_DRAFT_CHUNK if steady else None)
+        drafts, probs = self.steps.draft(self.kv, tokens, real, k, rp.to(self.device), uniforms.to(self.device),
+                                         self.vocab, steady)
+        self.steady = True
+        self.last_draft = drafts[:, -1]
         self.pending = [[] for _ in self.pending]
-        draft_probs = None if probs[0] is None else torch.stack(probs, dim=1).to(self.out_device)
-        draft_len = torch.full((len(drafts[0]),), k, dtype=torch.long, device=self.out_device)
-        return torch.stack(drafts, dim=1).to(self.out_device), draft_len, draft_probs
+        draft_len = torch.full((drafts.shape[0],), k, dtype=torch.long, device=self.out_device)
+        return drafts.to(self.out_device), draft_len, None if probs is None else probs.to(self.out_device)
 
     def commit(self, k: int, accepted: list[int], next_tokens: list[int], new_tokens=None, history=None):
         if k == 0:
@@ -133,12 +131,20 @@ class SpeculativeEngine:
 
     ``drafter_model=None`` decodes with the target alone through the same batched loop.
     Tokenizers, when both are given and differ, switch to Universal Assisted Generation.
+
+    ``static_cache`` (default): preallocated KV caches rolled back by length
+    (:mod:`sd2_ray.specdec.static_kv`); ``False``: the growing caches with holes of
+    :mod:`sd2_ray.specdec.kv`. ``compile``: run the steady-state draft chain and verification
+    compiled (:mod:`sd2_ray.specdec.steps`; static cache only). Off by default: on the CPUs
+    this was measured on, compiling costs far more than short runs save (see bench_specdec).
+    The cross-tokenizer drafter always keeps the growing cache (its context, in its own
+    tokens, has no length known in advance) and runs eagerly.
     """
 
     def __init__(self, target_model, drafter_model=None, num_speculative_tokens: int = 4,
                  target_tokenizer=None, drafter_tokenizer=None, *,
                  eos_token_ids: tuple[int, ...] | None = None, max_batch_size: int | None = None,
-                 accept_rule=None):
+                 accept_rule=None, static_cache: bool = True, compile: bool = False):
         if num_speculative_tokens < 0:
             raise ValueError("num_speculative_tokens must be >= 0")
         self.target = target_model.eval()
@@ -160,6 +166,14 @@ class SpeculativeEngine:
                 self.translator = Translator(target_tokenizer, drafter_tokenizer, self.vocab,
                                              eos_ids_of(drafter_model, drafter_tokenizer),
                                              device=self.drafter_device)
+        models = [m for m in (self.target, self.drafter) if m is not None]
+        self.static_cache = static_cache and all(supports_static(m) for m in models)
+        if static_cache and not self.static_cache:
+            logger.info("attention implementation takes no 4D mask: growing KV caches instead of static ones")
+        self.compile = compile and self.static_cache
+        self._target_steps = DecodeSteps(self.target, self.compile)
+        self._drafter_steps = DecodeSteps(self.drafter, self.compile) \
+            if self.drafter is not None and self.translator is None else None
 
     @property
     def cross_tokenizer(self) -> bool:
@@ -205,14 +219,20 @@ class SpeculativeEngine:
         return _Row(offset + i, req, frozenset(self.eos_token_ids) | frozenset(req.stop_token_ids),
                     SpecStats(num_speculative_tokens=k, accepted_per_position=[0] * k), generator)
 
-    def _new_drafter(self, prompts: list[list[int]]):
+    def _new_drafter(self, prompts: list[list[int]], capacity: int):
         if self.drafter is None or self.num_speculative_tokens == 0:
             return None
         if self.translator is not None:
             from sd2_ray.specdec.uag import CrossVocabDrafter
 
             return CrossVocabDrafter(self.drafter, self.translator, prompts, out_device=self.device)
-        return SameVocabDrafter(self.drafter, prompts, self.vocab, out_device=self.device)
+        return SameVocabDrafter(self.drafter, prompts, self.vocab, out_device=self.device,
+                                steps=self._drafter_steps, capacity=capacity if self.static_cache else None)
+
+    def _new_target_cache(self, rows: list[_Row], capacity: int):
+        if self.static_cache:
+            return StaticKV(self.target, len(rows), capacity, fixed_width=self.compile)
+        return RaggedKV(self.target, len(rows))
 
     def _generate_batch(self, requests, offset: int, on_tokens, speculate: bool = True) -> list[GenerationResult]:
         rows = [self._new_row(offset, i, r) for i, r in enumerate(requests)]
@@ -227,14 +247,19 @@ class SpeculativeEngine:
     def _decode(self, rows: list[_Row], on_tokens, speculate: bool = True) -> None:
         prompts = [list(row.request.prompt_ids) for row in rows]
         rp = RowParams.from_params([row.request.sampling for row in rows], device=self.device)
-        target_kv = RaggedKV(self.target, len(rows))
-        drafter = self._new_drafter(prompts) if speculate else None
+        K = self.num_speculative_tokens
+        # a row holds its prompt, its budget and at most K + 1 tokens in flight
+        capacity = round_capacity(max(len(p) + row.request.max_new_tokens for p, row in zip(prompts, rows)) + K + 1)
+        target_kv = self._new_target_cache(rows, capacity)
+        drafter = self._new_drafter(prompts, capacity) if speculate else None
         pending: list[list[int]] = prompts  # committed target ids not yet in the target cache
         histories = [list(p) for p in prompts]  # prompt + generated target ids (for UAG)
-        K = self.num_speculative_tokens
+        steady = False  # past the first pass (prompt prefill): every chunk has its fixed shape
         while rows:
             # never draft past the largest remaining budget: those tokens could not be emitted
-            k = min(self.num_speculative_tokens, max(row.remaining for row in rows) - 1) if drafter else 0
+            k = min(K, max(row.remaining for row in rows) - 1) if drafter else 0
+            if k > 0 and self.compile:
+                k = K  # one shape every pass (a compiled graph each); rows' budgets cut drafts below
             uniforms = self._uniforms(rows)
             if k > 0:
                 drafts, draft_len, draft_probs = drafter.propose(k, rp, uniforms[:, :k], histories)
@@ -242,13 +267,15 @@ class SpeculativeEngine:
                 budget = torch.tensor([row.remaining - 1 for row in rows], dtype=torch.long,
                                       device=self.device)
                 draft_len = torch.minimum(draft_len, budget)
-                width = int(draft_len.max())  # cross-tokenizer rows may all propose fewer than k
-                drafts = drafts[:, :width]
-                draft_probs = draft_probs[:, :width] if draft_probs is not None else None
+                if not self.compile:
+                    width = int(draft_len.max())  # cross-tokenizer rows may all propose fewer than k
+                    drafts = drafts[:, :width]
+                    draft_probs = draft_probs[:, :width] if draft_probs is not None else None
             else:
                 drafts = torch.zeros(len(rows), 0, dtype=torch.long, device=self.device)
                 draft_len, draft_probs = torch.zeros(len(rows), dtype=torch.long, device=self.device), None
-            logits = self._score(target_kv, pending, drafts, draft_len)
+            logits = self._score(target_kv, pending, drafts, draft_len, steady)
+            steady = True
             accepted, next_token = verify(logits, drafts, draft_len, draft_probs, rp,
                                           uniforms[:, K:K + drafts.shape[1]], uniforms[:, 2 * K], self.accept_rule)
             target_kv.drop_last(draft_len - accepted)
@@ -287,9 +314,11 @@ class SpeculativeEngine:
                 out[i] = torch.rand(size, generator=row.generator)
         return out.to(self.device)
 
-    def _score(self, kv: RaggedKV, pending: list[list[int]], drafts: torch.Tensor,
-               draft_len: torch.Tensor) -> torch.Tensor:
-        """Target logits (B, M+1, V) at the position before each draft token and after the last."""
+    def _score(self, kv, pending: list[list[int]], drafts: torch.Tensor, draft_len: torch.Tensor,
+               steady: bool = False) -> torch.Tensor:
+        """Target logits (B, M+1, V) at the position before each draft token and after the last.
+        ``steady``: every row has one pending token, so the chunk is (B, M+1) whatever the
+        rows drafted (a compiled verification keeps one shape)."""
         width = drafts.shape[1]
         lens = draft_len.tolist()
         if all(len(p) == 1 for p in pending) and all(m == width for m in lens):
@@ -298,8 +327,8 @@ class SpeculativeEngine:
         else:
             draft_lists = drafts.tolist()
             tokens, real = right_aligned([p + d[:m] for p, d, m in zip(pending, draft_lists, lens)],
-                                         self.device)
-        logits = kv.forward(tokens, real, logits_to_keep=width + 1)
+                                         self.device, width + 1 if steady else None)
+        logits = self._target_steps.logits(kv, tokens, real, width + 1, steady)
         if all(m == width for m in lens):
             return logits
         # row i's drafts end at the last column, so its window starts (width - m_i) columns later

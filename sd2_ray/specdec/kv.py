@@ -50,6 +50,8 @@ class RaggedKV:
         self.lengths = self.lengths + real.sum(1)
         return out.logits.to(self.device)
 
+    run = forward  # the name the step functions call (see :mod:`sd2_ray.specdec.steps`)
+
     def drop_last(self, counts: torch.Tensor) -> None:
         """Turn the last ``counts[i]`` real tokens of row i into holes (rejected drafts)."""
         counts = counts.to(self.device)

@@ -16,12 +16,16 @@ from sd2_ray.specdec.types import SamplingParams
 
 @dataclass
 class RowParams:
-    """Sampling parameters of the rows of a batch, as tensors of shape (B,)."""
+    """Sampling parameters of the rows of a batch, as tensors of shape (B,), plus two host-side
+    flags, so that choosing a code path never reads a tensor back (no device sync in a draft
+    step, and a fixed path inside a compiled graph)."""
 
     greedy: torch.Tensor  # bool
     temperature: torch.Tensor  # float, 1.0 where greedy (never divided by zero)
     top_k: torch.Tensor  # long, 0 = off
     top_p: torch.Tensor  # float, 1.0 = off
+    all_greedy: bool  # every row greedy
+    filters: bool  # some row uses top-k or top-p
 
     @classmethod
     def from_params(cls, params: list[SamplingParams], device=None) -> "RowParams":
@@ -29,24 +33,33 @@ class RowParams:
                    temperature=torch.tensor([p.temperature if not p.greedy else 1.0 for p in params],
                                             dtype=torch.float32, device=device),
                    top_k=torch.tensor([max(0, p.top_k) for p in params], dtype=torch.long, device=device),
-                   top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device))
+                   top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
+                   all_greedy=all(p.greedy for p in params),
+                   filters=any(p.top_k > 0 or p.top_p < 1.0 for p in params))
 
     def select(self, rows: torch.Tensor) -> "RowParams":
+        """Keep these rows (requests leave the batch between passes: reading the flags back
+        here is outside any draft step)."""
         rows = rows.to(self.greedy.device)
-        return RowParams(self.greedy[rows], self.temperature[rows], self.top_k[rows], self.top_p[rows])
+        greedy, top_k, top_p = self.greedy[rows], self.top_k[rows], self.top_p[rows]
+        return RowParams(greedy, self.temperature[rows], top_k, top_p, bool(greedy.all()),
+                         bool((top_k > 0).any() or (top_p < 1.0).any()))
 
     def to(self, device) -> "RowParams":
         """The same rows on another device (a drafter on its own GPU); no copy when already there."""
         return RowParams(self.greedy.to(device), self.temperature.to(device), self.top_k.to(device),
-                         self.top_p.to(device))
+                         self.top_p.to(device), self.all_greedy, self.filters)
 
-    @property
-    def all_greedy(self) -> bool:
-        return bool(self.greedy.all())
 
-    @property
-    def filters(self) -> bool:
-        return bool((self.top_k > 0).any() or (self.top_p < 1.0).any())
+def fit_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Drafter logits over the target's id range: extra ids cut, missing ids impossible."""
+    have = logits.shape[-1]
+    if have == vocab:
+        return logits
+    if have > vocab:
+        return logits[..., :vocab]
+    pad = logits.new_full(logits.shape[:-1] + (vocab - have,), float("-inf"))
+    return torch.cat([logits, pad], dim=-1)
 
 
 def warp_probs(logits: torch.Tensor, rp: RowParams) -> torch.Tensor:
