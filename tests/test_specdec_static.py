@@ -15,10 +15,16 @@ from sd2_ray.specdec.engine import SpeculativeEngine, right_aligned
 from sd2_ray.specdec.sampling import RowParams
 from sd2_ray.specdec.static_kv import StaticKV, supports_static
 from sd2_ray.specdec.steps import DecodeSteps
-from sd2_ray.specdec.testing import sharpen
+from sd2_ray.testing.engine_pairs import sharpen
 from sd2_ray.specdec.types import GenerationRequest, SamplingParams
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def no_grad():
+    """Inference only (a module-level switch would leak into later test files)."""
+    with torch.no_grad():
+        yield
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -119,7 +125,7 @@ def test_compiled_steps_give_the_eager_tokens():
 def test_compiled_verification_serves_a_cross_tokenizer_pair():
     """The cross-tokenizer drafter stays eager on its growing cache; the target's verification
     runs compiled with its fixed K+1 chunk although rows propose fewer drafts."""
-    from sd2_ray.specdec.testing import bpe_tokenizer, char_tokenizer
+    from sd2_ray.testing.engine_pairs import bpe_tokenizer, char_tokenizer
 
     t_tok, d_tok = char_tokenizer(), bpe_tokenizer()
     target = sharpen(tiny_model("llama", seed=0, vocab_size=len(t_tok)), 4.0)

@@ -112,7 +112,7 @@ def measure_target_only(target, prompts: list[list[int]], settings, *, progress:
                         target_tokenizer=None) -> dict[str, Any]:
     """Target-only decoding of the prompts with the engine's batching (``settings``: an
     :class:`~sd2_ray.evaluate.config.EvalSettings`): outputs and throughput."""
-    engine = SpeculativeEngine(target, None, 0, target_tokenizer)
+    engine = SpeculativeEngine(target, None, 0, target_tokenizer, compile=settings.compile)
     _warm_up(engine, prompts)
     outputs, _, seconds, cpu = _run(engine, _requests(prompts, settings), settings.batch_size, "target-only",
                                     progress)
@@ -186,7 +186,7 @@ def evaluate_pair(target_dir, drafter_dir, rows: list[dict[str, Any]], num_specu
         baseline = measure_target_only(target, prompts, settings, progress=progress, target_tokenizer=t_tok)
     if baseline is not None and baseline.get("num_prompts", len(prompts)) != len(prompts):
         raise DataError(f"evaluate_pair: baseline has {baseline['num_prompts']} prompts, rows have {len(prompts)}")
-    engine = SpeculativeEngine(target, drafter, k, t_tok, d_tok)
+    engine = SpeculativeEngine(target, drafter, k, t_tok, d_tok, compile=settings.compile)
     _warm_up(engine, prompts)
     outputs, stats, seconds, cpu = _run(engine, _requests(prompts, settings), settings.batch_size,
                                         f"spec K={k}", progress)

@@ -37,7 +37,7 @@ def load_engine(config: ServeConfig):
     device = resolve_device(config.device)  # in the replica: the GPUs Ray gave it
     engine = SpeculativeEngine.from_dirs(config.target, config.drafter, config.num_speculative_tokens,
                                          dtype=resolve_dtype(config.dtype, device), device=device,
-                                         device_map=config.device_map)
+                                         device_map=config.device_map, compile=config.compile)
     return engine, engine.target, engine.target_tokenizer
 
 

@@ -41,14 +41,9 @@ STEADY_DRAFT_CHUNK = 2  # what the drafter is fed after the first pass: [last dr
 
 def eos_ids_of(model, tokenizer=None) -> tuple[int, ...]:
     """EOS ids from the generation config, the model config and the tokenizer (any of them)."""
-    ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
-        value = getattr(source, "eos_token_id", None) if source is not None else None
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    return tuple(sorted(ids))
+    from sd2_ray.models.tokens import eos_token_ids
+
+    return tuple(eos_token_ids(model, tokenizer))
 
 
 def output_vocab_size(model) -> int:
