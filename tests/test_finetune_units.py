@@ -25,6 +25,7 @@ def test_core_modules_do_not_import_ray_or_deepspeed():
     code = ("import sys\n"
             "import sd2_ray.finetune.config, sd2_ray.finetune.data, sd2_ray.finetune.masking\n"
             "import sd2_ray.finetune.step, sd2_ray.finetune.trainer, sd2_ray.finetune.job\n"
+            "import sd2_ray.finetune.heldout, sd2_ray.finetune.checkpoint\n"
             "bad = [m for m in ('ray', 'deepspeed', 'vllm') if m in sys.modules]\n"
             "print(','.join(bad))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -218,3 +219,24 @@ def test_reports_are_spaced_in_time_but_never_past_the_last_step(monkeypatch):
     assert not step.report_due(cfg, 10, 10, last_report=0.0, world=1, device=cpu)  # the final report does it
     assert not step.report_due({**cfg, "report_every": 4}, 3, 10, last_report=0.0, world=1, device=cpu)
     assert step.report_due({**cfg, "report_interval_s": 0.0}, 3, 10, last_report=now[0], world=1, device=cpu)
+
+
+def test_a_loss_the_data_cannot_feed_fails_before_anything_starts(drafter_and_data, capsys):
+    import pyarrow as pa
+
+    from sd2_ray import storage
+    from sd2_ray.finetune.toy import with_toy_topk
+
+    model, root = drafter_and_data
+    plain = write_toy_dataset(f"{root}/plain", 16)  # distilled without logprobs_top_k
+    out = f"{root}/out"
+    for argv, field in ((["--loss", "fkl"], "field 'loss'"),
+                        (["select_by=expected_mal", "eval_every=2"], "field 'select_by'")):
+        code, err = _cli(["--model", model, "--data", plain, "--output", out, *argv], capsys)
+        assert code == 2 and field in err and "logprobs_top_k" in err and "\n" not in err, err
+    topk = f"{root}/topk"
+    storage.write_parquet(f"{topk}/part-0.parquet", pa.Table.from_pylist(with_toy_topk(toy_rows(16), char_tokenizer())))
+    code, err = _cli(["--model", model, "--data", topk, "--output", out, "--loss", "tvd",
+                      "use_response_ids=false"], capsys)
+    assert code == 2 and "field 'use_response_ids'" in err and "\n" not in err, err
+    assert not storage.exists(out)  # no manifest, no skipped-rows file: nothing started
