@@ -163,3 +163,31 @@ def teacher_forced(model, batches: Iterable[dict], num_speculative_tokens: int,
         out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
         parts.append(acceptance_sums(out.logits, batch, num_speculative_tokens, temperature))
     return summarize(add_sums(parts), temperature)
+
+
+def ranks(values: list[float]) -> list[float]:
+    """1-based ranks, ties sharing their average rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    out = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for i in order[start:end + 1]:
+            out[i] = (start + end) / 2 + 1
+        start = end + 1
+    return out
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman rank correlation (Pearson on average ranks, so ties count fairly): how well
+    expected MAL during training ranks checkpoints like the measured MAL does. NaN when either
+    side is constant."""
+    if len(x) != len(y) or len(x) < 2:
+        raise ValueError(f"spearman needs two equal-length lists of at least 2 values, got {len(x)} and {len(y)}")
+    rx, ry = ranks(x), ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    var = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
+    return cov / var if var else float("nan")
