@@ -86,7 +86,10 @@ def mixed_data(generate: str, on_policy: str, out: str, seed: int = 0) -> str:
 
     from sd2_ray import storage
 
-    tables = [storage.read_parquet(generate), storage.read_parquet(on_policy)]
+    from sd2_ray.rows import data_files
+
+    tables = [pa.concat_tables([storage.read_parquet(f) for f in data_files(d)], promote_options="permissive")
+              for d in (generate, on_policy)]
     rows = tables[0].num_rows
     picks = random.Random(seed).sample(range(rows), rows)
     half = set(picks[:rows // 2])

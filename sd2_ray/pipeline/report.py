@@ -54,12 +54,13 @@ def training_of(config: PipelineConfig, name: str) -> dict[str, Any]:
 
 def training_text(info: dict[str, Any]) -> str:
     """One phrase for report.md: loss, data, published step."""
-    loss = info["loss"] if info["loss"] == "ce" else f"{info['loss']} + {info['ce_weight']:g}·ce"
+    kd = info["loss"] != "ce"
+    loss = f"{info['loss']} + {info['ce_weight']:g}·ce" if kd and info["ce_weight"] else info["loss"]
     if info["column"] != "response":
         data = f"the '{info['column']}' column"
-    else:
+    else:  # the top-k are named only where the loss reads them
         data = f"{info['distill_mode']} data" + (f" with the target's top-{info['logprobs_top_k']} log-probs"
-                                                 if info["logprobs_top_k"] else "")
+                                                 if kd and info["logprobs_top_k"] else "")
     text = f"loss {loss} on {data}"
     if info.get("published_step") is not None:
         chosen = f", chosen by held-out {info['select_by']}" if info["select_by"] != "final" else ""
