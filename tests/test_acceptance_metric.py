@@ -11,6 +11,7 @@ was 9-10 % high.
 from __future__ import annotations
 
 import copy
+import math
 import random
 
 import pytest
@@ -163,3 +164,18 @@ def test_alpha_replay_predicts_the_engines_sampled_mal(tiny_target, one_torch_th
     # sampling noise of 64 rows and independence between positions: observed within 1-3 %
     assert predicted["expected_mal"] == pytest.approx(measured, rel=0.08)
     assert predicted["expected_mal_alpha"] > predicted["expected_mal"]  # the formula ignores the budget
+
+
+def test_spearman_rank_correlation():
+    from sd2_ray.finetune.acceptance import ranks, spearman
+
+    assert ranks([10.0, 30.0, 20.0, 20.0]) == [1.0, 4.0, 2.5, 2.5]
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)  # monotone, not linear
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # textbook case without ties: 1 - 6 Σd² / (n(n² - 1)) with d = (0, 1, -1, 0, 0) -> 1 - 12/120
+    assert spearman([1, 2, 3, 4, 5], [1, 3, 2, 4, 5]) == pytest.approx(0.9)
+    # with ties: Pearson of the average ranks [1.5, 1.5, 3, 4] and [1, 2, 3, 4] = 0.9487
+    assert spearman([2, 2, 5, 7], [1, 2, 3, 4]) == pytest.approx(0.9486833, rel=1e-6)
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+    with pytest.raises(ValueError):
+        spearman([1.0], [2.0])

@@ -106,8 +106,8 @@ def test_finetune_skips_a_bad_row_instead_of_rejecting_the_data(tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{broken\n")
     config = FinetuneConfig(model=make_sparse_drafter(str(tmp_path / "m"), 0.5), data=str(data),
                             output=str(tmp_path / "out"), workers=1)
-    files, usable = prepare_data(config)
-    assert usable == 15 and files[0].endswith("_data/train.parquet")  # staged: what every worker reads
+    data = prepare_data(config)
+    assert data.rows == 15 and data.files[0].endswith("_data/train.parquet")  # staged: what every worker reads
     skipped = [json.loads(line) for line in (tmp_path / "out" / "_skipped.jsonl").read_text().splitlines()]
     assert [s.get("line") or s.get("row") for s in skipped] == [17, 6]
     with pytest.raises(Exception, match="only 15 of 17 rows are usable"):

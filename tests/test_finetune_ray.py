@@ -235,3 +235,79 @@ def test_golden_losses_match_a_plain_torch_loop(inputs):
     expected = reference_losses(inputs["model"], inputs["data"], 5, cfg)
     torch.testing.assert_close(torch.tensor([h["loss"] for h in result.history]), torch.tensor(expected),
                                rtol=0, atol=1e-4)
+
+
+# ---------------------------------------------------------------- distillation losses and held-out selection
+
+def write_rows(path: str, rows: list[dict]) -> str:
+    import pyarrow as pa
+
+    storage.write_parquet(storage.join(path, "part-00000.parquet"), pa.Table.from_pylist(rows))
+    return path
+
+
+def heldout_acceptance(model_dir: str, rows: list[dict], k: int = 4) -> dict:
+    """Teacher-forced acceptance of a saved drafter on rows, in this process (no engine)."""
+    from sd2_ray.finetune import data as D
+    from sd2_ray.finetune.acceptance import teacher_forced
+    from sd2_ray.models.io import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    batch = D.collate(D.encode_rows(rows, tok, 64, use_ids=True), tok.pad_token_id)
+    return teacher_forced(load_model(model_dir), [batch], k)
+
+
+def test_kd_loss_keeps_masks_learns_and_reports_heldout_acceptance(inputs):
+    from sd2_ray.testing.toy import char_tokenizer, toy_rows, with_toy_topk
+
+    data = write_rows(str(inputs["root"] / "kd-data"), with_toy_topk(toy_rows(56, seed=3), char_tokenizer()))
+    cfg = finetune(inputs, "kd", data=data, workers=2, zero_stage=2, loss="fkl", ce_weight=0.5,
+                   eval_every=3, eval_rows=8, select_by="expected_mal")
+    result = run_finetune(cfg)
+    assert_sparse_and_learned(result, inputs["model"])  # 48 training rows: 6 steps
+    assert all(h["kd"] > 0 and h["kd_tokens"] > 0 and h["ce"] > 0 for h in result.history)
+    evals = [h for h in result.history if "expected_mal" in h]
+    assert [h["step"] for h in evals] == [3, 6]
+    for h in evals:
+        assert 1.0 <= h["expected_mal"] <= 5.0 and 0.0 <= h["alpha"] <= h["alpha_upper"] <= 1.0
+        assert h["eval_rows"] == 8 and h["eval_loss"] > 0 and h["eval_kd"] > 0
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]  # the held-out rows were learned, not trained on
+    metrics = storage.read_json(storage.join(result.output, "metrics.json"))
+    best = max(evals, key=lambda h: h["expected_mal"])
+    assert metrics["selection"]["select_by"] == "expected_mal" and metrics["loss"] == "fkl"
+    assert metrics["published_step"] == best["step"] == evals[-1]["best_step"]
+
+
+def test_select_by_expected_mal_publishes_an_earlier_better_checkpoint(inputs):
+    """Constructed so an early step is best: the held-out rows answer 'abcdefgh', the first half
+    of training teaches that, the second half (file order, no shuffle) teaches 'hgfedcba'
+    (no repeated letters: a random tied-embedding model already predicts a repeat)."""
+    from sd2_ray.testing.toy import char_tokenizer, with_toy_topk
+
+    tok = char_tokenizer()
+
+    def rows(text: str, n: int, tag: str):
+        return [{"id": f"{tag}-{i}", "messages": [{"role": "user", "content": f"say {i % 5}"}],
+                 "response": text, "finish_reason": "stop"} for i in range(n)]
+
+    held = with_toy_topk(rows("abcdefgh", 8, "held"), tok)
+    phases = rows("abcdefgh", 32, "a") + rows("hgfedcba", 32, "b")
+    data = write_rows(str(inputs["root"] / "phases"), with_toy_topk(phases, tok) + held)
+    keep = str(inputs["root"] / "phases-ckpt")
+    cfg = finetune(inputs, "phases", data=data, workers=2, zero_stage=2, max_steps=None, lr=3e-3,
+                   scheduler="constant", warmup_steps=0, shuffle_buffer=0, checkpoint_every=100,
+                   eval_every=1, eval_rows=8, select_by="expected_mal", keep_checkpoints=1,
+                   storage_path=keep)
+    result = run_finetune(cfg)
+    mal = {h["step"]: h["expected_mal"] for h in result.history if "expected_mal" in h}
+    assert sorted(mal) == list(range(1, 9))
+    best = max(mal, key=lambda s: (mal[s], -s))  # ties: the earliest step (only a better one replaces it)
+    assert best < 8 and mal[best] > mal[8] + 0.5, mal
+    metrics = storage.read_json(storage.join(result.output, "metrics.json"))
+    assert metrics["published_step"] == best and metrics["selection"]["value"] == pytest.approx(mal[best])
+    # the published weights are that step's (converted from its ZeRO files), not the final ones
+    published = heldout_acceptance(storage.local_dir(result.output), held)
+    final = heldout_acceptance(os.path.join(keep, "drafter", "final", "model"), held)
+    assert published["expected_mal"] == pytest.approx(mal[best], rel=1e-4)
+    assert final["expected_mal"] == pytest.approx(mal[8], rel=1e-4)
+    assert masked_weights_nonzero(load_model(storage.local_dir(result.output)), load_masks(inputs["model"])) == 0

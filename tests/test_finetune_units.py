@@ -224,3 +224,24 @@ def test_a_stale_extension_build_lock_is_named_not_waited_on_forever(tmp_path):
         wait_for_build_locks(patience_s=0.5, poll_s=0.1, root=str(tmp_path))
     threading.Timer(0.3, lock.unlink).start()  # a build that finishes while we wait
     wait_for_build_locks(patience_s=5, poll_s=0.1, root=str(tmp_path))
+
+
+def test_a_loss_the_data_cannot_feed_fails_before_anything_starts(drafter_and_data, capsys):
+    import pyarrow as pa
+
+    from sd2_ray import storage
+    from sd2_ray.testing.toy import with_toy_topk
+
+    model, root = drafter_and_data
+    plain = write_toy_dataset(f"{root}/plain", 16)  # distilled without logprobs_top_k
+    out = f"{root}/out"
+    for argv, field in ((["--loss", "fkl"], "field 'loss'"),
+                        (["select_by=expected_mal", "eval_every=2"], "field 'select_by'")):
+        code, err = _cli(["--model", model, "--data", plain, "--output", out, *argv], capsys)
+        assert code == 2 and field in err and "logprobs_top_k" in err and "\n" not in err, err
+    topk = f"{root}/topk"
+    storage.write_parquet(f"{topk}/part-0.parquet", pa.Table.from_pylist(with_toy_topk(toy_rows(16), char_tokenizer())))
+    code, err = _cli(["--model", model, "--data", topk, "--output", out, "--loss", "tvd",
+                      "use_response_ids=false"], capsys)
+    assert code == 2 and "field 'use_response_ids'" in err and "\n" not in err, err
+    assert not storage.exists(out)  # no manifest, no skipped-rows file: nothing started

@@ -244,3 +244,35 @@ def test_check_loss_data_fails_with_one_line_naming_the_field():
         finetune_config(loss="kl")
     spec = LossSpec.from_config(finetune_config(loss="rkl", ce_weight=0.2, kd_temperature=0.7))
     assert (spec.kind, spec.ce_weight, spec.compare_temperature, spec.needs_topk) == ("rkl", 0.2, 0.7, True)
+
+
+# ---------------------------------------------------------------- hidden states + LM head (the training path)
+
+@pytest.mark.parametrize("kind", LOSSES)
+def test_hidden_states_and_head_equal_full_logits_in_value_gradient_and_acceptance(kind):
+    """CausalLMLoss's path: logits made by the head at the labelled positions only, per chunk,
+    under checkpointing, give the loss, gradients and acceptance that the full logits give."""
+    from sd2_ray.finetune.acceptance import acceptance_sums
+    from sd2_ray.finetune.step import CausalLMLoss
+    from sd2_ray.models.tiny import tiny_model
+
+    tok = char_tok()
+    lm = tiny_model("llama", seed=3, vocab_size=len(tok)).train()
+    rows = [distilled_row(tok, "ab", "cdefg", k=4), distilled_row(tok, "xyz", "hi", k=4, stop=False)]
+    batch = D.collate(D.encode_rows(rows, tok, 64, use_ids=True), tok.pad_token_id)
+    spec = LossSpec(kind=kind, ce_weight=0.5, temperature=0.7, chunk_tokens=3)
+    reference = loss_sum(lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch, spec)
+    reference.total.backward()
+    expected = {n: p.grad.clone() for n, p in lm.named_parameters()}
+    lm.zero_grad()
+    module = CausalLMLoss(lm, spec)
+    assert module.chunked
+    total = module(**batch, acceptance_k=3)
+    total.backward()
+    assert total.item() == pytest.approx(reference.total.item(), rel=1e-5)
+    assert (module.last.ce_tokens, module.last.kd_tokens) == (reference.ce_tokens, reference.kd_tokens)
+    for name, param in lm.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name], rtol=1e-3, atol=1e-5)  # fp32 sums in another order
+    with torch.no_grad():
+        full = acceptance_sums(lm(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits, batch, 3, 0.7)
+    assert module.last_acceptance == pytest.approx(full, rel=1e-5)

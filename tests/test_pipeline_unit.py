@@ -23,6 +23,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ({"drafters": ["uag"], "uag_drafter": None}, "drafters: 'uag' needs uag_drafter"),
     ({"drafters": ["dense", "bogus"]}, "field 'drafters.1'"),
     ({"num_speculative_tokens": 0}, "field 'num_speculative_tokens'"),
+    ({"drafters": ["sd2", "sd2-kd"]}, "drafters: 'sd2-kd' needs distill.logprobs_top_k > 0"),
+    ({"kd.epochs": 3, "distill.logprobs_top_k": 20}, "kd: ['epochs'] cannot differ from sd2's fine-tuning"),
+    ({"kd.loss": "kl"}, "kd: field 'loss'"),
+    ({"kd.select_by": "expected_mal"}, "kd: select_by expected_mal needs eval_every"),
 ])
 def test_bad_sections_fail_at_load_in_one_line(tmp_path, override, message):
     with pytest.raises(ConfigError) as err:
@@ -45,6 +49,21 @@ def test_tiny_yaml_validates_and_chains_every_stage(tmp_path, monkeypatch):
     assert served.drafter == str(tmp_path / "o/drafters/sd2") and served.num_speculative_tokens == 4
     ev = chain(cfg, "eval", "uag")
     assert ev.drafter == "kit:drafter-uag" and ev.output.endswith("eval/uag/report.json")
+
+
+def test_sd2_kd_is_sd2_with_the_kd_loss_and_only_with_top_k_data(tmp_path):
+    plain = PipelineConfig.load(None, {"output": str(tmp_path), "uag_drafter": None})
+    assert "sd2-kd" not in plain.drafter_names
+    cfg = PipelineConfig.load(None, {"output": str(tmp_path), "uag_drafter": None, "distill.logprobs_top_k": 20,
+                                     "finetune.epochs": 3, "kd": {"loss": "tvd", "ce_weight": 0.5, "eval_every": 8,
+                                                                  "select_by": "expected_mal"}})
+    assert cfg.drafter_names == ["dense", "dense-sd", "layer-pruned-sd", "sd2", "sd2-kd", "sparse-sft"]
+    kd, sd2 = chain(cfg, "finetune", "sd2-kd"), chain(cfg, "finetune", "sd2")
+    assert (kd.loss, kd.ce_weight, kd.eval_every, kd.select_by) == ("tvd", 0.5, 8, "expected_mal")
+    assert (sd2.loss, sd2.eval_every) == ("ce", None)
+    assert kd.model == sd2.model == str(tmp_path / "pruned" / "sd2") and kd.data == sd2.data
+    assert kd.output == str(tmp_path / "drafters" / "sd2-kd") and kd.epochs == sd2.epochs == 3
+    assert chain(cfg, "eval", "sd2-kd").drafter == kd.output
 
 
 def test_layer_baseline_inherits_the_prune_sections_placement(tmp_path):
@@ -121,6 +140,31 @@ def test_report_rows_and_headline_ratios(tmp_path):
     assert "| sd2 | 1.800 |" in summary["table"]
     for png in ("mal_vs_macs.png", "acceptance_by_position.png"):
         assert (tmp_path / "report" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_says_which_loss_and_data_each_fine_tuned_drafter_used(tmp_path):
+    from sd2_ray import storage
+    from sd2_ray.pipeline.chain import drafter_dir
+
+    cfg = PipelineConfig.load(None, {"output": str(tmp_path), "distill.logprobs_top_k": 20,
+                                     "kd": {"loss": "fkl", "ce_weight": 1.0, "eval_every": 4,
+                                            "select_by": "expected_mal"}})
+    storage.write_json(os.path.join(drafter_dir(cfg, "sd2-kd"), "metrics.json"),
+                       {"steps_done": 48, "published_step": 40})
+    reports = {"sd2": fake_report(2.0, 600, "sd2"), "sd2-kd": fake_report(2.2, 600, "sd2-kd"),
+               "dense": fake_report(1.2, 1000, "dense")}
+    write_pipeline_report(cfg, reports, str(tmp_path / "report"))
+    saved = json.loads((tmp_path / "report" / "report.json").read_text())
+    by = {d["name"]: d for d in saved["drafters"]}
+    assert "training" not in by["dense"]
+    kd = by["sd2-kd"]["training"]
+    assert (kd["loss"], kd["ce_weight"], kd["distill_mode"], kd["logprobs_top_k"]) == ("fkl", 1.0, "generate", 20)
+    assert (kd["select_by"], kd["published_step"], kd["steps"]) == ("expected_mal", 40, 48)
+    assert by["sd2"]["training"]["loss"] == "ce" and by["sd2"]["training"]["data"] == kd["data"]
+    assert saved["comparisons"]["sd2_kd_mal_over_sd2"] == pytest.approx(1.1)
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert ("loss fkl + 1·ce on generate data with the target's top-20 log-probs; published step 40 of 48, "
+            "chosen by held-out expected_mal") in md
 
 
 def test_single_stage_from_pipeline_yaml_chains_like_the_pipeline(tmp_path):

@@ -49,6 +49,9 @@ def test_optional_axes_and_yaml_base60_pattern():
     ({"prune": {"sparsity": 0.3}}, "set per trial"),
     ({"finetune": {"lr": 0.1}}, "set per trial"),
     ({"asha": {"metric": "mal"}}, "eval_at_checkpoints"),
+    ({"asha": {"metric": "expected_mal"}}, "finetune.eval_every"),
+    ({"asha": {"metric": "expected_mal"}, "eval_at_checkpoints": True}, "finetune.eval_every"),
+    ({"asha": {"metric": "acceptance"}}, "not reported"),
     ({"objective": "speed"}, "objective"),
     ({"eval_device": "tpu"}, "eval_device"),
     ({"eval_gpus": 1}, "eval_gpus"),
@@ -58,6 +61,20 @@ def test_bad_configs_name_the_field(kwargs, words):
     with pytest.raises(ConfigError) as err:
         TuneConfig.load(overrides={**BASE, **kwargs})
     assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_asha_can_rank_trials_by_heldout_expected_mal():
+    from sd2_ray.tune.driver import scheduler
+    from sd2_ray.tune.trial import finetune_config
+
+    cfg = config(max_steps=12, asha={"metric": "expected_mal"},
+                 finetune={"eval_every": 3, "select_by": "expected_mal", "loss": "fkl", "ce_weight": 1.0})
+    asha = scheduler(cfg)
+    assert (asha._metric, asha._mode) == ("expected_mal", "max")  # no eval_at_checkpoints needed
+    trial = finetune_config(cfg, {"lr": 1e-3, "pruning": {"sparsity": 0.5, "pattern": "unstructured"}},
+                            "pruned", "trial")
+    assert (trial.eval_every, trial.select_by, trial.loss, trial.num_speculative_tokens) == (3, "expected_mal", "fkl", 4)
+    assert config(asha={"metric": "eval_loss"}, finetune={"eval_every": 2}).asha.resolved_mode == "min"
 
 
 def test_prune_fields_and_cache_key():

@@ -40,7 +40,7 @@ from typing import Iterable
 
 import torch
 
-from sd2_ray.finetune.losses import drafter_log_probs, labelled_positions, target_log_probs
+from sd2_ray.finetune.losses import drafter_log_probs, labelled_positions, position_logits, target_log_probs
 
 SUM_KEYS = ("positions", "alpha", "alpha_upper", "mal_alpha", "greedy_accepted", "committed",
             "greedy_rounds", "alpha_rounds", "rows")
@@ -82,25 +82,28 @@ def _position_stats(logits: torch.Tensor, ids: torch.Tensor, logprobs: torch.Ten
 
 
 @torch.no_grad()
-def acceptance_sums(logits: torch.Tensor, batch: dict, num_speculative_tokens: int,
-                    temperature: float = 0.0, chunk_tokens: int = 1024) -> dict[str, float]:
+def acceptance_sums(outputs: torch.Tensor, batch: dict, num_speculative_tokens: int,
+                    temperature: float = 0.0, chunk_tokens: int = 1024,
+                    head: torch.nn.Module | None = None) -> dict[str, float]:
     """Sums over the batch's labelled positions that have the target's top-k (rows without it
-    are skipped). ``logits``: the drafter's (B, L, V) output on ``batch`` (from
-    :func:`sd2_ray.finetune.data.collate`); ``temperature``: the serving temperature."""
+    are skipped). ``outputs``: the drafter's (B, L, V) logits on ``batch`` (from
+    :func:`sd2_ray.finetune.data.collate`), or its (B, L, H) last hidden states with its LM
+    ``head`` (logits then exist for ``chunk_tokens`` positions at a time, as in the losses);
+    ``temperature``: the serving temperature."""
     sums = dict.fromkeys(SUM_KEYS, 0.0)
     if batch.get("topk_ids") is None:
         return sums
-    labels = batch["labels"].to(logits.device)
+    labels = batch["labels"].to(outputs.device)
     pos = labelled_positions(labels, batch)
     keep = pos.has_topk
     rows, ids, lps = pos.rows[keep], pos.topk_ids[keep].long(), pos.topk_logprobs[keep]
-    flat = logits.reshape(-1, logits.shape[-1])
+    flat = outputs.reshape(-1, outputs.shape[-1])
     compare = temperature if temperature > 0 else 1.0
     greedy_parts, alpha_parts = [], []
     for start in range(0, rows.numel(), chunk_tokens):
         part = slice(start, start + chunk_tokens)
-        low, high, mal, greedy = _position_stats(flat.index_select(0, rows[part]), ids[part], lps[part],
-                                                 num_speculative_tokens, compare)
+        low, high, mal, greedy = _position_stats(position_logits(flat, rows[part], head), ids[part],
+                                                 lps[part], num_speculative_tokens, compare)
         sums["alpha"] += float(low.sum())
         sums["alpha_upper"] += float(high.sum())
         sums["mal_alpha"] += float(mal.sum())
@@ -160,3 +163,31 @@ def teacher_forced(model, batches: Iterable[dict], num_speculative_tokens: int,
         out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
         parts.append(acceptance_sums(out.logits, batch, num_speculative_tokens, temperature))
     return summarize(add_sums(parts), temperature)
+
+
+def ranks(values: list[float]) -> list[float]:
+    """1-based ranks, ties sharing their average rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    out = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for i in order[start:end + 1]:
+            out[i] = (start + end) / 2 + 1
+        start = end + 1
+    return out
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman rank correlation (Pearson on average ranks, so ties count fairly): how well
+    expected MAL during training ranks checkpoints like the measured MAL does. NaN when either
+    side is constant."""
+    if len(x) != len(y) or len(x) < 2:
+        raise ValueError(f"spearman needs two equal-length lists of at least 2 values, got {len(x)} and {len(y)}")
+    rx, ry = ranks(x), ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    var = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
+    return cov / var if var else float("nan")

@@ -13,6 +13,11 @@ MODEL_SUBDIR = "model"      # the HF model dir inside the final checkpoint
 LM_PREFIX = "lm."
 
 
+def checkpoint_dir_name(step: int) -> str:
+    """The storage directory of the intermediate checkpoint saved after optimizer step ``step``."""
+    return f"step-{step:07d}"
+
+
 def drafter_from_checkpoint(directory: str, drafter_dir: str):
     """The drafter of ``drafter_dir`` (its architecture, masks and tokenizer) with the weights of
     the DeepSpeed checkpoint in ``directory``; (model in eval mode, tokenizer)."""

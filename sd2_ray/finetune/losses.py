@@ -62,8 +62,10 @@ class LossSpec:
 
     @classmethod
     def from_config(cls, config) -> "LossSpec":
-        return cls(kind=config.loss, ce_weight=config.ce_weight, temperature=config.kd_temperature,
-                   chunk_tokens=config.loss_chunk_tokens)
+        """From a :class:`~sd2_ray.finetune.config.FinetuneSettings` or the workers' plain-dict copy."""
+        values = config if isinstance(config, dict) else config.model_dump()
+        return cls(kind=values["loss"], ce_weight=values["ce_weight"], temperature=values["kd_temperature"],
+                   chunk_tokens=values["loss_chunk_tokens"])
 
     @property
     def needs_topk(self) -> bool:
@@ -133,7 +135,7 @@ def divergence(kind: str, logp: torch.Tensor, logq: torch.Tensor) -> torch.Tenso
 class Positions:
     """The labelled positions of a batch after the next-token shift, flattened."""
 
-    rows: torch.Tensor  # (n,) row of the (B*L, V) logits view that predicts each label
+    rows: torch.Tensor  # (n,) row of the (B*L, V) logits / (B*L, H) hidden view predicting each label
     labels: torch.Tensor  # (n,) the label ids
     has_topk: torch.Tensor  # (n,) bool: the target's top-k is stored for this position
     topk_ids: torch.Tensor | None  # (n, k)
@@ -154,11 +156,18 @@ def labelled_positions(labels: torch.Tensor, batch: dict) -> Positions:
     return Positions(rows, target_labels, batch["topk_mask"].to(labels.device)[b, t + 1], ids, logprobs)
 
 
-def _chunk_sums(flat_logits: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, has_topk: torch.Tensor,
+def position_logits(flat: torch.Tensor, rows: torch.Tensor, head: torch.nn.Module | None) -> torch.Tensor:
+    """fp32 logits at ``rows`` of ``flat``: (N, V) logits, or (N, H) hidden states that the LM
+    ``head`` turns into logits here, for these rows only."""
+    picked = flat.index_select(0, rows)
+    return (picked if head is None else head(picked)).float()
+
+
+def _chunk_sums(flat: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, has_topk: torch.Tensor,
                 topk_ids: torch.Tensor | None, topk_logprobs: torch.Tensor | None, kind: str,
-                temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ce sum, divergence sum) of one chunk; the fp32 log-softmax lives only in here."""
-    logits = flat_logits.index_select(0, rows).float()
+                temperature: float, head: torch.nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ce sum, divergence sum) of one chunk; its logits and fp32 log-softmax live only in here."""
+    logits = position_logits(flat, rows, head)
     ce = F.cross_entropy(logits, labels, reduction="sum")
     if kind == "ce" or topk_ids is None or not bool(has_topk.any()):
         return ce, logits.new_zeros(())
@@ -168,27 +177,30 @@ def _chunk_sums(flat_logits: torch.Tensor, rows: torch.Tensor, labels: torch.Ten
     return ce, divergence(kind, logp, logq).sum()
 
 
-def loss_sum(logits: torch.Tensor, batch: dict, spec: LossSpec) -> LossSums:
+def loss_sum(outputs: torch.Tensor, batch: dict, spec: LossSpec, head: torch.nn.Module | None = None) -> LossSums:
     """The configured loss summed over the batch's labelled positions.
 
-    ``logits``: the model's (B, L, V) output; ``batch``: :func:`sd2_ray.finetune.data.collate`'s
-    dict (``labels``; ``topk_ids``/``topk_logprobs``/``topk_mask`` when the rows have them).
+    ``outputs``: the model's (B, L, V) logits, or with ``head`` (the LM head) the decoder's
+    (B, L, H) last hidden states: then logits are computed only at the labelled positions, one
+    chunk at a time (and again in backward), so no (B, L, V) tensor ever exists.
+    ``batch``: :func:`sd2_ray.finetune.data.collate`'s dict (``labels``; ``topk_ids`` /
+    ``topk_logprobs`` / ``topk_mask`` when the rows have them).
     ``ce``: cross-entropy over every labelled position. Divergences: over the labelled positions
     with a stored top-k (a row without one, e.g. a rewrite that kept the reference answer,
     adds only its ``ce_weight`` cross-entropy), plus ``ce_weight`` × cross-entropy.
     """
-    labels = batch["labels"].to(logits.device)
+    labels = batch["labels"].to(outputs.device)
     pos = labelled_positions(labels, batch)
-    flat = logits.reshape(-1, logits.shape[-1])  # a view: logits are contiguous
+    flat = outputs.reshape(-1, outputs.shape[-1])  # a view: outputs are contiguous
     temperature = spec.compare_temperature
-    grad = torch.is_grad_enabled() and logits.requires_grad
-    ce_total = logits.new_zeros((), dtype=torch.float32)
-    kd_total = logits.new_zeros((), dtype=torch.float32)
+    grad = torch.is_grad_enabled() and outputs.requires_grad
+    ce_total = outputs.new_zeros((), dtype=torch.float32)
+    kd_total = outputs.new_zeros((), dtype=torch.float32)
     for start in range(0, pos.rows.numel(), spec.chunk_tokens):
         part = slice(start, start + spec.chunk_tokens)
         args = (flat, pos.rows[part], pos.labels[part], pos.has_topk[part],
                 None if pos.topk_ids is None else pos.topk_ids[part],
-                None if pos.topk_logprobs is None else pos.topk_logprobs[part], spec.kind, temperature)
+                None if pos.topk_logprobs is None else pos.topk_logprobs[part], spec.kind, temperature, head)
         if grad:  # recomputed in backward: one chunk's fp32 vocab tensors alive at a time
             from torch.utils.checkpoint import checkpoint
 

@@ -38,9 +38,23 @@ def build_dataset(files: list[str]):
     return dataset
 
 
+def checkpoint_config(config: FinetuneConfig):
+    """Keep the newest ``keep_checkpoints``; with held-out selection, the best-scored ones instead
+    (Ray Train always keeps the latest too, which resumption needs), so the step the driver
+    publishes is still there when training ends."""
+    from ray.train import CheckpointConfig
+
+    if not config.eval_every:
+        return CheckpointConfig(num_to_keep=config.keep_checkpoints)
+    from sd2_ray.finetune.heldout import SCORE_KEY
+
+    return CheckpointConfig(num_to_keep=config.keep_checkpoints, checkpoint_score_attribute=SCORE_KEY,
+                            checkpoint_score_order="max")
+
+
 def build_trainer(config: FinetuneConfig, cfg: dict, dataset, callbacks: list | None = None):
     from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     root = config.checkpoint_root()
@@ -49,7 +63,7 @@ def build_trainer(config: FinetuneConfig, cfg: dict, dataset, callbacks: list | 
         name=config.checkpoint_run_name(), storage_path=inner,
         storage_filesystem=fs if storage.is_s3(root) else None,
         failure_config=FailureConfig(max_failures=config.max_failures),
-        checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
+        checkpoint_config=checkpoint_config(config),
         callbacks=callbacks or None)
     return TorchTrainer(
         train_loop, train_loop_config=cfg,

@@ -21,8 +21,9 @@ from typing import Any, Iterator
 
 import torch
 
-from sd2_ray.finetune import masking
-from sd2_ray.finetune.checkpoint import DS_TAG, FINAL_CHECKPOINT, MODEL_SUBDIR
+from sd2_ray.finetune import heldout, masking
+from sd2_ray.finetune.checkpoint import DS_TAG, FINAL_CHECKPOINT, MODEL_SUBDIR, checkpoint_dir_name
+from sd2_ray.finetune.losses import LossSpec
 from sd2_ray.finetune.step import (CausalLMLoss, TrainState, engine_device, lr_factor, param_groups,
                                    report_due, train_step)
 
@@ -80,7 +81,7 @@ def build_engine(model: torch.nn.Module, cfg: dict):
         return LambdaLR(optimizer, lambda s: lr_factor(s, cfg["warmup_steps"], cfg["total_steps"],
                                                        cfg["scheduler"], cfg["min_lr_ratio"]))
 
-    wrapped = CausalLMLoss(model, cfg.get("loss_chunk_tokens", 1024))
+    wrapped = CausalLMLoss(model, LossSpec.from_config(cfg))
     groups = param_groups(wrapped, cfg["weight_decay"])
     optimizer = None
     if cfg["optimizer"] == "torch_adamw":
@@ -102,6 +103,16 @@ def global_batches(shard, cfg: dict, epoch: int) -> Iterator[list[dict]]:
         yield batch.to_pylist()
 
 
+def heldout_batches(cfg: dict, tokenizer, rank: int, world: int) -> list[tuple[dict, bool]]:
+    """The held-out rows the driver staged (``eval_data``), this rank's share, encoded once."""
+    if not cfg.get("eval_every") or not cfg.get("eval_data"):
+        return []
+    from sd2_ray import storage
+
+    rows = storage.read_parquet(cfg["eval_data"]).to_pylist()
+    return heldout.heldout_batches(rows, tokenizer, cfg, rank, world)
+
+
 # ---------------------------------------------------------------- checkpoints
 
 def save_checkpoint(engine, state: TrainState, metrics: dict, rank: int) -> None:
@@ -113,7 +124,7 @@ def save_checkpoint(engine, state: TrainState, metrics: dict, rank: int) -> None
         if rank == 0:
             state.save(tmp)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"step-{state.step:07d}")
+                         checkpoint_dir_name=checkpoint_dir_name(state.step))
 
 
 def restore(engine, checkpoint) -> TrainState:
@@ -177,6 +188,7 @@ def train_loop(cfg: dict) -> None:
     if state.restarts:
         log.info("rank %d resumed at step %d (epoch %d, batch %d)", rank, state.step, state.epoch,
                  state.step_in_epoch)
+    evals = heldout_batches(cfg, tokenizer, rank, world)
     shard = ray.train.get_dataset_shard("train")
     total = cfg["total_steps"]
     metrics: dict[str, Any] = {}
@@ -197,16 +209,7 @@ def train_loop(cfg: dict) -> None:
                 bar.set_description(f"finetune loss {metrics['loss']:.4f}")
             metrics.update(step=state.step, epoch=state.epoch, samples=state.samples,
                            restarts=state.restarts, wall_time=time.time())
-            due = state.step % cfg["checkpoint_every"] == 0 and state.step < total
-            if due:
-                metrics["masked_nonzero"] = masking.count_masked_nonzero(engine.module.lm, masks)
-            if rank == 0:
-                state.history.append(dict(metrics))
-            if due:
-                save_checkpoint(engine, state, metrics, rank)
-                last_report = time.monotonic()
-            elif report_due(cfg, state.step, total, last_report, world, engine_device(engine)):
-                ray.train.report(metrics)
+            if after_step(engine, state, metrics, evals, masks, cfg, rank, world, last_report):
                 last_report = time.monotonic()
         else:
             state.epoch += 1
@@ -219,4 +222,38 @@ def train_loop(cfg: dict) -> None:
     state.finished = True
     if rank == 0 and state.history:
         state.history[-1]["masked_nonzero"] = metrics["masked_nonzero"]
-    save_final(engine, tokenizer, state, metrics, rank)
+    save_final(engine, tokenizer, state, scored(metrics, state, cfg), rank)
+
+
+def after_step(engine, state: TrainState, metrics: dict, evals: list, masks: dict, cfg: dict, rank: int,
+               world: int, last_report: float) -> bool:
+    """Held-out eval when due, then history, checkpoint and report; True when it reported.
+    Every rank takes the same branches (evals, checkpoints and reports are collectives)."""
+    import ray.train
+
+    total = cfg["total_steps"]
+    evaluated = bool(evals) and heldout.eval_due(cfg, state.step, total)
+    improved = False
+    if evaluated:
+        metrics.update(heldout.evaluate(engine, evals, cfg))
+        improved = heldout.update_best(state, metrics, cfg["select_by"])
+        metrics["best_step"] = state.best["step"] if state.best else None
+    due = state.step < total and (state.step % cfg["checkpoint_every"] == 0 or improved)
+    if due:
+        metrics["masked_nonzero"] = masking.count_masked_nonzero(engine.module.lm, masks)
+    if rank == 0:
+        state.history.append(dict(metrics))
+    if due:
+        save_checkpoint(engine, state, scored(metrics, state, cfg), rank)
+    elif (evaluated and state.step < total) or report_due(cfg, state.step, total, last_report, world, engine_device(engine)):
+        ray.train.report(metrics)
+    else:
+        return False
+    return True
+
+
+def scored(metrics: dict, state: TrainState, cfg: dict) -> dict:
+    """A checkpoint's metrics with the score Ray Train ranks it by when a selection is made."""
+    if not cfg.get("eval_every"):
+        return metrics
+    return dict(metrics, **{heldout.SCORE_KEY: heldout.checkpoint_score(state, cfg["select_by"])})

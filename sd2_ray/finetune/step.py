@@ -23,6 +23,8 @@ from typing import Any
 import torch
 
 from sd2_ray.finetune import data as D
+from sd2_ray.finetune.acceptance import acceptance_sums
+from sd2_ray.finetune.losses import LossSpec, loss_sum
 
 STATE_FILE = "train_state.json"
 
@@ -94,6 +96,7 @@ class TrainState:
     finished: bool = False
     restarts: int = 0        # how many times this run resumed from a checkpoint
     history: list[dict] = field(default_factory=list)  # per-step metrics (rank 0)
+    best: dict | None = None  # held-out selection: {"step", "metric", "value"} of the best eval so far
 
     def save(self, directory: str) -> None:
         import os
@@ -113,49 +116,42 @@ class TrainState:
 
 class CausalLMLoss(torch.nn.Module):
     """What DeepSpeed trains: the HF causal LM (``.lm``, saved as the drafter) behind a forward
-    that returns the *summed* next-token cross-entropy over the labelled positions.
+    that returns the configured loss (:class:`~sd2_ray.finetune.losses.LossSpec`: cross-entropy
+    or a divergence to the target's stored top-k) *summed* over the labelled positions.
 
-    The decoder runs once; the LM head and the loss run per chunk of ``chunk_tokens`` positions
-    under activation checkpointing. Models whose logits are post-processed (soft-capping, a
-    logit scale) use their own forward instead, unchunked, so the loss is always the model's."""
+    The decoder runs once; the LM head and the loss run per chunk of labelled positions under
+    activation checkpointing (:func:`sd2_ray.finetune.losses.loss_sum`). Models whose logits are
+    post-processed (soft-capping, a logit scale) use their own forward instead, unchunked, so
+    the loss is always the model's. The step reads the sums behind the returned total (ce and
+    divergence apart) from ``last``; with ``acceptance_k`` the forward also scores the
+    teacher-forced acceptance of the same positions into ``last_acceptance`` (held-out evals)."""
 
-    def __init__(self, lm: torch.nn.Module, chunk_tokens: int = 1024):
+    def __init__(self, lm: torch.nn.Module, spec: LossSpec | None = None):
         super().__init__()
         self.lm = lm
-        self.chunk_tokens = chunk_tokens
+        self.spec = spec or LossSpec()
+        self.last = None  # LossSums of the latest forward
+        self.last_acceptance: dict[str, float] | None = None
         cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
         special = any(getattr(cfg, a, None) not in (None, 1.0) for a in ("final_logit_softcapping", "logit_scale"))
         self.chunked = not special and hasattr(lm, "get_decoder") and lm.get_output_embeddings() is not None
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if not self.chunked:
-            logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            return D.token_loss_sum(logits, labels)
-        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                       use_cache=False).last_hidden_state
-        return chunked_loss_sum(hidden[:, :-1], labels[:, 1:], self.lm.get_output_embeddings(), self.chunk_tokens)
-
-
-def _chunk_loss(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
-    logits = head(hidden).float()
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-                                             ignore_index=D.IGNORE_INDEX, reduction="sum")
-
-
-def chunked_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module,
-                     chunk_tokens: int) -> torch.Tensor:
-    """Summed cross-entropy of ``head(hidden)`` against ``labels`` (already shifted), computed
-    over chunks of positions with each chunk's logits recomputed in backward."""
-    from torch.utils.checkpoint import checkpoint
-
-    per_chunk = max(1, chunk_tokens // max(1, hidden.shape[0]))
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[1], per_chunk):
-        h, y = hidden[:, start:start + per_chunk], labels[:, start:start + per_chunk]
-        if not bool((y != D.IGNORE_INDEX).any()):
-            continue
-        total = total + checkpoint(_chunk_loss, h, y, head, use_reentrant=False)
-    return total
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                topk_ids: torch.Tensor | None = None, topk_logprobs: torch.Tensor | None = None,
+                topk_mask: torch.Tensor | None = None, acceptance_k: int = 0) -> torch.Tensor:
+        batch = {"labels": labels, "topk_ids": topk_ids, "topk_logprobs": topk_logprobs, "topk_mask": topk_mask}
+        if self.chunked:
+            outputs = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                            use_cache=False).last_hidden_state
+            head = self.lm.get_output_embeddings()
+        else:
+            outputs = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            head = None
+        self.last = loss_sum(outputs, batch, self.spec, head)
+        if acceptance_k:
+            self.last_acceptance = acceptance_sums(outputs, batch, acceptance_k, self.spec.temperature,
+                                                   self.spec.chunk_tokens, head)
+        return self.last.total
 
 
 # ---------------------------------------------------------------- one step
@@ -179,14 +175,24 @@ def engine_device(engine) -> torch.device:
     return next(engine.parameters()).device
 
 
+def encode_batches(rows: list[dict], tokenizer, cfg: dict, count: int) -> list[dict[str, torch.Tensor]]:
+    """``rows`` as ``count`` collated micro-batches (the target's ids and top-k with use_response_ids)."""
+    return [D.collate(D.encode_rows(chunk, tokenizer, cfg["seq_len"], cfg["response_field"],
+                                    use_ids=cfg.get("use_response_ids", False)), tokenizer.pad_token_id)
+            for chunk in D.micro_batches(rows, count)]
+
+
+def on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def train_step(engine, rows: list[dict], tokenizer, cfg: dict, rank: int, world: int) -> dict:
-    """One optimizer step on this worker's slice of a global batch; metrics over all workers."""
+    """One optimizer step on this worker's slice of a global batch; metrics over all workers:
+    ``loss`` (the optimised total per labelled token), ``ce`` (cross-entropy per labelled token)
+    and, for a divergence loss, ``kd`` (divergence per position with the target's top-k)."""
     start = time.perf_counter()
     device = engine_device(engine)
-    mine = D.rank_slice(rows, rank, world)
-    micro = [D.collate(D.encode_rows(chunk, tokenizer, cfg["seq_len"], cfg["response_field"]),
-                       tokenizer.pad_token_id)
-             for chunk in D.micro_batches(mine, cfg["grad_accum"])]
+    micro = encode_batches(D.rank_slice(rows, rank, world), tokenizer, cfg, cfg["grad_accum"])
     local_labels = sum(D.labelled_tokens(b["labels"]) for b in micro)
     local_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
     step_labels, _ = all_reduce([local_labels, local_tokens], device)
@@ -194,18 +200,21 @@ def train_step(engine, rows: list[dict], tokenizer, cfg: dict, rank: int, world:
     # the mean over every labelled token of the global batch.
     scale = world * cfg["grad_accum"] / max(step_labels, 1.0)
     lr = engine.get_lr()[0]
-    loss_sum = 0.0
+    sums = [0.0, 0.0, 0.0, 0.0]  # total, ce, kd, kd positions
     for batch in micro:
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        summed = engine(**batch)
+        summed = engine(**on_device(batch, device))
         engine.backward(summed * scale)
         engine.step()
-        loss_sum += summed.item()
-    total_loss, total_labels, total_tokens = all_reduce([loss_sum, local_labels, local_tokens], device)
+        last = engine.module.last
+        sums = [a + b for a, b in zip(sums, (summed.item(), last.ce, last.kd, last.kd_tokens))]
+    total, ce, kd, kd_tokens, labels, tokens = all_reduce([*sums, local_labels, local_tokens], device)
     elapsed = time.perf_counter() - start
-    return {"loss": total_loss / max(total_labels, 1.0), "lr": lr, "tokens": int(total_tokens),
-            "loss_tokens": int(total_labels), "step_time_s": elapsed,
-            "tokens_per_s": total_tokens / elapsed if elapsed > 0 else 0.0}
+    out = {"loss": total / max(labels, 1.0), "ce": ce / max(labels, 1.0), "lr": lr, "tokens": int(tokens),
+           "loss_tokens": int(labels), "step_time_s": elapsed,
+           "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0}
+    if engine.module.spec.needs_topk and kd_tokens:
+        out.update(kd=kd / kd_tokens, kd_tokens=int(kd_tokens))
+    return out
 
 
 def report_due(cfg: dict, step: int, total: int, last_report: float, world: int, device: torch.device) -> bool:

@@ -21,7 +21,7 @@ from typing import Any
 
 from sd2_ray import manifest, storage
 from sd2_ray.errors import ConfigError, DataError
-from sd2_ray.finetune.config import FinetuneConfig
+from sd2_ray.finetune.config import FinetuneConfig, check_loss_data
 from sd2_ray.finetune.data import row_error
 from sd2_ray.finetune.checkpoint import FINAL_CHECKPOINT, MODEL_SUBDIR
 from sd2_ray.finetune.step import STATE_FILE, fill_deepspeed_config, zero_template
@@ -73,18 +73,35 @@ def _shape_model(local: str):
         return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(local))
 
 
-def prepare_data(config: FinetuneConfig) -> tuple[list[str], int]:
-    """(files to train from, usable rows). Every row is checked on the driver; rows that cannot be
-    trained on (no instruction, no answer, unreadable JSONL lines) are skipped and listed in
-    ``<output>/_skipped.jsonl``. When any was skipped, or the data is JSONL, the usable rows are
-    staged once as Parquet under ``<output>/_data`` so every worker reads exactly them."""
+@dataclass
+class PreparedData:
+    """What the driver staged for the workers."""
+
+    files: list[str]  # Parquet files of the training rows
+    rows: int  # training rows
+    eval_file: str | None = None  # held-out rows (eval_every), never trained on
+    eval_rows: int = 0
+
+
+def prepare_data(config: FinetuneConfig) -> PreparedData:
+    """Every row is checked on the driver; rows that cannot be trained on (no instruction, no
+    answer, unreadable JSONL lines) are skipped and listed in ``<output>/_skipped.jsonl``. The
+    configured loss is checked against the columns the rows carry before anything is written.
+    With ``eval_every`` the last ``eval_rows`` usable rows (file order) are held out. When rows
+    were skipped or held out, or the data is JSONL, the training rows are staged once as
+    Parquet under ``<output>/_data`` so every worker reads exactly them."""
     from sd2_ray.rows import data_files, read_jsonl
 
     files = data_files(config.data)
-    rows, skipped = [], []
+    rows, skipped, schemas = [], [], []
     for file in files:
         unreadable: list[dict] = []
-        table = storage.read_parquet(file).to_pylist() if file.endswith(".parquet") else read_jsonl(file, unreadable)
+        if file.endswith(".parquet"):
+            arrow = storage.read_parquet(file)
+            schemas.append(arrow.schema)
+            table = arrow.to_pylist()
+        else:
+            table = read_jsonl(file, unreadable)
         skipped.extend(unreadable)
         for number, row in enumerate(table, start=1):
             problem = row_error(row, config.response_field)
@@ -92,24 +109,43 @@ def prepare_data(config: FinetuneConfig) -> tuple[list[str], int]:
                 skipped.append({**skip_record(number - 1, row, problem), "file": file, "row": number})
             else:
                 rows.append(row)
+    check_loss_data(config, {key for row in rows for key, value in row.items() if value is not None})
     write_skipped(storage.join(config.output, SKIPPED_FILE), skipped)
     require_usable(config.data, len(rows), skipped, config.min_usable_share)
     if skipped:
         log.warning("finetune: skipped %d of %d rows (e.g. %s); see %s", len(skipped), len(rows) + len(skipped),
                     skipped[0]["reason"], storage.join(config.output, SKIPPED_FILE))
+    held: list[dict] = []
+    if config.eval_every:
+        rows, held = rows[:-config.eval_rows], rows[-config.eval_rows:]
     if len(rows) < config.batch_size:
-        raise DataError(f"{config.data}: {len(rows)} usable rows, fewer than one global batch "
-                        f"(batch_size {config.batch_size})")
-    if skipped or not all(f.endswith(".parquet") for f in files):
-        files = [stage_rows(rows, storage.join(config.output, STAGED_DATA, "train.parquet"))]
-    return files, len(rows)
+        raise DataError(f"{config.data}: {len(rows)} usable rows{' after holding out eval_rows' if held else ''}, "
+                        f"fewer than one global batch (batch_size {config.batch_size})")
+    schema = _unified(schemas) if len(schemas) == len(files) else None
+    if skipped or held or schema is None:
+        files = [stage_rows(rows, storage.join(config.output, STAGED_DATA, "train.parquet"), schema)]
+    if not held:
+        return PreparedData(files, len(rows))
+    eval_file = stage_rows(held, storage.join(config.output, STAGED_DATA, "eval.parquet"), schema)
+    return PreparedData(files, len(rows), eval_file, len(held))
 
 
-def stage_rows(rows: list[dict], path: str) -> str:
+def _unified(schemas: list):
+    """One schema for the Parquet files' rows, so staged rows keep their types (float32 top-k
+    stays float32); None when they disagree (the rows' own types are inferred then)."""
+    import pyarrow as pa
+
+    try:
+        return pa.unify_schemas(schemas, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return None
+
+
+def stage_rows(rows: list[dict], path: str, schema=None) -> str:
     """Rows written as one Parquet file (the format every worker reads), returned as its path."""
     import pyarrow as pa
 
-    storage.write_parquet(path, pa.Table.from_pylist(rows))
+    storage.write_parquet(path, pa.Table.from_pylist(rows, schema=schema))
     return path
 
 
@@ -134,7 +170,7 @@ def deepspeed_template(config: FinetuneConfig) -> dict:
 
 # ---------------------------------------------------------------- the run
 
-def loop_config(config: FinetuneConfig, steps: int) -> dict[str, Any]:
+def loop_config(config: FinetuneConfig, steps: int, eval_file: str | None = None) -> dict[str, Any]:
     """Everything a worker needs, as plain data (shipped to every worker by Ray Train)."""
     ds = fill_deepspeed_config(
         deepspeed_template(config), zero_stage=config.zero_stage, batch_size=config.batch_size,
@@ -144,8 +180,10 @@ def loop_config(config: FinetuneConfig, steps: int) -> dict[str, Any]:
     keys = ("model", "seq_len", "response_field", "batch_size", "grad_accum", "seed", "shuffle_buffer",
             "epochs", "warmup_steps", "scheduler", "min_lr_ratio", "lr", "weight_decay", "optimizer",
             "checkpoint_every", "report_every", "report_interval_s", "enforce_masks", "cpus_per_worker",
-            "use_gpu", "gradient_checkpointing", "loss_chunk_tokens")
+            "use_gpu", "gradient_checkpointing", "loss", "ce_weight", "kd_temperature", "loss_chunk_tokens",
+            "use_response_ids", "eval_every", "select_by", "num_speculative_tokens")
     cfg = {k: getattr(config, k) for k in keys}
+    cfg["eval_data"] = eval_file
     from sd2_ray.runtime import worker_env
 
     # S3 endpoint/credentials, offline hub, extension cache: set in workers that lack them
@@ -177,11 +215,11 @@ def run_finetune(config: FinetuneConfig, callbacks: list | None = None) -> Finet
 
     extensions_dir()  # before the workers' environment is built (loop_config)
     local_model = check_model_and_masks(config)
-    files, rows = prepare_data(config)
-    steps = total_steps(config, rows)
-    cfg = loop_config(config, steps)  # before any output: a bad DeepSpeed JSON fails here
-    manifest.start(config.output, STAGE, model=config.model, data=config.data, rows=rows, total_steps=steps,
-                   checkpoints=config.checkpoint_run_dir())
+    data = prepare_data(config)
+    steps = total_steps(config, data.rows)
+    cfg = loop_config(config, steps, data.eval_file)  # before any output: a bad DeepSpeed JSON fails here
+    manifest.start(config.output, STAGE, model=config.model, data=config.data, rows=data.rows,
+                   eval_rows=data.eval_rows, total_steps=steps, checkpoints=config.checkpoint_run_dir())
     config.save(config.output)
     ray_result = None
     try:
@@ -190,10 +228,10 @@ def run_finetune(config: FinetuneConfig, callbacks: list | None = None) -> Finet
             from sd2_ray.finetune.ray_train import fit
 
             wait_for_build_locks()
-            ray_result = fit(config, cfg, files, callbacks)
+            ray_result = fit(config, cfg, data.files, callbacks)
         else:
             log.info("%s: training already finished; publishing", config.checkpoint_run_dir())
-        summary, history = publish(config, local_model, rows, steps)
+        summary, history = publish(config, local_model, data.rows, steps)
     except Exception as err:
         manifest.fail(config.output, STAGE, error=f"{type(err).__name__}: {err}"[:500])
         raise
@@ -212,23 +250,69 @@ def cleanup(config: FinetuneConfig) -> None:
 # ---------------------------------------------------------------- publishing
 
 def publish(config: FinetuneConfig, local_model: str, rows: int, steps: int) -> tuple[dict, list[dict]]:
-    """Final model + masks + verified sparsity + metrics into the output; manifest complete last."""
+    """The selected model (the final one, or the best held-out step's) + masks + verified
+    sparsity + metrics into the output; manifest complete last."""
+    import shutil
+    import tempfile
+
     from sd2_ray.finetune.verify import verify_sparsity
 
     final = final_checkpoint(config)
     if final is None:
         raise RuntimeError(f"{config.checkpoint_run_dir()}: training ended without a final checkpoint")
     state = json.loads(storage.read_text(storage.join(final, STATE_FILE)))
-    model_src = storage.join(final, MODEL_SUBDIR)
-    storage.copy_dir(model_src, config.output) if storage.is_s3(model_src) or storage.is_s3(config.output) \
-        else _copy_local(model_src, config.output)
-    sparsity = verify_sparsity(config, local_model, storage.local_dir(model_src))
+    scratch = tempfile.mkdtemp(prefix="sd2-publish-")
+    try:
+        model_src, published_step = selected_model(config, state, final, scratch)
+        storage.copy_dir(model_src, config.output) if storage.is_s3(model_src) or storage.is_s3(config.output) \
+            else _copy_local(model_src, config.output)
+        sparsity = verify_sparsity(config, local_model, storage.local_dir(model_src))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     history = state["history"]
     summary = summarize(config, history, state, sparsity, rows, steps)
+    summary.update(published_step=published_step, selection=_selection(config, state, published_step))
     storage.write_json(storage.join(config.output, METRICS_FILE), {**summary, "steps": history})
     manifest.complete(config.output, STAGE, steps=state["step"], final_loss=summary["final_loss"],
-                      masked_nonzero=sparsity["masked_nonzero"])
+                      masked_nonzero=sparsity["masked_nonzero"], published_step=published_step)
     return summary, history
+
+
+def selected_model(config: FinetuneConfig, state: dict, final: str, scratch: str) -> tuple[str, int]:
+    """(model dir to publish, its step): the final model, unless a held-out selection
+    (``eval_every``) found an earlier step better; that step's ZeRO checkpoint is then turned
+    into an HF dir under ``scratch``."""
+    best = state.get("best")
+    if not config.eval_every or not best or best["step"] == state["step"]:
+        return storage.join(final, MODEL_SUBDIR), state["step"]
+    from sd2_ray.finetune.checkpoint import checkpoint_dir_name, drafter_from_checkpoint
+
+    source = storage.join(config.checkpoint_run_dir(), checkpoint_dir_name(best["step"]))
+    if not storage.exists(source):
+        raise RuntimeError(f"{source}: the checkpoint of the best held-out step ({best['metric']} "
+                           f"{best['value']:.4f}) is gone")
+    log.info("finetune: publishing step %d (%s %.4f) instead of the final step %d", best["step"],
+             best["metric"], best["value"], state["step"])
+    from sd2_ray.models.io import resolve_model_dir
+
+    drafter, tokenizer = drafter_from_checkpoint(storage.local_dir(source), resolve_model_dir(config.model))
+    # ZeRO files hold the fp32 master weights; publish in the dtype the final model was saved in
+    saved = json.loads(storage.read_text(storage.join(final, MODEL_SUBDIR, "config.json")))
+    dtype = saved.get("dtype") or saved.get("torch_dtype")
+    if isinstance(dtype, str):
+        import torch
+
+        drafter.to(getattr(torch, dtype))
+    drafter.save_pretrained(scratch, safe_serialization=True)
+    tokenizer.save_pretrained(scratch)
+    return scratch, best["step"]
+
+
+def _selection(config: FinetuneConfig, state: dict, published_step: int) -> dict[str, Any]:
+    best = state.get("best")
+    if not config.eval_every:
+        return {"select_by": "final"}
+    return {"select_by": config.select_by, **(best or {}), "published_step": published_step}
 
 
 def _copy_local(src: str, dst: str) -> None:
@@ -243,7 +327,8 @@ def summarize(config: FinetuneConfig, history: list[dict], state: dict, sparsity
     speeds = [h["tokens_per_s"] for h in history[1:]] or [h["tokens_per_s"] for h in history]
     return {"stage": STAGE, "model": config.model, "data": config.data, "rows": rows,
             "total_steps": steps, "steps_done": state["step"], "restarts": state.get("restarts", 0),
-            "workers": config.workers, "zero_stage": config.zero_stage,
+            "workers": config.workers, "zero_stage": config.zero_stage, "loss": config.loss,
+            "ce_weight": config.ce_weight if config.loss != "ce" else None,
             "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
             "tokens_per_s_mean": sum(speeds) / len(speeds) if speeds else None,
             "sparsity_check": sparsity}

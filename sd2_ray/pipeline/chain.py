@@ -7,7 +7,7 @@ typed settings section, so they can never disagree about where an artifact lives
 
     distilled/                                   the target's own answers to the train prompts
     pruned/sd2/  pruned/layers/                  the sparse drafter; the layer-pruned baseline
-    drafters/{dense-sd,layer-pruned-sd,sd2,sparse-sft}/   fine-tuned drafters (HF dirs)
+    drafters/{dense-sd,layer-pruned-sd,sd2,sd2-kd,sparse-sft}/   fine-tuned drafters (HF dirs)
     eval/target-only.json, eval/<drafter>/report.json     one eval per drafter, same prompts and K
     report/                                      report.json, report.md, plots
     tune/                                        the search, when the config has a tune section
@@ -22,7 +22,7 @@ from sd2_ray.pipeline.config import PipelineConfig
 
 # fine-tuned drafter -> (the model it starts from, the column it learns)
 FINETUNED = {"dense-sd": ("base", "response"), "layer-pruned-sd": ("layers", "response"),
-             "sd2": ("sd2", "response"), "sparse-sft": ("sd2", "reference")}
+             "sd2": ("sd2", "response"), "sd2-kd": ("sd2", "response"), "sparse-sft": ("sd2", "reference")}
 # layer baseline settings taken from the prune section unless layer_prune sets them
 INHERITED_PLACEMENT = ("device", "num_gpus", "num_cpus", "trust_remote_code")
 STAGES = ("distill", "prune", "layer_prune", "finetune", "eval", "serve", "tune")
@@ -86,7 +86,8 @@ def chain(config: PipelineConfig, stage: str, drafter: str = "sd2", **extra: Any
         from sd2_ray.finetune.config import FinetuneConfig
 
         source, field = FINETUNED[drafter]
-        return _stage(FinetuneConfig, config.finetune, model=_source_model(config, source),
+        settings = config.kd_settings() if drafter == "sd2-kd" else config.finetune
+        return _stage(FinetuneConfig, settings, model=_source_model(config, source),
                       data=distilled_dir(config), output=drafter_dir(config, drafter), response_field=field,
                       num_speculative_tokens=config.num_speculative_tokens, **extra)
     if stage == "eval":

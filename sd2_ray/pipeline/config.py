@@ -21,8 +21,12 @@ from sd2_ray.prune.config import LayerPruneSettings, PruneSettings
 from sd2_ray.serve.config import ServeSettings
 from sd2_ray.tune.config import TuneSettings
 
-DRAFTERS = ("dense", "dense-sd", "layer-pruned-sd", "sd2", "sparse-sft", "uag")
-DrafterName = Literal["dense", "dense-sd", "layer-pruned-sd", "sd2", "sparse-sft", "uag"]
+DRAFTERS = ("dense", "dense-sd", "layer-pruned-sd", "sd2", "sd2-kd", "sparse-sft", "uag")
+DrafterName = Literal["dense", "dense-sd", "layer-pruned-sd", "sd2", "sd2-kd", "sparse-sft", "uag"]
+# What the kd section may change for sd2-kd: the loss and the checkpoint selection. The model,
+# data and budget (epochs, steps, lr, batch) stay sd2's, so the two differ only in the loss.
+KD_DEFAULT = {"loss": "fkl", "ce_weight": 1.0}
+KD_FIELDS = ("loss", "ce_weight", "kd_temperature", "loss_chunk_tokens", "eval_every", "eval_rows", "select_by")
 
 
 class PipelineConfig(StageConfig):
@@ -44,7 +48,7 @@ class PipelineConfig(StageConfig):
     num_speculative_tokens: int = Field(4, ge=1, le=32, description="draft tokens K, the same for every drafter")
     drafters: Optional[list[DrafterName]] = Field(
         None, description="drafters to build and evaluate (default: all of them; uag only when "
-        "uag_drafter is set)")
+        "uag_drafter is set, sd2-kd only when distill.logprobs_top_k > 0)")
     drop_layers: int | Literal["auto"] = Field(
         "auto", description="layer-pruned baseline: blocks to drop; auto = the count whose MACs are "
         "closest to the SD² drafter's")
@@ -65,6 +69,10 @@ class PipelineConfig(StageConfig):
         "(device, num_gpus and num_cpus default to the prune section's)")
     finetune: FinetuneSettings = Field(default_factory=FinetuneSettings,
                                        description="sd2 finetune settings (every fine-tuned drafter)")
+    kd: dict[str, Any] = Field(
+        default_factory=lambda: dict(KD_DEFAULT), description="the sd2-kd drafter: the finetune section with "
+        f"these fields changed (only {', '.join(KD_FIELDS)}; same pruned model, data and budget as sd2), "
+        "e.g. {loss: fkl, ce_weight: 1.0, eval_every: 16, select_by: expected_mal}")
     eval: EvalSettings = Field(default_factory=EvalSettings, description="sd2 eval settings")
     tune: Optional[TuneSettings] = Field(None, description="sd2 tune settings; set to run a search too")
     serve: ServeSettings = Field(default_factory=ServeSettings,
@@ -85,12 +93,31 @@ class PipelineConfig(StageConfig):
                              "kit:drafter-uag)")
         return self
 
+    @model_validator(mode="after")
+    def _kd_needs_top_k(self) -> "PipelineConfig":
+        unknown = sorted(set(self.kd) - set(KD_FIELDS))
+        if unknown:
+            raise ValueError(f"kd: {unknown} cannot differ from sd2's fine-tuning (the kd section sets only "
+                             f"{', '.join(KD_FIELDS)})")
+        self.kd_settings()  # a bad value fails here, at load
+        if self.drafters is not None and "sd2-kd" in self.drafters and not self.distill.logprobs_top_k:
+            raise ValueError("drafters: 'sd2-kd' needs distill.logprobs_top_k > 0 (it learns the target's "
+                             "stored top-k distribution)")
+        return self
+
+    def kd_settings(self) -> FinetuneSettings:
+        """The sd2-kd drafter's fine-tuning: the finetune section with the kd section on top."""
+        from sd2_ray.config import validate
+
+        return validate(FinetuneSettings, {**self.finetune.model_dump(), **self.kd}, source="kd")
+
     @property
     def drafter_names(self) -> list[str]:
         """The drafters this run builds and evaluates, in report order."""
         if self.drafters is not None:
             return list(self.drafters)
-        return [d for d in DRAFTERS if d != "uag" or self.uag_drafter]
+        return [d for d in DRAFTERS if (d != "uag" or self.uag_drafter)
+                and (d != "sd2-kd" or self.distill.logprobs_top_k)]
 
     def kit_overrides(self) -> dict[str, Any]:
         return dict(self.kit)

@@ -16,14 +16,56 @@ DESCRIPTIONS = {
     "dense-sd": "dense, fine-tuned on self-distilled data",
     "layer-pruned-sd": "layer-pruned (angular distance), fine-tuned on self-distilled data",
     "sd2": "SD²: pruned, sparse-fine-tuned on self-distilled data",
+    "sd2-kd": "SD² with a distillation loss: the sd2 drafter's pruned model, data and budget, trained on the "
+              "target's stored top-k distribution",
     "sparse-sft": "same sparse drafter, fine-tuned on the reference answers",
     "uag": "cross-family drafter (other tokenizer), as pretrained",
 }
 
 
-def drafter_entries(reports: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{"name": name, "description": DESCRIPTIONS.get(name, ""), **{k: r.get(k) for k in ENTRY_KEYS}}
-            for name, r in reports.items()]
+def drafter_entries(reports: dict[str, dict[str, Any]],
+                    training: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """One report row per drafter; a fine-tuned one also says how it was trained (``training``)."""
+    training = training or {}
+    return [{"name": name, "description": DESCRIPTIONS.get(name, ""), **{k: r.get(k) for k in ENTRY_KEYS},
+             **({"training": training[name]} if name in training else {})} for name, r in reports.items()]
+
+
+def training_of(config: PipelineConfig, name: str) -> dict[str, Any]:
+    """How the run fine-tuned drafter ``name``: its loss, its data and which step was published
+    (from its config as :func:`~sd2_ray.pipeline.chain.chain` builds it, and its metrics.json)."""
+    from sd2_ray.pipeline.chain import chain
+
+    ft = chain(config, "finetune", name)
+    distilled = ft.response_field == "response"
+    info: dict[str, Any] = {
+        "loss": ft.loss, "ce_weight": ft.ce_weight if ft.loss != "ce" else None,
+        "kd_temperature": ft.kd_temperature if ft.loss != "ce" else None,
+        "data": ft.data, "column": ft.response_field,
+        "distill_mode": config.distill.mode if distilled else None,
+        "logprobs_top_k": config.distill.logprobs_top_k if distilled else None,
+        "select_by": ft.select_by if ft.eval_every else "final", "eval_every": ft.eval_every}
+    metrics = storage.join(ft.output, "metrics.json")
+    if storage.exists(metrics):
+        done = storage.read_json(metrics)
+        info.update(steps=done.get("steps_done"), published_step=done.get("published_step", done.get("steps_done")))
+    return info
+
+
+def training_text(info: dict[str, Any]) -> str:
+    """One phrase for report.md: loss, data, published step."""
+    kd = info["loss"] != "ce"
+    loss = f"{info['loss']} + {info['ce_weight']:g}·ce" if kd and info["ce_weight"] else info["loss"]
+    if info["column"] != "response":
+        data = f"the '{info['column']}' column"
+    else:  # the top-k are named only where the loss reads them
+        data = f"{info['distill_mode']} data" + (f" with the target's top-{info['logprobs_top_k']} log-probs"
+                                                 if kd and info["logprobs_top_k"] else "")
+    text = f"loss {loss} on {data}"
+    if info.get("published_step") is not None:
+        chosen = f", chosen by held-out {info['select_by']}" if info["select_by"] != "final" else ""
+        text += f"; published step {info['published_step']} of {info['steps']}{chosen}"
+    return text
 
 
 def comparisons(entries: list[dict[str, Any]]) -> dict[str, float]:
@@ -38,6 +80,8 @@ def comparisons(entries: list[dict[str, Any]]) -> dict[str, float]:
         out["sd2_mal_drop_vs_dense_sd"] = 1 - sparse["mean_accepted_length"] / dense["mean_accepted_length"]
     if "sd2" in by and "sparse-sft" in by and by["sparse-sft"]["mean_accepted_length"]:
         out["sd2_mal_over_sparse_sft"] = by["sd2"]["mean_accepted_length"] / by["sparse-sft"]["mean_accepted_length"]
+    if "sd2-kd" in by and "sd2" in by and by["sd2"]["mean_accepted_length"]:
+        out["sd2_kd_mal_over_sd2"] = by["sd2-kd"]["mean_accepted_length"] / by["sd2"]["mean_accepted_length"]
     if "sd2" in by and "dense" in by and by["dense"]["mean_accepted_length"]:
         out["sd2_mal_over_dense_base"] = by["sd2"]["mean_accepted_length"] / by["dense"]["mean_accepted_length"]
     return out
@@ -69,7 +113,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         parts.append("## Headline comparisons\n")
         parts += [f"- {k}: {v:.3f}" for k, v in report["comparisons"].items()]
         parts.append("")
-    parts += ["## Drafters\n"] + [f"- **{e['name']}**: {e['description']} (`{e['drafter']}`)" for e in report["drafters"]]
+    parts += ["## Drafters\n"] + [f"- **{e['name']}**: {e['description']}"
+                                  + (f"; {training_text(e['training'])}" if e.get("training") else "")
+                                  + f" (`{e['drafter']}`)" for e in report["drafters"]]
     parts += ["", "![MAL vs MACs](mal_vs_macs.png)", "", "![acceptance by position](acceptance_by_position.png)", ""]
     return "\n".join(parts)
 
@@ -109,7 +155,9 @@ def plots(entries: list[dict[str, Any]]) -> dict[str, bytes]:
 
 
 def write_pipeline_report(config: PipelineConfig, reports: dict[str, dict[str, Any]], out_dir: str) -> dict[str, Any]:
-    entries = drafter_entries(reports)
+    from sd2_ray.pipeline.chain import FINETUNED
+
+    entries = drafter_entries(reports, {name: training_of(config, name) for name in reports if name in FINETUNED})
     first = next(iter(reports.values()))
     report = {"target": first.get("target"), "num_speculative_tokens": config.num_speculative_tokens,
               "num_prompts": first.get("num_prompts"), "target_macs_per_token": first.get("target_macs_per_token"),

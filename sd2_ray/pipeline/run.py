@@ -70,7 +70,7 @@ class Pipeline:
         from sd2_ray.prune.job import run_prune
 
         wanted = self.config.drafter_names
-        if {"sd2", "sparse-sft", "layer-pruned-sd"} & set(wanted):
+        if {"sd2", "sd2-kd", "sparse-sft", "layer-pruned-sd"} & set(wanted):
             self.timed("prune:sd2", run_prune, chain(self.config, "prune"))
         if "layer-pruned-sd" in wanted:
             self.timed("prune:layers", run_prune,

@@ -87,3 +87,20 @@ def write_toy_dataset(path: str, n: int = 64, seed: int = 0, shards: int = 2, fi
         if part:
             storage.write_parquet(storage.join(path, f"part-{s:05d}.parquet"), pa.Table.from_pylist(part))
     return path
+
+
+def with_toy_topk(rows: list[dict], tokenizer, k: int = 4, top_prob: float = 0.7, rest: float = 0.1) -> list[dict]:
+    """``rows`` as distilled with ``logprobs_top_k`` = k by a target that puts ``top_prob`` on each
+    response token, spreads the rest of its top-k mass evenly over k - 1 other ids and leaves
+    ``rest`` outside them: ``response_ids`` (the text's ids + EOS), ``topk_ids``, ``topk_logprobs``."""
+    import math
+
+    vocab = len(tokenizer)
+    other = math.log((1.0 - top_prob - rest) / (k - 1))
+    out = []
+    for row in rows:
+        ids = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        topk = [[t] + [(t + j * 7) % vocab for j in range(1, k)] for t in ids]
+        logprobs = [[math.log(top_prob)] + [other] * (k - 1) for _ in ids]
+        out.append({**row, "response_ids": ids, "topk_ids": topk, "topk_logprobs": logprobs})
+    return out

@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 
 class TrialReportCallback(TuneReportCallback):
-    """``TuneReportCallback`` plus: ``loss`` made finite-or-inf (a diverged trial must lose at
+    """``TuneReportCallback`` plus: ``loss`` / ``eval_loss`` made finite-or-inf and the held-out
+    ``expected_mal`` (finetune.eval_every) finite-or-minus-inf (a diverged trial must lose at
     ASHA's rung, not compare as NaN), and MAL/predicted speedup measured on a few held-out
     prompts whenever a worker reports an intermediate checkpoint (``checkpoint_eval``)."""
 
@@ -30,8 +31,11 @@ class TrialReportCallback(TuneReportCallback):
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         first = dict(metrics[0]) if metrics else {}
-        if "loss" in first:
-            first["loss"] = finite_or_inf(first["loss"])
+        for key in ("loss", "eval_loss"):  # minimised
+            if key in first:
+                first[key] = finite_or_inf(first[key])
+        if "expected_mal" in first:  # maximised: a trial whose held-out rows scored nothing loses
+            first["expected_mal"] = -finite_or_inf(-first["expected_mal"])
         if self._checkpoint_eval and checkpoint is not None and not first.get("final"):
             first.update(self._measure(checkpoint, first.get("step")))
         super().after_report(run_context, [first, *metrics[1:]], checkpoint)

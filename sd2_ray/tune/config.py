@@ -13,6 +13,8 @@ from sd2_ray.models.device import DeviceName, DtypeName
 from sd2_ray.prune.config import PruneSettings, pattern_text
 
 OBJECTIVES = ("predicted_speedup", "mal")
+# reported by the fine-tuning itself every finetune.eval_every steps (sd2_ray/finetune/heldout.py)
+HELDOUT_METRICS = ("expected_mal", "eval_loss")
 PRUNE_METHODS = ("sparsegpt", "wanda", "magnitude")
 
 
@@ -78,16 +80,18 @@ class AshaSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = Field(True, description="false: FIFO, every trial runs to the end")
-    metric: str = Field("loss", description="metric ASHA compares at each rung: loss (every step) or the "
-                                            "objective (only at checkpoints, with eval_at_checkpoints)")
-    mode: Literal["min", "max"] | None = Field(None, description="default: min for loss, max otherwise")
+    metric: str = Field("loss", description="metric ASHA compares at each rung: loss (every step), "
+                        "expected_mal or eval_loss (held-out, every finetune.eval_every steps) or the objective "
+                        "(only at checkpoints, with eval_at_checkpoints)")
+    mode: Literal["min", "max"] | None = Field(None, description="default: min for loss and eval_loss, "
+                                               "max otherwise")
     grace_period: int = Field(2, ge=1, description="steps every trial runs before it can be stopped")
     reduction_factor: float = Field(2.0, gt=1.0, description="keep the best 1/reduction_factor at each rung")
     time_attr: str = Field("step", description="the time axis: fine-tuning optimizer steps")
 
     @property
     def resolved_mode(self) -> str:
-        return self.mode or ("min" if self.metric == "loss" else "max")
+        return self.mode or ("min" if self.metric in ("loss", "eval_loss") else "max")
 
 
 class TuneSettings(StageConfig):
@@ -162,11 +166,17 @@ class TuneSettings(StageConfig):
 
     @model_validator(mode="after")
     def _asha_metric_reported(self) -> "TuneSettings":
-        if self.asha.enabled and self.asha.metric not in ("loss", *OBJECTIVES, "objective"):
-            raise ValueError(f"asha.metric: '{self.asha.metric}' is not reported (loss, objective, "
-                             "predicted_speedup or mal)")
-        if self.asha.enabled and self.asha.metric != "loss" and not self.eval_at_checkpoints:
-            raise ValueError(f"asha.metric: '{self.asha.metric}' is only measured at checkpoints; "
+        metric = self.asha.metric
+        if not self.asha.enabled or metric == "loss":
+            return self
+        if metric not in (*OBJECTIVES, "objective", *HELDOUT_METRICS):
+            raise ValueError(f"asha.metric: '{metric}' is not reported (loss, objective, predicted_speedup, "
+                             f"mal, {' or '.join(HELDOUT_METRICS)})")
+        if metric in HELDOUT_METRICS and not self.finetune.eval_every:
+            raise ValueError(f"asha.metric: '{metric}' is measured on held-out rows while training; set "
+                             "finetune.eval_every (or use loss)")
+        if metric not in HELDOUT_METRICS and not self.eval_at_checkpoints:
+            raise ValueError(f"asha.metric: '{metric}' is only measured at checkpoints; "
                              "set eval_at_checkpoints: true (or use loss)")
         return self
 
