@@ -65,7 +65,7 @@ def run_ray(target: str, requests, max_new_tokens: int, batch_size: int, actors:
     job writes it (Parquet serialised in memory, so its size is measured, not the disk)."""
     from sd2_ray.distill import core
     from sd2_ray.distill.config import DistillConfig
-    from sd2_ray.distill.pipeline import generate_shards
+    from sd2_ray.distill.ray_data import generate_shards
 
     config = DistillConfig(target=target, prompts="-", output="-", actors=actors, batch_size=batch_size,
                            shard_size=batch_size, max_new_tokens=max_new_tokens, torch_threads=1,

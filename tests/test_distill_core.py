@@ -52,7 +52,7 @@ def tokenizer(chat_model_dir):
 
 def test_core_and_engines_do_not_import_ray_or_vllm():
     code = ("import sys, sd2_ray.distill.core, sd2_ray.distill.engines, sd2_ray.distill.config, "
-            "sd2_ray.distill.job\n"
+            "sd2_ray.distill.job, sd2_ray.distill.vllm_engine, sd2_ray.distill.onpolicy\n"
             "bad = [m for m in ('ray', 'vllm', 'deepspeed') if m in sys.modules]\n"
             "assert not bad, bad")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -103,7 +103,7 @@ def test_udf_rows_and_the_parquet_row_contract(pair, tmp_path):
 
     from sd2_ray import storage
     from sd2_ray.distill.engines import TransformersBatchUDF
-    from sd2_ray.distill.pipeline import to_generated
+    from sd2_ray.distill.engines import to_generated
 
     settings = {"max_new_tokens": 8, "temperature": 0.0, "top_p": 1.0, "seed": 0, "dtype": "float32",
                 "device": "cpu", "torch_threads": 1, "logprobs_top_k": K}
