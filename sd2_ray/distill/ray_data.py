@@ -109,9 +109,25 @@ def vllm_processor(model_dir: str, config, eos_ids: list[int], context: int | No
     from sd2_ray.distill import vllm_engine
     from sd2_ray.runtime import worker_env
 
+    warn_if_replicas_take_every_cpu(config)
     processor_config = vLLMEngineProcessorConfig(
         **vllm_engine.processor_kwargs(model_dir, config, context, worker_env()))
     sampling = vllm_engine.sampling_params(config)
     top_k, max_new = config.logprobs_top_k, config.max_new_tokens
     return build_processor(processor_config, preprocess=lambda row: vllm_engine.request_row(row, sampling),
                            postprocess=lambda row: vllm_engine.vllm_result(row, eos_ids, max_new, top_k))
+
+
+def warn_if_replicas_take_every_cpu(config) -> None:
+    """CPU replicas that reserve every CPU of the cluster leave none for Ray Data's row stages
+    (the processor's pre- and postprocess tasks): the engines start and then wait forever."""
+    import ray
+
+    if config.gpus_per_actor:
+        return
+    reserved = config.actors * config.tensor_parallel_size * config.cpus_per_actor
+    total = ray.cluster_resources().get("CPU", 0)
+    if reserved > total - 1:
+        log.warning("distill: the vLLM replicas reserve %g of the cluster's %g CPUs (actors x "
+                    "tensor_parallel_size x cpus_per_actor); Ray Data's row stages need at least one more, "
+                    "or the run waits forever: lower cpus_per_actor or actors", reserved, total)

