@@ -11,6 +11,17 @@ same comparison inside one engine actor's callable in this process, timed in CPU
 Fairness on a 2-core box: each actor gets 1 torch thread; the baseline process gets 2. Steady
 throughput counts rows after the first shard/batch (model loading and actor start excluded);
 wall includes everything after ``ray.init``. Prints a table and writes bench_distill.json.
+
+``--engine vllm``: the ``ray.data.llm`` vLLM pipeline (the distill job's path, one engine actor)
+against a bare ``vllm.LLM.generate`` over the same prompt ids in this process, both greedy,
+eager mode, float32, the rows repeated ``--repeat`` times (new indices) so that generation, not
+engine start-up, fills the run. Steady tokens/s, engine start excluded: for the bare engine its
+one ``generate`` call; for the pipeline the rows after its first in-flight window (Ray's vLLM
+stage keeps 8 batches in flight, which finish together: counting from the first finished shard
+would count a burst) up to the last. Tokens exclude the EOS on both sides. Goal: >= 0.8x.
+Writes bench_distill_vllm.json.
+
+    python bench/bench_distill.py --engine vllm [--rows 192] [--repeat 8] [--max-new-tokens 48] [--batch-size 16]
 """
 from __future__ import annotations
 
@@ -26,6 +37,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 GOAL_ACTORS, GOAL_BASELINE = 1.8, 1.0
 GOAL_TOPK_SLOWDOWN = 0.15  # storing top-20 may cost at most 15 % of steady tokens/s
+GOAL_VLLM_PIPELINE = 0.8  # ray.data.llm pipeline / bare vllm.LLM.generate, steady tokens/s
+VLLM_BATCHES_IN_FLIGHT = 8  # ray.data.llm's max_concurrent_batches default (Ray 2.60)
 
 
 def load_requests(target: str, rows: list[dict], batch_size: int):
@@ -37,12 +50,13 @@ def load_requests(target: str, rows: list[dict], batch_size: int):
     return requests
 
 
-def steady(marks: list[tuple[float, int, int]], started: float) -> dict:
-    """Rates after the first completion (warm), plus wall from ``started``; marks = (t, rows, tokens)."""
+def steady(marks: list[tuple[float, int, int]], started: float, skip: int = 1) -> dict:
+    """Rates after the first ``skip`` completions (warm), plus wall from ``started``; marks =
+    (t, rows, tokens)."""
     marks.sort()
-    (t0, _, _), t_end = marks[0], marks[-1][0]
-    rows_after = sum(m[1] for m in marks[1:])
-    tokens_after = sum(m[2] for m in marks[1:])
+    (t0, _, _), t_end = marks[skip - 1], marks[-1][0]
+    rows_after = sum(m[1] for m in marks[skip:])
+    tokens_after = sum(m[2] for m in marks[skip:])
     span = max(t_end - t0, 1e-9)
     return {"rows_per_s": rows_after / span, "tokens_per_s": tokens_after / span,
             "wall_s": t_end - started, "rows": sum(m[1] for m in marks), "tokens": sum(m[2] for m in marks)}
@@ -60,16 +74,19 @@ def run_baseline(target: str, requests, max_new_tokens: int, batch_size: int, th
     return steady(marks, started)
 
 
-def run_ray(target: str, requests, max_new_tokens: int, batch_size: int, actors: int, top_k: int = 0) -> dict:
-    """The distill job's path: actor pool, shards handed back, each shard's table built as the
-    job writes it (Parquet serialised in memory, so its size is measured, not the disk)."""
+def run_ray(target: str, requests, max_new_tokens: int, batch_size: int, actors: int, top_k: int = 0,
+            engine: str = "transformers") -> dict:
+    """The distill job's path: actor pool (or ray.data.llm's vLLM processor), shards handed back,
+    each shard's table built as the job writes it (Parquet serialised in memory, so its size is
+    measured, not the disk)."""
     from sd2_ray.distill import core
     from sd2_ray.distill.config import DistillConfig
-    from sd2_ray.distill.pipeline import generate_shards
+    from sd2_ray.distill.job import load_target_info
+    from sd2_ray.distill.ray_data import generate_shards
 
     config = DistillConfig(target=target, prompts="-", output="-", actors=actors, batch_size=batch_size,
                            shard_size=batch_size, max_new_tokens=max_new_tokens, torch_threads=1,
-                           logprobs_top_k=top_k)
+                           logprobs_top_k=top_k, engine=engine)
     marks, sizes = [], {"arrow_bytes": 0, "parquet_bytes": 0, "stored_tokens": 0}
 
     def on_shard(shard, answered):
@@ -79,10 +96,11 @@ def run_ray(target: str, requests, max_new_tokens: int, batch_size: int, actors:
         sizes["stored_tokens"] += sum(len(g.token_ids or []) for _, g in answered)
         marks.append((time.perf_counter(), len(answered), sum(g.response_tokens for _, g in answered)))
 
-    eos = target_eos_ids(target)
+    _, eos, context = load_target_info(target, False)
     started, cpu = time.perf_counter(), time.process_time()
-    generate_shards(requests, target, config, eos, on_shard)
-    return {**steady(marks, started), **sizes, "driver_cpu_s": time.process_time() - cpu}
+    generate_shards(requests, target, config, eos, on_shard, context=context)
+    skip = VLLM_BATCHES_IN_FLIGHT if engine == "vllm" else 1
+    return {**steady(marks, started, skip), **sizes, "driver_cpu_s": time.process_time() - cpu}
 
 
 def run_udf_cpu(target: str, requests, max_new_tokens: int, batch_size: int, top_k: int) -> dict:
@@ -112,10 +130,52 @@ def parquet_size(table) -> int:
     return len(buf.getvalue())
 
 
-def target_eos_ids(target: str) -> list[int]:
+def run_bare_vllm(target: str, requests, max_new_tokens: int, eos: list[int]) -> dict:
+    """One ``vllm.LLM.generate`` over every prompt id list: the engine alone, no Ray. Timed from
+    the call (engine start excluded), the settings the distill job gives vLLM on CPU."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    started = time.perf_counter()
+    llm = LLM(model=target, dtype="float32", enforce_eager=True, seed=0)
+    ready = time.perf_counter()
+    out = llm.generate([TokensPrompt(prompt_token_ids=r.prompt_ids) for r in requests],
+                       SamplingParams(temperature=0.0, max_tokens=max_new_tokens), use_tqdm=False)
+    done = time.perf_counter()
+    ids = [o.outputs[0].token_ids for o in out]
+    tokens = sum(len(i) - (1 if i and i[-1] in eos else 0) for i in ids)
+    llm.llm_engine.engine_core.shutdown()
+    return {"rows_per_s": len(out) / (done - ready), "tokens_per_s": tokens / (done - ready),
+            "wall_s": done - started, "rows": len(out), "tokens": tokens, "engine_start_s": ready - started}
+
+
+def main_vllm(args, target: str, requests) -> dict:
+    """The ray.data.llm pipeline, then the bare engine (Ray shut down in between: 2 cores)."""
+    import dataclasses
+
     from sd2_ray.distill.job import load_target_info
 
-    return load_target_info(target, False)[1]
+    n = len(requests)
+    requests = [dataclasses.replace(r, index=i, shard=i // args.batch_size)
+                for i, r in enumerate(requests[j % n] for j in range(n * args.repeat))]
+    results = {"ray_data_llm_1_actor": run_ray(target, requests, args.max_new_tokens, args.batch_size, 1,
+                                               engine="vllm")}
+    import ray
+
+    ray.shutdown()
+    results["bare_vllm_generate"] = run_bare_vllm(target, requests, args.max_new_tokens,
+                                                  load_target_info(target, False)[1])
+    print(f"\nrows={args.rows} max_new_tokens={args.max_new_tokens} batch_size={args.batch_size} "
+          f"x {args.repeat} (kit target, vLLM CPU, float32, eager, greedy; wall s includes engine start)")
+    print(f"{'run':26s} {'rows/s':>8s} {'tokens/s':>9s} {'wall s':>7s} {'tokens':>7s}")
+    for name, r in results.items():
+        print(f"{name:26s} {r['rows_per_s']:8.2f} {r['tokens_per_s']:9.1f} {r['wall_s']:7.1f} {r['tokens']:7d}")
+    ratio = results["ray_data_llm_1_actor"]["tokens_per_s"] / results["bare_vllm_generate"]["tokens_per_s"]
+    verdict = "met" if ratio >= GOAL_VLLM_PIPELINE else "NOT met"
+    print(f"{'ray.data.llm / bare vllm.LLM.generate, steady tokens/s':56s} {ratio:5.2f}x  "
+          f"goal >= {GOAL_VLLM_PIPELINE}: {verdict}")
+    results["pipeline_over_bare"] = ratio
+    return results
 
 
 def main() -> None:
@@ -126,6 +186,9 @@ def main() -> None:
     parser.add_argument("--topk", type=int, default=20, help="logprobs_top_k of the comparison (0: skip it)")
     parser.add_argument("--repeats", type=int, default=2, help="alternated off/on runs of the top-k comparison")
     parser.add_argument("--topk-only", action="store_true", help="only the top-k comparison")
+    parser.add_argument("--engine", choices=("transformers", "vllm"), default="transformers",
+                        help="vllm: the ray.data.llm pipeline against a bare vllm.LLM.generate instead")
+    parser.add_argument("--repeat", type=int, default=8, help="vllm: the rows repeated this many times")
     args = parser.parse_args()
 
     from sd2_ray.kit import ensure_kit, kit_paths
@@ -137,6 +200,10 @@ def main() -> None:
     target = kit_paths(kit)["target"]
     rows = read_rows(kit_paths(kit)["train_prompts"])[:args.rows]
     requests = load_requests(target, rows, args.batch_size)
+    if args.engine == "vllm":
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        write_json(args, main_vllm(args, target, requests), "bench_distill_vllm.json")
+        return
     results = {}
     if not args.topk_only:
         results["baseline_1proc_2threads"] = run_baseline(target, requests, args.max_new_tokens, args.batch_size, 2)
@@ -156,7 +223,11 @@ def main() -> None:
     if topk_runs:
         results["topk_comparison"] = print_topk(topk_runs, args)
         results["topk_udf_cpu"] = print_udf_cpu(udf_runs, args)
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_distill.json"), "w") as f:
+    write_json(args, results, "bench_distill.json")
+
+
+def write_json(args, results: dict, name: str) -> None:
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name), "w") as f:
         json.dump({"args": vars(args), "results": results}, f, indent=2)
 
 

@@ -8,7 +8,13 @@ ratio. Goals: >= 1.3x tokens/s at 1 client; no errors at 32 clients.
 
     python bench/bench_serve.py                      # model kit: target + drafter
     python bench/bench_serve.py --drafter DIR        # e.g. an SD2 drafter from `sd2 run`
+    python bench/bench_serve.py --engine vllm,transformers --concurrency 1,8
+                                                     # both engines, one after the other, one run
 Bounded: requests per level (--requests-per-level) and a time limit per level (--level-timeout).
+
+``--engine vllm``: the same two applications on Ray Serve LLM (vLLM with draft-model
+speculative decoding, CPU: float32, eager, ``max_model_len`` 1024); vLLM counts acceptance
+itself (no MAL from our /v1/spec_stats: see tests/test_vllm_acceptance.py for its counters).
 """
 from __future__ import annotations
 
@@ -41,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--disable-by-batch-size", type=int, default=8,
                    help="the speculative server decodes batches this large without the drafter (0: never)")
     p.add_argument("--threads", type=int, default=1, help="CPUs (torch threads) per replica")
+    p.add_argument("--engine", default="transformers", help="comma list of engines to measure in turn: "
+                   "transformers (ours), vllm (ray.serve.llm)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_serve.json"))
     return p.parse_args(argv)
 
@@ -58,22 +66,29 @@ def models_and_prompts(args) -> tuple[str, str, list[str]]:
     return args.target or paths["target"], args.drafter or paths["drafter"], prompts
 
 
-def start_apps(args, target: str, drafter: str) -> str:
+def start_apps(args, target: str, drafter: str, engine: str) -> str:
+    """The speculative (/spec) and target-only (/base) applications of one engine."""
     from ray import serve
 
     from sd2_ray.serve.app import build_app
     from sd2_ray.serve.config import ServeConfig
     from sd2_ray.runtime import ensure_ray
 
-    ensure_ray(num_cpus=2 * args.threads + 1)
+    # logical CPUs: a vLLM app reserves its model replica's CPUs, one more for the replica actor
+    # Ray Serve LLM places in the same bundle, and one for its ingress
+    ensure_ray(num_cpus=2 * (args.threads + 2))
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     common = dict(target=target, port=port, num_speculative_tokens=args.num_speculative_tokens,
-                  max_batch_size=args.max_batch_size, batch_wait_timeout_s=0.01, max_queued_requests=256,
-                  num_cpus_per_replica=args.threads, model_name="target")
-    disable = args.disable_by_batch_size or None
-    serve.run(build_app(ServeConfig(drafter=drafter, app_name="spec", speculative_disable_by_batch_size=disable,
-                                    **common)), name="spec",
+                  max_batch_size=args.max_batch_size, max_queued_requests=256,
+                  num_cpus_per_replica=args.threads, model_name="target", engine=engine)
+    if engine == "vllm":
+        common.update(accelerator="cpu", dtype="float32", max_model_len=1024)
+        spec = {}
+    else:
+        common.update(batch_wait_timeout_s=0.01)
+        spec = {"speculative_disable_by_batch_size": args.disable_by_batch_size or None}
+    serve.run(build_app(ServeConfig(drafter=drafter, app_name="spec", **spec, **common)), name="spec",
               route_prefix="/spec")
     serve.run(build_app(ServeConfig(drafter=None, app_name="base", **common)), name="base",
               route_prefix="/base")
@@ -123,7 +138,8 @@ def spec_stats(url: str) -> dict:
     return httpx.get(f"{url}/spec_stats", timeout=30).json()
 
 
-def print_table(rows: list[dict], mal: float) -> None:
+def print_table(engine: str, rows: list[dict], mal: float | None) -> None:
+    print(f"engine: {engine}")
     head = f"{'clients':>7} | {'mode':<11} | {'ok/req':>7} | {'errors':>6} | {'tok/s':>8} | {'p50 s':>7} | {'p99 s':>7} | {'spec/base':>9}"
     print(head)
     print("-" * len(head))
@@ -135,19 +151,21 @@ def print_table(rows: list[dict], mal: float) -> None:
                   f"{r['tokens_per_s']:>8.1f} | {r['p50_s']:>7.3f} | {r['p99_s']:>7.3f} | {ratio:>9}")
     first = rows[0]
     last = rows[-1]
-    print(f"\nMAL (speculative server, all levels): {mal:.2f}")
+    if mal is not None:
+        print(f"\nMAL (speculative server, all levels): {mal:.2f}")
     print(f"goal >= {GOAL_SPEEDUP_AT_1}x tokens/s at {first['clients']} client: {first['speedup']:.2f}x "
           f"-> {'MET' if first['speedup'] >= GOAL_SPEEDUP_AT_1 else 'NOT MET'}")
     errs = last["speculative"]["errors"] + last["target-only"]["errors"]
     print(f"goal no errors at {last['clients']} clients: {errs} errors -> {'MET' if errs == 0 else 'NOT MET'}")
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    target, drafter, prompts = models_and_prompts(args)
+def measure_engine(args, engine: str, target: str, drafter: str, prompts: list[str]) -> dict:
+    """Start one engine's two apps, run every level on both, stop them."""
+    from ray import serve
+
     t0 = time.perf_counter()
-    root = start_apps(args, target, drafter)
-    print(f"servers ready in {time.perf_counter() - t0:.1f}s (target {target}, drafter {drafter}, "
+    root = start_apps(args, target, drafter, engine)
+    print(f"[{engine}] servers ready in {time.perf_counter() - t0:.1f}s (target {target}, drafter {drafter}, "
           f"K={args.num_speculative_tokens}, max_tokens={args.max_tokens})", flush=True)
     urls = {"speculative": f"{root}/spec/v1", "target-only": f"{root}/base/v1"}
     for url in urls.values():  # warm-up: first forward passes allocate
@@ -158,22 +176,43 @@ def main(argv=None) -> int:
         for mode, url in urls.items():
             row[mode] = asyncio.run(run_level(url, prompts, clients, max(clients, args.requests_per_level),
                                               args.max_tokens, args.level_timeout))
-            print(f"  {clients:>2} clients {mode:<11}: {row[mode]}", flush=True)
+            print(f"  [{engine}] {clients:>2} clients {mode:<11}: {row[mode]}", flush=True)
         base = row["target-only"]["tokens_per_s"]
         row["speedup"] = row["speculative"]["tokens_per_s"] / base if base else 0.0
         rows.append({"clients": clients, **row})
     stats = spec_stats(urls["speculative"])
-    print()
-    print_table(rows, stats["mean_accepted_length"])
-    print(f"speculative server: {stats.get('batches_without_speculation', 0)} of {stats['batches']} batches "
-          f"decoded without the drafter (batch >= {args.disable_by_batch_size or 'never'})")
-    with open(args.out, "w") as f:
-        json.dump({"args": vars(args), "levels": rows, "spec_stats": stats,
-                   "base_stats": spec_stats(urls["target-only"])}, f, indent=2)
-    print(f"\nwrote {args.out}")
-    from ray import serve
-
+    result = {"levels": rows, "spec_stats": stats, "base_stats": spec_stats(urls["target-only"])}
     serve.shutdown()
+    return result
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    engines = [e.strip() for e in args.engine.split(",") if e.strip()]
+    unknown = sorted(set(engines) - {"transformers", "vllm"})
+    if unknown:
+        print(f"--engine: unknown engine(s) {unknown} (transformers, vllm)", file=sys.stderr)
+        return 2
+    if "vllm" in engines:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    target, drafter, prompts = models_and_prompts(args)
+    results = {engine: measure_engine(args, engine, target, drafter, prompts) for engine in engines}
+    for engine, result in results.items():
+        print()
+        stats = result["spec_stats"]
+        print_table(engine, result["levels"], stats.get("mean_accepted_length"))
+        if engine == "transformers":
+            print(f"speculative server: {stats.get('batches_without_speculation', 0)} of {stats['batches']} "
+                  f"batches decoded without the drafter (batch >= {args.disable_by_batch_size or 'never'})")
+    if len(results) > 1:
+        print("\nspeculative tokens/s, engine vs engine (same run):")
+        first, second = engines[0], engines[1]
+        for a, b in zip(results[first]["levels"], results[second]["levels"]):
+            ratio = a["speculative"]["tokens_per_s"] / max(b["speculative"]["tokens_per_s"], 1e-9)
+            print(f"  {a['clients']:>2} clients: {first} / {second} = {ratio:.2f}x")
+    with open(args.out, "w") as f:
+        json.dump({"args": vars(args), "engines": results}, f, indent=2)
+    print(f"\nwrote {args.out}")
     return 0
 
 

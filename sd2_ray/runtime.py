@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 PROPAGATED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                   "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "HF_HUB_OFFLINE",
                   "SD2_CACHE_DIR", "SD2_KIT_DIR", "TORCH_EXTENSIONS_DIR", "VLLM_CPU_KVCACHE_SPACE",
-                  "OMP_NUM_THREADS", "SD2_VERBOSE")
+                  "VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS", "SD2_VERBOSE")
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor in a submitted job's driver
 
 

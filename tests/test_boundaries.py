@@ -12,8 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sd2_ray"
 # module -> why it talks to Ray (each is a thin adapter over a pure core)
 ADAPTERS = {
     "runtime.py": "ray.init, GPU tasks, remote errors: the one place Ray starts",
-    "distill/engines.py": "the vLLM engine as ray.data.llm's processor",
-    "distill/pipeline.py": "Ray Data: requests through the engine actor pool",
+    "distill/ray_data.py": "Ray Data: requests through the engine actor pool or ray.data.llm's vLLM processor",
     "finetune/ray_train.py": "Ray Train: dataset + TorchTrainer",
     "finetune/ray_worker.py": "Ray Train: the per-worker loop around the pure step",
     "serve/app.py": "Ray Serve deployment of our engine",

@@ -165,43 +165,49 @@ def test_s3_target_in_and_out_rewrite_mode_with_bad_rows(kit_rows, target_dir, s
     assert len(weights) == 1 and len(metadata) == 1, cached  # the actor's full copy, the driver's metadata
 
 
-def test_a_killed_engine_actor_is_restarted_and_every_row_arrives_once(kit_rows, target_dir, tmp_path,
-                                                                        monkeypatch):
+def test_a_killed_engine_actor_is_restarted_and_every_row_arrives_once(kit_rows, target_dir, tmp_path):
     """SIGKILL one live engine actor mid-run: Ray restarts it (max_restarts) and retries its
-    tasks; the job completes with every row exactly once."""
+    tasks; the job completes with every row exactly once. The actors are found by their Ray
+    process title, in this test's Ray session only."""
     import threading
 
-    from sd2_ray.distill.engines import ACTOR_PID_DIR_ENV
+    from sd2_ray.runtime import ensure_ray
+    from sd2_ray.testing.procs import our_raylet_pid, ray_worker_pids
 
     rows = kit_rows[66:90]
     prompts = write_jsonl(tmp_path / "prompts.jsonl", rows)
     out = str(tmp_path / "out")
-    pid_dir = tmp_path / "pids"
-    monkeypatch.setenv(ACTOR_PID_DIR_ENV, str(pid_dir))
     config = DistillConfig(target=target_dir, prompts=prompts, output=out, actors=2, batch_size=2,
                            shard_size=4, max_new_tokens=32, max_restarts=2)
     records = os.path.join(out, core.RECORDS_DIR)
-    killed: dict = {}
+    ensure_ray()  # the job joins this Ray; its raylet tells our actors from other sessions'
+    raylet = our_raylet_pid()
+    title = "MapBatches(TransformersBatchUDF)"
+    killed: dict = {"seen": set()}
+    finished = threading.Event()
 
     def kill_one_actor_mid_run() -> None:
         deadline = time.time() + 240
-        while time.time() < deadline:  # both actors up and the first shard written
-            pids = sorted(pid_dir.iterdir()) if pid_dir.exists() else []
-            if len(pids) >= 2 and os.path.isdir(records) and os.listdir(records):
-                pid = int(pids[0].read_text())
+        while time.time() < deadline and not finished.is_set():
+            pids = ray_worker_pids(title, raylet)
+            killed["seen"].update(pids)
+            if "pid" not in killed and len(pids) >= 2 and os.path.isdir(records) and os.listdir(records):
                 killed["shards_done"] = len(os.listdir(records))
-                os.kill(pid, signal.SIGKILL)
-                killed["pid"] = pid
-                return
+                killed["before"] = set(killed["seen"])
+                os.kill(pids[0], signal.SIGKILL)
+                killed["pid"] = pids[0]
             time.sleep(0.02)
 
     killer = threading.Thread(target=kill_one_actor_mid_run, daemon=True)
     killer.start()
-    final = main(config)
-    killer.join(timeout=5)
+    try:
+        final = main(config)
+    finally:
+        finished.set()
+        killer.join(timeout=5)
     assert "pid" in killed, "no actor was killed"
     assert killed["shards_done"] < 6, "the kill came after the last shard: nothing was interrupted"
-    assert len(list(pid_dir.iterdir())) >= 3  # the killed actor came back as a new process
+    assert killed["seen"] - killed["before"], "no new engine actor process after the kill"  # the restart
     assert final["status"] == "complete" and final["totals"]["rows_out"] == 24
     assert final["totals"]["failed"] == 0
     ids = output_ids(out)

@@ -2,6 +2,7 @@
 engines, scoring, the row contract, config checks. Tiny sharpened models (milliseconds)."""
 from __future__ import annotations
 
+import os
 import numpy as np
 import pytest
 
@@ -103,7 +104,7 @@ def test_udf_rows_and_the_parquet_row_contract(pair, tmp_path):
 
     from sd2_ray import storage
     from sd2_ray.distill.engines import TransformersBatchUDF
-    from sd2_ray.distill.pipeline import to_generated
+    from sd2_ray.distill.engines import to_generated
 
     settings = {"max_new_tokens": 8, "temperature": 0.0, "top_p": 1.0, "seed": 0, "dtype": "float32",
                 "device": "cpu", "torch_threads": 1, "logprobs_top_k": K}
@@ -205,4 +206,4 @@ def test_cli_takes_mode_on_policy_and_drafter():
     args = cli.build_parser().parse_args(["distill", "--target", "T", "--prompts", "P", "--output", "O",
                                           "--mode", "on-policy", "--drafter", "D", "--logprobs-top-k", "20"])
     config = cli.load_config("distill", args)
-    assert (config.mode, config.drafter, config.logprobs_top_k) == ("on-policy", "D", 20)
+    assert (config.mode, config.drafter, config.logprobs_top_k) == ("on-policy", os.path.abspath("D"), 20)

@@ -29,8 +29,9 @@ class DistillSettings(StageConfig):
     seed: int = Field(0, description="sampling seed (non-greedy runs)")
     shard_size: int = Field(256, ge=1, description="input rows per output shard (the unit of resumption)")
     max_prompt_tokens: int | None = Field(
-        None, ge=1, description="rows whose rendered prompt is longer are skipped "
-        "(default: the model's context length minus max_new_tokens)")
+        None, ge=1, description="rows whose rendered prompt is longer are skipped, with a count "
+        "(default: the engine's context minus max_new_tokens; the engine's context is "
+        "vllm_engine_kwargs.max_model_len when set, else the target's max_position_embeddings)")
     allow_truncated: bool = Field(
         False, description="rewrite mode: keep a rewrite that hit max_new_tokens (else keep the reference)")
     overwrite: bool = Field(False, description="redo a complete output instead of skipping it")
@@ -60,7 +61,30 @@ class DistillSettings(StageConfig):
                 raise ValueError("on-policy needs engine transformers")
             if not self.logprobs_top_k:
                 raise ValueError("on-policy needs logprobs_top_k > 0 (the target's scores are the data)")
+        model_len = self.vllm_engine_kwargs.get("max_model_len")
+        if model_len is not None and (not isinstance(model_len, int) or model_len <= self.max_new_tokens):
+            raise ValueError(f"vllm_engine_kwargs.max_model_len ({model_len!r}) must be an integer above "
+                             f"max_new_tokens ({self.max_new_tokens})")
         return self
+
+    def model_len(self, context: int | None) -> int:
+        """The engine's context (prompt + response): vllm's max_model_len when configured, else
+        ``context`` (the target's max_position_embeddings)."""
+        configured = self.vllm_engine_kwargs.get("max_model_len") if self.engine == "vllm" else None
+        if configured is not None:
+            return int(configured)
+        if context is None:
+            raise ValueError("the engine's context is unknown: set vllm_engine_kwargs.max_model_len "
+                             "or give the target's context length")
+        return int(context)
+
+    def prompt_limit(self, context: int | None) -> int:
+        """Longest prompt (tokens) sent to the engine: ``max_prompt_tokens``, else what the
+        engine's context leaves after ``max_new_tokens``. A longer prompt is skipped up front
+        (counted in the manifest), never sent to fail as a row."""
+        if self.max_prompt_tokens:
+            return self.max_prompt_tokens
+        return max(1, self.model_len(context) - self.max_new_tokens)
 
     @property
     def greedy(self) -> bool:

@@ -1,16 +1,16 @@
-"""Target engines behind one interface: a Ray Data stage mapping request rows
-``{index, shard, prompt_ids, prompt_text}`` to result rows
-``{index, shard, response, finish_reason, response_tokens, error}``.
+"""The transformers target engine (pure: no Ray), and the result rows both engines produce.
 
-- ``transformers``: :class:`TransformersEngine` (batched ``generate`` with KV cache, left padding)
-  wrapped in :class:`TransformersBatchUDF`, a callable class Ray Data runs on an actor pool
-  (one model load per actor).
-- ``vllm``: Ray's own ``ray.data.llm`` vLLM processor (tensor parallel, replicas = concurrency).
+Request rows ``{index, shard, prompt_ids, prompt_text}`` map to result rows
+``{index, shard, response, finish_reason, response_tokens, error}`` plus ``response_ids`` (EOS
+included when generation stopped on it) and, with ``logprobs_top_k`` = k > 0, ``topk_ids`` /
+``topk_logprobs`` (one k-list per response id; see :mod:`sd2_ray.distill.scoring` for which
+distribution).
 
-Result rows also carry ``response_ids`` (EOS included when generation stopped on it) and, with
-``logprobs_top_k`` = k > 0, ``topk_ids`` / ``topk_logprobs`` (one k-list per response id; see
-:mod:`sd2_ray.distill.scoring` for which distribution). On-policy mode's actor lives in
-:mod:`sd2_ray.distill.onpolicy`.
+- :class:`TransformersEngine`: batched ``generate`` with KV cache, left padding.
+- :class:`TransformersBatchUDF`: the callable class Ray Data runs on an actor pool (one model
+  load per actor); it is plain Python, placed by :mod:`sd2_ray.distill.ray_data`.
+- The vLLM engine's settings live in :mod:`sd2_ray.distill.vllm_engine`; on-policy mode's
+  callable in :mod:`sd2_ray.distill.onpolicy`.
 
 Nothing here imports Ray, vLLM or torch at module level.
 """
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sd2_ray.distill.core import Generated
-from sd2_ray.distill.scoring import TopK, generation_topk, vllm_topk, with_stop_token
+from sd2_ray.distill.scoring import TopK, generation_topk, with_stop_token
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,14 @@ def split_at_eos(generated: list[int], eos_ids: list[int], max_new_tokens: int) 
     return generated, "length" if len(generated) >= max_new_tokens else "stop"
 
 
+def transformers_settings(config) -> dict[str, Any]:
+    """What each :class:`TransformersBatchUDF` needs of a distill config (plain, picklable)."""
+    return {**config.sampling_dict(), "dtype": config.dtype,
+            "device": "cuda" if config.gpus_per_actor > 0 else "cpu",
+            "torch_threads": config.torch_threads or max(1, int(config.cpus_per_actor)),
+            "trust_remote_code": config.trust_remote_code, "logprobs_top_k": config.logprobs_top_k}
+
+
 class TransformersBatchUDF:
     """Ray Data ``map_batches`` callable: loads the target once per actor, answers request batches.
 
@@ -132,7 +140,6 @@ class TransformersBatchUDF:
 
     def __init__(self, model_dir: str, settings: dict[str, Any]):
         self.settings = settings
-        _record_pid()
         self.engine = TransformersEngine(model_dir, dtype=settings["dtype"], device=settings["device"],
                                          torch_threads=settings.get("torch_threads"),
                                          trust_remote_code=settings.get("trust_remote_code", False))
@@ -193,130 +200,36 @@ def row_list_array(matrix, k: int, dtype: str):
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 
-ACTOR_PID_DIR_ENV = "SD2_DISTILL_ACTOR_PID_DIR"
+def to_generated(row: dict[str, Any], eos_ids: list[int], max_new_tokens: int, top_k: int = 0) -> Generated:
+    """An engine output row (either engine; vLLM error rows skip the postprocess) as Generated."""
+    if "response" not in row:  # a raw vLLM row: ray.data.llm sends failed rows past the postprocess
+        from sd2_ray.distill.vllm_engine import vllm_result
+
+        row = vllm_result(row, eos_ids, max_new_tokens, top_k)
+    error = row.get("error")
+    text = row.get("response")
+    ids = row.get("response_ids")
+    return Generated(index=int(row["index"]), text=None if _missing(text) else str(text),
+                     finish_reason=None if _missing(row.get("finish_reason")) else str(row["finish_reason"]),
+                     response_tokens=int(row.get("response_tokens") or 0),
+                     error=None if _missing(error) or error == "" else str(error),
+                     token_ids=None if _missing(ids) else [int(t) for t in ids],
+                     topk_ids=_matrix(row.get("topk_ids"), "int32", top_k),
+                     topk_logprobs=_matrix(row.get("topk_logprobs"), "float32", top_k))
 
 
-def _record_pid() -> None:
-    """Test hook: with ``SD2_DISTILL_ACTOR_PID_DIR`` set, each engine actor leaves its PID there
-    (lets a test SIGKILL a live actor to exercise Ray's restart path)."""
-    import os
+def _matrix(value: Any, dtype: str, k: int):
+    """A nested list column's cell (pandas gives an array of arrays) as an (n, k) array."""
+    import numpy as np
 
-    pid_dir = os.environ.get(ACTOR_PID_DIR_ENV)
-    if pid_dir:
-        os.makedirs(pid_dir, exist_ok=True)
-        with open(os.path.join(pid_dir, f"{os.getpid()}.pid"), "w") as f:
-            f.write(str(os.getpid()))
-
-
-def apply_transformers(ds, model_dir: str, config) -> Any:
-    """Ray Data stage: an actor pool of :class:`TransformersBatchUDF` (``actors`` replicas).
-
-    ``model_dir`` is the configured path (local or s3://); each actor resolves it itself. The
-    actors get the driver's current storage environment (AWS_*, SD2_CACHE_DIR) so they reach
-    the same S3 endpoint even when Ray was started before it was set.
-    """
-    settings = {**config.sampling_dict(), "dtype": config.dtype,
-                "device": "cuda" if config.gpus_per_actor > 0 else "cpu",
-                "torch_threads": config.torch_threads or max(1, int(config.cpus_per_actor)),
-                "trust_remote_code": config.trust_remote_code, "logprobs_top_k": config.logprobs_top_k}
-    import os
-    import warnings
-
-    import ray
-
-    from sd2_ray.runtime import worker_env
-
-    env = worker_env()
-    if os.environ.get(ACTOR_PID_DIR_ENV):
-        env[ACTOR_PID_DIR_ENV] = os.environ[ACTOR_PID_DIR_ENV]
-    udf, kwargs = TransformersBatchUDF, {"model_dir": model_dir, "settings": settings}
-    if config.mode == "on-policy":
-        from sd2_ray.distill.onpolicy import OnPolicyBatchUDF
-
-        udf, kwargs = OnPolicyBatchUDF, {**kwargs, "drafter_dir": config.drafter}
-    with warnings.catch_warnings():  # max_restarts has no named parameter yet in Ray 2.60
-        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-        return ds.map_batches(
-            udf, fn_constructor_kwargs=kwargs,
-            compute=ray.data.ActorPoolStrategy(size=config.actors), batch_size=config.batch_size,
-            num_cpus=config.cpus_per_actor,
-            num_gpus=config.gpus_per_actor or None, runtime_env={"env_vars": env},
-            max_restarts=config.max_restarts,
-            max_task_retries=-1 if config.max_restarts != 0 else 0)
+    if not k or _missing(value):
+        return None
+    if len(value) == 0:
+        return np.zeros((0, k), dtype=dtype)
+    if hasattr(value, "flatten"):  # an Arrow list array (a UDF's cell before Ray Data stacks it)
+        return value.flatten().to_numpy(zero_copy_only=False).astype(dtype).reshape(-1, k)
+    return np.stack([np.asarray(v, dtype=dtype) for v in value])
 
 
-def vllm_processor(model_dir: str, config, eos_ids: list[int]):
-    """Ray's ``ray.data.llm`` vLLM processor; prompts arrive already rendered and tokenized.
-
-    ``model_dir`` is passed through as given, s3:// included: in Ray 2.60 the vLLM engine stage
-    downloads a remote ``model_source`` itself in each actor (``download_model_files`` ->
-    a boto3 client, which honours AWS_ENDPOINT_URL[_S3]; a per-node file lock, cached under
-    the node's model cache), so the driver never fetches the weights.
-
-    Top-k (``logprobs_top_k``): ``SamplingParams(logprobs=k)``. Ray 2.60's vLLM stage copies
-    ``output.outputs[0].logprobs`` into the row as ``logprobs`` (``vLLMOutputData``: one
-    ``{token_id: {logprob, rank, decoded_token}}`` per generated token, k entries plus the
-    sampled token when it is not among them); vLLM's default ``logprobs_mode=raw_logprobs``
-    makes them the temperature-1 log-softmax of the raw logits, as the transformers engine
-    stores. The int-keyed dicts do not convert to Arrow, so Ray Data pickles the stage's
-    ``__data`` column between the engine and our postprocess (it logs "Failed to convert
-    column '__data' ... falling back to serialize as pickled python objects"); the postprocess
-    (:func:`vllm_result`) turns them into the plain ``topk_ids`` / ``topk_logprobs`` list
-    columns, so everything downstream is Arrow again.
-    """
-    import os
-
-    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
-
-    from sd2_ray.runtime import worker_env
-
-    tp = config.tensor_parallel_size
-    bundle = {"CPU": config.cpus_per_actor, **({"GPU": config.gpus_per_actor} if config.gpus_per_actor else {})}
-    engine_kwargs = {"dtype": config.dtype, "tensor_parallel_size": tp, "seed": config.seed,
-                     "trust_remote_code": config.trust_remote_code,
-                     **({} if config.gpus_per_actor else {"enforce_eager": True}),
-                     # vLLM refuses more log-probs per token than max_logprobs (default 20)
-                     **({"max_logprobs": config.logprobs_top_k} if config.logprobs_top_k > 20 else {}),
-                     **config.vllm_engine_kwargs}
-    env = worker_env()
-    if not config.gpus_per_actor:
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
-    processor_config = vLLMEngineProcessorConfig(
-        model_source=model_dir, engine_kwargs=engine_kwargs, concurrency=config.actors,
-        batch_size=config.batch_size, chat_template_stage=False, tokenize_stage=False,
-        detokenize_stage=False, should_continue_on_error=True, runtime_env={"env_vars": env},
-        placement_group_config={"bundles": [bundle] * tp})
-    sampling = {"temperature": config.temperature, "top_p": config.top_p, "max_tokens": config.max_new_tokens}
-    if config.temperature > 0:
-        sampling["seed"] = config.seed
-    if config.logprobs_top_k:  # per generated token: the top-k of the raw (temperature-1) log-probs
-        sampling["logprobs"] = config.logprobs_top_k
-    return build_processor(
-        processor_config,
-        preprocess=lambda row: {"index": row["index"], "shard": row["shard"], "prompt": row["prompt_text"],
-                                "tokenized_prompt": list(row["prompt_ids"]), "sampling_params": dict(sampling)},
-        postprocess=lambda row: vllm_result(row, eos_ids, config.max_new_tokens, config.logprobs_top_k))
-
-
-def vllm_result(row: dict[str, Any], eos_ids: list[int], max_new_tokens: int, top_k: int = 0) -> dict[str, Any]:
-    """A vLLM output row in the engines' result schema (errors included)."""
-    error = row.get("__inference_error__") or None
-    tokens = [int(t) for t in (row.get("generated_tokens") if row.get("generated_tokens") is not None else [])]
-    kept, reason = split_at_eos(tokens, eos_ids, max_new_tokens)
-    response_ids = None if error else with_stop_token(tokens, kept)
-    out = {"index": int(row["index"]), "shard": int(row["shard"]),
-           "response": None if error else row.get("generated_text", ""),
-           "finish_reason": None if error else reason, "response_tokens": 0 if error else len(kept),
-           "error": error, "response_ids": response_ids}
-    if top_k:
-        ids, logprobs = (None, None) if error else vllm_topk(row.get("logprobs"), top_k, len(response_ids))
-        out["topk_ids"] = None if ids is None else ids.tolist()
-        out["topk_logprobs"] = None if logprobs is None else logprobs.tolist()
-    return out
-
-
-def apply_engine(ds, model_dir: str, config, eos_ids: list[int]):
-    """The configured engine as a Ray Data stage over request rows."""
-    if config.engine == "vllm":
-        return vllm_processor(model_dir, config, eos_ids)(ds)
-    return apply_transformers(ds, model_dir, config)
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and value != value)  # pandas gives NaN for nulls

@@ -45,19 +45,20 @@ def main(config: DistillConfig) -> dict[str, Any]:
     tokenizer, eos_ids, context = load_target_info(metadata_dir, config.trust_remote_code)
     if config.mode == "on-policy":
         check_drafter_tokenizer(config, tokenizer)
-    max_prompt = config.max_prompt_tokens or max(1, context - config.max_new_tokens)
+    max_prompt = config.prompt_limit(context)
     unreadable: list[dict[str, Any]] = []
     rows = read_input(config, unreadable)
     requests, skipped = core.prepare_rows(rows, tokenizer, config.mode, max_prompt, config.shard_size)
     # bad rows are counted and skipped; no usable row at all is bad input (exit 2), before any output
     require_usable(config.prompts, len(requests), unreadable + skipped, config.min_usable_share)
     plan = plan_shards(rows, requests, skipped, config, max_prompt)
+    log_too_long(skipped, max_prompt, config, context)
 
     config.save(out)
-    manifest.start(out, STAGE, **manifest_fields(config, len(rows), plan))
+    manifest.start(out, STAGE, **manifest_fields(config, len(rows), plan, max_prompt))
     started = time.time()
     try:
-        run_pending(plan, requests, skipped, eos_ids, config)
+        run_pending(plan, requests, skipped, eos_ids, config, context)
     except Exception as err:
         manifest.fail(out, STAGE, f"{type(err).__name__}: {err}")
         raise
@@ -83,6 +84,14 @@ def load_target_info(model_dir: str, trust_remote_code: bool) -> tuple[Any, list
     eos_ids = [int(i) for i in (eos if isinstance(eos, list) else [eos]) if i is not None]
     context = getattr(model_config, "max_position_embeddings", None) or 2048
     return tokenizer, eos_ids, int(context)
+
+
+def log_too_long(skipped: list[dict[str, Any]], max_prompt: int, config: DistillConfig, context: int) -> None:
+    too_long = sum(1 for s in skipped if s["reason"].endswith(f"max_prompt_tokens={max_prompt}"))
+    if too_long:
+        log.warning("%d prompts longer than %d tokens skipped up front (engine context %d - max_new_tokens %d; "
+                    "listed in %s)", too_long, max_prompt, config.model_len(context), config.max_new_tokens,
+                    core.SKIPPED_FILE)
 
 
 def check_drafter_tokenizer(config: DistillConfig, target_tokenizer) -> None:
@@ -140,10 +149,10 @@ def read_record(out: str, shard: int) -> dict[str, Any] | None:
 
 
 def run_pending(plan: dict[int, dict[str, Any]], requests: list[core.Request], skipped: list[dict[str, Any]],
-                eos_ids: list[int], config: DistillConfig) -> None:
+                eos_ids: list[int], config: DistillConfig, context: int) -> None:
     from tqdm import tqdm
 
-    from sd2_ray.distill.pipeline import generate_shards
+    from sd2_ray.distill.ray_data import generate_shards
 
     skipped_by_shard: dict[int, list[dict[str, Any]]] = {s: [] for s in plan}
     for row in skipped:
@@ -160,7 +169,7 @@ def run_pending(plan: dict[int, dict[str, Any]], requests: list[core.Request], s
     log.info("%d rows to generate in %d shards (%d rows skipped overall)", len(pending), len(with_requests),
              len(skipped))
     with tqdm(total=len(pending), desc="distill", unit="row") as progress:
-        generate_shards(pending, config.target, config, eos_ids, write, progress=progress)
+        generate_shards(pending, config.target, config, eos_ids, write, progress=progress, context=context)
 
 
 def write_shard(config: DistillConfig, shard: int, info: dict[str, Any],
@@ -176,11 +185,12 @@ def write_shard(config: DistillConfig, shard: int, info: dict[str, Any],
              record["skipped"], record["failed"])
 
 
-def manifest_fields(config: DistillConfig, rows_in: int, plan: dict[int, dict[str, Any]]) -> dict[str, Any]:
+def manifest_fields(config: DistillConfig, rows_in: int, plan: dict[int, dict[str, Any]],
+                    max_prompt: int) -> dict[str, Any]:
     return {"mode": config.mode, "engine": config.engine, "model": config.target,
             "prompts": config.prompts, "sampling": config.sampling_dict(), "shard_size": config.shard_size,
             "num_shards": len(plan), "rows_in": rows_in, "logprobs_top_k": config.logprobs_top_k,
-            "drafter": config.drafter}
+            "drafter": config.drafter, "max_prompt_tokens": max_prompt}
 
 
 def finish(plan: dict[int, dict[str, Any]], skipped: list[dict[str, Any]], config: DistillConfig,

@@ -53,10 +53,8 @@ def stage_needs(config: PipelineConfig) -> list[Need]:
 def distill_need(config: PipelineConfig, target: ModelShape) -> Need:
     d = config.distill
     if d.engine == "vllm":
-        kwargs = d.vllm_engine_kwargs
-        return vllm_need("distill", target, d.tensor_parallel_size, d.actors, d.dtype,
-                         int(kwargs.get("max_model_len") or target.context),
-                         float(kwargs.get("gpu_memory_utilization", 0.9)))
+        return vllm_need("distill", target, d.tensor_parallel_size, d.actors, d.dtype, d.model_len(target.context),
+                         float(d.vllm_engine_kwargs.get("gpu_memory_utilization", 0.9)))
     need = Need("distill", [{"CPU": d.cpus_per_actor, **({"GPU": d.gpus_per_actor} if d.gpus_per_actor else {})}]
                 * d.actors)
     if d.gpus_per_actor:
