@@ -107,12 +107,10 @@ class TransformersEngine:
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
-    """Every id that ends a response: the generation config's EOS id(s), else the tokenizer's."""
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    ids = eos if isinstance(eos, list) else [eos]
-    return [int(i) for i in ids if i is not None]
+    """Every id that ends a response (the shared convention, :mod:`sd2_ray.models.tokens`)."""
+    from sd2_ray.models.tokens import eos_token_ids as shared
+
+    return shared(model, tokenizer)
 
 
 def split_at_eos(generated: list[int], eos_ids: list[int], max_new_tokens: int) -> tuple[list[int], str]:

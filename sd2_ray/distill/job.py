@@ -71,17 +71,15 @@ def load_target_info(model_dir: str, trust_remote_code: bool) -> tuple[Any, list
 
     from sd2_ray.models.io import load_tokenizer
 
+    from sd2_ray.models.tokens import eos_token_ids
+
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     model_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     try:
-        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+        generation = GenerationConfig.from_pretrained(model_dir)
     except OSError:
-        eos = None
-    if eos is None:
-        eos = getattr(model_config, "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    eos_ids = [int(i) for i in (eos if isinstance(eos, list) else [eos]) if i is not None]
+        generation = None
+    eos_ids = eos_token_ids(generation, model_config, tokenizer)
     context = getattr(model_config, "max_position_embeddings", None) or 2048
     return tokenizer, eos_ids, int(context)
 
