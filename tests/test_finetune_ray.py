@@ -228,7 +228,7 @@ def test_kd_loss_keeps_masks_learns_and_reports_heldout_acceptance(inputs):
         assert h["eval_rows"] == 8 and h["eval_loss"] > 0 and h["eval_kd"] > 0
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]  # the held-out rows were learned, not trained on
     metrics = storage.read_json(storage.join(result.output, "metrics.json"))
-    best = max(evals, key=lambda h: h["expected_mal"])
+    best = max(evals, key=lambda h: (h["expected_mal"], h["step"]))  # ties: the later step
     assert metrics["selection"]["select_by"] == "expected_mal" and metrics["loss"] == "fkl"
     assert metrics["published_step"] == best["step"] == evals[-1]["best_step"]
 
@@ -256,7 +256,7 @@ def test_select_by_expected_mal_publishes_an_earlier_better_checkpoint(inputs):
     result = run_finetune(cfg)
     mal = {h["step"]: h["expected_mal"] for h in result.history if "expected_mal" in h}
     assert sorted(mal) == list(range(1, 9))
-    best = max(mal, key=lambda s: (mal[s], -s))  # ties: the earliest step (only a better one replaces it)
+    best = max(mal, key=lambda s: (mal[s], s))  # ties: the later step
     assert best < 8 and mal[best] > mal[8] + 0.5, mal
     metrics = storage.read_json(storage.join(result.output, "metrics.json"))
     assert metrics["published_step"] == best and metrics["selection"]["value"] == pytest.approx(mal[best])
