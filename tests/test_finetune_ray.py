@@ -157,16 +157,28 @@ def test_killed_worker_resumes_from_its_checkpoint(zero2_run, inputs):
 
 
 def test_zero3_on_s3_keeps_sparsity_and_learns(inputs, s3_bucket):
+    """Also scores 9 held-out top-k rows every 3 steps: under ZeRO-3 a forward is a collective,
+    so the rank whose share runs out first (5 + 4 rows in micro-batches of 4) runs an uncounted
+    row; every held-out row is counted once."""
+    from sd2_ray.finetune.toy import char_tokenizer, toy_rows, with_toy_topk
+
     base = f"s3://{s3_bucket}/run"
     storage.copy_dir(inputs["model"], f"{base}/pruned")
-    write_toy_dataset(f"{base}/distilled", 64)
+    write_rows(f"{base}/distilled", with_toy_topk(toy_rows(57), char_tokenizer()))
     cfg = finetune(inputs, "zero3", workers=2, zero_stage=3, model=f"{base}/pruned",
                    data=f"{base}/distilled", output=f"{base}/drafter", stream_data=True,
-                   storage_path=f"{base}/checkpoints")  # a chosen place: kept after publishing
+                   storage_path=f"{base}/checkpoints",  # a chosen place: kept after publishing
+                   eval_every=3, eval_rows=9)
     result = run_finetune(cfg)
     assert_sparse_and_learned(result, inputs["model"])
+    evals = [h for h in result.history if "eval_loss" in h]
+    assert [h["step"] for h in evals] == [3, 6] and all(h["eval_rows"] == 9 for h in evals)
+    assert evals[1]["eval_loss"] < evals[0]["eval_loss"]
     keys = storage.list_files(f"{base}/checkpoints/drafter", recursive=True)
-    assert any("/step-0000004/" in k and "zero_pp_rank_1" in k for k in keys)  # both ranks' shards
+    # keep_checkpoints 2 with a selection: the two best-scored stay (step 3, forced by its better
+    # held-out loss, and the final one); the periodic steps 2 and 4 made way
+    assert any("/step-0000003/" in k and "zero_pp_rank_1" in k for k in keys)  # both ranks' shards
+    assert not any("/step-0000002/" in k or "/step-0000004/" in k for k in keys)
     assert any(k.endswith("/final/model/model.safetensors") for k in keys)
     assert storage.exists(f"{base}/drafter/model.safetensors")
 
@@ -273,7 +285,7 @@ def test_kd_loss_keeps_masks_learns_and_reports_heldout_acceptance(inputs):
         assert h["eval_rows"] == 8 and h["eval_loss"] > 0 and h["eval_kd"] > 0
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]  # the held-out rows were learned, not trained on
     metrics = storage.read_json(storage.join(result.output, "metrics.json"))
-    best = max(evals, key=lambda h: h["expected_mal"])
+    best = max(evals, key=lambda h: (h["expected_mal"], h["step"]))  # ties: the later step
     assert metrics["selection"]["select_by"] == "expected_mal" and metrics["loss"] == "fkl"
     assert metrics["published_step"] == best["step"] == evals[-1]["best_step"]
 
@@ -301,7 +313,7 @@ def test_select_by_expected_mal_publishes_an_earlier_better_checkpoint(inputs):
     result = run_finetune(cfg)
     mal = {h["step"]: h["expected_mal"] for h in result.history if "expected_mal" in h}
     assert sorted(mal) == list(range(1, 9))
-    best = max(mal, key=lambda s: (mal[s], -s))  # ties: the earliest step (only a better one replaces it)
+    best = max(mal, key=lambda s: (mal[s], s))  # ties: the later step
     assert best < 8 and mal[best] > mal[8] + 0.5, mal
     metrics = storage.read_json(storage.join(result.output, "metrics.json"))
     assert metrics["published_step"] == best and metrics["selection"]["value"] == pytest.approx(mal[best])
