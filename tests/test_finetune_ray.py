@@ -209,6 +209,7 @@ def reference_losses(model_dir: str, data: str, steps: int, cfg: FinetuneConfig)
     loss module, masked gradients, AdamW, the cosine schedule and norm clipping."""
     from sd2_ray.finetune import data as D
     from sd2_ray.finetune import masking
+    from sd2_ray.finetune.losses import LossSpec
     from sd2_ray.finetune.step import CausalLMLoss, lr_factor, param_groups
     from sd2_ray.models.io import load_tokenizer
     from sd2_ray.rows import read_rows
@@ -218,7 +219,7 @@ def reference_losses(model_dir: str, data: str, steps: int, cfg: FinetuneConfig)
     tokenizer = load_tokenizer(model_dir)
     masks = masking.prepare_masks(model_dir, model)
     masking.register_gradient_masks(model, masks)
-    loss_module = CausalLMLoss(model, cfg.loss_chunk_tokens)
+    loss_module = CausalLMLoss(model, LossSpec.from_config(cfg))
     optimizer = torch.optim.AdamW(param_groups(loss_module, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.warmup_steps, steps, cfg.scheduler, cfg.min_lr_ratio))

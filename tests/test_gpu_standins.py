@@ -5,12 +5,14 @@ a Ray that *declares* 4 GPUs (placement as on a GPU cluster; the CUDA work itsel
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from sd2_ray.finetune import data as D
 from sd2_ray.finetune import masking, step
+from sd2_ray.finetune.losses import LossSpec, LossSums
 from sd2_ray.testing.toy import char_tokenizer, magnitude_masks, toy_rows
 
 
@@ -21,12 +23,16 @@ class MetaEngine:
 
     def __init__(self):
         self.forwards = 0
+        # DeepSpeed's engine.module: the loss module, whose last sums the step reads
+        self.module = SimpleNamespace(spec=LossSpec(), last=None)
 
     def __call__(self, **batch):
         for name, tensor in batch.items():
             assert tensor.device == self.device, f"{name} on {tensor.device}, the engine is on {self.device}"
         self.forwards += 1
-        return torch.tensor(float(batch["labels"].shape[0]))  # the step reads .item(): a CPU scalar
+        total = torch.tensor(float(batch["labels"].shape[0]))  # the step reads .item(): a CPU scalar
+        self.module.last = LossSums(total=total, ce=float(total), kd=0.0, ce_tokens=1, kd_tokens=0)
+        return total
 
     def backward(self, loss):
         pass
