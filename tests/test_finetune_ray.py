@@ -160,7 +160,7 @@ def test_zero3_on_s3_keeps_sparsity_and_learns(inputs, s3_bucket):
     """Also scores 9 held-out top-k rows every 3 steps: under ZeRO-3 a forward is a collective,
     so the rank whose share runs out first (5 + 4 rows in micro-batches of 4) runs an uncounted
     row; every held-out row is counted once."""
-    from sd2_ray.finetune.toy import char_tokenizer, toy_rows, with_toy_topk
+    from sd2_ray.testing.toy import char_tokenizer, toy_rows, with_toy_topk
 
     base = f"s3://{s3_bucket}/run"
     storage.copy_dir(inputs["model"], f"{base}/pruned")
