@@ -20,6 +20,8 @@ MESSAGE_FILTERS = (
     r".*`torch_dtype` is deprecated.*",
     r".*TypedStorage is deprecated.*",
     r".*pkg_resources is deprecated.*",
+    # DeepSpeed's ZeRO calls torch's renamed collectives; once per call site and worker
+    r".*`torch\.distributed\.\w+` is deprecated.*",
 )
 
 
