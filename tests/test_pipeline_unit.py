@@ -66,6 +66,19 @@ def test_sd2_kd_is_sd2_with_the_kd_loss_and_only_with_top_k_data(tmp_path):
     assert chain(cfg, "eval", "sd2-kd").drafter == kd.output
 
 
+def test_sd2_kd_loss_and_temperature_follow_the_decoding_mode(tmp_path):
+    """Unset, the kd loss suits how the pair is served (bench_kd: jsd + ce greedy, fkl + ce
+    sampled) and the distributions are compared at the serving temperature."""
+    base = {"output": str(tmp_path), "uag_drafter": None, "distill.logprobs_top_k": 20}
+    greedy = chain(PipelineConfig.load(None, base), "finetune", "sd2-kd")
+    sampled = chain(PipelineConfig.load(None, {**base, "eval.temperature": 0.8}), "finetune", "sd2-kd")
+    chosen = chain(PipelineConfig.load(None, {**base, "eval.temperature": 0.8, "kd": {"loss": "tvd"},
+                                              "finetune.kd_temperature": 1.0}), "finetune", "sd2-kd")
+    assert (greedy.loss, greedy.ce_weight, greedy.kd_temperature) == ("jsd", 1.0, 0.0)
+    assert (sampled.loss, sampled.ce_weight, sampled.kd_temperature) == ("fkl", 1.0, 0.8)
+    assert (chosen.loss, chosen.ce_weight, chosen.kd_temperature) == ("tvd", 0.0, 1.0)
+
+
 def test_layer_baseline_inherits_the_prune_sections_placement(tmp_path):
     cfg = PipelineConfig.load(None, {"output": str(tmp_path), "prune.num_gpus": 1, "prune.device": "cuda",
                                      "layer_prune.num_gpus": 2})

@@ -25,7 +25,11 @@ DRAFTERS = ("dense", "dense-sd", "layer-pruned-sd", "sd2", "sd2-kd", "sparse-sft
 DrafterName = Literal["dense", "dense-sd", "layer-pruned-sd", "sd2", "sd2-kd", "sparse-sft", "uag"]
 # What the kd section may change for sd2-kd: the loss and the checkpoint selection. The model,
 # data and budget (epochs, steps, lr, batch) stay sd2's, so the two differ only in the loss.
-KD_DEFAULT = {"loss": "jsd", "ce_weight": 1.0}  # bench/bench_kd.py: the best mix on the kit, greedy and sampled
+# The loss suited to the decoding mode (DistillSpec), as bench/bench_kd.py measured on the kit
+# over 3 seeds: greedy serving, jsd + ce (1.012x sd2; fkl + ce 1.002x); sampled at T = 1,
+# fkl + ce (1.065x; jsd + ce 1.031x).
+KD_GREEDY = {"loss": "jsd", "ce_weight": 1.0}
+KD_SAMPLED = {"loss": "fkl", "ce_weight": 1.0}
 KD_FIELDS = ("loss", "ce_weight", "kd_temperature", "loss_chunk_tokens", "eval_every", "eval_rows", "select_by")
 
 
@@ -70,9 +74,10 @@ class PipelineConfig(StageConfig):
     finetune: FinetuneSettings = Field(default_factory=FinetuneSettings,
                                        description="sd2 finetune settings (every fine-tuned drafter)")
     kd: dict[str, Any] = Field(
-        default_factory=lambda: dict(KD_DEFAULT), description="the sd2-kd drafter: the finetune section with "
-        f"these fields changed (only {', '.join(KD_FIELDS)}; same pruned model, data and budget as sd2), "
-        "e.g. {loss: fkl, ce_weight: 1.0, eval_every: 16, select_by: expected_mal}")
+        default_factory=dict, description="the sd2-kd drafter: the finetune section with these fields "
+        f"changed (only {', '.join(KD_FIELDS)}; same pruned model, data and budget as sd2), e.g. "
+        "{loss: fkl, ce_weight: 1.0, eval_every: 16, select_by: expected_mal}; unset loss: jsd + ce "
+        "when eval is greedy (temperature 0), fkl + ce when it samples")
     eval: EvalSettings = Field(default_factory=EvalSettings, description="sd2 eval settings")
     tune: Optional[TuneSettings] = Field(None, description="sd2 tune settings; set to run a search too")
     serve: ServeSettings = Field(default_factory=ServeSettings,
@@ -109,7 +114,11 @@ class PipelineConfig(StageConfig):
         """The sd2-kd drafter's fine-tuning: the finetune section with the kd section on top."""
         from sd2_ray.config import validate
 
-        return validate(FinetuneSettings, {**self.finetune.model_dump(), **self.kd}, source="kd")
+        mode = KD_GREEDY if self.eval.temperature == 0 else KD_SAMPLED
+        defaults = dict(mode) if "loss" not in self.kd else {}
+        if "kd_temperature" not in self.finetune.model_fields_set:  # compared as the pair is served
+            defaults["kd_temperature"] = self.eval.temperature
+        return validate(FinetuneSettings, {**self.finetune.model_dump(), **defaults, **self.kd}, source="kd")
 
     @property
     def drafter_names(self) -> list[str]:
