@@ -15,7 +15,7 @@ import time
 import pytest
 
 # Bounds stated up front (measured figures: see kit.json of the default build).
-TARGET_HELDOUT_BOUND = 5.25  # nats/token on held-out stdlib files (measured 4.82-4.91); ln(2048) = 7.62
+TARGET_HELDOUT_BOUND = 4.75  # nats/token on held-out stdlib files (measured 4.15); ln(2048) = 7.62
 MAL_K = 4
 MAL_RANGE = (1.2, 2.5)
 
@@ -47,6 +47,24 @@ def small_kit(tmp_path_factory, small_cache):
 @pytest.fixture
 def in_small_cache(small_cache, monkeypatch):
     monkeypatch.setenv("SD2_CACHE_DIR", small_cache)
+
+
+def test_drafter_is_deep_enough_for_a_matched_layer_baseline(kit_dir):
+    """Dropping whole blocks can match the MACs of 50 % and 70 % sparse blocks within 5 %, and
+    drafting pays in MACs (c <= 0.2)."""
+    from sd2_ray.models.io import load_model
+    from sd2_ray.models.macs import linear_macs
+
+    drafter = linear_macs(load_model(os.path.join(kit_dir, "drafter")))
+    target = linear_macs(load_model(os.path.join(kit_dir, "target")))
+    layers = load_model(os.path.join(kit_dir, "drafter")).config.num_hidden_layers
+    assert layers >= 8 and drafter["macs"] / target["macs"] <= 0.2
+    per_block = drafter["blocks_dense_macs"] / layers
+    for sparsity in (0.5, 0.7):
+        sparse = drafter["dense_macs"] - sparsity * drafter["blocks_dense_macs"]
+        closest = min(abs(drafter["dense_macs"] - n * per_block - sparse) for n in range(1, layers))
+        assert closest <= 0.05 * sparse, (sparsity, closest, sparse)
+    assert 1 - (drafter["dense_macs"] - 0.5 * drafter["blocks_dense_macs"]) / drafter["dense_macs"] >= 0.35
 
 
 def test_kit_loads_with_auto_classes(kit_dir):
@@ -107,9 +125,11 @@ def test_target_heldout_loss_far_below_uniform(kit_dir):
     assert info["models"]["target"]["ln_vocab"] == pytest.approx(math.log(len(tok)))
     assert loss < TARGET_HELDOUT_BOUND < math.log(len(tok)) - 2, loss
     assert info["models"]["target"]["heldout_loss"] < TARGET_HELDOUT_BOUND
-    # the drafters are trained less: worse than the target on the same text
-    drafter_loss = info["models"]["drafter"]["heldout_loss"]
-    assert info["models"]["target"]["heldout_loss"] < drafter_loss < math.log(len(tok))
+    # the same-family drafter is pretrained on stdlib text alone (long, so that pruning has knowledge
+    # to lose): trained, but worse than the target at the chat task the target was taught
+    models = info["models"]
+    assert models["drafter"]["heldout_loss"] < math.log(len(tok)) - 2
+    assert models["target"]["eval_chat_loss"] < models["drafter"]["eval_chat_loss"] < math.log(len(tok))
 
 
 def _chat_prompt_ids(tok, rows):
