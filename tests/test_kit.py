@@ -49,22 +49,55 @@ def in_small_cache(small_cache, monkeypatch):
     monkeypatch.setenv("SD2_CACHE_DIR", small_cache)
 
 
+def _closest_layer_drop(dense_macs, blocks_dense_macs, layers, sparsity):
+    """(blocks dropped, |their MACs - sparse MACs| / sparse MACs) of the best-matched layer baseline."""
+    per_block = blocks_dense_macs / layers
+    sparse = dense_macs - sparsity * blocks_dense_macs
+    n = min(range(1, layers), key=lambda n: abs(dense_macs - n * per_block - sparse))
+    return n, abs(dense_macs - n * per_block - sparse) / sparse
+
+
 def test_drafter_is_deep_enough_for_a_matched_layer_baseline(kit_dir):
-    """Dropping whole blocks can match the MACs of 50 % and 70 % sparse blocks within 5 %, and
-    drafting pays in MACs (c <= 0.2)."""
+    """The drafter has the configured shape; dropping whole blocks matches the MACs of 50 %
+    (and 2:4) and 70 % sparse blocks within 5 % (``drop_layers: auto``), the 50 % drafter cuts
+    >= 35 % of the dense MACs, and drafting pays in MACs (c <= 0.2)."""
+    from sd2_ray.kit.config import KitConfig
     from sd2_ray.models.io import load_model
     from sd2_ray.models.macs import linear_macs
 
-    drafter = linear_macs(load_model(os.path.join(kit_dir, "drafter")))
+    shape = KitConfig.load(os.path.join(kit_dir, "config.yaml")).drafter_shape()
+    model = load_model(os.path.join(kit_dir, "drafter"))
+    cfg = model.config
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads,
+            cfg.intermediate_size) == (shape.hidden, shape.layers, shape.heads, shape.kv_heads, shape.intermediate)
+    drafter = linear_macs(model)
     target = linear_macs(load_model(os.path.join(kit_dir, "target")))
-    layers = load_model(os.path.join(kit_dir, "drafter")).config.num_hidden_layers
-    assert layers >= 8 and drafter["macs"] / target["macs"] <= 0.2
-    per_block = drafter["blocks_dense_macs"] / layers
+    assert shape.layers >= 8 and drafter["macs"] / target["macs"] <= 0.2
     for sparsity in (0.5, 0.7):
-        sparse = drafter["dense_macs"] - sparsity * drafter["blocks_dense_macs"]
-        closest = min(abs(drafter["dense_macs"] - n * per_block - sparse) for n in range(1, layers))
-        assert closest <= 0.05 * sparse, (sparsity, closest, sparse)
+        n, gap = _closest_layer_drop(drafter["dense_macs"], drafter["blocks_dense_macs"], shape.layers, sparsity)
+        assert gap <= 0.05, (sparsity, n, gap)
+        if (sparsity * shape.layers).is_integer():  # equal blocks: the match is exact
+            assert n == sparsity * shape.layers and gap == pytest.approx(0.0, abs=1e-12)
     assert 1 - (drafter["dense_macs"] - 0.5 * drafter["blocks_dense_macs"]) / drafter["dense_macs"] >= 0.35
+
+
+def test_drafter_shape_comes_from_the_config_and_decides_only_its_part():
+    from sd2_ray.errors import ConfigError
+    from sd2_ray.kit import shapes
+    from sd2_ray.kit.cache import content_hash, part_hash
+    from sd2_ray.kit.config import KitConfig
+
+    base = KitConfig()
+    assert base.drafter_shape() == shapes.DRAFTER
+    wider = KitConfig(drafter_hidden=2 * shapes.HEAD_DIM, drafter_layers=4, drafter_intermediate=384)
+    shape = wider.drafter_shape()
+    assert (shape.hidden, shape.layers, shape.heads, shape.kv_heads, shape.intermediate) == (128, 4, 2, 1, 384)
+    assert content_hash(wider) != content_hash(base)
+    assert part_hash(wider, "drafter") != part_hash(base, "drafter")
+    for name in ("target", "drafter-uag"):  # the other models' trained parts stay valid
+        assert part_hash(wider, name) == part_hash(base, name)
+    with pytest.raises(ConfigError, match="drafter_hidden"):
+        KitConfig.load(overrides={"drafter_hidden": 96})
 
 
 def test_kit_loads_with_auto_classes(kit_dir):
@@ -86,6 +119,10 @@ def test_kit_loads_with_auto_classes(kit_dir):
         assert tok.eos_token == "<|end|>" and model.config.eos_token_id == tok.eos_token_id
         vocabs[name] = len(tok)
     assert vocabs["target"] == vocabs["drafter"] != vocabs["drafter-uag"]
+    from sd2_ray.kit.config import KitConfig
+
+    assert info["models"]["drafter"]["shape"] == \
+        KitConfig.load(os.path.join(kit_dir, "config.yaml")).drafter_shape().__dict__
     target_params, drafter_params = (info["models"][n]["params"] for n in ("target", "drafter"))
     assert 2_000_000 <= target_params <= 10_000_000 and drafter_params < target_params / 3
 
