@@ -2,9 +2,10 @@
 
 head_dim is 64 everywhere: vLLM's CPU attention supports only standard head sizes.
 
-Why the same-family drafter is deep and narrow (10 blocks of width 64, MLP 192; see the sweep in
-the README's "Reproducing the paper's comparison"): SD²'s claim is that fine-grained sparsity
-keeps more of a pretrained drafter than dropping whole blocks *at equal MACs*, so
+Why the same-family drafter is deep and narrow (10 blocks of width 64, MLP 192; README: "The
+kit's shape", and for what it gives over seeds "Reproducing the paper's comparison"): SD²'s
+claim is that fine-grained sparsity keeps more of a pretrained drafter than dropping whole
+blocks *at equal MACs*, so
 
 - the layer baseline must be able to match the sparse drafter's MACs: with 10 equal blocks,
   50 % (and 2:4) sparsity of every block equals dropping 5 blocks and 70 % equals dropping 7,
@@ -12,7 +13,8 @@ keeps more of a pretrained drafter than dropping whole blocks *at equal MACs*, s
 - the blocks must dominate the drafter's MACs, as in the paper's 3B drafter (LM head 12 %): here
   the tied 2048×64 head is 20 %, so 50 % sparse blocks cut ~40 % of the MACs (paper: 43.87 %);
 - drafting must still pay: c = drafter / target MACs stays ~0.18 (≤ 0.2) against the
-  4 × 256 target, so the target did not have to grow (and its build time stays as it was);
+  4 × 256 target, so the target did not have to grow in shape (it trains 600 steps instead of
+  240, side by side with the drafters: the build's wall time is about the target's);
 - it is pretrained for longer than the old drafter (``drafter_steps``), so what it knows is more
   than a short fine-tune on a few hundred distilled rows could teach a half-depth network again.
 """
