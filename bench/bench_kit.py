@@ -40,7 +40,7 @@ def main() -> None:
     tok = load_tokenizer(kit_paths(kit)["target"])
     target, drafter = load_model(kit_paths(kit)["target"]), load_model(kit_paths(kit)["drafter"])
     random_target = training.build_model(shapes.TARGET, tok, seed=12345).eval()
-    random_drafter = training.build_model(shapes.DRAFTER, tok, seed=12345).eval()
+    random_drafter = training.build_model(config.drafter_shape(), tok, seed=12345).eval()
 
     corpus = load_corpus(config.corpus_chars, config.heldout_fraction, config.seed)
     heldout = token_stream(tok, corpus.heldout_texts())
@@ -56,11 +56,12 @@ def main() -> None:
 
     ln_vocab = math.log(len(tok))
     table = [
-        ("target held-out loss (nats)", loss, loss_random, "< 5.25 (test bound)", loss < 5.25),
+        ("target held-out loss (nats)", loss, loss_random, "< 4.75 (test bound)", loss < 4.75),
         ("drafter greedy MAL, K=4", mal, mal_random, "1.2 .. 2.5", 1.2 <= mal <= 2.5),
-        ("build wall seconds (kit.json)", info["build_seconds"], None, "<= 600", info["build_seconds"] <= 600),
-        ("build CPU seconds (kit.json)", info.get("build_cpu_seconds", float("nan")), None, "<= 600",
-         info.get("build_cpu_seconds", 0) <= 600),
+        # the target and the drafters train side by side, one core each: wall is about CPU / 2
+        ("build wall seconds (kit.json)", info["build_seconds"], None, "<= 480 (idle)", info["build_seconds"] <= 480),
+        ("build CPU seconds (kit.json)", info.get("build_cpu_seconds", float("nan")), None, "<= 960 (2 x 480)",
+         info.get("build_cpu_seconds", 0) <= 960),
         ("cached ensure_kit() seconds", ensure_seconds, None, "< 1", ensure_seconds < 1),
     ]
     print(f"kit {kit}  (ln V = {ln_vocab:.3f}, {args.prompts} eval prompts x {args.new_tokens} tokens)")

@@ -15,7 +15,7 @@ import time
 import pytest
 
 # Bounds stated up front (measured figures: see kit.json of the default build).
-TARGET_HELDOUT_BOUND = 5.25  # nats/token on held-out stdlib files (measured 4.82-4.91); ln(2048) = 7.62
+TARGET_HELDOUT_BOUND = 4.75  # nats/token on held-out stdlib files (measured 4.15); ln(2048) = 7.62
 MAL_K = 4
 MAL_RANGE = (1.2, 2.5)
 
@@ -49,6 +49,57 @@ def in_small_cache(small_cache, monkeypatch):
     monkeypatch.setenv("SD2_CACHE_DIR", small_cache)
 
 
+def _closest_layer_drop(dense_macs, blocks_dense_macs, layers, sparsity):
+    """(blocks dropped, |their MACs - sparse MACs| / sparse MACs) of the best-matched layer baseline."""
+    per_block = blocks_dense_macs / layers
+    sparse = dense_macs - sparsity * blocks_dense_macs
+    n = min(range(1, layers), key=lambda n: abs(dense_macs - n * per_block - sparse))
+    return n, abs(dense_macs - n * per_block - sparse) / sparse
+
+
+def test_drafter_is_deep_enough_for_a_matched_layer_baseline(kit_dir):
+    """The drafter has the configured shape; dropping whole blocks matches the MACs of 50 %
+    (and 2:4) and 70 % sparse blocks within 5 % (``drop_layers: auto``), the 50 % drafter cuts
+    >= 35 % of the dense MACs, and drafting pays in MACs (c <= 0.2)."""
+    from sd2_ray.kit.config import KitConfig
+    from sd2_ray.models.io import load_model
+    from sd2_ray.models.macs import linear_macs
+
+    shape = KitConfig.load(os.path.join(kit_dir, "config.yaml")).drafter_shape()
+    model = load_model(os.path.join(kit_dir, "drafter"))
+    cfg = model.config
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads,
+            cfg.intermediate_size) == (shape.hidden, shape.layers, shape.heads, shape.kv_heads, shape.intermediate)
+    drafter = linear_macs(model)
+    target = linear_macs(load_model(os.path.join(kit_dir, "target")))
+    assert shape.layers >= 8 and drafter["macs"] / target["macs"] <= 0.2
+    for sparsity in (0.5, 0.7):
+        n, gap = _closest_layer_drop(drafter["dense_macs"], drafter["blocks_dense_macs"], shape.layers, sparsity)
+        assert gap <= 0.05, (sparsity, n, gap)
+        if (sparsity * shape.layers).is_integer():  # equal blocks: the match is exact
+            assert n == sparsity * shape.layers and gap == pytest.approx(0.0, abs=1e-12)
+    assert 1 - (drafter["dense_macs"] - 0.5 * drafter["blocks_dense_macs"]) / drafter["dense_macs"] >= 0.35
+
+
+def test_drafter_shape_comes_from_the_config_and_decides_only_its_part():
+    from sd2_ray.errors import ConfigError
+    from sd2_ray.kit import shapes
+    from sd2_ray.kit.cache import content_hash, part_hash
+    from sd2_ray.kit.config import KitConfig
+
+    base = KitConfig()
+    assert base.drafter_shape() == shapes.DRAFTER
+    wider = KitConfig(drafter_hidden=2 * shapes.HEAD_DIM, drafter_layers=4, drafter_intermediate=384)
+    shape = wider.drafter_shape()
+    assert (shape.hidden, shape.layers, shape.heads, shape.kv_heads, shape.intermediate) == (128, 4, 2, 1, 384)
+    assert content_hash(wider) != content_hash(base)
+    assert part_hash(wider, "drafter") != part_hash(base, "drafter")
+    for name in ("target", "drafter-uag"):  # the other models' trained parts stay valid
+        assert part_hash(wider, name) == part_hash(base, name)
+    with pytest.raises(ConfigError, match="drafter_hidden"):
+        KitConfig.load(overrides={"drafter_hidden": 96})
+
+
 def test_kit_loads_with_auto_classes(kit_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -68,6 +119,10 @@ def test_kit_loads_with_auto_classes(kit_dir):
         assert tok.eos_token == "<|end|>" and model.config.eos_token_id == tok.eos_token_id
         vocabs[name] = len(tok)
     assert vocabs["target"] == vocabs["drafter"] != vocabs["drafter-uag"]
+    from sd2_ray.kit.config import KitConfig
+
+    assert info["models"]["drafter"]["shape"] == \
+        KitConfig.load(os.path.join(kit_dir, "config.yaml")).drafter_shape().__dict__
     target_params, drafter_params = (info["models"][n]["params"] for n in ("target", "drafter"))
     assert 2_000_000 <= target_params <= 10_000_000 and drafter_params < target_params / 3
 
@@ -107,9 +162,11 @@ def test_target_heldout_loss_far_below_uniform(kit_dir):
     assert info["models"]["target"]["ln_vocab"] == pytest.approx(math.log(len(tok)))
     assert loss < TARGET_HELDOUT_BOUND < math.log(len(tok)) - 2, loss
     assert info["models"]["target"]["heldout_loss"] < TARGET_HELDOUT_BOUND
-    # the drafters are trained less: worse than the target on the same text
-    drafter_loss = info["models"]["drafter"]["heldout_loss"]
-    assert info["models"]["target"]["heldout_loss"] < drafter_loss < math.log(len(tok))
+    # the same-family drafter is pretrained on stdlib text alone (long, so that pruning has knowledge
+    # to lose): trained, but worse than the target at the chat task the target was taught
+    models = info["models"]
+    assert models["drafter"]["heldout_loss"] < math.log(len(tok)) - 2
+    assert models["target"]["eval_chat_loss"] < models["drafter"]["eval_chat_loss"] < math.log(len(tok))
 
 
 def _chat_prompt_ids(tok, rows):

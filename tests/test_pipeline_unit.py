@@ -44,7 +44,11 @@ def test_tiny_yaml_validates_and_chains_every_stage(tmp_path, monkeypatch):
     assert ft.model == str(tmp_path / "o" / "pruned" / "sd2") and ft.output == str(tmp_path / "o/drafters/sparse-sft")
     assert chain(cfg, "finetune", "dense-sd").model == cfg.drafter == "kit:drafter"
     layers = chain(cfg, "layer_prune", drop_layers=3)
-    assert (layers.method, layers.drop_layers, layers.num_samples) == ("layers", 3, 32)
+    assert (layers.method, layers.drop_layers) == ("layers", 3)
+    # the layer baseline is calibrated on the same rows as the SD² drafter's pruning
+    prune = chain(cfg, "prune")
+    assert (layers.calibration, layers.num_samples, layers.seq_len, layers.seed) == \
+        (prune.calibration, prune.num_samples, prune.seq_len, prune.seed)
     served = chain(cfg, "serve")
     assert served.drafter == str(tmp_path / "o/drafters/sd2") and served.num_speculative_tokens == 4
     ev = chain(cfg, "eval", "uag")

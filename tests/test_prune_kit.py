@@ -1,19 +1,24 @@
 """Pruning quality on the model kit (trained models): held-out perplexity per method, one layer's
 reconstruction error. Numbers seen (threads=1, 64 calibration rows x 256 tokens, 64 held-out rows):
 
-    kit drafter, 160 training steps (kit of 2026-11-22 02:00): dense 268.99
-        50 %: sparsegpt 269.91, wanda 273.56, magnitude 269.56
-        70 %: sparsegpt 270.55, wanda 290.62, magnitude 326.45
-    kit target (240 steps, same kit): dense 39.91 (slow suite: SparseGPT best at both levels)
-        50 %: sparsegpt 40.00, wanda 40.33, magnitude 40.22
-        70 %: sparsegpt 40.38, wanda 42.50, magnitude 42.31
+    kit drafter, 10 blocks x 64 wide, 1600 training steps (kit b8edb64384f06f3d, issue 18): dense 96.59
+        50 %: sparsegpt 103.44, wanda 103.87, magnitude 106.73
+        70 %: sparsegpt 151.90, wanda 265.42, magnitude 241.70
+    kit target, 600 steps (same kit): dense 21.93 (slow suite: SparseGPT best at both levels)
+        50 %: sparsegpt 21.99, wanda 22.17, magnitude 22.19
+        70 %: sparsegpt 22.68, wanda 24.32, magnitude 24.28
 
-At 50 % these small models barely notice any method: SparseGPT and magnitude stay within 0.4 % of
-dense and differ by 0.1 % (noise), so there the test asserts SparseGPT within 1 % of dense, <= Wanda,
-and not worse than magnitude beyond 0.5 %. The SparseGPT <= Wanda <= magnitude ordering is
-asserted at 70 %, where the gaps are 7 % and 12 %. (An earlier kit drafter trained only 40 steps
-showed Wanda and magnitude within 0.2 % of each other, in either order: undertrained models have no
-outlier input features, which is where Wanda's |W|*||X|| departs from |W|.)
+The deep, narrow, longer-pretrained drafter has knowledge to lose (the point of issue 18's kit):
+50 % costs SparseGPT 7 % perplexity, so the test asserts SparseGPT within 10 % of dense and best of
+the three at 50 %, and well ahead (>= 2 % better than the better of Wanda and magnitude) at 70 %.
+Wanda vs magnitude is not asserted: at 70 % Wanda is the worse of the two on this drafter (265 vs
+242), at 50 % they are within 3 %.
+
+Earlier kits: the 2-block, 128-wide drafter trained 160 steps (dense 268.99) barely noticed
+pruning at 50 % (every method within 1.7 % of dense; SparseGPT 269.91) and ordered SparseGPT <=
+Wanda <= magnitude at 70 % (270.55, 290.62, 326.45); a 40-step drafter showed Wanda and magnitude
+within 0.2 % in either order (undertrained models have no outlier input features, which is where
+Wanda's |W|*||X|| departs from |W|).
 """
 from __future__ import annotations
 
@@ -57,12 +62,10 @@ def perplexities(model_dir, calib, held_out, sparsity):
 def test_drafter_perplexity_ordering(kit_dir):
     model_dir, calib, held_out = kit_data(kit_dir, "drafter")
     at_50 = perplexities(model_dir, calib, held_out, 0.5)
-    assert at_50["sparsegpt"] == pytest.approx(at_50["dense"], rel=0.01)  # half the weights, ~no loss
-    assert at_50["sparsegpt"] <= at_50["wanda"], at_50
-    assert at_50["sparsegpt"] <= 1.005 * at_50["magnitude"], at_50
+    assert at_50["dense"] <= at_50["sparsegpt"] < 1.10 * at_50["dense"], at_50  # half the weights, some loss
+    assert at_50["sparsegpt"] <= min(at_50["wanda"], at_50["magnitude"]), at_50
     at_70 = perplexities(model_dir, calib, held_out, 0.7)
-    assert at_70["sparsegpt"] <= at_70["wanda"] <= at_70["magnitude"], at_70
-    assert at_70["sparsegpt"] < 0.98 * at_70["magnitude"], at_70
+    assert at_70["sparsegpt"] < 0.98 * min(at_70["wanda"], at_70["magnitude"]), at_70
 
 
 @pytest.mark.slow

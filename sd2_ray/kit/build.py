@@ -57,7 +57,7 @@ def build_kit(config: KitConfig, out: str, digest: str) -> dict:
         manifest.start(out, STAGE, content_hash=digest)
         info = _build(config, out, digest, started)
         # CPU seconds next to wall seconds: on a shared machine the wall time mostly measures the load
-        info.update(build_cpu_seconds=round(time.process_time() - started_cpu, 1),
+        info.update(build_cpu_seconds=round(time.process_time() - started_cpu + info["child_cpu_seconds"], 1),
                     load_average_at_start=round(load, 1))
         with open(os.path.join(out, KIT_JSON), "w") as f:
             json.dump(info, f, indent=2)
@@ -71,6 +71,7 @@ def build_kit(config: KitConfig, out: str, digest: str) -> dict:
 def _build(config: KitConfig, out: str, digest: str, started: float) -> dict:
     from sd2_ray.kit import shapes, training
     from sd2_ray.kit.corpus import load_corpus
+    from sd2_ray.kit.parts import Job, train_all
     from sd2_ray.kit.tokenizer import render_chat, token_stream, train_tokenizer
 
     random.seed(config.seed)
@@ -91,26 +92,31 @@ def _build(config: KitConfig, out: str, digest: str, started: float) -> dict:
     eval_chat_stream = token_stream(tok, [render_chat(tok, r["messages"][0]["content"], r["response"])
                                           for r in eval_rows])
 
-    jobs = [  # name, shape, tokenizer, streams, shares, steps, held-out stream
-        ("target", shapes.TARGET, tok, [corpus_stream, chat_stream], [1 - config.chat_share, config.chat_share],
-         config.target_steps, heldout_stream),
-        ("drafter", shapes.DRAFTER, tok, [corpus_stream], [1.0], config.drafter_steps, heldout_stream),
-        ("drafter-uag", shapes.UAG_DRAFTER, uag_tok, [uag_stream], [1.0], config.uag_steps, uag_heldout),
+    jobs = [
+        Job(0, "target", shapes.TARGET, tok, [corpus_stream, chat_stream], [1 - config.chat_share, config.chat_share],
+            config.target_steps),
+        Job(1, "drafter", config.drafter_shape(), tok, *_mix(corpus_stream, chat_stream, config.drafter_chat_share),
+            config.drafter_steps),
+        Job(2, "drafter-uag", shapes.UAG_DRAFTER, uag_tok, [uag_stream], [1.0], config.uag_steps),
     ]
+    heldout = {"target": heldout_stream, "drafter": heldout_stream, "drafter-uag": uag_heldout}
+    trained_models, child_cpu = train_all(config, jobs)
     models, figures = {}, {}
-    for index, (name, shape, tokenizer, streams, shares, steps, heldout) in enumerate(jobs):
-        model, trained = _trained_model(config, index, name, shape, tokenizer, streams, shares, steps)
-        model.save_pretrained(os.path.join(out, name), safe_serialization=True)
-        tokenizer.save_pretrained(os.path.join(out, name))
-        models[name] = model
-        figures[name] = {
+    for job in jobs:
+        model, trained = trained_models[job.name]
+        model.save_pretrained(os.path.join(out, job.name), safe_serialization=True)
+        job.tokenizer.save_pretrained(os.path.join(out, job.name))
+        models[job.name] = model
+        figures[job.name] = {
             "architecture": type(model).__name__, "params": training.num_params(model),
-            "vocab_size": len(tokenizer), "ln_vocab": math.log(len(tokenizer)), "shape": shape.__dict__,
-            **trained, "heldout_loss": training.heldout_loss(model, heldout, config.seq_len, config.heldout_windows),
+            "vocab_size": len(job.tokenizer), "ln_vocab": math.log(len(job.tokenizer)), "shape": job.shape.__dict__,
+            **trained, "heldout_loss": training.heldout_loss(model, heldout[job.name], config.seq_len,
+                                                             config.heldout_windows),
         }
-        log.info("kit %s: %s", name, figures[name])
-    figures["target"]["eval_chat_loss"] = training.heldout_loss(
-        models["target"], eval_chat_stream, min(config.seq_len, len(eval_chat_stream) - 1), config.heldout_windows)
+        log.info("kit %s: %s", job.name, figures[job.name])
+    for name in ("target", "drafter"):  # the task the target was taught and the drafter was not
+        figures[name]["eval_chat_loss"] = training.heldout_loss(
+            models[name], eval_chat_stream, min(config.seq_len, len(eval_chat_stream) - 1), config.heldout_windows)
 
     info = {"kit_version": KIT_VERSION, "content_hash": digest, "seed": config.seed,
             "seeds": {"init": {n: config.seed * 1000 + i for i, n in enumerate(models)},
@@ -118,50 +124,20 @@ def _build(config: KitConfig, out: str, digest: str, started: float) -> dict:
             "models": figures, "corpus": {**corpus.stats(), "train_tokens": len(corpus_stream),
                                           "chat_tokens": len(chat_stream), "heldout_tokens": len(heldout_stream)},
             "prompts": {"train": len(train_rows), "eval": len(eval_rows), "chat_examples": len(chat_examples)},
-            "python": platform.python_version(), "torch_threads": config.num_threads}
+            "python": platform.python_version(), "torch_threads": config.num_threads,
+            "child_cpu_seconds": round(child_cpu, 1)}
     if config.measure_mal:
         info["drafter_greedy_mal"] = _measure_mal(models["target"], models["drafter"], tok, eval_rows)
     info["build_seconds"] = round(time.time() - started, 1)
     return info
 
 
-def _trained_model(config: KitConfig, index: int, name: str, shape, tokenizer, streams, shares, steps):
-    """Train one model, or load it from the per-model cache when identical settings trained it
-    before (training is deterministic, so the weights are the same either way)."""
-    import shutil
-    import tempfile
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from sd2_ray.kit import training
-    from sd2_ray.kit.cache import part_location
-
-    part = part_location(config, name)
-    record = os.path.join(part, "part.json")
-    if config.reuse_trained and os.path.isfile(record):
-        log.info("kit %s: reusing the trained model in %s", name, part)
-        with open(record) as f:
-            trained = json.load(f)
-        return AutoModelForCausalLM.from_pretrained(part, dtype=torch.float32).eval(), {**trained, "reused": True}
-    model = training.build_model(shape, tokenizer, seed=config.seed * 1000 + index)
-    sampler = training.WindowSampler(streams, shares, config.seq_len, config.batch_size,
-                                     seed=config.seed * 1000 + 100 + index)
-    started = time.time()
-    losses = training.train(model, sampler, steps, config.lr, name)
-    trained = {"steps": steps, "train_seconds": round(time.time() - started, 1),
-               "final_train_loss": sum(losses[-10:]) / len(losses[-10:])}
-    os.makedirs(os.path.dirname(part), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".part-", dir=os.path.dirname(part))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        with open(os.path.join(tmp, "part.json"), "w") as f:
-            json.dump(trained, f)
-        if not os.path.isdir(part):
-            os.replace(tmp, part)  # whole or absent: part.json is inside
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return model, trained
+def _mix(corpus_stream: list[int], chat_stream: list[int], chat_share: float) -> tuple[list, list]:
+    """(streams, shares) of a model's training windows; no chat stream at share 0 (the sampler's
+    draws, hence the weights, are then those of a corpus-only model)."""
+    if not chat_share:
+        return [corpus_stream], [1.0]
+    return [corpus_stream, chat_stream], [1 - chat_share, chat_share]
 
 
 def _prompt_sets(config: KitConfig, corpus, tok) -> tuple[list[dict], list[dict], list[dict]]:

@@ -18,7 +18,6 @@ from typing import Iterator
 from sd2_ray import manifest, storage
 from sd2_ray.kit.config import KitConfig
 from sd2_ray.kit.corpus import stdlib_listing
-from sd2_ray.kit.shapes import all_shapes
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +31,7 @@ def content_hash(config: KitConfig) -> str:
     """Hash of everything that decides the kit's bytes: recipe version, config, shapes, Python
     version and the stdlib file listing (another Python means another corpus)."""
     blob = json.dumps({"kit_version": KIT_VERSION, "python": list(sys.version_info[:3]),
-                       "config": config.content_fields(), "shapes": all_shapes(),
+                       "config": config.content_fields(), "shapes": config.all_shapes(),
                        "stdlib": stdlib_listing()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -40,7 +39,7 @@ def content_hash(config: KitConfig) -> str:
 def part_hash(config: KitConfig, name: str) -> str:
     """Hash of what decides one trained model (its shape, data and training settings)."""
     blob = json.dumps({"kit_version": KIT_VERSION, "python": list(sys.version_info[:3]), "model": name,
-                       "fields": config.training_fields(name), "shape": all_shapes()[name],
+                       "fields": config.training_fields(name), "shape": config.all_shapes()[name],
                        "stdlib": stdlib_listing()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

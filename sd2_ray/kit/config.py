@@ -4,6 +4,7 @@ from __future__ import annotations
 from pydantic import Field, field_validator, model_validator
 
 from sd2_ray.config import StageConfig
+from sd2_ray.kit import shapes
 
 # Fields that only say *where* or *whether* to build: they don't change the kit's content,
 # so they stay out of its content hash.
@@ -31,12 +32,21 @@ class KitConfig(StageConfig):
     seq_len: int = Field(256, ge=32, le=1024, description="Training window length in tokens")
     batch_size: int = Field(8, ge=1, description="Windows per training step")
     lr: float = Field(3e-3, gt=0, description="Peak AdamW learning rate (linear warmup, cosine decay)")
-    target_steps: int = Field(240, ge=1, description="Training steps of the target")
-    drafter_steps: int = Field(160, ge=1, description="Training steps of the same-family drafter (fewer "
-                               "than the target and no chat data: it starts poorly aligned)")
+    target_steps: int = Field(600, ge=1, description="Training steps of the target")
+    drafter_steps: int = Field(1600, ge=1, description="Training steps of the same-family drafter (no "
+                               "chat data: it starts poorly aligned)")
+    drafter_hidden: int = Field(shapes.DRAFTER.hidden, ge=shapes.HEAD_DIM,
+                                description="Width of the same-family drafter (a multiple of 64: heads of 64)")
+    drafter_layers: int = Field(shapes.DRAFTER.layers, ge=2, description="Decoder blocks of the same-family "
+                                "drafter (enough for the layer baseline to match SD²'s MACs finely)")
+    drafter_intermediate: int = Field(shapes.DRAFTER.intermediate, ge=1,
+                                      description="MLP width of the same-family drafter")
     uag_steps: int = Field(80, ge=1, description="Training steps of the cross-family drafter")
     chat_share: float = Field(0.375, ge=0.0, le=1.0,
                               description="Share of the target's windows drawn from chat-formatted examples")
+    drafter_chat_share: float = Field(0.0, ge=0.0, le=1.0,
+                                      description="Share of the same-family drafter's windows drawn from the "
+                                      "same chat examples (the reference answers, not the target's)")
     train_prompts: int = Field(384, ge=1, description="Rows in prompts/train.jsonl")
     eval_prompts: int = Field(64, ge=1, description="Rows in prompts/eval.jsonl")
     heldout_windows: int = Field(32, ge=1, description="Held-out windows for the reported losses")
@@ -50,12 +60,26 @@ class KitConfig(StageConfig):
             raise ValueError("the kit is built locally; copy it to S3 afterwards")
         return value or None
 
+    @field_validator("drafter_hidden")
+    @classmethod
+    def _whole_heads(cls, value: int) -> int:
+        if value % shapes.HEAD_DIM:
+            raise ValueError(f"must be a multiple of {shapes.HEAD_DIM} (vLLM's CPU attention needs heads of 64)")
+        return value
+
     @model_validator(mode="after")
     def _vocabs_differ(self) -> "KitConfig":
         if self.vocab_size == self.uag_vocab_size:
             raise ValueError("vocab_size and uag_vocab_size must differ (the UAG drafter needs "
                              "its own tokenizer)")
         return self
+
+    def drafter_shape(self) -> shapes.Shape:
+        return shapes.drafter_shape(self.drafter_hidden, self.drafter_layers, self.drafter_intermediate)
+
+    def all_shapes(self) -> dict:
+        """Every model's shape (part of the content hash)."""
+        return shapes.all_shapes(self.drafter_shape())
 
     def training_fields(self, name: str) -> dict:
         """The fields that decide one model's weights (its part of the cache)."""
@@ -66,6 +90,8 @@ class KitConfig(StageConfig):
                   "steps": steps[name], "num_threads": self.num_threads}
         if name == "target":
             fields["chat_share"] = self.chat_share
+        elif name == "drafter" and self.drafter_chat_share:  # absent when 0: older drafter parts stay valid
+            fields["chat_share"] = self.drafter_chat_share
         return fields
 
     def content_fields(self) -> dict:

@@ -6,6 +6,7 @@ import io
 from typing import Any
 
 from sd2_ray import storage
+from sd2_ray.evaluate.paper import paper_comparison, paper_markdown
 from sd2_ray.pipeline.config import PipelineConfig
 
 ENTRY_KEYS = ("mean_accepted_length", "acceptance_rate", "per_position_acceptance", "drafter_macs_per_token",
@@ -113,6 +114,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         parts.append("## Headline comparisons\n")
         parts += [f"- {k}: {v:.3f}" for k, v in report["comparisons"].items()]
         parts.append("")
+    parts.append(paper_markdown(report))
     parts += ["## Drafters\n"] + [f"- **{e['name']}**: {e['description']}"
                                   + (f"; {training_text(e['training'])}" if e.get("training") else "")
                                   + f" (`{e['drafter']}`)" for e in report["drafters"]]
@@ -163,6 +165,7 @@ def write_pipeline_report(config: PipelineConfig, reports: dict[str, dict[str, A
               "num_prompts": first.get("num_prompts"), "target_macs_per_token": first.get("target_macs_per_token"),
               "temperature": first.get("temperature"), "baseline_tokens_per_second":
               first.get("baseline_tokens_per_second"), "drafters": entries, "comparisons": comparisons(entries)}
+    report["paper_comparison"] = paper_comparison(report)
     storage.write_json(storage.join(out_dir, "report.json"), report)
     storage.write_text(storage.join(out_dir, "report.md"), render_markdown(report))
     for name, data in plots(entries).items():
