@@ -52,6 +52,38 @@ def test_train_step_feeds_the_engine_on_its_device():
     assert engine.forwards == 2 and metrics["tokens"] > 0
 
 
+class CollectiveReached(Exception):
+    """The stand-in collective accepted its tensor (the meta device cannot be read back)."""
+
+
+def nccl_like(monkeypatch, device: torch.device):
+    """A 2-rank process group whose collectives, like NCCL's, reject tensors off ``device``
+    (NCCL: "No backend type associated with device type cpu")."""
+    import torch.distributed as dist
+
+    def collective(tensor, *args, **kwargs):
+        assert tensor.device == device, f"collective on {tensor.device}: no backend for it (NCCL is on {device})"
+        raise CollectiveReached
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: 2)
+    monkeypatch.setattr(dist, "all_reduce", collective)
+    monkeypatch.setattr(dist, "broadcast", collective)
+
+
+def test_collectives_run_on_the_engines_device(monkeypatch):
+    """The step's token-count all-reduce and report_due's agreed clock are collectives; under
+    NCCL their tensors must live on the engine's device. Before the fix both were float64 CPU
+    tensors (issue 16.1: train_loop._all_reduce and the report_due broadcast)."""
+    nccl_like(monkeypatch, MetaEngine.device)
+    cfg = {"seq_len": 48, "response_field": "response", "grad_accum": 1, "report_every": 1,
+           "report_interval_s": 1.0}
+    with pytest.raises(CollectiveReached):
+        step.train_step(MetaEngine(), toy_rows(4), char_tokenizer(), cfg, rank=0, world=2)
+    with pytest.raises(CollectiveReached):
+        step.report_due(cfg, 3, 10, 0.0, 2, MetaEngine.device)
+
+
 def test_gradient_mask_converts_once_not_every_backward():
     """A mask meets a gradient of another dtype (bf16 training) or device: converted once and
     kept, not copied on every micro-step (issue 16.4: fp32 host->device copies per step)."""
