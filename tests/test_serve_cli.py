@@ -90,3 +90,15 @@ def test_sd2_serve_missing_model_is_one_line_error(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and "nope" in res.stderr
+
+
+def test_sd2_serve_vllm_on_gpus_without_any_is_one_line_error(pair):
+    """The vLLM replicas' GPU bundles can never be placed on a local Ray without GPUs: exit 2
+    naming the field, instead of Serve waiting for GPUs forever."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    res = subprocess.run([sys.executable, "-m", "sd2_ray.cli", "serve", "--target", pair[0], "--engine", "vllm",
+                          "--port", str(free_port())], capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1].startswith("sd2 serve: field 'accelerator': gpu, but the local Ray"), \
+        res.stderr[-2000:]

@@ -34,7 +34,8 @@ def vllm_server(kit_dir):
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = ServeConfig(target=os.path.join(kit_dir, "target"), drafter=os.path.join(kit_dir, "drafter"),
-                         engine="vllm", port=port, num_speculative_tokens=3, api_key="k3y", max_model_len=256,
+                         engine="vllm", accelerator="cpu", port=port, num_speculative_tokens=3, api_key="k3y",
+                         max_model_len=256,
                          model_name="kit-target")
     try:
         serve.run(build_app(config), name="sd2-vllm", route_prefix="/")

