@@ -93,8 +93,7 @@ def _build(config: KitConfig, out: str, digest: str, started: float) -> dict:
                                           for r in eval_rows])
 
     jobs = [
-        Job(0, "target", shapes.TARGET, tok, [corpus_stream, chat_stream], [1 - config.chat_share, config.chat_share],
-            config.target_steps),
+        Job(0, "target", shapes.TARGET, tok, *_mix(corpus_stream, chat_stream, config.chat_share), config.target_steps),
         Job(1, "drafter", config.drafter_shape(), tok, *_mix(corpus_stream, chat_stream, config.drafter_chat_share),
             config.drafter_steps),
         Job(2, "drafter-uag", shapes.UAG_DRAFTER, uag_tok, [uag_stream], [1.0], config.uag_steps),
