@@ -49,6 +49,26 @@ PATH_MARK = _PathMark()
 StoragePath = Annotated[str, AfterValidator(resolve_path), PATH_MARK]
 
 
+# Custom resources (the cluster file's node-type markers, e.g. ``gen_node``) a stage's tasks,
+# actors and workers ask for, so they land on the node type meant for them. A small fraction
+# of the marker: a node declaring ``gen_node: 1`` still takes a thousand of them.
+NODE_RESOURCES_DESCRIPTION = ("custom resources each of this stage's Ray tasks, actors and workers asks for, "
+                              "placing them on the node type that declares them (e.g. {gen_node: 0.001}); "
+                              "`sd2 run` fills it from the cluster file's node types when `cluster` is set")
+
+
+def node_resources(value: dict[str, float]) -> dict[str, float]:
+    for name, amount in value.items():
+        if name in ("CPU", "GPU", "memory", "object_store_memory"):
+            raise ValueError(f"'{name}' is not a custom resource (use the stage's CPU/GPU fields)")
+        if amount <= 0:
+            raise ValueError(f"'{name}': amount must be > 0, got {amount}")
+    return value
+
+
+NodeResources = Annotated[dict[str, float], AfterValidator(node_resources)]
+
+
 def _is_path(annotation: Any, metadata: list[Any]) -> bool:
     if any(m is PATH_MARK for m in metadata):
         return True

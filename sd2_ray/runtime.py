@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 PROPAGATED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                   "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "HF_HUB_OFFLINE",
                   "SD2_CACHE_DIR", "SD2_KIT_DIR", "TORCH_EXTENSIONS_DIR", "VLLM_CPU_KVCACHE_SPACE",
-                  "VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS", "SD2_VERBOSE")
+                  "VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS", "SD2_VERBOSE", "SD2_SHARED_STORAGE")
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor in a submitted job's driver
 
 
@@ -103,6 +103,34 @@ def ensure_ray(num_cpus: int | None = None, attempts: int = 2):
     return ray
 
 
+SHARED_STORAGE_ENV = "SD2_SHARED_STORAGE"  # "1": local paths are on a disk every node sees
+
+
+def spans_nodes() -> bool:
+    """True when work may run on another node than this driver's: several live nodes, or a
+    cluster whose live nodes hold no CPU (the autoscaler adds workers for the work)."""
+    import ray
+
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    return len(alive) > 1 or not any(n.get("Resources", {}).get("CPU") for n in alive)
+
+
+def require_reachable(path: str, field: str = "output", shared: bool = False) -> None:
+    """A local ``path`` on a cluster of several nodes lands on whichever node wrote it, where
+    no other stage finds it: refused in one line, unless the disk is declared shared."""
+    import ray
+
+    from sd2_ray import storage
+    from sd2_ray.errors import ConfigError
+
+    if storage.is_s3(path) or shared or os.environ.get(SHARED_STORAGE_ENV) == "1" or not ray.is_initialized():
+        return
+    if spans_nodes():
+        raise ConfigError(f"field '{field}': {path} is a local path, but this Ray cluster spans several nodes "
+                          f"that do not share a disk; use an s3:// prefix (or, for a shared disk such as "
+                          f"NFS, set shared_storage: true / {SHARED_STORAGE_ENV}=1)")
+
+
 def unwrap_remote_error(err: Exception) -> Exception:
     """The exception a Ray task raised, without Ray's wrapper: our one-line errors stay one line
     (the CLI prints them and exits 2), anything else keeps its type and last message line."""
@@ -117,22 +145,29 @@ def unwrap_remote_error(err: Exception) -> Exception:
     return err
 
 
-def _remote(fn: Callable, gpus: float, num_cpus: float = 1):
+# A task lost with its node (spot capacity, a dead raylet) runs again elsewhere; an error the
+# task itself raised is not retried (Ray's retry_exceptions stays off).
+SYSTEM_FAILURE_RETRIES = 3
+
+
+def _remote(fn: Callable, gpus: float, num_cpus: float = 1, resources: dict[str, float] | None = None):
     ray = ensure_ray()
     # Not captured by the caller's placement group (a Tune trial's is CPU-only): the task asks
-    # the cluster for its own GPUs.
+    # the cluster for its own GPUs and node type.
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     strategy = PlacementGroupSchedulingStrategy(placement_group=None)
-    return ray.remote(num_cpus=num_cpus, num_gpus=gpus, max_retries=0, scheduling_strategy=strategy)(fn)
+    return ray.remote(num_cpus=num_cpus, num_gpus=gpus, resources=dict(resources or {}),
+                      max_retries=SYSTEM_FAILURE_RETRIES, scheduling_strategy=strategy)(fn)
 
 
-def run_with_gpus(fn: Callable, gpus: float, *args, **kwargs):
-    """``fn(*args, **kwargs)`` here when ``gpus`` is 0, else as one Ray task holding that many
-    GPUs (the caller, e.g. a driver on a GPU-less head or a Tune trial, has none to give)."""
-    if gpus <= 0:
+def run_with_gpus(fn: Callable, gpus: float, *args, resources: dict[str, float] | None = None, **kwargs):
+    """``fn(*args, **kwargs)`` here when ``gpus`` is 0 and no node type is asked for, else as one
+    Ray task holding that many GPUs on a node with ``resources`` (the caller, e.g. a driver on a
+    GPU-less head or a Tune trial, has none to give)."""
+    if gpus <= 0 and not resources:
         return fn(*args, **kwargs)
-    return submit_with_gpus(fn, gpus, *args, **kwargs).result()
+    return submit_with_gpus(fn, gpus, *args, resources=resources, **kwargs).result()
 
 
 class RemoteResult:
@@ -150,9 +185,10 @@ class RemoteResult:
             raise unwrap_remote_error(err) from None
 
 
-def submit_with_gpus(fn: Callable, gpus: float, *args, num_cpus: float = 1, **kwargs) -> RemoteResult:
-    """Start ``fn`` as a Ray task holding ``gpus`` GPUs (may be 0) without waiting for it."""
-    return RemoteResult(_remote(fn, gpus, num_cpus).remote(*args, **kwargs))
+def submit_with_gpus(fn: Callable, gpus: float, *args, num_cpus: float = 1,
+                     resources: dict[str, float] | None = None, **kwargs) -> RemoteResult:
+    """Start ``fn`` as a Ray task holding ``gpus`` GPUs (may be 0) and ``resources`` without waiting."""
+    return RemoteResult(_remote(fn, gpus, num_cpus, resources).remote(*args, **kwargs))
 
 
 def in_ray_job() -> bool:

@@ -5,7 +5,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from sd2_ray.config import StageConfig, StoragePath
+from sd2_ray.config import NODE_RESOURCES_DESCRIPTION, NodeResources, StageConfig, StoragePath
 
 
 class DistillSettings(StageConfig):
@@ -41,6 +41,7 @@ class DistillSettings(StageConfig):
     limit: int | None = Field(None, ge=1, description="only the first N input rows (smoke runs)")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="weights/activations dtype of the engines")
+    node_resources: NodeResources = Field(default_factory=dict, description=NODE_RESOURCES_DESCRIPTION)
     cpus_per_actor: float = Field(1.0, gt=0.0, description="CPUs reserved by each engine replica")
     gpus_per_actor: float = Field(0.0, ge=0.0, description="GPUs per replica (transformers) or per "
                                   "tensor-parallel worker (vllm); 0 = CPU")

@@ -28,11 +28,12 @@ def generate_shards(requests: list[Request], model_dir: str, config, eos_ids: li
     (vLLM's max_model_len unless the config sets one)."""
     import ray
 
-    from sd2_ray.runtime import ensure_ray
+    from sd2_ray.runtime import ensure_ray, require_reachable
 
     if not requests:
         return
     ensure_ray()
+    require_reachable(config.output)
     quiet_ray_data()
     by_index = {r.index: r for r in requests}
     expected: dict[int, int] = defaultdict(int)
@@ -97,7 +98,8 @@ def apply_transformers(ds, model_dir: str, config) -> Any:
             udf, fn_constructor_kwargs=kwargs,
             compute=ray.data.ActorPoolStrategy(size=config.actors), batch_size=config.batch_size,
             num_cpus=config.cpus_per_actor,
-            num_gpus=config.gpus_per_actor or None, runtime_env={"env_vars": worker_env()},
+            num_gpus=config.gpus_per_actor or None, resources=config.node_resources or None,
+            runtime_env={"env_vars": worker_env()},
             max_restarts=config.max_restarts,
             max_task_retries=-1 if config.max_restarts != 0 else 0)
 

@@ -49,6 +49,7 @@ def placement_group(config) -> dict[str, Any]:
     bundle: dict[str, float] = {"CPU": config.cpus_per_actor}
     if config.gpus_per_actor:
         bundle["GPU"] = config.gpus_per_actor
+    bundle.update(config.node_resources)
     return {"bundles": [dict(bundle) for _ in range(config.tensor_parallel_size)], "strategy": "STRICT_PACK"}
 
 

@@ -5,7 +5,7 @@ from typing import Optional
 
 from pydantic import Field, model_validator
 
-from sd2_ray.config import StageConfig, StoragePath
+from sd2_ray.config import NODE_RESOURCES_DESCRIPTION, NodeResources, StageConfig, StoragePath
 from sd2_ray.models.device import DeviceName, DtypeName
 
 
@@ -28,6 +28,7 @@ class EvalSettings(StageConfig):
         None, description="accelerate device_map for the target, e.g. 'auto' to shard a target too "
                           "big for one GPU over the visible GPUs (the drafter goes where the target "
                           "takes its inputs); overrides device for the target")
+    node_resources: NodeResources = Field(default_factory=dict, description=NODE_RESOURCES_DESCRIPTION)
     gpus: float = Field(0, ge=0, description="run the eval as Ray task(s) holding this many GPUs each ("
                                              "'sd2 run': the baseline and every drafter); 0 = in this process")
     min_usable_share: float = Field(0.0, ge=0.0, le=1.0, description="fail when fewer than this share of "

@@ -16,7 +16,7 @@ BASELINE_FILE = "target-only.json"
 def evaluate_drafters(configs: dict[str, EvalConfig], root: str) -> dict[str, dict[str, Any]]:
     """{drafter name: eval report} for per-drafter configs that differ only in drafter and output.
 
-    With ``gpus`` = 0 everything runs here, the target loaded once. With ``gpus`` > 0 the
+    With ``gpus`` = 0 and no node type everything runs here, the target loaded once. Else the
     target-only baseline and each drafter's eval run as Ray tasks holding that many GPUs (each
     loads the target itself; drafters run in parallel when the cluster has the GPUs); this
     process only writes the reports and manifests."""
@@ -33,7 +33,8 @@ def evaluate_drafters(configs: dict[str, EvalConfig], root: str) -> dict[str, di
     first = next(iter(pending.values()))
     rows = read_rows(first.prompts, limit=first.max_prompts)
     baseline_path = storage.join(root, BASELINE_FILE)
-    run = _evaluate_in_tasks if first.gpus > 0 else _evaluate_here
+    # on a cluster the eval runs where its node type is, never in the driver
+    run = _evaluate_in_tasks if first.gpus > 0 or first.node_resources else _evaluate_here
     for name, config, report in run(pending, rows, baseline_path):
         report.update(name=name, drafter=config.drafter, target=config.target, prompts=config.prompts)
         write_eval(config, name, report)
@@ -59,7 +60,7 @@ def _evaluate_here(pending: dict[str, EvalConfig], rows, baseline_path: str):
 
 
 def _evaluate_in_tasks(pending: dict[str, EvalConfig], rows, baseline_path: str):
-    """As Ray tasks with ``gpus`` GPUs each: the baseline first (or the saved one), then every
+    """As Ray tasks with ``gpus`` GPUs each on the configured node type (retried when a node is lost): the baseline first (or the saved one), then every
     drafter at once (Ray queues them for free GPUs); reports come back in drafter order."""
     from sd2_ray.runtime import run_with_gpus, submit_with_gpus
 
@@ -67,12 +68,13 @@ def _evaluate_in_tasks(pending: dict[str, EvalConfig], rows, baseline_path: str)
     baseline = saved_baseline(first, rows, baseline_path)
     if baseline is None:
         log.info("eval: target-only baseline as a Ray task with %s GPU(s)", first.gpus)
-        baseline = run_with_gpus(_baseline_task, first.gpus, first, rows)
+        baseline = run_with_gpus(_baseline_task, first.gpus, first, rows, resources=first.node_resources)
         storage.write_json(baseline_path, baseline)
     futures = {}
     for name, config in pending.items():
         manifest.start(config.output_dir, "eval", drafter=config.drafter, name=name)
-        futures[name] = submit_with_gpus(_drafter_task, config.gpus, config, rows, baseline)
+        futures[name] = submit_with_gpus(_drafter_task, config.gpus, config, rows, baseline,
+                                         resources=config.node_resources)
     for name, future in futures.items():
         yield name, pending[name], future.result()
 

@@ -32,7 +32,7 @@ def main(config: EvalConfig) -> dict | None:
             logger.info("eval as a Ray task with %s GPU(s)", config.gpus)
         report = run_with_gpus(evaluate_pair, config.gpus, config.target, config.drafter, rows,
                                config.num_speculative_tokens, config, progress=config.gpus <= 0,
-                               unreadable=unreadable)
+                               unreadable=unreadable, resources=config.node_resources)
         report["prompts"] = config.prompts
         skipped = unreadable + report["skipped_prompts"]
         write_skipped(storage.join(out_dir, SKIPPED_FILE), skipped)

@@ -6,7 +6,7 @@ from typing import Any, Iterable, Literal, Optional
 from pydantic import Field, model_validator
 
 from sd2_ray import storage
-from sd2_ray.config import StageConfig, StoragePath
+from sd2_ray.config import NODE_RESOURCES_DESCRIPTION, NodeResources, StageConfig, StoragePath
 from sd2_ray.errors import ConfigError
 
 CHECKPOINTS_DIR = "_checkpoints"
@@ -64,6 +64,7 @@ class FinetuneSettings(StageConfig):
     min_usable_share: float = Field(0.0, ge=0.0, le=1.0, description="fail when fewer than this share of "
                                     "the rows are usable (bad rows are skipped and listed in "
                                     "_skipped.jsonl; with no usable row the stage always fails)")
+    node_resources: NodeResources = Field(default_factory=dict, description=NODE_RESOURCES_DESCRIPTION)
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per Ray Train worker")
     overwrite: bool = Field(False, description="redo a complete output and drop its checkpoints")
     loss: Literal["ce", "fkl", "rkl", "jsd", "tvd"] = Field(

@@ -12,9 +12,11 @@ log = logging.getLogger(__name__)
 
 
 def fit(config: FinetuneConfig, cfg: dict, files: list[str], callbacks: list | None):
-    from sd2_ray.runtime import ensure_ray
+    from sd2_ray.runtime import ensure_ray, require_reachable
 
     ensure_ray()
+    require_reachable(config.output)
+    require_reachable(config.checkpoint_root(), "storage_path")
     dataset = build_dataset(files)
     if not config.stream_data:
         # One parallel read for the whole run: otherwise every worker re-runs the read
@@ -68,7 +70,7 @@ def build_trainer(config: FinetuneConfig, cfg: dict, dataset, callbacks: list | 
     return TorchTrainer(
         train_loop, train_loop_config=cfg,
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
-                                     resources_per_worker={"CPU": config.cpus_per_worker}),
+                                     resources_per_worker={"CPU": config.cpus_per_worker, **config.node_resources}),
         torch_config=TorchConfig(backend=config.process_group_backend()),
         datasets={"train": dataset},
         # Not split: every worker streams the same seeded order and keeps its slice of each

@@ -24,7 +24,7 @@ from sd2_ray.pipeline.config import PipelineConfig
 FINETUNED = {"dense-sd": ("base", "response"), "layer-pruned-sd": ("layers", "response"),
              "sd2": ("sd2", "response"), "sd2-kd": ("sd2", "response"), "sparse-sft": ("sd2", "reference")}
 # layer baseline settings taken from the prune section unless layer_prune sets them
-INHERITED_PLACEMENT = ("device", "num_gpus", "num_cpus", "trust_remote_code")
+INHERITED_PLACEMENT = ("device", "num_gpus", "num_cpus", "node_resources", "trust_remote_code")
 STAGES = ("distill", "prune", "layer_prune", "finetune", "eval", "serve", "tune")
 
 
@@ -136,7 +136,7 @@ def stage_from_pipeline(path: str, stage: str, overrides: dict[str, Any]):
     it (the SD² drafter's), then the command line's overrides on top."""
     from sd2_ray.config import set_dotted, validate
 
-    config = PipelineConfig.load(path).with_kit_paths()
+    config = PipelineConfig.load(path).with_kit_paths().with_cluster_placement()
     built = chain(config, stage)
     if not overrides:
         return built

@@ -64,6 +64,9 @@ class PipelineConfig(StageConfig):
         None, description="Ray cluster launcher YAML or KubeRay manifest the run is planned against: "
         "`sd2 run` checks every stage's resources and per-GPU memory against its node types first "
         "(see `sd2 plan`)")
+    shared_storage: bool = Field(False, description="a local output path is on a disk every node of the "
+                                 "cluster sees (NFS, EFS); without it a local output on a cluster of several "
+                                 "nodes is refused (use s3://)")
     kit: dict[str, Any] = Field(default_factory=dict, description="model-kit overrides (kit: paths)")
     distill: DistillSettings = Field(default_factory=DistillSettings, description="sd2 distill settings")
     prune: PruneSettings = Field(default_factory=PruneSettings,
@@ -127,6 +130,28 @@ class PipelineConfig(StageConfig):
             return list(self.drafters)
         return [d for d in DRAFTERS if (d != "uag" or self.uag_drafter)
                 and (d != "sd2-kd" or self.distill.logprobs_top_k)]
+
+    def with_cluster_placement(self) -> "PipelineConfig":
+        """A copy whose stage sections ask for the node type each is meant for (the cluster file's
+        markers, e.g. gen_node for distill/eval/serve, train_node for prune/fine-tune), except
+        where a section sets node_resources itself."""
+        if not self.cluster:
+            return self
+        from sd2_ray.plan.cluster import load_node_types, stage_node_resources
+
+        types = load_node_types(self.cluster)
+
+        def placed(settings, stage: str):
+            if "node_resources" in settings.model_fields_set:
+                return settings
+            return settings.model_copy(update={"node_resources": stage_node_resources(types, stage)})
+
+        update = {name: placed(getattr(self, name), name)
+                  for name in ("distill", "prune", "layer_prune", "finetune", "eval", "serve")}
+        if self.tune is not None:  # trials prune and train on training nodes, evaluate on generation nodes
+            update["tune"] = placed(self.tune, "tune").model_copy(update={
+                "prune": placed(self.tune.prune, "prune"), "finetune": placed(self.tune.finetune, "finetune")})
+        return self.model_copy(update=update)
 
     def kit_overrides(self) -> dict[str, Any]:
         return dict(self.kit)

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from sd2_ray import manifest, storage
+from sd2_ray.config import KIT_PREFIX
 from sd2_ray.pipeline.chain import FINETUNED, chain, drafter_dir, eval_root, out, pruned_dir
 from sd2_ray.pipeline.config import PipelineConfig
 
@@ -20,9 +21,38 @@ log = logging.getLogger(__name__)
 STAGE = "run"
 
 
+INPUT_FIELDS = ("target", "drafter", "uag_drafter", "train_prompts", "eval_prompts")
+
+
+def resolved(config: PipelineConfig) -> PipelineConfig:
+    """The run's config as every node must see it: kit parts built (and, for an s3:// output,
+    published under OUTPUT/kit/ so that other nodes read them from there, not from this
+    machine's cache) and each stage placed on its node type (from the cluster file)."""
+    kit_fields = [f for f in INPUT_FIELDS if str(getattr(config, f) or "").startswith(KIT_PREFIX)]
+    config = config.with_kit_paths().with_cluster_placement()
+    if kit_fields and storage.is_s3(config.output):
+        config = config.model_copy(update={f: publish_kit_part(config, getattr(config, f)) for f in kit_fields})
+    return config
+
+
+def publish_kit_part(config: PipelineConfig, local: str) -> str:
+    """Copy one built kit part (a model dir or a prompt file) under OUTPUT/kit/<kit hash>/, once."""
+    import os
+
+    dst = out(config, "kit", os.path.basename(os.path.dirname(local)), os.path.basename(local))
+    done = dst + ".published"
+    if not storage.exists(done):
+        if os.path.isdir(local):
+            storage.copy_dir(local, dst)
+        else:
+            storage.write_bytes(dst, storage.read_bytes(local))
+        storage.write_text(done, local)
+    return dst
+
+
 class Pipeline:
     def __init__(self, config: PipelineConfig):
-        self.config = config.with_kit_paths()
+        self.config = resolved(config)
         self.timings: dict[str, float] = {}
 
     def timed(self, name: str, fn, *args, **kwargs):
@@ -33,7 +63,7 @@ class Pipeline:
         return result
 
     def run(self) -> dict[str, Any]:
-        from sd2_ray.runtime import ensure_ray
+        from sd2_ray.runtime import ensure_ray, require_reachable
 
         config = self.config
         if config.cluster:  # before anything is launched: a stage that cannot fit fails now, in one line
@@ -41,6 +71,9 @@ class Pipeline:
 
             check(config)
         ensure_ray()
+        for field in ("output", *INPUT_FIELDS):  # before anything lands on one node's disk
+            if getattr(config, field):
+                require_reachable(getattr(config, field), field, shared=config.shared_storage)
         config.save(config.output)
         manifest.start(config.output, STAGE, drafters=config.drafter_names)
         try:

@@ -4,7 +4,8 @@ GPU memory comes from the instance type (``InstanceType`` or the
 ``node.kubernetes.io/instance-type`` node selector), or from a ``gpu_memory_gb`` resource."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from typing import Any
 
 from sd2_ray.errors import ConfigError
@@ -25,9 +26,32 @@ class NodeType:
     gpus: float
     gpu_memory_gb: float
     max_workers: int
+    custom: dict[str, float] = field(default_factory=dict)  # e.g. {"gen_node": 1}
 
     def fits(self, bundle: dict[str, float]) -> bool:
         return bundle.get("CPU", 0.0) <= self.cpus and bundle.get("GPU", 0.0) <= self.gpus
+
+
+# The custom resource marking the node type each stage is meant for (clusters/aws-gpu.yaml
+# and the KubeRay manifests declare them): the target's generation nodes, the drafter's
+# training nodes. A stage asks for a small share of its marker, so it lands on such a node.
+STAGE_MARKERS = {"distill": "gen_node", "eval": "gen_node", "serve": "gen_node", "tune": "gen_node",
+                 "prune": "train_node", "layer_prune": "train_node", "finetune": "train_node"}
+MARKER_SHARE = 0.001
+STANDARD_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def stage_node_resources(types: list[NodeType], stage: str) -> dict[str, float]:
+    """The custom resources ``stage`` asks for on a cluster of ``types``: its node type's marker
+    when some type declares it, else none (any node will do)."""
+    marker = STAGE_MARKERS.get(stage)
+    if marker and any(marker in t.custom for t in types):
+        return {marker: MARKER_SHARE}
+    return {}
+
+
+def _custom(resources: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in resources.items() if k not in STANDARD_RESOURCES and k != "gpu_memory_gb"}
 
 
 def _gpu_memory(name: str, instance: str | None, resources: dict[str, Any]) -> float:
@@ -47,7 +71,8 @@ def launcher_node_types(data: dict[str, Any]) -> list[NodeType]:
         resources = spec.get("resources") or {}
         instance = (spec.get("node_config") or {}).get("InstanceType")
         out.append(NodeType(name, float(resources.get("CPU", 0)), float(resources.get("GPU", 0)),
-                            _gpu_memory(name, instance, resources), int(spec.get("max_workers", 1))))
+                            _gpu_memory(name, instance, resources), int(spec.get("max_workers", 1)),
+                            _custom(resources)))
     return out
 
 
@@ -61,9 +86,18 @@ def kuberay_node_types(data: dict[str, Any]) -> list[NodeType]:
         instance = (pod.get("nodeSelector") or {}).get("node.kubernetes.io/instance-type")
         gpus = float(limits.get("nvidia.com/gpu", 0))
         cpus = float(str(limits.get("cpu", 0)).rstrip("m") or 0)
+        custom = _custom(_start_param_resources(group))
         out.append(NodeType(group["groupName"], cpus, gpus, _gpu_memory(group["groupName"], instance, {"GPU": gpus}),
-                            int(group.get("maxReplicas", 1))))
+                            int(group.get("maxReplicas", 1)), custom))
     return out
+
+
+def _start_param_resources(group: dict[str, Any]) -> dict[str, Any]:
+    """A worker group's ``rayStartParams.resources``: JSON, itself quoted for the command line."""
+    text = str((group.get("rayStartParams") or {}).get("resources") or "").strip()
+    while text.startswith('"') and text.endswith('"'):
+        text = text[1:-1].replace('\\"', '"')
+    return json.loads(text) if text else {}
 
 
 def load_node_types(path: str) -> list[NodeType]:

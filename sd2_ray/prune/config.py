@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from sd2_ray.config import StageConfig, StoragePath
+from sd2_ray.config import NODE_RESOURCES_DESCRIPTION, NodeResources, StageConfig, StoragePath
 
 METHODS = ("sparsegpt", "wanda", "magnitude", "layers")
 UNSTRUCTURED = "unstructured"
@@ -41,6 +41,7 @@ class LayerPruneSettings(StageConfig):
     seq_len: int = Field(512, ge=8, description="calibration sequence length in tokens (longer rows are cut)")
     seed: int = Field(0, description="seed for choosing the calibration rows")
     device: str = Field("auto", description="torch device for the pruning math: auto, cpu, cuda, cuda:1")
+    node_resources: NodeResources = Field(default_factory=dict, description=NODE_RESOURCES_DESCRIPTION)
     num_gpus: float = Field(0, ge=0, description="GPUs for the Ray task (when run inside a Ray job)")
     num_cpus: float = Field(1, ge=0, description="CPUs for the Ray task (when run inside a Ray job)")
     trust_remote_code: bool = Field(False, description="let transformers run the model's own code")

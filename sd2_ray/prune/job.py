@@ -39,10 +39,11 @@ def run_prune(config: PruneConfig) -> str:
         return config.output
     from sd2_ray.runtime import in_ray_job, submit_with_gpus
 
-    if not in_ray_job() and config.num_gpus <= 0:
+    if not in_ray_job() and config.num_gpus <= 0 and not config.node_resources:
         return prune_to_output(config, executor="local")
     log.info("prune: running as a Ray task (num_gpus=%s, num_cpus=%s)", config.num_gpus, config.num_cpus)
-    return submit_with_gpus(_ray_task, config.num_gpus, config.to_dict(), num_cpus=config.num_cpus).result()
+    return submit_with_gpus(_ray_task, config.num_gpus, config.to_dict(), num_cpus=config.num_cpus,
+                            resources=config.node_resources).result()
 
 
 def _ray_task(config_dict: dict[str, Any]) -> str:

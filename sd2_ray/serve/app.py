@@ -234,6 +234,8 @@ def deployment_options(config: ServeConfig) -> dict[str, Any]:
     }
     if config.gpus_per_replica > 0:
         options["ray_actor_options"]["num_gpus"] = config.gpus_per_replica
+    if config.node_resources:
+        options["ray_actor_options"]["resources"] = dict(config.node_resources)
     autoscaling = config.autoscaling_settings()
     if autoscaling is not None:
         options["autoscaling_config"] = autoscaling

@@ -6,7 +6,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from sd2_ray.config import StageConfig, StoragePath
+from sd2_ray.config import NODE_RESOURCES_DESCRIPTION, NodeResources, StageConfig, StoragePath
 from sd2_ray.models.device import DeviceName, DtypeName
 
 API_KEY_ENV = "SD2_API_KEY"
@@ -67,6 +67,7 @@ class ServeSettings(StageConfig):
     compile: bool = Field(False, description="compile the engine's draft and verify steps (torch.compile on "
                           "CPU, CUDA graphs on GPU): faster steps after a one-off compile of 40-230 s on CPU, "
                           "worth it for long batch-1 serving, not for a short eval")
+    node_resources: NodeResources = Field(default_factory=dict, description=NODE_RESOURCES_DESCRIPTION)
     num_cpus_per_replica: float = Field(1.0, gt=0, description="CPUs reserved by each model replica")
     accelerator: Literal["gpu", "cpu"] = Field(
         "gpu", description="vllm engine: where each replica runs (decided here, never by probing the machine "

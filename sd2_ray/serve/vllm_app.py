@@ -99,8 +99,8 @@ def drafter_source(config: ServeConfig) -> tuple[str | None, dict[str, Any]]:
 def placement(config: ServeConfig) -> dict[str, Any]:
     """One replica's placement group: tensor_parallel_size GPU bundles on one node, or CPUs."""
     if config.accelerator == "cpu":
-        return {"bundles": [{"CPU": config.num_cpus_per_replica}]}
-    bundle = {"GPU": 1, "CPU": config.num_cpus_per_replica}
+        return {"bundles": [{"CPU": config.num_cpus_per_replica, **config.node_resources}]}
+    bundle = {"GPU": 1, "CPU": config.num_cpus_per_replica, **config.node_resources}
     return {"bundles": [bundle] * config.tensor_parallel_size, "strategy": "STRICT_PACK"}
 
 

@@ -6,4 +6,6 @@ imports this package.
 - :mod:`~sd2_ray.testing.serve_pairs`: a tiny chat pair with a byte-level BPE tokenizer.
 - :mod:`~sd2_ray.testing.toy`: a sparse toy drafter and distilled-style rows for fine-tuning.
 - :mod:`~sd2_ray.testing.procs`: Ray worker processes of a session (tests that SIGKILL one).
+- :mod:`~sd2_ray.testing.fake_cluster`: a multi-node Ray on this machine from a shipped cluster file
+  (Ray's fake multi-node autoscaler).
 """

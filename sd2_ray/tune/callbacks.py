@@ -44,8 +44,9 @@ class TrialReportCallback(TuneReportCallback):
         """MAL of the checkpoint's weights; a failed measurement is logged, never fatal."""
         started = time.perf_counter()
         try:
-            report = run_with_gpus(evaluate_checkpoint, self._checkpoint_eval["eval"]["gpus"], checkpoint,
-                                   self._checkpoint_eval)  # the trial process has no GPUs to give
+            eval_settings = self._checkpoint_eval["eval"]
+            report = run_with_gpus(evaluate_checkpoint, eval_settings["gpus"], checkpoint, self._checkpoint_eval,
+                                   resources=eval_settings.get("node_resources"))  # the trial process has no GPUs to give
         except Exception as err:  # the trial's training must not die of a side measurement
             log.warning("checkpoint eval at step %s failed: %s: %s", step, type(err).__name__, err)
             return {}

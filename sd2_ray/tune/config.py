@@ -7,7 +7,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sd2_ray import storage
-from sd2_ray.config import StageConfig, StoragePath
+from sd2_ray.config import NODE_RESOURCES_DESCRIPTION, NodeResources, StageConfig, StoragePath
 from sd2_ray.finetune.config import FinetuneSettings
 from sd2_ray.models.device import DeviceName, DtypeName
 from sd2_ray.prune.config import PruneSettings, pattern_text
@@ -127,6 +127,7 @@ class TuneSettings(StageConfig):
     name: str = Field("search", description="Tune experiment name under storage_path")
     trial_cpus: float = Field(0.1, gt=0, description="CPUs reserved for each trial's driver function "
                               "(it only launches the TorchTrainer; Ray rejects 0)")
+    node_resources: NodeResources = Field(default_factory=dict, description=NODE_RESOURCES_DESCRIPTION)
     trial_max_failures: int = Field(0, ge=0, description="Tune retries of a failed trial")
     num_cpus: int | None = Field(None, ge=1, description="logical CPUs of the local Ray when there is no "
                                  "cluster; default: the machine's, at least 4 (a training worker holds 1 "
@@ -186,7 +187,7 @@ class TuneSettings(StageConfig):
 
         return EvalSettings(max_new_tokens=self.eval_max_new_tokens, batch_size=self.eval_batch_size,
                             max_prompts=self.max_eval_prompts, dtype=self.eval_dtype, device=self.eval_device,
-                            device_map=self.eval_device_map, gpus=self.eval_gpus, seed=self.seed,
+                            device_map=self.eval_device_map, gpus=self.eval_gpus, seed=self.seed, node_resources=self.node_resources,
                             measure_baseline=False)
 
 

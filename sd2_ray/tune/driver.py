@@ -93,6 +93,7 @@ def run_search(config: TuneConfig) -> list[dict[str, Any]]:
     from sd2_ray.tune import cache
 
     runtime.ensure_ray(num_cpus=local_cpus(config))
+    runtime.require_reachable(config.output)
     cache_actor = cache.start(config.experiment_path)
     tuner = build_tuner(config)
     try:

@@ -121,7 +121,8 @@ def evaluate(config: TuneConfig, drafter: str) -> dict[str, Any]:
     # the trial's own process holds only CPUs (fine-tuning has its own workers); the target
     # needs GPUs just for the eval, so they are taken for that task alone
     return run_with_gpus(evaluate_pair, settings.gpus, config.target, drafter, rows,
-                         config.num_speculative_tokens, settings, progress=False)
+                         config.num_speculative_tokens, settings, progress=False,
+                         resources=settings.node_resources)
 
 
 def final_metrics(config: TuneConfig, params: dict[str, Any], report: dict[str, Any], summary: dict[str, Any],

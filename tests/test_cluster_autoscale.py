@@ -1,0 +1,121 @@
+"""The tiny job spec on an autoscaling cluster built from the shipped ``clusters/aws-gpu.yaml``
+(Ray's fake multi-node provider: the autoscaler starts raylets on this machine as nodes of the
+file's node types): submitted with ``jobs/submit.py`` as the README says, outputs under
+``s3://`` (a loopback S3 server; no stage may rely on one node's disk), the head taking no
+work. Checks that the autoscaler adds the workers the stages ask for, that each stage ran on
+the node type it is meant for (Ray's state API), that the report's MALs are what the drafters
+measure, and that idle workers go away."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.cluster]
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ("distill.limit=64 finetune.epochs=8 finetune.max_steps=48 finetune.checkpoint_every=16 "
+         "eval.max_prompts=16 eval.max_new_tokens=32 drafters=[dense,sd2] serve_smoke=false")
+# stage -> (what Ray's state API names its work, node type it must run on)
+WHERE = {"distill": ("TransformersBatchUDF", "gpu_generate"), "prune": ("_ray_task", "gpu_train"),
+         "finetune": ("RayTrainWorker", "gpu_train"), "eval": ("_drafter_task", "gpu_generate")}
+
+
+def node_type(resources: dict) -> str:
+    if resources.get("node:__internal_head__"):
+        return "head"
+    for marker, name in (("gen_node", "gpu_generate"), ("train_node", "gpu_train")):
+        if marker in resources:
+            return name
+    return "cpu_worker"
+
+
+class NodeWatch(threading.Thread):
+    """Every node seen while the job runs ({id: type}) and the live count over time: nodes that
+    the autoscaler removes later are still named."""
+
+    def __init__(self, address: str):
+        super().__init__(daemon=True)
+        self.address, self.types, self.timeline, self.done = address, {}, [], threading.Event()
+
+    def run(self) -> None:
+        import ray
+
+        began = time.monotonic()
+        while not self.done.is_set():
+            alive = [n for n in ray.nodes() if n["Alive"]]
+            for n in alive:
+                self.types.setdefault(n["NodeID"], node_type(n["Resources"]))
+            self.timeline.append((round(time.monotonic() - began, 1), sorted(self.types[n["NodeID"]] for n in alive)))
+            self.done.wait(1.0)
+
+
+def stage_nodes(dashboard: str) -> dict[str, set[str]]:
+    """{stage: node ids its work ran on}, from the tasks and actors Ray's state API recorded."""
+    from ray.util.state import list_actors, list_tasks
+
+    found: dict[str, set[str]] = {stage: set() for stage in WHERE}
+    tasks = list_tasks(address=dashboard, limit=10000, raise_on_missing_output=False)
+    actors = list_actors(address=dashboard, limit=10000, raise_on_missing_output=False)
+    for stage, (name, _) in WHERE.items():
+        found[stage] |= {t.node_id for t in tasks if t.name.endswith(name) and t.node_id}
+        found[stage] |= {a.node_id for a in actors if name in (a.class_name or "") and a.node_id}
+    return found
+
+
+def test_tiny_job_spec_on_an_autoscaling_cluster_from_the_cluster_file(kit_dir, s3_bucket, s3_server, tmp_path):
+    import boto3
+    import ray
+
+    from sd2_ray.testing.fake_cluster import FakeCluster
+
+    runs = f"s3://{s3_bucket}/runs"
+    env = {"SD2_KIT_DIR": kit_dir, "SD2_RUNS_DIR": runs, "SD2_OVERRIDES": SMALL + " cluster=clusters/aws-gpu.yaml",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           **{k: os.environ[k] for k in os.environ if k.startswith("AWS_")}}
+    fake = FakeCluster.from_cluster_file(REPO / "clusters" / "aws-gpu.yaml", env=env, cpus_per_node=2,
+                                         max_workers={"cpu_worker": 1, "gpu_generate": 1, "gpu_train": 1})
+    assert fake.config["head_cpus"] == 0  # the file's rule: the head schedules nothing
+    with fake:
+        ray.init(address=fake.address)
+        watch = NodeWatch(fake.address)
+        watch.start()
+        began = time.monotonic()
+        try:
+            result = subprocess.run([sys.executable, "jobs/submit.py", "jobs/specs/tiny.yaml", "--address",
+                                     fake.dashboard, "--poll-s", "2"], cwd=REPO, capture_output=True, text=True,
+                                    timeout=1500, env={**os.environ, "RAY_ADDRESS": fake.dashboard})
+            job_s = time.monotonic() - began
+            assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+            where = stage_nodes(fake.dashboard)
+            # idle workers go away (idle_timeout 15 s); the file keeps one cpu_worker (min_workers 1)
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline:
+                if not {"gpu_generate", "gpu_train"} & set(watch.timeline[-1][1]):
+                    break
+                time.sleep(2)
+        finally:
+            watch.done.set()
+            watch.join(timeout=5)
+            ray.shutdown()
+    seen = {t for _, types in watch.timeline for t in types}
+    assert {"gpu_generate", "gpu_train"} <= seen, watch.timeline[-5:]  # the autoscaler added them
+    assert not {"gpu_generate", "gpu_train"} & set(watch.timeline[-1][1]), watch.timeline[-5:]  # and removed them
+    for stage, (_, wanted) in WHERE.items():
+        assert where[stage], f"{stage}: no work found in Ray's state API"
+        assert {watch.types.get(n) for n in where[stage]} == {wanted}, (stage, where[stage], watch.types)
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    report = json.loads(s3.get_object(Bucket=s3_bucket, Key="runs/tiny/report/report.json")["Body"].read())
+    mals = {d["name"]: d["mean_accepted_length"] for d in report["drafters"]}
+    assert set(mals) == {"dense", "sd2"} and mals["sd2"] > mals["dense"]
+    for name in mals:  # the report holds what each drafter's own eval measured
+        saved = json.loads(s3.get_object(Bucket=s3_bucket, Key=f"runs/tiny/eval/{name}/report.json")["Body"].read())
+        assert saved["mean_accepted_length"] == mals[name]
+    listed = s3.list_objects_v2(Bucket=s3_bucket, Prefix="runs/tiny/kit/")
+    assert listed.get("KeyCount", 0) > 0  # the kit parts other nodes read were published there
+    print(f"autoscaled tiny job: {job_s:.0f} s, MALs {mals}, nodes over time {watch.timeline[::15]}")

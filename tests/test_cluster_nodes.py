@@ -1,0 +1,232 @@
+"""Multi-node behaviour on this machine with Ray's own tool, ``ray.cluster_utils.Cluster``: a head
+that takes no work, worker nodes that carry the cluster file's node-type markers, and a node
+lost on cue (its raylet and workers SIGKILLed, as a reclaimed spot instance would be).
+
+- placement: each stage's tasks/actors land on the node type its ``node_resources`` names;
+- a local output path on a cluster of several nodes is refused in one line;
+- distill: a generation node lost mid-run, every prompt id in the output exactly once;
+- eval: a drafter's eval task lost with its node is retried elsewhere, same report.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import pytest
+
+from sd2_ray import storage
+
+pytestmark = [pytest.mark.ray, pytest.mark.cluster]
+GEN = {"gen_node": 0.001}
+
+
+@pytest.fixture
+def cluster(monkeypatch):
+    """Head with no CPU (it schedules nothing), nodes added by the test; ``ensure_ray`` joins it."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    made = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 80 * 2**20})
+    monkeypatch.setenv("RAY_ADDRESS", made.address)
+    yield made
+    ray.shutdown()
+    made.shutdown()
+
+
+def add_gen_node(cluster, cpus: int = 1):
+    return cluster.add_node(num_cpus=cpus, resources={"gen_node": 1}, object_store_memory=80 * 2**20)
+
+
+def node_of_actor(title: str) -> set[str]:
+    """Node ids of the live actors whose class name contains ``title`` (Ray's state API)."""
+    from ray.util.state import list_actors
+
+    return {a.node_id for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+            if title in (a.class_name or "")}
+
+
+def write_jsonl(path, rows) -> str:
+    storage.write_text(str(path), "".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_local_output_on_a_cluster_of_several_nodes_is_refused(cluster, tmp_path):
+    """A local path would land on whichever node wrote it: one line naming the field; s3:// and a
+    declared shared disk pass."""
+    import ray
+
+    from sd2_ray.errors import ConfigError
+    from sd2_ray.runtime import ensure_ray, require_reachable
+
+    add_gen_node(cluster)
+    ensure_ray()
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+    with pytest.raises(ConfigError) as err:
+        require_reachable(str(tmp_path / "out"))
+    assert "field 'output'" in str(err.value) and "s3://" in str(err.value)
+    assert len(str(err.value).splitlines()) == 1
+    require_reachable("s3://bucket/run")
+    require_reachable(str(tmp_path / "out"), shared=True)
+
+
+def test_distill_loses_a_generation_node_and_writes_every_id_once(cluster, kit_dir, tmp_path):
+    """Two generation nodes, one engine actor each; one node is SIGKILLed after the first shard
+    is recorded and a replacement joins. The run finishes without a rerun, every prompt id
+    exactly once, and every engine actor ran on a generation node."""
+    import ray
+
+    from sd2_ray.distill import core
+    from sd2_ray.distill.config import DistillConfig
+    from sd2_ray.distill.job import main
+    from sd2_ray.kit import kit_paths
+    from sd2_ray.rows import read_rows
+    from sd2_ray.runtime import ensure_ray
+
+    nodes = [add_gen_node(cluster), add_gen_node(cluster)]
+    ensure_ray()
+    gen_ids = {n.node_id for n in nodes}
+    rows = read_rows(kit_paths(kit_dir)["train_prompts"])[:32]
+    out = str(tmp_path / "out")
+    config = DistillConfig(target=os.path.join(kit_dir, "target"), prompts=write_jsonl(tmp_path / "p.jsonl", rows),
+                           output=out, actors=2, batch_size=2, shard_size=4, max_new_tokens=32,
+                           node_resources=GEN, max_restarts=4)
+    records = os.path.join(out, core.RECORDS_DIR)
+    seen: dict = {"actor_nodes": set()}
+    finished = threading.Event()
+
+    def lose_a_node() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline and not finished.is_set():
+            on = node_of_actor("TransformersBatchUDF")
+            seen["actor_nodes"] |= on
+            if "lost" not in seen and len(on) >= 2 and os.path.isdir(records) and os.listdir(records):
+                seen["shards_before"] = len(os.listdir(records))
+                victim = next(n for n in nodes if n.node_id in on)
+                began = time.monotonic()
+                cluster.remove_node(victim, allow_graceful=False)  # SIGKILL: raylet and workers
+                seen["lost"] = victim.node_id
+                gen_ids.add(add_gen_node(cluster).node_id)  # the autoscaler's replacement
+                seen["replaced_s"] = time.monotonic() - began
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=lose_a_node, daemon=True)
+    began = time.monotonic()
+    killer.start()
+    try:
+        final = main(config)
+    finally:
+        finished.set()
+        killer.join(timeout=10)
+    assert "lost" in seen, "no node was lost"
+    assert seen["shards_before"] < 8, "the loss came after the last shard: nothing was interrupted"
+    assert final["status"] == "complete" and final["totals"]["rows_out"] == len(rows)
+    ids = [r["id"] for r in core.read_distilled(out, include_failed=True)]
+    assert ids == [r["id"] for r in rows]  # every id once, in input order
+    assert seen["actor_nodes"] and seen["actor_nodes"] <= gen_ids  # engines only on generation nodes
+    print(f"distill with a lost node: {time.monotonic() - began:.1f} s, "
+          f"{seen['shards_before']} of 8 shards recorded before the loss")
+    assert ray.is_initialized()
+
+
+def test_eval_task_lost_with_its_node_is_retried_with_the_same_report(cluster, kit_dir, tmp_path):
+    """The pipeline's eval fan-out on generation nodes: the node running a drafter's eval task is
+    SIGKILLed mid-task and a replacement joins; Ray retries the task and the report equals the
+    one measured without a failure."""
+    from sd2_ray.evaluate.config import EvalConfig
+    from sd2_ray.evaluate.fanout import evaluate_drafters
+    from sd2_ray.kit import kit_paths
+    from sd2_ray.runtime import ensure_ray
+
+    nodes = [add_gen_node(cluster)]
+    ensure_ray()
+    paths = kit_paths(kit_dir)
+
+    def configs(root: str) -> dict[str, EvalConfig]:
+        return {"dense": EvalConfig(target=paths["target"], drafter=paths["drafter"], prompts=paths["eval_prompts"],
+                                    output=f"{root}/dense/report.json", num_speculative_tokens=4, max_prompts=8,
+                                    max_new_tokens=24, batch_size=4, node_resources=GEN, measure_baseline=False)}
+
+    clean = evaluate_drafters(configs(str(tmp_path / "clean")), str(tmp_path / "clean"))["dense"]
+    lost: dict = {}
+    finished = threading.Event()
+
+    def lose_the_eval_node() -> None:
+        from ray.util.state import list_tasks
+
+        deadline = time.time() + 300
+        while time.time() < deadline and not finished.is_set() and "node" not in lost:
+            running = [t for t in list_tasks(filters=[("state", "=", "RUNNING")], limit=1000)
+                       if t.name.endswith("_drafter_task")]
+            if running:
+                time.sleep(1.0)  # mid-task
+                victim = next(n for n in nodes if n.node_id == running[0].node_id)
+                cluster.remove_node(victim, allow_graceful=False)
+                lost["node"] = victim.node_id
+                lost["at"] = time.monotonic()
+                add_gen_node(cluster)
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=lose_the_eval_node, daemon=True)
+    killer.start()
+    try:
+        report = evaluate_drafters(configs(str(tmp_path / "lost")), str(tmp_path / "lost"))["dense"]
+    finally:
+        finished.set()
+        killer.join(timeout=10)
+    assert "node" in lost, "no node was lost"
+    print(f"eval recovered {time.monotonic() - lost['at']:.1f} s after the node loss")
+    for key in ("mean_accepted_length", "per_position_acceptance", "drafter_macs_per_token", "num_prompts"):
+        assert report[key] == clean[key], key
+
+
+REPO_CLUSTER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "clusters", "aws-gpu.yaml")
+
+
+def test_fake_cluster_config_mirrors_the_shipped_cluster_file():
+    """Same worker node-type names, bounds, GPUs and custom resources; CPUs scaled down; the
+    head (Ray's fake provider calls it ray.head.default) still takes no work."""
+    import yaml
+
+    from sd2_ray.testing.fake_cluster import FAKE_HEAD_TYPE, fake_cluster_config
+
+    shipped = yaml.safe_load(open(REPO_CLUSTER))
+    fake = fake_cluster_config(REPO_CLUSTER, gcs_port=6390, cpus_per_node=2)
+    workers = {k: v for k, v in shipped["available_node_types"].items() if k != shipped["head_node_type"]}
+    assert set(fake["available_node_types"]) == set(workers) | {FAKE_HEAD_TYPE}
+    for name, spec in workers.items():
+        made = fake["available_node_types"][name]
+        assert (made["min_workers"], made["max_workers"]) == (spec.get("min_workers", 0), spec["max_workers"])
+        for key, value in spec["resources"].items():
+            assert made["resources"][key] == (min(value, 2) if key == "CPU" else value), (name, key)
+    assert fake["head_cpus"] == shipped["available_node_types"][shipped["head_node_type"]]["resources"]["CPU"] == 0
+    assert fake["provider"]["gcs_address"] == "127.0.0.1:6390"
+
+
+def test_each_stage_asks_for_its_node_type_from_the_cluster_file(tmp_path):
+    """distill/eval/serve on generation nodes, prune/layer baseline/fine-tune (and a search's
+    trials) on training nodes; a section that sets node_resources keeps it; no cluster file,
+    no constraint."""
+    from sd2_ray.config import validate
+    from sd2_ray.pipeline.chain import chain
+    from sd2_ray.pipeline.config import PipelineConfig
+
+    base = {"output": str(tmp_path), "target": str(tmp_path), "drafter": str(tmp_path),
+            "train_prompts": str(tmp_path), "eval_prompts": str(tmp_path),
+            "tune": {"search_space": {"sparsity": [0.5], "lr": [1e-3]}}}
+    config = validate(PipelineConfig, {**base, "cluster": REPO_CLUSTER,
+                                       "serve": {"node_resources": {"serve_node": 1}}}, source="t")
+    placed = config.with_cluster_placement()
+    train = {"train_node": 0.001}
+    assert chain(placed, "distill").node_resources == GEN and chain(placed, "eval").node_resources == GEN
+    assert chain(placed, "prune").node_resources == train and chain(placed, "finetune").node_resources == train
+    assert chain(placed, "layer_prune", drop_layers=1).node_resources == train
+    assert chain(placed, "serve").node_resources == {"serve_node": 1}
+    tune = chain(placed, "tune")
+    assert tune.node_resources == GEN and tune.prune.node_resources == train and tune.finetune.node_resources == train
+    plain = validate(PipelineConfig, base, source="t").with_cluster_placement()
+    assert chain(plain, "distill").node_resources == {} and chain(plain, "finetune").node_resources == {}
