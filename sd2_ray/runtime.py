@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 import tempfile
+import time
 from typing import Any, Callable
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def local_cluster_address() -> str | None:
         return None
 
 
-def ensure_ray(num_cpus: int | None = None, attempts: int = 2):
+def ensure_ray(num_cpus: int | None = None, attempts: int = 2, dashboard: bool = False):
     """``ray.init`` once: the cluster in ``RAY_ADDRESS`` (a submitted job), else a cluster started
     by `ray start` on this machine (said so in the log), else a private local one.
 
@@ -91,7 +92,7 @@ def ensure_ray(num_cpus: int | None = None, attempts: int = 2):
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     for attempt in range(1, attempts + 1):
         try:
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
                      runtime_env=driver_runtime_env(), log_to_driver=True)
             break
         except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception for this
@@ -170,8 +171,62 @@ def run_with_gpus(fn: Callable, gpus: float, *args, resources: dict[str, float] 
     return submit_with_gpus(fn, gpus, *args, resources=resources, **kwargs).result()
 
 
+RESOURCE_WAIT_ENV = "SD2_RESOURCE_WAIT_S"
+DEFAULT_RESOURCE_WAIT_S = 1800.0  # an autoscaler brings a GPU node up in minutes, not half an hour
+
+
+def resource_wait_s() -> float:
+    """How long work may wait for a node that can hold it before the stage fails, saying so."""
+    return float(os.environ.get(RESOURCE_WAIT_ENV) or DEFAULT_RESOURCE_WAIT_S)
+
+
+def _shape(resources: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(resources.items()) if v) + "}"
+
+
+def waiting_for_resources() -> str:
+    """One line: the placement groups, tasks and actors waiting for resources now and what the
+    cluster has free, e.g. to explain a stage that waits. Tasks and actors come from Ray's state
+    API, which needs the dashboard (a private local Ray runs without one: groups only)."""
+    import ray
+    from ray.util.placement_group import placement_group_table
+
+    waits: dict[str, int] = {}
+    held = 0
+    for group in placement_group_table().values():
+        if group["state"] == "PENDING":
+            key = "placement group " + "+".join(_shape(b) for b in group["bundles"].values())
+            waits[key] = waits.get(key, 0) + 1
+        elif group["state"] == "CREATED":
+            held += 1
+    for key in _pending_work():
+        waits[key] = waits.get(key, 0) + 1
+    free = {k: v for k, v in ray.available_resources().items()
+            if not k.startswith(("node:", "bundle_group_")) and k not in ("memory", "object_store_memory")}
+    pending = "; ".join(f"{n} x {k}" for k, n in waits.items()) or "nothing pending"
+    return f"waiting: {pending}; free: {_shape(free)}; placement groups held: {held}"
+
+
+def _pending_work() -> list[str]:
+    import ray
+    from ray.util.state import list_actors, list_tasks
+
+    address = ray.get_runtime_context().gcs_address  # not "auto": other Ray sessions may run here
+    try:
+        tasks = list_tasks(address=address, filters=[("state", "=", "PENDING_NODE_ASSIGNMENT")], detail=True,
+                           limit=1000, raise_on_missing_output=False, timeout=10)
+        actors = list_actors(address=address, filters=[("state", "=", "PENDING_CREATION")], detail=True,
+                             limit=1000, raise_on_missing_output=False, timeout=10)
+    except Exception:  # noqa: BLE001 - no dashboard (a private local Ray): the groups say enough
+        return []
+    return ([f"task {t.name} {_shape(t.required_resources or {})}" for t in tasks]
+            + [f"actor {a.class_name} {_shape(a.required_resources or {})}" for a in actors])
+
+
 class RemoteResult:
-    """A submitted task; ``result()`` waits and raises the task's own error, unwrapped."""
+    """A submitted task; ``result()`` waits and raises the task's own error, unwrapped. A task
+    that no node can take for ``resource_wait_s()`` (none fits, none is added) fails in one line
+    naming what it asked for, instead of waiting silently."""
 
     def __init__(self, ref):
         self.ref = ref
@@ -179,10 +234,31 @@ class RemoteResult:
     def result(self):
         import ray
 
+        began = time.monotonic()
+        while not ray.wait([self.ref], timeout=5.0)[0]:
+            if time.monotonic() - began > resource_wait_s() and self._unscheduled():
+                from sd2_ray.errors import Sd2Error
+
+                raise Sd2Error(f"no node could take a task for {time.monotonic() - began:.0f} s "
+                               f"({waiting_for_resources()}); add nodes of the type it asks for, lower "
+                               f"its resources, or raise {RESOURCE_WAIT_ENV}")
         try:
             return ray.get(self.ref)
         except ray.exceptions.RayTaskError as err:
             raise unwrap_remote_error(err) from None
+
+    def _unscheduled(self) -> bool:
+        """True only when Ray's state API says the task still waits for a node (a running task,
+        however long, is never failed; without the state API nothing is)."""
+        import ray
+        from ray.util.state import get_task
+
+        try:
+            task = get_task(self.ref.task_id().hex(), address=ray.get_runtime_context().gcs_address, timeout=10)
+        except Exception:  # noqa: BLE001 - no dashboard: unknown, keep waiting
+            return False
+        states = [t.state for t in (task if isinstance(task, list) else [task]) if t is not None]
+        return bool(states) and all(s == "PENDING_NODE_ASSIGNMENT" for s in states)
 
 
 def submit_with_gpus(fn: Callable, gpus: float, *args, num_cpus: float = 1,

@@ -23,6 +23,7 @@ ADAPTERS = {
     "tune/cache.py": "a Ray actor serialising pruning per cache key",
     "tune/callbacks.py": "Ray Train -> Ray Tune reports",
     "tune/driver.py": "Ray Tune Tuner + ASHA",
+    "tune/orphans.py": "a Tune callback removing placement groups a stopped trial left",
     "tune/trial.py": "one Ray Tune trial",
     "testing/procs.py": "test helper: Ray worker processes of a session",
 }

@@ -129,6 +129,13 @@ class TuneSettings(StageConfig):
                               "(it only launches the TorchTrainer; Ray rejects 0)")
     node_resources: NodeResources = Field(default_factory=dict, description=NODE_RESOURCES_DESCRIPTION)
     trial_max_failures: int = Field(0, ge=0, description="Tune retries of a failed trial")
+    stall_timeout_s: Optional[float] = Field(
+        None, gt=0, description="fail the search, naming what waits for which resources, when no trial has "
+        "reported for this long (a trial that cannot get its CPUs/GPUs would otherwise wait silently); "
+        "default: $SD2_RESOURCE_WAIT_S or 1800")
+    stop_grace_s: float = Field(30.0, gt=0, description="how long a trial ASHA stopped may take to exit "
+                                "before it is killed, which releases its TorchTrainer's workers and "
+                                "placement group (Tune's own default is 600 s)")
     num_cpus: int | None = Field(None, ge=1, description="logical CPUs of the local Ray when there is no "
                                  "cluster; default: the machine's, at least 4 (a training worker holds 1 "
                                  "and Ray Data's read tasks need 1 more, or the trial waits forever)")

@@ -6,9 +6,13 @@ Returns the trials as plain records (see :func:`records`) so the report code nee
 from __future__ import annotations
 
 import logging
+import os
+import time
+from contextlib import contextmanager
 from typing import Any
 
 from sd2_ray import storage
+from sd2_ray.errors import Sd2Error
 from sd2_ray.tune.config import TuneConfig
 from sd2_ray.tune.space import asha_max_t, param_space
 
@@ -54,7 +58,36 @@ def _storage(config: TuneConfig) -> tuple[Any, str]:
     return (fs if storage.is_s3(config.experiment_root) else None), inner
 
 
-def build_tuner(config: TuneConfig):
+def stall_stopper(timeout_s: float):
+    """A Tune stopper that ends the search when no trial has reported for ``timeout_s``: trials
+    whose workers or data tasks cannot get resources never report, and Tune alone would wait
+    without end. Its ``stalled_s`` and ``waiting`` (what waited for which resources, taken when it
+    tripped, before the stop releases anything) tell the driver why the search ended."""
+    from ray.tune import Stopper
+
+    from sd2_ray.runtime import waiting_for_resources
+
+    class StallStopper(Stopper):
+        def __init__(self):
+            self.last = time.monotonic()
+            self.stalled_s: float | None = None
+            self.waiting = ""
+
+        def __call__(self, trial_id: str, result: dict) -> bool:
+            self.last = time.monotonic()
+            return False
+
+        def stop_all(self) -> bool:
+            quiet = time.monotonic() - self.last
+            if quiet > timeout_s and self.stalled_s is None:
+                self.stalled_s = quiet
+                self.waiting = waiting_for_resources()
+            return self.stalled_s is not None
+
+    return StallStopper()
+
+
+def build_tuner(config: TuneConfig, stopper=None, sweeper=None):
     """A fresh Tuner, or the restored one when this experiment exists and is unfinished."""
     from ray import tune
 
@@ -72,8 +105,9 @@ def build_tuner(config: TuneConfig):
         trainable(config), param_space=param_space(config),
         tune_config=tune.TuneConfig(scheduler=scheduler(config), num_samples=config.num_samples,
                                     max_concurrent_trials=config.max_concurrent),
-        run_config=tune.RunConfig(name=config.name, storage_path=root, storage_filesystem=fs,
+        run_config=tune.RunConfig(name=config.name, storage_path=root, storage_filesystem=fs, stop=stopper,
                                   failure_config=tune.FailureConfig(max_failures=config.trial_max_failures),
+                                  callbacks=[sweeper] if sweeper else None,
                                   verbose=1))
 
 
@@ -92,17 +126,44 @@ def run_search(config: TuneConfig) -> list[dict[str, Any]]:
     from sd2_ray import runtime
     from sd2_ray.tune import cache
 
-    runtime.ensure_ray(num_cpus=local_cpus(config))
+    runtime.ensure_ray(num_cpus=local_cpus(config), dashboard=True)  # the state API finds stray groups
     runtime.require_reachable(config.output)
     cache_actor = cache.start(config.experiment_path)
-    tuner = build_tuner(config)
+    from sd2_ray.tune.orphans import OrphanSweeper
+
+    stopper = stall_stopper(config.stall_timeout_s or runtime.resource_wait_s())
+    sweeper = OrphanSweeper()
+    tuner = build_tuner(config, stopper, sweeper)
     try:
-        results = tuner.fit()
+        with trial_stop_grace(config.stop_grace_s):
+            results = tuner.fit()
+        # a stopped trial's group can still come up seconds after its controller died
+        sweeper.final_sweeps(window_s=20.0 if stopper.stalled_s is not None else 6.0)
+        if stopper.stalled_s is not None:
+            raise Sd2Error(f"tune: no trial reported for {stopper.stalled_s:.0f} s "
+                           f"({stopper.waiting}); the search stopped, rerun to resume it "
+                           f"(field 'stall_timeout_s')")
     finally:
         import ray
 
         ray.kill(cache_actor)
     return records(results)
+
+
+@contextmanager
+def trial_stop_grace(seconds: float):
+    """Tune kills a stopping trial's actor only after $TUNE_FORCE_TRIAL_CLEANUP_S (600 s by
+    default); until then a trial ASHA stopped keeps its TorchTrainer's workers and placement
+    group, which a small cluster needs for the next trial. Read by Tune's controller in this
+    process when the search starts; put back afterwards."""
+    key = "TUNE_FORCE_TRIAL_CLEANUP_S"
+    before = os.environ.get(key)
+    os.environ[key] = before or str(int(seconds))
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
 
 
 def records(results) -> list[dict[str, Any]]:
