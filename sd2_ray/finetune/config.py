@@ -133,7 +133,7 @@ class FinetuneConfig(FinetuneSettings):
     """
 
     model: StoragePath = Field(..., description="drafter HF model dir (local or s3://), usually the prune "
-                                                "output with masks.safetensors / sparsity.json")
+                                                "output with masks/masks.safetensors / sparsity.json")
     data: StoragePath = Field(..., description="distilled rows: Parquet/JSONL file or directory (local or s3://)")
     output: StoragePath = Field(..., description="output dir for the fine-tuned drafter (local or s3://)")
     response_field: str = Field("response", description="column holding the training answer "

@@ -4,7 +4,7 @@
 inside a Tune function trainable and passes ``ray.tune.integration.ray_train.
 TuneReportCallback()`` so every per-step report reaches Tune). Output layout::
 
-    <output>/            HF model dir + tokenizer + masks.safetensors + sparsity.json
+    <output>/            HF model dir + tokenizer + masks/masks.safetensors + sparsity.json
                          + config.yaml + metrics.json + manifest.json (complete last)
     <storage_path>/<run_name>/step-0000050/ ... final/   Ray Train checkpoints
 
