@@ -200,3 +200,19 @@ def test_the_cross_family_config_trains_on_the_drafters_own_tokens():
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     config = PipelineConfig.load(os.path.join(here, "jobs/configs/llama70b_to_qwen_uag.yaml"))
     assert config.finetune.use_response_ids is False
+
+
+def test_the_kits_own_family_keeps_the_targets_ids_and_its_cross_family_drafter_does_not(kit_dir, tmp_path):
+    """The fingerprint tells the kit's same-family drafter (trains on the target's ids, as SD²
+    does) from its UAG drafter (another tokenizer: re-tokenised text)."""
+    from sd2_ray import manifest
+    from sd2_ray.finetune.provenance import judge
+    from sd2_ray.models.io import load_tokenizer
+    from sd2_ray.models.tokens import tokenizer_identity
+
+    tok = {part: load_tokenizer(os.path.join(kit_dir, part)) for part in ("target", "drafter", "drafter-uag")}
+    data = str(tmp_path / "distilled")
+    manifest.complete(data, "distill", tokenizer=tokenizer_identity(tok["target"], "kit:target"))
+    rows = [{"response_ids": [5, 6, 7], "response": "unused"}]
+    assert judge(data, rows, tok["drafter"]).same is True
+    assert judge(data, rows, tok["drafter-uag"]).same is False
