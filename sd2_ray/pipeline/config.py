@@ -35,9 +35,10 @@ KD_FIELDS = ("loss", "ce_weight", "kd_temperature", "loss_chunk_tokens", "eval_e
 
 class PipelineConfig(StageConfig):
     """The SD² pipeline: distill -> prune -> fine-tune -> eval, with the paper's baselines side by
-    side (dense, dense-sd, layer-pruned-sd, sd2, sparse-sft, uag), a report, a served-pair
-    smoke check (serve_smoke), and a Ray Tune search only when run_tune opts in. Each stage's output under `output` carries a
-    manifest; a rerun skips complete stages and resumes the first unfinished one.
+    side (dense, dense-sd, layer-pruned-sd, sd2, sparse-sft, uag), a report, a served-pair smoke
+    check (serve_smoke), and a Ray Tune search only when run_tune opts in. Each stage's output
+    under `output` carries a manifest; a rerun skips complete stages and resumes the first
+    unfinished one.
     """
 
     output: StoragePath = Field(..., description="prefix for every stage's output, local or s3://")
