@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.ray
 
 
 def test_a_worker_started_after_a_plan_check_sees_no_ds_accelerator(monkeypatch):
