@@ -86,7 +86,7 @@ def assert_sparse_and_learned(result, input_model: str, steps: int = STEPS):
     assert losses[-1] < losses[0] - 0.1
     assert result.summary["sparsity_check"]["verified"] is True
     assert manifest.is_complete(result.output)
-    for name in ("config.yaml", "metrics.json", "sparsity.json", "masks.safetensors", "tokenizer.json"):
+    for name in ("config.yaml", "metrics.json", "sparsity.json", "masks/masks.safetensors", "tokenizer.json"):
         assert storage.exists(storage.join(result.output, name)), name
 
 

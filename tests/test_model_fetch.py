@@ -167,7 +167,7 @@ def test_finetune_driver_check_fetches_masks_not_weights(tiny_model_dir, s3_buck
     storage.copy_dir(tiny_model_dir, remote)
     config = FinetuneConfig(model=remote, data=f"s3://{s3_bucket}/data.jsonl", output=str(tmp_path / "out"))
     local = check_model(config)
-    names = set(os.listdir(local))
+    names = {os.path.relpath(os.path.join(d, f), local) for d, _, files in os.walk(local) for f in files}
     assert {"config.json", MASKS_FILE, "sparsity.json"} <= names and "model.safetensors" not in names
     save_masks(tiny_model_dir, {name: torch.ones(3, 3, dtype=torch.bool)}, {"layers": {}})  # wrong shape
     storage.copy_dir(tiny_model_dir, remote)

@@ -41,7 +41,7 @@ def test_cli_sparsegpt_output_is_a_verified_sparse_model_dir(model_dir, prompts,
     code, err = run(["--model", model_dir, "--calibration", prompts, "--method", "sparsegpt",
                      "--sparsity", "0.6", "--num-samples", "8", "--seq-len", "64", "--output", out], capsys)
     assert code == 0, err
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "masks.safetensors", "sparsity.json",
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "masks/masks.safetensors", "sparsity.json",
                  "config.yaml", "manifest.json"):
         assert os.path.isfile(os.path.join(out, name)), name
     state = manifest.read(out)
@@ -106,7 +106,7 @@ def test_cli_layers_method_writes_a_smaller_model(model_dir, prompts, tmp_path, 
     assert len(report["distances"]) == 3 and len(report["dropped_blocks"]) == 1
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == 2 and len(model.model.layers) == 2
-    assert not os.path.exists(os.path.join(out, "masks.safetensors"))
+    assert not os.path.exists(os.path.join(out, "masks"))
 
 
 def test_magnitude_needs_no_calibration_and_writes_to_s3(model_dir, s3_bucket, tmp_path, capsys):
@@ -114,7 +114,7 @@ def test_magnitude_needs_no_calibration_and_writes_to_s3(model_dir, s3_bucket, t
     code, err = run(["--model", model_dir, "--method", "magnitude", "--sparsity", "0.75", "--output", out], capsys)
     assert code == 0, err
     assert manifest.is_complete(out)
-    assert storage.is_file(f"{out}/masks.safetensors") and storage.is_file(f"{out}/config.yaml")
+    assert storage.is_file(f"{out}/masks/masks.safetensors") and storage.is_file(f"{out}/config.yaml")
     report = verify_pruned(out)
     assert report["total_sparsity"] == pytest.approx(0.75, abs=1e-3)
 

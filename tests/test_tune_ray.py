@@ -110,7 +110,8 @@ def test_best_drafter_loads_and_keeps_its_sparsity(grid_run):
 
 
 def test_checkpoint_mal_reported_to_tune(grid_run):
-    """With eval_at_checkpoints, the step-2 checkpoint's MAL reached Tune's results."""
+    """With eval_at_checkpoints, the step-2 checkpoint's MAL reached Tune's results (with a later
+    report: the eval runs beside training, tagged with the step it measured)."""
     out = grid_run["out"]
     exp = os.path.join(out, "search")
     found = []
@@ -119,7 +120,7 @@ def test_checkpoint_mal_reported_to_tune(grid_run):
         if os.path.isfile(path):
             for line in open(path):
                 row = json.loads(line)
-                if row.get("step") == 2 and "mal" in row:
+                if row.get("checkpoint_step") == 2 and "mal" in row:
                     found.append(row["mal"])
     assert len(found) == 4 and all(1.0 <= m <= 5.0 for m in found)
 

@@ -3,7 +3,8 @@
 Output directory (local or s3://)::
 
     config.yaml             the resolved config
-    manifest.json           status (running -> complete, written last), counts per shard, settings
+    manifest.json           status (running -> complete, written last), counts per shard, settings,
+                            the tokenizer response_ids are in (name, vocabulary fingerprint)
     shard-00000.parquet     one per input shard (rows in input order; schema: core.output_schema)
     _shards/shard-00000.json  the shard's completion record (counts, skipped rows, fingerprint)
     _skipped.jsonl          every skipped input row with the reason
@@ -21,6 +22,7 @@ from sd2_ray import manifest, storage
 from sd2_ray.distill import core
 from sd2_ray.distill.config import DistillConfig
 from sd2_ray.errors import DataError
+from sd2_ray.models.tokens import tokenizer_identity
 from sd2_ray.rows import require_usable, write_skipped
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,8 @@ def main(config: DistillConfig) -> dict[str, Any]:
     log_too_long(skipped, max_prompt, config, context)
 
     config.save(out)
-    manifest.start(out, STAGE, **manifest_fields(config, len(rows), plan, max_prompt))
+    manifest.start(out, STAGE, **manifest_fields(config, len(rows), plan, max_prompt),
+                   tokenizer=tokenizer_identity(tokenizer, config.target))
     started = time.time()
     try:
         run_pending(plan, requests, skipped, eos_ids, config, context)

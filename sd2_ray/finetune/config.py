@@ -79,9 +79,12 @@ class FinetuneSettings(StageConfig):
     loss_chunk_tokens: int = Field(1024, ge=1, description="positions whose LM-head logits exist at once while "
                                    "computing the loss (the fp32 full-vocabulary tensors of a whole batch are "
                                    "never held)")
-    use_response_ids: bool = Field(
-        True, description="train on the target's own token ids (column response_ids) when rows have them, "
-        "instead of re-tokenising the response text; needs the target's tokenizer (false for another family)")
+    use_response_ids: Optional[bool] = Field(
+        None, description="train on the target's own token ids (column response_ids) instead of re-tokenising "
+        "the response text: true = always (a drafter whose tokenizer is not the one the ids were written "
+        "with is refused); false = never; unset = when the drafter has that tokenizer (the distill "
+        "manifest names it; rows without a manifest: when the drafter decodes the ids back to the "
+        "response), else the text in the drafter's own tokens")
     eval_every: int | None = Field(
         None, ge=1, description="every N optimizer steps, score held-out rows teacher-forced: loss, acceptance "
         "alpha and expected MAL at num_speculative_tokens (sd2_ray/finetune/acceptance.py); none = off")
@@ -131,7 +134,7 @@ class FinetuneConfig(FinetuneSettings):
     """
 
     model: StoragePath = Field(..., description="drafter HF model dir (local or s3://), usually the prune "
-                                                "output with masks.safetensors / sparsity.json")
+                                                "output with masks/masks.safetensors / sparsity.json")
     data: StoragePath = Field(..., description="distilled rows: Parquet/JSONL file or directory (local or s3://)")
     output: StoragePath = Field(..., description="output dir for the fine-tuned drafter (local or s3://)")
     response_field: str = Field("response", description="column holding the training answer "
@@ -150,23 +153,28 @@ class FinetuneConfig(FinetuneSettings):
         return storage.join(self.checkpoint_root(), self.checkpoint_run_name())
 
 
+def topk_needs(config: FinetuneSettings) -> list[tuple[str, str]]:
+    """(field, what) for every setting that reads the target's stored top-k distribution."""
+    needs = []
+    if config.loss != "ce":
+        needs.append(("loss", f"loss {config.loss}"))
+    if config.select_by == "expected_mal":
+        needs.append(("select_by", "select_by expected_mal"))
+    return needs
+
+
 def check_loss_data(config: FinetuneConfig, columns: Iterable[str]) -> None:
     """Raise a one-line ConfigError naming the field when the configured loss or checkpoint
     selection cannot run on data with these columns (e.g. the Parquet schema's names): called
     before training starts, so a mismatch never surfaces mid-run."""
     have = set(columns)
     missing = [c for c in TOPK_COLUMNS if c not in have]
-    needs = []
-    if config.loss != "ce":
-        needs.append(("loss", f"loss {config.loss}"))
-    if config.select_by == "expected_mal":
-        needs.append(("select_by", "select_by expected_mal"))
-    for field, what in needs:
+    for field, what in topk_needs(config):
         if missing:
             raise ConfigError(f"field '{field}': {what} needs the target's top-k log-probs, but the data "
                               f"has no column {', '.join(missing)} (distil with logprobs_top_k > 0)")
-        if not config.use_response_ids:
-            raise ConfigError(f"field 'use_response_ids': {what} needs it true (the top-k are aligned "
+        if config.use_response_ids is False:
+            raise ConfigError(f"field 'use_response_ids': {what} needs it true or unset (the top-k are aligned "
                               "with the target's token ids)")
         if config.response_field != "response":
             raise ConfigError(f"field 'response_field': {what} needs 'response' (the top-k belong to the "

@@ -4,7 +4,7 @@
 inside a Tune function trainable and passes ``ray.tune.integration.ray_train.
 TuneReportCallback()`` so every per-step report reaches Tune). Output layout::
 
-    <output>/            HF model dir + tokenizer + masks.safetensors + sparsity.json
+    <output>/            HF model dir + tokenizer + masks/masks.safetensors + sparsity.json
                          + config.yaml + metrics.json + manifest.json (complete last)
     <storage_path>/<run_name>/step-0000050/ ... final/   Ray Train checkpoints
 
@@ -24,6 +24,7 @@ from sd2_ray.errors import ConfigError, DataError
 from sd2_ray.finetune.config import FinetuneConfig, check_loss_data
 from sd2_ray.finetune.data import row_error
 from sd2_ray.finetune.checkpoint import FINAL_CHECKPOINT, MODEL_SUBDIR
+from sd2_ray.finetune.provenance import drafter_tokenizer, use_response_ids
 from sd2_ray.finetune.step import STATE_FILE, fill_deepspeed_config, zero_template
 from sd2_ray.rows import SKIPPED_FILE, require_usable, skip_record, write_skipped
 
@@ -81,12 +82,14 @@ class PreparedData:
     rows: int  # training rows
     eval_file: str | None = None  # held-out rows (eval_every), never trained on
     eval_rows: int = 0
+    use_ids: bool = False  # train on response_ids (they are in the drafter's tokenizer)
 
 
 def prepare_data(config: FinetuneConfig) -> PreparedData:
     """Every row is checked on the driver; rows that cannot be trained on (no instruction, no
     answer, unreadable JSONL lines) are skipped and listed in ``<output>/_skipped.jsonl``. The
-    configured loss is checked against the columns the rows carry before anything is written.
+    configured loss is checked against the columns the rows carry before anything is written,
+    and so is whose tokenizer their ``response_ids`` are in (:mod:`sd2_ray.finetune.provenance`).
     With ``eval_every`` the last ``eval_rows`` usable rows (file order) are held out. When rows
     were skipped or held out, or the data is JSONL, the training rows are staged once as
     Parquet under ``<output>/_data`` so every worker reads exactly them."""
@@ -110,6 +113,7 @@ def prepare_data(config: FinetuneConfig) -> PreparedData:
             else:
                 rows.append(row)
     check_loss_data(config, {key for row in rows for key, value in row.items() if value is not None})
+    use_ids = use_response_ids(config, rows, drafter_tokenizer(config))
     write_skipped(storage.join(config.output, SKIPPED_FILE), skipped)
     require_usable(config.data, len(rows), skipped, config.min_usable_share)
     if skipped:
@@ -125,9 +129,9 @@ def prepare_data(config: FinetuneConfig) -> PreparedData:
     if skipped or held or schema is None:
         files = [stage_rows(rows, storage.join(config.output, STAGED_DATA, "train.parquet"), schema)]
     if not held:
-        return PreparedData(files, len(rows))
+        return PreparedData(files, len(rows), use_ids=use_ids)
     eval_file = stage_rows(held, storage.join(config.output, STAGED_DATA, "eval.parquet"), schema)
-    return PreparedData(files, len(rows), eval_file, len(held))
+    return PreparedData(files, len(rows), eval_file, len(held), use_ids)
 
 
 def _unified(schemas: list):
@@ -170,7 +174,8 @@ def deepspeed_template(config: FinetuneConfig) -> dict:
 
 # ---------------------------------------------------------------- the run
 
-def loop_config(config: FinetuneConfig, steps: int, eval_file: str | None = None) -> dict[str, Any]:
+def loop_config(config: FinetuneConfig, steps: int, eval_file: str | None = None,
+                use_ids: bool = False) -> dict[str, Any]:
     """Everything a worker needs, as plain data (shipped to every worker by Ray Train)."""
     ds = fill_deepspeed_config(
         deepspeed_template(config), zero_stage=config.zero_stage, batch_size=config.batch_size,
@@ -181,9 +186,10 @@ def loop_config(config: FinetuneConfig, steps: int, eval_file: str | None = None
             "epochs", "warmup_steps", "scheduler", "min_lr_ratio", "lr", "weight_decay", "optimizer",
             "checkpoint_every", "report_every", "report_interval_s", "enforce_masks", "cpus_per_worker",
             "use_gpu", "gradient_checkpointing", "loss", "ce_weight", "kd_temperature", "loss_chunk_tokens",
-            "use_response_ids", "eval_every", "select_by", "num_speculative_tokens")
+            "eval_every", "select_by", "num_speculative_tokens")
     cfg = {k: getattr(config, k) for k in keys}
     cfg["eval_data"] = eval_file
+    cfg["use_response_ids"] = use_ids  # decided on the driver, against the data's tokenizer
     from sd2_ray.runtime import worker_env
 
     # S3 endpoint/credentials, offline hub, extension cache: set in workers that lack them
@@ -217,7 +223,7 @@ def run_finetune(config: FinetuneConfig, callbacks: list | None = None) -> Finet
     local_model = check_model_and_masks(config)
     data = prepare_data(config)
     steps = total_steps(config, data.rows)
-    cfg = loop_config(config, steps, data.eval_file)  # before any output: a bad DeepSpeed JSON fails here
+    cfg = loop_config(config, steps, data.eval_file, data.use_ids)  # before any output: a bad DeepSpeed JSON fails here
     manifest.start(config.output, STAGE, model=config.model, data=config.data, rows=data.rows,
                    eval_rows=data.eval_rows, total_steps=steps, checkpoints=config.checkpoint_run_dir())
     config.save(config.output)

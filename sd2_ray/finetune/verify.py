@@ -70,7 +70,7 @@ def _write_masks(output: str, input_local: str, masks: dict, layer_sparsity: dic
         from safetensors.torch import save_file
 
         with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, MASKS_FILE)
+            path = os.path.join(tmp, "masks.safetensors")
             save_file({k: v.contiguous() for k, v in masks.items()}, path)
             with open(path, "rb") as f:
                 storage.write_bytes(storage.join(output, MASKS_FILE), f.read())

@@ -26,9 +26,8 @@ def check_model_dir(path: str) -> None:
     weights; reads the file listing and each weight file's header (a few KB), never the weights."""
     if not storage.is_dir(path):
         raise DataError(f"{path}: model directory not found")
-    files = storage.list_files(path)
-    _check_names(path, {storage.basename(f) for f in files})
-    for file in files:
+    _check_names(path, {storage.basename(f) for f in storage.list_files(path)})
+    for file in storage.list_files(path, recursive=True):  # the weights, and the masks below them
         if file.endswith(WEIGHT_SUFFIXES):
             check_safetensors(file)
 

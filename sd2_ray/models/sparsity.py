@@ -1,13 +1,15 @@
 """Sparsity masks: the contract between pruning, fine-tuning, eval and serving.
 
-A sparse model directory holds its weights with zeros in place, ``masks.safetensors`` (bool
-mask per pruned weight, ``True`` = kept) and ``sparsity.json``::
+A sparse model directory holds its weights with zeros in place, ``masks/masks.safetensors``
+(bool mask per pruned weight, ``True`` = kept) and ``sparsity.json``::
 
     {"method": "sparsegpt", "pattern": "unstructured" | "2:4", "target_sparsity": 0.5,
      "total_sparsity": 0.5, "layers": {"model.layers.0.self_attn.q_proj": {"sparsity": 0.5, ...}},
      "calibration": {...}}
 
-Masks are derivable from zeros when ``masks.safetensors`` is missing.
+Masks are derivable from zeros when the masks file is missing. It sits in a subdirectory because
+the model dir is what vLLM serves: with no index file vLLM loads every top-level ``*.safetensors``
+as weights, and the masks bear their weights' names.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import torch
 
 from sd2_ray.errors import DataError
 
-MASKS_FILE = "masks.safetensors"
+MASKS_FILE = "masks/masks.safetensors"  # relative to the model dir; never at its top (see above)
 SPARSITY_FILE = "sparsity.json"
 
 
@@ -39,8 +41,9 @@ def sparsity_of(mask: torch.Tensor) -> float:
 def save_masks(out_dir: str, masks: dict[str, torch.Tensor], report: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
-    os.makedirs(out_dir, exist_ok=True)
-    save_file({k: v.to(torch.bool).contiguous() for k, v in masks.items()}, os.path.join(out_dir, MASKS_FILE))
+    path = os.path.join(out_dir, MASKS_FILE)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_file({k: v.to(torch.bool).contiguous() for k, v in masks.items()}, path)
     with open(os.path.join(out_dir, SPARSITY_FILE), "w") as f:
         json.dump(report, f, indent=2)
 
@@ -54,7 +57,7 @@ def read_report(model_dir: str) -> dict[str, Any] | None:
 
 
 def load_masks(model_dir: str, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
-    """Masks of a sparse model dir: from ``masks.safetensors``, else from the zeros of the
+    """Masks of a sparse model dir: from its masks file, else from the zeros of the
     layers named in ``sparsity.json``; empty for a dense model."""
     from safetensors.torch import load_file
 

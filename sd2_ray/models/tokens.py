@@ -28,3 +28,17 @@ def eos_token_ids(*sources: Any) -> list[int]:
             elif isinstance(value, (list, tuple)):
                 ids.update(int(v) for v in value if v is not None)
     return sorted(ids)
+
+
+def tokenizer_identity(tokenizer, name: str | None = None) -> dict[str, Any]:
+    """What makes token ids mean the same text: a SHA-256 of the vocabulary (token -> id), with
+    its size and a name for people. Two tokenizers with the same fingerprint give every id the
+    same token, so ids written with one train the other. Special-token roles are left out: a base
+    and an instruct model of one family name a different EOS over the same vocabulary."""
+    import hashlib
+    import json
+
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
+    digest = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8"))
+    label = name or getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    return {"name": str(label), "vocab_size": len(vocab), "fingerprint": digest.hexdigest()}

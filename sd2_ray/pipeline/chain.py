@@ -10,7 +10,7 @@ typed settings section, so they can never disagree about where an artifact lives
     drafters/{dense-sd,layer-pruned-sd,sd2,sd2-kd,sparse-sft}/   fine-tuned drafters (HF dirs)
     eval/target-only.json, eval/<drafter>/report.json     one eval per drafter, same prompts and K
     report/                                      report.json, report.md, plots
-    tune/                                        the search, when the config has a tune section
+    tune/                                        the search (`sd2 tune`, or `sd2 run` with run_tune)
     serve_smoke.json                             one request through the served SD² pair
 """
 from __future__ import annotations

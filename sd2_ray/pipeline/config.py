@@ -35,9 +35,10 @@ KD_FIELDS = ("loss", "ce_weight", "kd_temperature", "loss_chunk_tokens", "eval_e
 
 class PipelineConfig(StageConfig):
     """The SD² pipeline: distill -> prune -> fine-tune -> eval, with the paper's baselines side by
-    side (dense, dense-sd, layer-pruned-sd, sd2, sparse-sft, uag), a report, and optionally a
-    Ray Tune search and a served-pair smoke check. Each stage's output under `output` carries a
-    manifest; a rerun skips complete stages and resumes the first unfinished one.
+    side (dense, dense-sd, layer-pruned-sd, sd2, sparse-sft, uag), a report, a served-pair smoke
+    check (serve_smoke), and a Ray Tune search only when run_tune opts in. Each stage's output
+    under `output` carries a manifest; a rerun skips complete stages and resumes the first
+    unfinished one.
     """
 
     output: StoragePath = Field(..., description="prefix for every stage's output, local or s3://")
@@ -82,7 +83,10 @@ class PipelineConfig(StageConfig):
         "{loss: fkl, ce_weight: 1.0, eval_every: 16, select_by: expected_mal}; unset loss: jsd + ce "
         "when eval is greedy (temperature 0), fkl + ce when it samples")
     eval: EvalSettings = Field(default_factory=EvalSettings, description="sd2 eval settings")
-    tune: Optional[TuneSettings] = Field(None, description="sd2 tune settings; set to run a search too")
+    tune: Optional[TuneSettings] = Field(None, description="sd2 tune settings (`sd2 tune --config` of this "
+                                         "file; `sd2 run` runs the search only with run_tune)")
+    run_tune: bool = Field(False, description="`sd2 run` also runs the tune section's search (GPU hours: "
+                           "every trial prunes, fine-tunes and evaluates); a tune section alone does not")
     serve: ServeSettings = Field(default_factory=ServeSettings,
                                  description="sd2 serve settings (the smoke check, `sd2 serve --config`)")
 
@@ -93,6 +97,12 @@ class PipelineConfig(StageConfig):
             raise ValueError("method 'layers' is the layer baseline (its settings are the "
                              "layer_prune section); the SD² drafter needs sparsegpt, wanda or magnitude")
         return value
+
+    @model_validator(mode="after")
+    def _run_tune_needs_a_search(self) -> "PipelineConfig":
+        if self.run_tune and self.tune is None:
+            raise ValueError("run_tune: there is no tune section to run")
+        return self
 
     @model_validator(mode="after")
     def _uag_needs_its_drafter(self) -> "PipelineConfig":

@@ -1,8 +1,8 @@
 """``sd2 run``: the SD² pipeline as one job, with the paper's baselines side by side.
 
 Reads top to bottom: distill, prune (the sparse drafter and the layer baseline), fine-tune every
-drafter that needs it, evaluate all of them on the same prompts and K, search (optional),
-report, serve the SD² pair once. Every stage's config comes from :mod:`sd2_ray.pipeline.chain`
+drafter that needs it, evaluate all of them on the same prompts and K, search (only with
+``run_tune``), report, serve the SD² pair once. Every stage's config comes from :mod:`sd2_ray.pipeline.chain`
 (the one place that decides where artifacts live) and every stage skips an output whose
 manifest is complete, so rerunning after a crash resumes at the stage that failed.
 """
@@ -80,7 +80,7 @@ class Pipeline:
             self.timed("distill", self.distill)
             drafter_dirs = self.build_drafters()
             reports = self.timed("eval", self.evaluate, drafter_dirs)
-            if config.tune is not None:
+            if config.run_tune:  # opt-in: a tune section alone configures `sd2 tune --config`
                 self.timed("tune", self.tune)
             summary = self.timed("report", self.report, reports)
             if config.serve_smoke and "sd2" in drafter_dirs:

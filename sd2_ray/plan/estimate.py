@@ -42,9 +42,7 @@ class Need:
 
 def zero_states_gb(shape: ModelShape, stage: int, gpus: int, cpu_offload: bool) -> float:
     """Per-GPU bytes of parameters, gradients and Adam states under ZeRO-2/3 (DeepSpeed's estimator)."""
-    import os
-
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # an estimate: no device is touched
+    load_estimators()
     if stage == 3:
         from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
@@ -57,6 +55,26 @@ def zero_states_gb(shape: ModelShape, stage: int, gpus: int, cpu_offload: bool) 
         _, gpu = estimate_zero2_model_states_mem_needs(shape.params, num_gpus_per_node=gpus, num_nodes=1,
                                                        cpu_offload=cpu_offload)
     return gpu / GB
+
+
+def load_estimators() -> None:
+    """Import DeepSpeed's ZeRO estimators leaving ``os.environ`` as it was. A plan runs in the
+    driver before ``sd2 run`` starts Ray, and a local Ray hands the driver's environment to every
+    worker: an accelerator named here (``DS_ACCELERATOR=cpu``, once set to silence DeepSpeed's
+    detection warning) made GPU workers train on DeepSpeed's CPU accelerator. DeepSpeed's own
+    import writes a variable too (``PYTORCH_NVML_BASED_CUDA_CHECK``); it is taken back."""
+    import os
+
+    before = dict(os.environ)
+    try:
+        import deepspeed.runtime.zero.stage3  # noqa: F401
+        import deepspeed.runtime.zero.stage_1_and_2  # noqa: F401
+    finally:
+        for key in set(os.environ) - set(before):
+            del os.environ[key]
+        for key, value in before.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
 
 
 def activations_gb(shape: ModelShape, micro_batch: int, seq_len: int, checkpointing: bool) -> float:

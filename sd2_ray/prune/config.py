@@ -122,7 +122,7 @@ class PruneConfig(PruneSettings):
     N:M:           sd2 prune --model M --calibration D --method wanda --pattern 2:4 --output O
     Layer pruning: sd2 prune --model M --calibration D --method layers --drop-layers 2 --output O
 
-    The output is an HF model dir (zeros in place, tokenizer copied) with masks.safetensors and
+    The output is an HF model dir (zeros in place, tokenizer copied) with masks/masks.safetensors and
     sparsity.json (layer pruning: layer_pruning.json), config.yaml and manifest.json.
     """
 

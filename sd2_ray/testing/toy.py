@@ -45,7 +45,7 @@ def magnitude_masks(model: torch.nn.Module, sparsity: float) -> dict[str, torch.
 
 def make_sparse_drafter(out_dir: str, sparsity: float = 0.5, arch: str = "llama", seed: int = 0,
                         **model_kwargs) -> str:
-    """Save a tiny random model pruned to ``sparsity`` with masks.safetensors + sparsity.json."""
+    """Save a tiny random model pruned to ``sparsity`` with masks/masks.safetensors + sparsity.json."""
     from sd2_ray.models.sparsity import apply_masks, save_masks, sparsity_of
     from sd2_ray.models.tiny import tiny_model
 

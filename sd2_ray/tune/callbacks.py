@@ -2,7 +2,8 @@
 ASHA needs: a comparable loss every step and, where configured, MAL measured at checkpoints.
 
 Runs on the Ray Train controller (``UserCallback.after_report``), so the trial's driver
-function only starts the TorchTrainer and waits. Imports Ray at module level: only the
+function only starts the TorchTrainer and waits; checkpoint evals run beside it, never in the
+controller's way. Imports Ray at module level: only the
 trial driver imports this module.
 """
 from __future__ import annotations
@@ -23,11 +24,23 @@ class TrialReportCallback(TuneReportCallback):
     """``TuneReportCallback`` plus: ``loss`` / ``eval_loss`` made finite-or-inf and the held-out
     ``expected_mal`` (finetune.eval_every) finite-or-minus-inf (a diverged trial must lose at
     ASHA's rung, not compare as NaN), and MAL/predicted speedup measured on a few held-out
-    prompts whenever a worker reports an intermediate checkpoint (``checkpoint_eval``)."""
+    prompts of intermediate checkpoints (``checkpoint_eval``).
+
+    The controller takes every worker report through this callback, and a worker's next report
+    waits until the previous one is taken: a checkpoint eval (on GPU clusters, the target over a
+    whole node's GPUs) run here would stall training after every checkpoint. So one eval at a time
+    runs in a background thread; a checkpoint reported while it runs is not measured; its numbers
+    (with ``checkpoint_step``, the step it measured) go out with the first report after it ends;
+    the last report waits for it."""
 
     def __init__(self, checkpoint_eval: dict[str, Any] | None = None):
         super().__init__()
         self._checkpoint_eval = checkpoint_eval
+        self._pool = None  # made on the controller: a thread pool does not pickle
+        self._pending = None  # (step, future) of the eval in flight
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_pool": None, "_pending": None}
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         first = dict(metrics[0]) if metrics else {}
@@ -36,9 +49,31 @@ class TrialReportCallback(TuneReportCallback):
                 first[key] = finite_or_inf(first[key])
         if "expected_mal" in first:  # maximised: a trial whose held-out rows scored nothing loses
             first["expected_mal"] = -finite_or_inf(-first["expected_mal"])
-        if self._checkpoint_eval and checkpoint is not None and not first.get("final"):
-            first.update(self._measure(checkpoint, first.get("step")))
+        if self._checkpoint_eval:
+            final = bool(first.get("final"))
+            first.update(self._collect(wait=final))
+            if checkpoint is not None and not final:
+                self._start(checkpoint, first.get("step"))
         super().after_report(run_context, [first, *metrics[1:]], checkpoint)
+
+    def _start(self, checkpoint, step) -> None:
+        if self._pending is not None:
+            log.debug("step %s: a checkpoint eval is still running; this checkpoint is not measured", step)
+            return
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-eval")
+        self._pending = (step, self._pool.submit(self._measure, checkpoint, step))
+
+    def _collect(self, wait: bool) -> dict[str, Any]:
+        """The finished eval's metrics (waiting for it when ``wait``), else nothing."""
+        if self._pending is None or not (wait or self._pending[1].done()):
+            return {}
+        step, future = self._pending
+        self._pending = None
+        out = future.result()
+        return {**out, "checkpoint_step": step} if out else {}
 
     def _measure(self, checkpoint, step) -> dict[str, Any]:
         """MAL of the checkpoint's weights; a failed measurement is logged, never fatal."""
