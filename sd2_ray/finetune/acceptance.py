@@ -40,7 +40,8 @@ from typing import Iterable
 
 import torch
 
-from sd2_ray.finetune.losses import drafter_log_probs, labelled_positions, position_logits, target_log_probs
+from sd2_ray.finetune.losses import (chunk_starts, drafter_log_probs, labelled_positions, position_logits,
+                                    target_log_probs)
 
 SUM_KEYS = ("positions", "alpha", "alpha_upper", "mal_alpha", "greedy_accepted", "committed",
             "greedy_rounds", "alpha_rounds", "rows")
@@ -100,7 +101,7 @@ def acceptance_sums(outputs: torch.Tensor, batch: dict, num_speculative_tokens: 
     flat = outputs.reshape(-1, outputs.shape[-1])
     compare = temperature if temperature > 0 else 1.0
     greedy_parts, alpha_parts = [], []
-    for start in range(0, rows.numel(), chunk_tokens):
+    for start in chunk_starts(rows.numel(), chunk_tokens, head, flat.device):  # alike on every rank
         part = slice(start, start + chunk_tokens)
         low, high, mal, greedy = _position_stats(position_logits(flat, rows[part], head), ids[part],
                                                  lps[part], num_speculative_tokens, compare)
