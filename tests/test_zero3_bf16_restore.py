@@ -45,6 +45,8 @@ def test_restored_run_continues_exactly_where_the_uninterrupted_one_went(scenari
 def test_masks_stay_exact_and_cost_one_bit_per_weight(scenario):
     for rank in scenario["results"]:
         assert rank["masked_nonzero"] == 0
+        # counted on each rank's own partition, summed over the ranks; nothing gathered
+        assert rank["gathers_to_count"] == 0 and rank["poked_count"] == 2
         assert rank["mask_bytes"] * 8 <= rank["masked_numel"] + 8 * 64  # bit-packed (+ padding per tensor)
 
 

@@ -66,6 +66,36 @@ def _fresh_engine(cfg: dict, device):
     return engine, tokenizer, masks, loaded
 
 
+def _count_without_gathering(engine, masks: dict, poke: bool = False) -> tuple[int, int]:
+    """(masked nonzeros, ZeRO-3 gathers made to count them). With ``poke`` each rank first sets
+    one masked weight of its own partition nonzero, so the count must equal the world size."""
+    import deepspeed
+    import torch
+
+    named = dict(engine.module.lm.named_parameters())
+    if poke:
+        key = next(iter(masks))
+        param, keep = named[key], masks[key]
+        local = param.ds_tensor.view(-1)
+        start = local.numel() * torch.distributed.get_rank(group=param.ds_process_group)
+        masked = (~keep.flat(start, min(local.numel(), param.ds_numel - start))).nonzero()
+        with torch.no_grad():
+            local[int(masked[0])] = 1.0
+    original, calls = deepspeed.zero.GatheredParameters, []
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    deepspeed.zero.GatheredParameters = spy
+    try:
+        from sd2_ray.finetune import masking
+
+        return masking.count_masked_nonzero(engine.module.lm, masks), len(calls)
+    finally:
+        deepspeed.zero.GatheredParameters = original
+
+
 def restore_scenario(rank: int, world: int, cfg: dict, rows: list[dict], out: str, device: str = "cpu") -> dict:
     """Run A trains steps 1-4, saving a ZeRO checkpoint after step 2; run B is a fresh engine
     restored from it that trains steps 3-4; B then writes the gathered HF model dir to ``out``.
@@ -86,8 +116,9 @@ def restore_scenario(rank: int, world: int, cfg: dict, rows: list[dict], out: st
     restored_engine, tokenizer, masks, _ = _fresh_engine(cfg, device)
     state = session.load_state(restored_engine, checkpoint)
     restored = _steps(restored_engine, rows, tokenizer, cfg, rank, world, state.step, 4)
-    nonzero = masking.count_masked_nonzero(restored_engine.module.lm, masks)
+    nonzero, gathers = _count_without_gathering(restored_engine, masks)
     session.save_hf(restored_engine, tokenizer, os.path.join(out, "model"), rank)
-    return {"uninterrupted": uninterrupted, "restored": restored, "masked_nonzero": nonzero,
+    poked, _ = _count_without_gathering(restored_engine, masks, poke=True)
+    return {"gathers_to_count": gathers, "poked_count": poked,"uninterrupted": uninterrupted, "restored": restored, "masked_nonzero": nonzero,
             "loaded_dtype": loaded, "mask_bytes": sum(m.nbytes for m in masks.values()),
             "masked_numel": sum(m.numel() for m in masks.values()), "restored_step": state.step}
