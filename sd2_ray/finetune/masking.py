@@ -178,6 +178,9 @@ def count_masked_nonzero(model: torch.nn.Module, masks: dict[str, torch.Tensor |
 
         local = sum(_partition_stray(named[k], masks[k]) for k in partitioned)
         if dist.is_initialized():
+            # partitions offloaded to the CPU still sum over NCCL, which takes CUDA tensors only
+            nccl = "nccl" in str(dist.get_backend())
+            local = local.to(torch.device("cuda", torch.cuda.current_device()) if nccl else local.device)
             dist.all_reduce(local)
         total += int(local.item())
     return total
