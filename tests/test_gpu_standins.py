@@ -151,3 +151,18 @@ def test_search_places_its_gpu_tasks_outside_the_trials_cpu_bundles(ray_with_4_d
     assert summary["completed"] == 1 and summary["errored"] == 0, summary
     best = summary["best"]
     assert 1.0 <= best["mal"] <= 5.0
+
+
+def test_chunked_loss_agrees_its_chunk_count_on_the_engines_device(monkeypatch):
+    """Under ZeRO-3 every LM-head call gathers the head's partitioned weight (a collective), so
+    the ranks must agree how many chunks they run; the agreement is itself a collective and must
+    run on the engine's device. 614d91d agreed nothing: 2 ranks with different numbers of labelled
+    positions deadlocked in the first backward."""
+    from sd2_ray.finetune.losses import chunk_starts
+
+    head = torch.nn.Linear(4, 8, bias=False)
+    assert list(chunk_starts(5, 2, head, MetaEngine.device)) == [0, 2, 4]  # not partitioned: local count
+    head.weight.ds_id = 0  # what ZeRO-3 marks its partitioned parameters with
+    nccl_like(monkeypatch, MetaEngine.device)
+    with pytest.raises(CollectiveReached):
+        chunk_starts(5, 2, head, MetaEngine.device)
