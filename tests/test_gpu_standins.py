@@ -166,3 +166,16 @@ def test_chunked_loss_agrees_its_chunk_count_on_the_engines_device(monkeypatch):
     nccl_like(monkeypatch, MetaEngine.device)
     with pytest.raises(CollectiveReached):
         chunk_starts(5, 2, head, MetaEngine.device)
+
+
+def test_held_out_acceptance_without_top_k_still_joins_the_chunk_agreement(monkeypatch):
+    """A rank whose held-out micro-batch has no stored top-k returned before the agreement its
+    peers entered (a deadlock under ZeRO-3); it now joins it and runs the agreed empty chunks."""
+    from sd2_ray.finetune.acceptance import acceptance_sums
+
+    head = torch.nn.Linear(4, 8, bias=False)
+    head.weight.ds_id = 0
+    nccl_like(monkeypatch, MetaEngine.device)
+    hidden = torch.zeros(1, 3, 4, device=MetaEngine.device)
+    with pytest.raises(CollectiveReached):
+        acceptance_sums(hidden, {"labels": torch.zeros(1, 3, dtype=torch.long)}, 4, head=head)

@@ -93,6 +93,11 @@ def acceptance_sums(outputs: torch.Tensor, batch: dict, num_speculative_tokens: 
     ``temperature``: the serving temperature."""
     sums = dict.fromkeys(SUM_KEYS, 0.0)
     if batch.get("topk_ids") is None:
+        # no stored top-k in this rank's micro-batch: still as many (empty) LM-head calls as the
+        # ranks that have some, which gather a ZeRO-3 partitioned head collectively
+        flat, none = outputs.reshape(-1, outputs.shape[-1]), torch.zeros(0, dtype=torch.long, device=outputs.device)
+        for _ in chunk_starts(0, chunk_tokens, head, flat.device):
+            position_logits(flat, none, head)
         return sums
     labels = batch["labels"].to(outputs.device)
     pos = labelled_positions(labels, batch)
