@@ -86,8 +86,8 @@ def test_collectives_run_on_the_engines_device(monkeypatch):
 
 def test_gradient_mask_is_bit_packed_and_never_converted_per_backward():
     """A mask meets gradients of the training dtype (bf16) on its own device: it stays 1 bit per
-    weight, is unpacked per gradient, and is never copied (issue 16.4 was fp32 host->device
-    copies per step; full-size masks in the parameter's dtype cost a 3B drafter 5.6-11 GB)."""
+    weight, is unpacked per gradient, and is never copied (no host->device copy per step;
+    full-size masks in the parameter's dtype cost a 3B drafter 5.6-11 GB a GPU)."""
     keep = torch.tensor([[True, False], [False, True]])
     masker = masking._Masker(masking.PackedMask.of(keep))
     assert masker.keep.bits.dtype == torch.uint8 and masker.keep.nbytes == 1
@@ -156,8 +156,8 @@ def test_search_places_its_gpu_tasks_outside_the_trials_cpu_bundles(ray_with_4_d
 def test_chunked_loss_agrees_its_chunk_count_on_the_engines_device(monkeypatch):
     """Under ZeRO-3 every LM-head call gathers the head's partitioned weight (a collective), so
     the ranks must agree how many chunks they run; the agreement is itself a collective and must
-    run on the engine's device. 614d91d agreed nothing: 2 ranks with different numbers of labelled
-    positions deadlocked in the first backward."""
+    run on the engine's device. Without it, 2 ranks with different numbers of labelled positions
+    deadlocked in the first backward."""
     from sd2_ray.finetune.losses import chunk_starts
 
     head = torch.nn.Linear(4, 8, bias=False)
