@@ -84,15 +84,17 @@ def test_collectives_run_on_the_engines_device(monkeypatch):
         step.report_due(cfg, 3, 10, 0.0, 2, MetaEngine.device)
 
 
-def test_gradient_mask_converts_once_not_every_backward():
-    """A mask meets a gradient of another dtype (bf16 training) or device: converted once and
-    kept, not copied on every micro-step (issue 16.4: fp32 host->device copies per step)."""
+def test_gradient_mask_is_bit_packed_and_never_converted_per_backward():
+    """A mask meets gradients of the training dtype (bf16) on its own device: it stays 1 bit per
+    weight, is unpacked per gradient, and is never copied (no host->device copy per step;
+    full-size masks in the parameter's dtype cost a 3B drafter 5.6-11 GB a GPU)."""
     keep = torch.tensor([[True, False], [False, True]])
-    masker = masking._Masker(keep.to(torch.float32))
+    masker = masking._Masker(masking.PackedMask.of(keep))
+    assert masker.keep.bits.dtype == torch.uint8 and masker.keep.nbytes == 1
     for _ in range(4):
         grad = masker(torch.ones(2, 2, dtype=torch.bfloat16))
         assert grad.dtype == torch.bfloat16 and grad.tolist() == [[1.0, 0.0], [0.0, 1.0]]
-    assert masker.conversions == 1
+    assert masker.conversions == 0
 
 
 def test_masks_registered_on_a_placed_model_never_convert(tiny_llama):
@@ -101,7 +103,7 @@ def test_masks_registered_on_a_placed_model_never_convert(tiny_llama):
     masks = magnitude_masks(tiny_llama, 0.5)
     model = tiny_llama.to(torch.bfloat16).train()
     params = dict(model.named_parameters())
-    maskers = [masking._Masker(m.to(device=params[k].device, dtype=params[k].dtype)) for k, m in masks.items()]
+    maskers = [masking._Masker(masking.PackedMask.of(m, params[k].device)) for k, m in masks.items()]
     handles = [params[k].register_hook(h) for k, h in zip(masks, maskers)]
     ids = torch.randint(3, 90, (2, 12))
     for _ in range(3):
@@ -149,3 +151,31 @@ def test_search_places_its_gpu_tasks_outside_the_trials_cpu_bundles(ray_with_4_d
     assert summary["completed"] == 1 and summary["errored"] == 0, summary
     best = summary["best"]
     assert 1.0 <= best["mal"] <= 5.0
+
+
+def test_chunked_loss_agrees_its_chunk_count_on_the_engines_device(monkeypatch):
+    """Under ZeRO-3 every LM-head call gathers the head's partitioned weight (a collective), so
+    the ranks must agree how many chunks they run; the agreement is itself a collective and must
+    run on the engine's device. Without it, 2 ranks with different numbers of labelled positions
+    deadlocked in the first backward."""
+    from sd2_ray.finetune.losses import chunk_starts
+
+    head = torch.nn.Linear(4, 8, bias=False)
+    assert list(chunk_starts(5, 2, head, MetaEngine.device)) == [0, 2, 4]  # not partitioned: local count
+    head.weight.ds_id = 0  # what ZeRO-3 marks its partitioned parameters with
+    nccl_like(monkeypatch, MetaEngine.device)
+    with pytest.raises(CollectiveReached):
+        chunk_starts(5, 2, head, MetaEngine.device)
+
+
+def test_held_out_acceptance_without_top_k_still_joins_the_chunk_agreement(monkeypatch):
+    """A rank whose held-out micro-batch has no stored top-k returned before the agreement its
+    peers entered (a deadlock under ZeRO-3); it now joins it and runs the agreed empty chunks."""
+    from sd2_ray.finetune.acceptance import acceptance_sums
+
+    head = torch.nn.Linear(4, 8, bias=False)
+    head.weight.ds_id = 0
+    nccl_like(monkeypatch, MetaEngine.device)
+    hidden = torch.zeros(1, 3, 4, device=MetaEngine.device)
+    with pytest.raises(CollectiveReached):
+        acceptance_sums(hidden, {"labels": torch.zeros(1, 3, dtype=torch.long)}, 4, head=head)

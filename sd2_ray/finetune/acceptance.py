@@ -40,7 +40,8 @@ from typing import Iterable
 
 import torch
 
-from sd2_ray.finetune.losses import drafter_log_probs, labelled_positions, position_logits, target_log_probs
+from sd2_ray.finetune.losses import (chunk_starts, drafter_log_probs, labelled_positions, position_logits,
+                                    target_log_probs)
 
 SUM_KEYS = ("positions", "alpha", "alpha_upper", "mal_alpha", "greedy_accepted", "committed",
             "greedy_rounds", "alpha_rounds", "rows")
@@ -92,6 +93,11 @@ def acceptance_sums(outputs: torch.Tensor, batch: dict, num_speculative_tokens: 
     ``temperature``: the serving temperature."""
     sums = dict.fromkeys(SUM_KEYS, 0.0)
     if batch.get("topk_ids") is None:
+        # no stored top-k in this rank's micro-batch: still as many (empty) LM-head calls as the
+        # ranks that have some, which gather a ZeRO-3 partitioned head collectively
+        flat, none = outputs.reshape(-1, outputs.shape[-1]), torch.zeros(0, dtype=torch.long, device=outputs.device)
+        for _ in chunk_starts(0, chunk_tokens, head, flat.device):
+            position_logits(flat, none, head)
         return sums
     labels = batch["labels"].to(outputs.device)
     pos = labelled_positions(labels, batch)
@@ -100,7 +106,7 @@ def acceptance_sums(outputs: torch.Tensor, batch: dict, num_speculative_tokens: 
     flat = outputs.reshape(-1, outputs.shape[-1])
     compare = temperature if temperature > 0 else 1.0
     greedy_parts, alpha_parts = [], []
-    for start in range(0, rows.numel(), chunk_tokens):
+    for start in chunk_starts(rows.numel(), chunk_tokens, head, flat.device):  # alike on every rank
         part = slice(start, start + chunk_tokens)
         low, high, mal, greedy = _position_stats(position_logits(flat, rows[part], head), ids[part],
                                                  lps[part], num_speculative_tokens, compare)

@@ -163,6 +163,22 @@ def position_logits(flat: torch.Tensor, rows: torch.Tensor, head: torch.nn.Modul
     return (picked if head is None else head(picked)).float()
 
 
+def chunk_starts(count: int, chunk_tokens: int, head: torch.nn.Module | None, device: torch.device) -> range:
+    """First positions of the loss's chunks. Under ZeRO-3 every call of the LM head gathers its
+    partitioned weight (a collective, again when backward recomputes the chunk), so every rank
+    must make as many calls: a rank with fewer labelled positions runs empty chunks up to the
+    largest count of any rank (a rank that stopped early leaves the others waiting forever)."""
+    chunks = -(-count // chunk_tokens)
+    if head is not None and any(hasattr(p, "ds_id") for p in head.parameters()):
+        import torch.distributed as dist
+
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            agreed = torch.tensor([chunks], dtype=torch.int64, device=device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+            chunks = int(agreed.item())
+    return range(0, chunks * chunk_tokens, chunk_tokens)
+
+
 def _chunk_sums(flat: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, has_topk: torch.Tensor,
                 topk_ids: torch.Tensor | None, topk_logprobs: torch.Tensor | None, kind: str,
                 temperature: float, head: torch.nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,7 +212,7 @@ def loss_sum(outputs: torch.Tensor, batch: dict, spec: LossSpec, head: torch.nn.
     grad = torch.is_grad_enabled() and outputs.requires_grad
     ce_total = outputs.new_zeros((), dtype=torch.float32)
     kd_total = outputs.new_zeros((), dtype=torch.float32)
-    for start in range(0, pos.rows.numel(), spec.chunk_tokens):
+    for start in chunk_starts(pos.rows.numel(), spec.chunk_tokens, head, flat.device):
         part = slice(start, start + spec.chunk_tokens)
         args = (flat, pos.rows[part], pos.labels[part], pos.has_topk[part],
                 None if pos.topk_ids is None else pos.topk_ids[part],

@@ -21,11 +21,9 @@ from typing import Any, Iterator
 
 import torch
 
-from sd2_ray.finetune import heldout, masking
-from sd2_ray.finetune.checkpoint import DS_TAG, FINAL_CHECKPOINT, MODEL_SUBDIR, checkpoint_dir_name
-from sd2_ray.finetune.losses import LossSpec
-from sd2_ray.finetune.step import (CausalLMLoss, TrainState, engine_device, lr_factor, param_groups,
-                                   report_due, train_step)
+from sd2_ray.finetune import heldout, masking, session
+from sd2_ray.finetune.checkpoint import FINAL_CHECKPOINT, MODEL_SUBDIR, checkpoint_dir_name
+from sd2_ray.finetune.step import TrainState, engine_device, report_due, train_step
 
 log = logging.getLogger(__name__)
 
@@ -52,44 +50,6 @@ def worker_device(cfg: dict) -> torch.device:
 
         return ray.train.torch.get_device()
     return torch.device("cpu")
-
-
-def load_drafter(cfg: dict, device: torch.device):
-    """Model (on ``device``, in train mode), tokenizer, and masks with the masked weights zeroed.
-    The model is placed before the gradient hooks are registered, so each hook's mask lives on
-    the gradient's device from the start (no host->device copy per micro-step)."""
-    from sd2_ray.models.io import load_model, load_tokenizer
-
-    local = _resolve_model(cfg["model"])
-    model = load_model(local, device=device).train()
-    if cfg.get("gradient_checkpointing"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    tokenizer = load_tokenizer(local)
-    masks = masking.prepare_masks(local, model, source=cfg["model"])
-    return model, tokenizer, masks
-
-
-def build_engine(model: torch.nn.Module, cfg: dict):
-    """DeepSpeed engine over the loss module (the drafter is ``engine.module.lm``)."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the same choice, without its warning per worker
-    import deepspeed
-    from torch.optim.lr_scheduler import LambdaLR
-
-    def schedule(optimizer):
-        return LambdaLR(optimizer, lambda s: lr_factor(s, cfg["warmup_steps"], cfg["total_steps"],
-                                                       cfg["scheduler"], cfg["min_lr_ratio"]))
-
-    wrapped = CausalLMLoss(model, LossSpec.from_config(cfg))
-    groups = param_groups(wrapped, cfg["weight_decay"])
-    optimizer = None
-    if cfg["optimizer"] == "torch_adamw":
-        optimizer = torch.optim.AdamW(groups, lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=wrapped, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
-        lr_scheduler=schedule, config=cfg["deepspeed_config"])
-    return engine, scheduler
 
 
 # ---------------------------------------------------------------- data
@@ -120,34 +80,25 @@ def save_checkpoint(engine, state: TrainState, metrics: dict, rank: int) -> None
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix="sd2-ckpt-") as tmp:
-        engine.save_checkpoint(tmp, tag=DS_TAG)
-        if rank == 0:
-            state.save(tmp)
+        session.save_state(engine, tmp, state, rank)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=checkpoint_dir_name(state.step))
 
 
 def restore(engine, checkpoint) -> TrainState:
     with checkpoint.as_directory() as directory:
-        engine.load_checkpoint(directory, tag=DS_TAG, load_optimizer_states=True,
-                               load_lr_scheduler_states=True)
-        state = TrainState.load(directory)
-    state.restarts += 1
-    return state
+        return session.load_state(engine, directory)
 
 
 def save_final(engine, tokenizer, state: TrainState, metrics: dict, rank: int) -> None:
-    """Rank 0 writes the HF model dir (ZeRO-3 partitions gathered first) into the last checkpoint."""
+    """Rank 0 writes the HF model dir (ZeRO-3 partitions gathered module by module) into the
+    last checkpoint."""
     import ray.train
 
-    model = engine.module.lm
     with tempfile.TemporaryDirectory(prefix="sd2-final-") as tmp:
-        with masking._gathered(list(model.parameters())):
-            if rank == 0:
-                model.save_pretrained(os.path.join(tmp, MODEL_SUBDIR), safe_serialization=True)
+        session.save_hf(engine, tokenizer, os.path.join(tmp, MODEL_SUBDIR), rank)
         checkpoint = None
         if rank == 0:
-            tokenizer.save_pretrained(os.path.join(tmp, MODEL_SUBDIR))
             state.save(tmp)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=FINAL_CHECKPOINT)
@@ -180,10 +131,10 @@ def train_loop(cfg: dict) -> None:
     if checkpoint is not None and checkpoint.path.rstrip("/").endswith("/" + FINAL_CHECKPOINT):
         return  # finished before a restart: the final checkpoint is the result
     device = worker_device(cfg)
-    model, tokenizer, masks = load_drafter(cfg, device)
+    model, tokenizer, masks = session.load_drafter(cfg, device, _resolve_model(cfg["model"]))
     if cfg["enforce_masks"]:
         masking.register_gradient_masks(model, masks)  # before deepspeed.initialize (see masking)
-    engine, _ = build_engine(model, cfg)
+    engine, _ = session.build_engine(model, cfg)
     state = restore(engine, checkpoint) if checkpoint is not None else TrainState()
     if state.restarts:
         log.info("rank %d resumed at step %d (epoch %d, batch %d)", rank, state.step, state.epoch,

@@ -4,7 +4,13 @@ Model states under ZeRO come from DeepSpeed's own estimators; activations follow
 al. (arXiv 2205.05198) for a transformer layer in 16-bit, ``34·s·b·h`` bytes (their ``5·a·s²·b``
 attention-score term is not held: transformers' SDPA / flash attention recompute it), with
 activation checkpointing keeping one layer's worth plus each layer's input; the loss holds
-``chunk × vocab`` fp32 logits (and their gradient) at a time. vLLM needs its shard of the
+``chunk × vocab`` fp32 logits (and their gradient) at a time. A fine-tune's sparsity masks
+cost 1 bit per prunable weight (bit-packed on every GPU) plus one weight's mask unpacked while
+its gradient is masked. Under ZeRO-3 each rank first loads the whole drafter in the training
+dtype before ``deepspeed.initialize`` partitions it: the per-GPU need is the larger of that
+load and the training peak. Pruning holds the fp32 model, every calibration sample's hidden
+state (plus the one being replaced) and rotary tables, one block's Hessians and the widest
+layer's fp64 SparseGPT workspace. vLLM needs its shard of the
 weights plus KV cache for at least one full-length sequence, inside ``gpu_memory_utilization``.
 Estimates are a plan, not a measurement: a margin (``OVERHEAD_GB``) covers CUDA context,
 allocator fragmentation and kernels' workspaces.
@@ -30,10 +36,11 @@ class Need:
     strategy: str = "PACK"   # STRICT_PACK: every bundle on one node
     note: str = ""
     usable_fraction: float = 1.0  # of a GPU's memory the stage may use (vLLM's gpu_memory_utilization)
+    load_gb: float = 0.0  # a phase before the steady state (a ZeRO-3 rank loading the whole model)
 
     @property
     def per_gpu_gb(self) -> float:
-        return sum(self.gpu_gb.values()) + (OVERHEAD_GB if self.gpu_gb else 0.0)
+        return max(sum(self.gpu_gb.values()), self.load_gb) + (OVERHEAD_GB if self.gpu_gb else 0.0)
 
     @property
     def gpus_per_bundle(self) -> float:
@@ -92,8 +99,34 @@ def logits_gb(shape: ModelShape, micro_batch: int, seq_len: int, chunk_tokens: i
     return 2 * positions * shape.vocab * 4 / GB
 
 
+def training_dtype(settings) -> str:
+    """The dtype a fine-tune computes (and loads its drafter) in, from its DeepSpeed overrides."""
+    ds = settings.deepspeed or {}
+    if (ds.get("bf16") or {}).get("enabled"):
+        return "bfloat16"
+    return "float16" if (ds.get("fp16") or {}).get("enabled") else "float32"
+
+
+def masks_gb(shape: ModelShape) -> float:
+    """Bit-packed masks of every prunable weight, plus the largest one unpacked (bool and the
+    byte expansion) with its masked 16-bit gradient while its hook runs."""
+    return (shape.prunable_params / 8 + 4 * shape.largest_prunable) / GB
+
+
+def live_parameters(shape: ModelShape, settings) -> dict[str, float]:
+    """ZeRO-3 keeps gathered parameters alive for reuse (the backward pass, a checkpointed
+    block's recompute) up to ``stage3_max_live_parameters`` (DeepSpeed's default 1e9), in 16 bit,
+    beyond the one layer its estimator counts."""
+    if settings.zero_stage != 3:
+        return {}
+    zero = (settings.deepspeed or {}).get("zero_optimization") or {}
+    live = min(float(zero.get("stage3_max_live_parameters", 1e9)), float(shape.params))
+    return {"ZeRO-3 live gathered parameters": live * 2 / GB}
+
+
 def finetune_need(shape: ModelShape, settings, stage: str = "finetune") -> Need:
-    """A fine-tune's workers: ZeRO states, activations at the configured micro-batch, logits."""
+    """A fine-tune's workers: ZeRO states, activations at the configured micro-batch, logits,
+    masks; under ZeRO-3 at least the whole drafter loaded in the training dtype."""
     offload = bool(((settings.deepspeed or {}).get("zero_optimization") or {}).get("offload_optimizer"))
     gpus = settings.workers if settings.use_gpu else 0
     bundle = {"CPU": settings.cpus_per_worker, **({"GPU": 1.0} if settings.use_gpu else {})}
@@ -101,12 +134,18 @@ def finetune_need(shape: ModelShape, settings, stage: str = "finetune") -> Need:
     if gpus:
         need.gpu_gb = {
             f"ZeRO-{settings.zero_stage} model states": zero_states_gb(shape, settings.zero_stage, gpus, offload),
+            **live_parameters(shape, settings),
             "activations": activations_gb(shape, settings.micro_batch, settings.seq_len,
                                           settings.gradient_checkpointing),
             "logits": logits_gb(shape, settings.micro_batch, settings.seq_len, settings.loss_chunk_tokens),
+            "masks (1 bit per prunable weight)": masks_gb(shape),
         }
+        dtype = training_dtype(settings)
+        if settings.zero_stage == 3:  # ZeRO-2's states already hold the whole 16-bit model
+            need.load_gb = weights_gb(shape, dtype) + masks_gb(shape)
         need.note = (f"{settings.workers} workers, micro-batch {settings.micro_batch} x {settings.seq_len} tokens, "
-                     f"checkpointing {'on' if settings.gradient_checkpointing else 'off'}")
+                     f"checkpointing {'on' if settings.gradient_checkpointing else 'off'}, {dtype}"
+                     + (f"; {need.load_gb:.1f} GB while loading the whole model" if need.load_gb else ""))
     return need
 
 
@@ -147,12 +186,19 @@ def sharded_eval_need(stage: str, shape: ModelShape, drafter: ModelShape, gpus: 
 
 
 def prune_need(stage: str, shape: ModelShape, settings, dtype: str = "float32") -> Need:
-    """Pruning runs block by block on the model's device: the model (fp32), every calibration
-    sample's hidden state entering and leaving the block (fp32), and the widest layer's Hessian."""
+    """Pruning runs block by block on the model's device (sd2_ray/prune/sequential.py): the
+    model (fp32), every calibration sample's hidden state entering the block plus the one being
+    replaced (fp32), each sample's rotary cos/sin tables, one sample's pass through the block,
+    the block's Hessians and the widest layer's SparseGPT workspace (fp64 inverse factor)."""
     need = Need(stage, [{"CPU": settings.num_cpus, **({"GPU": float(settings.num_gpus)} if settings.num_gpus else {})}])
     if settings.num_gpus:
         widest = max(shape.hidden, shape.intermediate)
+        sample = settings.seq_len * shape.hidden * 4
         need.gpu_gb = {"model (fp32)": weights_gb(shape, dtype),
-                       "block inputs + outputs": 2 * settings.num_samples * settings.seq_len * shape.hidden * 4 / GB,
-                       "Hessian (widest layer, fp64 inverse)": widest * widest * (4 + 8 * 2) / GB}
+                       "block inputs (+ one output)": (settings.num_samples + 1) * sample / GB,
+                       "rotary cos/sin per sample": settings.num_samples * 2 * settings.seq_len * shape.head_dim * 4 / GB,
+                       "one sample through a block": 17 * sample / GB,
+                       "Hessians of one block (fp32)": shape.block_hessian_elements() * 4 / GB,
+                       "SparseGPT workspace (widest layer, fp64)": (widest * widest * 8 * 2
+                                                                    + shape.largest_prunable * 4 * 2) / GB}
     return need

@@ -10,7 +10,7 @@ from sd2_ray.errors import ConfigError
 from sd2_ray.pipeline.config import PipelineConfig
 from sd2_ray.plan.config import PlanConfig
 from sd2_ray.plan.cluster import NodeType, load_node_types
-from sd2_ray.plan.estimate import (Need, finetune_need, prune_need, sharded_eval_need, vllm_need,
+from sd2_ray.plan.estimate import (OVERHEAD_GB, Need, finetune_need, prune_need, sharded_eval_need, vllm_need,
                                    weights_gb)
 from sd2_ray.plan.shapes import ModelShape, model_shape
 
@@ -103,7 +103,10 @@ def _bundle_text(bundle: dict[str, float]) -> str:
 
 
 def _breakdown(need: Need) -> str:
-    return ", ".join(f"{k} {v:.1f}" for k, v in need.gpu_gb.items()) + f", overhead {2.0:.1f}"
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in need.gpu_gb.items())
+    if need.load_gb > sum(need.gpu_gb.values()):
+        parts = f"loading the whole model {need.load_gb:.1f} (training: {parts})"
+    return parts + f", overhead {OVERHEAD_GB:.1f}"
 
 
 def table(placements: list[Placement]) -> str:

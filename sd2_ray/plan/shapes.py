@@ -64,6 +64,22 @@ class ModelShape:
         """The biggest single module (ZeRO-3 gathers one at a time): the embedding or the head."""
         return max(self.vocab * self.hidden, 3 * self.hidden * self.intermediate)
 
+    @property
+    def prunable_params(self) -> int:
+        """Weights of the decoder blocks' linear layers: what SD2 prunes and masks (the
+        embeddings, the LM head and the norms stay dense)."""
+        return self.layers * (self.block_params - 2 * self.hidden)
+
+    @property
+    def largest_prunable(self) -> int:
+        return max(self.hidden * self.intermediate, self.hidden * self.heads * self.head_dim)
+
+    def block_hessian_elements(self) -> int:
+        """Hessian entries of one block's linear layers (SparseGPT keeps one per layer):
+        q, k, v, gate, up read the hidden state, o the attention output, down the MLP's."""
+        attention_out = self.heads * self.head_dim
+        return 5 * self.hidden ** 2 + attention_out ** 2 + self.intermediate ** 2
+
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         return 2 * self.layers * self.kv_heads * self.head_dim * dtype_bytes
 

@@ -159,8 +159,9 @@ def _prune_blocks(model, batches, targets, config, masks, layers) -> None:
                 masks[name], layers[name] = prune_layer(name, mod, stats.pop(name), config)
             log.info("block %d: pruned %d layers (%.1f%% of their weights)", index, len(inside),
                      100 * sum(layers[n]["sparsity"] for n in inside) / len(inside))
-        with torch.no_grad():  # the pruned block's outputs feed the next block
-            hidden = [block_output(block(h, **calls[s][index])) for s, h in enumerate(hidden)]
+        with torch.no_grad():  # the pruned block's outputs feed the next block, replaced one by
+            for s in range(len(hidden)):  # one: a new list would hold every sample twice
+                hidden[s] = block_output(block(hidden[s], **calls[s][index]))
 
 
 def _prune_outside(model, batches, outside, config, masks, layers) -> None:
