@@ -239,6 +239,13 @@ def test_app_builder_maps_replicas_autoscaling_and_queue_bounds():
     assert (cfg.autoscaling_config.min_replicas, cfg.autoscaling_config.max_replicas) == (1, 3)
     # the replica answers 503 itself past 4 + 10; Serve's limits sit above that as a backstop
     assert cfg.max_ongoing_requests > 14 and cfg.max_queued_requests >= 14
+    # the delays and windows reach Serve as given; unset ones keep Serve's defaults
+    quick = app_builder({"target": "/m/target", "autoscaling": {
+        "max_replicas": 3, "upscale_delay_s": 2, "downscale_delay_s": 5, "look_back_period_s": 2}})._bound_deployment._deployment_config.autoscaling_config
+    assert (quick.upscale_delay_s, quick.downscale_delay_s, quick.look_back_period_s) == (2, 5, 2)
+    assert cfg.autoscaling_config.downscale_delay_s == 600.0
+    with pytest.raises(Err, match="downscale_delay_s"):
+        app_builder({"target": "/m/target", "autoscaling": {"downscale_delay_s": -1}})
     fixed = app_builder({"target": "/m/target", "replicas": 3})._bound_deployment
     assert fixed._deployment_config.num_replicas == 3 and fixed._deployment_config.autoscaling_config is None
     with pytest.raises(Err, match="num_speculative_tokens"):
