@@ -286,3 +286,22 @@ def test_seed_outside_64_bits_is_a_400_naming_it(seed, ok):
         with pytest.raises(oa.OpenAIError) as err:
             oa.validate_request(oa.CompletionRequest, body)
         assert err.value.status == 400 and err.value.param == "seed"
+
+
+def test_smoke_check_reaches_serve_through_its_proxies(monkeypatch):
+    """The smoke check calls the proxies the Serve controller lists (node IP, Serve's port), not
+    the driver's loopback; a proxy bound to loopback is called there only on this machine."""
+    import ray
+
+    from sd2_ray.serve import smoke
+
+    details = {"http_options": {"host": "0.0.0.0", "port": 8000}, "target_groups": [
+        {"protocol": "HTTP", "targets": [{"ip": "10.0.0.1", "port": 8000}, {"ip": "10.0.0.2", "port": 8000}]},
+        {"protocol": "gRPC", "targets": [{"ip": "10.0.0.1", "port": 9000}]}]}
+    monkeypatch.setattr(smoke, "_details", lambda: details)
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "10.0.0.2")
+    assert smoke.proxy_urls() == ["http://10.0.0.1:8000", "http://10.0.0.2:8000"]
+    details["http_options"]["host"] = "127.0.0.1"
+    assert smoke.proxy_urls() == ["http://10.0.0.1:8000", "http://127.0.0.1:8000"]
+    names = {smoke.smoke_app_name() for _ in range(5)}
+    assert len(names) == 5 and all(n.startswith("sd2-smoke-") and n != "sd2" for n in names)
