@@ -14,7 +14,7 @@ import pytest
 
 from conftest import free_ports
 
-pytestmark = [pytest.mark.ray, pytest.mark.cluster]
+pytestmark = [pytest.mark.ray, pytest.mark.cluster, pytest.mark.slow]  # 90-135 s on 2 shared cores
 
 APP = "sd2"
 TIMEOUT_S = 30.0  # client timeout: a request still waiting then counts as hung
@@ -102,7 +102,7 @@ def test_serve_answers_through_the_loss_of_a_replica_node(cluster, served):
     print(f"node loss: replicas back to 2 {recovered_after and round(recovered_after, 1)} s after the kill; "
           f"{len(outcomes)} requests, {len(bad)} failed ({sorted({o.status for o in bad})}), "
           f"{sum(o.ok for o in during)} answered between the kill and recovery, slowest "
-          f"{max(o.end - o.start for o in outcomes):.1f} s")
+          f"{max(o.end - o.start for o in outcomes):.1f} s; first failure: {bad[0].error[:120] if bad else '-'}")
     assert stopped, "a client was still waiting past its timeout"
     assert dropped is not None and recovered is not None, f"replicas never back to 2: {timeline.samples[-10:]}"
     assert all(500 <= o.status < 600 for o in bad), [(o.status, o.error) for o in bad][:5]
