@@ -14,7 +14,8 @@ CLIENTS = 16
 # Proxies and replicas report load every 10 s by default; a cluster operator sets these on the
 # cluster (Serve reads them per process). 1 s here, on the private Ray this module starts.
 PUSH_INTERVALS = {"RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
-                  "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}
+                  "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+                  "RAY_ADDRESS": "local"}  # a private Ray, never a cluster another `ray start` left here
 
 
 @pytest.fixture(scope="module")

@@ -68,7 +68,8 @@ def serve_smoke(config: ServeConfig, prompts: str, timeout_s: float | None = Non
         base = wait_healthy(f"/{name}", deadline, timeout_s)
         result = ask(config, f"{base}/v1", row, timeout_s)
     finally:
-        serve.delete(name)  # ours only: the name is unique to this check
+        if serve_running():  # a failed start leaves nothing to delete (and no controller to ask)
+            serve.delete(name)  # ours only: the name is unique to this check
     return {**result, "app": name, "seconds": round(time.perf_counter() - began, 2)}
 
 
