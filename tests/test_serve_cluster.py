@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -80,6 +81,7 @@ def head_and_worker():
     finally:
         for proc in reversed(procs):
             _stop(proc)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _run_job(dashboard: str, args: list[str], timeout: float = 300, **options) -> tuple[str, str]:

@@ -6,6 +6,7 @@ replacement node joins. ``ray.cluster_utils.Cluster``: a head that takes no work
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -30,7 +31,8 @@ def cluster(monkeypatch):
     from ray.cluster_utils import Cluster
 
     agent, dashboard, worker_proxy = free_ports(3)  # fixed defaults would clash with other clusters
-    monkeypatch.setenv("RAY_TMPDIR", tempfile.mkdtemp(prefix="sd2n-", dir="/tmp"))
+    temp_dir = tempfile.mkdtemp(prefix="sd2n-", dir="/tmp")
+    monkeypatch.setenv("RAY_TMPDIR", temp_dir)
     monkeypatch.setenv("RAY_SERVE_WORKER_PROXY_HTTP_PORT", str(worker_proxy))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     # The GCS declares a silent raylet dead after 3 missed 1 s health checks (Ray's default: 5 x 3 s).
@@ -51,6 +53,7 @@ def cluster(monkeypatch):
             serve.shutdown()
             ray.shutdown()
         c.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture
