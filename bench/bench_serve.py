@@ -12,6 +12,13 @@ ratio. Goals: >= 1.3x tokens/s at 1 client; no errors at 32 clients.
                                                      # both engines, one after the other, one run
 Bounded: requests per level (--requests-per-level) and a time limit per level (--level-timeout).
 
+``--autoscale``: one speculative app with autoscaling (1..--max-replicas replicas), --clients
+closed-loop clients for --load-seconds, then --idle-seconds without load; prints the running
+replica count and completion tokens/s every second, the times to scale up and back down and the
+failed requests, and saves a plot (--plot, PNG):
+
+    python bench/bench_serve.py --autoscale --tiny   # a random tiny pair: quick, meaningless MAL
+
 ``--engine vllm``: the same two applications on Ray Serve LLM (vLLM with draft-model
 speculative decoding, CPU: float32, eager, ``max_model_len`` 1024); vLLM counts acceptance
 itself (no MAL from our /v1/spec_stats: see tests/test_vllm_acceptance.py for its counters).
@@ -31,6 +38,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 GOAL_SPEEDUP_AT_1 = 1.3
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def parse_args(argv=None):
@@ -49,7 +57,15 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="CPUs (torch threads) per replica")
     p.add_argument("--engine", default="transformers", help="comma list of engines to measure in turn: "
                    "transformers (ours), vllm (ray.serve.llm)")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_serve.json"))
+    p.add_argument("--out", help="JSON results (default: bench/bench_serve.json, "
+                   "bench/bench_serve_autoscale.json with --autoscale)")
+    p.add_argument("--autoscale", action="store_true", help="measure autoscaling under load instead")
+    p.add_argument("--tiny", action="store_true", help="--autoscale on a random tiny pair, not the kit")
+    p.add_argument("--clients", type=int, default=16, help="--autoscale: concurrent clients")
+    p.add_argument("--max-replicas", type=int, default=3)
+    p.add_argument("--load-seconds", type=float, default=60.0)
+    p.add_argument("--idle-seconds", type=float, default=45.0)
+    p.add_argument("--plot", default=os.path.join(HERE, "bench_serve_autoscale.png"))
     return p.parse_args(argv)
 
 
@@ -188,6 +204,12 @@ def measure_engine(args, engine: str, target: str, drafter: str, prompts: list[s
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.autoscale:
+        sys.path.insert(0, HERE)
+        from bench_serve_autoscale import measure_autoscale
+
+        return measure_autoscale(args)
+    args.out = args.out or os.path.join(HERE, "bench_serve.json")
     engines = [e.strip() for e in args.engine.split(",") if e.strip()]
     unknown = sorted(set(engines) - {"transformers", "vllm"})
     if unknown:

@@ -239,6 +239,13 @@ def test_app_builder_maps_replicas_autoscaling_and_queue_bounds():
     assert (cfg.autoscaling_config.min_replicas, cfg.autoscaling_config.max_replicas) == (1, 3)
     # the replica answers 503 itself past 4 + 10; Serve's limits sit above that as a backstop
     assert cfg.max_ongoing_requests > 14 and cfg.max_queued_requests >= 14
+    # the delays and windows reach Serve as given; unset ones keep Serve's defaults
+    quick = app_builder({"target": "/m/target", "autoscaling": {
+        "max_replicas": 3, "upscale_delay_s": 2, "downscale_delay_s": 5, "look_back_period_s": 2}})._bound_deployment._deployment_config.autoscaling_config
+    assert (quick.upscale_delay_s, quick.downscale_delay_s, quick.look_back_period_s) == (2, 5, 2)
+    assert cfg.autoscaling_config.downscale_delay_s == 600.0
+    with pytest.raises(Err, match="downscale_delay_s"):
+        app_builder({"target": "/m/target", "autoscaling": {"downscale_delay_s": -1}})
     fixed = app_builder({"target": "/m/target", "replicas": 3})._bound_deployment
     assert fixed._deployment_config.num_replicas == 3 and fixed._deployment_config.autoscaling_config is None
     with pytest.raises(Err, match="num_speculative_tokens"):
@@ -279,3 +286,22 @@ def test_seed_outside_64_bits_is_a_400_naming_it(seed, ok):
         with pytest.raises(oa.OpenAIError) as err:
             oa.validate_request(oa.CompletionRequest, body)
         assert err.value.status == 400 and err.value.param == "seed"
+
+
+def test_smoke_check_reaches_serve_through_its_proxies(monkeypatch):
+    """The smoke check calls the proxies the Serve controller lists (node IP, Serve's port), not
+    the driver's loopback; a proxy bound to loopback is called there only on this machine."""
+    import ray
+
+    from sd2_ray.serve import smoke
+
+    details = {"http_options": {"host": "0.0.0.0", "port": 8000}, "target_groups": [
+        {"protocol": "HTTP", "targets": [{"ip": "10.0.0.1", "port": 8000}, {"ip": "10.0.0.2", "port": 8000}]},
+        {"protocol": "gRPC", "targets": [{"ip": "10.0.0.1", "port": 9000}]}]}
+    monkeypatch.setattr(smoke, "_details", lambda: details)
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "10.0.0.2")
+    assert smoke.proxy_urls() == ["http://10.0.0.1:8000", "http://10.0.0.2:8000"]
+    details["http_options"]["host"] = "127.0.0.1"
+    assert smoke.proxy_urls() == ["http://10.0.0.1:8000", "http://127.0.0.1:8000"]
+    names = {smoke.smoke_app_name() for _ in range(5)}
+    assert len(names) == 5 and all(n.startswith("sd2-smoke-") and n != "sd2" for n in names)

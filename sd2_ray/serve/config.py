@@ -21,6 +21,17 @@ class AutoscalingConfig(BaseModel):
     max_replicas: int = Field(2, ge=1, description="most replicas Serve may start")
     target_ongoing_requests: float = Field(
         4.0, gt=0, description="ongoing requests per replica Serve scales towards")
+    # Serve's own defaults (None here) wait 30 s before adding and 600 s before removing a
+    # replica, averaging load over 30 s: safe for 70B replicas that take minutes to load, slow
+    # for small models or bursty load. Set them to follow load faster. (How often load is reported,
+    # 10 s, is set per Serve process by RAY_SERVE_{HANDLE,REPLICA}_AUTOSCALING_METRIC_PUSH_INTERVAL_S
+    # in the cluster's environment, no longer per app.)
+    upscale_delay_s: Optional[float] = Field(
+        None, ge=0, description="seconds load must stay above target before adding replicas (Serve: 30)")
+    downscale_delay_s: Optional[float] = Field(
+        None, ge=0, description="seconds load must stay below target before removing replicas (Serve: 600)")
+    look_back_period_s: Optional[float] = Field(
+        None, gt=0, description="window over which ongoing requests are averaged (Serve: 30)")
 
     @model_validator(mode="after")
     def _order(self) -> "AutoscalingConfig":
@@ -130,7 +141,7 @@ class ServeSettings(StageConfig):
         """Serve's ``autoscaling_config`` when autoscaling is on, else None (fixed ``replicas``)."""
         if not self.autoscaling_enabled:
             return None
-        return (self.autoscaling or AutoscalingConfig()).model_dump()
+        return (self.autoscaling or AutoscalingConfig()).model_dump(exclude_none=True)
 
     @property
     def base_url(self) -> str:
