@@ -230,3 +230,14 @@ def test_each_stage_asks_for_its_node_type_from_the_cluster_file(tmp_path):
     assert tune.node_resources == GEN and tune.prune.node_resources == train and tune.finetune.node_resources == train
     plain = validate(PipelineConfig, base, source="t").with_cluster_placement()
     assert chain(plain, "distill").node_resources == {} and chain(plain, "finetune").node_resources == {}
+
+
+def test_plan_places_each_stage_on_the_node_type_it_asks_for():
+    """`sd2 plan` checks the stages where `sd2 run` places them: the fine-tune on the training
+    nodes (before, on the first type with room: the generation nodes)."""
+    from sd2_ray.plan.job import check, load_planned
+
+    config = os.path.join(os.path.dirname(REPO_CLUSTER), "..", "jobs", "configs", "llama70b_to_llama3b.yaml")
+    where = {p.need.stage: p.node.name for p in check(load_planned(config))}
+    assert {where[s] for s in ("distill", "eval", "serve")} == {"gpu_generate"}
+    assert {where[s] for s in ("prune", "layer_prune", "finetune", "tune.finetune")} == {"gpu_train"}

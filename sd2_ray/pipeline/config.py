@@ -147,20 +147,13 @@ class PipelineConfig(StageConfig):
         where a section sets node_resources itself."""
         if not self.cluster:
             return self
-        from sd2_ray.plan.cluster import load_node_types, stage_node_resources
+        from sd2_ray.plan.cluster import load_node_types, placed, placed_search
 
         types = load_node_types(self.cluster)
-
-        def placed(settings, stage: str):
-            if "node_resources" in settings.model_fields_set:
-                return settings
-            return settings.model_copy(update={"node_resources": stage_node_resources(types, stage)})
-
-        update = {name: placed(getattr(self, name), name)
+        update = {name: placed(getattr(self, name), types, name)
                   for name in ("distill", "prune", "layer_prune", "finetune", "eval", "serve")}
-        if self.tune is not None:  # trials prune and train on training nodes, evaluate on generation nodes
-            update["tune"] = placed(self.tune, "tune").model_copy(update={
-                "prune": placed(self.tune.prune, "prune"), "finetune": placed(self.tune.finetune, "finetune")})
+        if self.tune is not None:
+            update["tune"] = placed_search(self.tune, types)
         return self.model_copy(update=update)
 
     def kit_overrides(self) -> dict[str, Any]:

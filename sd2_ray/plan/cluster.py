@@ -29,7 +29,9 @@ class NodeType:
     custom: dict[str, float] = field(default_factory=dict)  # e.g. {"gen_node": 1}
 
     def fits(self, bundle: dict[str, float]) -> bool:
-        return bundle.get("CPU", 0.0) <= self.cpus and bundle.get("GPU", 0.0) <= self.gpus
+        custom = {k: v for k, v in bundle.items() if k not in STANDARD_RESOURCES}
+        return bundle.get("CPU", 0.0) <= self.cpus and bundle.get("GPU", 0.0) <= self.gpus \
+            and all(self.custom.get(k, 0.0) >= v for k, v in custom.items())
 
 
 # The custom resource marking the node type each stage is meant for (clusters/aws-gpu.yaml
@@ -48,6 +50,19 @@ def stage_node_resources(types: list[NodeType], stage: str) -> dict[str, float]:
     if marker and any(marker in t.custom for t in types):
         return {marker: MARKER_SHARE}
     return {}
+
+
+def placed(settings, types: list[NodeType], stage: str):
+    """A stage's settings asking for its node type, unless they set node_resources themselves."""
+    if "node_resources" in settings.model_fields_set:
+        return settings
+    return settings.model_copy(update={"node_resources": stage_node_resources(types, stage)})
+
+
+def placed_search(tune, types: list[NodeType]):
+    """A search's settings: trials prune and train on training nodes, evaluate on generation nodes."""
+    return placed(tune, types, "tune").model_copy(update={
+        "prune": placed(tune.prune, types, "prune"), "finetune": placed(tune.finetune, types, "finetune")})
 
 
 def _custom(resources: dict[str, Any]) -> dict[str, float]:

@@ -73,6 +73,17 @@ def serve_need(config: PipelineConfig, target: ModelShape, drafter: ModelShape) 
                              int(s.max_model_len or PROMPT_TOKENS + s.default_max_tokens))
 
 
+def on_its_node_type(need: Need, nodes: list[NodeType]) -> Need:
+    """The stage's bundles with the marker of the node type it runs on (as `sd2 run` asks Ray
+    for it: gen_node for distill/eval/serve, train_node for prune/fine-tune)."""
+    from dataclasses import replace
+
+    from sd2_ray.plan.cluster import stage_node_resources
+
+    marker = stage_node_resources(nodes, need.stage.split(".")[-1].split(":")[0])
+    return replace(need, bundles=[{**b, **marker} for b in need.bundles]) if marker else need
+
+
 def place(need: Need, nodes: list[NodeType]) -> Placement:
     """The first node type that holds the stage's bundles (all on one node when STRICT_PACK;
     across up to max_workers nodes otherwise) with enough memory per GPU."""
@@ -133,7 +144,7 @@ def check(config, cluster: str | None = None) -> list[Placement]:
         needs = stage_needs(config)
     else:
         needs = tune_needs(config, model_shape(config.target), model_shape(config.drafter), prefix="")
-    placements = [place(need, nodes) for need in needs]
+    placements = [place(on_its_node_type(need, nodes), nodes) for need in needs]
     print(table(placements), flush=True)
     bad = next((p for p in placements if p.problem), None)
     if bad:

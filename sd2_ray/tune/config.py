@@ -221,6 +221,14 @@ class TuneConfig(TuneSettings):
     cluster: Optional[StoragePath] = Field(None, description="cluster YAML `sd2 plan` checks the trials' "
                                            "stages against")
 
+    def with_cluster_placement(self) -> "TuneConfig":
+        """A copy whose trials ask for the cluster file's node types (see PipelineConfig's)."""
+        if not self.cluster:
+            return self
+        from sd2_ray.plan.cluster import load_node_types, placed_search
+
+        return placed_search(self, load_node_types(self.cluster))
+
     @property
     def experiment_root(self) -> str:
         return self.storage_path or self.output

@@ -32,7 +32,7 @@ def main(config: TuneConfig) -> dict[str, Any]:
     if manifest.is_complete(config.output) and not config.overwrite:
         log.info("tune: %s is complete, skipping (overwrite=true to redo)", config.output)
         return {"skipped": True, "trials": storage.read_json(storage.join(config.output, TRIALS_FILE))}
-    return run_tune(stage_data(config.with_kit_paths()))
+    return run_tune(stage_data(config.with_kit_paths().with_cluster_placement()))
 
 
 def stage_data(config: TuneConfig) -> TuneConfig:
