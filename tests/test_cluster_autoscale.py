@@ -68,6 +68,22 @@ def stage_nodes(dashboard: str) -> dict[str, set[str]]:
     return found
 
 
+def spec_without_working_dir(tmp_path) -> str:
+    """The shipped tiny spec, but running the checkout in place instead of uploading it: every
+    fake node shares one machine's session directory, where Ray's runtime-env agents of several
+    nodes unpack and garbage-collect the same working_dir package and race (seen: a job whose
+    driver found half a package). On a real cluster each node has its own disk."""
+    import yaml
+
+    spec = yaml.safe_load((REPO / "jobs" / "specs" / "tiny.yaml").read_text())
+    spec["runtime_env"].pop("working_dir")
+    spec["runtime_env"].pop("excludes", None)
+    spec["entrypoint"] = spec["entrypoint"].replace("jobs/", f"{REPO}/jobs/")
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
 def test_tiny_job_spec_on_an_autoscaling_cluster_from_the_cluster_file(kit_dir, s3_bucket, s3_server, tmp_path):
     import boto3
     import ray
@@ -75,7 +91,7 @@ def test_tiny_job_spec_on_an_autoscaling_cluster_from_the_cluster_file(kit_dir, 
     from sd2_ray.testing.fake_cluster import FakeCluster
 
     runs = f"s3://{s3_bucket}/runs"
-    env = {"SD2_KIT_DIR": kit_dir, "SD2_RUNS_DIR": runs, "SD2_OVERRIDES": SMALL + " cluster=clusters/aws-gpu.yaml",
+    env = {"SD2_KIT_DIR": kit_dir, "SD2_RUNS_DIR": runs, "SD2_OVERRIDES": SMALL + f" cluster={REPO}/clusters/aws-gpu.yaml",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            **{k: os.environ[k] for k in os.environ if k.startswith("AWS_")}}
     fake = FakeCluster.from_cluster_file(REPO / "clusters" / "aws-gpu.yaml", env=env, cpus_per_node=2,
@@ -87,7 +103,7 @@ def test_tiny_job_spec_on_an_autoscaling_cluster_from_the_cluster_file(kit_dir, 
         watch.start()
         began = time.monotonic()
         try:
-            result = subprocess.run([sys.executable, "jobs/submit.py", "jobs/specs/tiny.yaml", "--address",
+            result = subprocess.run([sys.executable, "jobs/submit.py", spec_without_working_dir(tmp_path), "--address",
                                      fake.dashboard, "--poll-s", "2"], cwd=REPO, capture_output=True, text=True,
                                     timeout=1500, env={**os.environ, "RAY_ADDRESS": fake.dashboard})
             job_s = time.monotonic() - began
