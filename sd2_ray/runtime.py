@@ -105,6 +105,11 @@ def ensure_ray(num_cpus: int | None = None, attempts: int = 2, dashboard: bool =
 
 
 SHARED_STORAGE_ENV = "SD2_SHARED_STORAGE"  # "1": local paths are on a disk every node sees
+_shared_storage = {"declared": False}  # set by a run whose config declares it (its stages check too)
+
+
+def declare_shared_storage() -> None:
+    _shared_storage["declared"] = True
 
 
 def spans_nodes() -> bool:
@@ -124,7 +129,8 @@ def require_reachable(path: str, field: str = "output", shared: bool = False) ->
     from sd2_ray import storage
     from sd2_ray.errors import ConfigError
 
-    if storage.is_s3(path) or shared or os.environ.get(SHARED_STORAGE_ENV) == "1" or not ray.is_initialized():
+    shared = shared or _shared_storage["declared"] or os.environ.get(SHARED_STORAGE_ENV) == "1"
+    if storage.is_s3(path) or shared or not ray.is_initialized():
         return
     if spans_nodes():
         raise ConfigError(f"field '{field}': {path} is a local path, but this Ray cluster spans several nodes "

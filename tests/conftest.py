@@ -16,6 +16,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 from sd2_ray.serve.http import free_port  # noqa: E402  (one home; tests import it from here)
+from sd2_ray.testing.fake_cluster import free_ports  # noqa: E402,F401  (one home, as free_port)
 
 
 @pytest.fixture(scope="session")
@@ -107,17 +108,6 @@ def kit_dir():
     from sd2_ray.kit import ensure_kit
 
     return ensure_kit()
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct free ports (held open together while they are chosen)."""
-    socks = [socket.socket() for _ in range(count)]
-    for sock in socks:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in socks]
-    for sock in socks:
-        sock.close()
-    return ports
 
 
 @pytest.fixture

@@ -55,6 +55,14 @@ class NodeWatch(threading.Thread):
             self.done.wait(1.0)
 
 
+def last_job_logs(dashboard: str) -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(dashboard)
+    jobs = sorted(client.list_jobs(), key=lambda j: j.start_time or 0)
+    return client.get_job_logs(jobs[-1].submission_id)[-3000:] if jobs else ""
+
+
 def stage_nodes(dashboard: str) -> dict[str, set[str]]:
     """{stage: node ids its work ran on}, from the tasks and actors Ray's state API recorded."""
     from ray.util.state import list_actors, list_tasks
@@ -107,7 +115,7 @@ def test_tiny_job_spec_on_an_autoscaling_cluster_from_the_cluster_file(kit_dir, 
                                      fake.dashboard, "--poll-s", "2"], cwd=REPO, capture_output=True, text=True,
                                     timeout=1500, env={**os.environ, "RAY_ADDRESS": fake.dashboard})
             job_s = time.monotonic() - began
-            assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+            assert result.returncode == 0, (result.stdout + result.stderr)[-1000:] + last_job_logs(fake.dashboard)
             where = stage_nodes(fake.dashboard)
             # idle workers go away (idle_timeout 15 s); the file keeps one cpu_worker (min_workers 1)
             deadline = time.monotonic() + 180

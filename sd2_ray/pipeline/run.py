@@ -13,7 +13,6 @@ import time
 from typing import Any
 
 from sd2_ray import manifest, storage
-from sd2_ray.config import KIT_PREFIX
 from sd2_ray.pipeline.chain import FINETUNED, chain, drafter_dir, eval_root, out, pruned_dir
 from sd2_ray.pipeline.config import PipelineConfig
 
@@ -28,11 +27,21 @@ def resolved(config: PipelineConfig) -> PipelineConfig:
     """The run's config as every node must see it: kit parts built (and, for an s3:// output,
     published under OUTPUT/kit/ so that other nodes read them from there, not from this
     machine's cache) and each stage placed on its node type (from the cluster file)."""
-    kit_fields = [f for f in INPUT_FIELDS if str(getattr(config, f) or "").startswith(KIT_PREFIX)]
-    config = config.with_kit_paths().with_cluster_placement()
+    config = config.with_kit_paths().with_cluster_placement()  # the CLI may have resolved kit: already
+    kit_fields = [f for f in INPUT_FIELDS if is_kit_part(getattr(config, f))]
     if kit_fields and storage.is_s3(config.output):
         config = config.model_copy(update={f: publish_kit_part(config, getattr(config, f)) for f in kit_fields})
     return config
+
+
+def is_kit_part(path: str | None) -> bool:
+    """A local path inside the built kit (its cache, or $SD2_KIT_DIR)."""
+    import os
+
+    if not path or storage.is_s3(path):
+        return False
+    roots = [os.path.join(storage.cache_root(), "kit"), os.environ.get("SD2_KIT_DIR") or ""]
+    return any(root and os.path.abspath(path).startswith(os.path.abspath(root) + os.sep) for root in roots)
 
 
 def publish_kit_part(config: PipelineConfig, local: str) -> str:
@@ -63,7 +72,7 @@ class Pipeline:
         return result
 
     def run(self) -> dict[str, Any]:
-        from sd2_ray.runtime import ensure_ray, require_reachable
+        from sd2_ray.runtime import declare_shared_storage, ensure_ray, require_reachable
 
         config = self.config
         if config.cluster:  # before anything is launched: a stage that cannot fit fails now, in one line
@@ -71,6 +80,8 @@ class Pipeline:
 
             check(config)
         ensure_ray()
+        if config.shared_storage:
+            declare_shared_storage()
         for field in ("output", *INPUT_FIELDS):  # before anything lands on one node's disk
             if getattr(config, field):
                 require_reachable(getattr(config, field), field, shared=config.shared_storage)
