@@ -1,4 +1,4 @@
-"""Benchmark of issue 19 on the model kit: ``sd2-kd`` vs ``sd2``, and expected MAL while training
+"""Benchmark of the distillation losses on the model kit: ``sd2-kd`` vs ``sd2``, and expected MAL while training
 vs measured MAL.
 
 Everything runs through the real stages, configured as ``sd2 run --config jobs/configs/tiny.yaml``

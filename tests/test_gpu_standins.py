@@ -46,7 +46,7 @@ class MetaEngine:
 
 def test_train_step_feeds_the_engine_on_its_device():
     """Before the fix the collated batches stayed on the CPU and a CUDA engine failed in the
-    embedding (issue 16.2)."""
+    embedding (a batch left on the CPU fails as on CUDA)."""
     engine, cfg = MetaEngine(), {"seq_len": 48, "response_field": "response", "grad_accum": 2}
     metrics = step.train_step(engine, toy_rows(8), char_tokenizer(), cfg, rank=0, world=1)
     assert engine.forwards == 2 and metrics["tokens"] > 0
@@ -74,7 +74,7 @@ def nccl_like(monkeypatch, device: torch.device):
 def test_collectives_run_on_the_engines_device(monkeypatch):
     """The step's token-count all-reduce and report_due's agreed clock are collectives; under
     NCCL their tensors must live on the engine's device. Before the fix both were float64 CPU
-    tensors (issue 16.1: train_loop._all_reduce and the report_due broadcast)."""
+    tensors (train_loop._all_reduce and the report_due broadcast)."""
     nccl_like(monkeypatch, MetaEngine.device)
     cfg = {"seq_len": 48, "response_field": "response", "grad_accum": 1, "report_every": 1,
            "report_interval_s": 1.0}

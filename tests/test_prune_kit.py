@@ -1,14 +1,14 @@
 """Pruning quality on the model kit (trained models): held-out perplexity per method, one layer's
 reconstruction error. Numbers seen (threads=1, 64 calibration rows x 256 tokens, 64 held-out rows):
 
-    kit drafter, 10 blocks x 64 wide, 1600 training steps (kit b8edb64384f06f3d, issue 18): dense 96.59
+    kit drafter, 10 blocks x 64 wide, 1600 training steps (kit b8edb64384f06f3d): dense 96.59
         50 %: sparsegpt 103.44, wanda 103.87, magnitude 106.73
         70 %: sparsegpt 151.90, wanda 265.42, magnitude 241.70
     kit target, 600 steps (same kit): dense 21.93 (slow suite: SparseGPT best at both levels)
         50 %: sparsegpt 21.99, wanda 22.17, magnitude 22.19
         70 %: sparsegpt 22.68, wanda 24.32, magnitude 24.28
 
-The deep, narrow, longer-pretrained drafter has knowledge to lose (the point of issue 18's kit):
+The deep, narrow, longer-pretrained drafter has knowledge to lose (the point of the kit's shape):
 50 % costs SparseGPT 7 % perplexity, so the test asserts SparseGPT within 10 % of dense and best of
 the three at 50 %, and well ahead (>= 2 % better than the better of Wanda and magnitude) at 70 %.
 Wanda vs magnitude is not asserted: at 70 % Wanda is the worse of the two on this drafter (265 vs
