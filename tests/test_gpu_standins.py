@@ -132,8 +132,8 @@ def ray_with_4_declared_gpus():
 def test_search_places_its_gpu_tasks_outside_the_trials_cpu_bundles(ray_with_4_declared_gpus, kit_dir, tmp_path):
     """Configured like gpu-tune.yaml: each trial's prune task and eval task (and the checkpoint
     evals run from the Train controller) ask for GPUs while the trial holds only a CPU bundle.
-    Before the fix they asked inside the trial's placement group and never got scheduled (issue
-    16.5). Here every one runs, on CPU where no CUDA exists, and the search finishes."""
+    Before the fix they asked inside the trial's placement group and never got scheduled.
+    Here every one runs, on CPU where no CUDA exists, and the search finishes."""
     from sd2_ray.kit import kit_paths
     from sd2_ray.tune.config import TuneConfig
     from sd2_ray.tune.job import main

@@ -2,8 +2,8 @@
 
 head_dim is 64 everywhere: vLLM's CPU attention supports only standard head sizes.
 
-Why the same-family drafter is deep and narrow (10 blocks of width 64, MLP 192; README: "The
-kit's shape", and for what it gives over seeds "Reproducing the paper's comparison"): SD²'s
+Why the same-family drafter is deep and narrow (10 blocks of width 64, MLP 192; docs/kit.md,
+and for what it gives over seeds docs/results.md): SD²'s
 claim is that fine-grained sparsity keeps more of a pretrained drafter than dropping whole
 blocks *at equal MACs*, so
 
