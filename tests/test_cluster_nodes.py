@@ -5,7 +5,8 @@ lost on cue (its raylet and workers SIGKILLed, as a reclaimed spot instance woul
 - placement: each stage's tasks/actors land on the node type its ``node_resources`` names;
 - a local output path on a cluster of several nodes is refused in one line;
 - distill: a generation node lost mid-run, every prompt id in the output exactly once;
-- eval: a drafter's eval task lost with its node is retried elsewhere, same report.
+- eval: a drafter's eval task lost with its node is retried elsewhere, same report;
+- fine-tune: a training node lost mid-run, the group restarts from the last checkpoint.
 """
 from __future__ import annotations
 
@@ -201,6 +202,57 @@ def test_eval_task_lost_with_its_node_is_retried_with_the_same_report(cluster, k
     print(f"eval: the lost task's retry finished {ended - lost['at']:.1f} s after the node loss")
     for key in ("mean_accepted_length", "per_position_acceptance", "drafter_macs_per_token", "num_prompts"):
         assert report[key] == clean[key], key
+
+
+def test_finetune_loses_a_training_node_and_resumes_from_its_checkpoint(cluster, s3_bucket, tmp_path):
+    """A 2-worker ZeRO-2 fine-tune on training nodes, inputs, checkpoints and output on S3; once a
+    checkpoint is registered, the node of one worker is SIGKILLed. Ray Train restarts the group on
+    the nodes left (the spare one replacing the lost), training goes on from that checkpoint:
+    every step exactly once, every masked weight still zero."""
+    import re
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sd2_ray.finetune.config import FinetuneConfig
+    from sd2_ray.finetune.trainer import run_finetune
+    from sd2_ray.models.io import load_model
+    from sd2_ray.models.sparsity import load_masks, masked_weights_nonzero
+    from sd2_ray.runtime import ensure_ray
+    from sd2_ray.testing.toy import make_sparse_drafter, write_toy_dataset
+
+    nodes = [cluster.add_node(num_cpus=1, resources={"train_node": 1}, object_store_memory=80 * 2**20)
+             for _ in range(3)]
+    ensure_ray()
+    root = f"s3://{s3_bucket}/ft"
+    storage.copy_dir(make_sparse_drafter(str(tmp_path / "pruned"), 0.5), f"{root}/pruned")
+    steps = 24
+    cfg = FinetuneConfig(model=f"{root}/pruned", data=write_toy_dataset(f"{root}/data", 64), output=f"{root}/drafter",
+                         workers=2, zero_stage=2, max_steps=steps, epochs=3, checkpoint_every=4, lr=3e-3,
+                         batch_size=8, seq_len=64, warmup_steps=1, node_resources={"train_node": 0.001})
+    snapshot = storage.join(cfg.checkpoint_run_dir(), "checkpoint_manager_snapshot.json")
+    began = time.monotonic()
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(run_finetune, cfg)
+        deadline, lost = time.monotonic() + 300, {}
+        while time.monotonic() < deadline and not future.done() and not lost:
+            registered = re.findall(r"step-(\d{7})", storage.read_text(snapshot)) if storage.exists(snapshot) else []
+            workers = node_of_actor("RayTrainWorker")
+            if registered and len(workers) == 2:
+                victim = next(n for n in nodes if n.node_id in workers)
+                cluster.remove_node(victim, allow_graceful=False)
+                lost = {"node": victim.node_id, "step": max(int(s) for s in registered), "at": time.monotonic()}
+            time.sleep(0.2)
+        result = future.result()
+    assert lost, "no training node was lost"
+    history = [(h["step"], h["restarts"]) for h in result.history]
+    assert [step for step, _ in history] == list(range(1, steps + 1))  # every step once, in order
+    resumed = [step for step, restarts in history if restarts >= 1]
+    assert resumed and resumed[0] - 1 >= lost["step"] and (resumed[0] - 1) % 4 == 0  # from a checkpoint
+    assert lost["node"] not in node_of_actor("RayTrainWorker")  # (none alive now, or elsewhere)
+    out = storage.local_dir(result.output)
+    assert masked_weights_nonzero(load_model(out), load_masks(out)) == 0
+    print(f"finetune with a lost node: {time.monotonic() - began:.0f} s in all; newest checkpoint at the loss: "
+          f"step {lost['step']}; resumed at step {resumed[0]}; {time.monotonic() - lost['at']:.0f} s from the loss "
+          f"to the end")
 
 
 def drafter_tasks() -> list:
