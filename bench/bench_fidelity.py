@@ -137,8 +137,8 @@ def mal_table(reports: dict[str, list[dict]]) -> list[str]:
     for variant, runs in reports.items():
         for seed, r in enumerate(runs):
             by = {d["name"]: d for d in r["drafters"]}
-            mal = lambda n: by[n]["mean_accepted_length"] if n in by else float("nan")  # noqa: E731
-            macs = lambda n: by[n]["drafter_macs_per_token"] if n in by else 0  # noqa: E731
+            mal = lambda n, by=by: by[n]["mean_accepted_length"] if n in by else float("nan")  # noqa: E731
+            macs = lambda n, by=by: by[n]["drafter_macs_per_token"] if n in by else 0  # noqa: E731
             drop = r["layer_drop"] if r["layer_drop"] is not None else "?"
             lines.append(f"{variant:<8} {seed:>4} {mal('dense-sd'):>9.3f} {mal('layer-pruned-sd'):>9.3f} "
                          f"{mal('sd2'):>7.3f} {mal('sparse-sft'):>10.3f} {macs('sd2'):>9,} "

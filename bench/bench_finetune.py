@@ -49,8 +49,8 @@ def hook_microbench(model_dir: str, args, reps: int = 30) -> dict:
     """One fwd+bwd+AdamW step with and without the mask hooks, alternated to cancel drift."""
     from sd2_ray.finetune import data as D
     from sd2_ray.finetune import masking
-    from sd2_ray.testing.toy import char_tokenizer, toy_rows
     from sd2_ray.models.io import load_model
+    from sd2_ray.testing.toy import char_tokenizer, toy_rows
 
     torch.set_num_threads(1)
     model = load_model(model_dir).train()

@@ -85,7 +85,6 @@ def mixed_data(generate: str, on_policy: str, out: str, seed: int = 0) -> str:
     import pyarrow as pa
 
     from sd2_ray import storage
-
     from sd2_ray.rows import data_files
 
     tables = [pa.concat_tables([storage.read_parquet(f) for f in data_files(d)], promote_options="permissive")

@@ -72,7 +72,7 @@ def main() -> None:
     print("baseline = same shapes, random init (untrained)")
     out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_kit.json")
     with open(out, "w") as f:
-        json.dump({"kit": kit, "rows": [dict(zip(("metric", "kit", "baseline", "goal", "met"), r))
+        json.dump({"kit": kit, "rows": [dict(zip(("metric", "kit", "baseline", "goal", "met"), r, strict=True))
                                         for r in table]}, f, indent=2)
 
 

@@ -86,9 +86,9 @@ def start_apps(args, target: str, drafter: str, engine: str) -> str:
     """The speculative (/spec) and target-only (/base) applications of one engine."""
     from ray import serve
 
+    from sd2_ray.runtime import ensure_ray
     from sd2_ray.serve.app import build_app
     from sd2_ray.serve.config import ServeConfig
-    from sd2_ray.runtime import ensure_ray
 
     # logical CPUs: a vLLM app reserves its model replica's CPUs, one more for the replica actor
     # Ray Serve LLM places in the same bundle, and one for its ingress
@@ -156,7 +156,8 @@ def spec_stats(url: str) -> dict:
 
 def print_table(engine: str, rows: list[dict], mal: float | None) -> None:
     print(f"engine: {engine}")
-    head = f"{'clients':>7} | {'mode':<11} | {'ok/req':>7} | {'errors':>6} | {'tok/s':>8} | {'p50 s':>7} | {'p99 s':>7} | {'spec/base':>9}"
+    head = (f"{'clients':>7} | {'mode':<11} | {'ok/req':>7} | {'errors':>6} | {'tok/s':>8} | "
+            f"{'p50 s':>7} | {'p99 s':>7} | {'spec/base':>9}")
     print(head)
     print("-" * len(head))
     for row in rows:
@@ -229,7 +230,7 @@ def main(argv=None) -> int:
     if len(results) > 1:
         print("\nspeculative tokens/s, engine vs engine (same run):")
         first, second = engines[0], engines[1]
-        for a, b in zip(results[first]["levels"], results[second]["levels"]):
+        for a, b in zip(results[first]["levels"], results[second]["levels"], strict=True):
             ratio = a["speculative"]["tokens_per_s"] / max(b["speculative"]["tokens_per_s"], 1e-9)
             print(f"  {a['clients']:>2} clients: {first} / {second} = {ratio:.2f}x")
     with open(args.out, "w") as f:

@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import time
+from functools import partial
 
 import torch
 
@@ -87,10 +88,10 @@ def run_engine(engine, prompts, max_new, batch):
     outputs, passes, committed, seconds, cpu = [None] * len(prompts), 0, 0, 0.0, 0.0
     for start in range(0, len(order), batch):
         chunk = order[start:start + batch]
-        results, dt = timed(lambda: engine.generate([GenerationRequest(prompts[i], max_new) for i in chunk]))
+        results, dt = timed(partial(engine.generate, [GenerationRequest(prompts[i], max_new) for i in chunk]))
         seconds += dt
         cpu += CPU["seconds"]
-        for i, r in zip(chunk, results):
+        for i, r in zip(chunk, results, strict=True):
             outputs[i] = r.token_ids
             passes += r.stats.target_passes
             committed += r.stats.committed_tokens
@@ -110,7 +111,7 @@ def run_hf(target, drafter, prompts, max_new, k, eos, extra=None):
                       attention_mask=torch.ones_like(ids), **(extra or {}))
         if drafter is not None:
             kwargs["assistant_model"] = drafter
-        out, dt = timed(lambda: target.generate(ids, **kwargs))
+        out, dt = timed(partial(target.generate, ids, **kwargs))
         seconds += dt
         cpu += CPU["seconds"]
         outputs.append(out[0, len(p):].tolist())
@@ -229,11 +230,11 @@ def run_vllm(dirs, prompts, n, k, threads):
         outputs, seconds, cpu = [None] * len(prompts), 0.0, 0.0
         for s in range(0, len(order), batch):
             chunk = order[s:s + batch]
-            outs, dt = timed(lambda: llm.generate([{"prompt_token_ids": prompts[i]} for i in chunk], params,
-                                                  use_tqdm=False), children)
+            outs, dt = timed(partial(llm.generate, [{"prompt_token_ids": prompts[i]} for i in chunk], params,
+                                     use_tqdm=False), children)
             seconds += dt
             cpu += CPU["seconds"]
-            for i, o in zip(chunk, outs):
+            for i, o in zip(chunk, outs, strict=True):
                 outputs[i] = list(o.outputs[0].token_ids)
         r[f"spec_b{batch}"] = summary(outputs, seconds, cpu)
     r["mal"] = vllm_mal(llm)

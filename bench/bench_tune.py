@@ -67,8 +67,10 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name, r in (("FIFO (baseline)", fifo), ("ASHA", asha)):
         print(f"| {name} | {r['steps']} | {r['seconds']:.0f} | {r['stopped']} | {best(r)} |")
+    asha_best, fifo_best = asha["best"] or {}, fifo["best"] or {}
+    same_best = all(asha_best.get(key) == fifo_best.get(key) for key in ("lr", "sparsity"))
     print(f"\nASHA / FIFO: steps {asha['steps'] / fifo['steps']:.2f}x, wall {asha['seconds'] / fifo['seconds']:.2f}x; "
-          f"same best: {(asha['best'] or {}).get('lr') == (fifo['best'] or {}).get('lr') and (asha['best'] or {}).get('sparsity') == (fifo['best'] or {}).get('sparsity')}")
+          f"same best: {same_best}")
     print("\ntrials (ASHA run):")
     for t in asha["trials"]:
         print(f"  s={t['sparsity']} lr={t['lr']}: {t['status']}, {t['steps']} steps, MAL {t['mal']}, "

@@ -197,7 +197,7 @@ def finetune(kit: str, args) -> dict:
     init_distributed(args.cpu)
     rows = read_rows(os.path.join(kit, "prompts", "train.jsonl"), limit=32)
     out = restore_scenario(0, 1, loop_config(config, steps=4), rows, os.path.join(args.out, "ft-run"), device)
-    diff = max(abs(a - b) for a, b in zip(out["restored"], out["uninterrupted"][2:]))
+    diff = max(abs(a - b) for a, b in zip(out["restored"], out["uninterrupted"][2:], strict=True))
     out["restored_loss_max_diff"] = diff
     out["checks"] = {"restored next-step losses equal": diff <= 1e-6 * max(1.0, abs(out["restored"][0])),
                      "masked weights zero": out["masked_nonzero"] == 0,

@@ -87,8 +87,8 @@ def _compare(out: dict, measured: float | None, planned: float) -> dict:
 def memory_3b(args) -> dict:
     """Three ZeRO-3 bf16 steps of micro-batch 2 x seq 2048 with 50 % masks at world size 1."""
     import torch
-
     from gpu_smoke import init_distributed
+
     from sd2_ray.finetune import masking, session
     from sd2_ray.finetune.config import FinetuneConfig
     from sd2_ray.finetune.step import train_step

@@ -68,7 +68,7 @@ def _scalar_fields(config_cls: Any) -> dict[str, Any]:
         base = args[0] if optional and len(args) == 1 else ann
         if isinstance(base, type) and issubclass(base, BaseModel):
             continue
-        if typing.get_origin(base) in (dict, typing.Dict):
+        if typing.get_origin(base) is dict:
             continue
         out[name] = field
     return out

@@ -32,7 +32,7 @@ def read(out_dir: str) -> dict[str, Any] | None:
 
 def is_complete(out_dir: str) -> bool:
     data = read(out_dir)
-    return bool(data) and data.get("status") == COMPLETE
+    return data is not None and data.get("status") == COMPLETE
 
 
 def write(out_dir: str, stage: str, status: str, **fields: Any) -> dict[str, Any]:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from sd2_ray import storage
 from sd2_ray.errors import DataError
@@ -53,7 +54,7 @@ def read_jsonl(path: str, skipped: list[dict[str, Any]] | None = None) -> list[d
     the file and line, unless ``skipped`` is given: then it is recorded there and left out."""
     rows = []
     for number, line, problem in _jsonl_lines(path):
-        if problem is None:
+        if line is not None:  # decoded (then problem is None)
             try:
                 row = json.loads(line)
                 problem = None if isinstance(row, dict) else f"expected a JSON object, got {type(row).__name__}"

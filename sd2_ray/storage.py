@@ -16,10 +16,11 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs

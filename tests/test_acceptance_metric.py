@@ -16,11 +16,17 @@ import random
 
 import pytest
 import torch
+from test_losses import V, labelled, make_batch
 
 from sd2_ray.finetune import data as D
-from sd2_ray.finetune.acceptance import (acceptance_sums, add_sums, expected_mal_iid, expected_rounds,
-                                         summarize, teacher_forced)
-from test_losses import V, labelled, make_batch
+from sd2_ray.finetune.acceptance import (
+    acceptance_sums,
+    add_sums,
+    expected_mal_iid,
+    expected_rounds,
+    summarize,
+    teacher_forced,
+)
 
 
 def test_expected_rounds_hand_cases():
@@ -125,8 +131,8 @@ def engine_rows(target, drafter, tok, temperature: float, repeats: int):
     for rep in range(repeats):
         sampling = [SamplingParams(temperature=temperature, seed=100 * rep + i) if temperature else SamplingParams()
                     for i in range(len(prompts))]
-        results = engine.generate([GenerationRequest(p, NEW_TOKENS, s) for p, s in zip(prompts, sampling)])
-        for prompt, result in zip(prompts, results):
+        results = engine.generate([GenerationRequest(p, NEW_TOKENS, s) for p, s in zip(prompts, sampling, strict=True)])
+        for prompt, result in zip(prompts, results, strict=True):
             stats = stats.merge(result.stats)
             rows.append((prompt, result.token_ids))
     return rows, stats.mean_accepted_length
@@ -139,7 +145,7 @@ def scored_batch(target, rows, k: int):
 
     scored = score_continuations(target, [p for p, _ in rows], [c for _, c in rows], k, pad_id=0)
     examples = [D.Example(p + c, [D.IGNORE_INDEX] * len(p) + c, torch.from_numpy(ids), torch.from_numpy(lps),
-                          len(p)) for (p, c), (ids, lps) in zip(rows, scored)]
+                          len(p)) for (p, c), (ids, lps) in zip(rows, scored, strict=True)]
     return D.collate(examples, pad_id=0)
 
 

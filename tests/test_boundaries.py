@@ -30,8 +30,8 @@ ADAPTERS = {
 }
 # module -> private Ray modules it may use, and why there is no public way
 PRIVATE = {
-    "serve/vllm_app.py": {"ray.llm._internal.serve.core.configs.openai_api_models":
-                          "the /v1/models card Ray's own build_openai_app builds; not exported"},
+    "serve/vllm_app.py": {"ray.llm._internal.serve.core.configs.openai_api_models": (
+        "the /v1/models card Ray's own build_openai_app builds; not exported")},
     "serve/vllm_callbacks.py": {"ray.llm._internal.common.callbacks.base":
                                 "LLMConfig.callback_config's base class (its only documented form)"},
 }

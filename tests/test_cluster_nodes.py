@@ -121,7 +121,6 @@ def test_distill_loses_a_generation_node_and_writes_every_id_once(s3_bucket, clu
             if "lost" not in seen and len(on) >= 2 and done:
                 seen["shards_before"] = len(done)
                 victim = next(n for n in nodes if n.node_id in on)
-                began = time.monotonic()
                 cluster.remove_node(victim, allow_graceful=False)  # SIGKILL: raylet and workers
                 seen["lost"] = victim.node_id
             time.sleep(0.2)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
@@ -132,7 +131,7 @@ def test_batched_greedy_equals_direct_generate(chat_model_dir, tokenizer):
     batched = engine.generate([r.prompt_ids for r in requests], max_new_tokens=12)
     model = AutoModelForCausalLM.from_pretrained(chat_model_dir).eval()
     assert len({len(r.prompt_ids) for r in requests}) > 1  # the batch really is padded
-    for request, (ids, reason) in zip(requests, batched):
+    for request, (ids, reason) in zip(requests, batched, strict=True):
         direct = model.generate(torch.tensor([request.prompt_ids]), max_new_tokens=12, do_sample=False,
                                 pad_token_id=tokenizer.pad_token_id)[0, len(request.prompt_ids):].tolist()
         expected, expected_reason = core_split(direct, tokenizer.eos_token_id)

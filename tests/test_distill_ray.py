@@ -111,7 +111,7 @@ def test_two_actors_every_id_once_and_greedy_equals_direct_generate(kit_rows, ta
     result = core.read_distilled(out)
     assert [r["id"] for r in result] == [r["id"] for r in rows]  # once each, in input order
     assert all(r["source"] == "target" and r["finish_reason"] in ("stop", "length") for r in result)
-    assert all(r["reference"] == row["response"] for r, row in zip(result, rows))
+    assert all(r["reference"] == row["response"] for r, row in zip(result, rows, strict=True))
     picks = [0, 13, 31]
     assert [result[i]["response"] for i in picks] == direct_greedy(target_dir, [rows[i] for i in picks], 32)
     assert any(r["response"] != r["reference"] for r in result)  # the target's words, not the reference
@@ -270,6 +270,6 @@ def test_on_policy_cli_drafter_writes_and_target_scores(kit_rows, kit_dir, targe
                                  [r["response_ids"] for r in result], 4, tok.pad_token_id)
     import numpy as np
 
-    for r, (ids, lps) in zip(result, scored):
+    for r, (ids, lps) in zip(result, scored, strict=True):
         assert r["topk_ids"] == ids.tolist() and np.allclose(r["topk_logprobs"], lps, atol=1e-4)
     assert any([ids[0] for ids in r["topk_ids"]] != r["response_ids"] for r in result)  # the drafter's words

@@ -3,6 +3,7 @@ engines, scoring, the row contract, config checks. Tiny sharpened models (millis
 from __future__ import annotations
 
 import os
+
 import numpy as np
 import pytest
 
@@ -61,7 +62,7 @@ def test_greedy_generation_stores_the_raw_top_k_aligned_with_the_ids(target):
     outputs = target.generate_scored(prompts, 12, top_k=K)
     assert [(o.kept, o.reason) for o in outputs] == target.generate(prompts, 12)
     assert {o.reason for o in outputs} == {"stop", "length"}, "want both an EOS stop and a length cut"
-    for prompt, out in zip(prompts, outputs):
+    for prompt, out in zip(prompts, outputs, strict=True):
         ids, values = out.topk
         assert ids.dtype == np.int32 and values.dtype == np.float32
         assert ids.shape == values.shape == (len(out.response_ids), K)
@@ -80,7 +81,7 @@ def test_sampled_generation_stores_the_temperature_1_distribution(target):
     what is stored is the model's own, unwarped one."""
     prompts = prompts_of(target)
     outputs = target.generate_scored(prompts, 10, temperature=0.5, top_p=0.8, seed=3, top_k=K)
-    for prompt, out in zip(prompts, outputs):
+    for prompt, out in zip(prompts, outputs, strict=True):
         want_ids, want_values = direct_topk(target.model, prompt, out.response_ids, K)
         assert (out.topk[0] == want_ids).all() and np.allclose(out.topk[1], want_values, atol=1e-4)
     assert any(np.exp(out.topk[1][:, 0]).min() < 0.99 for out in outputs)  # not a one-hot warp
@@ -92,7 +93,7 @@ def test_scoring_a_given_continuation_matches_the_direct_forward(target):
     prompts = prompts_of(target)
     continuations = [[5, 6, 7], [9], [], [11, 12, 13, 14, 15]]
     scored = score_continuations(target.model, prompts, continuations, K, target.pad_id)
-    for prompt, cont, (ids, values) in zip(prompts, continuations, scored):
+    for prompt, cont, (ids, values) in zip(prompts, continuations, scored, strict=True):
         assert ids.shape == (len(cont), K)
         if cont:
             want_ids, want_values = direct_topk(target.model, prompt, cont, K)
@@ -103,8 +104,7 @@ def test_udf_rows_and_the_parquet_row_contract(pair, tmp_path):
     import pyarrow.parquet as pq
 
     from sd2_ray import storage
-    from sd2_ray.distill.engines import TransformersBatchUDF
-    from sd2_ray.distill.engines import to_generated
+    from sd2_ray.distill.engines import TransformersBatchUDF, to_generated
 
     settings = {"max_new_tokens": 8, "temperature": 0.0, "top_p": 1.0, "seed": 0, "dtype": "float32",
                 "device": "cpu", "torch_threads": 1, "logprobs_top_k": K}
@@ -169,7 +169,7 @@ def test_on_policy_udf_scores_the_drafters_continuation_with_the_target(pair):
     drafter = TransformersEngine(pair[1])
     assert [o.response_ids for o in drafter.generate_scored(prompts, 8)] == out["response_ids"]
     assert out["response_ids"] != [o.response_ids for o in udf.engine.generate_scored(prompts, 8)]
-    for prompt, ids, topk, values in zip(prompts, out["response_ids"], out["topk_ids"], out["topk_logprobs"]):
+    for prompt, ids, topk, values in zip(prompts, out["response_ids"], out["topk_ids"], out["topk_logprobs"], strict=True):
         want_ids, want_values = direct_topk(udf.engine.model, prompt, ids, K)  # the *target's* scores
         assert (np.array(topk.to_pylist()) == want_ids).all()
         assert np.allclose(values.to_pylist(), want_values, atol=1e-4)

@@ -52,7 +52,7 @@ def test_vllm_engine_matches_transformers_greedy(kit_dir, tmp_path):
     expected = engine.generate_scored([r.prompt_ids for r in requests], max_new_tokens=24, top_k=5)
     import numpy as np
 
-    for got, want in zip(result, expected):
+    for got, want in zip(result, expected, strict=True):
         assert got["response"] == engine.decode(want.kept)
         assert (got["response_tokens"], got["finish_reason"]) == (len(want.kept), want.reason)
         assert got["response_ids"] == want.response_ids  # the EOS kept the same way by both engines
@@ -101,5 +101,5 @@ def test_tensor_parallel_2_on_cpu_and_prompts_over_max_model_len_skipped_up_fron
     expected = engine.generate_scored([r.prompt_ids for r in kept], max_new_tokens=max_new)
     result = core.read_distilled(out)
     assert [r["id"] for r in result] == [r.id for r in kept]
-    for got, want in zip(result, expected):
+    for got, want in zip(result, expected, strict=True):
         assert got["response_ids"] == want.response_ids  # TP 2 (fp32) = one transformers process, greedy

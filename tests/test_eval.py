@@ -5,7 +5,6 @@ import json
 import os
 
 import pytest
-import torch
 
 from sd2_ray import manifest, storage
 from sd2_ray.cli import main as cli
@@ -120,7 +119,7 @@ def test_evaluate_pair_reuses_one_baseline(pairs):
     baseline = measure_target_only(target, prepare_prompts(ROWS, tok), settings, progress=False)
     reports = [evaluate_pair(target, drafter_dir, ROWS, k, settings, target_tokenizer=tok,
                              baseline=baseline, progress=False) for k in (1, 3)]
-    for k, report in zip((1, 3), reports):
+    for k, report in zip((1, 3), reports, strict=True):
         assert report["lossless"] is True and report["baseline_tokens_per_second"] == baseline["tokens_per_second"]
         assert len(report["per_position_acceptance"]) == k
     skipped = evaluate_pair(target, drafter_dir, ROWS, 2, EvalSettings(max_new_tokens=10, measure_baseline=False),

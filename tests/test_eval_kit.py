@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from sd2_ray.evaluate import evaluate_pair
 from sd2_ray.evaluate.config import EvalSettings
 from sd2_ray.kit import kit_paths
-from sd2_ray.models.macs import linear_macs
 from sd2_ray.models.io import load_model
+from sd2_ray.models.macs import linear_macs
 from sd2_ray.rows import read_rows
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -74,8 +74,8 @@ def fake_generate(answers: dict[str, str], tokenizer, top_k: int):
 def distilled(tmp_path_factory):
     """(root, target dir, distilled dir, answers): ``sd2 distill`` output of a char-tokenizer target,
     written with the target's top-k."""
-    from sd2_ray.distill.config import DistillConfig
     from sd2_ray.distill import job, ray_data
+    from sd2_ray.distill.config import DistillConfig
 
     root = tmp_path_factory.mktemp("xtok")
     target_tok = char_tokenizer()

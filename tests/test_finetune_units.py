@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
@@ -11,8 +10,8 @@ from sd2_ray.errors import ConfigError, DataError
 from sd2_ray.finetune import data as D
 from sd2_ray.finetune import masking
 from sd2_ray.finetune.config import FinetuneConfig
-from sd2_ray.testing.toy import char_tokenizer, magnitude_masks, make_sparse_drafter, toy_rows, write_toy_dataset
 from sd2_ray.finetune.step import fill_deepspeed_config, lr_factor, param_groups, zero_template
+from sd2_ray.testing.toy import char_tokenizer, magnitude_masks, make_sparse_drafter, toy_rows, write_toy_dataset
 
 
 @pytest.fixture(scope="module")

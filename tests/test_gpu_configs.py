@@ -66,8 +66,8 @@ def test_vllm_distill_processor_config_places_a_tensor_parallel_group_on_one_nod
 
 
 def test_cpu_distill_processor_config_uses_vllms_multiprocessing_executor_for_tp():
-    from sd2_ray.distill.config import DistillSettings
     from sd2_ray.distill import vllm_engine
+    from sd2_ray.distill.config import DistillSettings
 
     settings = DistillSettings(engine="vllm", tensor_parallel_size=2, cpus_per_actor=1, max_new_tokens=64)
     kwargs = vllm_engine.processor_kwargs("/m", settings, context=1024, env={})

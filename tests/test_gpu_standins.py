@@ -10,7 +10,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sd2_ray.finetune import data as D
 from sd2_ray.finetune import masking, step
 from sd2_ray.finetune.losses import LossSpec, LossSums
 from sd2_ray.testing.toy import char_tokenizer, magnitude_masks, toy_rows
@@ -104,7 +103,7 @@ def test_masks_registered_on_a_placed_model_never_convert(tiny_llama):
     model = tiny_llama.to(torch.bfloat16).train()
     params = dict(model.named_parameters())
     maskers = [masking._Masker(masking.PackedMask.of(m, params[k].device)) for k, m in masks.items()]
-    handles = [params[k].register_hook(h) for k, h in zip(masks, maskers)]
+    handles = [params[k].register_hook(h) for k, h in zip(masks, maskers, strict=True)]
     ids = torch.randint(3, 90, (2, 12))
     for _ in range(3):
         model.zero_grad()

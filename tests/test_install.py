@@ -6,10 +6,10 @@ from __future__ import annotations
 import importlib
 import re
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 IMPORT_NAMES = {"ray": "ray", "moto": "moto.server", "python-hcl2": "hcl2", "pyyaml": "yaml",

@@ -137,9 +137,8 @@ def test_concurrent_processes_share_one_download(s3_bucket, tmp_path, monkeypatc
 def test_ray_llm_downloads_an_s3_model_source_from_the_configured_endpoint(s3_target, tmp_path, monkeypatch):
     """The vLLM engine passes an s3:// target straight to ray.data.llm: this guards that Ray's
     own per-actor download (the call its vLLM engine stage makes) reaches our S3 endpoint."""
-    from ray.llm._internal.common.utils.download_utils import NodeModelDownloadable, download_model_files
-
     import huggingface_hub.constants
+    from ray.llm._internal.common.utils.download_utils import NodeModelDownloadable, download_model_files
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # Ray's download lock files go to ~
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # and the model here

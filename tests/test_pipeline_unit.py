@@ -9,7 +9,6 @@ from sd2_ray.pipeline.chain import chain
 from sd2_ray.pipeline.config import PipelineConfig
 from sd2_ray.pipeline.report import comparisons, write_pipeline_report
 
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

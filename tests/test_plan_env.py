@@ -16,11 +16,11 @@ pytestmark = pytest.mark.ray
 
 
 def test_a_worker_started_after_a_plan_check_sees_no_ds_accelerator(monkeypatch):
+    import ray
+
     from sd2_ray.pipeline.config import PipelineConfig
     from sd2_ray.plan.job import check
     from sd2_ray.runtime import ensure_ray
-
-    import ray
 
     if ray.is_initialized():
         pytest.skip("needs to start its own Ray")

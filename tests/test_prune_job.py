@@ -7,12 +7,11 @@ import os
 import pyarrow as pa
 import pytest
 import torch
-
 from _prune_tiny import calibration_rows, save_tiny, write_jsonl
+
 from sd2_ray import cli, manifest, storage
 from sd2_ray.models.sparsity import check_nm, load_masks, masked_weights_nonzero, read_report
 from sd2_ray.prune.verify import verify_pruned
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -151,7 +150,7 @@ def test_bad_input_is_one_line(args, needle, model_dir, prompts, tmp_path, capsy
     empty.mkdir()
     (empty / "config.json").write_text("{}")
     base = {"--model": model_dir, "--calibration": prompts, "--output": str(tmp_path / "o")}
-    given = dict(zip(args[::2], args[1::2]))
+    given = dict(zip(args[::2], args[1::2], strict=True))
     given = {k: (str(tmp_path / "missing.jsonl") if v == "MISSING" else str(empty) if v == "NOWEIGHTS" else v)
              for k, v in given.items()}
     flat = [x for k, v in {**base, **given}.items() for x in (k, v)]

@@ -34,7 +34,6 @@ from sd2_ray.prune.sequential import prune_model
 from sd2_ray.prune.sparsegpt import Hessian, sparsegpt_prune
 from sd2_ray.prune.wanda import InputNorms, wanda_prune
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

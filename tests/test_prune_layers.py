@@ -6,12 +6,11 @@ import math
 
 import pytest
 import torch
-
 from _prune_tiny import calibration_rows, char_tokenizer
+
 from sd2_ray.models.tiny import tiny_model
 from sd2_ray.prune.calibration import render_sample, tokenize_samples
 from sd2_ray.prune.layers import angular_distances, drop_blocks, layer_prune
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -28,10 +27,10 @@ def brute_force_distances(model, batches, n):
     sums, tokens = [0.0] * (layers - n + 1), 0
     for ids in batches:
         states = []
-        hooks = [b.register_forward_pre_hook(lambda m, a, kw: states.append((a[0] if a else kw["hidden_states"])[0]),
+        hooks = [b.register_forward_pre_hook(lambda m, a, kw, states=states: states.append((a[0] if a else kw["hidden_states"])[0]),
                                              with_kwargs=True) for b in model.model.layers]
         hooks.append(model.model.layers[-1].register_forward_hook(
-            lambda m, a, out: states.append((out[0] if isinstance(out, tuple) else out)[0])))
+            lambda m, a, out, states=states: states.append((out[0] if isinstance(out, tuple) else out)[0])))
         with torch.no_grad():
             model(ids, use_cache=False)
         for h in hooks:
@@ -39,7 +38,7 @@ def brute_force_distances(model, batches, n):
         for t in range(ids.shape[1]):
             for start in range(layers - n + 1):
                 a, b = states[start][t].tolist(), states[start + n][t].tolist()
-                dot = sum(x * y for x, y in zip(a, b))
+                dot = sum(x * y for x, y in zip(a, b, strict=True))
                 cos = dot / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
                 sums[start] += math.acos(max(-1.0, min(1.0, cos))) / math.pi
         tokens += ids.shape[1]
@@ -86,7 +85,7 @@ def test_dropped_model_saves_loads_and_generates(arch, batches, tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "small", dtype=torch.float32).eval()
     blocks = loaded.model.layers if arch != "gpt_neox" else loaded.gpt_neox.layers
     assert len(blocks) == 2
-    for block, expected in zip(blocks, kept_weights):
+    for block, expected in zip(blocks, kept_weights, strict=True):
         for key, value in block.state_dict().items():
             assert torch.equal(value, expected[key]), key
     ids = batches[0]

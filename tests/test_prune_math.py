@@ -1,7 +1,6 @@
 """Pure pruning math: exact sparsity, N:M groups, SparseGPT's reconstruction quality, light imports."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -11,7 +10,6 @@ from sd2_ray.prune.quality import reconstruction_error
 from sd2_ray.prune.selection import keep_nm, keep_unstructured
 from sd2_ray.prune.sparsegpt import Hessian, inverse_hessian_factor, sparsegpt_prune
 from sd2_ray.prune.wanda import InputNorms, wanda_prune
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

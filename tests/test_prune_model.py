@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from _prune_tiny import calibration_rows, char_tokenizer
+
 from sd2_ray.models.sparsity import check_masks, check_nm, masked_weights_nonzero, sparsity_problems
 from sd2_ray.models.tiny import tiny_model
 from sd2_ray.prune.calibration import render_sample, tokenize_samples
 from sd2_ray.prune.config import PruneConfig
 from sd2_ray.prune.sequential import decoder_blocks, prune_model
 from sd2_ray.prune.sparsegpt import Hessian, sparsegpt_prune
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -122,6 +121,6 @@ def test_sparsegpt_beats_magnitude_on_model_output(batches):
     def error(method):
         model, _, _ = prune_model(tiny_model("llama", layers=2, seed=1), batches, config(method=method, sparsity=0.5))
         with torch.no_grad():
-            return sum(float((model(ids).logits - r).pow(2).sum()) for ids, r in zip(batches, reference))
+            return sum(float((model(ids).logits - r).pow(2).sum()) for ids, r in zip(batches, reference, strict=True))
 
     assert error("sparsegpt") < error("magnitude")

@@ -25,9 +25,9 @@ def served(tmp_path_factory):
 
     from sd2_ray.runtime import ensure_ray
     from sd2_ray.serve.config import ServeConfig
+    from sd2_ray.serve.http import free_port
     from sd2_ray.serve.job import start
     from sd2_ray.testing.serve_pairs import save_tiny_pair
-    from sd2_ray.serve.http import free_port
 
     target, drafter = save_tiny_pair(str(tmp_path_factory.mktemp("pair")))
     saved = {key: os.environ.get(key) for key in PUSH_INTERVALS}

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from conftest import free_ports
 
 pytestmark = [pytest.mark.ray, pytest.mark.cluster, pytest.mark.slow]  # ~100 s on 2 shared cores

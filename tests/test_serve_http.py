@@ -13,7 +13,6 @@ import os
 import httpx
 import pytest
 
-
 pytestmark = pytest.mark.ray
 
 MAX_NEW = 16

@@ -12,7 +12,6 @@ import tempfile
 import time
 
 import pytest
-
 from conftest import free_ports
 
 pytestmark = [pytest.mark.ray, pytest.mark.cluster, pytest.mark.slow]  # 90-135 s on 2 shared cores

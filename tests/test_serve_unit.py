@@ -199,7 +199,7 @@ def test_large_batches_decode_without_the_drafter_and_say_so(pair, tokenizer):
         jobs = [Job(r, core.TextStream(tokenizer, r.stop)) for r in requests]
         last = [None] * len(jobs)
         async for step in run_batch(engine, jobs, ThreadPoolExecutor(1), speculate=speculate):
-            last = [d if d.finish_reason else prev for d, prev in zip(step, last)]
+            last = [d if d.finish_reason else prev for d, prev in zip(step, last, strict=True)]
         return last
 
     drafted, plain = asyncio.run(finals(True)), asyncio.run(finals(False))
@@ -268,7 +268,7 @@ def test_one_failing_request_fails_alone_not_its_batch(pair, tokenizer):
         jobs = [Job(r, core.TextStream(tokenizer, r.stop)) for r in (good[0], bad, good[1])]
         last = [None] * 3
         async for step in run_batch(engine, jobs, ThreadPoolExecutor(1)):
-            last = [d if d.finish_reason else prev for d, prev in zip(step, last)]
+            last = [d if d.finish_reason else prev for d, prev in zip(step, last, strict=True)]
         return last
 
     first, failed, third = asyncio.run(finals())

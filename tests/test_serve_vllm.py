@@ -25,9 +25,9 @@ def _free_port() -> int:
 def vllm_server(kit_dir):
     from ray import serve
 
+    from sd2_ray.runtime import ensure_ray
     from sd2_ray.serve.app import build_app
     from sd2_ray.serve.config import ServeConfig
-    from sd2_ray.runtime import ensure_ray
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     ray = ensure_ray(num_cpus=4)

@@ -11,8 +11,8 @@ import shutil
 
 import pytest
 import torch
-
 from _prune_tiny import save_tiny
+
 from sd2_ray import cli
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -81,10 +81,10 @@ def test_a_fine_tuned_dir_holds_the_models_tensors_and_carries_the_masks(pruned,
 
 def test_a_metadata_copy_brings_the_masks_but_no_weights(pruned):
     """The fine-tune's driver reads the masks from a metadata copy of the model dir."""
+    import fnmatch
+
     from sd2_ray.models.io import METADATA_FILES
     from sd2_ray.models.sparsity import MASKS_FILE
-
-    import fnmatch
 
     rels = [os.path.relpath(p, pruned) for p in glob.glob(os.path.join(pruned, "**", "*"), recursive=True)
             if os.path.isfile(p)]

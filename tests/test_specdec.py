@@ -3,7 +3,6 @@
 The engine-level tests run on both KV caches: static (the default) and the growing one."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -11,9 +10,8 @@ from sd2_ray.models.tiny import tiny_model
 from sd2_ray.specdec.engine import SpeculativeEngine
 from sd2_ray.specdec.kv import RaggedKV
 from sd2_ray.specdec.sampling import RowParams, warp_probs
-from sd2_ray.testing.engine_pairs import noisy_copy, sharpen
 from sd2_ray.specdec.types import GenerationRequest, SamplingParams
-
+from sd2_ray.testing.engine_pairs import noisy_copy, sharpen
 
 
 @pytest.fixture(autouse=True)
@@ -59,7 +57,7 @@ def test_greedy_equals_target_greedy(pair, batch, k, make_engine):
     refs = [hf_greedy(target, p, 24) for p in prompts]
     results = make_engine(target, drafter, k).generate([GenerationRequest(p, 24) for p in prompts])
     assert [r.token_ids for r in results] == refs
-    for r, ref in zip(results, refs):
+    for r, ref in zip(results, refs, strict=True):
         assert r.finish_reason == ("stop" if ref[-1] == 2 else "length")
         assert 1.0 <= r.stats.mean_accepted_length <= k + 1
         assert r.stats.committed_tokens == len(ref)
@@ -135,7 +133,7 @@ def test_mixed_batch_and_max_batch_size(pair, make_engine):
     params = [SamplingParams(), SamplingParams(temperature=0.8, top_k=10, seed=1), SamplingParams(),
               SamplingParams(temperature=1.2, top_p=0.8, seed=2)]
     engine = make_engine(target, drafter, 3, max_batch_size=3)
-    results = engine.generate([GenerationRequest(p, 16, s) for p, s in zip(prompts, params)])
+    results = engine.generate([GenerationRequest(p, 16, s) for p, s in zip(prompts, params, strict=True)])
     for i in (0, 2):
         assert results[i].token_ids == hf_greedy(target, prompts[i], 16)
     again = engine.generate([GenerationRequest(prompts[1], 16, params[1])])[0]
@@ -178,8 +176,7 @@ def test_ragged_kv_holes_and_compaction_keep_logits():
 
 
 def test_warp_probs_matches_transformers_warpers():
-    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
-                                                        TopPLogitsWarper)
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     logits = torch.randn(3, 1, 50) * 3
     params = [SamplingParams(0.7, 0.9, 5), SamplingParams(1.3, 0.5, 0), SamplingParams(0.5, 1.0, 12)]

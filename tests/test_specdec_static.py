@@ -15,9 +15,8 @@ from sd2_ray.specdec.engine import SpeculativeEngine, right_aligned
 from sd2_ray.specdec.sampling import RowParams
 from sd2_ray.specdec.static_kv import StaticKV, supports_static
 from sd2_ray.specdec.steps import DecodeSteps
-from sd2_ray.testing.engine_pairs import sharpen
 from sd2_ray.specdec.types import GenerationRequest, SamplingParams
-
+from sd2_ray.testing.engine_pairs import sharpen
 
 
 @pytest.fixture(autouse=True)
@@ -111,12 +110,12 @@ def test_compiled_steps_give_the_eager_tokens():
                SpeculativeEngine(target, drafter, 3, eos_token_ids=(), static_cache=False)]
     assert engines[0].compile
     for sp in (SamplingParams(), SamplingParams(temperature=0.9, top_k=20, seed=3)):
-        requests = [GenerationRequest(p, n, sp) for p, n in zip(prompts, budgets)]
+        requests = [GenerationRequest(p, n, sp) for p, n in zip(prompts, budgets, strict=True)]
         outputs = [[r.token_ids for r in e.generate(requests)] for e in engines]
         assert outputs[0] == outputs[1] == outputs[2]
         assert [len(o) for o in outputs[0]] == budgets
     alone = SpeculativeEngine(target, None, 0, eos_token_ids=(), compile=True)
-    requests = [GenerationRequest(p, n) for p, n in zip(prompts, budgets)]
+    requests = [GenerationRequest(p, n) for p, n in zip(prompts, budgets, strict=True)]
     greedy = [r.token_ids for r in engines[1].generate(requests)]
     assert [r.token_ids for r in alone.generate(requests)] == greedy
 

@@ -6,10 +6,9 @@ import torch
 
 from sd2_ray.models.tiny import tiny_model
 from sd2_ray.specdec.engine import SpeculativeEngine
-from sd2_ray.testing.engine_pairs import bpe_tokenizer, char_tokenizer, noisy_copy, permuted_copy, sharpen
 from sd2_ray.specdec.types import GenerationRequest, SamplingParams
 from sd2_ray.specdec.uag import Translator, common_prefix, needs_translation
-
+from sd2_ray.testing.engine_pairs import bpe_tokenizer, char_tokenizer, noisy_copy, permuted_copy, sharpen
 
 
 @pytest.fixture(autouse=True)

@@ -156,7 +156,7 @@ def _completed_in_state(exp_dir: str) -> int:
     except ValueError:
         return 0
     done = 0
-    for trial_json, runtime_json in data.get("trial_data", []):
+    for trial_json, _runtime_json in data.get("trial_data", []):
         if json.loads(trial_json).get("status") == "TERMINATED":
             done += 1
     return done

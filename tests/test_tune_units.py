@@ -2,17 +2,26 @@
 trial status, best row and Pareto front, and the report files."""
 from __future__ import annotations
 
-import os
 import json
 import math
+import os
 
 import pytest
 
 from sd2_ray.errors import ConfigError
 from sd2_ray.tune import report as R
 from sd2_ray.tune.config import TuneConfig
-from sd2_ray.tune.space import (NO_LIMIT_STEPS, asha_max_t, finite_or_inf, grid, objective_value, param_space, prune_fields, prune_key,
-                                pruning_points)
+from sd2_ray.tune.space import (
+    NO_LIMIT_STEPS,
+    asha_max_t,
+    finite_or_inf,
+    grid,
+    objective_value,
+    param_space,
+    prune_fields,
+    prune_key,
+    pruning_points,
+)
 
 BASE = dict(output="o", target="t", drafter="d", data="x", eval_prompts="e")
 

@@ -15,8 +15,6 @@ its 407 accepted tokens lie past the end (911 - 24 prefill tokens = 887 = 487 + 
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -68,7 +66,7 @@ def test_vllm_acceptance_agrees_with_sd2_eval_mal(kit_dir, monkeypatch):
         llm.llm_engine.engine_core.shutdown()
     eos = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
               else [model.generation_config.eos_token_id])
-    for got, want in zip(done, ours["outputs"]):  # the same greedy text (ours keeps the EOS, vLLM not)
+    for got, want in zip(done, ours["outputs"], strict=True):  # the same greedy text (ours keeps the EOS, vLLM not)
         assert list(got.outputs[0].token_ids) == [t for t in want if t not in eos] or \
             list(got.outputs[0].token_ids) == want
     vllm_mal = 1 + counters["num_accepted_tokens"] / counters["num_drafts"]

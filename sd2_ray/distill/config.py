@@ -54,7 +54,7 @@ class DistillSettings(StageConfig):
         default_factory=dict, description="vllm: extra engine kwargs (e.g. max_model_len, enforce_eager)")
 
     @model_validator(mode="after")
-    def _check_combination(self) -> "DistillSettings":
+    def _check_combination(self) -> DistillSettings:
         if self.engine == "transformers" and self.tensor_parallel_size != 1:
             raise ValueError("tensor_parallel_size > 1 needs engine=vllm")
         if self.mode == "on-policy":
@@ -134,7 +134,7 @@ class DistillConfig(DistillSettings):
         "s3://; must share the target's tokenizer); sampled with temperature/top_p/seed")
 
     @model_validator(mode="after")
-    def _drafter_for_on_policy(self) -> "DistillConfig":
+    def _drafter_for_on_policy(self) -> DistillConfig:
         if self.mode == "on-policy" and not self.drafter:
             raise ValueError("on-policy needs a drafter (--drafter DIR)")
         if self.mode != "on-policy" and self.drafter:

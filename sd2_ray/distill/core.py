@@ -172,7 +172,9 @@ def rewrite_problem(text: str | None, finish_reason: str | None, allow_truncated
 def result_row(request: Request, generated: Generated, mode: str, allow_truncated: bool) -> dict[str, Any]:
     """The output row: ``response`` is what the drafter learns; ``source`` says whose it is.
     The token-level columns (``response_ids``, top-k) travel only with generated text."""
-    response, source, rejected = generated.text, DRAFTER if mode == "on-policy" else TARGET, None
+    response: str | None = generated.text
+    source: str | None = DRAFTER if mode == "on-policy" else TARGET
+    rejected = None
     if generated.error is not None:
         response, source = None, None
     elif mode == "rewrite":

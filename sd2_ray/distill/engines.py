@@ -98,7 +98,7 @@ class TransformersEngine:
             outputs.append(EngineOutput(kept, reason, with_stop_token(gen, kept)))
         if top_k:
             scores = generation_topk(out.logits, [len(o.response_ids) for o in outputs], top_k)
-            for o, topk in zip(outputs, scores):
+            for o, topk in zip(outputs, scores, strict=True):
                 o.topk = topk
         return outputs
 
@@ -149,7 +149,7 @@ class TransformersBatchUDF:
             generated = self._generate(prompts, indices)
         except Exception as err:  # noqa: BLE001 - fall back to one row at a time
             log.warning("batch of %d rows failed (%s); retrying row by row", len(prompts), err)
-            generated = [self._generate_one(p, i) for p, i in zip(prompts, indices)]
+            generated = [self._generate_one(p, i) for p, i in zip(prompts, indices, strict=True)]
         out: dict[str, list] = {"index": indices, "shard": [int(s) for s in batch["shard"]],
                                 "response": [g.text for g in generated],
                                 "finish_reason": [g.finish_reason for g in generated],
@@ -162,7 +162,7 @@ class TransformersBatchUDF:
         s = self.settings  # the seed follows the batch's first row, so a rerun samples the same
         outputs = self.engine.generate_scored(prompts, s["max_new_tokens"], s["temperature"], s["top_p"],
                                               seed=s["seed"] + min(indices), top_k=s.get("logprobs_top_k", 0))
-        return [generated_of(i, self.engine.decode(o.kept), o) for i, o in zip(indices, outputs)]
+        return [generated_of(i, self.engine.decode(o.kept), o) for i, o in zip(indices, outputs, strict=True)]
 
     def _generate_one(self, prompt: list[int], index: int) -> Generated:
         try:
@@ -206,7 +206,7 @@ def to_generated(row: dict[str, Any], eos_ids: list[int], max_new_tokens: int, t
         row = vllm_result(row, eos_ids, max_new_tokens, top_k)
     error = row.get("error")
     text = row.get("response")
-    ids = row.get("response_ids")
+    ids: Any = row.get("response_ids")  # a list, an array, None or NaN
     return Generated(index=int(row["index"]), text=None if _missing(text) else str(text),
                      finish_reason=None if _missing(row.get("finish_reason")) else str(row["finish_reason"]),
                      response_tokens=int(row.get("response_tokens") or 0),

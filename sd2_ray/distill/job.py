@@ -73,7 +73,6 @@ def load_target_info(model_dir: str, trust_remote_code: bool) -> tuple[Any, list
     from transformers import AutoConfig, GenerationConfig
 
     from sd2_ray.models.io import load_tokenizer
-
     from sd2_ray.models.tokens import eos_token_ids
 
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
@@ -99,6 +98,7 @@ def check_drafter_tokenizer(config: DistillConfig, target_tokenizer) -> None:
     """On-policy mode scores the drafter's token ids with the target: one vocabulary, or nothing."""
     from sd2_ray.models.io import load_tokenizer, model_metadata_dir
 
+    assert config.drafter is not None  # DistillConfig requires one in on-policy mode
     drafter = load_tokenizer(model_metadata_dir(config.drafter), trust_remote_code=config.trust_remote_code)
     if drafter.get_vocab() != target_tokenizer.get_vocab():
         raise DataError(f"{config.drafter}: on-policy needs a drafter with the target's tokenizer "
@@ -130,7 +130,7 @@ def plan_shards(rows: list[Any], requests: list[core.Request], skipped: list[dic
         ids = [core.safe_row_id(rows[i], i) for i in range(lo, hi)]
         fp = core.fingerprint(ids, settings)
         record = read_record(config.output, shard)
-        done = bool(record) and record.get("fingerprint") == fp \
+        done = record is not None and record.get("fingerprint") == fp \
             and storage.exists(storage.join(config.output, core.shard_file(shard)))
         plan[shard] = {"rows_in": hi - lo, "fingerprint": fp, "done": done}
     done = sum(1 for p in plan.values() if p["done"])
@@ -198,8 +198,14 @@ def finish(plan: dict[int, dict[str, Any]], skipped: list[dict[str, Any]], confi
            rows_in: int, seconds: float) -> dict[str, Any]:
     """Gather the shard records, drop stale shards of a bigger earlier input, mark complete."""
     out = config.output
-    records = [read_record(out, shard) for shard in sorted(plan)]
-    missing = [s for s, r in zip(sorted(plan), records) if r is None]
+    records: list[dict[str, Any]] = []
+    missing = []
+    for shard in sorted(plan):
+        record = read_record(out, shard)
+        if record is None:
+            missing.append(shard)
+        else:
+            records.append(record)
     if missing:
         raise RuntimeError(f"{out}: shards {missing} have no completion record")
     remove_stale_shards(out, len(plan))

@@ -40,6 +40,6 @@ class OnPolicyBatchUDF(TransformersBatchUDF):
                                                seed=s["seed"] + min(indices))
         scored = score_continuations(self.engine.model, prompts, [o.response_ids for o in outputs],
                                      s["logprobs_top_k"], self.engine.pad_id, self.engine.device)
-        for output, topk in zip(outputs, scored):
+        for output, topk in zip(outputs, scored, strict=True):
             output.topk = topk
-        return [generated_of(i, self.engine.decode(o.kept), o) for i, o in zip(indices, outputs)]
+        return [generated_of(i, self.engine.decode(o.kept), o) for i, o in zip(indices, outputs, strict=True)]

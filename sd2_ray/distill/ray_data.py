@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from sd2_ray.distill.core import Generated, Request
 from sd2_ray.distill.engines import to_generated
@@ -87,7 +88,8 @@ def apply_transformers(ds, model_dir: str, config) -> Any:
     from sd2_ray.distill.engines import TransformersBatchUDF, transformers_settings
     from sd2_ray.runtime import worker_env
 
-    udf, kwargs = TransformersBatchUDF, {"model_dir": model_dir, "settings": transformers_settings(config)}
+    udf: type = TransformersBatchUDF  # the actor class, built with kwargs
+    kwargs = {"model_dir": model_dir, "settings": transformers_settings(config)}
     if config.mode == "on-policy":
         from sd2_ray.distill.onpolicy import OnPolicyBatchUDF
 

@@ -58,7 +58,7 @@ def score_continuations(model, prompts: list[list[int]], continuations: list[lis
     the position ids generation would use) -> the top-k at every continuation token."""
     import torch
 
-    seqs = [list(p) + list(c) for p, c in zip(prompts, continuations)]
+    seqs = [list(p) + list(c) for p, c in zip(prompts, continuations, strict=True)]
     width, keep = max(len(s) for s in seqs), max(len(c) for c in continuations) + 1
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)

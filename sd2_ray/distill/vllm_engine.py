@@ -100,7 +100,8 @@ def vllm_result(row: dict[str, Any], eos_ids: list[int], max_new_tokens: int, to
     column between the stages and logs "Failed to convert column '__data'"); this turns them
     into plain ``topk_ids`` / ``topk_logprobs`` lists, so everything downstream is Arrow again."""
     error = row.get("__inference_error__") or None
-    tokens = [int(t) for t in (row.get("generated_tokens") if row.get("generated_tokens") is not None else [])]
+    generated = row.get("generated_tokens")
+    tokens = [int(t) for t in (generated if generated is not None else [])]
     kept, reason = split_at_eos(tokens, eos_ids, max_new_tokens)
     response_ids = None if error else with_stop_token(tokens, kept)
     out = {"index": int(row["index"]), "shard": int(row["shard"]),
@@ -108,7 +109,8 @@ def vllm_result(row: dict[str, Any], eos_ids: list[int], max_new_tokens: int, to
            "finish_reason": None if error else reason, "response_tokens": 0 if error else len(kept),
            "error": error, "response_ids": response_ids}
     if top_k:
-        ids, logprobs = (None, None) if error else vllm_topk(row.get("logprobs"), top_k, len(response_ids))
+        ids, logprobs = (None, None) if response_ids is None else vllm_topk(row.get("logprobs"), top_k,
+                                                                             len(response_ids))
         out["topk_ids"] = None if ids is None else ids.tolist()
         out["topk_logprobs"] = None if logprobs is None else logprobs.tolist()
     return out

@@ -1,8 +1,6 @@
 """Config of ``sd2 eval``."""
 from __future__ import annotations
 
-from typing import Optional
-
 from pydantic import Field, model_validator
 
 from sd2_ray.config import NODE_RESOURCES_DESCRIPTION, NodeResources, StageConfig, StoragePath
@@ -24,7 +22,7 @@ class EvalSettings(StageConfig):
                                             "cpu, cuda or cuda:N")
     dtype: DtypeName = Field(
         "auto", description="model dtype; auto = bfloat16 on cuda, float32 on cpu")
-    device_map: Optional[str] = Field(
+    device_map: str | None = Field(
         None, description="accelerate device_map for the target, e.g. 'auto' to shard a target too "
                           "big for one GPU over the visible GPUs (the drafter goes where the target "
                           "takes its inputs); overrides device for the target")

@@ -96,7 +96,7 @@ def _run(engine: SpeculativeEngine, requests: list[GenerationRequest], batch_siz
             results = engine.generate([requests[i] for i in chunk])
             seconds += time.perf_counter() - began
             cpu += time.process_time() - began_cpu
-            for i, result in zip(chunk, results):
+            for i, result in zip(chunk, results, strict=True):
                 outputs[i] = result.token_ids
                 stats = stats.merge(result.stats)
             bar.update(len(chunk))
@@ -245,7 +245,7 @@ def _report(stats: SpecStats, seconds: float, cpu: float, outputs, baseline, t_m
         if base_cpu and cpu:
             out["measured_speedup_cpu"] = base_cpu / baseline["generated_tokens"] * tokens / cpu
         if temperature == 0.0:
-            mismatched = [i for i, (a, b) in enumerate(zip(outputs, baseline["outputs"])) if a != b]
+            mismatched = [i for i, (a, b) in enumerate(zip(outputs, baseline["outputs"], strict=True)) if a != b]
             out["lossless"] = not mismatched
             out["lossless_mismatches"] = mismatched
     return out

@@ -60,8 +60,9 @@ def _evaluate_here(pending: dict[str, EvalConfig], rows, baseline_path: str):
 
 
 def _evaluate_in_tasks(pending: dict[str, EvalConfig], rows, baseline_path: str):
-    """As Ray tasks with ``gpus`` GPUs each on the configured node type (retried when a node is lost): the baseline first (or the saved one), then every
-    drafter at once (Ray queues them for free GPUs); reports come back in drafter order."""
+    """As Ray tasks with ``gpus`` GPUs each on the configured node type (retried when a node is
+    lost): the baseline first (or the saved one), then every drafter at once (Ray queues them for
+    free GPUs); reports come back in drafter order."""
     from sd2_ray.runtime import run_with_gpus, submit_with_gpus
 
     first = next(iter(pending.values()))

@@ -7,8 +7,9 @@ that row carries the direction only (self-distillation is what aligns the drafte
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 # How far the layer baseline's MACs may be from SD²'s for "at equal MACs" to hold.
 EQUAL_MACS_TOLERANCE = 0.05

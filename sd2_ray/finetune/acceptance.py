@@ -36,12 +36,17 @@ over batches and workers (plain floats, all-reduce them), then :func:`summarize`
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
-from sd2_ray.finetune.losses import (chunk_starts, drafter_log_probs, labelled_positions, position_logits,
-                                    target_log_probs)
+from sd2_ray.finetune.losses import (
+    chunk_starts,
+    drafter_log_probs,
+    labelled_positions,
+    position_logits,
+    target_log_probs,
+)
 
 SUM_KEYS = ("positions", "alpha", "alpha_upper", "mal_alpha", "greedy_accepted", "committed",
             "greedy_rounds", "alpha_rounds", "rows")
@@ -101,6 +106,7 @@ def acceptance_sums(outputs: torch.Tensor, batch: dict, num_speculative_tokens: 
         return sums
     labels = batch["labels"].to(outputs.device)
     pos = labelled_positions(labels, batch)
+    assert pos.topk_ids is not None and pos.topk_logprobs is not None  # the batch has top-k
     keep = pos.has_topk
     rows, ids, lps = pos.rows[keep], pos.topk_ids[keep].long(), pos.topk_logprobs[keep]
     flat = outputs.reshape(-1, outputs.shape[-1])
@@ -194,6 +200,6 @@ def spearman(x: list[float], y: list[float]) -> float:
         raise ValueError(f"spearman needs two equal-length lists of at least 2 values, got {len(x)} and {len(y)}")
     rx, ry = ranks(x), ranks(y)
     mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
     var = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
     return cov / var if var else float("nan")

@@ -1,7 +1,8 @@
 """Config of ``sd2 finetune``: masked sparse fine-tuning on Ray Train + DeepSpeed ZeRO."""
 from __future__ import annotations
 
-from typing import Any, Iterable, Literal, Optional
+from collections.abc import Iterable
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -57,7 +58,7 @@ class FinetuneSettings(StageConfig):
     enforce_masks: bool = Field(True, description="keep masked weights at zero (false only for "
                                                   "ablations: the sparsity is then lost)")
     use_gpu: bool = Field(False, description="GPU workers with nccl (a cluster); false: CPU + gloo")
-    backend: Optional[str] = Field(None, description="torch.distributed backend (default: nccl with use_gpu, "
+    backend: str | None = Field(None, description="torch.distributed backend (default: nccl with use_gpu, "
                                    "else gloo); e.g. cuda:gloo makes CPU-tensor collectives fail as under NCCL")
     gradient_checkpointing: bool = Field(False, description="recompute each block's activations in backward "
                                          "(activation memory of one block instead of all; ~30 % more compute)")
@@ -79,7 +80,7 @@ class FinetuneSettings(StageConfig):
     loss_chunk_tokens: int = Field(1024, ge=1, description="positions whose LM-head logits exist at once while "
                                    "computing the loss (the fp32 full-vocabulary tensors of a whole batch are "
                                    "never held)")
-    use_response_ids: Optional[bool] = Field(
+    use_response_ids: bool | None = Field(
         None, description="train on the target's own token ids (column response_ids) instead of re-tokenising "
         "the response text: true = always (a drafter whose tokenizer is not the one the ids were written "
         "with is refused); false = never; unset = when the drafter has that tokenizer (the distill "
@@ -96,7 +97,7 @@ class FinetuneSettings(StageConfig):
         "MAL (needs eval_every and top-k rows)")
 
     @model_validator(mode="after")
-    def _check_batch(self) -> "FinetuneConfig":
+    def _check_batch(self) -> FinetuneSettings:
         per_step = self.workers * self.grad_accum
         if self.batch_size % per_step:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of workers x grad_accum "
@@ -113,7 +114,7 @@ class FinetuneSettings(StageConfig):
         return self.backend or ("nccl" if self.use_gpu else "gloo")
 
     @model_validator(mode="after")
-    def _check_selection(self) -> "FinetuneConfig":
+    def _check_selection(self) -> FinetuneSettings:
         if self.select_by == "expected_mal" and self.eval_every is None:
             raise ValueError("select_by expected_mal needs eval_every (held-out acceptance is measured then)")
         return self

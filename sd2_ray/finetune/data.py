@@ -16,8 +16,9 @@ reference answer, older data) take the text path and carry no top-k.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -135,9 +136,9 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
         mask[i, :n] = 1
         labels[i, :n] = torch.tensor(e.labels)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    with_topk = [e for e in examples if e.topk_ids is not None and e.topk_ids.numel()]
-    if with_topk:
-        batch.update(collate_topk(examples, width, with_topk[0].topk_ids.shape[1]))
+    top_ks = [e.topk_ids.shape[1] for e in examples if e.topk_ids is not None and e.topk_ids.numel()]
+    if top_ks:
+        batch.update(collate_topk(examples, width, top_ks[0]))
     return batch
 
 
@@ -150,6 +151,7 @@ def collate_topk(examples: Sequence[Example], width: int, k: int) -> dict[str, t
             continue
         if e.topk_ids.shape[1] != k:
             raise DataError(f"rows of one batch store different top-k sizes ({k} and {e.topk_ids.shape[1]})")
+        assert e.topk_logprobs is not None, "an example's top-k ids come with their log-probs"
         span = slice(e.topk_start, e.topk_start + e.topk_ids.shape[0])
         topk_ids[i, span] = e.topk_ids.long()
         topk_lp[i, span] = e.topk_logprobs

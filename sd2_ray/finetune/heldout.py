@@ -8,9 +8,9 @@ engine's device and summarised into metrics (``eval_loss``, ``expected_mal``, ``
 
 Selection (``select_by``): ``loss`` keeps the step with the lowest ``eval_loss``,
 ``expected_mal`` the highest ``expected_mal`` (ties: the later step). An eval step that
-matches or improves it forces a checkpoint, scored so that Ray Train's checkpoint manager keeps it (``select_score``: the
-oriented value; every other checkpoint gets :data:`UNSCORED`, and the latest is always
-kept for resumption). The driver publishes that step's weights.
+matches or improves it forces a checkpoint, scored so that Ray Train's checkpoint manager
+keeps it (``select_score``: the oriented value; every other checkpoint gets :data:`UNSCORED`,
+and the latest is always kept for resumption). The driver publishes that step's weights.
 """
 from __future__ import annotations
 
@@ -34,7 +34,9 @@ LOSS_KEYS = ("total", "ce", "kd", "ce_tokens", "kd_tokens")
 
 def eval_due(cfg: dict, step: int, total: int) -> bool:
     every = cfg.get("eval_every")
-    return bool(every) and (step % every == 0 or step == total)
+    if not every:
+        return False
+    return step % every == 0 or step == total
 
 
 def heldout_batches(rows: list[dict], tokenizer, cfg: dict, rank: int, world: int) -> list[tuple[dict, bool]]:
@@ -69,15 +71,15 @@ def evaluate(engine, batches: list[tuple[dict, bool]], cfg: dict) -> dict[str, A
                 if counted:
                     last = module.last
                     for key, value in zip(LOSS_KEYS, (float(last.total), last.ce, last.kd, last.ce_tokens,
-                                                      last.kd_tokens)):
+                                                      last.kd_tokens), strict=True):
                         loss[key] += value
                     for key in SUM_KEYS:
                         acc[key] += module.last_acceptance[key]
     finally:
         engine.train()
     reduced = all_reduce([loss[k] for k in LOSS_KEYS] + [acc[k] for k in SUM_KEYS], device)
-    loss = dict(zip(LOSS_KEYS, reduced[:len(LOSS_KEYS)]))
-    acc = dict(zip(SUM_KEYS, reduced[len(LOSS_KEYS):]))
+    loss = dict(zip(LOSS_KEYS, reduced[:len(LOSS_KEYS)], strict=True))
+    acc = dict(zip(SUM_KEYS, reduced[len(LOSS_KEYS):], strict=True))
     tokens = max(loss["ce_tokens"], 1.0)
     out: dict[str, Any] = {"eval_loss": loss["total"] / tokens, "eval_ce": loss["ce"] / tokens}
     if module.spec.needs_topk and loss["kd_tokens"]:

@@ -61,7 +61,7 @@ class LossSpec:
             raise ValueError(f"unknown loss '{self.kind}' (one of {', '.join(LOSSES)})")
 
     @classmethod
-    def from_config(cls, config) -> "LossSpec":
+    def from_config(cls, config) -> LossSpec:
         """From a :class:`~sd2_ray.finetune.config.FinetuneSettings` or the workers' plain-dict copy."""
         values = config if isinstance(config, dict) else config.model_dump()
         return cls(kind=values["loss"], ce_weight=values["ce_weight"], temperature=values["kd_temperature"],
@@ -187,6 +187,7 @@ def _chunk_sums(flat: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, ha
     ce = F.cross_entropy(logits, labels, reduction="sum")
     if kind == "ce" or topk_ids is None or not bool(has_topk.any()):
         return ce, logits.new_zeros(())
+    assert topk_logprobs is not None, "top-k ids come with their log-probs"
     logits, ids, lp = logits[has_topk], topk_ids[has_topk].long(), topk_logprobs[has_topk]
     logp = target_log_probs(lp, temperature)
     logq = drafter_log_probs(logits, ids, temperature)

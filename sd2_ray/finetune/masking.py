@@ -21,8 +21,12 @@ Pure torch at import time; DeepSpeed is imported only inside the ZeRO-3 paths.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
+import operator
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -61,7 +65,7 @@ class PackedMask:
         self.shape = tuple(shape)
 
     @classmethod
-    def of(cls, mask: torch.Tensor, device: torch.device | str | None = None) -> "PackedMask":
+    def of(cls, mask: torch.Tensor, device: torch.device | str | None = None) -> PackedMask:
         flat = mask.detach().reshape(-1).to(device=device or mask.device, dtype=torch.bool)
         flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % 8)]).view(-1, 8).to(torch.uint8)
         bits = flat[:, 0].clone()
@@ -80,7 +84,7 @@ class PackedMask:
     def nbytes(self) -> int:
         return self.bits.numel() * self.bits.element_size()
 
-    def to(self, device: torch.device | str) -> "PackedMask":
+    def to(self, device: torch.device | str) -> PackedMask:
         return PackedMask(self.bits.to(device), self.shape)
 
     def flat(self, start: int = 0, count: int | None = None) -> torch.Tensor:
@@ -98,13 +102,13 @@ class PackedMask:
         return int(self.flat().sum().item())
 
 
-def pack_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, PackedMask]:
+def pack_masks(model: torch.nn.Module, masks: Mapping[str, torch.Tensor | PackedMask]) -> dict[str, PackedMask]:
     """Each mask bit-packed on its parameter's device."""
     params = dict(model.named_parameters())
     return {k: m if isinstance(m, PackedMask) else PackedMask.of(m, params[k].device) for k, m in masks.items()}
 
 
-def register_gradient_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor | PackedMask]) -> list:
+def register_gradient_masks(model: torch.nn.Module, masks: Mapping[str, torch.Tensor | PackedMask]) -> list:
     """Multiply each masked parameter's gradient by its mask; returns the hook handles.
 
     Call before ``deepspeed.initialize`` (ZeRO-3 partitions the parameters in there, but the
@@ -152,14 +156,15 @@ def _partition_stray(param: torch.nn.Parameter, mask: torch.Tensor | PackedMask)
     weights ``rank * size .. (rank + 1) * size``, the last one padded)."""
     import torch.distributed as dist
 
-    local = param.ds_tensor.detach().view(-1)
-    start = local.numel() * dist.get_rank(group=param.ds_process_group)
-    count = max(0, min(local.numel(), param.ds_numel - start))
+    zero: Any = param  # ZeRO-3 sets ds_tensor, ds_process_group and ds_numel on the Parameter
+    local = zero.ds_tensor.detach().view(-1)
+    start = local.numel() * dist.get_rank(group=zero.ds_process_group)
+    count = max(0, min(local.numel(), zero.ds_numel - start))
     packed = mask if isinstance(mask, PackedMask) else PackedMask.of(mask, local.device)
     return _stray(local[:count], packed.flat(start, count))
 
 
-def count_masked_nonzero(model: torch.nn.Module, masks: dict[str, torch.Tensor | PackedMask]) -> int:
+def count_masked_nonzero(model: torch.nn.Module, masks: Mapping[str, torch.Tensor | PackedMask]) -> int:
     """Masked weights that are not zero (0 = the sparsity held). Under ZeRO-3 each rank counts
     its own partitions and the counts are summed (every rank must call this together: the sum
     is a collective); no parameter is gathered."""
@@ -176,7 +181,7 @@ def count_masked_nonzero(model: torch.nn.Module, masks: dict[str, torch.Tensor |
     if partitioned:
         import torch.distributed as dist
 
-        local = sum(_partition_stray(named[k], masks[k]) for k in partitioned)
+        local = functools.reduce(operator.add, (_partition_stray(named[k], masks[k]) for k in partitioned))
         if dist.is_initialized():
             # partitions offloaded to the CPU still sum over NCCL, which takes CUDA tensors only
             nccl = "nccl" in str(dist.get_backend())

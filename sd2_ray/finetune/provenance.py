@@ -10,8 +10,9 @@ record (older runs, hand-made files) is checked by decoding a sample of its ids 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from sd2_ray import manifest, storage
 from sd2_ray.errors import ConfigError

@@ -13,6 +13,7 @@ never the whole model on every GPU.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,6 +21,9 @@ from sd2_ray.finetune import masking
 from sd2_ray.finetune.checkpoint import DS_TAG, LM_PREFIX
 from sd2_ray.finetune.losses import LossSpec
 from sd2_ray.finetune.step import CausalLMLoss, TrainState, lr_factor, param_groups
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def training_dtype(ds_config: dict) -> torch.dtype:
@@ -47,7 +51,7 @@ def load_drafter(cfg: dict, device: torch.device, local: str | None = None):
     return model, tokenizer, masking.pack_masks(model, masks)
 
 
-def build_engine(model: torch.nn.Module, cfg: dict):
+def build_engine(model: PreTrainedModel, cfg: dict):
     """DeepSpeed engine over the loss module (the drafter is ``engine.module.lm``)."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the same choice, without its warning per worker

@@ -16,15 +16,19 @@ import copy
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from sd2_ray.finetune import data as D
 from sd2_ray.finetune.acceptance import acceptance_sums
-from sd2_ray.finetune.losses import LossSpec, loss_sum
+from sd2_ray.finetune.losses import LossSpec, LossSums, loss_sum
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 STATE_FILE = "train_state.json"
 
@@ -53,7 +57,7 @@ def merge_dicts(base: dict, overrides: dict) -> dict:
 
 def zero_template(stage: int) -> dict:
     """The package's DeepSpeed ZeRO-``stage`` template (``sd2_ray/finetune/deepspeed/``)."""
-    text = resources.files("sd2_ray.finetune").joinpath("deepspeed", f"zero{stage}.json").read_text()
+    text = resources.files("sd2_ray.finetune").joinpath("deepspeed").joinpath(f"zero{stage}.json").read_text()
     return json.loads(text)
 
 
@@ -78,7 +82,8 @@ def fill_deepspeed_config(base: dict, *, zero_stage: int, batch_size: int, micro
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: decay on matrices, none on biases and norm weights (1-D)."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for _, p in model.named_parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
@@ -105,7 +110,7 @@ class TrainState:
             json.dump(asdict(self), f)
 
     @classmethod
-    def load(cls, directory: str) -> "TrainState":
+    def load(cls, directory: str) -> TrainState:
         import os
 
         with open(os.path.join(directory, STATE_FILE)) as f:
@@ -126,11 +131,11 @@ class CausalLMLoss(torch.nn.Module):
     divergence apart) from ``last``; with ``acceptance_k`` the forward also scores the
     teacher-forced acceptance of the same positions into ``last_acceptance`` (held-out evals)."""
 
-    def __init__(self, lm: torch.nn.Module, spec: LossSpec | None = None):
+    def __init__(self, lm: PreTrainedModel, spec: LossSpec | None = None):
         super().__init__()
         self.lm = lm
         self.spec = spec or LossSpec()
-        self.last = None  # LossSums of the latest forward
+        self.last: LossSums | None = None  # of the latest forward
         self.last_acceptance: dict[str, float] | None = None
         cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
         special = any(getattr(cfg, a, None) not in (None, 1.0) for a in ("final_logit_softcapping", "logit_scale"))
@@ -147,11 +152,11 @@ class CausalLMLoss(torch.nn.Module):
         else:
             outputs = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
             head = None
-        self.last = loss_sum(outputs, batch, self.spec, head)
+        self.last = sums = loss_sum(outputs, batch, self.spec, head)
         if acceptance_k:
             self.last_acceptance = acceptance_sums(outputs, batch, acceptance_k, self.spec.temperature,
                                                    self.spec.chunk_tokens, head)
-        return self.last.total
+        return sums.total
 
 
 # ---------------------------------------------------------------- one step
@@ -175,7 +180,7 @@ def engine_device(engine) -> torch.device:
     return next(engine.parameters()).device
 
 
-def encode_batches(rows: list[dict], tokenizer, cfg: dict, count: int) -> list[dict[str, torch.Tensor]]:
+def encode_batches(rows: Sequence[dict], tokenizer, cfg: dict, count: int) -> list[dict[str, torch.Tensor]]:
     """``rows`` as ``count`` collated micro-batches (the target's ids and top-k with use_response_ids)."""
     return [D.collate(D.encode_rows(chunk, tokenizer, cfg["seq_len"], cfg["response_field"],
                                     use_ids=cfg.get("use_response_ids", False)), tokenizer.pad_token_id)
@@ -206,7 +211,7 @@ def train_step(engine, rows: list[dict], tokenizer, cfg: dict, rank: int, world:
         engine.backward(summed * scale)
         engine.step()
         last = engine.module.last
-        sums = [a + b for a, b in zip(sums, (summed.item(), last.ce, last.kd, last.kd_tokens))]
+        sums = [a + b for a, b in zip(sums, (summed.item(), last.ce, last.kd, last.kd_tokens), strict=True)]
     total, ce, kd, kd_tokens, labels, tokens = all_reduce([*sums, local_labels, local_tokens], device)
     elapsed = time.perf_counter() - start
     out = {"loss": total / max(labels, 1.0), "ce": ce / max(labels, 1.0), "lr": lr, "tokens": int(tokens),

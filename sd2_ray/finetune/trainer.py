@@ -21,9 +21,9 @@ from typing import Any
 
 from sd2_ray import manifest, storage
 from sd2_ray.errors import ConfigError, DataError
+from sd2_ray.finetune.checkpoint import FINAL_CHECKPOINT, MODEL_SUBDIR
 from sd2_ray.finetune.config import FinetuneConfig, check_loss_data
 from sd2_ray.finetune.data import row_error
-from sd2_ray.finetune.checkpoint import FINAL_CHECKPOINT, MODEL_SUBDIR
 from sd2_ray.finetune.provenance import drafter_tokenizer, use_response_ids
 from sd2_ray.finetune.step import STATE_FILE, fill_deepspeed_config, zero_template
 from sd2_ray.rows import SKIPPED_FILE, require_usable, skip_record, write_skipped

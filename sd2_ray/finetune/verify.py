@@ -10,8 +10,15 @@ import logging
 import os
 
 from sd2_ray import storage
-from sd2_ray.models.sparsity import (MASKS_FILE, SPARSITY_FILE, check_masks, load_masks,
-                                     masked_weights_nonzero, read_report, sparsity_of)
+from sd2_ray.models.sparsity import (
+    MASKS_FILE,
+    SPARSITY_FILE,
+    check_masks,
+    load_masks,
+    masked_weights_nonzero,
+    read_report,
+    sparsity_of,
+)
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Iterator
+from collections.abc import Iterator
 
 from sd2_ray import manifest, storage
 from sd2_ray.kit.config import KitConfig

@@ -68,7 +68,7 @@ class KitConfig(StageConfig):
         return value
 
     @model_validator(mode="after")
-    def _vocabs_differ(self) -> "KitConfig":
+    def _vocabs_differ(self) -> KitConfig:
         if self.vocab_size == self.uag_vocab_size:
             raise ValueError("vocab_size and uag_vocab_size must differ (the UAG drafter needs "
                              "its own tokenizer)")

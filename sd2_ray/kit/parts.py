@@ -11,9 +11,13 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from sd2_ray.kit.config import KitConfig
 from sd2_ray.kit.shapes import Shape
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -23,13 +27,13 @@ class Job:
     index: int               # seeds: init = seed*1000 + index, data = seed*1000 + 100 + index
     name: str
     shape: Shape
-    tokenizer: object
+    tokenizer: Any  # a transformers tokenizer
     streams: list[list[int]]
     shares: list[float]
     steps: int
 
 
-def train_all(config: KitConfig, jobs: list[Job]) -> tuple[dict[str, tuple[object, dict]], float]:
+def train_all(config: KitConfig, jobs: list[Job]) -> tuple[dict[str, tuple[PreTrainedModel, dict]], float]:
     """{name: (model, training record)} for every job, and the CPU seconds spent in the child."""
     import concurrent.futures
     import multiprocessing
@@ -75,7 +79,7 @@ def is_cached(config: KitConfig, name: str) -> bool:
     return os.path.isfile(os.path.join(part_location(config, name), "part.json"))
 
 
-def trained_model(config: KitConfig, job: Job) -> tuple[object, dict]:
+def trained_model(config: KitConfig, job: Job) -> tuple[PreTrainedModel, dict]:
     """Train one model, or load it from the per-model cache when identical settings trained it
     before (training is deterministic, so the weights are the same either way)."""
     import shutil

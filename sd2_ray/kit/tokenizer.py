@@ -12,7 +12,7 @@ nothing doubles when callers render then tokenize.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 PAD, DOC, END = "<|pad|>", "<|endoftext|>", "<|end|>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]

@@ -52,8 +52,8 @@ class WindowSampler:
         self.gen = torch.Generator().manual_seed(seed)
 
     def batch(self) -> torch.Tensor:
-        rows = []
-        for stream, count in zip(self.streams, self.counts):
+        rows: list[torch.Tensor] = []
+        for stream, count in zip(self.streams, self.counts, strict=True):
             starts = torch.randint(0, len(stream) - self.seq_len, (count,), generator=self.gen)
             rows.extend(stream[s:s + self.seq_len] for s in starts.tolist())
         return torch.stack(rows)

@@ -15,11 +15,13 @@ import torch
 
 def _linear_weights(model: torch.nn.Module):
     """(name, weight as (out, in)) of every linear layer, each module once."""
-    conv1d = None
+    conv1d: type | None
     try:
-        from transformers.pytorch_utils import Conv1D as conv1d
+        from transformers.pytorch_utils import Conv1D
+
+        conv1d = Conv1D
     except ImportError:  # pragma: no cover - transformers always has it today
-        pass
+        conv1d = None
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
             yield name, module.weight
@@ -28,7 +30,8 @@ def _linear_weights(model: torch.nn.Module):
 
 
 def _head_name(model: torch.nn.Module) -> str | None:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_head = getattr(model, "get_output_embeddings", None)  # a transformers model's
+    head = get_head() if get_head is not None else None
     if head is None:
         return None
     for name, module in model.named_modules():
@@ -39,7 +42,8 @@ def _head_name(model: torch.nn.Module) -> str | None:
 
 def attention_macs_per_context_token(model: torch.nn.Module) -> int:
     """MACs of QK^T plus AV for one new token per token of context, summed over layers."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config: Any = model.config  # a transformers PretrainedConfig
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     return 2 * cfg.num_hidden_layers * heads * head_dim
@@ -62,7 +66,8 @@ def linear_macs(model: torch.nn.Module) -> dict[str, Any]:
                             "nonzero": int(torch.count_nonzero(weight))}
     dense = sum(v["dense"] for v in layers.values())
     sparse = sum(v["nonzero"] for v in layers.values())
-    head_info = layers.get(head, {"dense": 0, "nonzero": 0})
+    no_head = {"dense": 0, "nonzero": 0}
+    head_info = layers.get(head, no_head) if head is not None else no_head
     return {
         "macs": sparse,
         "dense_macs": dense,

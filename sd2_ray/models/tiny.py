@@ -6,6 +6,8 @@ numbers must mean something.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 TINY_VOCAB = 96
@@ -15,7 +17,7 @@ def tiny_config(arch: str = "llama", vocab_size: int = TINY_VOCAB, hidden: int =
                 heads: int = 4, kv_heads: int = 2, intermediate: int = 64, max_positions: int = 256):
     from transformers import GPTNeoXConfig, LlamaConfig, Qwen2Config
 
-    common = dict(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+    common: dict[str, Any] = dict(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
                   num_attention_heads=heads, intermediate_size=intermediate,
                   max_position_embeddings=max_positions, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                   tie_word_embeddings=False)

@@ -50,6 +50,7 @@ def drafter_dir(config: PipelineConfig, name: str) -> str:
     if name == "dense":
         return config.drafter
     if name == "uag":
+        assert config.uag_drafter, "the uag drafter needs uag_drafter (PipelineConfig checks it)"
         return config.uag_drafter
     if name in FINETUNED:
         return out(config, "drafters", name)

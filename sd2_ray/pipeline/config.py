@@ -9,7 +9,7 @@ from these. Paths may name parts of the embedded model kit: ``kit:target``, ``ki
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -44,24 +44,24 @@ class PipelineConfig(StageConfig):
     output: StoragePath = Field(..., description="prefix for every stage's output, local or s3://")
     target: StoragePath = Field("kit:target", description="target model dir (or kit:target)")
     drafter: StoragePath = Field("kit:drafter", description="pretrained drafter base to prune (or kit:drafter)")
-    uag_drafter: Optional[StoragePath] = Field(
+    uag_drafter: StoragePath | None = Field(
         None, description="cross-family drafter with its own tokenizer (or kit:drafter-uag); needed "
         "by the uag drafter")
     train_prompts: StoragePath = Field("kit:train_prompts", description="prompts the target distils "
                                                                         "(JSONL/Parquet)")
     eval_prompts: StoragePath = Field("kit:eval_prompts", description="held-out prompts for eval")
     num_speculative_tokens: int = Field(4, ge=1, le=32, description="draft tokens K, the same for every drafter")
-    drafters: Optional[list[DrafterName]] = Field(
+    drafters: list[DrafterName] | None = Field(
         None, description="drafters to build and evaluate (default: all of them; uag only when "
         "uag_drafter is set, sd2-kd only when distill.logprobs_top_k > 0)")
     drop_layers: int | Literal["auto"] = Field(
         "auto", description="layer-pruned baseline: blocks to drop; auto = the count whose MACs are "
         "closest to the SD² drafter's")
     serve_smoke: bool = Field(True, description="serve the SD² pair once and check one request")
-    serve_smoke_timeout_s: Optional[float] = Field(
+    serve_smoke_timeout_s: float | None = Field(
         None, gt=0, description="how long the smoke check waits for the served pair to be healthy; "
         "default: 180 s plus 10 s per GB of target and drafter weights")
-    cluster: Optional[StoragePath] = Field(
+    cluster: StoragePath | None = Field(
         None, description="Ray cluster launcher YAML or KubeRay manifest the run is planned against: "
         "`sd2 run` checks every stage's resources and per-GPU memory against its node types first "
         "(see `sd2 plan`)")
@@ -83,7 +83,7 @@ class PipelineConfig(StageConfig):
         "{loss: fkl, ce_weight: 1.0, eval_every: 16, select_by: expected_mal}; unset loss: jsd + ce "
         "when eval is greedy (temperature 0), fkl + ce when it samples")
     eval: EvalSettings = Field(default_factory=EvalSettings, description="sd2 eval settings")
-    tune: Optional[TuneSettings] = Field(None, description="sd2 tune settings (`sd2 tune --config` of this "
+    tune: TuneSettings | None = Field(None, description="sd2 tune settings (`sd2 tune --config` of this "
                                          "file; `sd2 run` runs the search only with run_tune)")
     run_tune: bool = Field(False, description="`sd2 run` also runs the tune section's search (GPU hours: "
                            "every trial prunes, fine-tunes and evaluates); a tune section alone does not")
@@ -99,20 +99,20 @@ class PipelineConfig(StageConfig):
         return value
 
     @model_validator(mode="after")
-    def _run_tune_needs_a_search(self) -> "PipelineConfig":
+    def _run_tune_needs_a_search(self) -> PipelineConfig:
         if self.run_tune and self.tune is None:
             raise ValueError("run_tune: there is no tune section to run")
         return self
 
     @model_validator(mode="after")
-    def _uag_needs_its_drafter(self) -> "PipelineConfig":
+    def _uag_needs_its_drafter(self) -> PipelineConfig:
         if self.drafters is not None and "uag" in self.drafters and not self.uag_drafter:
             raise ValueError("drafters: 'uag' needs uag_drafter (a cross-family drafter dir, or "
                              "kit:drafter-uag)")
         return self
 
     @model_validator(mode="after")
-    def _kd_needs_top_k(self) -> "PipelineConfig":
+    def _kd_needs_top_k(self) -> PipelineConfig:
         unknown = sorted(set(self.kd) - set(KD_FIELDS))
         if unknown:
             raise ValueError(f"kd: {unknown} cannot differ from sd2's fine-tuning (the kd section sets only "
@@ -141,7 +141,7 @@ class PipelineConfig(StageConfig):
         return [d for d in DRAFTERS if (d != "uag" or self.uag_drafter)
                 and (d != "sd2-kd" or self.distill.logprobs_top_k)]
 
-    def with_cluster_placement(self) -> "PipelineConfig":
+    def with_cluster_placement(self) -> PipelineConfig:
         """A copy whose stage sections ask for the node type each is meant for (the cluster file's
         markers, e.g. gen_node for distill/eval/serve, train_node for prune/fine-tune), except
         where a section sets node_resources itself."""

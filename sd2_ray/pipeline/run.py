@@ -132,8 +132,9 @@ class Pipeline:
         if self.config.drop_layers != "auto":
             return self.config.drop_layers
         done = pruned_dir(self.config, "layers")
-        if manifest.is_complete(done):
-            return len(manifest.read(done)["dropped_blocks"])
+        record = manifest.read(done) if manifest.is_complete(done) else None
+        if record is not None:
+            return len(record["dropped_blocks"])
         return matching_layer_drop(self.config.drafter, pruned_dir(self.config, "sd2"))
 
     def evaluate(self, drafter_dirs: dict[str, str]) -> dict[str, dict[str, Any]]:

@@ -1,8 +1,6 @@
 """Config of ``sd2 plan``: which run to plan, on which cluster."""
 from __future__ import annotations
 
-from typing import Optional
-
 from pydantic import Field
 
 from sd2_ray.config import StageConfig, StoragePath
@@ -21,5 +19,5 @@ class PlanConfig(StageConfig):
 
     config: StoragePath = Field(..., description="the pipeline YAML (`sd2 run`) or search YAML (`sd2 tune`) "
                                                  "to plan")
-    cluster: Optional[StoragePath] = Field(None, description="Ray cluster launcher YAML or KubeRay manifest "
+    cluster: StoragePath | None = Field(None, description="Ray cluster launcher YAML or KubeRay manifest "
                                            "(default: the planned config's own `cluster` field)")

@@ -8,10 +8,9 @@ from dataclasses import dataclass
 
 from sd2_ray.errors import ConfigError
 from sd2_ray.pipeline.config import PipelineConfig
-from sd2_ray.plan.config import PlanConfig
 from sd2_ray.plan.cluster import NodeType, load_node_types
-from sd2_ray.plan.estimate import (OVERHEAD_GB, Need, finetune_need, prune_need, sharded_eval_need, vllm_need,
-                                   weights_gb)
+from sd2_ray.plan.config import PlanConfig
+from sd2_ray.plan.estimate import OVERHEAD_GB, Need, finetune_need, prune_need, sharded_eval_need, vllm_need, weights_gb
 from sd2_ray.plan.shapes import ModelShape, model_shape
 
 log = logging.getLogger(__name__)

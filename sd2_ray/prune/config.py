@@ -93,7 +93,7 @@ class PruneSettings(LayerPruneSettings):
         return value
 
     @model_validator(mode="after")
-    def _method_needs(self) -> "PruneSettings":
+    def _method_needs(self) -> PruneSettings:
         nm = parse_pattern(self.pattern)
         if self.method != "layers" and nm is not None and self.sparsity is not None and abs(self.sparsity - (1 - nm[0] / nm[1])) > 1e-9:
             raise ValueError(f"sparsity: {self.sparsity} contradicts pattern {self.pattern} "
@@ -134,7 +134,7 @@ class PruneConfig(PruneSettings):
     tokenizer: StoragePath | None = Field(None, description="tokenizer dir (default: the model dir)")
 
     @model_validator(mode="after")
-    def _inputs_needed(self) -> "PruneConfig":
+    def _inputs_needed(self) -> PruneConfig:
         if self.method == "layers" and self.drop_layers is None:
             raise ValueError("drop_layers: method 'layers' needs it (--drop-layers N)")
         if self.method in ("sparsegpt", "wanda", "layers") and not self.calibration:

@@ -65,9 +65,10 @@ def drop_blocks(model: torch.nn.Module, start: int, n: int) -> torch.nn.Module:
         del blocks[start]  # ModuleList renumbers, so saved weight names stay contiguous
     for index, block in enumerate(blocks):
         for mod in block.modules():  # attention modules index the KV cache by their layer number
-            if isinstance(getattr(mod, "layer_idx", None), int):
-                mod.layer_idx = index
-    config = model.config
+            attention: Any = mod  # a transformers module with an int layer_idx
+            if isinstance(getattr(attention, "layer_idx", None), int):
+                attention.layer_idx = index
+    config: Any = model.config  # a transformers PretrainedConfig
     for key, value in list(vars(config).items()):
         # Per-layer lists (layer_types and the like) lose the dropped entries too.
         if isinstance(value, list) and len(value) == layers and "layer" in key:
@@ -80,7 +81,8 @@ def layer_prune(model: torch.nn.Module, batches: list[torch.Tensor], n: int) -> 
     """Drop the ``n`` consecutive blocks with the smallest angular distance; (model, report)."""
     if not batches:
         raise DataError("calibration: layer pruning needs calibration samples")
-    layers = model.config.num_hidden_layers
+    config: Any = model.config  # a transformers PretrainedConfig
+    layers = config.num_hidden_layers
     distances = angular_distances(model, batches, n)
     start = min(range(len(distances)), key=lambda i: distances[i])  # ties: the earliest run
     log.info("layers: dropping blocks %d..%d (angular distance %.4f)", start, start + n - 1, distances[start])

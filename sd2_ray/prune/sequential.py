@@ -14,7 +14,8 @@ import fnmatch
 import logging
 import re
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -149,7 +150,7 @@ def _prune_blocks(model, batches, targets, config, masks, layers) -> None:
     for index, block in enumerate(tqdm(blocks, desc=f"prune {config.method}", unit="block")):
         inside = {n: m for n, m in targets.items() if n.startswith(f"{prefix}.{index}.")}
 
-        def run_block() -> None:
+        def run_block(block=block, index=index) -> None:  # bound now: B023
             for sample, h in enumerate(hidden):
                 block(h, **calls[sample][index])
 

@@ -9,9 +9,9 @@ No Ray here, so it is tested with a plain event loop.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Optional
 
 from sd2_ray.serve.core import PreparedRequest, TextStream
 from sd2_ray.specdec.types import Engine, GenerationResult, SpecStats
@@ -32,10 +32,10 @@ class Delta:
 
     text: str = ""
     num_tokens: int = 0
-    finish_reason: Optional[str] = None
-    stats: Optional[SpecStats] = None
+    finish_reason: str | None = None
+    stats: SpecStats | None = None
     token_ids: list[int] = field(default_factory=list)
-    error: Optional[str] = None  # this request failed (the others of its batch did not)
+    error: str | None = None  # this request failed (the others of its batch did not)
 
     @property
     def empty(self) -> bool:
@@ -85,9 +85,13 @@ async def run_batch(engine: Engine, jobs: list[Job], executor: Executor,
             except Exception as err:  # noqa: BLE001 - isolate it: one bad request must not fail its batch
                 yield await _alone(engine, jobs, executor, speculate, step, err)
                 return
-            yield [_final(job, result, delta) for job, result, delta in zip(jobs, results, step)]
+            yield [_final(job, result, delta) for job, result, delta in zip(jobs, results, step, strict=True)]
         elif any(not d.empty for d in step):
             yield step
+
+
+def _generate_alone(engine: Engine, job: Job, speculate: bool) -> GenerationResult:
+    return engine.generate([job.request.generation_request()], speculate=speculate)[0]
 
 
 async def _alone(engine: Engine, jobs: list[Job], executor: Executor, speculate: bool, step: list[Delta],
@@ -97,13 +101,12 @@ async def _alone(engine: Engine, jobs: list[Job], executor: Executor, speculate:
     replayed without repeating them, and reports the batch's error."""
     loop = asyncio.get_running_loop()
     out = []
-    for job, delta in zip(jobs, step):
+    for job, delta in zip(jobs, step, strict=True):
         if job.text.ids or job.cancelled:
             out.append(_failed(delta, batch_error))
             continue
         try:
-            result = await loop.run_in_executor(
-                executor, lambda j=job: engine.generate([j.request.generation_request()], speculate=speculate)[0])
+            result = await loop.run_in_executor(executor, _generate_alone, engine, job, speculate)
         except Exception as err:  # noqa: BLE001 - this request's own failure
             out.append(_failed(delta, err))
             continue

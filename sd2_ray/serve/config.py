@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -26,15 +26,15 @@ class AutoscalingConfig(BaseModel):
     # for small models or bursty load. Set them to follow load faster. (How often load is reported,
     # 10 s, is set per Serve process by RAY_SERVE_{HANDLE,REPLICA}_AUTOSCALING_METRIC_PUSH_INTERVAL_S
     # in the cluster's environment, no longer per app.)
-    upscale_delay_s: Optional[float] = Field(
+    upscale_delay_s: float | None = Field(
         None, ge=0, description="seconds load must stay above target before adding replicas (Serve: 30)")
-    downscale_delay_s: Optional[float] = Field(
+    downscale_delay_s: float | None = Field(
         None, ge=0, description="seconds load must stay below target before removing replicas (Serve: 600)")
-    look_back_period_s: Optional[float] = Field(
+    look_back_period_s: float | None = Field(
         None, gt=0, description="window over which ongoing requests are averaged (Serve: 30)")
 
     @model_validator(mode="after")
-    def _order(self) -> "AutoscalingConfig":
+    def _order(self) -> AutoscalingConfig:
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
         return self
@@ -47,17 +47,17 @@ class ServeSettings(StageConfig):
         "transformers", description="transformers (our speculative engine) or vllm (ray.serve.llm)")
     host: str = Field("127.0.0.1", description="HTTP host to bind")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port")
-    replicas: Union[int, Literal["auto"]] = Field(
+    replicas: int | Literal["auto"] = Field(
         1, description="model replicas, or 'auto' to autoscale with the autoscaling settings")
-    autoscaling: Optional[AutoscalingConfig] = Field(
+    autoscaling: AutoscalingConfig | None = Field(
         None, description="autoscaling (min_replicas, max_replicas, target_ongoing_requests); "
         "setting it turns autoscaling on")
-    api_key: Optional[str] = Field(None, description="require 'Authorization: Bearer KEY' on /v1 (on the command "
+    api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' on /v1 (on the command "
                                    "line it shows in `ps`: prefer api_key_file or $SD2_API_KEY)")
-    api_key_file: Optional[StoragePath] = Field(None, description="file holding the API key (first line)")
-    model_name: Optional[str] = Field(None, description="model id clients send (default: target dir name)")
+    api_key_file: StoragePath | None = Field(None, description="file holding the API key (first line)")
+    model_name: str | None = Field(None, description="model id clients send (default: target dir name)")
     max_batch_size: int = Field(8, ge=1, le=256, description="most requests decoded together per batch")
-    speculative_disable_by_batch_size: Optional[int] = Field(
+    speculative_disable_by_batch_size: int | None = Field(
         None, ge=2, description="transformers engine: batches of at least this many requests decode "
         "without the drafter (at large batches verifying K drafts per row costs more target compute "
         "than accepted tokens save); none = always speculate")
@@ -65,14 +65,14 @@ class ServeSettings(StageConfig):
         0.02, ge=0, le=10, description="how long a batch waits for more requests before starting")
     max_queued_requests: int = Field(
         64, ge=0, description="requests waiting beyond the running batch per replica; more get 503")
-    max_model_len: Optional[int] = Field(
+    max_model_len: int | None = Field(
         None, ge=2, description="context length: prompt + max_tokens (default: target's positions)")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens for chat requests that give none")
     dtype: DtypeName = Field(
         "auto", description="weights dtype; auto = bfloat16 on cuda, float32 on cpu")
     device: DeviceName = Field("auto", description="transformers engine: where the models run, auto (cuda if "
                                             "the replica sees one, else cpu), cpu, cuda or cuda:N")
-    device_map: Optional[str] = Field(
+    device_map: str | None = Field(
         None, description="transformers engine: accelerate device_map for the target, e.g. 'auto' to "
                           "shard it over the replica's GPUs (set gpus_per_replica to match)")
     compile: bool = Field(False, description="compile the engine's draft and verify steps (torch.compile on "
@@ -101,7 +101,7 @@ class ServeSettings(StageConfig):
         return value
 
     @model_validator(mode="after")
-    def _placement(self) -> "ServeSettings":
+    def _placement(self) -> ServeSettings:
         if self.engine == "vllm":
             for name, default in (("device", "auto"), ("device_map", None), ("gpus_per_replica", 0),
                                   ("compile", False)):
@@ -117,7 +117,7 @@ class ServeSettings(StageConfig):
             raise ValueError("gpus_per_replica > 0 reserves GPUs that device 'cpu' never uses")
         return self
 
-    def effective_api_key(self) -> Optional[str]:
+    def effective_api_key(self) -> str | None:
         """The key clients must send: api_key, else the first line of api_key_file, else
         $SD2_API_KEY; None leaves /v1 open."""
         if self.api_key:
@@ -137,7 +137,7 @@ class ServeSettings(StageConfig):
     def autoscaling_enabled(self) -> bool:
         return self.replicas == "auto" or self.autoscaling is not None
 
-    def autoscaling_settings(self) -> Optional[dict]:
+    def autoscaling_settings(self) -> dict | None:
         """Serve's ``autoscaling_config`` when autoscaling is on, else None (fixed ``replicas``)."""
         if not self.autoscaling_enabled:
             return None
@@ -160,7 +160,7 @@ class ServeConfig(ServeSettings):
     """
 
     target: StoragePath = Field(..., description="target model dir (local or s3://)")
-    drafter: Optional[StoragePath] = Field(None, description="drafter model dir; none serves the target alone")
+    drafter: StoragePath | None = Field(None, description="drafter model dir; none serves the target alone")
     num_speculative_tokens: int = Field(4, ge=1, le=32, description="draft tokens proposed per step (K)")
 
     @property

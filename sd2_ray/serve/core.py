@@ -4,7 +4,7 @@ token ids -> text with stop strings, acceptance -> usage. No Ray, no HTTP.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from sd2_ray.serve.openai_schema import ChatCompletionRequest, CompletionRequest, OpenAIError, SpecUsage
 from sd2_ray.specdec.types import GenerationRequest, SamplingParams, SpecStats
@@ -26,7 +26,7 @@ class PreparedRequest:
                                  sampling=self.sampling)
 
 
-def check_model_name(requested: Optional[str], served: str) -> None:
+def check_model_name(requested: str | None, served: str) -> None:
     if requested is not None and requested != served:
         raise OpenAIError(f"model '{requested}' does not exist; this server serves '{served}'",
                           param="model", code="model_not_found")
@@ -36,7 +36,7 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest) -> SamplingP
     return SamplingParams(temperature=float(req.temperature), top_p=float(req.top_p), seed=req.seed)
 
 
-def bound_max_tokens(prompt_len: int, requested: Optional[int], max_model_len: int,
+def bound_max_tokens(prompt_len: int, requested: int | None, max_model_len: int,
                      default: int) -> int:
     """max_tokens within the context; a prompt or request that cannot fit is the client's 400."""
     if prompt_len == 0:
@@ -127,7 +127,7 @@ class TextStream:
     def finish(self) -> str:
         return self._release(len(self.text))
 
-    def _first_stop(self, text: str) -> Optional[int]:
+    def _first_stop(self, text: str) -> int | None:
         start = max(0, self.sent - self.hold)  # a stop string may straddle text already sent
         hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
         return min(hits) if hits else None
@@ -155,7 +155,7 @@ def acceptance_log_line(request_id: str, prompt_tokens: int, completion_tokens: 
             f"per_position={[round(p, 2) for p in stats.per_position_acceptance()]}")
 
 
-def context_length(target_config: Any, configured: Optional[int]) -> int:
+def context_length(target_config: Any, configured: int | None) -> int:
     """The served context: the configured one, capped by what the target's positions allow."""
     positions = getattr(target_config, "max_position_embeddings", None) or configured or 2048
     return min(configured, positions) if configured else positions

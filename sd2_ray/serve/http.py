@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-from typing import Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -53,7 +52,7 @@ def install_error_handlers(app: FastAPI) -> FastAPI:
     return app
 
 
-def check_api_key(request: Request, api_key: Optional[str]) -> None:
+def check_api_key(request: Request, api_key: str | None) -> None:
     """401 in OpenAI's shape unless ``Authorization: Bearer <api_key>`` (when a key is set)."""
     if not api_key:
         return

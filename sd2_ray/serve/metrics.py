@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Any, Optional
+from typing import Any
 
 from sd2_ray.specdec.types import SpecStats
 
@@ -30,7 +30,7 @@ COUNTERS = {  # name -> (description, tag keys)
 
 
 class SpecMetrics:
-    def __init__(self, model_name: str, num_speculative_tokens: int, counters: Optional[dict[str, Any]] = None):
+    def __init__(self, model_name: str, num_speculative_tokens: int, counters: dict[str, Any] | None = None):
         """``counters``: Prometheus-style counters by name (``inc(value, tags)``), e.g. Ray's from
         :func:`sd2_ray.serve.app.ray_counters`; None keeps only the JSON summary."""
         self.model_name = model_name

@@ -181,7 +181,7 @@ def ask(config: ServeConfig, base: str, row: dict, timeout_s: float) -> dict[str
 
     key = config.effective_api_key()
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    body = {"model": config.served_model_name, "messages": instruction_messages(row), "max_tokens": 16,
+    body: dict[str, Any] = {"model": config.served_model_name, "messages": instruction_messages(row), "max_tokens": 16,
             "temperature": 0}
     try:
         reply = requests.post(f"{base}/chat/completions", json=body, headers=headers, timeout=timeout_s)

@@ -8,7 +8,7 @@ class but no extra routes, so its few assembly lines are mirrored in :func:`buil
 Imported only when ``engine: vllm`` (it imports vLLM through Ray LLM).
 """
 import json
-from typing import Any, Optional
+from typing import Any
 
 from fastapi import Request
 from ray import serve
@@ -34,8 +34,8 @@ ENDPOINTS = {  # Ray's OpenAI routes we serve (its DEFAULT_ENDPOINTS add embeddi
 class Sd2VllmIngress(OpenAiIngress):
     """Ray's OpenAI ingress with our API-key check, /health and /v1/spec_stats."""
 
-    def __init__(self, llm_deployments, model_cards, *, api_key: Optional[str] = None,
-                 speculative: Optional[dict] = None, **kwargs):
+    def __init__(self, llm_deployments, model_cards, *, api_key: str | None = None,
+                 speculative: dict | None = None, **kwargs):
         super().__init__(llm_deployments, model_cards, **kwargs)
         self._api_key = api_key
         self._speculative = speculative

@@ -92,14 +92,15 @@ class SameVocabDrafter:
 
     def commit(self, k: int, accepted: list[int], next_tokens: list[int], new_tokens=None, history=None):
         if k == 0:
-            for pending, token in zip(self.pending, next_tokens):
+            for pending, token in zip(self.pending, next_tokens, strict=True):
                 pending.append(token)
             return
         self.kv.drop_last(torch.tensor([k - 1 - min(a, k - 1) for a in accepted], dtype=torch.long,
                                        device=self.device))
+        assert self.last_draft is not None  # set by propose, which a commit of k > 0 drafts follows
         last = self.last_draft.tolist()
         self.pending = [([last[i]] if a == k else []) + [t]
-                        for i, (a, t) in enumerate(zip(accepted, next_tokens))]
+                        for i, (a, t) in enumerate(zip(accepted, next_tokens, strict=True))]
 
     def select(self, rows: list[int]) -> None:
         self.kv.select(torch.tensor(rows, dtype=torch.long, device=self.device))
@@ -155,7 +156,7 @@ class SpeculativeEngine:
         self.drafter_device = input_device(self.drafter) if self.drafter is not None else None
         self.translator = None
         if self.drafter is not None and self.num_speculative_tokens:
-            from sd2_ray.specdec.uag import needs_translation, Translator
+            from sd2_ray.specdec.uag import Translator, needs_translation
 
             if needs_translation(target_tokenizer, drafter_tokenizer):
                 self.translator = Translator(target_tokenizer, drafter_tokenizer, self.vocab,
@@ -177,7 +178,7 @@ class SpeculativeEngine:
     @classmethod
     def from_dirs(cls, target_dir: str, drafter_dir: str | None = None, num_speculative_tokens: int = 4,
                   dtype=torch.float32, *, device="cpu", drafter_device=None, device_map=None,
-                  **kwargs) -> "SpeculativeEngine":
+                  **kwargs) -> SpeculativeEngine:
         """Load a pair: the target on ``device`` (or placed by an accelerate ``device_map``, e.g.
         "auto" to shard it over the visible GPUs), the drafter on ``drafter_device`` (default:
         the target's input device)."""
@@ -244,7 +245,7 @@ class SpeculativeEngine:
         rp = RowParams.from_params([row.request.sampling for row in rows], device=self.device)
         K = self.num_speculative_tokens
         # a row holds its prompt, its budget and at most K + 1 tokens in flight
-        capacity = round_capacity(max(len(p) + row.request.max_new_tokens for p, row in zip(prompts, rows)) + K + 1)
+        capacity = round_capacity(max(len(p) + row.request.max_new_tokens for p, row in zip(prompts, rows, strict=True)) + K + 1)
         target_kv = self._new_target_cache(rows, capacity)
         drafter = self._new_drafter(prompts, capacity) if speculate else None
         pending: list[list[int]] = prompts  # committed target ids not yet in the target cache
@@ -257,6 +258,7 @@ class SpeculativeEngine:
                 k = K  # one shape every pass (a compiled graph each); rows' budgets cut drafts below
             uniforms = self._uniforms(rows)
             if k > 0:
+                assert drafter is not None  # k is 0 without one
                 drafts, draft_len, draft_probs = drafter.propose(k, rp, uniforms[:, :k], histories)
                 # a row never drafts past its own budget, so its tokens don't depend on its batch
                 budget = torch.tensor([row.remaining - 1 for row in rows], dtype=torch.long,
@@ -277,9 +279,9 @@ class SpeculativeEngine:
             acc, nxt, lens = accepted.tolist(), next_token.tolist(), draft_len.tolist()
             draft_lists = drafts.tolist()
             new_tokens = [draft_lists[i][:acc[i]] + [nxt[i]] for i in range(len(rows))]
-            for row, toks, a, m in zip(rows, new_tokens, acc, lens):
+            for row, toks, a, m in zip(rows, new_tokens, acc, lens, strict=True):
                 self._commit(row, toks, a, m, k, on_tokens)
-            for history, toks in zip(histories, new_tokens):
+            for history, toks in zip(histories, new_tokens, strict=True):
                 history.extend(toks)
             pending = [[t] for t in nxt]
             if drafter is not None:
@@ -321,7 +323,7 @@ class SpeculativeEngine:
             real = torch.ones_like(tokens, dtype=torch.bool)
         else:
             draft_lists = drafts.tolist()
-            tokens, real = right_aligned([p + d[:m] for p, d, m in zip(pending, draft_lists, lens)],
+            tokens, real = right_aligned([p + d[:m] for p, d, m in zip(pending, draft_lists, lens, strict=True)],
                                          self.device, width + 1 if steady else None)
         logits = self._target_steps.logits(kv, tokens, real, width + 1, steady)
         if all(m == width for m in lens):

@@ -15,6 +15,8 @@ its last layers, hence its logits and some cache layers, on other GPUs).
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 HOLE_FRACTION_TO_COMPACT = 0.25
@@ -65,7 +67,7 @@ class RaggedKV:
     def select(self, rows: torch.Tensor) -> None:
         """Keep only these rows (finished requests leave the batch)."""
         rows = rows.to(self.device)
-        for layer in self.cache.layers:  # each layer's keys may sit on its own GPU (device_map)
+        for layer in self._all_layers():  # each layer's keys may sit on its own GPU (device_map)
             keys = getattr(layer, "keys", None)
             layer.batch_select_indices(rows.to(keys.device) if keys is not None else rows)
         self.real, self.lengths = self.real[rows], self.lengths[rows]
@@ -87,8 +89,13 @@ class RaggedKV:
         if holes > HOLE_FRACTION_TO_COMPACT * self.real.numel():
             self._compact()
 
-    def _layers(self):
-        return [layer for layer in self.cache.layers if getattr(layer, "keys", None) is not None
+    def _all_layers(self) -> list[Any]:
+        """The cache's layers, duck-typed: their classes differ by model (full or sliding-window
+        attention, ...)."""
+        return self.cache.layers
+
+    def _layers(self) -> list[Any]:
+        return [layer for layer in self._all_layers() if getattr(layer, "keys", None) is not None
                 and layer.keys.numel()]
 
     def _slice(self, start: int, stop: int) -> None:

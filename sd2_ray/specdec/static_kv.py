@@ -120,8 +120,8 @@ class StaticKV:
     def select(self, rows: torch.Tensor) -> None:
         """Keep only these rows (finished requests leave the batch)."""
         rows = rows.to(self.device)
-        for layer in self.cache.layers:
-            if layer.is_initialized:
+        for layer in self.cache.slot_layers:
+            if layer.keys is not None and layer.values is not None:  # initialized
                 layer.keys = self.pinned(layer.keys.index_select(0, rows.to(layer.keys.device)))
                 layer.values = self.pinned(layer.values.index_select(0, rows.to(layer.values.device)))
         self.lengths = self.pinned(self.lengths.index_select(0, rows))

@@ -54,10 +54,10 @@ def mark_batch_dynamic(args) -> None:
     first change). A batch of 1 still gets its own graph (the compiler specializes sizes 0/1)."""
     import torch._dynamo
 
-    tensors = []
+    tensors: list[torch.Tensor | None] = []
     for arg in args:
         if isinstance(arg, StaticKV):
-            tensors += [arg.lengths] + [t for layer in arg.cache.layers for t in (layer.keys, layer.values)]
+            tensors += [arg.lengths] + [t for layer in arg.cache.slot_layers for t in (layer.keys, layer.values)]
         elif isinstance(arg, RowParams):
             tensors += [arg.greedy, arg.temperature, arg.top_k, arg.top_p]
         elif isinstance(arg, torch.Tensor):

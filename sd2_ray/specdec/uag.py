@@ -140,7 +140,7 @@ class CrossVocabDrafter:
     def propose(self, k: int, rp: RowParams, uniforms: torch.Tensor, histories: list[list[int]]):
         from sd2_ray.specdec.engine import right_aligned
 
-        tokens, real = right_aligned([c[n:] for c, n in zip(self.context, self.cached)], self.device)
+        tokens, real = right_aligned([c[n:] for c, n in zip(self.context, self.cached, strict=True)], self.device)
         logits = self.kv.forward(tokens, real, logits_to_keep=1)[:, -1]
         rp, uniforms = rp.to(self.device), uniforms.to(self.device)
         greedy_rows = rp.greedy.unsqueeze(1)

@@ -102,7 +102,7 @@ class FakeCluster:
 
     @classmethod
     def from_cluster_file(cls, cluster_file: str | Path, env: dict[str, str] | None = None,
-                          **overrides: Any) -> "FakeCluster":
+                          **overrides: Any) -> FakeCluster:
         port = free_ports(1)[0]
         return cls(fake_cluster_config(cluster_file, port, **overrides), port, dict(env or {}))
 
@@ -110,7 +110,7 @@ class FakeCluster:
     def address(self) -> str:
         return f"127.0.0.1:{self.gcs_port}"
 
-    def start(self, timeout_s: float = 180) -> "FakeCluster":
+    def start(self, timeout_s: float = 180) -> FakeCluster:
         import requests
         import yaml
 
@@ -160,7 +160,7 @@ class FakeCluster:
             except ProcessLookupError:
                 pass
 
-    def __enter__(self) -> "FakeCluster":
+    def __enter__(self) -> FakeCluster:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 
 @dataclass
@@ -45,12 +45,12 @@ class Load:
         self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True)
                          for i in range(self.clients)]
 
-    def start(self) -> "Load":
+    def start(self) -> Load:
         for t in self._threads:
             t.start()
         return self
 
-    def stop(self, join_s: Optional[float] = None) -> bool:
+    def stop(self, join_s: float | None = None) -> bool:
         """Stop sending; wait for requests in flight (each bounded by ``timeout_s``). True when
         every client thread ended."""
         self._stop.set()
@@ -100,7 +100,7 @@ class Timeline:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def start(self) -> "Timeline":
+    def start(self) -> Timeline:
         self._thread.start()
         return self
 
@@ -117,10 +117,10 @@ class Timeline:
                 pass
             self._stop.wait(self.period_s)
 
-    def latest(self) -> Optional[int]:
+    def latest(self) -> int | None:
         return self.samples[-1][1] if self.samples else None
 
-    def wait_for(self, predicate: Callable[[int], bool], timeout_s: float) -> Optional[float]:
+    def wait_for(self, predicate: Callable[[int], bool], timeout_s: float) -> float | None:
         """Seconds (since the timeline started) at which ``predicate(count)`` first held, or None."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -2,7 +2,7 @@
 measured acceptance (MAL) and counted draft cost (MACs)."""
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -68,7 +68,7 @@ class SearchSpace(BaseModel):
         return values
 
     @model_validator(mode="after")
-    def _something_to_prune(self) -> "SearchSpace":
+    def _something_to_prune(self) -> SearchSpace:
         if not self.sparsity and not self.pattern:
             raise ValueError("sparsity/pattern: give at least one sparsity level or N:M pattern")
         return self
@@ -110,7 +110,7 @@ class TuneSettings(StageConfig):
     eval_dtype: DtypeName = Field(
         "float32", description="model dtype in the eval (auto: bfloat16 on cuda, float32 on cpu)")
     eval_device: DeviceName = Field("cpu", description="where a trial's eval runs: cpu, auto, cuda, cuda:N")
-    eval_device_map: Optional[str] = Field(None, description="accelerate device_map for the eval's target "
+    eval_device_map: str | None = Field(None, description="accelerate device_map for the eval's target "
                                            "(e.g. 'auto' to shard a large target over eval_gpus GPUs)")
     eval_gpus: float = Field(0, ge=0, description="GPUs for each trial's eval, run as a Ray task beside "
                              "the trial (0: in the trial's own process)")
@@ -129,7 +129,7 @@ class TuneSettings(StageConfig):
                               "(it only launches the TorchTrainer; Ray rejects 0)")
     node_resources: NodeResources = Field(default_factory=dict, description=NODE_RESOURCES_DESCRIPTION)
     trial_max_failures: int = Field(0, ge=0, description="Tune retries of a failed trial")
-    stall_timeout_s: Optional[float] = Field(
+    stall_timeout_s: float | None = Field(
         None, gt=0, description="fail the search, naming what waits for which resources, when no trial has "
         "reported for this long (a trial that cannot get its CPUs/GPUs would otherwise wait silently); "
         "default: $SD2_RESOURCE_WAIT_S or 1800")
@@ -143,7 +143,7 @@ class TuneSettings(StageConfig):
     overwrite: bool = Field(False, description="start the search afresh instead of restoring/skipping")
 
     @model_validator(mode="after")
-    def _eval_gpus_need_a_gpu_device(self) -> "TuneSettings":
+    def _eval_gpus_need_a_gpu_device(self) -> TuneSettings:
         if self.eval_gpus > 0 and self.eval_device == "cpu" and self.eval_device_map is None:
             raise ValueError("eval_gpus > 0 reserves GPUs that eval_device 'cpu' never uses "
                              "(set eval_device auto or cuda)")
@@ -173,7 +173,7 @@ class TuneSettings(StageConfig):
         return value
 
     @model_validator(mode="after")
-    def _asha_metric_reported(self) -> "TuneSettings":
+    def _asha_metric_reported(self) -> TuneSettings:
         metric = self.asha.metric
         if not self.asha.enabled or metric == "loss":
             return self
@@ -218,10 +218,10 @@ class TuneConfig(TuneSettings):
     eval_prompts: StoragePath = Field(..., description="held-out prompt rows for measuring MAL (never "
                                                        "trained on)")
     num_speculative_tokens: int = Field(4, ge=1, le=32, description="draft tokens K per verification pass")
-    cluster: Optional[StoragePath] = Field(None, description="cluster YAML `sd2 plan` checks the trials' "
+    cluster: StoragePath | None = Field(None, description="cluster YAML `sd2 plan` checks the trials' "
                                            "stages against")
 
-    def with_cluster_placement(self) -> "TuneConfig":
+    def with_cluster_placement(self) -> TuneConfig:
         """A copy whose trials ask for the cluster file's node types (see PipelineConfig's)."""
         if not self.cluster:
             return self

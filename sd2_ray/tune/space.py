@@ -22,7 +22,9 @@ def pruning_points(config: TuneConfig) -> list[dict[str, Any]]:
 
     points = [{"sparsity": float(s), "pattern": UNSTRUCTURED} for s in config.search_space.sparsity]
     for pattern in config.search_space.pattern:
-        n, m = parse_pattern(pattern)
+        nm = parse_pattern(pattern)
+        assert nm is not None  # SearchSpace admits N:M patterns only
+        n, m = nm
         points.append({"sparsity": 1.0 - n / m, "pattern": pattern})
     return points
 
@@ -49,7 +51,7 @@ def grid(config: TuneConfig) -> list[dict[str, Any]]:
     named = axes(config)
     names = sorted(named)
     combos = itertools.product(*(named[n] for n in reversed(names)))
-    return [dict(zip(reversed(names), combo)) for combo in combos]
+    return [dict(zip(reversed(names), combo, strict=True)) for combo in combos]
 
 
 def trial_method(config: TuneConfig, params: dict[str, Any]) -> str:

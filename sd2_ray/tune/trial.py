@@ -16,8 +16,7 @@ from typing import Any
 
 from sd2_ray import storage
 from sd2_ray.tune.config import TuneConfig
-from sd2_ray.tune.space import (finite_or_inf, objective_value, prune_fields, prune_key, trial_epochs,
-                                trial_method)
+from sd2_ray.tune.space import finite_or_inf, objective_value, prune_fields, prune_key, trial_epochs, trial_method
 
 log = logging.getLogger(__name__)
 
