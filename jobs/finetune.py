@@ -7,6 +7,7 @@ locally: `python jobs/finetune.py --config jobs/configs/llama70b_to_llama3b.yaml
 Same flags as `sd2 finetune` (`python jobs/finetune.py --help`).
 Given a pipeline YAML, it reads the `finetune:` section; flags and key=value overrides win.
 """
+
 import sys
 from pathlib import Path
 

@@ -9,6 +9,7 @@ or as the cluster's first job:
 
 Same flags as `sd2 plan` (`python jobs/plan.py --help`).
 """
+
 import sys
 from pathlib import Path
 

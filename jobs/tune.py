@@ -7,6 +7,7 @@ locally: `python jobs/tune.py --config jobs/configs/llama70b_to_llama3b.yaml`.
 Same flags as `sd2 tune` (`python jobs/tune.py --help`).
 Given a pipeline YAML, it reads the `tune:` section; flags and key=value overrides win.
 """
+
 import sys
 from pathlib import Path
 

@@ -4,6 +4,7 @@ A stage writes ``status: running`` before it starts producing files and ``comple
 after every other file is in place. Anything else (missing, ``running``, ``failed``) is
 unfinished: a rerun resumes or redoes it and never trusts it.
 """
+
 from __future__ import annotations
 
 import time

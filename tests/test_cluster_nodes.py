@@ -7,6 +7,7 @@ lost on cue (its raylet and workers SIGKILLed, as a reclaimed spot instance woul
 - distill: a generation node lost mid-run, every prompt id in the output exactly once;
 - eval: a drafter's eval task lost with its node is retried elsewhere, same report.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,9 +35,15 @@ def cluster(monkeypatch):
         ray.shutdown()
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     # the dashboard serves Ray's state API, which the tests read placement from
-    made = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 80 * 2**20,
-                                                         "include_dashboard": True,
-                                                         "dashboard_port": free_ports(1)[0]})
+    made = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 0,
+            "object_store_memory": 80 * 2**20,
+            "include_dashboard": True,
+            "dashboard_port": free_ports(1)[0],
+        },
+    )
     monkeypatch.setenv("RAY_ADDRESS", made.address)
     yield made
     ray.shutdown()
@@ -57,8 +64,11 @@ def node_of_actor(title: str) -> set[str]:
     """Node ids of the live actors whose class name contains ``title`` (Ray's state API)."""
     from ray.util.state import list_actors
 
-    return {a.node_id for a in list_actors(address=state_address(), filters=[("state", "=", "ALIVE")], limit=1000)
-            if title in (a.class_name or "")}
+    return {
+        a.node_id
+        for a in list_actors(address=state_address(), filters=[("state", "=", "ALIVE")], limit=1000)
+        if title in (a.class_name or "")
+    }
 
 
 def write_jsonl(path, rows) -> str:
@@ -105,9 +115,17 @@ def test_distill_loses_a_generation_node_and_writes_every_id_once(s3_bucket, clu
     gen_ids = {n.node_id for n in nodes}
     rows = read_rows(kit_paths(kit_dir)["train_prompts"])[:32]
     out = f"s3://{s3_bucket}/distilled"
-    config = DistillConfig(target=os.path.join(kit_dir, "target"), prompts=write_jsonl(tmp_path / "p.jsonl", rows),
-                           output=out, actors=2, batch_size=2, shard_size=4, max_new_tokens=32,
-                           node_resources=GEN, max_restarts=4)
+    config = DistillConfig(
+        target=os.path.join(kit_dir, "target"),
+        prompts=write_jsonl(tmp_path / "p.jsonl", rows),
+        output=out,
+        actors=2,
+        batch_size=2,
+        shard_size=4,
+        max_new_tokens=32,
+        node_resources=GEN,
+        max_restarts=4,
+    )
     records = storage.join(out, core.RECORDS_DIR)
     seen: dict = {"actor_nodes": set()}
     finished = threading.Event()
@@ -139,8 +157,10 @@ def test_distill_loses_a_generation_node_and_writes_every_id_once(s3_bucket, clu
     ids = [r["id"] for r in core.read_distilled(out, include_failed=True)]
     assert ids == [r["id"] for r in rows]  # every id once, in input order
     assert seen["actor_nodes"] and seen["actor_nodes"] <= gen_ids  # engines only on generation nodes
-    print(f"distill with a lost node: {time.monotonic() - began:.1f} s, "
-          f"{seen['shards_before']} of 8 shards recorded before the loss")
+    print(
+        f"distill with a lost node: {time.monotonic() - began:.1f} s, "
+        f"{seen['shards_before']} of 8 shards recorded before the loss"
+    )
     assert ray.is_initialized()
 
 
@@ -158,9 +178,20 @@ def test_eval_task_lost_with_its_node_is_retried_with_the_same_report(cluster, k
     paths = kit_paths(kit_dir)
 
     def configs(root: str) -> dict[str, EvalConfig]:
-        return {"dense": EvalConfig(target=paths["target"], drafter=paths["drafter"], prompts=paths["eval_prompts"],
-                                    output=f"{root}/dense/report.json", num_speculative_tokens=4, max_prompts=8,
-                                    max_new_tokens=48, batch_size=4, node_resources=GEN, measure_baseline=False)}
+        return {
+            "dense": EvalConfig(
+                target=paths["target"],
+                drafter=paths["drafter"],
+                prompts=paths["eval_prompts"],
+                output=f"{root}/dense/report.json",
+                num_speculative_tokens=4,
+                max_prompts=8,
+                max_new_tokens=48,
+                batch_size=4,
+                node_resources=GEN,
+                measure_baseline=False,
+            )
+        }
 
     clean = evaluate_drafters(configs(str(tmp_path / "clean")), str(tmp_path / "clean"))["dense"]
     lost: dict = {}
@@ -171,8 +202,11 @@ def test_eval_task_lost_with_its_node_is_retried_with_the_same_report(cluster, k
 
         deadline = time.time() + 300
         while time.time() < deadline and not finished.is_set() and "node" not in lost:
-            running = [t for t in list_tasks(address=state_address(), filters=[("state", "=", "RUNNING")], limit=1000)
-                       if t.name.endswith("_drafter_task")]
+            running = [
+                t
+                for t in list_tasks(address=state_address(), filters=[("state", "=", "RUNNING")], limit=1000)
+                if t.name.endswith("_drafter_task")
+            ]
             if running:
                 victim = next(n for n in nodes if n.node_id == running[0].node_id)
                 cluster.remove_node(victim, allow_graceful=False)
@@ -190,8 +224,10 @@ def test_eval_task_lost_with_its_node_is_retried_with_the_same_report(cluster, k
     assert "node" in lost, "no node was lost"
     from ray.util.state import list_tasks
 
-    attempts = [t.attempt_number for t in list_tasks(address=state_address(), filters=[("name", "=", "_drafter_task")],
-                                                     limit=100)]
+    attempts = [
+        t.attempt_number
+        for t in list_tasks(address=state_address(), filters=[("name", "=", "_drafter_task")], limit=100)
+    ]
     assert max(attempts) >= 1, attempts  # the lost attempt ran again
     print(f"eval: the lost task's retry finished {time.monotonic() - lost['at']:.1f} s after the node loss")
     for key in ("mean_accepted_length", "per_position_acceptance", "drafter_macs_per_token", "num_prompts"):
@@ -229,11 +265,17 @@ def test_each_stage_asks_for_its_node_type_from_the_cluster_file(tmp_path):
     from sd2_ray.pipeline.chain import chain
     from sd2_ray.pipeline.config import PipelineConfig
 
-    base = {"output": str(tmp_path), "target": str(tmp_path), "drafter": str(tmp_path),
-            "train_prompts": str(tmp_path), "eval_prompts": str(tmp_path),
-            "tune": {"search_space": {"sparsity": [0.5], "lr": [1e-3]}}}
-    config = validate(PipelineConfig, {**base, "cluster": REPO_CLUSTER,
-                                       "serve": {"node_resources": {"serve_node": 1}}}, source="t")
+    base = {
+        "output": str(tmp_path),
+        "target": str(tmp_path),
+        "drafter": str(tmp_path),
+        "train_prompts": str(tmp_path),
+        "eval_prompts": str(tmp_path),
+        "tune": {"search_space": {"sparsity": [0.5], "lr": [1e-3]}},
+    }
+    config = validate(
+        PipelineConfig, {**base, "cluster": REPO_CLUSTER, "serve": {"node_resources": {"serve_node": 1}}}, source="t"
+    )
     placed = config.with_cluster_placement()
     train = {"train_node": 0.001}
     assert chain(placed, "distill").node_resources == GEN and chain(placed, "eval").node_resources == GEN

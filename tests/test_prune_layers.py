@@ -1,5 +1,6 @@
 """Layer-pruned baseline: angular distances vs a brute-force computation, the right block goes,
 the smaller model saves, reloads with transformers and generates."""
+
 from __future__ import annotations
 
 import math
@@ -27,10 +28,17 @@ def brute_force_distances(model, batches, n):
     sums, tokens = [0.0] * (layers - n + 1), 0
     for ids in batches:
         states = []
-        hooks = [b.register_forward_pre_hook(lambda m, a, kw, states=states: states.append((a[0] if a else kw["hidden_states"])[0]),
-                                             with_kwargs=True) for b in model.model.layers]
-        hooks.append(model.model.layers[-1].register_forward_hook(
-            lambda m, a, out, states=states: states.append((out[0] if isinstance(out, tuple) else out)[0])))
+        hooks = [
+            b.register_forward_pre_hook(
+                lambda m, a, kw, states=states: states.append((a[0] if a else kw["hidden_states"])[0]), with_kwargs=True
+            )
+            for b in model.model.layers
+        ]
+        hooks.append(
+            model.model.layers[-1].register_forward_hook(
+                lambda m, a, out, states=states: states.append((out[0] if isinstance(out, tuple) else out)[0])
+            )
+        )
         with torch.no_grad():
             model(ids, use_cache=False)
         for h in hooks:
@@ -59,9 +67,12 @@ def test_angular_distance_matches_brute_force_and_picks_the_minimum(batches, n):
 
 def skip_blocks_forward(model, ids, dropped):
     """Logits of the dense model with some blocks turned into the identity (the reference)."""
-    handles = [model.model.layers[i].register_forward_hook(
-        lambda m, a, out, *_: (a[0],) + tuple(out[1:]) if isinstance(out, tuple) else a[0])
-        for i in dropped]
+    handles = [
+        model.model.layers[i].register_forward_hook(
+            lambda m, a, out, *_: (a[0],) + tuple(out[1:]) if isinstance(out, tuple) else a[0]
+        )
+        for i in dropped
+    ]
     with torch.no_grad():
         logits = model(ids, use_cache=False).logits
     for h in handles:

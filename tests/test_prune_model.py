@@ -1,5 +1,6 @@
 """prune_model on tiny random models: per-layer sparsity, untouched layers, the sequential
 property (block k calibrated on pruned blocks' outputs), target patterns, two architectures."""
+
 from __future__ import annotations
 
 import pytest
@@ -29,8 +30,11 @@ def config(**kw):
 
 def linear_names(model, inside_blocks=True):
     prefix, _ = decoder_blocks(model)
-    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-            and n.startswith(prefix + ".") == inside_blocks]
+    return [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n.startswith(prefix + ".") == inside_blocks
+    ]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt_neox"])
@@ -100,8 +104,7 @@ def test_target_and_ignore_patterns(batches):
     model, masks, _ = prune_model(model, batches, cfg)
     assert masks and not any(".mlp." in k or "layers.1.self_attn.o_proj" in k for k in masks)
     assert torch.equal(model.model.layers[0].mlp.down_proj.weight, before["model.layers.0.mlp.down_proj.weight"])
-    assert torch.equal(model.model.layers[1].self_attn.o_proj.weight,
-                       before["model.layers.1.self_attn.o_proj.weight"])
+    assert torch.equal(model.model.layers[1].self_attn.o_proj.weight, before["model.layers.1.self_attn.o_proj.weight"])
 
 
 def test_lm_head_can_be_targeted_explicitly(batches):

@@ -18,6 +18,7 @@ a time, while its gradient is being masked.
 
 Pure torch at import time; DeepSpeed is imported only inside the ZeRO-3 paths.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -93,7 +94,7 @@ class PackedMask:
         first, last = start // 8, -(-(start + count) // 8)
         shifts = torch.arange(8, device=self.bits.device, dtype=torch.uint8)
         unpacked = ((self.bits[first:last].unsqueeze(-1) >> shifts) & 1).to(torch.bool).reshape(-1)
-        return unpacked[start - 8 * first:start - 8 * first + count]
+        return unpacked[start - 8 * first : start - 8 * first + count]
 
     def unpack(self) -> torch.Tensor:
         return self.flat().view(self.shape)
@@ -195,5 +196,4 @@ def mask_summary(masks: dict[str, torch.Tensor]) -> dict[str, float | int]:
     """Counts for metrics: masked tensors, masked weights, and their share of the masked tensors."""
     total = sum(m.numel() for m in masks.values())
     zeros = total - sum(m.kept() if isinstance(m, PackedMask) else int(m.sum().item()) for m in masks.values())
-    return {"masked_tensors": len(masks), "masked_weights": zeros,
-            "masked_fraction": zeros / total if total else 0.0}
+    return {"masked_tensors": len(masks), "masked_weights": zeros, "masked_fraction": zeros / total if total else 0.0}

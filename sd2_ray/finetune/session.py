@@ -10,6 +10,7 @@ bit-packed (:class:`sd2_ray.finetune.masking.PackedMask`). The HF save gathers Z
 partitions one module at a time onto rank 0's CPU (DeepSpeed's consolidated 16-bit state dict),
 never the whole model on every GPU.
 """
+
 from __future__ import annotations
 
 import os
@@ -59,8 +60,10 @@ def build_engine(model: PreTrainedModel, cfg: dict):
     from torch.optim.lr_scheduler import LambdaLR
 
     def schedule(optimizer):
-        return LambdaLR(optimizer, lambda s: lr_factor(s, cfg["warmup_steps"], cfg["total_steps"],
-                                                       cfg["scheduler"], cfg["min_lr_ratio"]))
+        return LambdaLR(
+            optimizer,
+            lambda s: lr_factor(s, cfg["warmup_steps"], cfg["total_steps"], cfg["scheduler"], cfg["min_lr_ratio"]),
+        )
 
     wrapped = CausalLMLoss(model, LossSpec.from_config(cfg))
     groups = param_groups(wrapped, cfg["weight_decay"])
@@ -68,8 +71,12 @@ def build_engine(model: PreTrainedModel, cfg: dict):
     if cfg["optimizer"] == "torch_adamw":
         optimizer = torch.optim.AdamW(groups, lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8)
     engine, _, _, scheduler = deepspeed.initialize(
-        model=wrapped, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
-        lr_scheduler=schedule, config=cfg["deepspeed_config"])
+        model=wrapped,
+        optimizer=optimizer,
+        model_parameters=groups if optimizer is None else None,
+        lr_scheduler=schedule,
+        config=cfg["deepspeed_config"],
+    )
     return engine, scheduler
 
 
@@ -101,7 +108,7 @@ def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
         state = None
     if state is None:
         return None
-    return {k[len(LM_PREFIX):]: v for k, v in state.items() if k.startswith(LM_PREFIX)}
+    return {k[len(LM_PREFIX) :]: v for k, v in state.items() if k.startswith(LM_PREFIX)}
 
 
 def save_hf(engine, tokenizer, directory: str, rank: int) -> None:

@@ -6,6 +6,7 @@ The LM head is included (it is a linear layer, counted once even if tied to the 
 embedding lookups cost no MACs. Attention scores (QK^T and AV) grow with the context, so they
 are reported apart as MACs per context token. Cost coefficient c = drafter MACs / target MACs.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -62,8 +63,12 @@ def linear_macs(model: torch.nn.Module) -> dict[str, Any]:
     with torch.no_grad():
         for name, weight in _linear_weights(model):
             out_f, in_f = weight.shape
-            layers[name] = {"in": int(in_f), "out": int(out_f), "dense": int(in_f * out_f),
-                            "nonzero": int(torch.count_nonzero(weight))}
+            layers[name] = {
+                "in": int(in_f),
+                "out": int(out_f),
+                "dense": int(in_f * out_f),
+                "nonzero": int(torch.count_nonzero(weight)),
+            }
     dense = sum(v["dense"] for v in layers.values())
     sparse = sum(v["nonzero"] for v in layers.values())
     no_head = {"dense": 0, "nonzero": 0}

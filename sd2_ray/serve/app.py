@@ -6,6 +6,7 @@ forward passes), ``vllm`` -> Ray Serve LLM (see :mod:`sd2_ray.serve.vllm_app`). 
 same routes. ``app_builder(args)`` is the import path for ``serve run``/``serve deploy`` and
 KubeRay: ``sd2_ray.serve.app:app_builder`` with ``args`` = ServeConfig fields.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -36,9 +37,15 @@ def load_engine(config: ServeConfig):
     from sd2_ray.specdec.engine import SpeculativeEngine
 
     device = resolve_device(config.device)  # in the replica: the GPUs Ray gave it
-    engine = SpeculativeEngine.from_dirs(config.target, config.drafter, config.num_speculative_tokens,
-                                         dtype=resolve_dtype(config.dtype, device), device=device,
-                                         device_map=config.device_map, compile=config.compile)
+    engine = SpeculativeEngine.from_dirs(
+        config.target,
+        config.drafter,
+        config.num_speculative_tokens,
+        dtype=resolve_dtype(config.dtype, device),
+        device=device,
+        device_map=config.device_map,
+        compile=config.compile,
+    )
     return engine, engine.target, engine.target_tokenizer
 
 
@@ -66,8 +73,12 @@ def _chat_chunk(request_id, created, model, delta: Delta):
 
 
 def _completion_chunk(request_id, created, model, delta: Delta):
-    return oa.CompletionResponse(id=request_id, created=created, model=model, choices=[
-        oa.CompletionChoice(text=delta.text, finish_reason=delta.finish_reason)])
+    return oa.CompletionResponse(
+        id=request_id,
+        created=created,
+        model=model,
+        choices=[oa.CompletionChoice(text=delta.text, finish_reason=delta.finish_reason)],
+    )
 
 
 def _usage_chunk(request_id, created, model, usage: oa.Usage, chat: bool):
@@ -90,8 +101,9 @@ class SpecDecodeServer:
         self.model_name = cfg.served_model_name
         self.max_model_len = core.context_length(target.config, cfg.max_model_len)
         self.vocab_size = int(target.config.vocab_size)
-        self.metrics = SpecMetrics(self.model_name, cfg.num_speculative_tokens if cfg.drafter else 0,
-                                   counters=ray_counters())
+        self.metrics = SpecMetrics(
+            self.model_name, cfg.num_speculative_tokens if cfg.drafter else 0, counters=ray_counters()
+        )
         self._hook = watch_forward_calls(target, self.metrics)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sd2-engine")
         self.capacity = cfg.max_batch_size + cfg.max_queued_requests
@@ -99,9 +111,15 @@ class SpecDecodeServer:
         self.created = oa.now()
         self._generate_batch.set_max_batch_size(cfg.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
-        log.info("serving '%s' (drafter %s, K=%d) context %d, batch <= %d, queue <= %d",
-                 self.model_name, cfg.drafter, cfg.num_speculative_tokens, self.max_model_len,
-                 cfg.max_batch_size, cfg.max_queued_requests)
+        log.info(
+            "serving '%s' (drafter %s, K=%d) context %d, batch <= %d, queue <= %d",
+            self.model_name,
+            cfg.drafter,
+            cfg.num_speculative_tokens,
+            self.max_model_len,
+            cfg.max_batch_size,
+            cfg.max_queued_requests,
+        )
 
     # ---- routes ---------------------------------------------------------------------------
 
@@ -159,8 +177,9 @@ class SpecDecodeServer:
         job = Job(prepared, core.TextStream(self.tokenizer, prepared.stop))
         request_id = oa.new_id("chatcmpl" if chat else "cmpl")
         if req.stream:
-            return StreamingResponse(self._stream(job, request_id, chat, req.include_usage_in_stream),
-                                     media_type="text/event-stream")
+            return StreamingResponse(
+                self._stream(job, request_id, chat, req.include_usage_in_stream), media_type="text/event-stream"
+            )
         try:
             text, final = "", None
             async for delta in self._generate_batch(job):
@@ -177,13 +196,20 @@ class SpecDecodeServer:
         body: oa.ChatCompletionResponse | oa.CompletionResponse
         if chat:
             body = oa.ChatCompletionResponse(
-                id=request_id, created=oa.now(), model=self.model_name, usage=usage,
-                choices=[oa.ChatChoice(message=oa.AssistantMessage(content=text),
-                                       finish_reason=final.finish_reason)])
+                id=request_id,
+                created=oa.now(),
+                model=self.model_name,
+                usage=usage,
+                choices=[oa.ChatChoice(message=oa.AssistantMessage(content=text), finish_reason=final.finish_reason)],
+            )
         else:
             body = oa.CompletionResponse(
-                id=request_id, created=oa.now(), model=self.model_name, usage=usage,
-                choices=[oa.CompletionChoice(text=text, finish_reason=final.finish_reason)])
+                id=request_id,
+                created=oa.now(),
+                model=self.model_name,
+                usage=usage,
+                choices=[oa.CompletionChoice(text=text, finish_reason=final.finish_reason)],
+            )
         return JSONResponse(body.model_dump())
 
     async def _stream(self, job: Job, request_id: str, chat: bool, include_usage: bool):
@@ -219,11 +245,16 @@ class SpecDecodeServer:
         self.metrics.record_request(stats, len(prepared.prompt_ids), completion_tokens)
         log.info(core.acceptance_log_line(request_id, len(prepared.prompt_ids), completion_tokens, stats))
         spec = core.spec_usage(stats) if self.config.drafter else None
-        return oa.Usage(prompt_tokens=len(prepared.prompt_ids), completion_tokens=completion_tokens,
-                        total_tokens=len(prepared.prompt_ids) + completion_tokens, spec_decode=spec)
+        return oa.Usage(
+            prompt_tokens=len(prepared.prompt_ids),
+            completion_tokens=completion_tokens,
+            total_tokens=len(prepared.prompt_ids) + completion_tokens,
+            spec_decode=spec,
+        )
 
 
 # ---- builders -------------------------------------------------------------------------------
+
 
 def deployment_options(config: ServeConfig) -> dict[str, Any]:
     """Replicas or autoscaling, and the admission bounds.

@@ -6,6 +6,7 @@ keeps answering, and its ``on_tokens`` callback turns committed ids into text de
 yielded, one list slot per request, the shape ``@serve.batch`` async generators must yield.
 No Ray here, so it is tested with a plain event loop.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -45,8 +46,9 @@ class Delta:
 _DONE = object()
 
 
-async def run_batch(engine: Engine, jobs: list[Job], executor: Executor,
-                    speculate: bool = True) -> AsyncIterator[list[Delta]]:
+async def run_batch(
+    engine: Engine, jobs: list[Job], executor: Executor, speculate: bool = True
+) -> AsyncIterator[list[Delta]]:
     """Yield, step by step, a list with one :class:`Delta` per job; the final list closes them all.
     ``speculate=False``: the engine decodes this batch with the target alone."""
     loop = asyncio.get_running_loop()
@@ -60,8 +62,7 @@ async def run_batch(engine: Engine, jobs: list[Job], executor: Executor,
 
     def generate() -> list[GenerationResult]:
         try:
-            return engine.generate([job.request.generation_request() for job in jobs], on_tokens,
-                                   speculate=speculate)
+            return engine.generate([job.request.generation_request() for job in jobs], on_tokens, speculate=speculate)
         finally:
             loop.call_soon_threadsafe(events.put_nowait, _DONE)
 
@@ -94,8 +95,9 @@ def _generate_alone(engine: Engine, job: Job, speculate: bool) -> GenerationResu
     return engine.generate([job.request.generation_request()], speculate=speculate)[0]
 
 
-async def _alone(engine: Engine, jobs: list[Job], executor: Executor, speculate: bool, step: list[Delta],
-                 batch_error: Exception) -> list[Delta]:
+async def _alone(
+    engine: Engine, jobs: list[Job], executor: Executor, speculate: bool, step: list[Delta], batch_error: Exception
+) -> list[Delta]:
     """After a batch failed: each request that had not streamed anything yet runs again on its
     own (so only the request that fails alone fails); one that had streamed tokens cannot be
     replayed without repeating them, and reports the batch's error."""
@@ -121,7 +123,7 @@ def _failed(delta: Delta, err: Exception) -> Delta:
 
 
 def _final(job: Job, result: GenerationResult, delta: Delta) -> Delta:
-    missing = list(result.token_ids)[len(job.text.ids):]  # ids the callback did not report
+    missing = list(result.token_ids)[len(job.text.ids) :]  # ids the callback did not report
     if missing and not job.text.stopped:
         delta.text += job.text.feed(missing)
     delta.text += job.text.finish()

@@ -5,6 +5,7 @@ Requests are validated here rather than by FastAPI so that every client mistake 
 Unknown request fields are ignored (clients send many optional ones), but fields that would
 change the answer and are not supported (n > 1, logprobs, echo, tools) are rejected.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,14 @@ from pydantic import (
 class OpenAIError(Exception):
     """An error the HTTP layer renders as ``{"error": {...}}`` with ``status``."""
 
-    def __init__(self, message: str, status: int = 400, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        status: int = 400,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.message, self.status, self.type, self.param, self.code = message, status, type, param, code
 
@@ -38,8 +45,9 @@ class OpenAIError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
 
-def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
+def error_body(
+    message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -61,8 +69,7 @@ def validate_request(model_cls: type[BaseModel], raw: bytes) -> Any:
         first = err.errors()[0]
         param = _param_name(first["loc"])
         msg = first["msg"].removeprefix("Value error, ")
-        raise OpenAIError(f"invalid '{param}': {msg}" if param else msg, param=param,
-                          code="invalid_value") from None
+        raise OpenAIError(f"invalid '{param}': {msg}" if param else msg, param=param, code="invalid_value") from None
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
@@ -70,8 +77,7 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 def _param_name(loc: tuple) -> str | None:
     """``messages.0.content`` from pydantic's location, without its union type tags."""
-    parts = [str(p) for p in loc
-             if isinstance(p, int) or ("[" not in p and "-" not in p and p not in _TYPE_TAGS)]
+    parts = [str(p) for p in loc if isinstance(p, int) or ("[" not in p and "-" not in p and p not in _TYPE_TAGS)]
     return ".".join(parts) or None
 
 
@@ -85,7 +91,7 @@ class _Request(BaseModel):
     n: StrictInt = 1
     stop: StrictStr | list[StrictStr] | None = None
     # a 64-bit seed, as OpenAI documents it (torch's generators take no more)
-    seed: StrictInt | None = Field(None, ge=-(2 ** 63), le=2 ** 63 - 1)
+    seed: StrictInt | None = Field(None, ge=-(2**63), le=2**63 - 1)
     stream: StrictBool = False
     stream_options: dict[str, Any] | None = None
     logprobs: Any | None = None
@@ -197,6 +203,7 @@ class ChatCompletionRequest(_Request):
 
 
 # ---- responses -------------------------------------------------------------------------------
+
 
 class SpecUsage(BaseModel):
     """Our extension of ``usage``: speculative-decoding acceptance for this request."""

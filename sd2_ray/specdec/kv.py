@@ -13,6 +13,7 @@ Device: the bookkeeping tensors live where the model takes its inputs (``self.de
 are moved there and logits are returned there (a model sharded with a ``device_map`` may put
 its last layers, hence its logits and some cache layers, on other GPUs).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -46,8 +47,14 @@ class RaggedKV:
         else:
             attention_mask = mask.long()
             positions = self.lengths.unsqueeze(1) + (real.long().cumsum(1) - 1).clamp_(min=0)
-        out = self.model(input_ids=tokens, attention_mask=attention_mask, position_ids=positions,
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=logits_to_keep)
+        out = self.model(
+            input_ids=tokens,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+        )
         self.real = mask
         self.lengths = self.lengths + real.sum(1)
         return out.logits.to(self.device)
@@ -95,8 +102,9 @@ class RaggedKV:
         return self.cache.layers
 
     def _layers(self) -> list[Any]:
-        return [layer for layer in self._all_layers() if getattr(layer, "keys", None) is not None
-                and layer.keys.numel()]
+        return [
+            layer for layer in self._all_layers() if getattr(layer, "keys", None) is not None and layer.keys.numel()
+        ]
 
     def _slice(self, start: int, stop: int) -> None:
         for layer in self._layers():

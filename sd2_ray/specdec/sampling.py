@@ -5,6 +5,7 @@ sampled requests with different temperature / top-k / top-p. Randomness comes in
 drawn by the caller from each request's own seeded generator, so a request's draws never depend
 on which other requests share its batch.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,26 +30,41 @@ class RowParams:
 
     @classmethod
     def from_params(cls, params: list[SamplingParams], device=None) -> RowParams:
-        return cls(greedy=torch.tensor([p.greedy for p in params], dtype=torch.bool, device=device),
-                   temperature=torch.tensor([p.temperature if not p.greedy else 1.0 for p in params],
-                                            dtype=torch.float32, device=device),
-                   top_k=torch.tensor([max(0, p.top_k) for p in params], dtype=torch.long, device=device),
-                   top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
-                   all_greedy=all(p.greedy for p in params),
-                   filters=any(p.top_k > 0 or p.top_p < 1.0 for p in params))
+        return cls(
+            greedy=torch.tensor([p.greedy for p in params], dtype=torch.bool, device=device),
+            temperature=torch.tensor(
+                [p.temperature if not p.greedy else 1.0 for p in params], dtype=torch.float32, device=device
+            ),
+            top_k=torch.tensor([max(0, p.top_k) for p in params], dtype=torch.long, device=device),
+            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
+            all_greedy=all(p.greedy for p in params),
+            filters=any(p.top_k > 0 or p.top_p < 1.0 for p in params),
+        )
 
     def select(self, rows: torch.Tensor) -> RowParams:
         """Keep these rows (requests leave the batch between passes: reading the flags back
         here is outside any draft step)."""
         rows = rows.to(self.greedy.device)
         greedy, top_k, top_p = self.greedy[rows], self.top_k[rows], self.top_p[rows]
-        return RowParams(greedy, self.temperature[rows], top_k, top_p, bool(greedy.all()),
-                         bool((top_k > 0).any() or (top_p < 1.0).any()))
+        return RowParams(
+            greedy,
+            self.temperature[rows],
+            top_k,
+            top_p,
+            bool(greedy.all()),
+            bool((top_k > 0).any() or (top_p < 1.0).any()),
+        )
 
     def to(self, device) -> RowParams:
         """The same rows on another device (a drafter on its own GPU); no copy when already there."""
-        return RowParams(self.greedy.to(device), self.temperature.to(device), self.top_k.to(device),
-                         self.top_p.to(device), self.all_greedy, self.filters)
+        return RowParams(
+            self.greedy.to(device),
+            self.temperature.to(device),
+            self.top_k.to(device),
+            self.top_p.to(device),
+            self.all_greedy,
+            self.filters,
+        )
 
 
 def fit_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -108,9 +124,16 @@ def pick(logits: torch.Tensor, rp: RowParams, uniforms: torch.Tensor):
     return torch.where(rp.greedy, greedy_ids, sampled), probs
 
 
-def verify(target_logits: torch.Tensor, drafts: torch.Tensor, draft_len: torch.Tensor,
-           draft_probs: torch.Tensor | None, rp: RowParams, u_accept: torch.Tensor,
-           u_resample: torch.Tensor, accept_rule=None):
+def verify(
+    target_logits: torch.Tensor,
+    drafts: torch.Tensor,
+    draft_len: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    rp: RowParams,
+    u_accept: torch.Tensor,
+    u_resample: torch.Tensor,
+    accept_rule=None,
+):
     """Verify drafts against the target; returns (accepted (B,), next_token (B,)).
 
     ``target_logits`` (B, k+1, V): the target's logits at the position before each draft token

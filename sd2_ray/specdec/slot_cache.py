@@ -1,5 +1,6 @@
 """The Hugging Face cache classes behind :class:`~sd2_ray.specdec.static_kv.StaticKV` (apart,
 so that importing the engine does not import transformers)."""
+
 from __future__ import annotations
 
 import torch
@@ -21,10 +22,12 @@ class SlotLayer(CacheLayerMixin):
         # allocated on the layer's own device (a device_map may spread layers over GPUs)
         b, h = key_states.shape[:2]
         slots = self.owner.trash + 1
-        self.keys = self.owner.pinned(torch.zeros((b, h, slots, key_states.shape[-1]), dtype=key_states.dtype,
-                                                  device=key_states.device))
-        self.values = self.owner.pinned(torch.zeros((b, h, slots, value_states.shape[-1]),
-                                                    dtype=value_states.dtype, device=value_states.device))
+        self.keys = self.owner.pinned(
+            torch.zeros((b, h, slots, key_states.shape[-1]), dtype=key_states.dtype, device=key_states.device)
+        )
+        self.values = self.owner.pinned(
+            torch.zeros((b, h, slots, value_states.shape[-1]), dtype=value_states.dtype, device=value_states.device)
+        )
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):

@@ -3,6 +3,7 @@
 Engines (our speculative engine, target-only decoding, cross-tokenizer pairs) all implement
 :class:`Engine`. Token ids are always the *target's* ids.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -61,8 +62,9 @@ class SpecStats:
             num_draft_tokens=self.num_draft_tokens + other.num_draft_tokens,
             num_accepted_tokens=self.num_accepted_tokens + other.num_accepted_tokens,
             committed_tokens=self.committed_tokens + other.committed_tokens,
-            accepted_per_position=[a + b for a, b in zip(pad(self.accepted_per_position),
-                                                         pad(other.accepted_per_position), strict=True)],
+            accepted_per_position=[
+                a + b for a, b in zip(pad(self.accepted_per_position), pad(other.accepted_per_position), strict=True)
+            ],
         )
 
 
@@ -82,7 +84,8 @@ class GenerationResult:
 
 
 class Engine(Protocol):
-    def generate(self, requests: list[GenerationRequest], on_tokens: TokenCallback | None = None,
-                 speculate: bool = True) -> list[GenerationResult]:
+    def generate(
+        self, requests: list[GenerationRequest], on_tokens: TokenCallback | None = None, speculate: bool = True
+    ) -> list[GenerationResult]:
         """Advance all requests together (batched) until each stops; mixed sampling params allowed."""
         ...

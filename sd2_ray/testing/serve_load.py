@@ -2,6 +2,7 @@
 ``bench/bench_serve.py --autoscale``: every request has a bounded timeout and is recorded
 (start, end, HTTP status or error, completion tokens), so a test can say how many failed, how
 fast, and whether any hung."""
+
 from __future__ import annotations
 
 import threading
@@ -42,8 +43,7 @@ class Load:
     def __post_init__(self):
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True)
-                         for i in range(self.clients)]
+        self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(self.clients)]
 
     def start(self) -> Load:
         for t in self._threads:
@@ -71,8 +71,12 @@ class Load:
     def _one(self, session, prompt: str) -> Outcome:
         import requests
 
-        body = {"model": self.model, "messages": [{"role": "user", "content": prompt}],
-                "max_tokens": self.max_tokens, "temperature": 0}
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": self.max_tokens,
+            "temperature": 0,
+        }
         start = time.monotonic()
         try:
             r = session.post(f"{self.base_url}/chat/completions", json=body, timeout=self.timeout_s)

@@ -6,6 +6,7 @@ checkpoint saved after step 2 and restored into a fresh engine, then the gathere
 returns what every rank returned; ``restore_scenario`` is the per-rank body, also run by
 ``bench/gpu_smoke.py`` on a GPU.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,15 @@ from typing import Any
 
 
 def _rank_main(rank: int, world: int, port: int, fn: Callable, args: tuple, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_SIZE=str(world), DS_ACCELERATOR="cpu")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_SIZE=str(world),
+        DS_ACCELERATOR="cpu",
+    )
     import deepspeed
     import torch
 
@@ -52,8 +60,10 @@ def _steps(engine, rows: list[dict], tokenizer, cfg: dict, rank: int, world: int
     from sd2_ray.finetune.step import train_step
 
     size = cfg["batch_size"]
-    return [train_step(engine, rows[i * size:(i + 1) * size], tokenizer, cfg, rank, world)["loss"]
-            for i in range(first, last)]
+    return [
+        train_step(engine, rows[i * size : (i + 1) * size], tokenizer, cfg, rank, world)["loss"]
+        for i in range(first, last)
+    ]
 
 
 def _fresh_engine(cfg: dict, device):
@@ -119,6 +129,14 @@ def restore_scenario(rank: int, world: int, cfg: dict, rows: list[dict], out: st
     nonzero, gathers = _count_without_gathering(restored_engine, masks)
     session.save_hf(restored_engine, tokenizer, os.path.join(out, "model"), rank)
     poked, _ = _count_without_gathering(restored_engine, masks, poke=True)
-    return {"gathers_to_count": gathers, "poked_count": poked,"uninterrupted": uninterrupted, "restored": restored, "masked_nonzero": nonzero,
-            "loaded_dtype": loaded, "mask_bytes": sum(m.nbytes for m in masks.values()),
-            "masked_numel": sum(m.numel() for m in masks.values()), "restored_step": state.step}
+    return {
+        "gathers_to_count": gathers,
+        "poked_count": poked,
+        "uninterrupted": uninterrupted,
+        "restored": restored,
+        "masked_nonzero": nonzero,
+        "loaded_dtype": loaded,
+        "mask_bytes": sum(m.nbytes for m in masks.values()),
+        "masked_numel": sum(m.numel() for m in masks.values()),
+        "restored_step": state.step,
+    }

@@ -6,6 +6,7 @@ function only starts the TorchTrainer and waits; checkpoint evals run beside it,
 controller's way. Imports Ray at module level: only the
 trial driver imports this module.
 """
+
 from __future__ import annotations
 
 import logging
@@ -85,17 +86,30 @@ class TrialReportCallback(TuneReportCallback):
         assert settings is not None  # evals start only with checkpoint_eval settings
         try:
             eval_settings = settings["eval"]
-            report = run_with_gpus(evaluate_checkpoint, eval_settings["gpus"], checkpoint, settings,
-                                   resources=eval_settings.get("node_resources"))  # the trial process has no GPUs to give
+            report = run_with_gpus(
+                evaluate_checkpoint,
+                eval_settings["gpus"],
+                checkpoint,
+                settings,
+                resources=eval_settings.get("node_resources"),
+            )  # the trial process has no GPUs to give
         except Exception as err:  # the trial's training must not die of a side measurement
             log.warning("checkpoint eval at step %s failed: %s: %s", step, type(err).__name__, err)
             return {}
-        out = {"mal": report["mean_accepted_length"], "predicted_speedup": report["predicted_speedup"],
-               "cost_coefficient": report["cost_coefficient"],
-               "drafter_macs": report["drafter_macs_per_token"]}
+        out = {
+            "mal": report["mean_accepted_length"],
+            "predicted_speedup": report["predicted_speedup"],
+            "cost_coefficient": report["cost_coefficient"],
+            "drafter_macs": report["drafter_macs_per_token"],
+        }
         out["objective"] = objective_value(out, settings["objective"])
-        log.info("step %s: checkpoint MAL %.3f, predicted speedup %.3f (%.1fs)", step, out["mal"],
-                 out["predicted_speedup"], time.perf_counter() - started)
+        log.info(
+            "step %s: checkpoint MAL %.3f, predicted speedup %.3f (%.1fs)",
+            step,
+            out["mal"],
+            out["predicted_speedup"],
+            time.perf_counter() - started,
+        )
         return out
 
 
@@ -111,5 +125,12 @@ def evaluate_checkpoint(checkpoint, settings: dict[str, Any]) -> dict[str, Any]:
         drafter, tokenizer = drafter_from_checkpoint(directory, settings["drafter"])
     rows = read_rows(settings["eval_prompts"], limit=eval_settings.max_prompts)
     # the target is placed as the trial's eval is (device, dtype, device_map); the drafter follows it
-    return evaluate_pair(settings["target"], drafter, rows, settings["num_speculative_tokens"], eval_settings,
-                         drafter_tokenizer=tokenizer, progress=False)
+    return evaluate_pair(
+        settings["target"],
+        drafter,
+        rows,
+        settings["num_speculative_tokens"],
+        eval_settings,
+        drafter_tokenizer=tokenizer,
+        progress=False,
+    )

@@ -3,6 +3,7 @@
 Ray Tune's ``grid_search`` is the literal ``{"grid_search": [...]}``; building it here keeps
 this module importable (and unit-testable) without Ray.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -65,8 +66,11 @@ def trial_epochs(config: TuneConfig, params: dict[str, Any]) -> int:
 def prune_fields(config: TuneConfig, params: dict[str, Any]) -> dict[str, Any]:
     """Everything a trial's PruneConfig holds except its output (which is keyed by this)."""
     point = params["pruning"]
-    fields = {**config.prune.model_dump(exclude_unset=True), "model": config.drafter,
-              "method": trial_method(config, params)}
+    fields = {
+        **config.prune.model_dump(exclude_unset=True),
+        "model": config.drafter,
+        "method": trial_method(config, params),
+    }
     if fields["method"] != "magnitude":
         fields["calibration"] = config.calibration or config.data
     if point["pattern"] == UNSTRUCTURED:
