@@ -19,6 +19,7 @@ The dense-sd drafter does not depend on the sparsity, so a variant run reuses th
     python bench/bench_fidelity.py [--seeds 3] [--json FILE] [--out ABS_DIR] [--variants 50,2:4,70]
                                    [key=value ...]   (overrides passed to every `sd2 run`)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -85,19 +86,41 @@ def run_pipeline(config: str, out: str, seed: int, variant: str, overrides: list
     report_path = os.path.join(out, "report", "report.json")
     if _complete(out) and os.path.isfile(report_path):
         return {**json.load(open(report_path)), "wall_s": None, "cpu_s": None, "layer_drop": _layer_drop(out)}
-    cmd = [sys.executable, "-m", "sd2_ray.cli", "run", "--config", config, "--output", out,
-           f"prune.seed={seed}", f"layer_prune.seed={seed}", f"finetune.seed={seed}", "serve_smoke=false",
-           DRAFTERS, *VARIANTS[variant][1], *overrides]
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "sd2_ray.cli",
+        "run",
+        "--config",
+        config,
+        "--output",
+        out,
+        f"prune.seed={seed}",
+        f"layer_prune.seed={seed}",
+        f"finetune.seed={seed}",
+        "serve_smoke=false",
+        DRAFTERS,
+        *VARIANTS[variant][1],
+        *overrides,
+    ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "RAY_AUTH_MODE": "disabled",
+        "HF_HUB_OFFLINE": "1",
+    }
     print(f"[fidelity] variant {variant}, seed {seed}: {' '.join(cmd[2:])}", flush=True)
     before, started = _children_cpu(), time.time()
     with open(log_path, "w") as log:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         sys.exit(f"sd2 run failed (exit {proc.returncode}); log: {log_path}")
-    return {**json.load(open(report_path)), "wall_s": round(time.time() - started, 1),
-            "cpu_s": round(_children_cpu() - before, 1), "layer_drop": _layer_drop(out)}
+    return {
+        **json.load(open(report_path)),
+        "wall_s": round(time.time() - started, 1),
+        "cpu_s": round(_children_cpu() - before, 1),
+        "layer_drop": _layer_drop(out),
+    }
 
 
 def _layer_drop(out: str) -> int | None:
@@ -132,17 +155,21 @@ def summarise(reports: dict[str, list[dict]]) -> dict[str, dict]:
 
 
 def mal_table(reports: dict[str, list[dict]]) -> list[str]:
-    lines = [f"{'variant':<8} {'seed':>4} {'dense-sd':>9} {'layer-pr':>9} {'sd2':>7} {'sparse-sft':>10} "
-             f"{'sd2 MACs':>9} {'layer MACs':>10} {'drop':>5} {'wall s':>7} {'CPU s':>7}"]
+    lines = [
+        f"{'variant':<8} {'seed':>4} {'dense-sd':>9} {'layer-pr':>9} {'sd2':>7} {'sparse-sft':>10} "
+        f"{'sd2 MACs':>9} {'layer MACs':>10} {'drop':>5} {'wall s':>7} {'CPU s':>7}"
+    ]
     for variant, runs in reports.items():
         for seed, r in enumerate(runs):
             by = {d["name"]: d for d in r["drafters"]}
-            mal = lambda n: by[n]["mean_accepted_length"] if n in by else float("nan")  # noqa: E731
-            macs = lambda n: by[n]["drafter_macs_per_token"] if n in by else 0  # noqa: E731
+            mal = lambda n, by=by: by[n]["mean_accepted_length"] if n in by else float("nan")  # noqa: E731
+            macs = lambda n, by=by: by[n]["drafter_macs_per_token"] if n in by else 0  # noqa: E731
             drop = r["layer_drop"] if r["layer_drop"] is not None else "?"
-            lines.append(f"{variant:<8} {seed:>4} {mal('dense-sd'):>9.3f} {mal('layer-pruned-sd'):>9.3f} "
-                         f"{mal('sd2'):>7.3f} {mal('sparse-sft'):>10.3f} {macs('sd2'):>9,} "
-                         f"{macs('layer-pruned-sd'):>10,} {drop!s:>5} {r['wall_s'] or 0:>7.0f} {r['cpu_s'] or 0:>7.0f}")
+            lines.append(
+                f"{variant:<8} {seed:>4} {mal('dense-sd'):>9.3f} {mal('layer-pruned-sd'):>9.3f} "
+                f"{mal('sd2'):>7.3f} {mal('sparse-sft'):>10.3f} {macs('sd2'):>9,} "
+                f"{macs('layer-pruned-sd'):>10,} {drop!s:>5} {r['wall_s'] or 0:>7.0f} {r['cpu_s'] or 0:>7.0f}"
+            )
     return lines
 
 
@@ -163,8 +190,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--json", metavar="FILE", help="write the ratios as JSON here")
-    parser.add_argument("--out", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "sd2-bench-fidelity"),
-                        help="absolute directory for the runs (reruns resume here)")
+    parser.add_argument(
+        "--out",
+        default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "sd2-bench-fidelity"),
+        help="absolute directory for the runs (reruns resume here)",
+    )
     parser.add_argument("--config", default=os.path.join(ROOT, "jobs", "configs", "tiny.yaml"))
     parser.add_argument("--variants", default="50,2:4,70", help=f"comma list of {', '.join(VARIANTS)}")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="passed to every `sd2 run`")
@@ -182,8 +212,16 @@ def main() -> None:
         for variant in order:
             out = run_dir(root, variant, seed)
             seed_inputs(root, variant, seed, first)
-            reports[variant].append(run_pipeline(args.config, out, seed, variant, args.overrides,
-                                                 os.path.join(root, f"log-v{variant.replace(':', 'of')}-s{seed}.txt")))
+            reports[variant].append(
+                run_pipeline(
+                    args.config,
+                    out,
+                    seed,
+                    variant,
+                    args.overrides,
+                    os.path.join(root, f"log-v{variant.replace(':', 'of')}-s{seed}.txt"),
+                )
+            )
             first = first or out
     summary = summarise(reports)
     print("\nMAL per drafter (same prompts and K in each run):")

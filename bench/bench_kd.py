@@ -26,6 +26,7 @@ printed too.
     python bench/bench_kd.py --seeds 0 --variants ce fkl fkl+ce rkl+ce jsd+ce tvd+ce --data generate on-policy
     python bench/bench_kd.py --seeds 0 --variants ce --spearman fkl+ce
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,13 @@ def pipeline_config(out: str, overrides: dict[str, Any]):
     from sd2_ray.pipeline.config import PipelineConfig
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    fields = {"output": out, "distill.logprobs_top_k": TOP_K, "drafters": ["sd2", "sd2-kd"], "serve_smoke": False,
-              **overrides}
+    fields = {
+        "output": out,
+        "distill.logprobs_top_k": TOP_K,
+        "drafters": ["sd2", "sd2-kd"],
+        "serve_smoke": False,
+        **overrides,
+    }
     return PipelineConfig.load(os.path.join(root, "jobs", "configs", "tiny.yaml"), fields).with_kit_paths()
 
 
@@ -85,20 +91,23 @@ def mixed_data(generate: str, on_policy: str, out: str, seed: int = 0) -> str:
     import pyarrow as pa
 
     from sd2_ray import storage
-
     from sd2_ray.rows import data_files
 
-    tables = [pa.concat_tables([storage.read_parquet(f) for f in data_files(d)], promote_options="permissive")
-              for d in (generate, on_policy)]
+    tables = [
+        pa.concat_tables([storage.read_parquet(f) for f in data_files(d)], promote_options="permissive")
+        for d in (generate, on_policy)
+    ]
     rows = tables[0].num_rows
     picks = random.Random(seed).sample(range(rows), rows)
-    half = set(picks[:rows // 2])
-    taken = [r for i, r in enumerate(tables[0].to_pylist()) if i in half] + \
-            [r for i, r in enumerate(tables[1].to_pylist()) if i not in half]
+    half = set(picks[: rows // 2])
+    taken = [r for i, r in enumerate(tables[0].to_pylist()) if i in half] + [
+        r for i, r in enumerate(tables[1].to_pylist()) if i not in half
+    ]
     random.Random(seed + 1).shuffle(taken)
-    storage.write_parquet(storage.join(out, "part-00000.parquet"),
-                          pa.Table.from_pylist(taken, schema=pa.unify_schemas([t.schema for t in tables],
-                                                                               promote_options="permissive")))
+    storage.write_parquet(
+        storage.join(out, "part-00000.parquet"),
+        pa.Table.from_pylist(taken, schema=pa.unify_schemas([t.schema for t in tables], promote_options="permissive")),
+    )
     return out
 
 
@@ -113,11 +122,16 @@ def finetune(config, variant: dict[str, Any], data: str, output: str, seed: int,
     from sd2_ray.pipeline.chain import chain
 
     name = "sd2" if variant["loss"] == "ce" and not extra else "sd2-kd"
-    kd = config.model_copy(update={"kd": {**variant, **{k: v for k, v in extra.items() if k in ("eval_every",
-                                                                                             "eval_rows", "select_by")}}})
+    kd = config.model_copy(
+        update={"kd": {**variant, **{k: v for k, v in extra.items() if k in ("eval_every", "eval_rows", "select_by")}}}
+    )
     fields = chain(kd, "finetune", name).model_dump()
-    fields.update(output=output, data=data, seed=seed, **{k: v for k, v in extra.items()
-                                                          if k not in ("eval_every", "eval_rows", "select_by")})
+    fields.update(
+        output=output,
+        data=data,
+        seed=seed,
+        **{k: v for k, v in extra.items() if k not in ("eval_every", "eval_rows", "select_by")},
+    )
     started, cpu = time.perf_counter(), METER.total() if METER else 0.0
     result = run_finetune(validate(FinetuneConfig, fields))
     reused = result.skipped  # an output completed by an earlier run of the bench
@@ -130,8 +144,15 @@ def measure(config, drafter, rows, tokenizer=None) -> dict[str, Any]:
     from sd2_ray.evaluate.core import evaluate_pair
 
     settings = EvalSettings.model_validate({**config.eval.model_dump(), "measure_baseline": False})
-    report = evaluate_pair(config.target, drafter, rows, config.num_speculative_tokens, settings,
-                           drafter_tokenizer=tokenizer, progress=False)
+    report = evaluate_pair(
+        config.target,
+        drafter,
+        rows,
+        config.num_speculative_tokens,
+        settings,
+        drafter_tokenizer=tokenizer,
+        progress=False,
+    )
     return {"mal": report["mean_accepted_length"], "acceptance_rate": report["acceptance_rate"]}
 
 
@@ -149,11 +170,17 @@ def run_comparison(config, args, data_dirs: dict[str, str], rows, out: dict) -> 
             result, wall = finetune(config, variant, data_dirs[data_name], output, seed)
             mal = measure(config, output, rows)
             out["runs"].setdefault(f"s{seed}", {})[key] = {
-                **mal, "finetune_wall_s": round(wall, 1), "finetune_cpu_s": result.summary["bench_cpu_s"],
+                **mal,
+                "finetune_wall_s": round(wall, 1),
+                "finetune_cpu_s": result.summary["bench_cpu_s"],
                 "final_loss": result.summary.get("final_loss"),
-                "masked_nonzero": result.summary["sparsity_check"]["masked_nonzero"]}
-            print(f"seed {seed} {key:22s} MAL {mal['mal']:.3f}  (fine-tune {wall:.0f}s wall, "
-                  f"{result.summary['bench_cpu_s']}s CPU)", flush=True)
+                "masked_nonzero": result.summary["sparsity_check"]["masked_nonzero"],
+            }
+            print(
+                f"seed {seed} {key:22s} MAL {mal['mal']:.3f}  (fine-tune {wall:.0f}s wall, "
+                f"{result.summary['bench_cpu_s']}s CPU)",
+                flush=True,
+            )
         save(args.out, out)
 
 
@@ -167,9 +194,19 @@ def run_spearman(config, args, data: str, rows, out: dict) -> None:
     variant = parse_variant(args.spearman, args.ce_weight)
     output = os.path.join(args.out, "spearman", args.spearman.replace("+", "_"))
     ckpt = os.path.join(args.out, "spearman", "checkpoints")
-    result, wall = finetune(config, variant, data, output, args.seeds[0], eval_every=args.eval_every,
-                            eval_rows=args.eval_rows, select_by="expected_mal", checkpoint_every=args.eval_every,
-                            keep_checkpoints=1000, storage_path=ckpt)
+    result, wall = finetune(
+        config,
+        variant,
+        data,
+        output,
+        args.seeds[0],
+        eval_every=args.eval_every,
+        eval_rows=args.eval_rows,
+        select_by="expected_mal",
+        checkpoint_every=args.eval_every,
+        keep_checkpoints=1000,
+        storage_path=ckpt,
+    )
     evals = [h for h in result.history if "expected_mal" in h]
     points = []
     run_dir = os.path.join(ckpt, storage.basename(output))
@@ -183,16 +220,30 @@ def run_spearman(config, args, data: str, rows, out: dict) -> None:
         else:
             continue
         mal = measure(config, drafter, rows, tok)
-        points.append({"step": step, "expected_mal": h["expected_mal"], "alpha": h["alpha"],
-                       "eval_loss": h["eval_loss"], "measured_mal": mal["mal"]})
+        points.append(
+            {
+                "step": step,
+                "expected_mal": h["expected_mal"],
+                "alpha": h["alpha"],
+                "eval_loss": h["eval_loss"],
+                "measured_mal": mal["mal"],
+            }
+        )
         print(f"step {step:4d}: expected MAL {h['expected_mal']:.3f}  measured MAL {mal['mal']:.3f}", flush=True)
     rho = spearman([p["expected_mal"] for p in points], [p["measured_mal"] for p in points])
     rho_loss = spearman([-p["eval_loss"] for p in points], [p["measured_mal"] for p in points])
-    out["spearman"] = {"variant": args.spearman, "points": points, "spearman_expected_mal": rho,
-                       "spearman_minus_eval_loss": rho_loss, "published_step": result.summary.get("published_step"),
-                       "finetune_wall_s": round(wall, 1)}
-    print(f"Spearman(expected MAL, measured MAL) over {len(points)} checkpoints: {rho:.3f} "
-          f"(held-out -loss: {rho_loss:.3f}); published step {result.summary.get('published_step')}")
+    out["spearman"] = {
+        "variant": args.spearman,
+        "points": points,
+        "spearman_expected_mal": rho,
+        "spearman_minus_eval_loss": rho_loss,
+        "published_step": result.summary.get("published_step"),
+        "finetune_wall_s": round(wall, 1),
+    }
+    print(
+        f"Spearman(expected MAL, measured MAL) over {len(points)} checkpoints: {rho:.3f} "
+        f"(held-out -loss: {rho_loss:.3f}); published step {result.summary.get('published_step')}"
+    )
     save(args.out, out)
 
 
@@ -298,17 +349,21 @@ def main() -> None:
             finetune(config, parse_variant("ce", 0.0), data_dirs["generate"], first, args.seeds[0])
         data_dirs["on-policy"] = on_policy_data(config, first, os.path.join(args.out, "distilled-on-policy"))
         if "mixed" in args.data:
-            data_dirs["mixed"] = mixed_data(data_dirs["generate"], data_dirs["on-policy"],
-                                            os.path.join(args.out, "distilled-mixed"))
+            data_dirs["mixed"] = mixed_data(
+                data_dirs["generate"], data_dirs["on-policy"], os.path.join(args.out, "distilled-mixed")
+            )
     run_comparison(config, args, data_dirs, rows, out)
     summary_table(out, args)
     if args.spearman:
         run_spearman(config, args, data_dirs[args.data[0]], rows, out)
-    out.update(wall_s=round(time.perf_counter() - started, 1), cpu_s=round(METER.stop(), 1),
-               loadavg_end=os.getloadavg())
+    out.update(
+        wall_s=round(time.perf_counter() - started, 1), cpu_s=round(METER.stop(), 1), loadavg_end=os.getloadavg()
+    )
     save(args.out, out)
-    print(f"\nwall {out['wall_s']:.0f}s, CPU {out['cpu_s']:.0f}s (this process and all its Ray processes); "
-          f"load average {load[0]:.1f} at start, {out['loadavg_end'][0]:.1f} at end (2 cores, shared)")
+    print(
+        f"\nwall {out['wall_s']:.0f}s, CPU {out['cpu_s']:.0f}s (this process and all its Ray processes); "
+        f"load average {load[0]:.1f} at start, {out['loadavg_end'][0]:.1f} at end (2 cores, shared)"
+    )
 
 
 if __name__ == "__main__":

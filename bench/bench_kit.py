@@ -7,6 +7,7 @@ bench/bench_kit.json.
 
     python bench/bench_kit.py [--prompts 16] [--new-tokens 32]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,12 +48,12 @@ def main() -> None:
     loss = training.heldout_loss(target, heldout, config.seq_len, 16)
     loss_random = training.heldout_loss(random_target, heldout, config.seq_len, 16)
 
-    rows = [json.loads(line) for line in open(kit_paths(kit)["eval_prompts"])][:args.prompts]
-    prompts = [tok(render_chat(tok, r["messages"][0]["content"]), add_special_tokens=False)["input_ids"]
-               for r in rows]
+    rows = [json.loads(line) for line in open(kit_paths(kit)["eval_prompts"])][: args.prompts]
+    prompts = [tok(render_chat(tok, r["messages"][0]["content"]), add_special_tokens=False)["input_ids"] for r in rows]
     mal = greedy_mal(target, drafter, prompts, 4, args.new_tokens, tok.eos_token_id)["mean_accepted_length"]
-    mal_random = greedy_mal(target, random_drafter, prompts, 4, args.new_tokens,
-                            tok.eos_token_id)["mean_accepted_length"]
+    mal_random = greedy_mal(target, random_drafter, prompts, 4, args.new_tokens, tok.eos_token_id)[
+        "mean_accepted_length"
+    ]
 
     ln_vocab = math.log(len(tok))
     table = [
@@ -60,8 +61,13 @@ def main() -> None:
         ("drafter greedy MAL, K=4", mal, mal_random, "1.2 .. 2.5", 1.2 <= mal <= 2.5),
         # the target and the drafters train side by side, one core each: wall is about CPU / 2
         ("build wall seconds (kit.json)", info["build_seconds"], None, "<= 480 (idle)", info["build_seconds"] <= 480),
-        ("build CPU seconds (kit.json)", info.get("build_cpu_seconds", float("nan")), None, "<= 960 (2 x 480)",
-         info.get("build_cpu_seconds", 0) <= 960),
+        (
+            "build CPU seconds (kit.json)",
+            info.get("build_cpu_seconds", float("nan")),
+            None,
+            "<= 960 (2 x 480)",
+            info.get("build_cpu_seconds", 0) <= 960,
+        ),
         ("cached ensure_kit() seconds", ensure_seconds, None, "< 1", ensure_seconds < 1),
     ]
     print(f"kit {kit}  (ln V = {ln_vocab:.3f}, {args.prompts} eval prompts x {args.new_tokens} tokens)")
@@ -72,8 +78,14 @@ def main() -> None:
     print("baseline = same shapes, random init (untrained)")
     out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_kit.json")
     with open(out, "w") as f:
-        json.dump({"kit": kit, "rows": [dict(zip(("metric", "kit", "baseline", "goal", "met"), r))
-                                        for r in table]}, f, indent=2)
+        json.dump(
+            {
+                "kit": kit,
+                "rows": [dict(zip(("metric", "kit", "baseline", "goal", "met"), r, strict=True)) for r in table],
+            },
+            f,
+            indent=2,
+        )
 
 
 if __name__ == "__main__":

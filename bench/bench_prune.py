@@ -13,6 +13,7 @@ with the same torch thread count on both sides.
     python bench/bench_prune.py                 # kit drafter, prints the table, writes bench_prune.json
     python bench/bench_prune.py --skip-llmc     # ours only
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,11 +36,17 @@ from sd2_ray.prune.quality import perplexity  # noqa: E402
 from sd2_ray.prune.sequential import prune_model, select_targets  # noqa: E402
 
 DEFAULT_VENV = os.path.join(os.path.expanduser("~"), ".cache", "sd2", "bench-llmc")
-SETTINGS = [("sparsegpt", "unstructured"), ("wanda", "unstructured"), ("magnitude", "unstructured"),
-            ("sparsegpt", "2:4"), ("wanda", "2:4"), ("magnitude", "2:4")]
+SETTINGS = [
+    ("sparsegpt", "unstructured"),
+    ("wanda", "unstructured"),
+    ("magnitude", "unstructured"),
+    ("sparsegpt", "2:4"),
+    ("wanda", "2:4"),
+    ("magnitude", "2:4"),
+]
 
 # Runs inside the llmcompressor venv: prune with its SparseGPTModifier, save the weights.
-LLMC_HELPER = r'''
+LLMC_HELPER = r"""
 import json, sys, time
 import torch
 from datasets import Dataset
@@ -62,7 +69,7 @@ oneshot(model=model, dataset=dataset, recipe=modifier, num_calibration_samples=l
 seconds = time.perf_counter() - started
 save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, args["weights"])
 print("LLMC_RESULT " + json.dumps({"seconds": seconds}))
-'''
+"""
 
 
 def ensure_llmc_venv(venv: str) -> str:
@@ -86,21 +93,34 @@ def run_llmc(python: str, model_dir: str, calib: list[torch.Tensor], pattern: st
     with open(calib_file, "w") as f:
         json.dump([b[0].tolist() for b in calib], f)
     weights = os.path.join(workdir, f"llmc-{pattern.replace(':', '_')}.safetensors")
-    spec = {"model": model_dir, "calibration": calib_file, "weights": weights, "threads": args.threads,
-            "sparsity": 0.5, "mask_structure": "0:0" if pattern == "unstructured" else pattern,
-            "block_size": args.block_size, "dampening": args.dampening, "seq_len": args.seq_len,
-            "targets": [r"re:.*layers\.\d+\..*"]}
+    spec = {
+        "model": model_dir,
+        "calibration": calib_file,
+        "weights": weights,
+        "threads": args.threads,
+        "sparsity": 0.5,
+        "mask_structure": "0:0" if pattern == "unstructured" else pattern,
+        "block_size": args.block_size,
+        "dampening": args.dampening,
+        "seq_len": args.seq_len,
+        "targets": [r"re:.*layers\.\d+\..*"],
+    }
     spec_file = os.path.join(workdir, "spec.json")
     helper = os.path.join(workdir, "llmc_helper.py")
     Path(spec_file).write_text(json.dumps(spec))
     Path(helper).write_text(LLMC_HELPER)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": "", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(args.threads),
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": "",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     res = subprocess.run([python, helper, spec_file], capture_output=True, text=True, env=env, cwd=workdir)
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("LLMC_RESULT ")]
     if res.returncode != 0 or not lines:
         raise RuntimeError(f"llmcompressor helper failed:\n{res.stderr[-3000:]}")
-    return {**json.loads(lines[-1][len("LLMC_RESULT "):]), "weights": weights}
+    return {**json.loads(lines[-1][len("LLMC_RESULT ") :]), "weights": weights}
 
 
 def load_fresh(model_dir: str):
@@ -147,21 +167,40 @@ def main() -> None:
 
     tok = load_tokenizer(args.model)
     calib, info = load_calibration(args.calibration, tok, args.num_samples, args.seq_len, seed=0)
-    held_out = tokenize_samples([render_sample(r, tok) for r in load_rows(args.eval, args.eval_samples, seed=1)],
-                                tok, args.seq_len)
+    held_out = tokenize_samples(
+        [render_sample(r, tok) for r in load_rows(args.eval, args.eval_samples, seed=1)], tok, args.seq_len
+    )
     dense_ppl = perplexity(load_fresh(args.model), held_out)
-    print(f"model {args.model}: calibration {info['num_samples']} samples / {info['tokens']} tokens, "
-          f"held-out {len(held_out)} samples, dense perplexity {dense_ppl:.3f}", flush=True)
+    print(
+        f"model {args.model}: calibration {info['num_samples']} samples / {info['tokens']} tokens, "
+        f"held-out {len(held_out)} samples, dense perplexity {dense_ppl:.3f}",
+        flush=True,
+    )
     rows = []
     for method, pattern in SETTINGS:
-        config = PruneConfig(model=args.model, calibration=args.calibration, output="-", method=method,
-                             pattern=pattern, block_size=args.block_size, dampening=args.dampening)
+        config = PruneConfig(
+            model=args.model,
+            calibration=args.calibration,
+            output="-",
+            method=method,
+            pattern=pattern,
+            block_size=args.block_size,
+            dampening=args.dampening,
+        )
         model = load_fresh(args.model)
         started = time.perf_counter()
         model, _, _ = prune_model(model, calib, config)
         seconds = time.perf_counter() - started
-        rows.append({"impl": "sd2", "method": method, "pattern": pattern, "seconds": seconds,
-                     "sparsity": zero_fraction(model, config), "perplexity": perplexity(model, held_out)})
+        rows.append(
+            {
+                "impl": "sd2",
+                "method": method,
+                "pattern": pattern,
+                "seconds": seconds,
+                "sparsity": zero_fraction(model, config),
+                "perplexity": perplexity(model, held_out),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     if not args.skip_llmc:
         python = ensure_llmc_venv(args.llmc_venv)
@@ -173,12 +212,25 @@ def main() -> None:
                 model = load_fresh(args.model)
                 model.load_state_dict(load_file(result["weights"]), strict=False)
                 config = PruneConfig(model="-", output="-", method="magnitude", pattern=pattern)
-                rows.append({"impl": "llmcompressor", "method": "sparsegpt", "pattern": pattern,
-                             "seconds": result["seconds"], "sparsity": zero_fraction(model, config),
-                             "perplexity": perplexity(model, held_out)})
+                rows.append(
+                    {
+                        "impl": "llmcompressor",
+                        "method": "sparsegpt",
+                        "pattern": pattern,
+                        "seconds": result["seconds"],
+                        "sparsity": zero_fraction(model, config),
+                        "perplexity": perplexity(model, held_out),
+                    }
+                )
                 print(json.dumps(rows[-1]), flush=True)
-    report = {"model": args.model, "dense_perplexity": dense_ppl, "calibration": info,
-              "held_out_samples": len(held_out), "threads": args.threads, "rows": rows}
+    report = {
+        "model": args.model,
+        "dense_perplexity": dense_ppl,
+        "calibration": info,
+        "held_out_samples": len(held_out),
+        "threads": args.threads,
+        "rows": rows,
+    }
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     print_table(report)
 
@@ -187,14 +239,18 @@ def print_table(report: dict) -> None:
     rows = report["rows"]
     peer = {r["pattern"]: r for r in rows if r["impl"] == "llmcompressor"}
     print(f"\ndense perplexity {report['dense_perplexity']:.3f}  (threads={report['threads']})")
-    print(f"{'impl':<14}{'method':<11}{'pattern':<14}{'sparsity':>9}{'time s':>9}{'ppl':>10}"
-          f"{'ppl/llmc':>10}{'time/llmc':>10}")
+    print(
+        f"{'impl':<14}{'method':<11}{'pattern':<14}{'sparsity':>9}{'time s':>9}{'ppl':>10}"
+        f"{'ppl/llmc':>10}{'time/llmc':>10}"
+    )
     for r in rows:
         ref = peer.get(r["pattern"])
         ppl_ratio = f"{r['perplexity'] / ref['perplexity']:.4f}" if ref and r["method"] == "sparsegpt" else "-"
         time_ratio = f"{r['seconds'] / ref['seconds']:.3f}" if ref and r["method"] == "sparsegpt" else "-"
-        print(f"{r['impl']:<14}{r['method']:<11}{r['pattern']:<14}{r['sparsity']:>9.4f}{r['seconds']:>9.2f}"
-              f"{r['perplexity']:>10.3f}{ppl_ratio:>10}{time_ratio:>10}")
+        print(
+            f"{r['impl']:<14}{r['method']:<11}{r['pattern']:<14}{r['sparsity']:>9.4f}{r['seconds']:>9.2f}"
+            f"{r['perplexity']:>10.3f}{ppl_ratio:>10}{time_ratio:>10}"
+        )
     print("goal: sd2 sparsegpt perplexity within 2 % of llmcompressor's (ratio <= 1.02), time ratio <= 1.0")
 
 

@@ -7,6 +7,7 @@ every 1 s), started as
 closed-loop clients for --load-seconds, then --idle-seconds idle: every second it prints the
 running replicas and completion tokens/s; at the end the times to scale up and back to 1, failed
 requests, and a PNG plot (replicas and tokens/s over time)."""
+
 from __future__ import annotations
 
 import json
@@ -15,10 +16,17 @@ import time
 
 # Load reports every 1 s instead of Serve's 10 s (read by each Serve process from its environment:
 # on a cluster, set them on the nodes).
-PUSH_INTERVALS = {"RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
-                  "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}
-AUTOSCALING = {"min_replicas": 1, "target_ongoing_requests": 4, "upscale_delay_s": 2,
-               "downscale_delay_s": 5, "look_back_period_s": 2}
+PUSH_INTERVALS = {
+    "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+}
+AUTOSCALING = {
+    "min_replicas": 1,
+    "target_ongoing_requests": 4,
+    "upscale_delay_s": 2,
+    "downscale_delay_s": 5,
+    "look_back_period_s": 2,
+}
 
 
 def _pair(args, out_dir: str) -> tuple[str, str, list[str]]:
@@ -41,11 +49,21 @@ def _start(args, target: str, drafter: str) -> str:
     for key, value in PUSH_INTERVALS.items():
         os.environ.setdefault(key, value)
     ensure_ray(num_cpus=args.max_replicas * args.threads + 1)
-    config = ServeConfig.load(None, {
-        "target": target, "drafter": drafter, "port": free_port(), "model_name": "target",
-        "num_speculative_tokens": args.num_speculative_tokens, "num_cpus_per_replica": args.threads,
-        "max_batch_size": 8, "batch_wait_timeout_s": 0.01, "max_queued_requests": 256,
-        "autoscaling": {**AUTOSCALING, "max_replicas": args.max_replicas}})
+    config = ServeConfig.load(
+        None,
+        {
+            "target": target,
+            "drafter": drafter,
+            "port": free_port(),
+            "model_name": "target",
+            "num_speculative_tokens": args.num_speculative_tokens,
+            "num_cpus_per_replica": args.threads,
+            "max_batch_size": 8,
+            "batch_wait_timeout_s": 0.01,
+            "max_queued_requests": 256,
+            "autoscaling": {**AUTOSCALING, "max_replicas": args.max_replicas},
+        },
+    )
     return start(config)
 
 
@@ -57,12 +75,19 @@ def _watch(load, timeline, seconds: float, phase: str, rows: list[dict]) -> None
         time.sleep(1.0)
         now = time.monotonic()
         outcomes = load.snapshot()
-        row = {"t": round(now - timeline.t0, 1), "phase": phase, "replicas": timeline.latest(),
-               "tokens_per_s": round(tokens_per_s(outcomes, now - 1.0, now), 1),
-               "failed": len(failed(outcomes))}
+        row = {
+            "t": round(now - timeline.t0, 1),
+            "phase": phase,
+            "replicas": timeline.latest(),
+            "tokens_per_s": round(tokens_per_s(outcomes, now - 1.0, now), 1),
+            "failed": len(failed(outcomes)),
+        }
         rows.append(row)
-        print(f"  t={row['t']:>6.1f}s  {phase:<5} replicas={row['replicas']}  tok/s={row['tokens_per_s']:>7.1f}  "
-              f"failed={row['failed']}", flush=True)
+        print(
+            f"  t={row['t']:>6.1f}s  {phase:<5} replicas={row['replicas']}  tok/s={row['tokens_per_s']:>7.1f}  "
+            f"failed={row['failed']}",
+            flush=True,
+        )
 
 
 def _first(rows: list[dict], after: float, predicate) -> float | None:
@@ -98,8 +123,11 @@ def measure_autoscale(args) -> int:
 
     target, drafter, prompts = _pair(args, tempfile.mkdtemp(prefix="sd2-autoscale-"))
     base = _start(args, target, drafter)
-    print(f"autoscale: {args.clients} clients for {args.load_seconds:.0f} s, then {args.idle_seconds:.0f} s "
-          f"idle; replicas 1..{args.max_replicas}; {AUTOSCALING}", flush=True)
+    print(
+        f"autoscale: {args.clients} clients for {args.load_seconds:.0f} s, then {args.idle_seconds:.0f} s "
+        f"idle; replicas 1..{args.max_replicas}; {AUTOSCALING}",
+        flush=True,
+    )
     timeline = Timeline(lambda: running_replicas("sd2")).start()
     rows: list[dict] = []
     load = Load(base, args.clients, prompts, max_tokens=args.max_tokens, timeout_s=args.level_timeout).start()
@@ -110,16 +138,19 @@ def measure_autoscale(args) -> int:
     timeline.stop()
     serve.shutdown()
     outcomes = load.snapshot()
-    summary = {"scale_up_s": _first(rows, 0.0, lambda n: n >= 2),
-               "peak_replicas": max((r["replicas"] or 0) for r in rows),
-               "full_scale_s": _first(rows, 0.0, lambda n: n >= args.max_replicas),
-               "back_to_1_after_stop_s": _first(rows, t_stop, lambda n: n == 1),
-               "requests": len(outcomes), "failed": len(failed(outcomes)), "clients_ended": ended}
+    summary = {
+        "scale_up_s": _first(rows, 0.0, lambda n: n >= 2),
+        "peak_replicas": max((r["replicas"] or 0) for r in rows),
+        "full_scale_s": _first(rows, 0.0, lambda n: n >= args.max_replicas),
+        "back_to_1_after_stop_s": _first(rows, t_stop, lambda n: n == 1),
+        "requests": len(outcomes),
+        "failed": len(failed(outcomes)),
+        "clients_ended": ended,
+    }
     print(f"\nsummary: {summary}")
     plot(rows, t_stop, args.plot)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_serve_autoscale.json")
     with open(out, "w") as f:
-        json.dump({"args": vars(args), "autoscaling": AUTOSCALING, "summary": summary, "timeline": rows}, f,
-                  indent=2)
+        json.dump({"args": vars(args), "autoscaling": AUTOSCALING, "summary": summary, "timeline": rows}, f, indent=2)
     print(f"wrote {out} and {args.plot}")
     return 0 if summary["failed"] == 0 else 1

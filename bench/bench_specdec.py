@@ -20,18 +20,24 @@ Throughput is reported as wall tokens/s and as tokens per CPU-second of the proc
 steadier on a shared machine (1 thread each). vLLM is compared by wall time only: its engine
 process polls, so its CPU time (engine processes included) exceeds its wall time.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import time
+from functools import partial
 
 import torch
 
 PATHS = {"growing": {"static_cache": False}, "static": {}, "compiled": {"compile": True}}
-GOALS = {"time c / MAC c": 2.0, "measured / predicted b1": 0.8, "ours / HF assisted b1": 1.5,
-         "ours b8 / ours b1": 3.0}  # time c: at most; the others: at least
+GOALS = {
+    "time c / MAC c": 2.0,
+    "measured / predicted b1": 0.8,
+    "ours / HF assisted b1": 1.5,
+    "ours b8 / ours b1": 3.0,
+}  # time c: at most; the others: at least
 
 
 def load_pair(args):
@@ -42,10 +48,28 @@ def load_pair(args):
         from sd2_ray.testing.engine_pairs import char_tokenizer
 
         tok = char_tokenizer()
-        target = tiny_model("llama", seed=0, vocab_size=len(tok), hidden=256, layers=6, heads=8, kv_heads=4,
-                            intermediate=768, max_positions=1024)
-        drafter = tiny_model("llama", seed=1, vocab_size=len(tok), hidden=128, layers=2, heads=4, kv_heads=2,
-                             intermediate=384, max_positions=1024)
+        target = tiny_model(
+            "llama",
+            seed=0,
+            vocab_size=len(tok),
+            hidden=256,
+            layers=6,
+            heads=8,
+            kv_heads=4,
+            intermediate=768,
+            max_positions=1024,
+        )
+        drafter = tiny_model(
+            "llama",
+            seed=1,
+            vocab_size=len(tok),
+            hidden=128,
+            layers=2,
+            heads=4,
+            kv_heads=2,
+            intermediate=384,
+            max_positions=1024,
+        )
         rows = [{"prompt": "the quick brown fox " * (1 + i % 4)} for i in range(args.prompts)]
         return target, drafter, tok, tok, rows, "random llama pair (hidden 256x6 / 128x2)", None
     from sd2_ray.kit import ensure_kit, kit_paths
@@ -54,8 +78,15 @@ def load_pair(args):
     paths = kit_paths(args.kit or ensure_kit())
     drafter_dir = args.drafter or paths["drafter-uag" if args.uag else "drafter"]
     rows = read_rows(paths["eval_prompts"], limit=args.prompts)
-    return (load_model(paths["target"]), load_model(drafter_dir), load_tokenizer(paths["target"]),
-            load_tokenizer(drafter_dir), rows, f"model kit target + {drafter_dir}", (paths["target"], drafter_dir))
+    return (
+        load_model(paths["target"]),
+        load_model(drafter_dir),
+        load_tokenizer(paths["target"]),
+        load_tokenizer(drafter_dir),
+        rows,
+        f"model kit target + {drafter_dir}",
+        (paths["target"], drafter_dir),
+    )
 
 
 CPU = {"seconds": 0.0}  # process CPU time of the last timed call (1 thread: wall time minus contention)
@@ -76,8 +107,15 @@ def timed(fn, children=None):
 
 def summary(outputs, seconds, cpu, **extra):
     tokens = sum(len(o) for o in outputs)
-    return {"outputs": outputs, "seconds": seconds, "tps": tokens / seconds, "tokens": tokens, "cpu": cpu,
-            "cpu_tps": tokens / cpu, **extra}
+    return {
+        "outputs": outputs,
+        "seconds": seconds,
+        "tps": tokens / seconds,
+        "tokens": tokens,
+        "cpu": cpu,
+        "cpu_tps": tokens / cpu,
+        **extra,
+    }
 
 
 def run_engine(engine, prompts, max_new, batch):
@@ -86,11 +124,11 @@ def run_engine(engine, prompts, max_new, batch):
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs, passes, committed, seconds, cpu = [None] * len(prompts), 0, 0, 0.0, 0.0
     for start in range(0, len(order), batch):
-        chunk = order[start:start + batch]
-        results, dt = timed(lambda: engine.generate([GenerationRequest(prompts[i], max_new) for i in chunk]))
+        chunk = order[start : start + batch]
+        results, dt = timed(partial(engine.generate, [GenerationRequest(prompts[i], max_new) for i in chunk]))
         seconds += dt
         cpu += CPU["seconds"]
-        for i, r in zip(chunk, results):
+        for i, r in zip(chunk, results, strict=True):
             outputs[i] = r.token_ids
             passes += r.stats.target_passes
             committed += r.stats.committed_tokens
@@ -106,14 +144,20 @@ def run_hf(target, drafter, prompts, max_new, k, eos, extra=None):
     outputs, seconds, cpu = [], 0.0, 0.0
     for p in prompts:
         ids = torch.tensor([p])
-        kwargs = dict(max_new_tokens=max_new, do_sample=False, eos_token_id=list(eos), pad_token_id=eos[0],
-                      attention_mask=torch.ones_like(ids), **(extra or {}))
+        kwargs = dict(
+            max_new_tokens=max_new,
+            do_sample=False,
+            eos_token_id=list(eos),
+            pad_token_id=eos[0],
+            attention_mask=torch.ones_like(ids),
+            **(extra or {}),
+        )
         if drafter is not None:
             kwargs["assistant_model"] = drafter
-        out, dt = timed(lambda: target.generate(ids, **kwargs))
+        out, dt = timed(partial(target.generate, ids, **kwargs))
         seconds += dt
         cpu += CPU["seconds"]
-        outputs.append(out[0, len(p):].tolist())
+        outputs.append(out[0, len(p) :].tolist())
     return summary(outputs, seconds, cpu)
 
 
@@ -133,8 +177,7 @@ def step_times(target, drafter, k: int, compile: bool, static: bool, context: in
     vocab = target.get_output_embeddings().weight.shape[0]
 
     def cache(model):
-        kv = StaticKV(model, 1, round_capacity(context + k + 2), fixed_width=compile) if static \
-            else RaggedKV(model, 1)
+        kv = StaticKV(model, 1, round_capacity(context + k + 2), fixed_width=compile) if static else RaggedKV(model, 1)
         kv.forward(ids, ones(context))
         return kv
 
@@ -154,8 +197,9 @@ def step_times(target, drafter, k: int, compile: bool, static: bool, context: in
     d_steps, t_steps = DecodeSteps(drafter, compile), DecodeSteps(target, compile)
     d_kv, t_kv = cache(drafter), cache(target)
     chunk = torch.tensor([[5, 6]])
-    drafter_chain = measure(lambda: d_steps.draft(d_kv, chunk, ones(2), k, rp, torch.zeros(1, k), vocab, True),
-                            d_kv, k + 1)
+    drafter_chain = measure(
+        lambda: d_steps.draft(d_kv, chunk, ones(2), k, rp, torch.zeros(1, k), vocab, True), d_kv, k + 1
+    )
     target_step = measure(lambda: t_steps.logits(t_kv, chunk[:, :1], ones(1), 1, True), t_kv, 1)
     return drafter_chain / k, target_step
 
@@ -165,8 +209,10 @@ def build_path(name, target, drafter, t_tok, d_tok, prompts, n, k, threads_note)
     from sd2_ray.specdec.engine import SpeculativeEngine
 
     options = PATHS[name]
-    engines = {"spec": SpeculativeEngine(target, drafter, k, t_tok, d_tok, **options),
-               "target_only": SpeculativeEngine(target, None, 0, t_tok, **options)}
+    engines = {
+        "spec": SpeculativeEngine(target, drafter, k, t_tok, d_tok, **options),
+        "target_only": SpeculativeEngine(target, None, 0, t_tok, **options),
+    }
     began = time.perf_counter()
     for engine in engines.values():  # untimed: first calls, and on the compiled path compilation
         for batch in (8, 1):
@@ -194,8 +240,11 @@ def run_paths(built, target, drafter, prompts, n, k, repeats):
                 middle = statistics.median_low([x["cpu_tps"] for x in runs])
                 r[f"{run}_b{batch}"] = next(x for x in runs if x["cpu_tps"] == middle)
         spec = engines["spec"]
-        r["drafter_step_s"], r["target_step_s"] = (float("nan"), float("nan")) if spec.cross_tokenizer \
+        r["drafter_step_s"], r["target_step_s"] = (
+            (float("nan"), float("nan"))
+            if spec.cross_tokenizer
             else step_times(target, drafter, k, spec.compile, spec.static_cache)
+        )
         results[name] = r
     return results
 
@@ -216,9 +265,16 @@ def run_vllm(dirs, prompts, n, k, threads):
     from vllm import LLM, SamplingParams
 
     began = time.perf_counter()
-    llm = LLM(model=dirs[0], speculative_config={"model": dirs[1], "num_speculative_tokens": k},
-              enforce_eager=True, dtype="float32", max_model_len=1024, max_num_seqs=8, seed=0,
-              disable_log_stats=False)
+    llm = LLM(
+        model=dirs[0],
+        speculative_config={"model": dirs[1], "num_speculative_tokens": k},
+        enforce_eager=True,
+        dtype="float32",
+        max_model_len=1024,
+        max_num_seqs=8,
+        seed=0,
+        disable_log_stats=False,
+    )
     start = time.perf_counter() - began
     children = lambda: psutil.Process().children(recursive=True)  # noqa: E731  the engine core runs there
     params = SamplingParams(temperature=0.0, max_tokens=n)
@@ -228,12 +284,14 @@ def run_vllm(dirs, prompts, n, k, threads):
     for batch in (1, 8):
         outputs, seconds, cpu = [None] * len(prompts), 0.0, 0.0
         for s in range(0, len(order), batch):
-            chunk = order[s:s + batch]
-            outs, dt = timed(lambda: llm.generate([{"prompt_token_ids": prompts[i]} for i in chunk], params,
-                                                  use_tqdm=False), children)
+            chunk = order[s : s + batch]
+            outs, dt = timed(
+                partial(llm.generate, [{"prompt_token_ids": prompts[i]} for i in chunk], params, use_tqdm=False),
+                children,
+            )
             seconds += dt
             cpu += CPU["seconds"]
-            for i, o in zip(chunk, outs):
+            for i, o in zip(chunk, outs, strict=True):
                 outputs[i] = list(o.outputs[0].token_ids)
         r[f"spec_b{batch}"] = summary(outputs, seconds, cpu)
     r["mal"] = vllm_mal(llm)
@@ -259,17 +317,25 @@ def path_table(name, r, cost, k, hf, vllm, key):
     vs_predicted = measured / predicted_speedup(mal, k, cost)
     vs_hf = r["spec_b1"][key] / hf["hf_assisted_b1"][key]
     b8_b1 = r["spec_b8"][key] / r["spec_b1"][key]
-    rows = [("time c (drafter step / target step)", time_c, f"<= {GOALS['time c / MAC c'] * cost:.3f}",
-             time_c <= GOALS["time c / MAC c"] * cost),
-            ("speedup vs target-only b1", measured, "", None),
-            ("measured / predicted b1", vs_predicted, ">= 0.8", vs_predicted >= 0.8),
-            ("speedup vs target-only b8", r["spec_b8"][key] / r["target_only_b8"][key], "", None),
-            ("ours / HF assisted b1", vs_hf, ">= 1.5", vs_hf >= 1.5),
-            ("ours b8 / ours b1", b8_b1, ">= 3", b8_b1 >= 3)]
+    rows = [
+        (
+            "time c (drafter step / target step)",
+            time_c,
+            f"<= {GOALS['time c / MAC c'] * cost:.3f}",
+            time_c <= GOALS["time c / MAC c"] * cost,
+        ),
+        ("speedup vs target-only b1", measured, "", None),
+        ("measured / predicted b1", vs_predicted, ">= 0.8", vs_predicted >= 0.8),
+        ("speedup vs target-only b8", r["spec_b8"][key] / r["target_only_b8"][key], "", None),
+        ("ours / HF assisted b1", vs_hf, ">= 1.5", vs_hf >= 1.5),
+        ("ours b8 / ours b1", b8_b1, ">= 3", b8_b1 >= 3),
+    ]
     if vllm and key == "tps":  # wall only: vLLM's engine process polls, so its CPU time exceeds its wall time
         rows += [(f"ours / vLLM b{b}", r[f"spec_b{b}"][key] / vllm[f"spec_b{b}"][key], "", None) for b in (1, 8)]
-    print(f"\n[{name}] MAL {mal:.2f}; MAC c {cost:.4f}; drafter step {r['drafter_step_s'] * 1e3:.2f} ms, "
-          f"target step {r['target_step_s'] * 1e3:.2f} ms; tokens/s by {'CPU time' if key == 'cpu_tps' else 'wall'}")
+    print(
+        f"\n[{name}] MAL {mal:.2f}; MAC c {cost:.4f}; drafter step {r['drafter_step_s'] * 1e3:.2f} ms, "
+        f"target step {r['target_step_s'] * 1e3:.2f} ms; tokens/s by {'CPU time' if key == 'cpu_tps' else 'wall'}"
+    )
     for label, value, goal, met in rows:
         verdict = "" if met is None else ("yes" if met else "NO")
         print(f"  {label:<40}{value:>8.3f}  {goal:<9}{verdict}")
@@ -310,8 +376,10 @@ def main() -> None:
     results = run_paths(built, target, drafter, prompts, n, k, args.repeats)
     eos = eos_ids_of(target, t_tok)
     hf_extra = dict(tokenizer=t_tok, assistant_tokenizer=d_tok) if args.uag else None
-    hf = {"hf_target_only_b1": run_hf(target, None, prompts, n, k, eos),
-          "hf_assisted_b1": run_hf(target, drafter, prompts, n, k, eos, hf_extra)}
+    hf = {
+        "hf_target_only_b1": run_hf(target, None, prompts, n, k, eos),
+        "hf_assisted_b1": run_hf(target, drafter, prompts, n, k, eos, hf_extra),
+    }
     vllm = None if args.no_vllm or dirs is None or args.uag else run_vllm(dirs, prompts, n, k, args.threads)
     report(args, what, prompts, results, hf, vllm, cost)
 
@@ -327,21 +395,38 @@ def report(args, what, prompts, results, hf, vllm, cost):
         runs.update({f"vllm/{run}": v for run, v in vllm.items() if isinstance(v, dict)})
     for name, v in runs.items():
         mal = v.get("mal", vllm["mal"] if name.startswith("vllm") else float("nan"))
-        print(f"{name:<30}{v['tps']:>11.1f}{v['cpu_tps']:>10.1f}{v['seconds']:>8.2f}{v['cpu']:>8.2f}{mal:>6.2f}"
-              f"  {v['outputs'] == reference}")
+        print(
+            f"{name:<30}{v['tps']:>11.1f}{v['cpu_tps']:>10.1f}{v['seconds']:>8.2f}{v['cpu']:>8.2f}{mal:>6.2f}"
+            f"  {v['outputs'] == reference}"
+        )
     for name, r in results.items():
         print(f"[{name}] warm-up {r['warm_up_s']:.1f} s, graphs compiled while timed: {r['graphs_while_timed']}")
     if vllm:
         print(f"vLLM engine start {vllm['start_s']:.1f} s")
-    tables = {name: {key: path_table(name, r, cost, k, hf, vllm, key) for key in ("cpu_tps", "tps")}
-              for name, r in results.items()}
-    out = {"pair": what, "prompts": len(prompts), "max_new_tokens": n, "k": k, "threads": args.threads,
-           "cost_coefficient": cost, "tables": tables,
-           "runs": {name: {k2: v2 for k2, v2 in v.items() if k2 != "outputs"} for name, v in runs.items()},
-           "lossless": {name: v["outputs"] == reference for name, v in runs.items()},
-           "steps": {name: {"drafter_s": r["drafter_step_s"], "target_s": r["target_step_s"],
-                            "warm_up_s": r["warm_up_s"], "graphs_while_timed": r["graphs_while_timed"]}
-                     for name, r in results.items()}}
+    tables = {
+        name: {key: path_table(name, r, cost, k, hf, vllm, key) for key in ("cpu_tps", "tps")}
+        for name, r in results.items()
+    }
+    out = {
+        "pair": what,
+        "prompts": len(prompts),
+        "max_new_tokens": n,
+        "k": k,
+        "threads": args.threads,
+        "cost_coefficient": cost,
+        "tables": tables,
+        "runs": {name: {k2: v2 for k2, v2 in v.items() if k2 != "outputs"} for name, v in runs.items()},
+        "lossless": {name: v["outputs"] == reference for name, v in runs.items()},
+        "steps": {
+            name: {
+                "drafter_s": r["drafter_step_s"],
+                "target_s": r["target_step_s"],
+                "warm_up_s": r["warm_up_s"],
+                "graphs_while_timed": r["graphs_while_timed"],
+            }
+            for name, r in results.items()
+        },
+    }
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_specdec.json")
     with open(path, "w") as f:
         json.dump(out, f, indent=2, default=float)

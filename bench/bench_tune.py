@@ -6,6 +6,7 @@ The grid holds good and absurd learning rates; the question is how much fine-tun
 
     python bench/bench_tune.py [--steps 8] [--json bench/bench_tune.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,18 +27,31 @@ def search(kit: str, out: str, steps: int, asha: bool) -> dict:
 
     parts = kit_paths(kit)
     config = TuneConfig(
-        output=out, target=parts["target"], drafter=parts["drafter"], data=parts["train_prompts"],
-        eval_prompts=parts["eval_prompts"], search_space={"sparsity": [0.5, 0.7], "lr": [3e-3, 10.0]},
-        max_concurrent=1, max_steps=steps, max_eval_prompts=8, eval_max_new_tokens=24,
+        output=out,
+        target=parts["target"],
+        drafter=parts["drafter"],
+        data=parts["train_prompts"],
+        eval_prompts=parts["eval_prompts"],
+        search_space={"sparsity": [0.5, 0.7], "lr": [3e-3, 10.0]},
+        max_concurrent=1,
+        max_steps=steps,
+        max_eval_prompts=8,
+        eval_max_new_tokens=24,
         asha={"enabled": asha, "grace_period": 2, "reduction_factor": 2},
         prune={"method": "magnitude", "num_cpus": 0.5},
-        finetune={"workers": 1, "batch_size": 4, "seq_len": 96, "checkpoint_every": steps, "warmup_steps": 1})
+        finetune={"workers": 1, "batch_size": 4, "seq_len": 96, "checkpoint_every": steps, "warmup_steps": 1},
+    )
     started = time.perf_counter()
     summary = main(config)
     seconds = time.perf_counter() - started
     trials = json.load(open(os.path.join(out, "trials.json")))
-    return {"seconds": seconds, "steps": sum(t["steps"] or 0 for t in trials), "trials": trials,
-            "stopped": summary["stopped_early"], "best": summary["best"]}
+    return {
+        "seconds": seconds,
+        "steps": sum(t["steps"] or 0 for t in trials),
+        "trials": trials,
+        "stopped": summary["stopped_early"],
+        "best": summary["best"],
+    }
 
 
 def main() -> None:
@@ -52,8 +66,12 @@ def main() -> None:
     from sd2_ray.kit import ensure_kit
 
     kit = ensure_kit()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"]}})
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"]}},
+    )
     with tempfile.TemporaryDirectory(prefix="bench-tune-") as tmp:
         fifo = search(kit, os.path.join(tmp, "fifo"), args.steps, asha=False)
         asha = search(kit, os.path.join(tmp, "asha"), args.steps, asha=True)
@@ -67,12 +85,18 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name, r in (("FIFO (baseline)", fifo), ("ASHA", asha)):
         print(f"| {name} | {r['steps']} | {r['seconds']:.0f} | {r['stopped']} | {best(r)} |")
-    print(f"\nASHA / FIFO: steps {asha['steps'] / fifo['steps']:.2f}x, wall {asha['seconds'] / fifo['seconds']:.2f}x; "
-          f"same best: {(asha['best'] or {}).get('lr') == (fifo['best'] or {}).get('lr') and (asha['best'] or {}).get('sparsity') == (fifo['best'] or {}).get('sparsity')}")
+    asha_best, fifo_best = asha["best"] or {}, fifo["best"] or {}
+    same_best = all(asha_best.get(key) == fifo_best.get(key) for key in ("lr", "sparsity"))
+    print(
+        f"\nASHA / FIFO: steps {asha['steps'] / fifo['steps']:.2f}x, wall {asha['seconds'] / fifo['seconds']:.2f}x; "
+        f"same best: {same_best}"
+    )
     print("\ntrials (ASHA run):")
     for t in asha["trials"]:
-        print(f"  s={t['sparsity']} lr={t['lr']}: {t['status']}, {t['steps']} steps, MAL {t['mal']}, "
-              f"predicted speedup {t['predicted_speedup']}")
+        print(
+            f"  s={t['sparsity']} lr={t['lr']}: {t['status']}, {t['steps']} steps, MAL {t['mal']}, "
+            f"predicted speedup {t['predicted_speedup']}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"fifo": fifo, "asha": asha}, f, indent=1, default=str)

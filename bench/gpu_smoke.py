@@ -20,6 +20,7 @@ Stages (each records status ok / failed / skipped, its seconds, its figures and 
     python bench/gpu_smoke.py --cpu --kit KIT --json out.json  (dry run here: CUDA stages skipped,
                                                                 3B stages at a tiny shape)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,13 +59,15 @@ class Smoke:
                 if not all(record.get("checks", {}).values()):
                     record["status"] = "failed"
             except Exception as err:  # noqa: BLE001 - a stage's failure is data; the next stage still runs
-                record = {"status": "failed", "error": f"{type(err).__name__}: {err}"[:2000],
-                          "traceback": traceback.format_exc()[-3000:]}
+                record = {
+                    "status": "failed",
+                    "error": f"{type(err).__name__}: {err}"[:2000],
+                    "traceback": traceback.format_exc()[-3000:],
+                }
             record["seconds"] = round(time.monotonic() - began, 2)
         self.results["stages"][name] = record
         self.write()
-        print(f"gpu_smoke: {name}: {record['status']} {record.get('why') or record.get('error') or ''}",
-              flush=True)
+        print(f"gpu_smoke: {name}: {record['status']} {record.get('why') or record.get('error') or ''}", flush=True)
         return record if record["status"] != "skipped" else None
 
     def write(self) -> None:
@@ -79,6 +82,7 @@ class Smoke:
 
 # ---------------------------------------------------------------- stages
 
+
 def imports(cpu: bool) -> dict:
     before = os.environ.get("DS_ACCELERATOR")
     import deepspeed
@@ -87,13 +91,21 @@ def imports(cpu: bool) -> dict:
     from deepspeed.accelerator import get_accelerator
 
     name = get_accelerator().device_name()
-    out = {"torch": torch.__version__, "transformers": transformers.__version__, "deepspeed": deepspeed.__version__,
-           "cuda_available": torch.cuda.is_available(), "deepspeed_accelerator": name,
-           "DS_ACCELERATOR": before, "pyarrow": _pyarrow_kind()}
+    out = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "deepspeed": deepspeed.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "deepspeed_accelerator": name,
+        "DS_ACCELERATOR": before,
+        "pyarrow": _pyarrow_kind(),
+    }
     if torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name(0)
-    out["checks"] = {"no DS_ACCELERATOR in the environment": before is None,
-                     "DeepSpeed's accelerator is the device's": name == ("cpu" if cpu else "cuda")}
+    out["checks"] = {
+        "no DS_ACCELERATOR in the environment": before is None,
+        "DeepSpeed's accelerator is the device's": name == ("cpu" if cpu else "cuda"),
+    }
     return out
 
 
@@ -110,10 +122,18 @@ def eval_pair(kit: str, args, device: str, dtype: str, compile: bool = False) ->
 
     rows = read_rows(os.path.join(kit, "prompts", "eval.jsonl"), limit=args.prompts)
     settings = EvalSettings(max_new_tokens=args.tokens, batch_size=8, device=device, dtype=dtype, compile=compile)
-    report = evaluate_pair(os.path.join(kit, "target"), os.path.join(kit, "drafter"), rows, 4, settings,
-                           progress=False)
-    return {k: report.get(k) for k in ("mean_accepted_length", "lossless", "tokens_per_second", "measured_speedup",
-                                       "cost_coefficient", "baseline_tokens_per_second")}
+    report = evaluate_pair(os.path.join(kit, "target"), os.path.join(kit, "drafter"), rows, 4, settings, progress=False)
+    return {
+        k: report.get(k)
+        for k in (
+            "mean_accepted_length",
+            "lossless",
+            "tokens_per_second",
+            "measured_speedup",
+            "cost_coefficient",
+            "baseline_tokens_per_second",
+        )
+    }
 
 
 def eval_fp32(kit: str, args) -> dict:
@@ -150,8 +170,9 @@ def eval_compiled(kit: str, args) -> dict:
 
         model = load_model(os.path.join(kit, part), dtype=torch.bfloat16, device="cuda")
         tokenizer = load_tokenizer(os.path.join(kit, part))
-        speeds[part] = measure_target_only(model, prepare_prompts(rows, tokenizer), settings, progress=False,
-                                           target_tokenizer=tokenizer)["tokens_per_second"]
+        speeds[part] = measure_target_only(
+            model, prepare_prompts(rows, tokenizer), settings, progress=False, target_tokenizer=tokenizer
+        )["tokens_per_second"]
     out["time_c"] = speeds["target"] / speeds["drafter"] if speeds["drafter"] else None
     out["mac_c"] = out["cost_coefficient"]
     return dict(out, checks={"lossless": out["lossless"] is True})
@@ -162,8 +183,18 @@ def pruned_drafter(kit: str, out: str, device: str) -> str:
     from sd2_ray.prune.job import prune_to_output
 
     prompts = os.path.join(kit, "prompts", "train.jsonl")
-    return prune_to_output(PruneConfig(model=os.path.join(kit, "drafter"), calibration=prompts, method="sparsegpt",
-                                       sparsity=0.5, num_samples=16, seq_len=128, device=device, output=out))
+    return prune_to_output(
+        PruneConfig(
+            model=os.path.join(kit, "drafter"),
+            calibration=prompts,
+            method="sparsegpt",
+            sparsity=0.5,
+            num_samples=16,
+            seq_len=128,
+            device=device,
+            output=out,
+        )
+    )
 
 
 def init_distributed(cpu: bool) -> None:
@@ -175,8 +206,9 @@ def init_distributed(cpu: bool) -> None:
         return
     from sd2_ray.serve.http import free_port
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK="0", LOCAL_SIZE="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1"
+    )
     deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl", auto_mpi_discovery=False)
 
 
@@ -188,21 +220,33 @@ def finetune(kit: str, args) -> dict:
 
     device = "cpu" if args.cpu else "cuda"
     model = pruned_drafter(kit, os.path.join(args.out, "pruned"), device)
-    config = FinetuneConfig(model=model, data=os.path.join(kit, "prompts", "train.jsonl"),
-                            output=os.path.join(args.out, "ft"), workers=1, zero_stage=3, batch_size=8, seq_len=256,
-                            lr=1e-3, warmup_steps=1, gradient_checkpointing=True, loss_chunk_tokens=128,
-                            use_response_ids=False, use_gpu=not args.cpu,
-                            deepspeed={"bf16": {"enabled": True},
-                                       "zero_optimization": {"stage3_param_persistence_threshold": 0}})
+    config = FinetuneConfig(
+        model=model,
+        data=os.path.join(kit, "prompts", "train.jsonl"),
+        output=os.path.join(args.out, "ft"),
+        workers=1,
+        zero_stage=3,
+        batch_size=8,
+        seq_len=256,
+        lr=1e-3,
+        warmup_steps=1,
+        gradient_checkpointing=True,
+        loss_chunk_tokens=128,
+        use_response_ids=False,
+        use_gpu=not args.cpu,
+        deepspeed={"bf16": {"enabled": True}, "zero_optimization": {"stage3_param_persistence_threshold": 0}},
+    )
     init_distributed(args.cpu)
     rows = read_rows(os.path.join(kit, "prompts", "train.jsonl"), limit=32)
     out = restore_scenario(0, 1, loop_config(config, steps=4), rows, os.path.join(args.out, "ft-run"), device)
-    diff = max(abs(a - b) for a, b in zip(out["restored"], out["uninterrupted"][2:]))
+    diff = max(abs(a - b) for a, b in zip(out["restored"], out["uninterrupted"][2:], strict=True))
     out["restored_loss_max_diff"] = diff
-    out["checks"] = {"restored next-step losses equal": diff <= 1e-6 * max(1.0, abs(out["restored"][0])),
-                     "masked weights zero": out["masked_nonzero"] == 0,
-                     "counted without gathering": out["gathers_to_count"] == 0 and out["poked_count"] == 1,
-                     "loaded in bf16": out["loaded_dtype"] == "torch.bfloat16"}
+    out["checks"] = {
+        "restored next-step losses equal": diff <= 1e-6 * max(1.0, abs(out["restored"][0])),
+        "masked weights zero": out["masked_nonzero"] == 0,
+        "counted without gathering": out["gathers_to_count"] == 0 and out["poked_count"] == 1,
+        "loaded in bf16": out["loaded_dtype"] == "torch.bfloat16",
+    }
     return out
 
 
@@ -211,8 +255,11 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kit", default=None, help="kit directory (default: sd2's cached kit, built if missing)")
-    parser.add_argument("--cpu", action="store_true", help="dry run without CUDA: CUDA stages are skipped "
-                                                           "and say so; the 3B stages run at a tiny shape")
+    parser.add_argument(
+        "--cpu",
+        action="store_true",
+        help="dry run without CUDA: CUDA stages are skipped and say so; the 3B stages run at a tiny shape",
+    )
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--prune-samples", type=int, default=64, help="calibration samples of the 3B-width block")

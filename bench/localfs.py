@@ -3,6 +3,7 @@ the device smoke on a machine with torch and transformers only: pyarrow's wheel 
 larger than what a device call may carry. Installed as ``pyarrow`` / ``pyarrow.fs`` only when
 pyarrow cannot be imported; S3 and Parquet are not available through it (the smoke uses
 neither), and the smoke's JSON names it in its ``imports`` stage."""
+
 from __future__ import annotations
 
 import enum
@@ -93,6 +94,7 @@ def install_if_missing() -> bool:
     """Register this module as ``pyarrow.fs`` when pyarrow is absent; True when it did."""
     try:
         import pyarrow.fs  # noqa: F401
+
         return False
     except ImportError:
         pass

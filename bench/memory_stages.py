@@ -3,13 +3,22 @@ fine-tuned as the GPU configs do, and SparseGPT over one 3B-width block, each pe
 with ``torch.cuda.max_memory_allocated`` against what ``sd2 plan`` estimates for the same
 settings (its ``OVERHEAD_GB`` margin left out: CUDA context and fragmentation are not
 allocations). Under ``--cpu`` both run at a tiny shape to exercise the code, unmeasured."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 TOLERANCE = 0.15
-TINY = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True, max_position_embeddings=512)
+TINY = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=512,
+    tie_word_embeddings=True,
+    max_position_embeddings=512,
+)
 
 
 def _shape_fields(cpu: bool, layers: int | None = None) -> dict:
@@ -87,8 +96,8 @@ def _compare(out: dict, measured: float | None, planned: float) -> dict:
 def memory_3b(args) -> dict:
     """Three ZeRO-3 bf16 steps of micro-batch 2 x seq 2048 with 50 % masks at world size 1."""
     import torch
-
     from gpu_smoke import init_distributed
+
     from sd2_ray.finetune import masking, session
     from sd2_ray.finetune.config import FinetuneConfig
     from sd2_ray.finetune.step import train_step
@@ -99,9 +108,19 @@ def memory_3b(args) -> dict:
 
     fields, seq = _shape_fields(args.cpu), 128 if args.cpu else 2048
     device = "cpu" if args.cpu else "cuda"
-    config = FinetuneConfig(model=args.out, data=args.out, output=args.out + "/3b", workers=1, zero_stage=3,
-                            batch_size=2, seq_len=seq, gradient_checkpointing=True, use_gpu=not args.cpu,
-                            use_response_ids=False, deepspeed={"bf16": {"enabled": True}})
+    config = FinetuneConfig(
+        model=args.out,
+        data=args.out,
+        output=args.out + "/3b",
+        workers=1,
+        zero_stage=3,
+        batch_size=2,
+        seq_len=seq,
+        gradient_checkpointing=True,
+        use_gpu=not args.cpu,
+        use_response_ids=False,
+        deepspeed={"bf16": {"enabled": True}},
+    )
     init_distributed(args.cpu)
     base = _reset(args.cpu)
     model = _random_llama(fields, device, torch.bfloat16).train()
@@ -116,10 +135,17 @@ def memory_3b(args) -> dict:
     allocated, reserved = _measure(args.cpu)
     need = finetune_need(shape_from_config(fields, "smoke"), config)
     nonzero = masking.count_masked_nonzero(engine.module.lm, masks)
-    out = {"params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters()),
-           "losses": losses, "masked_nonzero": nonzero, "baseline_allocated_gb": base,
-           "max_allocated_gb": allocated, "max_reserved_gb": reserved, "plan_gb": round(need.per_gpu_gb, 2),
-           "plan_breakdown": {k: round(v, 3) for k, v in need.gpu_gb.items()}, "plan_load_gb": need.load_gb}
+    out = {
+        "params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters()),
+        "losses": losses,
+        "masked_nonzero": nonzero,
+        "baseline_allocated_gb": base,
+        "max_allocated_gb": allocated,
+        "max_reserved_gb": reserved,
+        "plan_gb": round(need.per_gpu_gb, 2),
+        "plan_breakdown": {k: round(v, 3) for k, v in need.gpu_gb.items()},
+        "plan_load_gb": need.load_gb,
+    }
     del engine, model
     out = _compare(out, None if allocated is None else allocated - base, need.per_gpu_gb - OVERHEAD_GB)
     out["checks"]["masked weights zero"] = nonzero == 0
@@ -140,15 +166,30 @@ def sparsegpt_3b(args) -> dict:
     base = _reset(args.cpu)
     model = _random_llama(fields, device, torch.float32).eval()
     batches = [torch.randint(0, fields["vocab_size"], (1, seq)) for _ in range(samples)]
-    config = SimpleNamespace(method="sparsegpt", targets=["re:.*layers.*proj"], ignore=[], nm=None,
-                             target_sparsity=0.5, block_size=128, dampening=0.01, pattern="unstructured")
+    config = SimpleNamespace(
+        method="sparsegpt",
+        targets=["re:.*layers.*proj"],
+        ignore=[],
+        nm=None,
+        target_sparsity=0.5,
+        block_size=128,
+        dampening=0.01,
+        pattern="unstructured",
+    )
     with torch.no_grad():
         _, masks, report = prune_model(model, batches, config)
     allocated, reserved = _measure(args.cpu)
     settings = SimpleNamespace(num_cpus=1, num_gpus=1, num_samples=samples, seq_len=seq)
     need = prune_need("prune", shape_from_config(fields, "smoke"), settings)
-    out = {"samples": samples, "seq_len": seq, "total_sparsity": report["total_sparsity"],
-           "baseline_allocated_gb": base, "max_allocated_gb": allocated, "max_reserved_gb": reserved,
-           "plan_gb": round(need.per_gpu_gb, 2), "plan_breakdown": {k: round(v, 3) for k, v in need.gpu_gb.items()}}
+    out = {
+        "samples": samples,
+        "seq_len": seq,
+        "total_sparsity": report["total_sparsity"],
+        "baseline_allocated_gb": base,
+        "max_allocated_gb": allocated,
+        "max_reserved_gb": reserved,
+        "plan_gb": round(need.per_gpu_gb, 2),
+        "plan_breakdown": {k: round(v, 3) for k, v in need.gpu_gb.items()},
+    }
     del model
     return _compare(out, None if allocated is None else allocated - base, need.per_gpu_gb - OVERHEAD_GB)

@@ -5,6 +5,7 @@ time c (drafter step / target step): what bounds bench_specdec's time c.
 
     python bench/profile_steps.py [DRAFTER_DIR]      (default: the kit's drafter)
 """
+
 from __future__ import annotations
 
 import os
@@ -71,8 +72,10 @@ def profile_call(name: str, fn, label: str) -> float:
     ops = sum(e.count for e in events if e.key.startswith("aten::")) / 10
     matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMULS)
     total = sum(e.self_cpu_time_total for e in events)
-    print(f"[{label}] {name}: {seconds * 1e3:.3f} ms CPU, {ops:.0f} aten ops, "
-          f"matrix multiplies {matmul / max(total, 1):.0%} of the profiled time")
+    print(
+        f"[{label}] {name}: {seconds * 1e3:.3f} ms CPU, {ops:.0f} aten ops, "
+        f"matrix multiplies {matmul / max(total, 1):.0%} of the profiled time"
+    )
     print(events.table(sort_by="self_cpu_time_total", row_limit=8))
     return seconds
 

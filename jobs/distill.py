@@ -2,10 +2,12 @@
 
     ray job submit --working-dir . -- python jobs/distill.py --config jobs/configs/llama70b_to_llama3b.yaml
 
-or with retries: `python jobs/submit.py jobs/specs/distill.yaml`; locally: `python jobs/distill.py --config jobs/configs/llama70b_to_llama3b.yaml`.
+or with retries: `python jobs/submit.py jobs/specs/distill.yaml`;
+locally: `python jobs/distill.py --config jobs/configs/llama70b_to_llama3b.yaml`.
 Same flags as `sd2 distill` (`python jobs/distill.py --help`).
 Given a pipeline YAML, it reads the `distill:` section; flags and key=value overrides win.
 """
+
 import sys
 from pathlib import Path
 

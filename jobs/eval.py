@@ -2,10 +2,12 @@
 
     ray job submit --working-dir . -- python jobs/eval.py --config jobs/configs/llama70b_to_llama3b.yaml
 
-or with retries: `python jobs/submit.py jobs/specs/eval.yaml`; locally: `python jobs/eval.py --config jobs/configs/llama70b_to_llama3b.yaml`.
+or with retries: `python jobs/submit.py jobs/specs/eval.yaml`;
+locally: `python jobs/eval.py --config jobs/configs/llama70b_to_llama3b.yaml`.
 Same flags as `sd2 eval` (`python jobs/eval.py --help`).
 Given a pipeline YAML, it reads the `eval:` section; flags and key=value overrides win.
 """
+
 import sys
 from pathlib import Path
 

@@ -2,10 +2,12 @@
 
     ray job submit --working-dir . -- python jobs/finetune.py --config jobs/configs/llama70b_to_llama3b.yaml
 
-or with retries: `python jobs/submit.py jobs/specs/finetune.yaml`; locally: `python jobs/finetune.py --config jobs/configs/llama70b_to_llama3b.yaml`.
+or with retries: `python jobs/submit.py jobs/specs/finetune.yaml`;
+locally: `python jobs/finetune.py --config jobs/configs/llama70b_to_llama3b.yaml`.
 Same flags as `sd2 finetune` (`python jobs/finetune.py --help`).
 Given a pipeline YAML, it reads the `finetune:` section; flags and key=value overrides win.
 """
+
 import sys
 from pathlib import Path
 

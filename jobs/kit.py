@@ -6,6 +6,7 @@ locally: `python jobs/kit.py --out /tmp/sd2-kit`.
 Same flags as `sd2 kit` (`python jobs/kit.py --help`).
 The kit is cached by content hash, so a second run returns at once.
 """
+
 import sys
 from pathlib import Path
 

@@ -3,10 +3,13 @@ cluster's node types (exits 2 naming a stage that cannot fit). Runs anywhere, no
 
     python jobs/plan.py --config jobs/configs/llama70b_to_llama3b.yaml --cluster clusters/aws-gpu.yaml
 
-or as the cluster's first job: ray job submit --working-dir . -- python jobs/plan.py --config jobs/configs/llama70b_to_llama3b.yaml
+or as the cluster's first job:
+
+    ray job submit --working-dir . -- python jobs/plan.py --config jobs/configs/llama70b_to_llama3b.yaml
 
 Same flags as `sd2 plan` (`python jobs/plan.py --help`).
 """
+
 import sys
 from pathlib import Path
 

@@ -2,10 +2,12 @@
 
     ray job submit --working-dir . -- python jobs/prune.py --config jobs/configs/llama70b_to_llama3b.yaml
 
-or with retries: `python jobs/submit.py jobs/specs/prune.yaml`; locally: `python jobs/prune.py --config jobs/configs/llama70b_to_llama3b.yaml`.
+or with retries: `python jobs/submit.py jobs/specs/prune.yaml`;
+locally: `python jobs/prune.py --config jobs/configs/llama70b_to_llama3b.yaml`.
 Same flags as `sd2 prune` (`python jobs/prune.py --help`).
 Given a pipeline YAML, it reads the `prune:` section; flags and key=value overrides win.
 """
+
 import sys
 from pathlib import Path
 

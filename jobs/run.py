@@ -2,8 +2,10 @@
 
     ray job submit --working-dir . -- python jobs/run.py --config jobs/configs/llama70b_to_llama3b.yaml
 
-or with retries: `python jobs/submit.py jobs/specs/run.yaml`; locally: `python jobs/run.py --config jobs/configs/llama70b_to_llama3b.yaml`.
+or with retries: `python jobs/submit.py jobs/specs/run.yaml`;
+locally: `python jobs/run.py --config jobs/configs/llama70b_to_llama3b.yaml`.
 Same flags as `sd2 run` (`python jobs/run.py --help`)."""
+
 import sys
 from pathlib import Path
 

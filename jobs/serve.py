@@ -2,10 +2,12 @@
 
     ray job submit --working-dir . -- python jobs/serve.py --config jobs/configs/llama70b_to_llama3b.yaml
 
-or with retries: `python jobs/submit.py jobs/specs/serve.yaml`; locally: `python jobs/serve.py --config jobs/configs/llama70b_to_llama3b.yaml`.
+or with retries: `python jobs/submit.py jobs/specs/serve.yaml`;
+locally: `python jobs/serve.py --config jobs/configs/llama70b_to_llama3b.yaml`.
 Same flags as `sd2 serve` (`python jobs/serve.py --help`).
 Given a pipeline YAML, it reads the `serve:` section; flags and key=value overrides win.
 """
+
 import sys
 from pathlib import Path
 

@@ -16,6 +16,7 @@ runtime_env, entrypoint_num_cpus, metadata, ...) plus two keys of ours:
 The address comes from ``--address`` or ``RAY_ADDRESS`` (the dashboard, port 8265).
 Exit code 0 when an attempt succeeded, 1 when every attempt failed or was stopped, 2 for a bad spec.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,10 @@ def load_spec(path: str) -> tuple[dict[str, Any], int, float]:
     allowed = submit_job_parameters()
     for key in spec:
         if key not in allowed:
-            raise ConfigError(f"{path}: field '{key}': not a submit_job argument "
-                              f"(allowed: {', '.join(sorted(allowed | set(RETRY_KEYS)))})")
+            raise ConfigError(
+                f"{path}: field '{key}': not a submit_job argument "
+                f"(allowed: {', '.join(sorted(allowed | set(RETRY_KEYS)))})"
+            )
     if not spec.get("entrypoint"):
         raise ConfigError(f"{path}: field 'entrypoint': required")
     return spec, retries, float(delay)
@@ -124,8 +127,9 @@ def wait_for(client: Any, job_id: str, poll_s: float, patience_s: float = 300.0)
         time.sleep(poll_s)
 
 
-def submit_with_retries(client: Any, kwargs: dict[str, Any], max_retries: int, delay: float,
-                        poll_s: float = 2.0) -> tuple[str, list[str]]:
+def submit_with_retries(
+    client: Any, kwargs: dict[str, Any], max_retries: int, delay: float, poll_s: float = 2.0
+) -> tuple[str, list[str]]:
     """Submit, wait, resubmit a failed job up to ``max_retries`` times: (last status, job ids)."""
     from ray.job_submission import JobStatus
 
@@ -134,8 +138,7 @@ def submit_with_retries(client: Any, kwargs: dict[str, Any], max_retries: int, d
     status = JobStatus.FAILED
     for attempt in range(max_retries + 1):
         metadata = {**(kwargs.get("metadata") or {}), "attempt": str(attempt)}
-        job_id = submit_once(client, {**kwargs, "metadata": metadata,
-                                      "submission_id": f"{base_id}-attempt{attempt}"})
+        job_id = submit_once(client, {**kwargs, "metadata": metadata, "submission_id": f"{base_id}-attempt{attempt}"})
         job_ids.append(job_id)
         log.info("submitted %s (attempt %d of %d)", job_id, attempt + 1, max_retries + 1)
         status = wait_for(client, job_id, poll_s)
@@ -148,11 +151,15 @@ def submit_with_retries(client: Any, kwargs: dict[str, Any], max_retries: int, d
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog="see the module docstring for the spec format")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog="see the module docstring for the spec format"
+    )
     parser.add_argument("spec", help="job spec YAML (local or s3://)")
-    parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
-                        help="Ray dashboard address, e.g. http://127.0.0.1:8265 (default: $RAY_ADDRESS)")
+    parser.add_argument(
+        "--address",
+        default=os.environ.get("RAY_ADDRESS"),
+        help="Ray dashboard address, e.g. http://127.0.0.1:8265 (default: $RAY_ADDRESS)",
+    )
     parser.add_argument("--poll-s", type=float, default=5.0, help="seconds between status checks")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

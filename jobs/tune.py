@@ -2,10 +2,12 @@
 
     ray job submit --working-dir . -- python jobs/tune.py --config jobs/configs/llama70b_to_llama3b.yaml
 
-or with retries: `python jobs/submit.py jobs/specs/tune.yaml`; locally: `python jobs/tune.py --config jobs/configs/llama70b_to_llama3b.yaml`.
+or with retries: `python jobs/submit.py jobs/specs/tune.yaml`;
+locally: `python jobs/tune.py --config jobs/configs/llama70b_to_llama3b.yaml`.
 Same flags as `sd2 tune` (`python jobs/tune.py --help`).
 Given a pipeline YAML, it reads the `tune:` section; flags and key=value overrides win.
 """
+
 import sys
 from pathlib import Path
 

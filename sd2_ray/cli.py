@@ -4,6 +4,7 @@ Every command takes ``--config FILE.yaml``, flags generated from its config's to
 fields (``--num-speculative-tokens 4``), and ``key=value`` overrides for nested fields
 (``sampling.temperature=0.7``). Precedence: overrides > flags > file > defaults.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,25 +29,61 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {
-    "kit": Command("sd2_ray.kit.config:KitConfig", "sd2_ray.kit.build:main",
-                   "build the embedded model kit (trained tiny target, drafters, prompts)", "kit"),
-    "distill": Command("sd2_ray.distill.config:DistillConfig", "sd2_ray.distill.job:main",
-                       "self-data distillation: the target regenerates responses (Ray Data)", "distill"),
-    "prune": Command("sd2_ray.prune.config:PruneConfig", "sd2_ray.prune.job:main",
-                     "one-shot pruning: SparseGPT, Wanda, magnitude, N:M, or layer pruning", "prune"),
-    "finetune": Command("sd2_ray.finetune.config:FinetuneConfig", "sd2_ray.finetune.job:main",
-                        "masked sparse fine-tuning on Ray Train + DeepSpeed ZeRO", "finetune"),
-    "tune": Command("sd2_ray.tune.config:TuneConfig", "sd2_ray.tune.job:main",
-                    "Ray Tune (ASHA) search over sparsity x learning rate by measured acceptance", "tune"),
-    "eval": Command("sd2_ray.evaluate.config:EvalConfig", "sd2_ray.evaluate.job:main",
-                    "speculative decoding eval: MAL, acceptance, MACs, speedup, losslessness", "eval"),
-    "serve": Command("sd2_ray.serve.config:ServeConfig", "sd2_ray.serve.job:main",
-                     "OpenAI-compatible endpoint (Ray Serve) for target + drafter", "serve"),
-    "run": Command("sd2_ray.pipeline.config:PipelineConfig", "sd2_ray.pipeline.run:main",
-                   "the whole SD2 pipeline as one job, with baselines and a report", ""),
-    "plan": Command("sd2_ray.plan.config:PlanConfig", "sd2_ray.plan.job:main",
-                    "Ray resources and per-GPU memory of every stage, checked against --cluster", "",
-                    config_is_input=True),
+    "kit": Command(
+        "sd2_ray.kit.config:KitConfig",
+        "sd2_ray.kit.build:main",
+        "build the embedded model kit (trained tiny target, drafters, prompts)",
+        "kit",
+    ),
+    "distill": Command(
+        "sd2_ray.distill.config:DistillConfig",
+        "sd2_ray.distill.job:main",
+        "self-data distillation: the target regenerates responses (Ray Data)",
+        "distill",
+    ),
+    "prune": Command(
+        "sd2_ray.prune.config:PruneConfig",
+        "sd2_ray.prune.job:main",
+        "one-shot pruning: SparseGPT, Wanda, magnitude, N:M, or layer pruning",
+        "prune",
+    ),
+    "finetune": Command(
+        "sd2_ray.finetune.config:FinetuneConfig",
+        "sd2_ray.finetune.job:main",
+        "masked sparse fine-tuning on Ray Train + DeepSpeed ZeRO",
+        "finetune",
+    ),
+    "tune": Command(
+        "sd2_ray.tune.config:TuneConfig",
+        "sd2_ray.tune.job:main",
+        "Ray Tune (ASHA) search over sparsity x learning rate by measured acceptance",
+        "tune",
+    ),
+    "eval": Command(
+        "sd2_ray.evaluate.config:EvalConfig",
+        "sd2_ray.evaluate.job:main",
+        "speculative decoding eval: MAL, acceptance, MACs, speedup, losslessness",
+        "eval",
+    ),
+    "serve": Command(
+        "sd2_ray.serve.config:ServeConfig",
+        "sd2_ray.serve.job:main",
+        "OpenAI-compatible endpoint (Ray Serve) for target + drafter",
+        "serve",
+    ),
+    "run": Command(
+        "sd2_ray.pipeline.config:PipelineConfig",
+        "sd2_ray.pipeline.run:main",
+        "the whole SD2 pipeline as one job, with baselines and a report",
+        "",
+    ),
+    "plan": Command(
+        "sd2_ray.plan.config:PlanConfig",
+        "sd2_ray.plan.job:main",
+        "Ray resources and per-GPU memory of every stage, checked against --cluster",
+        "",
+        config_is_input=True,
+    ),
 }
 DEBUG_ENV = "SD2_DEBUG"
 
@@ -68,7 +105,7 @@ def _scalar_fields(config_cls: Any) -> dict[str, Any]:
         base = args[0] if optional and len(args) == 1 else ann
         if isinstance(base, type) and issubclass(base, BaseModel):
             continue
-        if typing.get_origin(base) in (dict, typing.Dict):
+        if typing.get_origin(base) is dict:
             continue
         out[name] = field
     return out
@@ -76,8 +113,12 @@ def _scalar_fields(config_cls: Any) -> dict[str, Any]:
 
 def _add_command(sub: Any, name: str, cmd: Command) -> None:
     config_cls = _load(cmd.config)
-    p = sub.add_parser(name, help=cmd.help, description=inspect.cleandoc(config_cls.__doc__ or cmd.help),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        name,
+        help=cmd.help,
+        description=inspect.cleandoc(config_cls.__doc__ or cmd.help),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", metavar="FILE.yaml", help="YAML config (local or s3://); flags override it")
     for field_name, field in _scalar_fields(config_cls).items():
         if cmd.config_is_input and field_name == "config":
@@ -91,8 +132,9 @@ def _add_command(sub: Any, name: str, cmd: Command) -> None:
         else:
             hint = ""
         if field.annotation is bool:  # `--overwrite` alone means true; `--overwrite false` works too
-            p.add_argument(flag, dest=f"flag__{field_name}", nargs="?", const="true", metavar="BOOL",
-                           help=f"{desc}{hint}")
+            p.add_argument(
+                flag, dest=f"flag__{field_name}", nargs="?", const="true", metavar="BOOL", help=f"{desc}{hint}"
+            )
         else:
             p.add_argument(flag, dest=f"flag__{field_name}", metavar=field_name.upper(), help=f"{desc}{hint}")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override any (nested) field")
@@ -103,8 +145,9 @@ def _add_command(sub: Any, name: str, cmd: Command) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="sd2", description="sd2-ray: Self-Distilled Sparse Drafters on Ray. "
-        "Run `sd2 <command> --help` for a command's flags.")
+        prog="sd2",
+        description="sd2-ray: Self-Distilled Sparse Drafters on Ray. Run `sd2 <command> --help` for a command's flags.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for name, cmd in COMMANDS.items():
         _add_command(sub, name, cmd)
@@ -117,7 +160,7 @@ def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
     values = {}
     for key, raw in vars(args).items():
         if key.startswith("flag__") and raw is not None:
-            values[key[len("flag__"):]] = parse_override(f"x={raw}")[1] if raw != "" else ""
+            values[key[len("flag__") :]] = parse_override(f"x={raw}")[1] if raw != "" else ""
     return values
 
 

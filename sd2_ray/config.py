@@ -5,6 +5,7 @@ Every stage defines its config as a subclass of :class:`StageConfig` in its own 
 errors (a typo must not be silently ignored), and every output gets the resolved config
 written next to it (:meth:`StageConfig.save`).
 """
+
 from __future__ import annotations
 
 import json
@@ -52,9 +53,11 @@ StoragePath = Annotated[str, AfterValidator(resolve_path), PATH_MARK]
 # Custom resources (the cluster file's node-type markers, e.g. ``gen_node``) a stage's tasks,
 # actors and workers ask for, so they land on the node type meant for them. A small fraction
 # of the marker: a node declaring ``gen_node: 1`` still takes a thousand of them.
-NODE_RESOURCES_DESCRIPTION = ("custom resources each of this stage's Ray tasks, actors and workers asks for, "
-                              "placing them on the node type that declares them (e.g. {gen_node: 0.001}); "
-                              "`sd2 run` fills it from the cluster file's node types when `cluster` is set")
+NODE_RESOURCES_DESCRIPTION = (
+    "custom resources each of this stage's Ray tasks, actors and workers asks for, "
+    "placing them on the node type that declares them (e.g. {gen_node: 0.001}); "
+    "`sd2 run` fills it from the cluster file's node types when `cluster` is set"
+)
 
 
 def node_resources(value: dict[str, float]) -> dict[str, float]:
@@ -90,8 +93,9 @@ class StageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
     @classmethod
-    def load(cls: type[C], path: str | None = None, overrides: dict[str, Any] | None = None,
-             section: str | None = None) -> C:
+    def load(
+        cls: type[C], path: str | None = None, overrides: dict[str, Any] | None = None, section: str | None = None
+    ) -> C:
         """Build from an optional YAML file (optionally one top-level ``section`` of it) plus overrides.
 
         Overrides win over the file; dotted keys (``sampling.temperature``) reach nested fields.
@@ -112,8 +116,9 @@ class StageConfig(BaseModel):
     def with_kit_paths(self: C) -> C:
         """A copy with every ``kit:NAME`` path replaced by that part of the (built, cached) model
         kit; the kit is built on first use (minutes), later calls return at once."""
-        named = {f: getattr(self, f) for f in path_fields(type(self))
-                 if str(getattr(self, f) or "").startswith(KIT_PREFIX)}
+        named = {
+            f: getattr(self, f) for f in path_fields(type(self)) if str(getattr(self, f) or "").startswith(KIT_PREFIX)
+        }
         if not named:
             return self
         from sd2_ray.kit import kit_part

@@ -1,6 +1,7 @@
 """Quiet, readable terminal output: our own log lines at INFO, the libraries' repeated chatter
 (Ray Data's per-operator lines, Ray Train's state-API warnings, DeepSpeed's accelerator notice,
 transformers' advice) at WARNING or above, in the driver and in every Ray worker."""
+
 from __future__ import annotations
 
 import logging
@@ -9,8 +10,22 @@ import sys
 import warnings
 
 # Loggers that repeat the same line many times per run; their warnings stay, their chatter goes.
-CHATTY = ("ray.data", "ray.train", "ray.tune", "ray.serve", "ray.util", "ray.air", "deepspeed",
-          "DeepSpeed", "transformers", "accelerate", "filelock", "urllib3", "botocore", "vllm")
+CHATTY = (
+    "ray.data",
+    "ray.train",
+    "ray.tune",
+    "ray.serve",
+    "ray.util",
+    "ray.air",
+    "deepspeed",
+    "DeepSpeed",
+    "transformers",
+    "accelerate",
+    "filelock",
+    "urllib3",
+    "botocore",
+    "vllm",
+)
 # Warnings that say nothing actionable about a run of ours and repeat per worker.
 SILENCED = {
     "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,  # no dashboard
@@ -27,8 +42,11 @@ MESSAGE_FILTERS = (
 
 def setup_logging(verbose: bool = False) -> None:
     """The driver's logging: ``sd2_ray`` at INFO (DEBUG with ``-v``), libraries at WARNING."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     if verbose:
         os.environ["SD2_VERBOSE"] = "1"  # reaches the workers (runtime.worker_env)
     else:

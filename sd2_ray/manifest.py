@@ -4,6 +4,7 @@ A stage writes ``status: running`` before it starts producing files and ``comple
 after every other file is in place. Anything else (missing, ``running``, ``failed``) is
 unfinished: a rerun resumes or redoes it and never trusts it.
 """
+
 from __future__ import annotations
 
 import time
@@ -32,7 +33,7 @@ def read(out_dir: str) -> dict[str, Any] | None:
 
 def is_complete(out_dir: str) -> bool:
     data = read(out_dir)
-    return bool(data) and data.get("status") == COMPLETE
+    return data is not None and data.get("status") == COMPLETE
 
 
 def write(out_dir: str, stage: str, status: str, **fields: Any) -> dict[str, Any]:

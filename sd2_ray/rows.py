@@ -4,11 +4,13 @@ Prompt rows (DESIGN.md): ``prompt`` (string) or ``messages`` (list of ``{role, c
 optional ``response`` (reference answer), optional ``id``. Missing ids are derived stably from
 the content, so the same row gets the same id on every run and every machine.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from sd2_ray import storage
 from sd2_ray.errors import DataError
@@ -24,8 +26,11 @@ def data_files(path: str) -> list[str]:
     if storage.is_file(path):
         return [path]
     if storage.is_dir(path):
-        files = [f for f in storage.list_files(path, recursive=True)
-                 if f.endswith(SHARD_SUFFIXES) and "/_" not in f and "/." not in f]
+        files = [
+            f
+            for f in storage.list_files(path, recursive=True)
+            if f.endswith(SHARD_SUFFIXES) and "/_" not in f and "/." not in f
+        ]
         if not files:
             raise DataError(f"{path}: directory has no .jsonl or .parquet files")
         return files
@@ -53,7 +58,7 @@ def read_jsonl(path: str, skipped: list[dict[str, Any]] | None = None) -> list[d
     the file and line, unless ``skipped`` is given: then it is recorded there and left out."""
     rows = []
     for number, line, problem in _jsonl_lines(path):
-        if problem is None:
+        if line is not None:  # decoded (then problem is None)
             try:
                 row = json.loads(line)
                 problem = None if isinstance(row, dict) else f"expected a JSON object, got {type(row).__name__}"
@@ -68,8 +73,7 @@ def read_jsonl(path: str, skipped: list[dict[str, Any]] | None = None) -> list[d
     return rows
 
 
-def read_rows(path: str, limit: int | None = None,
-              skipped: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+def read_rows(path: str, limit: int | None = None, skipped: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """All rows of a JSONL/Parquet file or directory (local or s3://), in file order; unreadable
     JSONL lines go to ``skipped`` when it is given (see :func:`read_jsonl`)."""
     rows: list[dict[str, Any]] = []
@@ -91,6 +95,7 @@ def _read_parquet_rows(file: str) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------- bad rows: count and skip
+
 
 def skip_record(index: int, row: Any, reason: str) -> dict[str, Any]:
     """One skipped row for ``_skipped.jsonl``: where it was, its id if it has one, and why."""
@@ -115,8 +120,9 @@ def require_usable(source: str, kept: int, skipped: list[dict[str, Any]], min_sh
         example = f"; e.g. {where}: {first['reason']}"
     if not kept:
         raise DataError(f"{source}: no usable rows ({len(skipped)} skipped{example})")
-    raise DataError(f"{source}: only {kept} of {total} rows are usable, below the required share "
-                    f"{min_share:g}{example}")
+    raise DataError(
+        f"{source}: only {kept} of {total} rows are usable, below the required share {min_share:g}{example}"
+    )
 
 
 def write_skipped(path: str, skipped: list[dict[str, Any]]) -> None:
@@ -144,8 +150,11 @@ def row_problem(row: dict[str, Any]) -> str | None:
         if not isinstance(messages, list) or not messages:
             return "'messages' must be a non-empty list"
         for i, msg in enumerate(messages):
-            if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) \
-                    or not isinstance(msg.get("content"), str):
+            if (
+                not isinstance(msg, dict)
+                or not isinstance(msg.get("role"), str)
+                or not isinstance(msg.get("content"), str)
+            ):
                 return f"'messages[{i}]' must be an object with string 'role' and 'content'"
     elif not isinstance(prompt, str) or not prompt.strip():
         return "'prompt' must be a non-empty string"
@@ -169,8 +178,7 @@ def render_prompt(row: dict[str, Any], tokenizer) -> str:
     """Prompt text as the model sees it: the chat template with the generation prompt, when the
     tokenizer has one; else the raw prompt (completion-style models)."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(instruction_messages(row), tokenize=False,
-                                             add_generation_prompt=True)
+        return tokenizer.apply_chat_template(instruction_messages(row), tokenize=False, add_generation_prompt=True)
     if row.get("prompt") is not None:
         return row["prompt"]
     return "\n".join(m["content"] for m in instruction_messages(row)) + "\n"

@@ -2,6 +2,7 @@
 cores never import this). Joins the cluster of a submitted job or a local `ray start`, else
 starts a private local Ray bound to loopback; runs work as Ray tasks holding GPUs; turns a
 remote failure back into the one-line error the stage raised."""
+
 from __future__ import annotations
 
 import json
@@ -10,15 +11,30 @@ import os
 import socket
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 # Passed to every Ray worker so S3 endpoints, offline hub and thread limits match the driver.
-PROPAGATED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                  "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "HF_HUB_OFFLINE",
-                  "SD2_CACHE_DIR", "SD2_KIT_DIR", "TORCH_EXTENSIONS_DIR", "VLLM_CPU_KVCACHE_SPACE",
-                  "VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS", "SD2_VERBOSE", "SD2_SHARED_STORAGE")
+PROPAGATED_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "HF_HUB_OFFLINE",
+    "SD2_CACHE_DIR",
+    "SD2_KIT_DIR",
+    "TORCH_EXTENSIONS_DIR",
+    "VLLM_CPU_KVCACHE_SPACE",
+    "VLLM_CPU_OMP_THREADS_BIND",
+    "OMP_NUM_THREADS",
+    "SD2_VERBOSE",
+    "SD2_SHARED_STORAGE",
+)
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor in a submitted job's driver
 
 
@@ -63,8 +79,11 @@ def local_cluster_address() -> str | None:
         with socket.create_connection((host, int(port)), timeout=2.0):
             return address
     except (OSError, ValueError):
-        log.warning("ignoring %s: no Ray cluster answers at %s (left by a killed `ray start`?)",
-                    os.path.join(temp, "ray", "ray_current_cluster"), address)
+        log.warning(
+            "ignoring %s: no Ray cluster answers at %s (left by a killed `ray start`?)",
+            os.path.join(temp, "ray", "ray_current_cluster"),
+            address,
+        )
         return None
 
 
@@ -82,8 +101,13 @@ def ensure_ray(num_cpus: int | None = None, attempts: int = 2, dashboard: bool =
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     address = os.environ.get("RAY_ADDRESS") or local_cluster_address()
     if address and address != "local":
-        log.info("ray: joining the cluster at %s%s", address, "" if os.environ.get("RAY_ADDRESS") else
-                 " (started by `ray start` here; RAY_ADDRESS=local starts a private one instead)")
+        log.info(
+            "ray: joining the cluster at %s%s",
+            address,
+            ""
+            if os.environ.get("RAY_ADDRESS")
+            else " (started by `ray start` here; RAY_ADDRESS=local starts a private one instead)",
+        )
         ray.init(address=address, runtime_env=driver_runtime_env(), log_to_driver=True)
         return ray
     # A private local cluster: token auth only gets in the way of the embedded default. (Its
@@ -92,8 +116,13 @@ def ensure_ray(num_cpus: int | None = None, attempts: int = 2, dashboard: bool =
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     for attempt in range(1, attempts + 1):
         try:
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
-                     runtime_env=driver_runtime_env(), log_to_driver=True)
+            ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                include_dashboard=dashboard,
+                runtime_env=driver_runtime_env(),
+                log_to_driver=True,
+            )
             break
         except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception for this
             if "timed out during startup" not in str(err) or attempt == attempts:
@@ -133,9 +162,11 @@ def require_reachable(path: str, field: str = "output", shared: bool = False) ->
     if storage.is_s3(path) or shared or not ray.is_initialized():
         return
     if spans_nodes():
-        raise ConfigError(f"field '{field}': {path} is a local path, but this Ray cluster spans several nodes "
-                          f"that do not share a disk; use an s3:// prefix (or, for a shared disk such as "
-                          f"NFS, set shared_storage: true / {SHARED_STORAGE_ENV}=1)")
+        raise ConfigError(
+            f"field '{field}': {path} is a local path, but this Ray cluster spans several nodes "
+            f"that do not share a disk; use an s3:// prefix (or, for a shared disk such as "
+            f"NFS, set shared_storage: true / {SHARED_STORAGE_ENV}=1)"
+        )
 
 
 def unwrap_remote_error(err: Exception) -> Exception:
@@ -164,8 +195,13 @@ def _remote(fn: Callable, gpus: float, num_cpus: float = 1, resources: dict[str,
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     strategy = PlacementGroupSchedulingStrategy(placement_group=None)
-    return ray.remote(num_cpus=num_cpus, num_gpus=gpus, resources=dict(resources or {}),
-                      max_retries=SYSTEM_FAILURE_RETRIES, scheduling_strategy=strategy)(fn)
+    return ray.remote(
+        num_cpus=num_cpus,
+        num_gpus=gpus,
+        resources=dict(resources or {}),
+        max_retries=SYSTEM_FAILURE_RETRIES,
+        scheduling_strategy=strategy,
+    )(fn)
 
 
 def run_with_gpus(fn: Callable, gpus: float, *args, resources: dict[str, float] | None = None, **kwargs):
@@ -207,8 +243,11 @@ def waiting_for_resources() -> str:
             held += 1
     for key in _pending_work():
         waits[key] = waits.get(key, 0) + 1
-    free = {k: v for k, v in ray.available_resources().items()
-            if not k.startswith(("node:", "bundle_group_")) and k not in ("memory", "object_store_memory")}
+    free = {
+        k: v
+        for k, v in ray.available_resources().items()
+        if not k.startswith(("node:", "bundle_group_")) and k not in ("memory", "object_store_memory")
+    }
     pending = "; ".join(f"{n} x {k}" for k, n in waits.items()) or "nothing pending"
     return f"waiting: {pending}; free: {_shape(free)}; placement groups held: {held}"
 
@@ -219,14 +258,27 @@ def _pending_work() -> list[str]:
 
     address = ray.get_runtime_context().gcs_address  # not "auto": other Ray sessions may run here
     try:
-        tasks = list_tasks(address=address, filters=[("state", "=", "PENDING_NODE_ASSIGNMENT")], detail=True,
-                           limit=1000, raise_on_missing_output=False, timeout=10)
-        actors = list_actors(address=address, filters=[("state", "=", "PENDING_CREATION")], detail=True,
-                             limit=1000, raise_on_missing_output=False, timeout=10)
+        tasks = list_tasks(
+            address=address,
+            filters=[("state", "=", "PENDING_NODE_ASSIGNMENT")],
+            detail=True,
+            limit=1000,
+            raise_on_missing_output=False,
+            timeout=10,
+        )
+        actors = list_actors(
+            address=address,
+            filters=[("state", "=", "PENDING_CREATION")],
+            detail=True,
+            limit=1000,
+            raise_on_missing_output=False,
+            timeout=10,
+        )
     except Exception:  # noqa: BLE001 - no dashboard (a private local Ray): the groups say enough
         return []
-    return ([f"task {t.name} {_shape(t.required_resources or {})}" for t in tasks]
-            + [f"actor {a.class_name} {_shape(a.required_resources or {})}" for a in actors])
+    return [f"task {t.name} {_shape(t.required_resources or {})}" for t in tasks] + [
+        f"actor {a.class_name} {_shape(a.required_resources or {})}" for a in actors
+    ]
 
 
 class RemoteResult:
@@ -245,9 +297,11 @@ class RemoteResult:
             if time.monotonic() - began > resource_wait_s() and self._unscheduled():
                 from sd2_ray.errors import Sd2Error
 
-                raise Sd2Error(f"no node could take a task for {time.monotonic() - began:.0f} s "
-                               f"({waiting_for_resources()}); add nodes of the type it asks for, lower "
-                               f"its resources, or raise {RESOURCE_WAIT_ENV}")
+                raise Sd2Error(
+                    f"no node could take a task for {time.monotonic() - began:.0f} s "
+                    f"({waiting_for_resources()}); add nodes of the type it asks for, lower "
+                    f"its resources, or raise {RESOURCE_WAIT_ENV}"
+                )
         try:
             return ray.get(self.ref)
         except ray.exceptions.RayTaskError as err:
@@ -267,8 +321,9 @@ class RemoteResult:
         return bool(states) and all(s == "PENDING_NODE_ASSIGNMENT" for s in states)
 
 
-def submit_with_gpus(fn: Callable, gpus: float, *args, num_cpus: float = 1,
-                     resources: dict[str, float] | None = None, **kwargs) -> RemoteResult:
+def submit_with_gpus(
+    fn: Callable, gpus: float, *args, num_cpus: float = 1, resources: dict[str, float] | None = None, **kwargs
+) -> RemoteResult:
     """Start ``fn`` as a Ray task holding ``gpus`` GPUs (may be 0) and ``resources`` without waiting."""
     return RemoteResult(_remote(fn, gpus, num_cpus, resources).remote(*args, **kwargs))
 

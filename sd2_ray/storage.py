@@ -6,6 +6,7 @@ Writes are atomic per file (temp name, then rename; on S3 a single PUT), and a d
 output counts as finished only when its ``manifest.json`` says ``complete`` (see
 :mod:`sd2_ray.manifest`).
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -16,10 +17,11 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -60,10 +62,12 @@ def s3_timeout_s() -> float:
 
 
 @lru_cache(maxsize=8)
-def _s3_filesystem(endpoint: str | None, region: str | None, key_id: str | None,
-                   timeout_s: float) -> pafs.S3FileSystem:
-    kwargs: dict[str, Any] = {"connect_timeout": min(timeout_s, 10.0), "request_timeout": timeout_s,
-                              "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3)}
+def _s3_filesystem(endpoint: str | None, region: str | None, key_id: str | None, timeout_s: float) -> pafs.S3FileSystem:
+    kwargs: dict[str, Any] = {
+        "connect_timeout": min(timeout_s, 10.0),
+        "request_timeout": timeout_s,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3),
+    }
     if endpoint:
         url = urlparse(endpoint)
         kwargs["endpoint_override"] = url.netloc or url.path
@@ -83,7 +87,7 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     """(pyarrow filesystem, path inside it) for a local path or s3:// URI."""
     path = str(path)
     if is_s3(path):
-        return s3_filesystem(), path[len(S3_PREFIX):].rstrip("/")
+        return s3_filesystem(), path[len(S3_PREFIX) :].rstrip("/")
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
 
@@ -100,8 +104,10 @@ def s3_errors(path: str) -> Iterator[None]:
 
         where = s3_endpoint() or "AWS's default endpoint"
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise DataError(f"{path}: S3 request failed (endpoint {where}; set AWS_ENDPOINT_URL and credentials, "
-                        f"or SD2_S3_TIMEOUT_S): {first}") from None
+        raise DataError(
+            f"{path}: S3 request failed (endpoint {where}; set AWS_ENDPOINT_URL and credentials, "
+            f"or SD2_S3_TIMEOUT_S): {first}"
+        ) from None
 
 
 def _kind(path: str):
@@ -157,7 +163,7 @@ def read_text(path: str) -> str:
     except UnicodeDecodeError as err:
         from sd2_ray.errors import DataError
 
-        line = data[:err.start].count(b"\n") + 1
+        line = data[: err.start].count(b"\n") + 1
         raise DataError(f"{path}: line {line}: not UTF-8 text (byte {err.start})") from None
 
 
@@ -316,7 +322,7 @@ def _listing(path: str, patterns: tuple[str, ...] | None = None) -> list[list]:
     """[relative path, size] of the files under ``path`` (matching ``patterns`` if given)."""
     fs, inner = filesystem(path)
     infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
-    files = sorted([i.path[len(inner):].lstrip("/"), i.size] for i in infos if i.type == pafs.FileType.File)
+    files = sorted([i.path[len(inner) :].lstrip("/"), i.size] for i in infos if i.type == pafs.FileType.File)
     if patterns is None:
         return files
     return [f for f in files if any(fnmatch.fnmatchcase(f[0], p) for p in patterns)]

@@ -1,5 +1,6 @@
 """Helpers for the prune tests: a character-level tokenizer that fits the tiny random models
 (vocab 96) and small calibration files, so the whole CLI path runs without the model kit."""
+
 from __future__ import annotations
 
 import json
@@ -7,8 +8,10 @@ import os
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0, 1, 2, 3 as in sd2_ray.models.tiny
 CHARS = [chr(c) for c in range(32, 32 + 92)]  # 4 + 92 = 96 ids
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}a:{% endif %}")
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}a:{% endif %}"
+)
 
 
 def char_tokenizer():
@@ -17,14 +20,17 @@ def char_tokenizer():
 
     vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
     core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>",
-                                  pad_token="<pad>", unk_token="<unk>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
     tok.chat_template = CHAT_TEMPLATE
     return tok
 
 
-WORDS = ("the model prunes weights while keeping the outputs close to the dense ones and "
-         "every block sees inputs from the pruned blocks before it so errors do not pile up").split()
+WORDS = (
+    "the model prunes weights while keeping the outputs close to the dense ones and "
+    "every block sees inputs from the pruned blocks before it so errors do not pile up"
+).split()
 
 
 def calibration_rows(count: int, seed: int = 0) -> list[dict]:

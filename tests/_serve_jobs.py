@@ -2,6 +2,7 @@
 ``deploy`` puts a production app named ``sd2`` at ``/`` on a given port, as
 ``serve deploy clusters/serve-config.yaml`` would; ``smoke`` runs the pipeline's closing smoke
 check and prints its result as JSON on a line starting with ``RESULT``."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,8 +16,14 @@ RESULT = "sd2-smoke-result: "
 def _config(args, **extra):
     from sd2_ray.serve.config import ServeConfig
 
-    return ServeConfig(target=args.target, drafter=args.drafter, num_cpus_per_replica=0.5,
-                       max_batch_size=2, model_name=args.model_name, **extra)
+    return ServeConfig(
+        target=args.target,
+        drafter=args.drafter,
+        num_cpus_per_replica=0.5,
+        max_batch_size=2,
+        model_name=args.model_name,
+        **extra,
+    )
 
 
 def deploy(args) -> None:
@@ -39,8 +46,10 @@ def smoke(args) -> None:
     ensure_ray()
     node = ray.get_runtime_context().get_node_id()
     result = serve_smoke(_config(args), args.prompts, timeout_s=args.timeout)
-    print(RESULT + json.dumps({**result, "driver_node": node, "driver_host": socket.gethostname()},
-                              default=str), flush=True)
+    print(
+        RESULT + json.dumps({**result, "driver_node": node, "driver_host": socket.gethostname()}, default=str),
+        flush=True,
+    )
 
 
 def main(argv=None) -> int:

@@ -1,9 +1,9 @@
 """Shared fixtures: random tiny models (milliseconds), a real S3 server on loopback, the model kit."""
+
 from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -38,9 +38,13 @@ def s3_bucket(s3_server, monkeypatch):
 
     import boto3
 
-    for key, value in {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                       "AWS_REGION": "us-east-1"}.items():
+    for key, value in {
+        "AWS_ENDPOINT_URL": s3_server,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+    }.items():
         monkeypatch.setenv(key, value)
     name = f"sd2-test-{uuid.uuid4().hex[:8]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
@@ -51,8 +55,9 @@ def pytest_terminal_summary(terminalreporter):
     """The plain closing line CI reads: "N passed, N failed, N skipped" (errors count as failed)."""
     stats = terminalreporter.stats
     count = lambda *keys: sum(len(stats.get(k, [])) for k in keys)  # noqa: E731
-    terminalreporter.write_line(f"{count('passed')} passed, {count('failed', 'error')} failed, "
-                                f"{count('skipped')} skipped")
+    terminalreporter.write_line(
+        f"{count('passed')} passed, {count('failed', 'error')} failed, {count('skipped')} skipped"
+    )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -136,15 +141,25 @@ def job_server(cluster_env, cluster_cpus):
     temp_dir = tempfile.mkdtemp(prefix="sd2r-", dir="/tmp")  # Unix socket paths must stay short
 
     gcs, dashboard, agent, agent_grpc, client, metrics, env_agent = free_ports(7)
-    cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", f"--num-cpus={cluster_cpus}",
-           f"--port={gcs}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
-           f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-           f"--ray-client-server-port={client}", f"--metrics-export-port={metrics}",
-           f"--runtime-env-agent-port={env_agent}", "--include-dashboard=true",
-           f"--temp-dir={temp_dir}"]
+    cmd = [
+        str(Path(sys.executable).with_name("ray")),
+        "start",
+        "--head",
+        "--block",
+        f"--num-cpus={cluster_cpus}",
+        f"--port={gcs}",
+        f"--dashboard-port={dashboard}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-agent-listen-port={agent}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--ray-client-server-port={client}",
+        f"--metrics-export-port={metrics}",
+        f"--runtime-env-agent-port={env_agent}",
+        "--include-dashboard=true",
+        f"--temp-dir={temp_dir}",
+    ]
     # A loaded 2-core machine starts the dashboard agent slowly; give it time to register.
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_agent_register_timeout_ms": "180000",
-           **cluster_env}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_agent_register_timeout_ms": "180000", **cluster_env}
     env.pop("RAY_ADDRESS", None)
     log = open(os.path.join(temp_dir, "ray-start.log"), "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)

@@ -8,6 +8,7 @@ the α replay was within 1-3 % of the engine's sampled MAL over 64 rows (4.165 v
 3.41 vs 3.38, 2.65 vs 2.68) while the per-position α formula, which ignores the budget cap,
 was 9-10 % high.
 """
+
 from __future__ import annotations
 
 import copy
@@ -16,11 +17,17 @@ import random
 
 import pytest
 import torch
+from test_losses import V, labelled, make_batch
 
 from sd2_ray.finetune import data as D
-from sd2_ray.finetune.acceptance import (acceptance_sums, add_sums, expected_mal_iid, expected_rounds,
-                                         summarize, teacher_forced)
-from test_losses import V, labelled, make_batch
+from sd2_ray.finetune.acceptance import (
+    acceptance_sums,
+    add_sums,
+    expected_mal_iid,
+    expected_rounds,
+    summarize,
+    teacher_forced,
+)
 
 
 def test_expected_rounds_hand_cases():
@@ -90,8 +97,16 @@ def test_rows_without_top_k_are_skipped_and_summaries_pick_by_temperature():
 
 # ---------------------------------------------------------------- against the speculative engine
 
-TEXTS = ["the cat sat", "a quick brown fox", "hello world", "to be or not", "x y z", "lorem ipsum dolor",
-         "one two", "abc"]
+TEXTS = [
+    "the cat sat",
+    "a quick brown fox",
+    "hello world",
+    "to be or not",
+    "x y z",
+    "lorem ipsum dolor",
+    "one two",
+    "abc",
+]
 K, NEW_TOKENS = 4, 24
 
 
@@ -123,10 +138,12 @@ def engine_rows(target, drafter, tok, temperature: float, repeats: int):
     prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
     stats, rows = SpecStats(), []
     for rep in range(repeats):
-        sampling = [SamplingParams(temperature=temperature, seed=100 * rep + i) if temperature else SamplingParams()
-                    for i in range(len(prompts))]
-        results = engine.generate([GenerationRequest(p, NEW_TOKENS, s) for p, s in zip(prompts, sampling)])
-        for prompt, result in zip(prompts, results):
+        sampling = [
+            SamplingParams(temperature=temperature, seed=100 * rep + i) if temperature else SamplingParams()
+            for i in range(len(prompts))
+        ]
+        results = engine.generate([GenerationRequest(p, NEW_TOKENS, s) for p, s in zip(prompts, sampling, strict=True)])
+        for prompt, result in zip(prompts, results, strict=True):
             stats = stats.merge(result.stats)
             rows.append((prompt, result.token_ids))
     return rows, stats.mean_accepted_length
@@ -138,8 +155,10 @@ def scored_batch(target, rows, k: int):
     from sd2_ray.distill.scoring import score_continuations
 
     scored = score_continuations(target, [p for p, _ in rows], [c for _, c in rows], k, pad_id=0)
-    examples = [D.Example(p + c, [D.IGNORE_INDEX] * len(p) + c, torch.from_numpy(ids), torch.from_numpy(lps),
-                          len(p)) for (p, c), (ids, lps) in zip(rows, scored)]
+    examples = [
+        D.Example(p + c, [D.IGNORE_INDEX] * len(p) + c, torch.from_numpy(ids), torch.from_numpy(lps), len(p))
+        for (p, c), (ids, lps) in zip(rows, scored, strict=True)
+    ]
     return D.collate(examples, pad_id=0)
 
 

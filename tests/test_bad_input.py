@@ -6,6 +6,7 @@ The serving cases (a seed past 64 bits is a 400; one failing request fails alone
 are in tests/test_serve_unit.py; a rerun after ``kill -9`` of the driver (no hang, no leftover
 cluster joined) is the README test in tests/test_user_paths.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -70,11 +71,26 @@ def test_eval_skips_bad_and_overlong_rows_and_lists_them(models, tmp_path, capsy
     """Non-UTF-8 bytes, broken JSON, an empty prompt and a prompt past the context window are
     skipped with their reasons; the report is for the usable rows (and still lossless)."""
     long_prompt = json.dumps({"id": "long", "prompt": "word " * 400}).encode()
-    prompts = prompts_file(tmp_path / "p.jsonl", [GOOD, b"\xff\xfe bytes", b"{not json",
-                                                  json.dumps({"id": "e", "prompt": ""}).encode(), long_prompt])
+    prompts = prompts_file(
+        tmp_path / "p.jsonl",
+        [GOOD, b"\xff\xfe bytes", b"{not json", json.dumps({"id": "e", "prompt": ""}).encode(), long_prompt],
+    )
     out = tmp_path / "out"
-    code = cli(["eval", "--target", models["target"], "--drafter", models["drafter"], "--prompts", prompts,
-                "--output", str(out), "--max-new-tokens", "8"])
+    code = cli(
+        [
+            "eval",
+            "--target",
+            models["target"],
+            "--drafter",
+            models["drafter"],
+            "--prompts",
+            prompts,
+            "--output",
+            str(out),
+            "--max-new-tokens",
+            "8",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     skipped = [json.loads(line) for line in (out / "_skipped.jsonl").read_text().splitlines()]
     reasons = " | ".join(s["reason"] for s in skipped)
@@ -97,15 +113,16 @@ def test_no_usable_row_fails_with_one_line_and_writes_no_complete_output(models,
 
 def test_finetune_skips_a_bad_row_instead_of_rejecting_the_data(tmp_path):
     from sd2_ray.finetune.config import FinetuneConfig
-    from sd2_ray.testing.toy import make_sparse_drafter, toy_rows
     from sd2_ray.finetune.trainer import prepare_data
+    from sd2_ray.testing.toy import make_sparse_drafter, toy_rows
 
     rows = toy_rows(16)
     rows[5]["response"] = None
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{broken\n")
-    config = FinetuneConfig(model=make_sparse_drafter(str(tmp_path / "m"), 0.5), data=str(data),
-                            output=str(tmp_path / "out"), workers=1)
+    config = FinetuneConfig(
+        model=make_sparse_drafter(str(tmp_path / "m"), 0.5), data=str(data), output=str(tmp_path / "out"), workers=1
+    )
     data = prepare_data(config)
     assert data.rows == 15 and data.files[0].endswith("_data/train.parquet")  # staged: what every worker reads
     skipped = [json.loads(line) for line in (tmp_path / "out" / "_skipped.jsonl").read_text().splitlines()]
@@ -120,8 +137,20 @@ def test_unreachable_s3_is_one_line_in_bounded_time(models, tmp_path, capsys, mo
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
     monkeypatch.setenv("SD2_S3_TIMEOUT_S", "3")
     began = time.monotonic()
-    code, last = run(["eval", "--target", models["target"], "--drafter", models["drafter"],
-                      "--prompts", "s3://bucket/prompts.jsonl", "--output", str(tmp_path / "out")], capsys)
+    code, last = run(
+        [
+            "eval",
+            "--target",
+            models["target"],
+            "--drafter",
+            models["drafter"],
+            "--prompts",
+            "s3://bucket/prompts.jsonl",
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        capsys,
+    )
     assert code == 2 and "s3://bucket/prompts.jsonl" in last and "http://127.0.0.1:9" in last
     assert time.monotonic() - began < 60
 
@@ -139,11 +168,15 @@ def test_relative_paths_are_made_absolute_where_the_command_is_typed(tmp_path, m
     from sd2_ray import cli as cli_module
 
     monkeypatch.chdir(tmp_path)
-    args = cli_module.build_parser().parse_args(["finetune", "--model", "pruned/sd2", "--data", "d.jsonl",
-                                                 "--output", "out/x"])
+    args = cli_module.build_parser().parse_args(
+        ["finetune", "--model", "pruned/sd2", "--data", "d.jsonl", "--output", "out/x"]
+    )
     config = cli_module.load_config("finetune", args)
-    assert (config.model, config.data, config.output) == (str(tmp_path / "pruned/sd2"), str(tmp_path / "d.jsonl"),
-                                                          str(tmp_path / "out/x"))
+    assert (config.model, config.data, config.output) == (
+        str(tmp_path / "pruned/sd2"),
+        str(tmp_path / "d.jsonl"),
+        str(tmp_path / "out/x"),
+    )
 
 
 def test_api_key_from_a_file_or_the_environment_not_the_command_line(tmp_path, monkeypatch):

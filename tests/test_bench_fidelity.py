@@ -1,5 +1,6 @@
 """bench/bench_fidelity.py's summary: the documented JSON keys, mean and per-seed values per
 variant, and the goals judged on the mean and on every seed (no pipeline run here)."""
+
 import importlib.util
 import os
 import statistics
@@ -18,19 +19,33 @@ def bench():
 
 
 def report(over_layer, over_sft, mal_drop, mac_cut):
-    return {"comparisons": {"sd2_mal_over_layer_pruned": over_layer, "sd2_mal_over_sparse_sft": over_sft,
-                            "sd2_mal_drop_vs_dense_sd": mal_drop, "sd2_macs_reduction_vs_dense_sd": mac_cut},
-            "drafters": [], "wall_s": None, "cpu_s": None, "layer_drop": 5}
+    return {
+        "comparisons": {
+            "sd2_mal_over_layer_pruned": over_layer,
+            "sd2_mal_over_sparse_sft": over_sft,
+            "sd2_mal_drop_vs_dense_sd": mal_drop,
+            "sd2_macs_reduction_vs_dense_sd": mac_cut,
+        },
+        "drafters": [],
+        "wall_s": None,
+        "cpu_s": None,
+        "layer_drop": 5,
+    }
 
 
 def test_summary_keys_means_and_per_seed_values(bench):
-    runs = {"50": [report(1.3, 1.6, 0.05, 0.40), report(1.1, 1.4, 0.10, 0.40)],
-            "2:4": [report(1.0, 1.2, 0.2, 0.40)], "70": [report(0.9, 1.1, 0.3, 0.56)]}
+    runs = {
+        "50": [report(1.3, 1.6, 0.05, 0.40), report(1.1, 1.4, 0.10, 0.40)],
+        "2:4": [report(1.0, 1.2, 0.2, 0.40)],
+        "70": [report(0.9, 1.1, 0.3, 0.56)],
+    }
     summary = bench.summarise(runs)
     base = ("sd2_over_layer_pruned", "sd2_over_sparse_sft", "sd2_mal_drop_vs_dense_sd", "sd2_mac_cut_vs_dense_sd")
     assert set(summary) == {k + suffix for k in base for suffix in ("", "_2of4", "_70pct")}
-    assert summary["sd2_over_layer_pruned"] == {"mean": pytest.approx(statistics.fmean([1.3, 1.1])),
-                                                "per_seed": [1.3, 1.1]}
+    assert summary["sd2_over_layer_pruned"] == {
+        "mean": pytest.approx(statistics.fmean([1.3, 1.1])),
+        "per_seed": [1.3, 1.1],
+    }
     assert summary["sd2_mac_cut_vs_dense_sd_70pct"]["per_seed"] == [0.56]
 
 

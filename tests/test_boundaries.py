@@ -1,6 +1,7 @@
 """The pure-core / Ray-adapter rule, checked on the source: only the modules named below may
 import Ray (at module or function level), and Ray's private modules are used in one named place.
 A check of ``sys.modules`` after import would miss a function-level import; this reads the AST."""
+
 from __future__ import annotations
 
 import ast
@@ -30,10 +31,14 @@ ADAPTERS = {
 }
 # module -> private Ray modules it may use, and why there is no public way
 PRIVATE = {
-    "serve/vllm_app.py": {"ray.llm._internal.serve.core.configs.openai_api_models":
-                          "the /v1/models card Ray's own build_openai_app builds; not exported"},
-    "serve/vllm_callbacks.py": {"ray.llm._internal.common.callbacks.base":
-                                "LLMConfig.callback_config's base class (its only documented form)"},
+    "serve/vllm_app.py": {
+        "ray.llm._internal.serve.core.configs.openai_api_models": (
+            "the /v1/models card Ray's own build_openai_app builds; not exported"
+        )
+    },
+    "serve/vllm_callbacks.py": {
+        "ray.llm._internal.common.callbacks.base": "LLMConfig.callback_config's base class (its only documented form)"
+    },
 }
 PRIVATE_PREFIXES = ("ray._private", "ray.llm._internal")
 
@@ -44,8 +49,9 @@ def ray_imports(path: Path) -> list[tuple[int, str]]:
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
             found += [(node.lineno, alias.name) for alias in node.names if alias.name.split(".")[0] == "ray"]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "ray" \
-                and node.level == 0:
+        elif (
+            isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "ray" and node.level == 0
+        ):
             found.append((node.lineno, node.module))
     return found
 
@@ -76,8 +82,12 @@ def modules() -> list[Path]:
 
 
 def test_only_named_adapters_import_ray():
-    leaks = [f"{p.relative_to(PACKAGE)}:{line}: imports {mod}" for p in modules()
-             if str(p.relative_to(PACKAGE)) not in ADAPTERS for line, mod in ray_imports(p)]
+    leaks = [
+        f"{p.relative_to(PACKAGE)}:{line}: imports {mod}"
+        for p in modules()
+        if str(p.relative_to(PACKAGE)) not in ADAPTERS
+        for line, mod in ray_imports(p)
+    ]
     assert not leaks, "Ray outside the adapters:\n" + "\n".join(leaks)
 
 
@@ -102,20 +112,28 @@ def test_pure_modules_pull_in_no_ray_vllm_or_deepspeed():
     import subprocess
     import sys
 
-    names = [".".join(("sd2_ray", *p.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__")
-             for p in modules() if str(p.relative_to(PACKAGE)) not in ADAPTERS]
-    code = (f"import importlib, sys\nfor n in {names!r}: importlib.import_module(n)\n"
-            "print(','.join(m for m in ('ray', 'vllm', 'deepspeed') if m in sys.modules))")
+    names = [
+        ".".join(("sd2_ray", *p.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__")
+        for p in modules()
+        if str(p.relative_to(PACKAGE)) not in ADAPTERS
+    ]
+    code = (
+        f"import importlib, sys\nfor n in {names!r}: importlib.import_module(n)\n"
+        "print(','.join(m for m in ('ray', 'vllm', 'deepspeed') if m in sys.modules))"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout.strip() == "", res.stdout + res.stderr[-2000:]
 
 
-@pytest.mark.parametrize("source, expected", [
-    ("import ray\n", [(1, "ray")]),
-    ("def f():\n    from ray import train\n", [(2, "ray")]),
-    ("def f():\n    import ray.data as rd\n", [(2, "ray.data")]),
-    ("from .ray_worker import x\nimport rayon\n", []),
-])
+@pytest.mark.parametrize(
+    "source, expected",
+    [
+        ("import ray\n", [(1, "ray")]),
+        ("def f():\n    from ray import train\n", [(2, "ray")]),
+        ("def f():\n    import ray.data as rd\n", [(2, "ray.data")]),
+        ("from .ray_worker import x\nimport rayon\n", []),
+    ],
+)
 def test_the_check_sees_function_level_imports(tmp_path, source, expected):
     path = tmp_path / "m.py"
     path.write_text(source)

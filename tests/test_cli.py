@@ -48,7 +48,9 @@ def test_bad_yaml_and_unknown_field(capsys, tmp_path, name):
 
 
 def test_cli_help_imports_no_heavy_stack():
-    code = ("import sys, sd2_ray.cli as c; c.build_parser(); "
-            "print(sorted(m for m in ('torch', 'ray', 'transformers', 'vllm', 'deepspeed') if m in sys.modules))")
+    code = (
+        "import sys, sd2_ray.cli as c; c.build_parser(); "
+        "print(sorted(m for m in ('torch', 'ray', 'transformers', 'vllm', 'deepspeed') if m in sys.modules))"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout.strip() == "[]", res.stdout + res.stderr

@@ -5,6 +5,7 @@ file's node types): submitted with ``jobs/submit.py`` as the README says, output
 work. Checks that the autoscaler adds the workers the stages ask for, that each stage ran on
 the node type it is meant for (Ray's state API), that the report's MALs are what the drafters
 measure, and that idle workers go away."""
+
 from __future__ import annotations
 
 import json
@@ -19,11 +20,17 @@ import pytest
 
 pytestmark = [pytest.mark.ray, pytest.mark.cluster]
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ("distill.limit=64 finetune.epochs=8 finetune.max_steps=48 finetune.checkpoint_every=16 "
-         "eval.max_prompts=16 eval.max_new_tokens=32 drafters=[dense,sd2] serve_smoke=false")
+SMALL = (
+    "distill.limit=64 finetune.epochs=8 finetune.max_steps=48 finetune.checkpoint_every=16 "
+    "eval.max_prompts=16 eval.max_new_tokens=32 drafters=[dense,sd2] serve_smoke=false"
+)
 # stage -> (what Ray's state API names its work, node type it must run on)
-WHERE = {"distill": ("TransformersBatchUDF", "gpu_generate"), "prune": ("_ray_task", "gpu_train"),
-         "finetune": ("RayTrainWorker", "gpu_train"), "eval": ("_drafter_task", "gpu_generate")}
+WHERE = {
+    "distill": ("TransformersBatchUDF", "gpu_generate"),
+    "prune": ("_ray_task", "gpu_train"),
+    "finetune": ("RayTrainWorker", "gpu_train"),
+    "eval": ("_drafter_task", "gpu_generate"),
+}
 
 
 def node_type(resources: dict) -> str:
@@ -99,11 +106,19 @@ def test_tiny_job_spec_on_an_autoscaling_cluster_from_the_cluster_file(kit_dir, 
     from sd2_ray.testing.fake_cluster import FakeCluster
 
     runs = f"s3://{s3_bucket}/runs"
-    env = {"SD2_KIT_DIR": kit_dir, "SD2_RUNS_DIR": runs, "SD2_OVERRIDES": SMALL + f" cluster={REPO}/clusters/aws-gpu.yaml",
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           **{k: os.environ[k] for k in os.environ if k.startswith("AWS_")}}
-    fake = FakeCluster.from_cluster_file(REPO / "clusters" / "aws-gpu.yaml", env=env, cpus_per_node=2,
-                                         max_workers={"cpu_worker": 1, "gpu_generate": 1, "gpu_train": 1})
+    env = {
+        "SD2_KIT_DIR": kit_dir,
+        "SD2_RUNS_DIR": runs,
+        "SD2_OVERRIDES": SMALL + f" cluster={REPO}/clusters/aws-gpu.yaml",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        **{k: os.environ[k] for k in os.environ if k.startswith("AWS_")},
+    }
+    fake = FakeCluster.from_cluster_file(
+        REPO / "clusters" / "aws-gpu.yaml",
+        env=env,
+        cpus_per_node=2,
+        max_workers={"cpu_worker": 1, "gpu_generate": 1, "gpu_train": 1},
+    )
     assert fake.config["head_cpus"] == 0  # the file's rule: the head schedules nothing
     with fake:
         ray.init(address=fake.address)
@@ -111,9 +126,22 @@ def test_tiny_job_spec_on_an_autoscaling_cluster_from_the_cluster_file(kit_dir, 
         watch.start()
         began = time.monotonic()
         try:
-            result = subprocess.run([sys.executable, "jobs/submit.py", spec_without_working_dir(tmp_path), "--address",
-                                     fake.dashboard, "--poll-s", "2"], cwd=REPO, capture_output=True, text=True,
-                                    timeout=1500, env={**os.environ, "RAY_ADDRESS": fake.dashboard})
+            result = subprocess.run(
+                [
+                    sys.executable,
+                    "jobs/submit.py",
+                    spec_without_working_dir(tmp_path),
+                    "--address",
+                    fake.dashboard,
+                    "--poll-s",
+                    "2",
+                ],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=1500,
+                env={**os.environ, "RAY_ADDRESS": fake.dashboard},
+            )
             job_s = time.monotonic() - began
             assert result.returncode == 0, (result.stdout + result.stderr)[-1000:] + last_job_logs(fake.dashboard)
             where = stage_nodes(fake.dashboard)

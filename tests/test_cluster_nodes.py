@@ -8,6 +8,7 @@ lost on cue (its raylet and workers SIGKILLed, as a reclaimed spot instance woul
 - eval: a drafter's eval task lost with its node is retried elsewhere, same report;
 - fine-tune: a training node lost mid-run, the group restarts from the last checkpoint.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,10 +38,16 @@ def cluster(monkeypatch):
     # the dashboard serves Ray's state API, which the tests read placement from
     # task events every 200 ms (Ray's default: 1 s): a test that kills a running task's node sees it
     # RUNNING while it still runs
-    made = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 80 * 2**20,
-                                                         "include_dashboard": True,
-                                                         "dashboard_port": free_ports(1)[0],
-                                                         "_system_config": {"task_events_report_interval_ms": 200}})
+    made = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 0,
+            "object_store_memory": 80 * 2**20,
+            "include_dashboard": True,
+            "dashboard_port": free_ports(1)[0],
+            "_system_config": {"task_events_report_interval_ms": 200},
+        },
+    )
     monkeypatch.setenv("RAY_ADDRESS", made.address)
     yield made
     ray.shutdown()
@@ -61,8 +68,11 @@ def node_of_actor(title: str) -> set[str]:
     """Node ids of the live actors whose class name contains ``title`` (Ray's state API)."""
     from ray.util.state import list_actors
 
-    return {a.node_id for a in list_actors(address=state_address(), filters=[("state", "=", "ALIVE")], limit=1000)
-            if title in (a.class_name or "")}
+    return {
+        a.node_id
+        for a in list_actors(address=state_address(), filters=[("state", "=", "ALIVE")], limit=1000)
+        if title in (a.class_name or "")
+    }
 
 
 def write_jsonl(path, rows) -> str:
@@ -109,9 +119,17 @@ def test_distill_loses_a_generation_node_and_writes_every_id_once(s3_bucket, clu
     gen_ids = {n.node_id for n in nodes}
     rows = read_rows(kit_paths(kit_dir)["train_prompts"])[:32]
     out = f"s3://{s3_bucket}/distilled"
-    config = DistillConfig(target=os.path.join(kit_dir, "target"), prompts=write_jsonl(tmp_path / "p.jsonl", rows),
-                           output=out, actors=2, batch_size=2, shard_size=4, max_new_tokens=32,
-                           node_resources=GEN, max_restarts=4)
+    config = DistillConfig(
+        target=os.path.join(kit_dir, "target"),
+        prompts=write_jsonl(tmp_path / "p.jsonl", rows),
+        output=out,
+        actors=2,
+        batch_size=2,
+        shard_size=4,
+        max_new_tokens=32,
+        node_resources=GEN,
+        max_restarts=4,
+    )
     records = storage.join(out, core.RECORDS_DIR)
     seen: dict = {"actor_nodes": set()}
     finished = threading.Event()
@@ -125,7 +143,6 @@ def test_distill_loses_a_generation_node_and_writes_every_id_once(s3_bucket, clu
             if "lost" not in seen and len(on) >= 2 and done:
                 seen["shards_before"] = len(done)
                 victim = next(n for n in nodes if n.node_id in on)
-                began = time.monotonic()
                 cluster.remove_node(victim, allow_graceful=False)  # SIGKILL: raylet and workers
                 seen["lost"] = victim.node_id
             time.sleep(0.2)
@@ -144,8 +161,10 @@ def test_distill_loses_a_generation_node_and_writes_every_id_once(s3_bucket, clu
     ids = [r["id"] for r in core.read_distilled(out, include_failed=True)]
     assert ids == [r["id"] for r in rows]  # every id once, in input order
     assert seen["actor_nodes"] and seen["actor_nodes"] <= gen_ids  # engines only on generation nodes
-    print(f"distill with a lost node: {time.monotonic() - began:.1f} s, "
-          f"{seen['shards_before']} of 8 shards recorded before the loss")
+    print(
+        f"distill with a lost node: {time.monotonic() - began:.1f} s, "
+        f"{seen['shards_before']} of 8 shards recorded before the loss"
+    )
     assert ray.is_initialized()
 
 
@@ -163,9 +182,20 @@ def test_eval_task_lost_with_its_node_is_retried_with_the_same_report(cluster, k
     paths = kit_paths(kit_dir)
 
     def configs(root: str) -> dict[str, EvalConfig]:
-        return {"dense": EvalConfig(target=paths["target"], drafter=paths["drafter"], prompts=paths["eval_prompts"],
-                                    output=f"{root}/dense/report.json", num_speculative_tokens=4, max_prompts=24,
-                                    max_new_tokens=64, batch_size=4, node_resources=GEN, measure_baseline=False)}
+        return {
+            "dense": EvalConfig(
+                target=paths["target"],
+                drafter=paths["drafter"],
+                prompts=paths["eval_prompts"],
+                output=f"{root}/dense/report.json",
+                num_speculative_tokens=4,
+                max_prompts=24,
+                max_new_tokens=64,
+                batch_size=4,
+                node_resources=GEN,
+                measure_baseline=False,
+            )
+        }
 
     clean = evaluate_drafters(configs(str(tmp_path / "clean")), str(tmp_path / "clean"))["dense"]
     clean_tasks = {t.task_id for t in drafter_tasks()}
@@ -177,8 +207,11 @@ def test_eval_task_lost_with_its_node_is_retried_with_the_same_report(cluster, k
 
         deadline = time.time() + 300
         while time.time() < deadline and not finished.is_set() and "node" not in lost:
-            running = [t for t in list_tasks(address=state_address(), filters=[("state", "=", "RUNNING")], limit=1000)
-                       if t.name.endswith("_drafter_task")]
+            running = [
+                t
+                for t in list_tasks(address=state_address(), filters=[("state", "=", "RUNNING")], limit=1000)
+                if t.name.endswith("_drafter_task")
+            ]
             if running:
                 victim = next(n for n in nodes if n.node_id == running[0].node_id)
                 cluster.remove_node(victim, allow_graceful=False)
@@ -219,15 +252,28 @@ def test_finetune_loses_a_training_node_and_resumes_from_its_checkpoint(cluster,
     from sd2_ray.runtime import ensure_ray
     from sd2_ray.testing.toy import make_sparse_drafter, write_toy_dataset
 
-    nodes = [cluster.add_node(num_cpus=1, resources={"train_node": 1}, object_store_memory=80 * 2**20)
-             for _ in range(3)]
+    nodes = [
+        cluster.add_node(num_cpus=1, resources={"train_node": 1}, object_store_memory=80 * 2**20) for _ in range(3)
+    ]
     ensure_ray()
     root = f"s3://{s3_bucket}/ft"
     storage.copy_dir(make_sparse_drafter(str(tmp_path / "pruned"), 0.5), f"{root}/pruned")
     steps = 24
-    cfg = FinetuneConfig(model=f"{root}/pruned", data=write_toy_dataset(f"{root}/data", 64), output=f"{root}/drafter",
-                         workers=2, zero_stage=2, max_steps=steps, epochs=3, checkpoint_every=4, lr=3e-3,
-                         batch_size=8, seq_len=64, warmup_steps=1, node_resources={"train_node": 0.001})
+    cfg = FinetuneConfig(
+        model=f"{root}/pruned",
+        data=write_toy_dataset(f"{root}/data", 64),
+        output=f"{root}/drafter",
+        workers=2,
+        zero_stage=2,
+        max_steps=steps,
+        epochs=3,
+        checkpoint_every=4,
+        lr=3e-3,
+        batch_size=8,
+        seq_len=64,
+        warmup_steps=1,
+        node_resources={"train_node": 0.001},
+    )
     snapshot = storage.join(cfg.checkpoint_run_dir(), "checkpoint_manager_snapshot.json")
     began = time.monotonic()
     with ThreadPoolExecutor(1) as pool:
@@ -250,9 +296,11 @@ def test_finetune_loses_a_training_node_and_resumes_from_its_checkpoint(cluster,
     assert lost["node"] not in node_of_actor("RayTrainWorker")  # (none alive now, or elsewhere)
     out = storage.local_dir(result.output)
     assert masked_weights_nonzero(load_model(out), load_masks(out)) == 0
-    print(f"finetune with a lost node: {time.monotonic() - began:.0f} s in all; newest checkpoint at the loss: "
-          f"step {lost['step']}; resumed at step {resumed[0]}; {time.monotonic() - lost['at']:.0f} s from the loss "
-          f"to the end")
+    print(
+        f"finetune with a lost node: {time.monotonic() - began:.0f} s in all; newest checkpoint at the loss: "
+        f"step {lost['step']}; resumed at step {resumed[0]}; {time.monotonic() - lost['at']:.0f} s from the loss "
+        f"to the end"
+    )
 
 
 def drafter_tasks() -> list:
@@ -303,11 +351,17 @@ def test_each_stage_asks_for_its_node_type_from_the_cluster_file(tmp_path):
     from sd2_ray.pipeline.chain import chain
     from sd2_ray.pipeline.config import PipelineConfig
 
-    base = {"output": str(tmp_path), "target": str(tmp_path), "drafter": str(tmp_path),
-            "train_prompts": str(tmp_path), "eval_prompts": str(tmp_path),
-            "tune": {"search_space": {"sparsity": [0.5], "lr": [1e-3]}}}
-    config = validate(PipelineConfig, {**base, "cluster": REPO_CLUSTER,
-                                       "serve": {"node_resources": {"serve_node": 1}}}, source="t")
+    base = {
+        "output": str(tmp_path),
+        "target": str(tmp_path),
+        "drafter": str(tmp_path),
+        "train_prompts": str(tmp_path),
+        "eval_prompts": str(tmp_path),
+        "tune": {"search_space": {"sparsity": [0.5], "lr": [1e-3]}},
+    }
+    config = validate(
+        PipelineConfig, {**base, "cluster": REPO_CLUSTER, "serve": {"node_resources": {"serve_node": 1}}}, source="t"
+    )
     placed = config.with_cluster_placement()
     train = {"train_node": 0.001}
     assert chain(placed, "distill").node_resources == GEN and chain(placed, "eval").node_resources == GEN

@@ -38,15 +38,18 @@ def test_section_of_pipeline_yaml(tmp_path):
     assert DemoConfig.load(str(cfg_file), section="demo").model == "m"
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("model: a\nsparsty: 0.5\n", "field 'sparsty': unknown field"),
-    ("model: a\nsparsity: 1.5\n", "field 'sparsity': must be in (0, 1)"),
-    ("model: a\nmode: other\n", "field 'mode'"),
-    ("sparsity: 0.5\n", "field 'model': Field required"),
-    ("model: [unclosed\n", "invalid YAML"),
-    ("- a\n- b\n", "top level must be a mapping"),
-    ("model: a\nsampling: {temperature: -1}\n", "field 'sampling.temperature'"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("model: a\nsparsty: 0.5\n", "field 'sparsty': unknown field"),
+        ("model: a\nsparsity: 1.5\n", "field 'sparsity': must be in (0, 1)"),
+        ("model: a\nmode: other\n", "field 'mode'"),
+        ("sparsity: 0.5\n", "field 'model': Field required"),
+        ("model: [unclosed\n", "invalid YAML"),
+        ("- a\n- b\n", "top level must be a mapping"),
+        ("model: a\nsampling: {temperature: -1}\n", "field 'sampling.temperature'"),
+    ],
+)
 def test_bad_config_is_one_line_naming_the_field(tmp_path, text, expected):
     cfg_file = tmp_path / "bad.yaml"
     cfg_file.write_text(text)

@@ -1,6 +1,7 @@
 """Device and dtype plumbing of the engine, eval, serve and the pipeline's eval step (CPU only:
 no GPU here, so what can be checked is that nothing is created off the model's device, that
 other dtypes run the same loop losslessly, and that device/dtype choices validate clearly)."""
+
 from __future__ import annotations
 
 import ast
@@ -14,9 +15,8 @@ import torch
 from sd2_ray.errors import ConfigError
 from sd2_ray.models.tiny import tiny_model
 from sd2_ray.specdec.engine import SpeculativeEngine
-from sd2_ray.testing.engine_pairs import bpe_tokenizer, char_tokenizer, noisy_copy, sharpen
 from sd2_ray.specdec.types import GenerationRequest, SamplingParams
-
+from sd2_ray.testing.engine_pairs import bpe_tokenizer, char_tokenizer, noisy_copy, sharpen
 
 
 @pytest.fixture(autouse=True)
@@ -25,9 +25,10 @@ def no_grad():
     of the same process (fine-tuning tests then train nothing)."""
     with torch.no_grad():
         yield
+
+
 SPECDEC = Path(__file__).resolve().parents[1] / "sd2_ray" / "specdec"
-FACTORIES = {"tensor", "zeros", "ones", "full", "arange", "empty", "randn", "rand", "randint", "eye",
-             "linspace"}
+FACTORIES = {"tensor", "zeros", "ones", "full", "arange", "empty", "randn", "rand", "randint", "eye", "linspace"}
 ON_CPU_GENERATOR = {"rand"}  # per-request generators live on the CPU by design (draws then moved)
 
 
@@ -48,8 +49,10 @@ def factory_calls_without_device(path: Path) -> list[str]:
 
 
 def test_engine_sources_name_a_device_for_every_new_tensor():
-    files = [SPECDEC / f for f in ("engine.py", "kv.py", "static_kv.py", "slot_cache.py", "steps.py", "sampling.py",
-                                   "uag.py")]
+    files = [
+        SPECDEC / f
+        for f in ("engine.py", "kv.py", "static_kv.py", "slot_cache.py", "steps.py", "sampling.py", "uag.py")
+    ]
     calls = sum(len([n for n in ast.walk(ast.parse(f.read_text())) if isinstance(n, ast.Call)]) for f in files)
     assert calls > 100  # the scan really reads the engine
     assert [bad for f in files for bad in factory_calls_without_device(f)] == []
@@ -57,10 +60,14 @@ def test_engine_sources_name_a_device_for_every_new_tensor():
 
 def test_the_scan_catches_a_tensor_without_device(tmp_path):
     src = tmp_path / "x.py"
-    src.write_text("import torch\na = torch.zeros(3)\nb = torch.zeros(3, device=d)\n"
-                   "c = torch.tensor([1],\n  dtype=torch.long)\nd = torch.rand(2, generator=g)\n")
-    assert factory_calls_without_device(src) == ["x.py:2: torch.zeros(...) without device=",
-                                                 "x.py:4: torch.tensor(...) without device="]
+    src.write_text(
+        "import torch\na = torch.zeros(3)\nb = torch.zeros(3, device=d)\n"
+        "c = torch.tensor([1],\n  dtype=torch.long)\nd = torch.rand(2, generator=g)\n"
+    )
+    assert factory_calls_without_device(src) == [
+        "x.py:2: torch.zeros(...) without device=",
+        "x.py:4: torch.tensor(...) without device=",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +136,7 @@ def test_from_dirs_with_an_explicit_cpu_device(tmp_path):
 
 # ---- device / dtype names -------------------------------------------------------------------
 
+
 def test_device_and_dtype_resolution_here():
     from sd2_ray.models.device import resolve_device, resolve_dtype
 
@@ -151,19 +159,35 @@ def test_cuda_without_cuda_is_a_config_error_before_anything_is_written(tmp_path
     prompts_file = tmp_path / "p.jsonl"
     prompts_file.write_text(json.dumps({"id": "a", "messages": [{"role": "user", "content": "hi"}]}) + "\n")
     out = tmp_path / "out"
-    code = cli_main(["eval", "--target", tiny_model_dir, "--drafter", tiny_model_dir, "--prompts",
-                     str(prompts_file), "--output", str(out), "--device", "cuda"])
+    code = cli_main(
+        [
+            "eval",
+            "--target",
+            tiny_model_dir,
+            "--drafter",
+            tiny_model_dir,
+            "--prompts",
+            str(prompts_file),
+            "--output",
+            str(out),
+            "--device",
+            "cuda",
+        ]
+    )
     assert code == 2 and not out.exists()
     assert "field 'device': cuda requested but CUDA is not available" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("fields, message", [
-    ({"device": "gpu"}, "field 'device': 'gpu' is not a device"),
-    ({"device": "cuda:x"}, "field 'device'"),
-    ({"dtype": "fp16"}, "field 'dtype'"),
-    ({"gpus": 1, "device": "cpu"}, "gpus > 0 reserves GPUs that device 'cpu' never uses"),
-    ({"gpus": -1}, "field 'gpus'"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"device": "gpu"}, "field 'device': 'gpu' is not a device"),
+        ({"device": "cuda:x"}, "field 'device'"),
+        ({"dtype": "fp16"}, "field 'dtype'"),
+        ({"gpus": 1, "device": "cpu"}, "gpus > 0 reserves GPUs that device 'cpu' never uses"),
+        ({"gpus": -1}, "field 'gpus'"),
+    ],
+)
 def test_eval_config_rejects_bad_placement(fields, message):
     from sd2_ray.config import validate
     from sd2_ray.evaluate.config import EvalConfig
@@ -177,18 +201,20 @@ def test_eval_config_rejects_bad_placement(fields, message):
 def test_eval_config_defaults_are_auto_and_accept_gpus():
     from sd2_ray.evaluate.config import EvalConfig
 
-    cfg = EvalConfig(target="t", drafter="d", prompts="p", output="o", device="cuda:1", gpus=1,
-                     device_map="auto")
+    cfg = EvalConfig(target="t", drafter="d", prompts="p", output="o", device="cuda:1", gpus=1, device_map="auto")
     assert (cfg.device, cfg.dtype, cfg.gpus, cfg.device_map) == ("cuda:1", "auto", 1, "auto")
     assert EvalConfig(target="t", drafter="d", prompts="p", output="o").device == "auto"
 
 
-@pytest.mark.parametrize("fields, message", [
-    ({"device": "tpu"}, "field 'device'"),
-    ({"engine": "vllm", "gpus_per_replica": 1}, "gpus_per_replica applies to engine 'transformers'"),
-    ({"engine": "vllm", "device": "cuda"}, "device applies to engine 'transformers'"),
-    ({"gpus_per_replica": 2, "device": "cpu"}, "gpus_per_replica > 0 reserves GPUs"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"device": "tpu"}, "field 'device'"),
+        ({"engine": "vllm", "gpus_per_replica": 1}, "gpus_per_replica applies to engine 'transformers'"),
+        ({"engine": "vllm", "device": "cuda"}, "device applies to engine 'transformers'"),
+        ({"gpus_per_replica": 2, "device": "cpu"}, "gpus_per_replica > 0 reserves GPUs"),
+    ],
+)
 def test_serve_config_rejects_bad_placement(fields, message):
     from sd2_ray.config import validate
     from sd2_ray.serve.config import ServeConfig
@@ -208,6 +234,7 @@ def test_serve_replicas_ask_ray_for_their_gpus():
 
 
 # ---- the pipeline's eval step as Ray tasks ------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def ray_with_a_declared_gpu():
@@ -231,19 +258,33 @@ def test_pipeline_eval_in_gpu_tasks_matches_the_embedded_eval(tmp_path, ray_with
 
     target_dir, drafter_dir = tiny_pair_dirs(str(tmp_path / "models"))
     prompts_file = tmp_path / "eval.jsonl"
-    prompts_file.write_text("".join(json.dumps({"id": str(i), "messages": [{"role": "user", "content": text}]}) + "\n"
-                                    for i, text in enumerate(["hello there", "the cat", "An answer"])))
+    prompts_file.write_text(
+        "".join(
+            json.dumps({"id": str(i), "messages": [{"role": "user", "content": text}]}) + "\n"
+            for i, text in enumerate(["hello there", "the cat", "An answer"])
+        )
+    )
     eval_section = {"max_new_tokens": 12, "batch_size": 2, "measure_baseline": True}
     reports = {}
     for gpus in (0, 1):
-        config = PipelineConfig.load(None, {"output": str(tmp_path / f"run{gpus}"), "num_speculative_tokens": 3,
-                                            "target": target_dir, "drafter": drafter_dir,
-                                            "eval_prompts": str(prompts_file), "eval": {**eval_section, "gpus": gpus}})
+        config = PipelineConfig.load(
+            None,
+            {
+                "output": str(tmp_path / f"run{gpus}"),
+                "num_speculative_tokens": 3,
+                "target": target_dir,
+                "drafter": drafter_dir,
+                "eval_prompts": str(prompts_file),
+                "eval": {**eval_section, "gpus": gpus},
+            },
+        )
         if gpus:  # the driver must not evaluate anything itself
             monkeypatch.setattr(fanout, "_evaluate_here", lambda *a: pytest.fail("evaluated in the driver"))
         reports[gpus] = fanout.evaluate_drafters({"dense": chain(config, "eval", "dense")}, eval_root(config))["dense"]
-        assert json.loads((tmp_path / f"run{gpus}" / "eval" / "dense" / "manifest.json").read_text())["status"] \
+        assert (
+            json.loads((tmp_path / f"run{gpus}" / "eval" / "dense" / "manifest.json").read_text())["status"]
             == "complete"
+        )
         assert (tmp_path / f"run{gpus}" / "eval" / "target-only.json").exists()
     for key in ("outputs", "mean_accepted_length", "num_accepted_tokens", "lossless", "dtype", "device"):
         assert reports[0][key] == reports[1][key], key
@@ -263,8 +304,14 @@ def test_sd2_eval_with_gpus_runs_as_a_ray_task(tmp_path, ray_with_a_declared_gpu
 
     real = job.evaluate_pair  # tagged with the pid of the process that ran it (shipped by value)
     monkeypatch.setattr(job, "evaluate_pair", lambda *a, **k: {**real(*a, **k), "pid": os.getpid()})
-    config = EvalConfig(target=target_dir, drafter=drafter_dir, prompts=str(prompts_file),
-                        output=str(tmp_path / "out"), max_new_tokens=8, gpus=1)
+    config = EvalConfig(
+        target=target_dir,
+        drafter=drafter_dir,
+        prompts=str(prompts_file),
+        output=str(tmp_path / "out"),
+        max_new_tokens=8,
+        gpus=1,
+    )
     report = job.main(config)
     assert report["pid"] != os.getpid()  # evaluated in a Ray task, not in the driver
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -283,8 +330,15 @@ def test_tune_trial_eval_with_eval_gpus_runs_as_a_ray_task(tmp_path, ray_with_a_
     target_dir, drafter_dir = tiny_pair_dirs(str(tmp_path / "models"))
     prompts_file = tmp_path / "eval.jsonl"
     prompts_file.write_text(json.dumps({"id": "a", "messages": [{"role": "user", "content": "hello"}]}) + "\n")
-    settings = dict(output=str(tmp_path / "tune"), target=target_dir, drafter=drafter_dir, data=str(prompts_file),
-                    eval_prompts=str(prompts_file), eval_max_new_tokens=6, num_speculative_tokens=3)
+    settings = dict(
+        output=str(tmp_path / "tune"),
+        target=target_dir,
+        drafter=drafter_dir,
+        data=str(prompts_file),
+        eval_prompts=str(prompts_file),
+        eval_max_new_tokens=6,
+        num_speculative_tokens=3,
+    )
     real = core.evaluate_pair  # tagged with the pid of the process that ran it (shipped by value)
     monkeypatch.setattr(core, "evaluate_pair", lambda *a, **k: {**real(*a, **k), "pid": os.getpid()})
     here = trial.evaluate(TuneConfig(**settings), drafter_dir)

@@ -1,8 +1,8 @@
 """Distillation core without Ray: requests, filters, result rows, the transformers engine, config."""
+
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
@@ -10,8 +10,10 @@ from sd2_ray.distill import core
 from sd2_ray.distill.config import DistillConfig
 from sd2_ray.errors import ConfigError, DataError
 
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 def make_chat_tokenizer():
@@ -23,9 +25,14 @@ def make_chat_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     texts = ["the quick brown fox jumps over the lazy dog", "write a poem about ray data and drafts"] * 8
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<pad>", "<s>", "</s>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     fast.chat_template = CHAT_TEMPLATE
     return fast
@@ -51,8 +58,10 @@ def tokenizer(chat_model_dir):
 
 def test_requests_render_the_chat_template_and_skip_bad_rows(tokenizer):
     rows = [
-        {"id": "a", "messages": [{"role": "user", "content": "write a poem"},
-                                 {"role": "assistant", "content": "roses"}]},
+        {
+            "id": "a",
+            "messages": [{"role": "user", "content": "write a poem"}, {"role": "assistant", "content": "roses"}],
+        },
         {"prompt": "the quick brown fox"},
         {"id": "no-prompt", "response": "x"},
         {"id": "wrong-type", "prompt": 5},
@@ -85,17 +94,19 @@ def test_rewrite_prompt_holds_instruction_and_reference(tokenizer):
     assert "needs a reference" in skipped[0]["reason"]
 
 
-@pytest.mark.parametrize("text,finish,allow,kept", [
-    ("violets are blue", "stop", False, "target"),
-    ("   ", "stop", False, "reference"),
-    ("violets are", "length", False, "reference"),
-    ("violets are", "length", True, "target"),
-    ("As the Reference Answer says, roses", "stop", False, "reference"),
-    ("Instruction: write a poem", "stop", False, "reference"),
-])
+@pytest.mark.parametrize(
+    "text,finish,allow,kept",
+    [
+        ("violets are blue", "stop", False, "target"),
+        ("   ", "stop", False, "reference"),
+        ("violets are", "length", False, "reference"),
+        ("violets are", "length", True, "target"),
+        ("As the Reference Answer says, roses", "stop", False, "reference"),
+        ("Instruction: write a poem", "stop", False, "reference"),
+    ],
+)
 def test_rewrite_filters_keep_reference_when_rewrite_fails(tokenizer, text, finish, allow, kept):
-    (request,), _ = core.prepare_rows([{"prompt": "write a poem", "response": "roses"}], tokenizer,
-                                      "rewrite", 500, 8)
+    (request,), _ = core.prepare_rows([{"prompt": "write a poem", "response": "roses"}], tokenizer, "rewrite", 500, 8)
     row = core.result_row(request, core.Generated(0, text, finish, 3), "rewrite", allow)
     assert row["source"] == kept
     assert row["response"] == (text if kept == "target" else "roses")
@@ -105,8 +116,10 @@ def test_rewrite_filters_keep_reference_when_rewrite_fails(tokenizer, text, fini
 def test_failed_row_and_table_roundtrip(tokenizer, tmp_path):
     rows = [{"id": "a", "prompt": "fox"}, {"id": "b", "messages": [{"role": "user", "content": "dog"}]}]
     requests, _ = core.prepare_rows(rows, tokenizer, "generate", 500, 8)
-    results = [core.result_row(requests[1], core.Generated(1, "woof", "stop", 2), "generate", False),
-               core.result_row(requests[0], core.Generated(0, None, None, 0, error="boom"), "generate", False)]
+    results = [
+        core.result_row(requests[1], core.Generated(1, "woof", "stop", 2), "generate", False),
+        core.result_row(requests[0], core.Generated(0, None, None, 0, error="boom"), "generate", False),
+    ]
     assert results[1]["response"] is None and results[1]["source"] is None and results[1]["error"] == "boom"
     from sd2_ray import storage
 
@@ -125,29 +138,38 @@ def test_batched_greedy_equals_direct_generate(chat_model_dir, tokenizer):
 
     from sd2_ray.distill.engines import TransformersEngine
 
-    rows = [{"prompt": p} for p in ("fox", "the quick brown fox jumps over", "write a poem about data",
-                                    "lazy dog", "ray")]
+    rows = [
+        {"prompt": p} for p in ("fox", "the quick brown fox jumps over", "write a poem about data", "lazy dog", "ray")
+    ]
     requests, _ = core.prepare_rows(rows, tokenizer, "generate", 500, 8)
     engine = TransformersEngine(chat_model_dir)
     batched = engine.generate([r.prompt_ids for r in requests], max_new_tokens=12)
     model = AutoModelForCausalLM.from_pretrained(chat_model_dir).eval()
     assert len({len(r.prompt_ids) for r in requests}) > 1  # the batch really is padded
-    for request, (ids, reason) in zip(requests, batched):
-        direct = model.generate(torch.tensor([request.prompt_ids]), max_new_tokens=12, do_sample=False,
-                                pad_token_id=tokenizer.pad_token_id)[0, len(request.prompt_ids):].tolist()
+    for request, (ids, reason) in zip(requests, batched, strict=True):
+        direct = model.generate(
+            torch.tensor([request.prompt_ids]), max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )[0, len(request.prompt_ids) :].tolist()
         expected, expected_reason = core_split(direct, tokenizer.eos_token_id)
         assert ids == expected and reason == expected_reason
 
 
 def core_split(ids, eos):
-    return (ids[:ids.index(eos)], "stop") if eos in ids else (ids, "length")
+    return (ids[: ids.index(eos)], "stop") if eos in ids else (ids, "length")
 
 
 def test_udf_falls_back_to_rows_when_a_batch_fails(chat_model_dir, tokenizer):
     from sd2_ray.distill.engines import TransformersBatchUDF
 
-    settings = {"max_new_tokens": 5, "temperature": 0.0, "top_p": 1.0, "seed": 0, "dtype": "float32",
-                "device": "cpu", "torch_threads": 1}
+    settings = {
+        "max_new_tokens": 5,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "seed": 0,
+        "dtype": "float32",
+        "device": "cpu",
+        "torch_threads": 1,
+    }
     udf = TransformersBatchUDF(chat_model_dir, settings)
     good = tokenizer("<s><|user|>fox\n<|assistant|>", add_special_tokens=False)["input_ids"]
     out = udf({"index": [4, 5, 6], "shard": [0, 0, 0], "prompt_ids": [good, [10_000_000], good]})
@@ -171,11 +193,37 @@ def test_config_flags_and_validation():
     from sd2_ray import cli
 
     args = cli.build_parser().parse_args(
-        ["distill", "--target", "T", "--prompts", "P", "--output", "O", "--mode", "rewrite", "--engine", "vllm",
-         "--actors", "3", "--batch-size", "5", "--max-new-tokens", "7", "--temperature", "0.5"])
+        [
+            "distill",
+            "--target",
+            "T",
+            "--prompts",
+            "P",
+            "--output",
+            "O",
+            "--mode",
+            "rewrite",
+            "--engine",
+            "vllm",
+            "--actors",
+            "3",
+            "--batch-size",
+            "5",
+            "--max-new-tokens",
+            "7",
+            "--temperature",
+            "0.5",
+        ]
+    )
     config = cli.load_config("distill", args)
-    assert (config.mode, config.engine, config.actors, config.batch_size, config.max_new_tokens,
-            config.temperature) == ("rewrite", "vllm", 3, 5, 7, 0.5)
+    assert (
+        config.mode,
+        config.engine,
+        config.actors,
+        config.batch_size,
+        config.max_new_tokens,
+        config.temperature,
+    ) == ("rewrite", "vllm", 3, 5, 7, 0.5)
     with pytest.raises(ConfigError, match="tensor_parallel_size"):
         DistillConfig.load(overrides={"target": "T", "prompts": "P", "output": "O", "tensor_parallel_size": 2})
     with pytest.raises(ConfigError, match="mode"):
@@ -189,8 +237,9 @@ def test_no_usable_row_is_one_line_naming_the_first_bad_line(chat_model_dir, tmp
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_bytes(b"{oops\n" + json.dumps({"prompt": ""}).encode() + b"\n\xff\xfe\n")
-    code = cli.main(["distill", "--target", chat_model_dir, "--prompts", str(prompts),
-                     "--output", str(tmp_path / "out")])
+    code = cli.main(
+        ["distill", "--target", chat_model_dir, "--prompts", str(prompts), "--output", str(tmp_path / "out")]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0, err
     assert "p.jsonl" in err and "no usable rows (3 skipped; e.g. line 1: invalid JSON" in err

@@ -1,5 +1,6 @@
 """Distillation end to end on local Ray with the model kit's trained target: actor pool, greedy
 parity with a direct ``generate``, a real process kill + resume, S3 in and out, bad rows."""
+
 from __future__ import annotations
 
 import json
@@ -61,8 +62,9 @@ def direct_greedy(target_dir: str, rows: list[dict], max_new_tokens: int) -> lis
     texts = []
     for row in rows:
         ids = tok(render_prompt(row, tok), add_special_tokens=False)["input_ids"]
-        out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id)[0, len(ids):]
+        out = model.generate(
+            torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+        )[0, len(ids) :]
         texts.append(tok.decode(out, skip_special_tokens=True))
     return texts
 
@@ -71,8 +73,26 @@ def test_kill_mid_run_then_resume_has_every_row_once(kit_rows, target_dir, tmp_p
     rows = kit_rows[:16]
     prompts = write_jsonl(tmp_path / "prompts.jsonl", rows)
     out = str(tmp_path / "out")
-    cmd = [sys.executable, "-m", "sd2_ray.cli", "distill", "--target", target_dir, "--prompts", prompts,
-           "--output", out, "--actors", "1", "--batch-size", "2", "--shard-size", "4", "--max-new-tokens", "32"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sd2_ray.cli",
+        "distill",
+        "--target",
+        target_dir,
+        "--prompts",
+        prompts,
+        "--output",
+        out,
+        "--actors",
+        "1",
+        "--batch-size",
+        "2",
+        "--shard-size",
+        "4",
+        "--max-new-tokens",
+        "32",
+    ]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     log = open(tmp_path / "job.log", "w")
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
@@ -89,8 +109,9 @@ def test_kill_mid_run_then_resume_has_every_row_once(kit_rows, target_dir, tmp_p
     assert len(done_before) < 4, "the kill came after the job had finished: nothing was interrupted"
     first_mtime = os.path.getmtime(os.path.join(out, core.shard_file(0)))
 
-    config = DistillConfig(target=target_dir, prompts=prompts, output=out, actors=1, batch_size=2,
-                           shard_size=4, max_new_tokens=32)
+    config = DistillConfig(
+        target=target_dir, prompts=prompts, output=out, actors=1, batch_size=2, shard_size=4, max_new_tokens=32
+    )
     final = main(config)
     assert final["status"] == "complete" and final["totals"]["rows_out"] == 16
     ids = output_ids(out)
@@ -103,15 +124,16 @@ def test_two_actors_every_id_once_and_greedy_equals_direct_generate(kit_rows, ta
     rows = kit_rows[24:56]
     prompts = write_jsonl(tmp_path / "prompts.jsonl", rows)
     out = str(tmp_path / "out")
-    config = DistillConfig(target=target_dir, prompts=prompts, output=out, actors=2, batch_size=4,
-                           shard_size=8, max_new_tokens=32)
+    config = DistillConfig(
+        target=target_dir, prompts=prompts, output=out, actors=2, batch_size=4, shard_size=8, max_new_tokens=32
+    )
     final = main(config)
     assert final["status"] == "complete" and final["totals"]["rows_out"] == 32
     assert final["totals"]["failed"] == 0 and final["totals"]["skipped"] == 0
     result = core.read_distilled(out)
     assert [r["id"] for r in result] == [r["id"] for r in rows]  # once each, in input order
     assert all(r["source"] == "target" and r["finish_reason"] in ("stop", "length") for r in result)
-    assert all(r["reference"] == row["response"] for r, row in zip(result, rows))
+    assert all(r["reference"] == row["response"] for r, row in zip(result, rows, strict=True))
     picks = [0, 13, 31]
     assert [result[i]["response"] for i in picks] == direct_greedy(target_dir, [rows[i] for i in picks], 32)
     assert any(r["response"] != r["reference"] for r in result)  # the target's words, not the reference
@@ -120,8 +142,7 @@ def test_two_actors_every_id_once_and_greedy_equals_direct_generate(kit_rows, ta
     assert again["updated_at"] == final["updated_at"]
 
 
-def test_s3_target_in_and_out_rewrite_mode_with_bad_rows(kit_rows, target_dir, s3_bucket, tmp_path,
-                                                         monkeypatch):
+def test_s3_target_in_and_out_rewrite_mode_with_bad_rows(kit_rows, target_dir, s3_bucket, tmp_path, monkeypatch):
     """Target, prompts and output all on S3; the driver fetches only the target's metadata, the
     engine actor downloads the weights itself (into the cache named by the propagated env)."""
     cache = tmp_path / "cache"
@@ -132,13 +153,26 @@ def test_s3_target_in_and_out_rewrite_mode_with_bad_rows(kit_rows, target_dir, s
     real_copy_dir = storage.copy_dir
     monkeypatch.setattr(storage, "copy_dir", lambda src, dst: (driver_copies.append(src), real_copy_dir(src, dst)))
     rows = kit_rows[56:66]
-    bad = [{"id": "no-prompt", "response": "x"}, {"id": "int-prompt", "prompt": 7},
-           {"id": "bad-messages", "messages": "hello"}, {"id": "too-long", "prompt": "def f(): pass\n" * 200, "response": "ok"}]
+    bad = [
+        {"id": "no-prompt", "response": "x"},
+        {"id": "int-prompt", "prompt": 7},
+        {"id": "bad-messages", "messages": "hello"},
+        {"id": "too-long", "prompt": "def f(): pass\n" * 200, "response": "ok"},
+    ]
     prompts = f"s3://{s3_bucket}/in/prompts.jsonl"
     write_jsonl(prompts, rows[:5] + bad + rows[5:])
     out = f"s3://{s3_bucket}/runs/distilled"
-    config = DistillConfig(target=target, prompts=prompts, output=out, mode="rewrite", actors=1,
-                           batch_size=5, shard_size=7, max_new_tokens=24, max_prompt_tokens=400)
+    config = DistillConfig(
+        target=target,
+        prompts=prompts,
+        output=out,
+        mode="rewrite",
+        actors=1,
+        batch_size=5,
+        shard_size=7,
+        max_new_tokens=24,
+        max_prompt_tokens=400,
+    )
     final = main(config)
     assert manifest.is_complete(out)
     totals = final["totals"]
@@ -161,7 +195,9 @@ def test_s3_target_in_and_out_rewrite_mode_with_bad_rows(kit_rows, target_dir, s
     assert not any(src.startswith(target) for src in driver_copies)  # no whole-model download on the driver
     cached = {name: os.listdir(cache / "s3" / name) for name in os.listdir(cache / "s3") if not name.endswith(".lock")}
     weights = [name for name, files in cached.items() if "model.safetensors" in files]
-    metadata = [name for name, files in cached.items() if "tokenizer.json" in files and "model.safetensors" not in files]
+    metadata = [
+        name for name, files in cached.items() if "tokenizer.json" in files and "model.safetensors" not in files
+    ]
     assert len(weights) == 1 and len(metadata) == 1, cached  # the actor's full copy, the driver's metadata
 
 
@@ -177,8 +213,16 @@ def test_a_killed_engine_actor_is_restarted_and_every_row_arrives_once(kit_rows,
     rows = kit_rows[66:90]
     prompts = write_jsonl(tmp_path / "prompts.jsonl", rows)
     out = str(tmp_path / "out")
-    config = DistillConfig(target=target_dir, prompts=prompts, output=out, actors=2, batch_size=2,
-                           shard_size=4, max_new_tokens=32, max_restarts=2)
+    config = DistillConfig(
+        target=target_dir,
+        prompts=prompts,
+        output=out,
+        actors=2,
+        batch_size=2,
+        shard_size=4,
+        max_new_tokens=32,
+        max_restarts=2,
+    )
     records = os.path.join(out, core.RECORDS_DIR)
     ensure_ray()  # the job joins this Ray; its raylet tells our actors from other sessions'
     raylet = our_raylet_pid()
@@ -226,8 +270,18 @@ def test_top_k_rows_on_ray_align_with_the_ids_and_feed_the_loss_check(kit_rows, 
     rows = kit_rows[90:98]
     prompts = write_jsonl(tmp_path / "prompts.jsonl", rows)
     out = str(tmp_path / "out")
-    final = main(DistillConfig(target=target_dir, prompts=prompts, output=out, actors=1, batch_size=4,
-                               shard_size=4, max_new_tokens=24, logprobs_top_k=5))
+    final = main(
+        DistillConfig(
+            target=target_dir,
+            prompts=prompts,
+            output=out,
+            actors=1,
+            batch_size=4,
+            shard_size=4,
+            max_new_tokens=24,
+            logprobs_top_k=5,
+        )
+    )
     assert final["status"] == "complete" and final["logprobs_top_k"] == 5 and final["totals"]["rows_out"] == 8
     result = core.read_distilled(out)
     for r in result:
@@ -240,8 +294,18 @@ def test_top_k_rows_on_ray_align_with_the_ids_and_feed_the_loss_check(kit_rows, 
     finetune = FinetuneConfig(model="M", data=out, output="O", loss="tvd")
     check_loss_data(finetune, columns)
     plain = str(tmp_path / "plain")
-    main(DistillConfig(target=target_dir, prompts=prompts, output=plain, actors=1, batch_size=4,
-                       shard_size=8, max_new_tokens=24, limit=4))
+    main(
+        DistillConfig(
+            target=target_dir,
+            prompts=prompts,
+            output=plain,
+            actors=1,
+            batch_size=4,
+            shard_size=8,
+            max_new_tokens=24,
+            limit=4,
+        )
+    )
     with pytest.raises(ConfigError, match="field 'loss'"):
         check_loss_data(finetune, pq.read_schema(os.path.join(plain, core.shard_file(0))).names)
     same = core.read_distilled(plain)
@@ -258,18 +322,43 @@ def test_on_policy_cli_drafter_writes_and_target_scores(kit_rows, kit_dir, targe
     prompts = write_jsonl(tmp_path / "prompts.jsonl", rows)
     out = str(tmp_path / "out")
     drafter = os.path.join(kit_dir, "drafter")
-    code = cli.main(["distill", "--target", target_dir, "--prompts", prompts, "--output", out, "--mode",
-                     "on-policy", "--drafter", drafter, "--logprobs-top-k", "4", "--actors", "1",
-                     "--batch-size", "3", "--max-new-tokens", "16"])
+    code = cli.main(
+        [
+            "distill",
+            "--target",
+            target_dir,
+            "--prompts",
+            prompts,
+            "--output",
+            out,
+            "--mode",
+            "on-policy",
+            "--drafter",
+            drafter,
+            "--logprobs-top-k",
+            "4",
+            "--actors",
+            "1",
+            "--batch-size",
+            "3",
+            "--max-new-tokens",
+            "16",
+        ]
+    )
     assert code == 0
     result = core.read_distilled(out)
     assert len(result) == 6 and {r["source"] for r in result} == {"drafter"}
     tok = load_tokenizer(target_dir)
     requests, _ = core.prepare_rows(rows, tok, "generate", 10_000, 8)
-    scored = score_continuations(load_model(target_dir), [r.prompt_ids for r in requests],
-                                 [r["response_ids"] for r in result], 4, tok.pad_token_id)
+    scored = score_continuations(
+        load_model(target_dir),
+        [r.prompt_ids for r in requests],
+        [r["response_ids"] for r in result],
+        4,
+        tok.pad_token_id,
+    )
     import numpy as np
 
-    for r, (ids, lps) in zip(result, scored):
+    for r, (ids, lps) in zip(result, scored, strict=True):
         assert r["topk_ids"] == ids.tolist() and np.allclose(r["topk_logprobs"], lps, atol=1e-4)
     assert any([ids[0] for ids in r["topk_ids"]] != r["response_ids"] for r in result)  # the drafter's words

@@ -1,8 +1,10 @@
 """The target's top-k per response token (logprobs_top_k) and on-policy rows, without Ray:
 engines, scoring, the row contract, config checks. Tiny sharpened models (milliseconds)."""
+
 from __future__ import annotations
 
 import os
+
 import numpy as np
 import pytest
 
@@ -51,7 +53,7 @@ def direct_topk(model, prompt, response, k):
     import torch
 
     with torch.no_grad():
-        logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1]
+        logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1 : -1]
     top = torch.log_softmax(logits.float(), -1).topk(k, -1)
     return top.indices.numpy(), top.values.numpy()
 
@@ -61,7 +63,7 @@ def test_greedy_generation_stores_the_raw_top_k_aligned_with_the_ids(target):
     outputs = target.generate_scored(prompts, 12, top_k=K)
     assert [(o.kept, o.reason) for o in outputs] == target.generate(prompts, 12)
     assert {o.reason for o in outputs} == {"stop", "length"}, "want both an EOS stop and a length cut"
-    for prompt, out in zip(prompts, outputs):
+    for prompt, out in zip(prompts, outputs, strict=True):
         ids, values = out.topk
         assert ids.dtype == np.int32 and values.dtype == np.float32
         assert ids.shape == values.shape == (len(out.response_ids), K)
@@ -80,7 +82,7 @@ def test_sampled_generation_stores_the_temperature_1_distribution(target):
     what is stored is the model's own, unwarped one."""
     prompts = prompts_of(target)
     outputs = target.generate_scored(prompts, 10, temperature=0.5, top_p=0.8, seed=3, top_k=K)
-    for prompt, out in zip(prompts, outputs):
+    for prompt, out in zip(prompts, outputs, strict=True):
         want_ids, want_values = direct_topk(target.model, prompt, out.response_ids, K)
         assert (out.topk[0] == want_ids).all() and np.allclose(out.topk[1], want_values, atol=1e-4)
     assert any(np.exp(out.topk[1][:, 0]).min() < 0.99 for out in outputs)  # not a one-hot warp
@@ -92,7 +94,7 @@ def test_scoring_a_given_continuation_matches_the_direct_forward(target):
     prompts = prompts_of(target)
     continuations = [[5, 6, 7], [9], [], [11, 12, 13, 14, 15]]
     scored = score_continuations(target.model, prompts, continuations, K, target.pad_id)
-    for prompt, cont, (ids, values) in zip(prompts, continuations, scored):
+    for prompt, cont, (ids, values) in zip(prompts, continuations, scored, strict=True):
         assert ids.shape == (len(cont), K)
         if cont:
             want_ids, want_values = direct_topk(target.model, prompt, cont, K)
@@ -103,19 +105,28 @@ def test_udf_rows_and_the_parquet_row_contract(pair, tmp_path):
     import pyarrow.parquet as pq
 
     from sd2_ray import storage
-    from sd2_ray.distill.engines import TransformersBatchUDF
-    from sd2_ray.distill.engines import to_generated
+    from sd2_ray.distill.engines import TransformersBatchUDF, to_generated
 
-    settings = {"max_new_tokens": 8, "temperature": 0.0, "top_p": 1.0, "seed": 0, "dtype": "float32",
-                "device": "cpu", "torch_threads": 1, "logprobs_top_k": K}
+    settings = {
+        "max_new_tokens": 8,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "seed": 0,
+        "dtype": "float32",
+        "device": "cpu",
+        "torch_threads": 1,
+        "logprobs_top_k": K,
+    }
     udf = TransformersBatchUDF(pair[0], settings)
     rows = [{"id": "a", "prompt": "the cat"}, {"id": "b", "prompt": "hello world", "response": "hi"}]
     requests, _ = core.prepare_rows(rows, udf.engine.tokenizer, "generate", 500, 8)
     out = udf({"index": [0, 1], "shard": [0, 0], "prompt_ids": [r.prompt_ids for r in requests]})
     assert [len(x) for x in out["topk_ids"]] == [len(x) for x in out["response_ids"]]
     generated = [to_generated({k: v[i] for k, v in out.items()}, udf.engine.eos_ids, 8, K) for i in range(2)]
-    results = [core.result_row(requests[0], generated[0], "generate", False),
-               core.result_row(requests[1], core.Generated(1, None, None, 0, error="boom"), "generate", False)]
+    results = [
+        core.result_row(requests[0], generated[0], "generate", False),
+        core.result_row(requests[1], core.Generated(1, None, None, 0, error="boom"), "generate", False),
+    ]
     path = str(tmp_path / core.shard_file(0))
     storage.write_parquet(path, core.result_table(results, K))
     import pyarrow as pa
@@ -133,11 +144,11 @@ def test_udf_rows_and_the_parquet_row_contract(pair, tmp_path):
 
 
 def test_a_rewrite_that_keeps_the_reference_drops_the_token_columns(target):
-    (request,), _ = core.prepare_rows([{"prompt": "the cat", "response": "a dog"}], target.tokenizer,
-                                      "rewrite", 500, 8)
+    (request,), _ = core.prepare_rows([{"prompt": "the cat", "response": "a dog"}], target.tokenizer, "rewrite", 500, 8)
     ids, values = np.zeros((2, K), np.int32), np.zeros((2, K), np.float32)
-    generated = core.Generated(0, "reference answer says", "stop", 1, token_ids=[5, 2], topk_ids=ids,
-                               topk_logprobs=values)
+    generated = core.Generated(
+        0, "reference answer says", "stop", 1, token_ids=[5, 2], topk_ids=ids, topk_logprobs=values
+    )
     row = core.result_row(request, generated, "rewrite", False)
     assert row["source"] == "reference" and row["response_ids"] is None and row["topk_ids"] is None
 
@@ -161,15 +172,25 @@ def test_on_policy_udf_scores_the_drafters_continuation_with_the_target(pair):
     from sd2_ray.distill.engines import TransformersEngine
     from sd2_ray.distill.onpolicy import OnPolicyBatchUDF
 
-    settings = {"max_new_tokens": 8, "temperature": 0.0, "top_p": 1.0, "seed": 0, "dtype": "float32",
-                "device": "cpu", "torch_threads": 1, "logprobs_top_k": K}
+    settings = {
+        "max_new_tokens": 8,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "seed": 0,
+        "dtype": "float32",
+        "device": "cpu",
+        "torch_threads": 1,
+        "logprobs_top_k": K,
+    }
     udf = OnPolicyBatchUDF(pair[0], pair[1], settings)
     prompts = prompts_of(udf.engine)
     out = udf({"index": [0, 1, 2, 3], "shard": [0] * 4, "prompt_ids": prompts})
     drafter = TransformersEngine(pair[1])
     assert [o.response_ids for o in drafter.generate_scored(prompts, 8)] == out["response_ids"]
     assert out["response_ids"] != [o.response_ids for o in udf.engine.generate_scored(prompts, 8)]
-    for prompt, ids, topk, values in zip(prompts, out["response_ids"], out["topk_ids"], out["topk_logprobs"]):
+    for prompt, ids, topk, values in zip(
+        prompts, out["response_ids"], out["topk_ids"], out["topk_logprobs"], strict=True
+    ):
         want_ids, want_values = direct_topk(udf.engine.model, prompt, ids, K)  # the *target's* scores
         assert (np.array(topk.to_pylist()) == want_ids).all()
         assert np.allclose(values.to_pylist(), want_values, atol=1e-4)
@@ -183,8 +204,9 @@ def test_config_checks_and_the_fingerprint_holds_the_new_settings():
 
     base = {"target": "T", "prompts": "P", "output": "O"}
     with pytest.raises(ConfigError, match="on-policy needs engine transformers"):
-        DistillConfig.load(overrides={**base, "mode": "on-policy", "engine": "vllm", "drafter": "D",
-                                      "logprobs_top_k": 4})
+        DistillConfig.load(
+            overrides={**base, "mode": "on-policy", "engine": "vllm", "drafter": "D", "logprobs_top_k": 4}
+        )
     with pytest.raises(ConfigError, match="needs a drafter"):
         DistillConfig.load(overrides={**base, "mode": "on-policy", "logprobs_top_k": 4})
     with pytest.raises(ConfigError, match="logprobs_top_k"):
@@ -203,7 +225,22 @@ def test_config_checks_and_the_fingerprint_holds_the_new_settings():
 def test_cli_takes_mode_on_policy_and_drafter():
     from sd2_ray import cli
 
-    args = cli.build_parser().parse_args(["distill", "--target", "T", "--prompts", "P", "--output", "O",
-                                          "--mode", "on-policy", "--drafter", "D", "--logprobs-top-k", "20"])
+    args = cli.build_parser().parse_args(
+        [
+            "distill",
+            "--target",
+            "T",
+            "--prompts",
+            "P",
+            "--output",
+            "O",
+            "--mode",
+            "on-policy",
+            "--drafter",
+            "D",
+            "--logprobs-top-k",
+            "20",
+        ]
+    )
     config = cli.load_config("distill", args)
     assert (config.mode, config.drafter, config.logprobs_top_k) == ("on-policy", os.path.abspath("D"), 20)

@@ -3,6 +3,7 @@ every id once, greedy responses equal to the transformers engine's on the same p
 the stored top-k log-probs (``SamplingParams(logprobs=k)``) equal to the transformers engine's;
 tensor parallelism 2 on CPU, with prompts too long for the engine's max_model_len skipped up
 front."""
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,17 @@ def test_vllm_engine_matches_transformers_greedy(kit_dir, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = str(tmp_path / "out")
-    config = DistillConfig(target=target, prompts=str(prompts), output=out, engine="vllm", actors=1,
-                           batch_size=6, shard_size=6, max_new_tokens=24, logprobs_top_k=5)
+    config = DistillConfig(
+        target=target,
+        prompts=str(prompts),
+        output=out,
+        engine="vllm",
+        actors=1,
+        batch_size=6,
+        shard_size=6,
+        max_new_tokens=24,
+        logprobs_top_k=5,
+    )
     final = main(config)
     assert final["status"] == "complete" and final["engine"] == "vllm"
     assert (final["totals"]["rows_out"], final["totals"]["failed"]) == (12, 0)
@@ -52,7 +62,7 @@ def test_vllm_engine_matches_transformers_greedy(kit_dir, tmp_path):
     expected = engine.generate_scored([r.prompt_ids for r in requests], max_new_tokens=24, top_k=5)
     import numpy as np
 
-    for got, want in zip(result, expected):
+    for got, want in zip(result, expected, strict=True):
         assert got["response"] == engine.decode(want.kept)
         assert (got["response_tokens"], got["finish_reason"]) == (len(want.kept), want.reason)
         assert got["response_ids"] == want.response_ids  # the EOS kept the same way by both engines
@@ -86,9 +96,19 @@ def test_tensor_parallel_2_on_cpu_and_prompts_over_max_model_len_skipped_up_fron
     out = str(tmp_path / "out")
     # 2 bundles of half a CPU: the replica reserves one of this machine's 2 CPUs, Ray Data's row
     # stages the other (vLLM's 2 workers use both cores whatever Ray reserves)
-    config = DistillConfig(target=target, prompts=str(prompts), output=out, engine="vllm", actors=1,
-                           tensor_parallel_size=2, cpus_per_actor=0.5, batch_size=6, shard_size=6,
-                           max_new_tokens=max_new, vllm_engine_kwargs={"max_model_len": max_prompt + max_new})
+    config = DistillConfig(
+        target=target,
+        prompts=str(prompts),
+        output=out,
+        engine="vllm",
+        actors=1,
+        tensor_parallel_size=2,
+        cpus_per_actor=0.5,
+        batch_size=6,
+        shard_size=6,
+        max_new_tokens=max_new,
+        vllm_engine_kwargs={"max_model_len": max_prompt + max_new},
+    )
     final = main(config)
     assert final["status"] == "complete" and final["max_prompt_tokens"] == max_prompt
     totals = final["totals"]
@@ -101,5 +121,5 @@ def test_tensor_parallel_2_on_cpu_and_prompts_over_max_model_len_skipped_up_fron
     expected = engine.generate_scored([r.prompt_ids for r in kept], max_new_tokens=max_new)
     result = core.read_distilled(out)
     assert [r["id"] for r in result] == [r.id for r in kept]
-    for got, want in zip(result, expected):
+    for got, want in zip(result, expected, strict=True):
         assert got["response_ids"] == want.response_ids  # TP 2 (fp32) = one transformers process, greedy

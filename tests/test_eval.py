@@ -1,11 +1,11 @@
 """``sd2 eval`` end to end on tiny pairs: report fields, files, resume, S3, baseline reuse."""
+
 from __future__ import annotations
 
 import json
 import os
 
 import pytest
-import torch
 
 from sd2_ray import manifest, storage
 from sd2_ray.cli import main as cli
@@ -15,11 +15,26 @@ from sd2_ray.evaluate.config import EvalSettings
 from sd2_ray.models.io import load_model, load_tokenizer
 from sd2_ray.testing.engine_pairs import tiny_pair_dirs
 
-REQUIRED = ["mean_accepted_length", "acceptance_rate", "per_position_acceptance", "num_speculative_tokens",
-            "target_macs_per_token", "drafter_macs_per_token", "cost_coefficient", "predicted_speedup",
-            "measured_speedup", "tokens_per_second", "lossless"]
-ROWS = [{"id": "a", "prompt": "the cat sat on"}, {"id": "b", "messages": [{"role": "user", "content": "hello"}]},
-        {"prompt": "An answer: 4"}, {"id": "d", "prompt": "x"}, {"id": "e", "prompt": "why the sky"}]
+REQUIRED = [
+    "mean_accepted_length",
+    "acceptance_rate",
+    "per_position_acceptance",
+    "num_speculative_tokens",
+    "target_macs_per_token",
+    "drafter_macs_per_token",
+    "cost_coefficient",
+    "predicted_speedup",
+    "measured_speedup",
+    "tokens_per_second",
+    "lossless",
+]
+ROWS = [
+    {"id": "a", "prompt": "the cat sat on"},
+    {"id": "b", "messages": [{"role": "user", "content": "hello"}]},
+    {"prompt": "An answer: 4"},
+    {"id": "d", "prompt": "x"},
+    {"id": "e", "prompt": "why the sky"},
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -46,7 +61,8 @@ def check_report(report, k):
     assert len(report["per_position_acceptance"]) == k
     assert report["num_speculative_tokens"] == k and report["lossless"] is True
     assert report["predicted_speedup"] == pytest.approx(
-        report["mean_accepted_length"] / (k * report["cost_coefficient"] + 1))
+        report["mean_accepted_length"] / (k * report["cost_coefficient"] + 1)
+    )
     assert 0 < report["cost_coefficient"] < 1 and report["measured_speedup"] > 0
     assert report["measured_speedup_cpu"] > 0
 
@@ -55,9 +71,23 @@ def check_report(report, k):
 def test_cli_writes_report_locally_and_skips_when_complete(pairs, tmp_path, kind, capsys):
     target, drafter = pairs[kind]
     out = tmp_path / "out" / "report.json"
-    args = ["eval", "--target", target, "--drafter", drafter, "--prompts", write_prompts(tmp_path / "p.jsonl"),
-            "--num-speculative-tokens", "3", "--max-new-tokens", "12", "--batch-size", "2",
-            "--output", str(out)]
+    args = [
+        "eval",
+        "--target",
+        target,
+        "--drafter",
+        drafter,
+        "--prompts",
+        write_prompts(tmp_path / "p.jsonl"),
+        "--num-speculative-tokens",
+        "3",
+        "--max-new-tokens",
+        "12",
+        "--batch-size",
+        "2",
+        "--output",
+        str(out),
+    ]
     assert cli(args) == 0
     report = json.loads(out.read_text())
     check_report(report, 3)
@@ -77,9 +107,28 @@ def test_cli_to_s3_with_sampling(pairs, tmp_path, s3_bucket):
     prompts = f"s3://{s3_bucket}/prompts/p.jsonl"
     storage.write_text(prompts, "".join(json.dumps(r) + "\n" for r in ROWS[:3]))
     out = f"s3://{s3_bucket}/runs/eval1"
-    assert cli(["eval", "--target", target, "--drafter", drafter, "--prompts", prompts,
-                "--num-speculative-tokens", "2", "--max-new-tokens", "8", "--temperature", "0.8",
-                "--output", out]) == 0
+    assert (
+        cli(
+            [
+                "eval",
+                "--target",
+                target,
+                "--drafter",
+                drafter,
+                "--prompts",
+                prompts,
+                "--num-speculative-tokens",
+                "2",
+                "--max-new-tokens",
+                "8",
+                "--temperature",
+                "0.8",
+                "--output",
+                out,
+            ]
+        )
+        == 0
+    )
     report = storage.read_json(f"{out}/report.json")
     assert report["lossless"] is None and report["temperature"] == 0.8
     assert 1.0 <= report["mean_accepted_length"] <= 3 and report["measured_speedup"] > 0
@@ -90,11 +139,34 @@ def test_bad_rows_are_skipped_and_listed_and_none_left_is_one_line_error(pairs, 
     target, drafter = pairs["same"]
     prompts = tmp_path / "bad.jsonl"
     long_prompt = {"id": "long", "prompt": "word " * 400}  # past the tiny target's 256 positions
-    prompts.write_bytes(b"\n".join([json.dumps(ROWS[0]).encode(), json.dumps({"id": "zz", "prompt": ""}).encode(),
-                                    b"{not json", b"\xff\xfe bytes", json.dumps(long_prompt).encode()]) + b"\n")
+    prompts.write_bytes(
+        b"\n".join(
+            [
+                json.dumps(ROWS[0]).encode(),
+                json.dumps({"id": "zz", "prompt": ""}).encode(),
+                b"{not json",
+                b"\xff\xfe bytes",
+                json.dumps(long_prompt).encode(),
+            ]
+        )
+        + b"\n"
+    )
     out = tmp_path / "o"
-    code = cli(["eval", "--target", target, "--drafter", drafter, "--prompts", str(prompts), "--output", str(out),
-                "--max-new-tokens", "8"])
+    code = cli(
+        [
+            "eval",
+            "--target",
+            target,
+            "--drafter",
+            drafter,
+            "--prompts",
+            str(prompts),
+            "--output",
+            str(out),
+            "--max-new-tokens",
+            "8",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     capsys.readouterr()
     report = json.loads((out / "report.json").read_text())
@@ -105,8 +177,9 @@ def test_bad_rows_are_skipped_and_listed_and_none_left_is_one_line_error(pairs, 
     assert "'prompt' must be a non-empty string" in reasons and "context window" in reasons
 
     prompts.write_text(json.dumps({"id": "zz", "prompt": ""}) + "\n")
-    code = cli(["eval", "--target", target, "--drafter", drafter, "--prompts", str(prompts),
-                "--output", str(tmp_path / "o2")])
+    code = cli(
+        ["eval", "--target", target, "--drafter", drafter, "--prompts", str(prompts), "--output", str(tmp_path / "o2")]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "no usable rows (1 skipped; e.g. row 1 (id 'zz'): 'prompt' must be a non-empty" in err
     assert err.strip().count("\n") == 0
@@ -118,15 +191,25 @@ def test_evaluate_pair_reuses_one_baseline(pairs):
     target, tok = load_model(target_dir), load_tokenizer(target_dir)
     settings = EvalSettings(max_new_tokens=10)
     baseline = measure_target_only(target, prepare_prompts(ROWS, tok), settings, progress=False)
-    reports = [evaluate_pair(target, drafter_dir, ROWS, k, settings, target_tokenizer=tok,
-                             baseline=baseline, progress=False) for k in (1, 3)]
-    for k, report in zip((1, 3), reports):
+    reports = [
+        evaluate_pair(target, drafter_dir, ROWS, k, settings, target_tokenizer=tok, baseline=baseline, progress=False)
+        for k in (1, 3)
+    ]
+    for k, report in zip((1, 3), reports, strict=True):
         assert report["lossless"] is True and report["baseline_tokens_per_second"] == baseline["tokens_per_second"]
         assert len(report["per_position_acceptance"]) == k
-    skipped = evaluate_pair(target, drafter_dir, ROWS, 2, EvalSettings(max_new_tokens=10, measure_baseline=False),
-                            target_tokenizer=tok, progress=False)
+    skipped = evaluate_pair(
+        target,
+        drafter_dir,
+        ROWS,
+        2,
+        EvalSettings(max_new_tokens=10, measure_baseline=False),
+        target_tokenizer=tok,
+        progress=False,
+    )
     assert skipped["measured_speedup"] is None and skipped["lossless"] is None
     with pytest.raises(DataError, match="baseline has 5 prompts"):
-        evaluate_pair(target, drafter_dir, ROWS[:2], 2, settings, target_tokenizer=tok, baseline=baseline,
-                      progress=False)
+        evaluate_pair(
+            target, drafter_dir, ROWS[:2], 2, settings, target_tokenizer=tok, baseline=baseline, progress=False
+        )
     assert os.path.isdir(target_dir)

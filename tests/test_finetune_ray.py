@@ -1,6 +1,7 @@
 """Fine-tuning on a real local Ray cluster with DeepSpeed ZeRO-2/3 on 2 CPU workers:
 sparsity kept, loss down, 1-vs-2-worker parity, recovery from a worker failure, rerun after
 a failed driver run, and checkpoints + model on a loopback S3 server."""
+
 from __future__ import annotations
 
 import os
@@ -10,18 +11,25 @@ import torch
 
 from sd2_ray import manifest, storage
 from sd2_ray.finetune.config import FinetuneConfig
-from sd2_ray.testing.toy import make_sparse_drafter, write_toy_dataset
 from sd2_ray.finetune.trainer import run_finetune
 from sd2_ray.models.io import load_model
 from sd2_ray.models.sparsity import load_masks, masked_weights_nonzero
+from sd2_ray.testing.toy import make_sparse_drafter, write_toy_dataset
 
 pytestmark = pytest.mark.ray
 
 STEPS = 6
 LONG_STEPS = 24  # 3 epochs of the toy data: runs that lose a worker midway, long enough for the kill to land
-COMMON = dict(max_steps=STEPS, lr=3e-3, batch_size=8, seq_len=64, checkpoint_every=2, warmup_steps=1,
-              # partition even the tiny model's weights, so ZeRO-3 really gathers
-              deepspeed={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
+COMMON = dict(
+    max_steps=STEPS,
+    lr=3e-3,
+    batch_size=8,
+    seq_len=64,
+    checkpoint_every=2,
+    warmup_steps=1,
+    # partition even the tiny model's weights, so ZeRO-3 really gathers
+    deepspeed={"zero_optimization": {"stage3_param_persistence_threshold": 0}},
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -32,9 +40,15 @@ def ray_cluster(s3_server):
 
     from sd2_ray.finetune.extensions import extensions_dir
 
-    env = {"HF_HUB_OFFLINE": "1", "TORCH_EXTENSIONS_DIR": extensions_dir(),
-           "AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
+    env = {
+        "HF_HUB_OFFLINE": "1",
+        "TORCH_EXTENSIONS_DIR": extensions_dir(),
+        "AWS_ENDPOINT_URL": s3_server,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+    }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     # 2 training workers + room for Ray Data's read tasks (logical CPUs; the box has 2 cores);
@@ -58,9 +72,12 @@ def inputs(tmp_path_factory):
 
 def finetune(inputs, name: str, **kwargs) -> FinetuneConfig:
     """A config for the shared toy inputs, output under <root>/<name>/drafter."""
-    return FinetuneConfig(model=kwargs.pop("model", inputs["model"]), data=kwargs.pop("data", inputs["data"]),
-                          output=kwargs.pop("output", str(inputs["root"] / name / "drafter")),
-                          **{**COMMON, **kwargs})
+    return FinetuneConfig(
+        model=kwargs.pop("model", inputs["model"]),
+        data=kwargs.pop("data", inputs["data"]),
+        output=kwargs.pop("output", str(inputs["root"] / name / "drafter")),
+        **{**COMMON, **kwargs},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +121,7 @@ def test_one_worker_matches_two_workers(zero2_run, inputs):
     one = run_finetune(finetune(inputs, "one", workers=1, zero_stage=2))
     two = [h["loss"] for h in zero2_run.history]
     assert [h["tokens"] for h in one.history] == [h["tokens"] for h in zero2_run.history]  # same batches
-    torch.testing.assert_close(torch.tensor([h["loss"] for h in one.history]), torch.tensor(two),
-                               rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(torch.tensor([h["loss"] for h in one.history]), torch.tensor(two), rtol=1e-3, atol=1e-4)
 
 
 def kill_a_worker_after_a_checkpoint(cfg: FinetuneConfig, timeout_s: float = 300.0) -> int:
@@ -165,10 +181,19 @@ def test_zero3_on_s3_keeps_sparsity_and_learns(inputs, s3_bucket):
     base = f"s3://{s3_bucket}/run"
     storage.copy_dir(inputs["model"], f"{base}/pruned")
     write_rows(f"{base}/distilled", with_toy_topk(toy_rows(57), char_tokenizer()))
-    cfg = finetune(inputs, "zero3", workers=2, zero_stage=3, model=f"{base}/pruned",
-                   data=f"{base}/distilled", output=f"{base}/drafter", stream_data=True,
-                   storage_path=f"{base}/checkpoints",  # a chosen place: kept after publishing
-                   eval_every=3, eval_rows=9)
+    cfg = finetune(
+        inputs,
+        "zero3",
+        workers=2,
+        zero_stage=3,
+        model=f"{base}/pruned",
+        data=f"{base}/distilled",
+        output=f"{base}/drafter",
+        stream_data=True,
+        storage_path=f"{base}/checkpoints",  # a chosen place: kept after publishing
+        eval_every=3,
+        eval_rows=9,
+    )
     result = run_finetune(cfg)
     assert_sparse_and_learned(result, inputs["model"])
     evals = [h for h in result.history if "eval_loss" in h]
@@ -191,11 +216,29 @@ def test_kit_drafter_pruned_with_sparsegpt_learns_from_jsonl(kit_dir, tmp_path):
     from sd2_ray.prune.job import run_prune
 
     prompts = os.path.join(kit_dir, "prompts", "train.jsonl")
-    pruned = run_prune(PruneConfig(model=os.path.join(kit_dir, "drafter"), calibration=prompts,
-                                   method="sparsegpt", sparsity=0.5, num_samples=32, seq_len=128,
-                                   output=str(tmp_path / "pruned")))
-    cfg = FinetuneConfig(model=pruned, data=prompts, output=str(tmp_path / "drafter"), workers=2,
-                         zero_stage=2, max_steps=12, lr=5e-4, batch_size=8, seq_len=128, checkpoint_every=6)
+    pruned = run_prune(
+        PruneConfig(
+            model=os.path.join(kit_dir, "drafter"),
+            calibration=prompts,
+            method="sparsegpt",
+            sparsity=0.5,
+            num_samples=32,
+            seq_len=128,
+            output=str(tmp_path / "pruned"),
+        )
+    )
+    cfg = FinetuneConfig(
+        model=pruned,
+        data=prompts,
+        output=str(tmp_path / "drafter"),
+        workers=2,
+        zero_stage=2,
+        max_steps=12,
+        lr=5e-4,
+        batch_size=8,
+        seq_len=128,
+        checkpoint_every=6,
+    )
     result = run_finetune(cfg)
     out = storage.local_dir(result.output)
     masks = load_masks(out)
@@ -222,12 +265,17 @@ def reference_losses(model_dir: str, data: str, steps: int, cfg: FinetuneConfig)
     loss_module = CausalLMLoss(model, LossSpec.from_config(cfg))
     optimizer = torch.optim.AdamW(param_groups(loss_module, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, steps, cfg.scheduler, cfg.min_lr_ratio))
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, steps, cfg.scheduler, cfg.min_lr_ratio)
+    )
     rows = read_rows(data)
     losses = []
     for step_index in range(steps):
-        batch = D.collate(D.encode_rows(rows[step_index * cfg.batch_size:(step_index + 1) * cfg.batch_size],
-                                        tokenizer, cfg.seq_len), tokenizer.pad_token_id)
+        batch = D.collate(
+            D.encode_rows(
+                rows[step_index * cfg.batch_size : (step_index + 1) * cfg.batch_size], tokenizer, cfg.seq_len
+            ),
+            tokenizer.pad_token_id,
+        )
         summed = loss_module(**batch)
         labelled = D.labelled_tokens(batch["labels"])
         optimizer.zero_grad()
@@ -246,11 +294,13 @@ def test_golden_losses_match_a_plain_torch_loop(inputs):
     cfg = finetune(inputs, "golden", workers=1, zero_stage=2, max_steps=5, shuffle_buffer=0, checkpoint_every=100)
     result = run_finetune(cfg)
     expected = reference_losses(inputs["model"], inputs["data"], 5, cfg)
-    torch.testing.assert_close(torch.tensor([h["loss"] for h in result.history]), torch.tensor(expected),
-                               rtol=0, atol=1e-4)
+    torch.testing.assert_close(
+        torch.tensor([h["loss"] for h in result.history]), torch.tensor(expected), rtol=0, atol=1e-4
+    )
 
 
 # ---------------------------------------------------------------- distillation losses and held-out selection
+
 
 def write_rows(path: str, rows: list[dict]) -> str:
     import pyarrow as pa
@@ -274,8 +324,18 @@ def test_kd_loss_keeps_masks_learns_and_reports_heldout_acceptance(inputs):
     from sd2_ray.testing.toy import char_tokenizer, toy_rows, with_toy_topk
 
     data = write_rows(str(inputs["root"] / "kd-data"), with_toy_topk(toy_rows(56, seed=3), char_tokenizer()))
-    cfg = finetune(inputs, "kd", data=data, workers=2, zero_stage=2, loss="fkl", ce_weight=0.5,
-                   eval_every=3, eval_rows=8, select_by="expected_mal")
+    cfg = finetune(
+        inputs,
+        "kd",
+        data=data,
+        workers=2,
+        zero_stage=2,
+        loss="fkl",
+        ce_weight=0.5,
+        eval_every=3,
+        eval_rows=8,
+        select_by="expected_mal",
+    )
     result = run_finetune(cfg)
     assert_sparse_and_learned(result, inputs["model"])  # 48 training rows: 6 steps
     assert all(h["kd"] > 0 and h["kd_tokens"] > 0 and h["ce"] > 0 for h in result.history)
@@ -300,17 +360,38 @@ def test_select_by_expected_mal_publishes_an_earlier_better_checkpoint(inputs):
     tok = char_tokenizer()
 
     def rows(text: str, n: int, tag: str):
-        return [{"id": f"{tag}-{i}", "messages": [{"role": "user", "content": f"say {i % 5}"}],
-                 "response": text, "finish_reason": "stop"} for i in range(n)]
+        return [
+            {
+                "id": f"{tag}-{i}",
+                "messages": [{"role": "user", "content": f"say {i % 5}"}],
+                "response": text,
+                "finish_reason": "stop",
+            }
+            for i in range(n)
+        ]
 
     held = with_toy_topk(rows("abcdefgh", 8, "held"), tok)
     phases = rows("abcdefgh", 32, "a") + rows("hgfedcba", 32, "b")
     data = write_rows(str(inputs["root"] / "phases"), with_toy_topk(phases, tok) + held)
     keep = str(inputs["root"] / "phases-ckpt")
-    cfg = finetune(inputs, "phases", data=data, workers=2, zero_stage=2, max_steps=None, lr=3e-3,
-                   scheduler="constant", warmup_steps=0, shuffle_buffer=0, checkpoint_every=100,
-                   eval_every=1, eval_rows=8, select_by="expected_mal", keep_checkpoints=1,
-                   storage_path=keep)
+    cfg = finetune(
+        inputs,
+        "phases",
+        data=data,
+        workers=2,
+        zero_stage=2,
+        max_steps=None,
+        lr=3e-3,
+        scheduler="constant",
+        warmup_steps=0,
+        shuffle_buffer=0,
+        checkpoint_every=100,
+        eval_every=1,
+        eval_rows=8,
+        select_by="expected_mal",
+        keep_checkpoints=1,
+        storage_path=keep,
+    )
     result = run_finetune(cfg)
     mal = {h["step"]: h["expected_mal"] for h in result.history if "expected_mal" in h}
     assert sorted(mal) == list(range(1, 9))

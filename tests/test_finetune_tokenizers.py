@@ -7,6 +7,7 @@ and fine-tune a drafter with another, larger one, then check the token ids the w
 train on: the fine-tune's Ray Train call is replaced by one that encodes the staged rows exactly
 as a worker does and stops.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,14 @@ def other_tokenizer():
     core = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     core.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", unk_token="<unk>", chat_template=CHAT_TEMPLATE)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        chat_template=CHAT_TEMPLATE,
+    )
 
 
 def model_dir(path, tokenizer) -> str:
@@ -61,8 +68,7 @@ def fake_generate(answers: dict[str, str], tokenizer, top_k: int):
             ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
             topk = [[t] + [(t + j) % len(tokenizer) for j in range(1, top_k)] for t in ids] if top_k else None
             logprobs = [[-0.1] + [-3.0] * (top_k - 1) for _ in ids] if top_k else None
-            gen = Generated(req.index, text, "stop", len(ids) - 1, token_ids=ids, topk_ids=topk,
-                            topk_logprobs=logprobs)
+            gen = Generated(req.index, text, "stop", len(ids) - 1, token_ids=ids, topk_ids=topk, topk_logprobs=logprobs)
             by_shard.setdefault(req.shard, []).append((req, gen))
         for shard, answered in by_shard.items():
             on_shard(shard, answered)
@@ -74,8 +80,8 @@ def fake_generate(answers: dict[str, str], tokenizer, top_k: int):
 def distilled(tmp_path_factory):
     """(root, target dir, distilled dir, answers): ``sd2 distill`` output of a char-tokenizer target,
     written with the target's top-k."""
-    from sd2_ray.distill.config import DistillConfig
     from sd2_ray.distill import job, ray_data
+    from sd2_ray.distill.config import DistillConfig
 
     root = tmp_path_factory.mktemp("xtok")
     target_tok = char_tokenizer()
@@ -87,8 +93,11 @@ def distilled(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setattr(ray_data, "generate_shards", fake_generate(answers, target_tok, K))
     try:
-        job.main(DistillConfig(target=target, prompts=str(prompts), output=str(root / "distilled"),
-                               logprobs_top_k=K, shard_size=6))
+        job.main(
+            DistillConfig(
+                target=target, prompts=str(prompts), output=str(root / "distilled"), logprobs_top_k=K, shard_size=6
+            )
+        )
     finally:
         mp.undo()
     return str(root), target, str(root / "distilled"), answers
@@ -127,8 +136,10 @@ def test_a_same_tokenizer_drafter_trains_on_the_targets_own_ids(distilled, monke
     tok = char_tokenizer()
     drafter = model_dir(tmp_path / "same", tok)
     seen = trained_labels(monkeypatch, finetune_config(drafter, data, str(tmp_path / "out")))
-    stored = {r["id"]: list(r["response_ids"]) for r in storage.read_parquet(
-        os.path.join(data, "shard-00000.parquet")).to_pylist()}
+    stored = {
+        r["id"]: list(r["response_ids"])
+        for r in storage.read_parquet(os.path.join(data, "shard-00000.parquet")).to_pylist()
+    }
     assert seen and all(labels == stored[rid] for rid, labels in seen if rid in stored)
 
 
@@ -145,8 +156,9 @@ def test_another_tokenizers_drafter_learns_the_text_in_its_own_ids(distilled, mo
         assert labels == own, (rid, tok.decode(labels), answers[rid])
 
 
-def test_the_targets_ids_or_top_k_for_another_tokenizer_are_refused_in_one_line(distilled, monkeypatch, tmp_path,
-                                                                                  capsys):
+def test_the_targets_ids_or_top_k_for_another_tokenizer_are_refused_in_one_line(
+    distilled, monkeypatch, tmp_path, capsys
+):
     from sd2_ray.cli import main
     from sd2_ray.finetune import ray_train
 
@@ -160,9 +172,11 @@ def test_the_targets_ids_or_top_k_for_another_tokenizer_are_refused_in_one_line(
     out = str(tmp_path / "out")
     capsys.readouterr()  # the model save's progress bar
     base = ["finetune", "--model", drafter, "--data", data, "--output", out, "workers=1", "batch_size=4"]
-    for argv, field in ((["use_response_ids=true"], "field 'use_response_ids'"),
-                        (["--loss", "fkl"], "field 'loss'"),
-                        (["select_by=expected_mal", "eval_every=2", "eval_rows=2"], "field 'select_by'")):
+    for argv, field in (
+        (["use_response_ids=true"], "field 'use_response_ids'"),
+        (["--loss", "fkl"], "field 'loss'"),
+        (["select_by=expected_mal", "eval_every=2", "eval_rows=2"], "field 'select_by'"),
+    ):
         code = main(base + argv)
         err = capsys.readouterr().err.strip()
         assert code == 2 and field in err and "tokenizer" in err and "\n" not in err, (argv, err)
@@ -182,8 +196,7 @@ def test_rows_without_a_recorded_tokenizer_are_checked_against_their_text(distil
     for rid, labels in seen:
         assert labels == tok(answers[rid], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     with pytest.raises(ConfigError, match="field 'use_response_ids'"):
-        trained_labels(monkeypatch, finetune_config(drafter, str(bare), str(tmp_path / "out2"),
-                                                    use_response_ids=True))
+        trained_labels(monkeypatch, finetune_config(drafter, str(bare), str(tmp_path / "out2"), use_response_ids=True))
 
 
 def test_the_distill_manifest_names_the_targets_tokenizer(distilled):

@@ -1,8 +1,8 @@
 """Fine-tuning stage, pure pieces (no Ray, no DeepSpeed): tokenization, masks, schedule, checks."""
+
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
@@ -11,8 +11,8 @@ from sd2_ray.errors import ConfigError, DataError
 from sd2_ray.finetune import data as D
 from sd2_ray.finetune import masking
 from sd2_ray.finetune.config import FinetuneConfig
-from sd2_ray.testing.toy import char_tokenizer, magnitude_masks, make_sparse_drafter, toy_rows, write_toy_dataset
 from sd2_ray.finetune.step import fill_deepspeed_config, lr_factor, param_groups, zero_template
+from sd2_ray.testing.toy import char_tokenizer, magnitude_masks, make_sparse_drafter, toy_rows, write_toy_dataset
 
 
 @pytest.fixture(scope="module")
@@ -24,10 +24,10 @@ def test_encode_row_labels_only_the_response(tok):
     row = {"id": "r1", "messages": [{"role": "user", "content": "repeat beta 2 times"}], "response": "beta beta"}
     ex = D.encode_row(row, tok, seq_len=128)
     prompt = tok.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True)
-    assert tok.decode(ex.input_ids[:len(prompt)]) == prompt
+    assert tok.decode(ex.input_ids[: len(prompt)]) == prompt
     labelled = [t for t in ex.labels if t != D.IGNORE_INDEX]
     assert tok.decode(labelled) == "beta beta</s>"
-    assert ex.labels[:len(prompt)] == [D.IGNORE_INDEX] * len(prompt)
+    assert ex.labels[: len(prompt)] == [D.IGNORE_INDEX] * len(prompt)
     assert len(ex.input_ids) == len(ex.labels) == len(prompt) + len("beta beta") + 1
 
 
@@ -71,8 +71,13 @@ def test_token_weighted_scaling_makes_n_ranks_equal_one(tok, tiny_llama):
 
     def grads(world: int, accum: int) -> torch.Tensor:
         tiny_llama.zero_grad()
-        micro = [[D.collate(D.encode_rows(c, tok, 64), 0) for c in D.micro_batches(D.rank_slice(batch_rows, r, world), accum)]
-                 for r in range(world)]
+        micro = [
+            [
+                D.collate(D.encode_rows(c, tok, 64), 0)
+                for c in D.micro_batches(D.rank_slice(batch_rows, r, world), accum)
+            ]
+            for r in range(world)
+        ]
         total = sum(D.labelled_tokens(b["labels"]) for rank in micro for b in rank)
         for rank in micro:
             for b in rank:
@@ -134,10 +139,23 @@ def test_deepspeed_templates_are_package_data_and_fill():
     for stage in (2, 3):
         template = zero_template(stage)
         assert template["zero_optimization"]["stage"] == stage
-        ds = fill_deepspeed_config(template, zero_stage=stage, batch_size=8, micro_batch=2, grad_accum=2,
-                                   grad_clip=1.0, optimizer="deepspeed_adamw", lr=1e-4, weight_decay=0.0,
-                                   overrides={"zero_optimization": {"overlap_comm": True}})
-        assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (8, 2, 2)
+        ds = fill_deepspeed_config(
+            template,
+            zero_stage=stage,
+            batch_size=8,
+            micro_batch=2,
+            grad_accum=2,
+            grad_clip=1.0,
+            optimizer="deepspeed_adamw",
+            lr=1e-4,
+            weight_decay=0.0,
+            overrides={"zero_optimization": {"overlap_comm": True}},
+        )
+        assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
+            8,
+            2,
+            2,
+        )
         assert ds["zero_optimization"]["stage"] == stage and ds["zero_optimization"]["overlap_comm"] is True
         assert ds["optimizer"]["type"] == "AdamW"
         assert "auto" not in json.dumps(ds)
@@ -172,7 +190,10 @@ def test_bad_inputs_give_one_line_errors(drafter_and_data, capsys):
     model, root = drafter_and_data
     out = f"{root}/out"
     empty = f"{root}/empty"
-    storage.write_parquet(f"{empty}/part-0.parquet", pa.Table.from_pylist([], schema=pa.schema([("prompt", pa.string()), ("response", pa.string())])))
+    storage.write_parquet(
+        f"{empty}/part-0.parquet",
+        pa.Table.from_pylist([], schema=pa.schema([("prompt", pa.string()), ("response", pa.string())])),
+    )
     code, err = _cli(["--model", model, "--data", empty, "--output", out], capsys)
     assert code == 2 and "no usable rows (0 skipped)" in err and "\n" not in err
 
@@ -182,7 +203,11 @@ def test_bad_inputs_give_one_line_errors(drafter_and_data, capsys):
         row["response"] = None
     storage.write_parquet(f"{noresp}/part-0.parquet", pa.Table.from_pylist(rows))
     code, err = _cli(["--model", model, "--data", noresp, "--output", out], capsys)
-    assert code == 2 and "no usable rows (6 skipped; e.g. row 1 (id 'toy-0'): row has no 'response')" in err and "\n" not in err
+    assert (
+        code == 2
+        and "no usable rows (6 skipped; e.g. row 1 (id 'toy-0'): row has no 'response')" in err
+        and "\n" not in err
+    )
 
     good = write_toy_dataset(f"{root}/good", 16)
     save_masks(model, {"model.layers.0.mlp.up_proj.weight": torch.ones(2, 2, dtype=torch.bool)}, {"layers": {}})
@@ -235,13 +260,16 @@ def test_a_loss_the_data_cannot_feed_fails_before_anything_starts(drafter_and_da
     model, root = drafter_and_data
     plain = write_toy_dataset(f"{root}/plain", 16)  # distilled without logprobs_top_k
     out = f"{root}/out"
-    for argv, field in ((["--loss", "fkl"], "field 'loss'"),
-                        (["select_by=expected_mal", "eval_every=2"], "field 'select_by'")):
+    for argv, field in (
+        (["--loss", "fkl"], "field 'loss'"),
+        (["select_by=expected_mal", "eval_every=2"], "field 'select_by'"),
+    ):
         code, err = _cli(["--model", model, "--data", plain, "--output", out, *argv], capsys)
         assert code == 2 and field in err and "logprobs_top_k" in err and "\n" not in err, err
     topk = f"{root}/topk"
     storage.write_parquet(f"{topk}/part-0.parquet", pa.Table.from_pylist(with_toy_topk(toy_rows(16), char_tokenizer())))
-    code, err = _cli(["--model", model, "--data", topk, "--output", out, "--loss", "tvd",
-                      "use_response_ids=false"], capsys)
+    code, err = _cli(
+        ["--model", model, "--data", topk, "--output", out, "--loss", "tvd", "use_response_ids=false"], capsys
+    )
     assert code == 2 and "field 'use_response_ids'" in err and "\n" not in err, err
     assert not storage.exists(out)  # no manifest, no skipped-rows file: nothing started

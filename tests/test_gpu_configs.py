@@ -7,6 +7,7 @@ same on a GPU-less head node, where these configs are built on a real cluster.
 And the shipped Serve manifests: each must serve what ``sd2 run`` writes for the config it names
 (drafter path, K, placement), checked by building both LLMConfigs and comparing them.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -66,8 +67,8 @@ def test_vllm_distill_processor_config_places_a_tensor_parallel_group_on_one_nod
 
 
 def test_cpu_distill_processor_config_uses_vllms_multiprocessing_executor_for_tp():
-    from sd2_ray.distill.config import DistillSettings
     from sd2_ray.distill import vllm_engine
+    from sd2_ray.distill.config import DistillSettings
 
     settings = DistillSettings(engine="vllm", tensor_parallel_size=2, cpus_per_actor=1, max_new_tokens=64)
     kwargs = vllm_engine.processor_kwargs("/m", settings, context=1024, env={})
@@ -117,8 +118,10 @@ def manifest_apps() -> list[tuple[str, dict]]:
     standalone = yaml.safe_load((REPO / "clusters" / "serve-config.yaml").read_text())
     service = yaml.safe_load((REPO / "clusters" / "kuberay-rayservice.yaml").read_text())
     embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
-    return [("serve-config.yaml", standalone["applications"][0]),
-            ("kuberay-rayservice.yaml serveConfigV2", embedded["applications"][0])]
+    return [
+        ("serve-config.yaml", standalone["applications"][0]),
+        ("kuberay-rayservice.yaml serveConfigV2", embedded["applications"][0]),
+    ]
 
 
 @pytest.mark.parametrize("where, app", manifest_apps(), ids=[w for w, _ in manifest_apps()])
@@ -132,8 +135,16 @@ def test_shipped_manifests_serve_what_the_pipeline_writes(where, app):
     assert args["drafter"] == written.drafter, f"{where}: drafter is not what the pipeline writes"
     assert args["num_speculative_tokens"] == written.num_speculative_tokens, f"{where}: K differs"
     served = validate(ServeConfig, dict(args), source=where)  # as app_builder reads them
-    for field in ("target", "engine", "accelerator", "tensor_parallel_size", "max_model_len", "dtype",
-                  "gpu_memory_utilization", "autoscaling"):
+    for field in (
+        "target",
+        "engine",
+        "accelerator",
+        "tensor_parallel_size",
+        "max_model_len",
+        "dtype",
+        "gpu_memory_utilization",
+        "autoscaling",
+    ):
         assert getattr(served, field) == getattr(written, field), f"{where}: {field} differs"
     ours, theirs = (llm_config(c).model_dump(exclude={"runtime_env"}) for c in (served, written))
     assert ours == theirs

@@ -1,6 +1,7 @@
 """The device smoke (bench/gpu_smoke.py) as far as a CPU takes it, on a machine like the device
 (no pyarrow): every stage that needs no CUDA runs and passes its checks, the CUDA stages are
 skipped and say so, and the JSON holds every stage."""
+
 from __future__ import annotations
 
 import json
@@ -38,12 +39,35 @@ def test_cpu_dry_run_passes_every_stage_it_can_and_skips_cuda(tmp_path):
     blocker.mkdir(parents=True)
     (blocker / "__init__.py").write_text("raise ImportError('no pyarrow on the device')\n")
     out = tmp_path / "smoke.json"
-    env = {**os.environ, "PYTHONPATH": f"{blocker.parent}{os.pathsep}{REPO}", "OMP_NUM_THREADS": "1",
-           "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{blocker.parent}{os.pathsep}{REPO}",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
     env.pop("DS_ACCELERATOR", None)
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_smoke.py"), "--cpu", "--kit", kit, "--json",
-                           str(out), "--prompts", "4", "--tokens", "8", "--out", str(tmp_path / "scratch")],
-                          capture_output=True, text=True, timeout=850, env=env, cwd=tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "gpu_smoke.py"),
+            "--cpu",
+            "--kit",
+            kit,
+            "--json",
+            str(out),
+            "--prompts",
+            "4",
+            "--tokens",
+            "8",
+            "--out",
+            str(tmp_path / "scratch"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=850,
+        env=env,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     stages = result["stages"]

@@ -2,6 +2,7 @@
 device than the CPU (the ``meta`` device stands in for CUDA: a CPU tensor fed to it fails, as it
 would on a GPU), gradient masks kept on the gradient's device and dtype, and a Ray Tune search on
 a Ray that *declares* 4 GPUs (placement as on a GPU cluster; the CUDA work itself runs on CPU)."""
+
 from __future__ import annotations
 
 import os
@@ -10,7 +11,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sd2_ray.finetune import data as D
 from sd2_ray.finetune import masking, step
 from sd2_ray.finetune.losses import LossSpec, LossSums
 from sd2_ray.testing.toy import char_tokenizer, magnitude_masks, toy_rows
@@ -76,8 +76,7 @@ def test_collectives_run_on_the_engines_device(monkeypatch):
     NCCL their tensors must live on the engine's device. Before the fix both were float64 CPU
     tensors (train_loop._all_reduce and the report_due broadcast)."""
     nccl_like(monkeypatch, MetaEngine.device)
-    cfg = {"seq_len": 48, "response_field": "response", "grad_accum": 1, "report_every": 1,
-           "report_interval_s": 1.0}
+    cfg = {"seq_len": 48, "response_field": "response", "grad_accum": 1, "report_every": 1, "report_interval_s": 1.0}
     with pytest.raises(CollectiveReached):
         step.train_step(MetaEngine(), toy_rows(4), char_tokenizer(), cfg, rank=0, world=2)
     with pytest.raises(CollectiveReached):
@@ -104,7 +103,7 @@ def test_masks_registered_on_a_placed_model_never_convert(tiny_llama):
     model = tiny_llama.to(torch.bfloat16).train()
     params = dict(model.named_parameters())
     maskers = [masking._Masker(masking.PackedMask.of(m, params[k].device)) for k, m in masks.items()]
-    handles = [params[k].register_hook(h) for k, h in zip(masks, maskers)]
+    handles = [params[k].register_hook(h) for k, h in zip(masks, maskers, strict=True)]
     ids = torch.randint(3, 90, (2, 12))
     for _ in range(3):
         model.zero_grad()
@@ -121,8 +120,13 @@ def ray_with_4_declared_gpus():
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=4, num_gpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+    ray.init(
+        num_cpus=4,
+        num_gpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}},
+    )
     yield ray
     ray.shutdown()
 
@@ -139,14 +143,25 @@ def test_search_places_its_gpu_tasks_outside_the_trials_cpu_bundles(ray_with_4_d
     from sd2_ray.tune.job import main
 
     parts = kit_paths(kit_dir)
-    config = TuneConfig(output=str(tmp_path / "tune"), target=parts["target"], drafter=parts["drafter"],
-                        data=parts["train_prompts"], eval_prompts=parts["eval_prompts"], max_concurrent=1,
-                        max_steps=4, max_eval_prompts=4, eval_max_new_tokens=16, eval_gpus=1, eval_device="auto",
-                        eval_at_checkpoints=True, checkpoint_eval_prompts=2, asha={"enabled": False},
-                        search_space={"sparsity": [0.5], "lr": [1e-3]},
-                        prune={"method": "sparsegpt", "num_samples": 8, "seq_len": 64, "num_gpus": 1,
-                               "device": "cpu"},
-                        finetune={"workers": 1, "batch_size": 4, "seq_len": 64, "checkpoint_every": 2})
+    config = TuneConfig(
+        output=str(tmp_path / "tune"),
+        target=parts["target"],
+        drafter=parts["drafter"],
+        data=parts["train_prompts"],
+        eval_prompts=parts["eval_prompts"],
+        max_concurrent=1,
+        max_steps=4,
+        max_eval_prompts=4,
+        eval_max_new_tokens=16,
+        eval_gpus=1,
+        eval_device="auto",
+        eval_at_checkpoints=True,
+        checkpoint_eval_prompts=2,
+        asha={"enabled": False},
+        search_space={"sparsity": [0.5], "lr": [1e-3]},
+        prune={"method": "sparsegpt", "num_samples": 8, "seq_len": 64, "num_gpus": 1, "device": "cpu"},
+        finetune={"workers": 1, "batch_size": 4, "seq_len": 64, "checkpoint_every": 2},
+    )
     summary = main(config)
     assert summary["completed"] == 1 and summary["errored"] == 0, summary
     best = summary["best"]

@@ -5,6 +5,7 @@ configs), agree with each other, and the job entrypoints run.
 No cloud, Kubernetes or Docker engine here: what those would check at apply time is checked
 structurally (see infra/terraform/README.md for what `terraform validate` would add).
 """
+
 from __future__ import annotations
 
 import json
@@ -39,6 +40,7 @@ def rel(path: Path) -> str:
 
 # --- every YAML parses ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("path", YAML_FILES, ids=rel)
 def test_yaml_parses_to_mappings(path):
     docs = list(yaml.safe_load_all(path.read_text()))
@@ -46,6 +48,7 @@ def test_yaml_parses_to_mappings(path):
 
 
 # --- the Ray cluster launcher YAML -------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def cluster():
@@ -120,6 +123,7 @@ def test_every_cluster_key_is_commented():
 
 
 # --- KubeRay and Serve -------------------------------------------------------------------------
+
 
 def check_ray_cluster_spec(spec: dict, where: str) -> None:
     assert re.fullmatch(r"\d+\.\d+\.\d+", spec["rayVersion"]), where
@@ -220,16 +224,28 @@ def help_runs():
     """`python jobs/<stage>.py --help` for every stage: each script run as __main__ (runpy), all
     in one fresh interpreter started outside the repository, so the CLI's imports are paid once."""
     scripts = {stage: str(JOBS / f"{stage}.py") for stage in STAGES}
-    res = subprocess.run([sys.executable, "-c", HELP_DRIVER, json.dumps(scripts)], cwd="/",
-                         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": ""})
+    res = subprocess.run(
+        [sys.executable, "-c", HELP_DRIVER, json.dumps(scripts)],
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": ""},
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def test_job_entrypoint_runs_as_a_plain_script():
     """One real `python jobs/run.py --help` from outside the checkout: the script finds sd2_ray."""
-    res = subprocess.run([sys.executable, str(JOBS / "run.py"), "--help"], cwd="/", capture_output=True,
-                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": ""})
+    res = subprocess.run(
+        [sys.executable, str(JOBS / "run.py"), "--help"],
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": ""},
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "usage: sd2 run" in res.stdout
 
@@ -278,8 +294,9 @@ def test_job_spec_is_valid_for_rays_submit_job(path):
     # tiny spec's driver (a 2-core `ray start --head`) reserves none, leaving both to the stages
     assert kwargs["entrypoint_num_cpus"] >= (0 if path.name == "tiny.yaml" else 1)
     assert retries >= 0 and delay >= 0
-    script, config = re.fullmatch(r"python (jobs/\w+\.py) --config (\S+)( --output \S+)?",
-                                  kwargs["entrypoint"]).groups()[:2]
+    script, config = re.fullmatch(
+        r"python (jobs/\w+\.py) --config (\S+)( --output \S+)?", kwargs["entrypoint"]
+    ).groups()[:2]
     assert (REPO / script).is_file()
     if not config.endswith(("tiny.yaml", "tiny-tune.yaml")):  # those two are written elsewhere
         assert (REPO / config).is_file(), config
@@ -326,6 +343,7 @@ def test_gpu_config_sections(path):
 
 # --- terraform ---------------------------------------------------------------------------------
 
+
 def unquote(value):
     if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] == '"':
         return value[1:-1]
@@ -335,6 +353,7 @@ def unquote(value):
 def terraform_blocks() -> dict[str, dict]:
     """{block kind: {name: body}} over every .tf file, via python-hcl2 (a real HCL parser)."""
     import hcl2
+
     out: dict[str, dict] = {"resource": {}, "data": {}, "variable": {}, "output": {}}
     for path in sorted(TERRAFORM.glob("*.tf")):
         with path.open() as f:
@@ -353,8 +372,12 @@ def terraform_blocks() -> dict[str, dict]:
 
 @pytest.mark.skipif(shutil.which("terraform") is None, reason="terraform not on PATH")
 def test_terraform_fmt():
-    res = subprocess.run(["terraform", "fmt", "-check", "-recursive", "-diff", str(TERRAFORM)],
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        ["terraform", "fmt", "-check", "-recursive", "-diff", str(TERRAFORM)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
 
 
@@ -372,15 +395,22 @@ def test_terraform_declarations_and_references_resolve():
         if not ref.startswith("data.") and re.search(rf"data\.{re.escape(ref)}\b", text) and ref not in declared:
             continue  # the tail of a data.* reference
         assert ref in declared, f"{ref} is referenced but not declared"
-    assert {"bucket_name", "head_instance_profile_arn", "worker_instance_profile_arn",
-            "irsa_role_arn", "ecr_repository_url"} <= set(blocks["output"])
+    assert {
+        "bucket_name",
+        "head_instance_profile_arn",
+        "worker_instance_profile_arn",
+        "irsa_role_arn",
+        "ecr_repository_url",
+    } <= set(blocks["output"])
 
 
 def test_terraform_bucket_is_hardened():
     resources = terraform_blocks()["resource"]
     block = resources["aws_s3_bucket_public_access_block.artifacts"]
-    assert all(block[k] is True for k in ("block_public_acls", "block_public_policy",
-                                          "ignore_public_acls", "restrict_public_buckets"))
+    assert all(
+        block[k] is True
+        for k in ("block_public_acls", "block_public_policy", "ignore_public_acls", "restrict_public_buckets")
+    )
     versioning = resources["aws_s3_bucket_versioning.artifacts"]["versioning_configuration"][0]
     assert unquote(versioning["status"]) == "Enabled"
     assert "aws_s3_bucket_server_side_encryption_configuration.artifacts" in resources
@@ -397,8 +427,12 @@ def policy_statements():
 
 
 def test_terraform_s3_permissions_name_only_the_bucket():
-    bucket_refs = ("${local.bucket_arn}", "${local.bucket_arn}/*",
-                   "${aws_s3_bucket.artifacts.arn}", "${aws_s3_bucket.artifacts.arn}/*")
+    bucket_refs = (
+        "${local.bucket_arn}",
+        "${local.bucket_arn}/*",
+        "${aws_s3_bucket.artifacts.arn}",
+        "${aws_s3_bucket.artifacts.arn}/*",
+    )
     s3_allows = 0
     for name, statement in policy_statements():
         actions = [unquote(a) for a in statement.get("actions", [])]
@@ -433,8 +467,25 @@ def test_terraform_names_match_the_cluster_files(cluster):
 
 # --- the container image -----------------------------------------------------------------------
 
-DOCKER_INSTRUCTIONS = {"FROM", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY", "ENTRYPOINT",
-                       "VOLUME", "USER", "WORKDIR", "ARG", "ONBUILD", "STOPSIGNAL", "HEALTHCHECK", "SHELL"}
+DOCKER_INSTRUCTIONS = {
+    "FROM",
+    "RUN",
+    "CMD",
+    "LABEL",
+    "EXPOSE",
+    "ENV",
+    "ADD",
+    "COPY",
+    "ENTRYPOINT",
+    "VOLUME",
+    "USER",
+    "WORKDIR",
+    "ARG",
+    "ONBUILD",
+    "STOPSIGNAL",
+    "HEALTHCHECK",
+    "SHELL",
+}
 
 
 def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
@@ -477,22 +528,31 @@ def test_dockerfile_sanity():
 
 # --- the retry wrapper against a real Ray job server ------------------------------------------
 
+
 @pytest.mark.slow
 @pytest.mark.ray
 def test_submit_resubmits_a_failed_job_on_a_real_cluster(job_server, tmp_path, capsys):
     """A job that fails on its first attempt: with max_retries 1 the wrapper resubmits it and
     succeeds; with max_retries 0 it reports the failure (exit 1)."""
     submit = submit_module()
-    fail_once = ("import os, sys; p = sys.argv[1]; seen = os.path.exists(p); "
-                 "open(p, 'w').close(); sys.exit(0 if seen else 3)")
+    fail_once = (
+        "import os, sys; p = sys.argv[1]; seen = os.path.exists(p); open(p, 'w').close(); sys.exit(0 if seen else 3)"
+    )
     for retries, expected_code, expected_attempts in ((1, 0, 2), (0, 1, 1)):
         marker = tmp_path / f"marker-{retries}"
         spec = tmp_path / f"spec-{retries}.yaml"
-        spec.write_text(yaml.safe_dump({
-            "entrypoint": f'{sys.executable} -c "{fail_once}" {marker}',
-            "runtime_env": {"env_vars": {"HF_HUB_OFFLINE": "1"}},
-            "entrypoint_num_cpus": 1, "metadata": {"stage": "test"},
-            "max_retries": retries, "retry_delay_s": 0}))
+        spec.write_text(
+            yaml.safe_dump(
+                {
+                    "entrypoint": f'{sys.executable} -c "{fail_once}" {marker}',
+                    "runtime_env": {"env_vars": {"HF_HUB_OFFLINE": "1"}},
+                    "entrypoint_num_cpus": 1,
+                    "metadata": {"stage": "test"},
+                    "max_retries": retries,
+                    "retry_delay_s": 0,
+                }
+            )
+        )
         code = submit.main([str(spec), "--address", job_server, "--poll-s", "0.5"])
         out = capsys.readouterr().out
         assert code == expected_code, out

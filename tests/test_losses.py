@@ -1,4 +1,5 @@
 """Distillation losses against dense references on small vocabularies (pure torch, milliseconds)."""
+
 from __future__ import annotations
 
 import pytest
@@ -18,7 +19,7 @@ def make_batch(k: int, seed: int = 0, batch: int = 3, length: int = 7, prompt: i
     drafter = torch.randn(batch, length, V, generator=g) * 2.0
     labels = torch.randint(0, V, (batch, length), generator=g)
     labels[:, :prompt] = D.IGNORE_INDEX
-    labels[1, length - 2:] = D.IGNORE_INDEX  # padding of a shorter row
+    labels[1, length - 2 :] = D.IGNORE_INDEX  # padding of a shorter row
     lp = torch.log_softmax(target, dim=-1)
     top = lp.topk(k, dim=-1)
     ids = torch.zeros(batch, length, k, dtype=torch.long)
@@ -166,6 +167,7 @@ def test_one_hot_target_with_full_support_stays_finite():
 
 # ---------------------------------------------------------------- rows -> batches, config checks
 
+
 def char_tok():
     from sd2_ray.testing.engine_pairs import char_tokenizer
 
@@ -176,8 +178,14 @@ def distilled_row(tok, prompt="ab", answer="cde", k=3, stop=True):
     ids = tok(answer, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if stop else [])
     topk = [[t] + [(t + j) % 50 + 3 for j in range(1, k)] for t in ids]
     logprobs = [[-0.1 * (j + 1) - 0.01 * i for j in range(k)] for i in range(len(ids))]
-    return {"id": "r", "prompt": prompt, "response": answer, "response_ids": ids, "topk_ids": topk,
-            "topk_logprobs": logprobs}
+    return {
+        "id": "r",
+        "prompt": prompt,
+        "response": answer,
+        "response_ids": ids,
+        "topk_ids": topk,
+        "topk_logprobs": logprobs,
+    }
 
 
 def test_rows_with_ids_train_on_them_with_aligned_top_k():
@@ -192,7 +200,7 @@ def test_rows_with_ids_train_on_them_with_aligned_top_k():
     assert text.topk_ids is None and text.input_ids[-1] == tok.eos_token_id
     cut = D.encode_row(distilled_row(tok, answer="cdefgh"), tok, seq_len=6, use_ids=True)
     assert len(cut.input_ids) == 6 and cut.topk_ids.shape[0] == 6 - cut.topk_start
-    assert cut.topk_ids[:, 0].tolist() == cut.input_ids[cut.topk_start:]
+    assert cut.topk_ids[:, 0].tolist() == cut.input_ids[cut.topk_start :]
     bad = {**row, "topk_ids": row["topk_ids"][:-1]}
     with pytest.raises(D.DataError, match="one list per response id"):
         D.encode_row(bad, tok, 64, use_ids=True)
@@ -212,7 +220,7 @@ def test_collate_pads_top_k_with_a_mask_and_rows_without_it_still_train_ce():
     assert kd.kd_tokens == len(rows[0]["response_ids"]) and kd.ce_tokens == D.labelled_tokens(batch["labels"])
     ce_only = D.collate(D.encode_rows([plain], tok, 64, use_ids=True), tok.pad_token_id)
     assert "topk_ids" not in ce_only
-    assert loss_sum(logits[1:2, :ce_only["labels"].shape[1]], ce_only, LossSpec()).ce_tokens > 0
+    assert loss_sum(logits[1:2, : ce_only["labels"].shape[1]], ce_only, LossSpec()).ce_tokens > 0
 
 
 def finetune_config(**fields):
@@ -228,12 +236,12 @@ def test_check_loss_data_fails_with_one_line_naming_the_field():
     plain = ["id", "prompt", "response", "response_ids"]
     check_loss_data(finetune_config(), plain)  # ce needs nothing more
     check_loss_data(finetune_config(loss="fkl"), plain + list(TOPK_COLUMNS))
-    cases = [(finetune_config(loss="fkl"), plain, "field 'loss'"),
-             (finetune_config(loss="tvd", use_response_ids=False), plain + list(TOPK_COLUMNS),
-              "field 'use_response_ids'"),
-             (finetune_config(loss="jsd", response_field="reference"), plain + list(TOPK_COLUMNS),
-              "field 'response_field'"),
-             (finetune_config(select_by="expected_mal", eval_every=10), plain, "field 'select_by'")]
+    cases = [
+        (finetune_config(loss="fkl"), plain, "field 'loss'"),
+        (finetune_config(loss="tvd", use_response_ids=False), plain + list(TOPK_COLUMNS), "field 'use_response_ids'"),
+        (finetune_config(loss="jsd", response_field="reference"), plain + list(TOPK_COLUMNS), "field 'response_field'"),
+        (finetune_config(select_by="expected_mal", eval_every=10), plain, "field 'select_by'"),
+    ]
     for config, columns, field in cases:
         with pytest.raises(ConfigError, match=field) as err:
             check_loss_data(config, columns)
@@ -247,6 +255,7 @@ def test_check_loss_data_fails_with_one_line_naming_the_field():
 
 
 # ---------------------------------------------------------------- hidden states + LM head (the training path)
+
 
 @pytest.mark.parametrize("kind", LOSSES)
 def test_hidden_states_and_head_equal_full_logits_in_value_gradient_and_acceptance(kind):

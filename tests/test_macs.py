@@ -1,4 +1,5 @@
 """MAC accounting: hand counts on tiny models, sparsity lowers it by exactly the zeros."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,6 +1,7 @@
 """Memory a GPU run spends that no CPU run notices, measured on CPU by tensor accounting: the
 masks the gradient hooks keep, the dtype the drafter is loaded in, the calibration states
 pruning keeps alive, and what `sd2 plan` counts of all that (a 3B drafter, ZeRO-3, bf16)."""
+
 from __future__ import annotations
 
 import gc
@@ -46,7 +47,7 @@ def test_packed_masks_round_trip_and_slice_like_zero3_partitions():
     assert torch.equal(packed.unpack(), keep) and packed.kept() == int(keep.sum())
     flat = keep.reshape(-1)
     for start, count in [(0, 91), (5, 17), (45, 46), (90, 1), (91, 0)]:
-        assert torch.equal(packed.flat(start, count), flat[start:start + count])
+        assert torch.equal(packed.flat(start, count), flat[start : start + count])
 
 
 def test_drafter_is_loaded_in_the_training_dtype(tmp_path):
@@ -82,8 +83,16 @@ def test_pruning_keeps_each_calibration_sample_once(tiny_llama):
     shape = (1, length, tiny_llama.config.hidden_size)
     peaks = []
     handle = blocks[-1].register_forward_pre_hook(lambda *_: peaks.append(live_hidden_states(shape)))
-    config = SimpleNamespace(method="sparsegpt", targets=["re:.*layers.*proj"], ignore=[], nm=None,
-                             target_sparsity=0.5, block_size=8, dampening=0.01, pattern="unstructured")
+    config = SimpleNamespace(
+        method="sparsegpt",
+        targets=["re:.*layers.*proj"],
+        ignore=[],
+        nm=None,
+        target_sparsity=0.5,
+        block_size=8,
+        dampening=0.01,
+        pattern="unstructured",
+    )
     batches = [torch.randint(3, 90, (1, length)) for _ in range(samples)]
     with torch.no_grad():
         prune_model(tiny_llama, batches, config)
@@ -99,8 +108,16 @@ def test_plan_counts_what_a_3b_zero3_bf16_rank_holds():
     from sd2_ray.plan.shapes import KNOWN, shape_from_config
 
     shape = shape_from_config(KNOWN["llama-3.2-3b"], "test")
-    settings = FinetuneSettings(workers=8, use_gpu=True, zero_stage=3, batch_size=64, grad_accum=4, seq_len=2048,
-                                gradient_checkpointing=True, deepspeed={"bf16": {"enabled": True}})
+    settings = FinetuneSettings(
+        workers=8,
+        use_gpu=True,
+        zero_stage=3,
+        batch_size=64,
+        grad_accum=4,
+        seq_len=2048,
+        gradient_checkpointing=True,
+        deepspeed={"bf16": {"enabled": True}},
+    )
     need = finetune_need(shape, settings)
     masks = need.gpu_gb["masks (1 bit per prunable weight)"]
     assert 0.3 < masks < 0.6  # 2.8 B prunable weights / 8, plus one unpacked
@@ -124,8 +141,11 @@ def test_shipped_configs_fit_the_a10g_alternative(tmp_path, capsys):
     path = tmp_path / "a10g.yaml"
     path.write_text(yaml.safe_dump(cluster))
     config = yaml.safe_load((REPO / "jobs/configs/llama70b_to_llama3b.yaml").read_text())
-    config = {k: v for k, v in config.items() if k in ("output", "target", "drafter", "train_prompts",
-                                                       "eval_prompts", "num_speculative_tokens", "finetune")}
+    config = {
+        k: v
+        for k, v in config.items()
+        if k in ("output", "target", "drafter", "train_prompts", "eval_prompts", "num_speculative_tokens", "finetune")
+    }
     config["prune"] = {"method": "magnitude", "num_gpus": 0}
     config["eval"] = {"gpus": 0}
     config["serve"] = {"engine": "transformers", "gpus_per_replica": 0}

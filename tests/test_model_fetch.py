@@ -1,5 +1,6 @@
 """Fetching models from S3: the driver's metadata-only copy (no weights), the listing-only model
 check, and the node cache shared safely by concurrent processes (one download, no torn copy)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -32,8 +33,13 @@ def test_metadata_dir_has_config_and_tokenizer_but_no_weights(s3_target, kit_dir
     meta = model_metadata_dir(s3_target)
     names = set(os.listdir(meta))
     assert not any(n.endswith(".safetensors") for n in names)  # the weights stayed on S3
-    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-            "chat_template.jinja"} <= names
+    assert {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    } <= names
     local_tok = load_tokenizer(os.path.join(kit_dir, "target"))
     tok = load_tokenizer(meta)
     text = "def add(a, b):\n    return a + b"
@@ -119,9 +125,16 @@ def test_concurrent_processes_share_one_download(s3_bucket, tmp_path, monkeypatc
     import time
 
     start_at = str(time.time() + 3.0)  # after all interpreters have imported pyarrow
-    procs = [subprocess.Popen([sys.executable, str(script), str(log), remote, start_at], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-             for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(log), remote, start_at],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        for _ in range(3)
+    ]
     results = []
     for proc in procs:
         out, err = proc.communicate(timeout=120)
@@ -137,15 +150,17 @@ def test_concurrent_processes_share_one_download(s3_bucket, tmp_path, monkeypatc
 def test_ray_llm_downloads_an_s3_model_source_from_the_configured_endpoint(s3_target, tmp_path, monkeypatch):
     """The vLLM engine passes an s3:// target straight to ray.data.llm: this guards that Ray's
     own per-actor download (the call its vLLM engine stage makes) reaches our S3 endpoint."""
-    from ray.llm._internal.common.utils.download_utils import NodeModelDownloadable, download_model_files
-
     import huggingface_hub.constants
+    from ray.llm._internal.common.utils.download_utils import NodeModelDownloadable, download_model_files
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # Ray's download lock files go to ~
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # and the model here
-    local = download_model_files(model_id=s3_target, mirror_config=None,
-                                 download_model=NodeModelDownloadable.MODEL_AND_TOKENIZER,
-                                 download_extra_files=False)
+    local = download_model_files(
+        model_id=s3_target,
+        mirror_config=None,
+        download_model=NodeModelDownloadable.MODEL_AND_TOKENIZER,
+        download_extra_files=False,
+    )
     assert local.startswith(str(tmp_path / "hub")) and os.path.isdir(local)
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(local))
 

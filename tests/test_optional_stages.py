@@ -3,6 +3,7 @@
 ``sd2 run`` runs its search only when the config opts in (a tune section alone configures
 ``sd2 tune --config``); a search's checkpoint evals run beside the Train controller, so a report
 is taken at once while an eval of the previous checkpoint is still going."""
+
 from __future__ import annotations
 
 import threading
@@ -76,14 +77,19 @@ def test_checkpoint_evals_do_not_hold_up_the_train_controller(monkeypatch):
     def slow_eval(checkpoint, settings):
         started.append(1)
         release.wait(30)
-        return {"mean_accepted_length": 2.5, "predicted_speedup": 1.8, "cost_coefficient": 0.1,
-                "drafter_macs_per_token": 10}
+        return {
+            "mean_accepted_length": 2.5,
+            "predicted_speedup": 1.8,
+            "cost_coefficient": 0.1,
+            "drafter_macs_per_token": 10,
+        }
 
     forwarded: list[dict] = []
     monkeypatch.setattr(callbacks, "evaluate_checkpoint", slow_eval)
     monkeypatch.setattr(TuneReportCallback, "__init__", lambda self: None)  # needs a Tune session
-    monkeypatch.setattr(TuneReportCallback, "after_report",
-                        lambda self, ctx, metrics, checkpoint: forwarded.append(dict(metrics[0])))
+    monkeypatch.setattr(
+        TuneReportCallback, "after_report", lambda self, ctx, metrics, checkpoint: forwarded.append(dict(metrics[0]))
+    )
     cb = callbacks.TrialReportCallback({"eval": {"gpus": 0}, "objective": "mal"})
     began = time.perf_counter()
     cb.after_report(None, [{"step": 5, "loss": 1.0}], Checkpoint())

@@ -1,4 +1,5 @@
 """The report's paper comparison: each headline ratio beside SD²'s figure and whether its direction holds."""
+
 import pytest
 
 from sd2_ray.evaluate.paper import paper_comparison, paper_markdown
@@ -9,11 +10,18 @@ def drafter(name, mal, macs):
 
 
 def report_of(dense_sd, layer, sd2, sft, dense_macs=1000, sparse_macs=600, layer_macs=600):
-    drafters = [drafter("dense-sd", dense_sd, dense_macs), drafter("layer-pruned-sd", layer, layer_macs),
-                drafter("sd2", sd2, sparse_macs), drafter("sparse-sft", sft, sparse_macs)]
-    comparisons = {"sd2_mal_over_layer_pruned": sd2 / layer,
-                   "sd2_macs_reduction_vs_dense_sd": 1 - sparse_macs / dense_macs,
-                   "sd2_mal_drop_vs_dense_sd": 1 - sd2 / dense_sd, "sd2_mal_over_sparse_sft": sd2 / sft}
+    drafters = [
+        drafter("dense-sd", dense_sd, dense_macs),
+        drafter("layer-pruned-sd", layer, layer_macs),
+        drafter("sd2", sd2, sparse_macs),
+        drafter("sparse-sft", sft, sparse_macs),
+    ]
+    comparisons = {
+        "sd2_mal_over_layer_pruned": sd2 / layer,
+        "sd2_macs_reduction_vs_dense_sd": 1 - sparse_macs / dense_macs,
+        "sd2_mal_drop_vs_dense_sd": 1 - sd2 / dense_sd,
+        "sd2_mal_over_sparse_sft": sd2 / sft,
+    }
     return {"drafters": drafters, "comparisons": comparisons}
 
 
@@ -54,6 +62,8 @@ def test_markdown_shows_ours_and_the_papers_figures():
 
 
 def test_runs_without_the_baselines_give_no_section():
-    report = {"drafters": [drafter("dense", 1.5, 1000), drafter("sd2", 2.0, 600)],
-              "comparisons": {"sd2_mal_over_dense_base": 2.0 / 1.5}}
+    report = {
+        "drafters": [drafter("dense", 1.5, 1000), drafter("sd2", 2.0, 600)],
+        "comparisons": {"sd2_mal_over_dense_base": 2.0 / 1.5},
+    }
     assert paper_comparison(report) == [] and paper_markdown(report) == ""

@@ -1,4 +1,5 @@
 """Pipeline pieces without Ray: config composition, layer-drop sizing, the report."""
+
 import json
 import os
 
@@ -9,25 +10,27 @@ from sd2_ray.pipeline.chain import chain
 from sd2_ray.pipeline.config import PipelineConfig
 from sd2_ray.pipeline.report import comparisons, write_pipeline_report
 
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"prune.sparsty": 0.5}, "'prune.sparsty': unknown field"),
-    ({"prune.sparsity": 1.5}, "'prune.sparsity': must be in (0, 1)"),
-    ({"finetune.zero_stage": 4}, "finetune.zero_stage"),
-    ({"distill.target": "x"}, "distill.target': unknown field"),
-    ({"layer_prune.method": "wanda"}, "layer_prune.method': unknown field"),
-    ({"prune.method": "layers"}, "method 'layers' is the layer baseline"),
-    ({"drafters": ["uag"], "uag_drafter": None}, "drafters: 'uag' needs uag_drafter"),
-    ({"drafters": ["dense", "bogus"]}, "field 'drafters.1'"),
-    ({"num_speculative_tokens": 0}, "field 'num_speculative_tokens'"),
-    ({"drafters": ["sd2", "sd2-kd"]}, "drafters: 'sd2-kd' needs distill.logprobs_top_k > 0"),
-    ({"kd.epochs": 3, "distill.logprobs_top_k": 20}, "kd: ['epochs'] cannot differ from sd2's fine-tuning"),
-    ({"kd.loss": "kl"}, "kd: field 'loss'"),
-    ({"kd.select_by": "expected_mal"}, "kd: select_by expected_mal needs eval_every"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"prune.sparsty": 0.5}, "'prune.sparsty': unknown field"),
+        ({"prune.sparsity": 1.5}, "'prune.sparsity': must be in (0, 1)"),
+        ({"finetune.zero_stage": 4}, "finetune.zero_stage"),
+        ({"distill.target": "x"}, "distill.target': unknown field"),
+        ({"layer_prune.method": "wanda"}, "layer_prune.method': unknown field"),
+        ({"prune.method": "layers"}, "method 'layers' is the layer baseline"),
+        ({"drafters": ["uag"], "uag_drafter": None}, "drafters: 'uag' needs uag_drafter"),
+        ({"drafters": ["dense", "bogus"]}, "field 'drafters.1'"),
+        ({"num_speculative_tokens": 0}, "field 'num_speculative_tokens'"),
+        ({"drafters": ["sd2", "sd2-kd"]}, "drafters: 'sd2-kd' needs distill.logprobs_top_k > 0"),
+        ({"kd.epochs": 3, "distill.logprobs_top_k": 20}, "kd: ['epochs'] cannot differ from sd2's fine-tuning"),
+        ({"kd.loss": "kl"}, "kd: field 'loss'"),
+        ({"kd.select_by": "expected_mal"}, "kd: select_by expected_mal needs eval_every"),
+    ],
+)
 def test_bad_sections_fail_at_load_in_one_line(tmp_path, override, message):
     with pytest.raises(ConfigError) as err:
         PipelineConfig.load(None, {"output": str(tmp_path), **override})
@@ -47,8 +50,12 @@ def test_tiny_yaml_validates_and_chains_every_stage(tmp_path, monkeypatch):
     assert (layers.method, layers.drop_layers) == ("layers", 3)
     # the layer baseline is calibrated on the same rows as the SD² drafter's pruning
     prune = chain(cfg, "prune")
-    assert (layers.calibration, layers.num_samples, layers.seq_len, layers.seed) == \
-        (prune.calibration, prune.num_samples, prune.seq_len, prune.seed)
+    assert (layers.calibration, layers.num_samples, layers.seq_len, layers.seed) == (
+        prune.calibration,
+        prune.num_samples,
+        prune.seq_len,
+        prune.seed,
+    )
     served = chain(cfg, "serve")
     assert served.drafter == str(tmp_path / "o/drafters/sd2") and served.num_speculative_tokens == 4
     ev = chain(cfg, "eval", "uag")
@@ -58,9 +65,16 @@ def test_tiny_yaml_validates_and_chains_every_stage(tmp_path, monkeypatch):
 def test_sd2_kd_is_sd2_with_the_kd_loss_and_only_with_top_k_data(tmp_path):
     plain = PipelineConfig.load(None, {"output": str(tmp_path), "uag_drafter": None})
     assert "sd2-kd" not in plain.drafter_names
-    cfg = PipelineConfig.load(None, {"output": str(tmp_path), "uag_drafter": None, "distill.logprobs_top_k": 20,
-                                     "finetune.epochs": 3, "kd": {"loss": "tvd", "ce_weight": 0.5, "eval_every": 8,
-                                                                  "select_by": "expected_mal"}})
+    cfg = PipelineConfig.load(
+        None,
+        {
+            "output": str(tmp_path),
+            "uag_drafter": None,
+            "distill.logprobs_top_k": 20,
+            "finetune.epochs": 3,
+            "kd": {"loss": "tvd", "ce_weight": 0.5, "eval_every": 8, "select_by": "expected_mal"},
+        },
+    )
     assert cfg.drafter_names == ["dense", "dense-sd", "layer-pruned-sd", "sd2", "sd2-kd", "sparse-sft"]
     kd, sd2 = chain(cfg, "finetune", "sd2-kd"), chain(cfg, "finetune", "sd2")
     assert (kd.loss, kd.ce_weight, kd.eval_every, kd.select_by) == ("tvd", 0.5, 8, "expected_mal")
@@ -76,16 +90,22 @@ def test_sd2_kd_loss_and_temperature_follow_the_decoding_mode(tmp_path):
     base = {"output": str(tmp_path), "uag_drafter": None, "distill.logprobs_top_k": 20}
     greedy = chain(PipelineConfig.load(None, base), "finetune", "sd2-kd")
     sampled = chain(PipelineConfig.load(None, {**base, "eval.temperature": 0.8}), "finetune", "sd2-kd")
-    chosen = chain(PipelineConfig.load(None, {**base, "eval.temperature": 0.8, "kd": {"loss": "tvd"},
-                                              "finetune.kd_temperature": 1.0}), "finetune", "sd2-kd")
+    chosen = chain(
+        PipelineConfig.load(
+            None, {**base, "eval.temperature": 0.8, "kd": {"loss": "tvd"}, "finetune.kd_temperature": 1.0}
+        ),
+        "finetune",
+        "sd2-kd",
+    )
     assert (greedy.loss, greedy.ce_weight, greedy.kd_temperature) == ("jsd", 1.0, 0.0)
     assert (sampled.loss, sampled.ce_weight, sampled.kd_temperature) == ("fkl", 1.0, 0.8)
     assert (chosen.loss, chosen.ce_weight, chosen.kd_temperature) == ("tvd", 0.0, 1.0)
 
 
 def test_layer_baseline_inherits_the_prune_sections_placement(tmp_path):
-    cfg = PipelineConfig.load(None, {"output": str(tmp_path), "prune.num_gpus": 1, "prune.device": "cuda",
-                                     "layer_prune.num_gpus": 2})
+    cfg = PipelineConfig.load(
+        None, {"output": str(tmp_path), "prune.num_gpus": 1, "prune.device": "cuda", "layer_prune.num_gpus": 2}
+    )
     layers = chain(cfg, "layer_prune", drop_layers=1)
     assert (layers.device, layers.num_gpus) == ("cuda", 2)
 
@@ -124,9 +144,19 @@ def test_layer_drop_matches_sparse_macs(tmp_path):
     from sd2_ray.pipeline.chain import pruned_dir
     from sd2_ray.pipeline.run import Pipeline
 
-    run = Pipeline(PipelineConfig.load(None, {
-        "output": str(tmp_path / "run"), "target": "t", "drafter": str(tmp_path / "dense"),
-        "uag_drafter": None, "train_prompts": "p", "eval_prompts": "e"}))
+    run = Pipeline(
+        PipelineConfig.load(
+            None,
+            {
+                "output": str(tmp_path / "run"),
+                "target": "t",
+                "drafter": str(tmp_path / "dense"),
+                "uag_drafter": None,
+                "train_prompts": "p",
+                "eval_prompts": "e",
+            },
+        )
+    )
     shutil.copytree(tmp_path / "sparse", pruned_dir(run.config, "sd2"))
     assert run.layer_drop() == 2  # sized from the MACs
     shutil.rmtree(pruned_dir(run.config, "sd2"))
@@ -135,17 +165,34 @@ def test_layer_drop_matches_sparse_macs(tmp_path):
 
 
 def fake_report(mal, macs, name):
-    return {"mean_accepted_length": mal, "acceptance_rate": (mal - 1) / 4, "per_position_acceptance": [0.5] * 4,
-            "drafter_macs_per_token": macs, "drafter_dense_macs_per_token": 1000, "drafter_sparsity": 0.0,
-            "cost_coefficient": macs / 10_000, "predicted_speedup": mal / (4 * macs / 10_000 + 1),
-            "measured_speedup": 1.1, "tokens_per_second": 100.0, "lossless": True, "cross_tokenizer": False,
-            "drafter": f"/d/{name}", "target": "/t", "num_prompts": 8, "target_macs_per_token": 10_000,
-            "temperature": 0.0, "baseline_tokens_per_second": 90.0}
+    return {
+        "mean_accepted_length": mal,
+        "acceptance_rate": (mal - 1) / 4,
+        "per_position_acceptance": [0.5] * 4,
+        "drafter_macs_per_token": macs,
+        "drafter_dense_macs_per_token": 1000,
+        "drafter_sparsity": 0.0,
+        "cost_coefficient": macs / 10_000,
+        "predicted_speedup": mal / (4 * macs / 10_000 + 1),
+        "measured_speedup": 1.1,
+        "tokens_per_second": 100.0,
+        "lossless": True,
+        "cross_tokenizer": False,
+        "drafter": f"/d/{name}",
+        "target": "/t",
+        "num_prompts": 8,
+        "target_macs_per_token": 10_000,
+        "temperature": 0.0,
+        "baseline_tokens_per_second": 90.0,
+    }
 
 
 def test_report_rows_and_headline_ratios(tmp_path):
-    reports = {"dense-sd": fake_report(2.0, 1000, "dense-sd"), "layer-pruned-sd": fake_report(1.25, 600, "lp"),
-               "sd2": fake_report(1.8, 600, "sd2")}
+    reports = {
+        "dense-sd": fake_report(2.0, 1000, "dense-sd"),
+        "layer-pruned-sd": fake_report(1.25, 600, "lp"),
+        "sd2": fake_report(1.8, 600, "sd2"),
+    }
     cfg = PipelineConfig.load(None, {"output": str(tmp_path)})
     summary = write_pipeline_report(cfg, reports, str(tmp_path / "report"))
     saved = json.loads((tmp_path / "report" / "report.json").read_text())
@@ -163,13 +210,22 @@ def test_report_says_which_loss_and_data_each_fine_tuned_drafter_used(tmp_path):
     from sd2_ray import storage
     from sd2_ray.pipeline.chain import drafter_dir
 
-    cfg = PipelineConfig.load(None, {"output": str(tmp_path), "distill.logprobs_top_k": 20,
-                                     "kd": {"loss": "fkl", "ce_weight": 1.0, "eval_every": 4,
-                                            "select_by": "expected_mal"}})
-    storage.write_json(os.path.join(drafter_dir(cfg, "sd2-kd"), "metrics.json"),
-                       {"steps_done": 48, "published_step": 40})
-    reports = {"sd2": fake_report(2.0, 600, "sd2"), "sd2-kd": fake_report(2.2, 600, "sd2-kd"),
-               "dense": fake_report(1.2, 1000, "dense")}
+    cfg = PipelineConfig.load(
+        None,
+        {
+            "output": str(tmp_path),
+            "distill.logprobs_top_k": 20,
+            "kd": {"loss": "fkl", "ce_weight": 1.0, "eval_every": 4, "select_by": "expected_mal"},
+        },
+    )
+    storage.write_json(
+        os.path.join(drafter_dir(cfg, "sd2-kd"), "metrics.json"), {"steps_done": 48, "published_step": 40}
+    )
+    reports = {
+        "sd2": fake_report(2.0, 600, "sd2"),
+        "sd2-kd": fake_report(2.2, 600, "sd2-kd"),
+        "dense": fake_report(1.2, 1000, "dense"),
+    }
     write_pipeline_report(cfg, reports, str(tmp_path / "report"))
     saved = json.loads((tmp_path / "report" / "report.json").read_text())
     by = {d["name"]: d for d in saved["drafters"]}
@@ -180,20 +236,28 @@ def test_report_says_which_loss_and_data_each_fine_tuned_drafter_used(tmp_path):
     assert by["sd2"]["training"]["loss"] == "ce" and by["sd2"]["training"]["data"] == kd["data"]
     assert saved["comparisons"]["sd2_kd_mal_over_sd2"] == pytest.approx(1.1)
     md = (tmp_path / "report" / "report.md").read_text()
-    assert ("loss fkl + 1·ce on generate data with the target's top-20 log-probs; published step 40 of 48, "
-            "chosen by held-out expected_mal") in md
+    assert (
+        "loss fkl + 1·ce on generate data with the target's top-20 log-probs; published step 40 of 48, "
+        "chosen by held-out expected_mal"
+    ) in md
 
 
 def test_single_stage_from_pipeline_yaml_chains_like_the_pipeline(tmp_path):
     from sd2_ray import cli
 
     cfg_file = tmp_path / "p.yaml"
-    cfg_file.write_text(f"output: {tmp_path}/run\ntarget: /m/t\ndrafter: /m/d\ntrain_prompts: /p/train.jsonl\n"
-                        "eval_prompts: /p/eval.jsonl\nprune: {sparsity: 0.6}\nfinetune: {lr: 0.001}\n")
+    cfg_file.write_text(
+        f"output: {tmp_path}/run\ntarget: /m/t\ndrafter: /m/d\ntrain_prompts: /p/train.jsonl\n"
+        "eval_prompts: /p/eval.jsonl\nprune: {sparsity: 0.6}\nfinetune: {lr: 0.001}\n"
+    )
     args = cli.build_parser().parse_args(["prune", "--config", str(cfg_file), "--num-samples", "8"])
     prune = cli.load_config("prune", args)
-    assert (prune.model, prune.calibration, prune.sparsity, prune.num_samples) == \
-        ("/m/d", f"{tmp_path}/run/distilled", 0.6, 8)
+    assert (prune.model, prune.calibration, prune.sparsity, prune.num_samples) == (
+        "/m/d",
+        f"{tmp_path}/run/distilled",
+        0.6,
+        8,
+    )
     args = cli.build_parser().parse_args(["prune", "--config", str(cfg_file), "output=rel/out"])
     assert cli.load_config("prune", args).output == os.path.abspath("rel/out")
     assert prune.output == f"{tmp_path}/run/pruned/sd2"

@@ -1,6 +1,7 @@
 """`sd2 plan`: every shipped GPU config fits the shipped cluster (what `sd2 run` checks before it
 launches anything), an oversized one is refused in one line naming the stage and the numbers, and
 the estimates behave like memory does (checkpointing and more GPUs lower them)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,8 +12,11 @@ import yaml
 from sd2_ray.cli import main as cli
 
 REPO = Path(__file__).resolve().parents[1]
-GPU_CONFIGS = ["jobs/configs/llama70b_to_llama3b.yaml", "jobs/configs/llama70b_to_qwen_uag.yaml",
-               "jobs/configs/gpu-tune.yaml"]
+GPU_CONFIGS = [
+    "jobs/configs/llama70b_to_llama3b.yaml",
+    "jobs/configs/llama70b_to_qwen_uag.yaml",
+    "jobs/configs/gpu-tune.yaml",
+]
 
 
 @pytest.mark.parametrize("config", GPU_CONFIGS)
@@ -44,7 +48,9 @@ def test_estimates_move_the_way_memory_does():
     assert zero_states_gb(shape, 3, 8, False) < zero_states_gb(shape, 3, 4, False) < zero_states_gb(shape, 2, 4, False)
     plain = FinetuneSettings(workers=4, use_gpu=True, batch_size=32, seq_len=2048)
     checkpointed = plain.model_copy(update={"gradient_checkpointing": True})
-    assert finetune_need(shape, checkpointed).gpu_gb["activations"] < finetune_need(shape, plain).gpu_gb["activations"] / 5
+    assert (
+        finetune_need(shape, checkpointed).gpu_gb["activations"] < finetune_need(shape, plain).gpu_gb["activations"] / 5
+    )
 
 
 def test_an_unreadable_model_of_unknown_shape_is_one_line(tmp_path, capsys):

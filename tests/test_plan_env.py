@@ -4,6 +4,7 @@
 started afterwards (one GPU box, no ``RAY_ADDRESS``) hands the driver's environment to every
 worker. An estimate that set ``DS_ACCELERATOR=cpu`` there made DeepSpeed pick its CPU
 accelerator in GPU workers, under an NCCL process group."""
+
 from __future__ import annotations
 
 import os
@@ -16,11 +17,11 @@ pytestmark = pytest.mark.ray
 
 
 def test_a_worker_started_after_a_plan_check_sees_no_ds_accelerator(monkeypatch):
+    import ray
+
     from sd2_ray.pipeline.config import PipelineConfig
     from sd2_ray.plan.job import check
     from sd2_ray.runtime import ensure_ray
-
-    import ray
 
     if ray.is_initialized():
         pytest.skip("needs to start its own Ray")
@@ -36,6 +37,7 @@ def test_a_worker_started_after_a_plan_check_sees_no_ds_accelerator(monkeypatch)
     after = dict(os.environ)
     ensure_ray(num_cpus=1)
     try:
+
         @ray.remote(num_cpus=0)
         def accelerator():
             return os.environ.get("DS_ACCELERATOR")

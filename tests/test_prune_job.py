@@ -1,4 +1,5 @@
 """``sd2 prune`` end to end on tiny models: outputs, reruns, S3, a Ray task, one-line errors."""
+
 from __future__ import annotations
 
 import json
@@ -7,12 +8,11 @@ import os
 import pyarrow as pa
 import pytest
 import torch
-
 from _prune_tiny import calibration_rows, save_tiny, write_jsonl
+
 from sd2_ray import cli, manifest, storage
 from sd2_ray.models.sparsity import check_nm, load_masks, masked_weights_nonzero, read_report
 from sd2_ray.prune.verify import verify_pruned
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -38,11 +38,35 @@ def test_cli_sparsegpt_output_is_a_verified_sparse_model_dir(model_dir, prompts,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = str(tmp_path / "out")
-    code, err = run(["--model", model_dir, "--calibration", prompts, "--method", "sparsegpt",
-                     "--sparsity", "0.6", "--num-samples", "8", "--seq-len", "64", "--output", out], capsys)
+    code, err = run(
+        [
+            "--model",
+            model_dir,
+            "--calibration",
+            prompts,
+            "--method",
+            "sparsegpt",
+            "--sparsity",
+            "0.6",
+            "--num-samples",
+            "8",
+            "--seq-len",
+            "64",
+            "--output",
+            out,
+        ],
+        capsys,
+    )
     assert code == 0, err
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "masks/masks.safetensors", "sparsity.json",
-                 "config.yaml", "manifest.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "masks/masks.safetensors",
+        "sparsity.json",
+        "config.yaml",
+        "manifest.json",
+    ):
         assert os.path.isfile(os.path.join(out, name)), name
     state = manifest.read(out)
     assert state["status"] == "complete" and state["executor"] == "local"
@@ -59,6 +83,7 @@ def test_cli_sparsegpt_output_is_a_verified_sparse_model_dir(model_dir, prompts,
     with torch.no_grad():
         dict(model.named_parameters())[key][~masks[key]] = 1.0
     from sd2_ray.errors import DataError
+
     with pytest.raises(DataError, match="nonzero where the mask says pruned"):
         verify_pruned(out, model=model)
     # A rerun of a complete output is skipped (the files stay as they were).
@@ -70,14 +95,18 @@ def test_cli_sparsegpt_output_is_a_verified_sparse_model_dir(model_dir, prompts,
 def test_cli_wanda_2_4_from_a_distilled_parquet_dir(model_dir, tmp_path, capsys):
     data = tmp_path / "distilled"
     data.mkdir()
-    rows = [{"id": r["id"], "messages": r["messages"], "prompt": None, "response": r["response"], "error": None}
-            for r in calibration_rows(6, seed=1)]
+    rows = [
+        {"id": r["id"], "messages": r["messages"], "prompt": None, "response": r["response"], "error": None}
+        for r in calibration_rows(6, seed=1)
+    ]
     rows.append({"id": "bad", "messages": rows[0]["messages"], "prompt": None, "response": None, "error": "boom"})
     storage.write_parquet(str(data / "shard-00000.parquet"), pa.Table.from_pylist(rows))
     manifest.complete(str(data), "distill")
     out = str(tmp_path / "out")
-    code, err = run(["--model", model_dir, "--calibration", str(data), "--method", "wanda",
-                     "--pattern", "2:4", "--output", out], capsys)
+    code, err = run(
+        ["--model", model_dir, "--calibration", str(data), "--method", "wanda", "--pattern", "2:4", "--output", out],
+        capsys,
+    )
     assert code == 0, err
     report = read_report(out)
     assert report["pattern"] == "2:4" and report["calibration"]["num_samples"] == 6
@@ -99,8 +128,10 @@ def test_cli_layers_method_writes_a_smaller_model(model_dir, prompts, tmp_path, 
     from transformers import AutoModelForCausalLM
 
     out = str(tmp_path / "layers")
-    code, err = run(["--model", model_dir, "--calibration", prompts, "--method", "layers",
-                     "--drop-layers", "1", "--output", out], capsys)
+    code, err = run(
+        ["--model", model_dir, "--calibration", prompts, "--method", "layers", "--drop-layers", "1", "--output", out],
+        capsys,
+    )
     assert code == 0, err
     report = json.loads(open(os.path.join(out, "layer_pruning.json")).read())
     assert len(report["distances"]) == 3 and len(report["dropped_blocks"]) == 1
@@ -134,26 +165,31 @@ def test_unfinished_output_is_redone_and_foreign_dir_refused(model_dir, tmp_path
     assert code == 2 and "not an sd2 prune output" in err and (foreign / "notes.txt").exists()
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--sparsity", "1.5"], "sparsity"),
-    (["--sparsity", "0"], "sparsity"),
-    (["--pattern", "4:2"], "pattern"),
-    (["--pattern", "2-4"], "pattern"),
-    (["--sparsity", "0.7", "--pattern", "2:4"], "contradicts"),
-    (["--method", "sparsegpt", "--calibration", ""], "calibration"),
-    (["--method", "layers"], "drop_layers"),
-    (["--calibration", "MISSING"], "missing.jsonl: not found"),
-    (["--model", "NOWEIGHTS"], "no safetensors"),
-    (["--method", "bogus"], "method"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--sparsity", "1.5"], "sparsity"),
+        (["--sparsity", "0"], "sparsity"),
+        (["--pattern", "4:2"], "pattern"),
+        (["--pattern", "2-4"], "pattern"),
+        (["--sparsity", "0.7", "--pattern", "2:4"], "contradicts"),
+        (["--method", "sparsegpt", "--calibration", ""], "calibration"),
+        (["--method", "layers"], "drop_layers"),
+        (["--calibration", "MISSING"], "missing.jsonl: not found"),
+        (["--model", "NOWEIGHTS"], "no safetensors"),
+        (["--method", "bogus"], "method"),
+    ],
+)
 def test_bad_input_is_one_line(args, needle, model_dir, prompts, tmp_path, capsys):
     empty = tmp_path / "empty-model"
     empty.mkdir()
     (empty / "config.json").write_text("{}")
     base = {"--model": model_dir, "--calibration": prompts, "--output": str(tmp_path / "o")}
-    given = dict(zip(args[::2], args[1::2]))
-    given = {k: (str(tmp_path / "missing.jsonl") if v == "MISSING" else str(empty) if v == "NOWEIGHTS" else v)
-             for k, v in given.items()}
+    given = dict(zip(args[::2], args[1::2], strict=True))
+    given = {
+        k: (str(tmp_path / "missing.jsonl") if v == "MISSING" else str(empty) if v == "NOWEIGHTS" else v)
+        for k, v in given.items()
+    }
     flat = [x for k, v in {**base, **given}.items() for x in (k, v)]
     code, err = run(flat, capsys)
     assert code == 2, err
@@ -174,16 +210,29 @@ def test_runs_as_a_ray_task_inside_ray(model_dir, prompts, tmp_path, monkeypatch
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     for attempt in range(2):  # Ray gives the raylet a fixed 30 s to register; retry once if overloaded
         try:
-            ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}})
+            ray.init(
+                num_cpus=1,
+                include_dashboard=False,
+                log_to_driver=False,
+                runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}},
+            )
             break
         except Exception:
             ray.shutdown()
             if attempt:
                 raise
     try:
-        out = run_prune(PruneConfig(model=model_dir, calibration=prompts, method="wanda", sparsity=0.5,
-                                    num_samples=4, seq_len=32, output=str(tmp_path / "ray-out")))
+        out = run_prune(
+            PruneConfig(
+                model=model_dir,
+                calibration=prompts,
+                method="wanda",
+                sparsity=0.5,
+                num_samples=4,
+                seq_len=32,
+                output=str(tmp_path / "ray-out"),
+            )
+        )
         state = manifest.read(out)
         assert state["status"] == "complete" and state["executor"] == "ray_task"
         assert read_report(out)["total_sparsity"] == pytest.approx(0.5)

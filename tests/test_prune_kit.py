@@ -20,6 +20,7 @@ Wanda <= magnitude at 70 % (270.55, 290.62, 326.45); a 40-step drafter showed Wa
 within 0.2 % in either order (undertrained models have no outlier input features, which is where
 Wanda's |W|*||X|| departs from |W|).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -34,7 +35,6 @@ from sd2_ray.prune.sequential import prune_model
 from sd2_ray.prune.sparsegpt import Hessian, sparsegpt_prune
 from sd2_ray.prune.wanda import InputNorms, wanda_prune
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -44,8 +44,7 @@ def kit_data(kit_dir, part, num_samples=64):
     paths = kit_paths(kit_dir)
     tok = load_tokenizer(paths[part])
     calib, _ = load_calibration(paths["train_prompts"], tok, num_samples, 256)
-    held_out = tokenize_samples([render_sample(r, tok) for r in load_rows(paths["eval_prompts"], 64, seed=1)],
-                                tok, 256)
+    held_out = tokenize_samples([render_sample(r, tok) for r in load_rows(paths["eval_prompts"], 64, seed=1)], tok, 256)
     return paths[part], calib, held_out
 
 
@@ -95,8 +94,10 @@ def test_sparsegpt_reconstructs_a_kit_layer_better(kit_dir):
     norms.add(x)
     weight = layer.weight.detach()
     for sparsity, nm in [(0.5, None), (0.5, (2, 4))]:
-        errors = {"sparsegpt": reconstruction_error(weight, sparsegpt_prune(weight, hessian.matrix(), sparsity, nm)[0], x),
-                  "wanda": reconstruction_error(weight, wanda_prune(weight, norms.norms(), sparsity, nm)[0], x),
-                  "magnitude": reconstruction_error(weight, magnitude_prune(weight, sparsity, nm)[0], x)}
+        errors = {
+            "sparsegpt": reconstruction_error(weight, sparsegpt_prune(weight, hessian.matrix(), sparsity, nm)[0], x),
+            "wanda": reconstruction_error(weight, wanda_prune(weight, norms.norms(), sparsity, nm)[0], x),
+            "magnitude": reconstruction_error(weight, magnitude_prune(weight, sparsity, nm)[0], x),
+        }
         print(f"down_proj reconstruction error at {sparsity} {nm}: {errors}")
         assert errors["sparsegpt"] < errors["wanda"] < errors["magnitude"], errors

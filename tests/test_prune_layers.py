@@ -1,17 +1,17 @@
 """Layer-pruned baseline: angular distances vs a brute-force computation, the right block goes,
 the smaller model saves, reloads with transformers and generates."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
-
 from _prune_tiny import calibration_rows, char_tokenizer
+
 from sd2_ray.models.tiny import tiny_model
 from sd2_ray.prune.calibration import render_sample, tokenize_samples
 from sd2_ray.prune.layers import angular_distances, drop_blocks, layer_prune
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -28,10 +28,17 @@ def brute_force_distances(model, batches, n):
     sums, tokens = [0.0] * (layers - n + 1), 0
     for ids in batches:
         states = []
-        hooks = [b.register_forward_pre_hook(lambda m, a, kw: states.append((a[0] if a else kw["hidden_states"])[0]),
-                                             with_kwargs=True) for b in model.model.layers]
-        hooks.append(model.model.layers[-1].register_forward_hook(
-            lambda m, a, out: states.append((out[0] if isinstance(out, tuple) else out)[0])))
+        hooks = [
+            b.register_forward_pre_hook(
+                lambda m, a, kw, states=states: states.append((a[0] if a else kw["hidden_states"])[0]), with_kwargs=True
+            )
+            for b in model.model.layers
+        ]
+        hooks.append(
+            model.model.layers[-1].register_forward_hook(
+                lambda m, a, out, states=states: states.append((out[0] if isinstance(out, tuple) else out)[0])
+            )
+        )
         with torch.no_grad():
             model(ids, use_cache=False)
         for h in hooks:
@@ -39,7 +46,7 @@ def brute_force_distances(model, batches, n):
         for t in range(ids.shape[1]):
             for start in range(layers - n + 1):
                 a, b = states[start][t].tolist(), states[start + n][t].tolist()
-                dot = sum(x * y for x, y in zip(a, b))
+                dot = sum(x * y for x, y in zip(a, b, strict=True))
                 cos = dot / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
                 sums[start] += math.acos(max(-1.0, min(1.0, cos))) / math.pi
         tokens += ids.shape[1]
@@ -60,9 +67,12 @@ def test_angular_distance_matches_brute_force_and_picks_the_minimum(batches, n):
 
 def skip_blocks_forward(model, ids, dropped):
     """Logits of the dense model with some blocks turned into the identity (the reference)."""
-    handles = [model.model.layers[i].register_forward_hook(
-        lambda m, a, out, *_: (a[0],) + tuple(out[1:]) if isinstance(out, tuple) else a[0])
-        for i in dropped]
+    handles = [
+        model.model.layers[i].register_forward_hook(
+            lambda m, a, out, *_: (a[0],) + tuple(out[1:]) if isinstance(out, tuple) else a[0]
+        )
+        for i in dropped
+    ]
     with torch.no_grad():
         logits = model(ids, use_cache=False).logits
     for h in handles:
@@ -86,7 +96,7 @@ def test_dropped_model_saves_loads_and_generates(arch, batches, tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "small", dtype=torch.float32).eval()
     blocks = loaded.model.layers if arch != "gpt_neox" else loaded.gpt_neox.layers
     assert len(blocks) == 2
-    for block, expected in zip(blocks, kept_weights):
+    for block, expected in zip(blocks, kept_weights, strict=True):
         for key, value in block.state_dict().items():
             assert torch.equal(value, expected[key]), key
     ids = batches[0]

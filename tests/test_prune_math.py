@@ -1,6 +1,6 @@
 """Pure pruning math: exact sparsity, N:M groups, SparseGPT's reconstruction quality, light imports."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import pytest
 import torch
@@ -12,16 +12,15 @@ from sd2_ray.prune.selection import keep_nm, keep_unstructured
 from sd2_ray.prune.sparsegpt import Hessian, inverse_hessian_factor, sparsegpt_prune
 from sd2_ray.prune.wanda import InputNorms, wanda_prune
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def correlated_inputs(tokens: int, cols: int, seed: int = 0) -> torch.Tensor:
     """Activations with correlated features and a few large ones, like real hidden states."""
     g = torch.Generator().manual_seed(seed)
-    mix = torch.randn(cols, cols, generator=g) / cols ** 0.5 + torch.eye(cols)
+    mix = torch.randn(cols, cols, generator=g) / cols**0.5 + torch.eye(cols)
     scale = torch.ones(cols)
-    scale[torch.randperm(cols, generator=g)[:cols // 16]] = 8.0
+    scale[torch.randperm(cols, generator=g)[: cols // 16]] = 8.0
     return (torch.randn(tokens, cols, generator=g) @ mix) * scale
 
 
@@ -49,8 +48,11 @@ def test_unstructured_sparsity_is_exact(sparsity):
     for method, (pruned, keep) in all_methods(weight, hessian, norms, sparsity).items():
         zeros = int((pruned == 0).sum())
         # SparseGPT and magnitude: round(s * numel) per layer; Wanda: round(s * cols) per row.
-        expected = round(sparsity * weight.numel()) if method != "wanda" else \
-            weight.shape[0] * round(sparsity * weight.shape[1])
+        expected = (
+            round(sparsity * weight.numel())
+            if method != "wanda"
+            else weight.shape[0] * round(sparsity * weight.shape[1])
+        )
         assert zeros == expected == int((~keep).sum()), method
         assert bool((pruned[~keep] == 0).all()), method
         assert bool((pruned[keep] != 0).all()), method  # nothing kept was zeroed by accident

@@ -1,18 +1,18 @@
 """prune_model on tiny random models: per-layer sparsity, untouched layers, the sequential
 property (block k calibrated on pruned blocks' outputs), target patterns, two architectures."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from _prune_tiny import calibration_rows, char_tokenizer
+
 from sd2_ray.models.sparsity import check_masks, check_nm, masked_weights_nonzero, sparsity_problems
 from sd2_ray.models.tiny import tiny_model
 from sd2_ray.prune.calibration import render_sample, tokenize_samples
 from sd2_ray.prune.config import PruneConfig
 from sd2_ray.prune.sequential import decoder_blocks, prune_model
 from sd2_ray.prune.sparsegpt import Hessian, sparsegpt_prune
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -30,8 +30,11 @@ def config(**kw):
 
 def linear_names(model, inside_blocks=True):
     prefix, _ = decoder_blocks(model)
-    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-            and n.startswith(prefix + ".") == inside_blocks]
+    return [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n.startswith(prefix + ".") == inside_blocks
+    ]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt_neox"])
@@ -101,8 +104,7 @@ def test_target_and_ignore_patterns(batches):
     model, masks, _ = prune_model(model, batches, cfg)
     assert masks and not any(".mlp." in k or "layers.1.self_attn.o_proj" in k for k in masks)
     assert torch.equal(model.model.layers[0].mlp.down_proj.weight, before["model.layers.0.mlp.down_proj.weight"])
-    assert torch.equal(model.model.layers[1].self_attn.o_proj.weight,
-                       before["model.layers.1.self_attn.o_proj.weight"])
+    assert torch.equal(model.model.layers[1].self_attn.o_proj.weight, before["model.layers.1.self_attn.o_proj.weight"])
 
 
 def test_lm_head_can_be_targeted_explicitly(batches):
@@ -122,6 +124,6 @@ def test_sparsegpt_beats_magnitude_on_model_output(batches):
     def error(method):
         model, _, _ = prune_model(tiny_model("llama", layers=2, seed=1), batches, config(method=method, sparsity=0.5))
         with torch.no_grad():
-            return sum(float((model(ids).logits - r).pow(2).sum()) for ids, r in zip(batches, reference))
+            return sum(float((model(ids).logits - r).pow(2).sum()) for ids, r in zip(batches, reference, strict=True))
 
     assert error("sparsegpt") < error("magnitude")

@@ -1,4 +1,5 @@
 """``sd2 serve`` as a real subprocess: ready line, API key (401 in OpenAI's shape), SIGTERM exit."""
+
 from __future__ import annotations
 
 import os
@@ -58,8 +59,24 @@ def test_sd2_serve_subprocess_with_api_key(pair):
     port = free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "sd2_ray.cli", "serve", "--target", pair[0], "--drafter", pair[1],
-           "--port", str(port), "--num-speculative-tokens", "2", "--api-key", "s3cret", "--model-name", "tiny"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sd2_ray.cli",
+        "serve",
+        "--target",
+        pair[0],
+        "--drafter",
+        pair[1],
+        "--port",
+        str(port),
+        "--num-speculative-tokens",
+        "2",
+        "--api-key",
+        "s3cret",
+        "--model-name",
+        "tiny",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         ready = _wait_ready(_lines(proc), timeout=300)
@@ -86,8 +103,12 @@ def test_sd2_serve_subprocess_with_api_key(pair):
 
 
 def test_sd2_serve_missing_model_is_one_line_error(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "sd2_ray.cli", "serve", "--target", str(tmp_path / "nope")],
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "sd2_ray.cli", "serve", "--target", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and "nope" in res.stderr
 
@@ -97,8 +118,25 @@ def test_sd2_serve_vllm_on_gpus_without_any_is_one_line_error(pair):
     naming the field, instead of Serve waiting for GPUs forever."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    res = subprocess.run([sys.executable, "-m", "sd2_ray.cli", "serve", "--target", pair[0], "--engine", "vllm",
-                          "--port", str(free_port())], capture_output=True, text=True, timeout=300, env=env)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sd2_ray.cli",
+            "serve",
+            "--target",
+            pair[0],
+            "--engine",
+            "vllm",
+            "--port",
+            str(free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert res.returncode == 2, res.stderr[-2000:]
-    assert res.stderr.strip().splitlines()[-1].startswith("sd2 serve: field 'accelerator': gpu, but the local Ray"), \
+    assert res.stderr.strip().splitlines()[-1].startswith("sd2 serve: field 'accelerator': gpu, but the local Ray"), (
         res.stderr[-2000:]
+    )

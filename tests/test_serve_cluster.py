@@ -2,6 +2,7 @@
 machine, loopback only): the head takes no work, so the job's driver and every replica run on
 the worker, and Serve already serves a production app named ``sd2``. The check must pass through
 a Serve proxy and leave the production app deployed and answering."""
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from conftest import free_ports
 
 pytestmark = [pytest.mark.ray, pytest.mark.cluster, pytest.mark.slow]  # ~100 s on 2 shared cores
@@ -28,12 +28,24 @@ RAY = str(Path(sys.executable).with_name("ray"))
 def _ray_start(args: list[str], temp_dir: str, log_name: str) -> subprocess.Popen:
     """One `ray start --block` node in its own process group (stopped by that group only)."""
     agent, agent_grpc, metrics, env_agent = free_ports(4)
-    cmd = [RAY, "start", "--block", "--node-ip-address=127.0.0.1", f"--dashboard-agent-listen-port={agent}",
-           f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
-           f"--runtime-env-agent-port={env_agent}", f"--temp-dir={temp_dir}", *args]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_agent_register_timeout_ms": "180000",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]),
-                                                       os.environ.get("PYTHONPATH")]))}
+    cmd = [
+        RAY,
+        "start",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--dashboard-agent-listen-port={agent}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--metrics-export-port={metrics}",
+        f"--runtime-env-agent-port={env_agent}",
+        f"--temp-dir={temp_dir}",
+        *args,
+    ]
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_agent_register_timeout_ms": "180000",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")])),
+    }
     env.pop("RAY_ADDRESS", None)
     log = open(os.path.join(temp_dir, log_name), "w")
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -68,9 +80,19 @@ def head_and_worker():
     """(dashboard URL, temp dir): a head with no CPUs and a 2-CPU worker, on free ports."""
     temp_dir = tempfile.mkdtemp(prefix="sd2c-", dir="/tmp")  # Unix socket paths must stay short
     gcs, dashboard, client = free_ports(3)
-    head = _ray_start(["--head", "--num-cpus=0", f"--port={gcs}", f"--dashboard-port={dashboard}",
-                       "--dashboard-host=127.0.0.1", f"--ray-client-server-port={client}",
-                       "--include-dashboard=true"], temp_dir, "head.log")
+    head = _ray_start(
+        [
+            "--head",
+            "--num-cpus=0",
+            f"--port={gcs}",
+            f"--dashboard-port={dashboard}",
+            "--dashboard-host=127.0.0.1",
+            f"--ray-client-server-port={client}",
+            "--include-dashboard=true",
+        ],
+        temp_dir,
+        "head.log",
+    )
     procs = [head]
     try:
         url = f"http://127.0.0.1:{dashboard}"
@@ -126,8 +148,11 @@ def test_smoke_check_from_a_worker_leaves_production_serving(head_and_worker, pa
 
     # The driver takes the worker's CPU (the head has none): it runs on a worker node.
     began = time.monotonic()
-    status, logs = _run_job(dashboard, ["smoke", *models, "--prompts", prompts, "--model-name", "smoke",
-                                        "--timeout", "60"], entrypoint_num_cpus=1)
+    status, logs = _run_job(
+        dashboard,
+        ["smoke", *models, "--prompts", prompts, "--model-name", "smoke", "--timeout", "60"],
+        entrypoint_num_cpus=1,
+    )
     took = time.monotonic() - began
     assert status == "SUCCEEDED", logs[-2000:]
     lines = [line for line in logs.splitlines() if line.startswith("sd2-smoke-result: ")]
@@ -142,6 +167,9 @@ def test_smoke_check_from_a_worker_leaves_production_serving(head_and_worker, pa
     apps = _apps(dashboard)
     assert set(apps) == {"sd2"}, f"apps after the smoke check: {sorted(apps)}"
     assert apps["sd2"]["route_prefix"] == "/" and apps["sd2"]["status"] == "RUNNING"
-    reply = requests.post(f"{prod}/v1/chat/completions", timeout=60, json={
-        "model": "target", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0})
+    reply = requests.post(
+        f"{prod}/v1/chat/completions",
+        timeout=60,
+        json={"model": "target", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0},
+    )
     assert reply.status_code == 200 and reply.json()["model"] == "target"

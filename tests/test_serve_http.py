@@ -4,6 +4,7 @@ One local Ray + Serve per module, two applications: the main one at ``/`` and a 
 (batch 1, no queue) at ``/tight`` for the 503 test. Models: the model kit when it exists,
 else a tiny random pair (same code paths, meaningless acceptance).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -12,7 +13,6 @@ import os
 
 import httpx
 import pytest
-
 
 pytestmark = pytest.mark.ray
 
@@ -24,6 +24,7 @@ def pair(request, tmp_path_factory):
     """(target dir, drafter dir, list of chat prompts)."""
     try:
         import sd2_ray.kit  # noqa: F401
+
         if os.environ.get("SD2_SERVE_TESTS_TINY"):  # quick iterations without the kit
             raise ImportError
     except ImportError:
@@ -52,8 +53,15 @@ def server(pair):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        main = ServeConfig(target=target, drafter=drafter, port=port, num_speculative_tokens=3,
-                           max_batch_size=16, batch_wait_timeout_s=0.05, max_queued_requests=64)
+        main = ServeConfig(
+            target=target,
+            drafter=drafter,
+            port=port,
+            num_speculative_tokens=3,
+            max_batch_size=16,
+            batch_wait_timeout_s=0.05,
+            max_queued_requests=64,
+        )
         serve.run(build_app(main), name="sd2", route_prefix="/")
         tight = main.model_copy(update={"max_batch_size": 1, "max_queued_requests": 0, "app_name": "tight"})
         serve.run(build_app(tight), name="tight", route_prefix="/tight")
@@ -74,8 +82,11 @@ def client(server):
 
 
 def _chat(client, prompt, **kw):
-    return client.chat.completions.create(model="target", messages=[{"role": "user", "content": prompt}],
-                                          **{"max_tokens": MAX_NEW, "temperature": 0, **kw})
+    return client.chat.completions.create(
+        model="target",
+        messages=[{"role": "user", "content": prompt}],
+        **{"max_tokens": MAX_NEW, "temperature": 0, **kw},
+    )
 
 
 def test_models_completion_chat_and_stream(server, client, pair):
@@ -93,8 +104,9 @@ def test_models_completion_chat_and_stream(server, client, pair):
     assert streamed == chat.choices[0].message.content
     assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == chat.choices[0].finish_reason
-    with httpx.stream("POST", f"{server}/v1/completions", json={"prompt": pair[2][1], "max_tokens": 4,
-                                                                "stream": True}) as raw:
+    with httpx.stream(
+        "POST", f"{server}/v1/completions", json={"prompt": pair[2][1], "max_tokens": 4, "stream": True}
+    ) as raw:
         assert raw.headers["content-type"].startswith("text/event-stream")
         events = [line for line in raw.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]" and len(events) >= 2
@@ -112,9 +124,15 @@ def test_greedy_output_equals_target_only(client, pair):
         text = render_messages([{"role": "user", "content": prompt}], tok)
         ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
         with torch.inference_mode():  # the plain target, no drafter, no engine: Hugging Face greedy
-            out = model.generate(ids, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=list(eos_ids_of(model, tok)),
-                                 pad_token_id=tok.pad_token_id, attention_mask=torch.ones_like(ids))
-        new = out[0, ids.shape[1]:].tolist()
+            out = model.generate(
+                ids,
+                max_new_tokens=MAX_NEW,
+                do_sample=False,
+                eos_token_id=list(eos_ids_of(model, tok)),
+                pad_token_id=tok.pad_token_id,
+                attention_mask=torch.ones_like(ids),
+            )
+        new = out[0, ids.shape[1] :].tolist()
         served = _chat(client, prompt)
         assert served.choices[0].message.content == tok.decode(new, skip_special_tokens=True)
         assert served.usage.completion_tokens == len(new)
@@ -130,8 +148,9 @@ def test_concurrent_clients_share_forward_passes(server, pair):
             results = []
             for j in range(3):
                 prompt = pair[2][(i + j) % len(pair[2])]
-                r = await c.chat.completions.create(model="target", messages=[{"role": "user", "content": prompt}],
-                                                    max_tokens=MAX_NEW, temperature=0)
+                r = await c.chat.completions.create(
+                    model="target", messages=[{"role": "user", "content": prompt}], max_tokens=MAX_NEW, temperature=0
+                )
                 results.append(r)
             return results
 
@@ -141,8 +160,10 @@ def test_concurrent_clients_share_forward_passes(server, pair):
     results = [r for rs in asyncio.run(all_clients()) for r in rs]
     assert len(results) == 96 and all(r.choices[0].finish_reason in ("stop", "length") for r in results)
     after = httpx.get(f"{server}/v1/spec_stats").json()
-    delta = {k: after[k] - before[k] for k in ("requests", "completion_tokens", "target_passes",
-                                              "target_forward_calls", "batches")}
+    delta = {
+        k: after[k] - before[k]
+        for k in ("requests", "completion_tokens", "target_passes", "target_forward_calls", "batches")
+    }
     assert delta["requests"] == 96
     assert delta["completion_tokens"] == sum(r.usage.completion_tokens for r in results)
     # Batching merged requests: fewer target forward calls than the requests' own passes
@@ -161,7 +182,7 @@ MALFORMED = [
     ("POST", "/v1/completions", {"prompt": "hi", "n": 3}, 400, "invalid_value"),
     ("POST", "/v1/completions", {"model": "gpt-4", "prompt": "hi"}, 400, "model_not_found"),
     ("POST", "/v1/completions", {"prompt": "hello " * 5000}, 400, "context_length_exceeded"),
-    ("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 10 ** 6}, 400, "context_length_exceeded"),
+    ("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 10**6}, 400, "context_length_exceeded"),
     ("POST", "/v1/chat/completions", {"messages": "hi"}, 400, "invalid_value"),
     ("POST", "/v1/chat/completions", {"messages": [{"role": "user"}], "stream": 1}, 400, "invalid_value"),
     ("GET", "/v1/nothing-here", None, 404, None),
@@ -184,9 +205,9 @@ def test_malformed_requests_get_openai_4xx(server, client, method, path, body, s
 def test_stop_strings_and_seeded_sampling(client, pair):
     full = _chat(client, pair[2][1]).choices[0].message.content
     if len(full) >= 4:
-        stop = full[len(full) // 2:len(full) // 2 + 2]
+        stop = full[len(full) // 2 : len(full) // 2 + 2]
         cut = _chat(client, pair[2][1], stop=[stop])
-        assert cut.choices[0].message.content == full[:full.index(stop)]
+        assert cut.choices[0].message.content == full[: full.index(stop)]
         assert cut.choices[0].finish_reason == "stop"
     a = _chat(client, pair[2][2], temperature=1.0, seed=7).choices[0].message.content
     b = _chat(client, pair[2][2], temperature=1.0, seed=7).choices[0].message.content

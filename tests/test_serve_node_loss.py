@@ -3,6 +3,7 @@ reclaim would), under load from real HTTP clients on loopback: requests in fligh
 node fail fast (5xx) or are retried, none hang, and the replica count recovers to 2 once a
 replacement node joins. ``ray.cluster_utils.Cluster``: a head that takes no work and two
 1-CPU workers, so each of the 2 replicas sits on its own node."""
+
 from __future__ import annotations
 
 import os
@@ -12,7 +13,6 @@ import tempfile
 import time
 
 import pytest
-
 from conftest import free_ports
 
 pytestmark = [pytest.mark.ray, pytest.mark.cluster, pytest.mark.slow]  # 90-135 s on 2 shared cores
@@ -36,9 +36,13 @@ def cluster(monkeypatch):
     monkeypatch.setenv("RAY_SERVE_WORKER_PROXY_HTTP_PORT", str(worker_proxy))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     # The GCS declares a silent raylet dead after 3 missed 1 s health checks (Ray's default: 5 x 3 s).
-    head = {"num_cpus": 0, "include_dashboard": False, "dashboard_agent_listen_port": agent,
-            "dashboard_port": dashboard,
-            "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}}
+    head = {
+        "num_cpus": 0,
+        "include_dashboard": False,
+        "dashboard_agent_listen_port": agent,
+        "dashboard_port": dashboard,
+        "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3},
+    }
     c = Cluster(initialize_head=True, head_node_args=head)
     try:
         for _ in range(2):
@@ -67,8 +71,16 @@ def served(cluster, tmp_path):
     target, drafter = save_tiny_pair(str(tmp_path))
     (port,) = free_ports(1)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    config = ServeConfig(target=target, drafter=drafter, port=port, model_name="target", replicas=2,
-                         num_cpus_per_replica=1, max_batch_size=4, batch_wait_timeout_s=0.01)
+    config = ServeConfig(
+        target=target,
+        drafter=drafter,
+        port=port,
+        model_name="target",
+        replicas=2,
+        num_cpus_per_replica=1,
+        max_batch_size=4,
+        batch_wait_timeout_s=0.01,
+    )
     serve.run(build_app(config), name=APP, route_prefix="/")
     return f"http://127.0.0.1:{port}/v1"
 
@@ -84,8 +96,9 @@ def test_serve_answers_through_the_loss_of_a_replica_node(cluster, served):
 
     timeline = Timeline(lambda: running_replicas(APP)).start()
     assert timeline.wait_for(lambda n: n == 2, 60) is not None
-    load = Load(served, 4, ["hello world", "def add(a, b):", "The quick brown fox"], max_tokens=32,
-                timeout_s=TIMEOUT_S).start()
+    load = Load(
+        served, 4, ["hello world", "def add(a, b):", "The quick brown fox"], max_tokens=32, timeout_s=TIMEOUT_S
+    ).start()
     time.sleep(3)
     lost = next(iter(cluster.worker_nodes))
     killed_at = time.monotonic()
@@ -102,10 +115,12 @@ def test_serve_answers_through_the_loss_of_a_replica_node(cluster, served):
     outcomes = load.snapshot()
     during = [o for o in outcomes if o.start <= killed_at + (recovered_after or 0) and o.end >= killed_at]
     bad = failed(outcomes)
-    print(f"node loss: replicas back to 2 {recovered_after and round(recovered_after, 1)} s after the kill; "
-          f"{len(outcomes)} requests, {len(bad)} failed ({sorted({o.status for o in bad})}), "
-          f"{sum(o.ok for o in during)} answered between the kill and recovery, slowest "
-          f"{max(o.end - o.start for o in outcomes):.1f} s; first failure: {bad[0].error[:120] if bad else '-'}")
+    print(
+        f"node loss: replicas back to 2 {recovered_after and round(recovered_after, 1)} s after the kill; "
+        f"{len(outcomes)} requests, {len(bad)} failed ({sorted({o.status for o in bad})}), "
+        f"{sum(o.ok for o in during)} answered between the kill and recovery, slowest "
+        f"{max(o.end - o.start for o in outcomes):.1f} s; first failure: {bad[0].error[:120] if bad else '-'}"
+    )
     assert stopped, "a client was still waiting past its timeout"
     assert dropped is not None and recovered is not None, f"replicas never back to 2: {timeline.samples[-10:]}"
     assert all(500 <= o.status < 600 for o in bad), [(o.status, o.error) for o in bad][:5]

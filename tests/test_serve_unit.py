@@ -1,4 +1,5 @@
 """Serving layer without Ray: config, request validation, text/stop handling, batch runner."""
+
 from __future__ import annotations
 
 import asyncio
@@ -34,8 +35,9 @@ def test_config_replicas_and_autoscaling():
     assert cfg.served_model_name == "target" and cfg.base_url == "http://127.0.0.1:8000/v1"
     auto = ServeConfig.load(None, {"target": "t", "replicas": "auto"})
     assert auto.autoscaling_settings() == {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4.0}
-    custom = ServeConfig.load(None, {"target": "t", "autoscaling.max_replicas": 5,
-                                     "autoscaling.target_ongoing_requests": 2})
+    custom = ServeConfig.load(
+        None, {"target": "t", "autoscaling.max_replicas": 5, "autoscaling.target_ongoing_requests": 2}
+    )
     assert custom.autoscaling_settings()["max_replicas"] == 5
     with pytest.raises(ConfigError, match="autoscaling"):
         ServeConfig.load(None, {"target": "t", "autoscaling": {"min_replicas": 3, "max_replicas": 2}})
@@ -50,30 +52,56 @@ def test_config_replicas_and_autoscaling():
 def test_cli_flags_come_from_config_fields():
     from sd2_ray import cli
 
-    args = cli.build_parser().parse_args(["serve", "--target", "T", "--drafter", "D", "--port", "8123",
-                                          "--num-speculative-tokens", "3", "--replicas", "auto",
-                                          "--api-key", "k", "--engine", "vllm"])
+    args = cli.build_parser().parse_args(
+        [
+            "serve",
+            "--target",
+            "T",
+            "--drafter",
+            "D",
+            "--port",
+            "8123",
+            "--num-speculative-tokens",
+            "3",
+            "--replicas",
+            "auto",
+            "--api-key",
+            "k",
+            "--engine",
+            "vllm",
+        ]
+    )
     cfg = cli.load_config("serve", args)
-    assert (cfg.target, cfg.drafter, cfg.port, cfg.num_speculative_tokens, cfg.replicas, cfg.api_key,
-            cfg.engine) == (os.path.abspath("T"), os.path.abspath("D"), 8123, 3, "auto", "k", "vllm")
+    assert (cfg.target, cfg.drafter, cfg.port, cfg.num_speculative_tokens, cfg.replicas, cfg.api_key, cfg.engine) == (
+        os.path.abspath("T"),
+        os.path.abspath("D"),
+        8123,
+        3,
+        "auto",
+        "k",
+        "vllm",
+    )
 
 
-@pytest.mark.parametrize("body, param", [
-    (b"{not json", None),
-    (b"[1, 2]", None),
-    (b'{"prompt": "x", "max_tokens": 0}', "max_tokens"),
-    (b'{"prompt": "x", "max_tokens": -3}', "max_tokens"),
-    (b'{"prompt": "x", "max_tokens": "ten"}', "max_tokens"),
-    (b'{"prompt": "x", "temperature": "hot"}', "temperature"),
-    (b'{"prompt": "x", "temperature": 3}', "temperature"),
-    (b'{"prompt": "x", "n": 2}', "n"),
-    (b'{"prompt": "x", "stream": "yes"}', "stream"),
-    (b'{"prompt": 5}', "prompt"),
-    (b'{"max_tokens": 5}', "prompt"),
-    (b'{"prompt": ["a", "b"]}', "prompt"),
-    (b'{"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}', "stop"),
-    (b'{"prompt": "x", "logprobs": 3}', "logprobs"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        (b"{not json", None),
+        (b"[1, 2]", None),
+        (b'{"prompt": "x", "max_tokens": 0}', "max_tokens"),
+        (b'{"prompt": "x", "max_tokens": -3}', "max_tokens"),
+        (b'{"prompt": "x", "max_tokens": "ten"}', "max_tokens"),
+        (b'{"prompt": "x", "temperature": "hot"}', "temperature"),
+        (b'{"prompt": "x", "temperature": 3}', "temperature"),
+        (b'{"prompt": "x", "n": 2}', "n"),
+        (b'{"prompt": "x", "stream": "yes"}', "stream"),
+        (b'{"prompt": 5}', "prompt"),
+        (b'{"max_tokens": 5}', "prompt"),
+        (b'{"prompt": ["a", "b"]}', "prompt"),
+        (b'{"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}', "stop"),
+        (b'{"prompt": "x", "logprobs": 3}', "logprobs"),
+    ],
+)
 def test_completion_request_errors_are_400_naming_the_field(body, param):
     with pytest.raises(oa.OpenAIError) as info:
         oa.validate_request(oa.CompletionRequest, body)
@@ -84,14 +112,21 @@ def test_completion_request_errors_are_400_naming_the_field(body, param):
 
 
 def test_chat_request_validation():
-    ok = oa.validate_request(oa.ChatCompletionRequest, b'{"messages": [{"role": "user", "content": '
-                                                      b'[{"type": "text", "text": "a"}, {"type": "text", '
-                                                      b'"text": "b"}]}], "max_completion_tokens": 4, '
-                                                      b'"stop": "x", "user": "ignored"}')
+    ok = oa.validate_request(
+        oa.ChatCompletionRequest,
+        b'{"messages": [{"role": "user", "content": '
+        b'[{"type": "text", "text": "a"}, {"type": "text", '
+        b'"text": "b"}]}], "max_completion_tokens": 4, '
+        b'"stop": "x", "user": "ignored"}',
+    )
     assert ok.plain_messages() == [{"role": "user", "content": "ab"}]
     assert ok.requested_max_tokens == 4 and ok.stop_strings == ["x"]
-    for body in (b'{"messages": []}', b'{"messages": "hi"}', b'{"messages": [{"content": "x"}]}',
-                 b'{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}'):
+    for body in (
+        b'{"messages": []}',
+        b'{"messages": "hi"}',
+        b'{"messages": [{"content": "x"}]}',
+        b'{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}',
+    ):
         with pytest.raises(oa.OpenAIError) as info:
             oa.validate_request(oa.ChatCompletionRequest, body)
         assert info.value.status == 400 and info.value.param.startswith("messages")
@@ -114,8 +149,9 @@ def test_context_bounds_and_unknown_model(tokenizer):
         core.prepare_completion(ids, tokenizer, max_model_len=64, vocab_size=len(tokenizer))
     chat = oa.validate_request(oa.ChatCompletionRequest, b'{"messages": [{"role": "user", "content": "hi"}]}')
     prepared = core.prepare_chat(chat, tokenizer, max_model_len=64, default_max_tokens=1000)
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                             add_generation_prompt=True)
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert prepared.prompt_ids == tokenizer(rendered, add_special_tokens=False)["input_ids"]
     assert prepared.max_tokens == 64 - len(prepared.prompt_ids)  # default: the rest of the context
     core.check_model_name(None, "target")
@@ -128,7 +164,7 @@ def test_context_bounds_and_unknown_model(tokenizer):
 def _feed_all(stream, ids, step=1):
     out = ""
     for i in range(0, len(ids), step):
-        out += stream.feed(ids[i:i + step])
+        out += stream.feed(ids[i : i + step])
         if stream.stopped:
             break
     return out + stream.finish()
@@ -143,7 +179,7 @@ def test_text_stream_equals_full_decode_and_trims_stop_strings(tokenizer):
     assert stream.stopped
     # a stop string spread over several tokens, fed 3 at a time: never leaks its first part
     stream = core.TextStream(tokenizer, stop=["over the"])
-    pieces = [stream.feed(ids[i:i + 3]) for i in range(0, len(ids), 3)]
+    pieces = [stream.feed(ids[i : i + 3]) for i in range(0, len(ids), 3)]
     assert "".join(pieces) + stream.finish() == "The quick brown fox jumps "
     assert all("over" not in p for p in pieces)
     # multi-byte characters split over byte-level tokens are released whole
@@ -163,7 +199,7 @@ def test_run_batch_streams_each_request_and_honours_stop(pair, tokenizer):
     plain = core.PreparedRequest(tokenizer("hello")["input_ids"], 12, SamplingParams())
     reference = engine.generate([plain.generation_request()])[0]
     ref_text = tokenizer.decode(reference.token_ids, skip_special_tokens=True)
-    stop_at = ref_text[len(ref_text) // 2:len(ref_text) // 2 + 2]
+    stop_at = ref_text[len(ref_text) // 2 : len(ref_text) // 2 + 2]
     stopped = core.PreparedRequest(plain.prompt_ids, 12, SamplingParams(), stop=[stop_at] if stop_at.strip() else [])
     other = core.PreparedRequest(tokenizer("numbers 1 2")["input_ids"], 7, SamplingParams())
     jobs = [core_job for core_job in (Job(r, core.TextStream(tokenizer, r.stop)) for r in (plain, stopped, other))]
@@ -181,7 +217,7 @@ def test_run_batch_streams_each_request_and_honours_stop(pair, tokenizer):
     assert texts[0] == ref_text and finals[0].token_ids == reference.token_ids
     assert finals[0].finish_reason == reference.finish_reason
     if stopped.stop:
-        assert texts[1] == ref_text[:ref_text.index(stop_at)] and finals[1].finish_reason == "stop"
+        assert texts[1] == ref_text[: ref_text.index(stop_at)] and finals[1].finish_reason == "stop"
     assert len(finals[2].token_ids) <= 7 and finals[2].stats.target_passes >= 1
 
 
@@ -192,14 +228,16 @@ def test_large_batches_decode_without_the_drafter_and_say_so(pair, tokenizer):
     from sd2_ray.specdec.types import SamplingParams
 
     engine = SpeculativeEngine.from_dirs(pair[0], pair[1], num_speculative_tokens=3)
-    requests = [core.PreparedRequest(tokenizer(text)["input_ids"], 10, SamplingParams())
-                for text in ("hello", "numbers 1 2", "the cat")]
+    requests = [
+        core.PreparedRequest(tokenizer(text)["input_ids"], 10, SamplingParams())
+        for text in ("hello", "numbers 1 2", "the cat")
+    ]
 
     async def finals(speculate):
         jobs = [Job(r, core.TextStream(tokenizer, r.stop)) for r in requests]
         last = [None] * len(jobs)
         async for step in run_batch(engine, jobs, ThreadPoolExecutor(1), speculate=speculate):
-            last = [d if d.finish_reason else prev for d, prev in zip(step, last)]
+            last = [d if d.finish_reason else prev for d, prev in zip(step, last, strict=True)]
         return last
 
     drafted, plain = asyncio.run(finals(True)), asyncio.run(finals(False))
@@ -222,8 +260,19 @@ def test_metrics_summary_totals():
 
     m = SpecMetrics("t", 2)
     m.record_batch(3)
-    m.record_request(SpecStats(2, target_passes=4, num_drafts=4, num_draft_tokens=8, num_accepted_tokens=4,
-                               committed_tokens=8, accepted_per_position=[3, 1]), 5, 8)
+    m.record_request(
+        SpecStats(
+            2,
+            target_passes=4,
+            num_drafts=4,
+            num_draft_tokens=8,
+            num_accepted_tokens=4,
+            committed_tokens=8,
+            accepted_per_position=[3, 1],
+        ),
+        5,
+        8,
+    )
     s = m.summary()
     assert s["mean_accepted_length"] == 2.0 and s["per_position_acceptance"] == [0.75, 0.25]
     assert s["acceptance_rate"] == 0.5 and s["max_batch_size_seen"] == 3 and s["completion_tokens"] == 8
@@ -233,15 +282,26 @@ def test_app_builder_maps_replicas_autoscaling_and_queue_bounds():
     from sd2_ray.errors import ConfigError as Err
     from sd2_ray.serve.app import app_builder
 
-    auto = app_builder({"target": "/m/target", "replicas": "auto", "max_batch_size": 4,
-                        "max_queued_requests": 10, "autoscaling": {"max_replicas": 3}})._bound_deployment
+    auto = app_builder(
+        {
+            "target": "/m/target",
+            "replicas": "auto",
+            "max_batch_size": 4,
+            "max_queued_requests": 10,
+            "autoscaling": {"max_replicas": 3},
+        }
+    )._bound_deployment
     cfg = auto._deployment_config
     assert (cfg.autoscaling_config.min_replicas, cfg.autoscaling_config.max_replicas) == (1, 3)
     # the replica answers 503 itself past 4 + 10; Serve's limits sit above that as a backstop
     assert cfg.max_ongoing_requests > 14 and cfg.max_queued_requests >= 14
     # the delays and windows reach Serve as given; unset ones keep Serve's defaults
-    quick = app_builder({"target": "/m/target", "autoscaling": {
-        "max_replicas": 3, "upscale_delay_s": 2, "downscale_delay_s": 5, "look_back_period_s": 2}})._bound_deployment._deployment_config.autoscaling_config
+    quick = app_builder(
+        {
+            "target": "/m/target",
+            "autoscaling": {"max_replicas": 3, "upscale_delay_s": 2, "downscale_delay_s": 5, "look_back_period_s": 2},
+        }
+    )._bound_deployment._deployment_config.autoscaling_config
     assert (quick.upscale_delay_s, quick.downscale_delay_s, quick.look_back_period_s) == (2, 5, 2)
     assert cfg.autoscaling_config.downscale_delay_s == 600.0
     with pytest.raises(Err, match="downscale_delay_s"):
@@ -261,14 +321,14 @@ def test_one_failing_request_fails_alone_not_its_batch(pair, tokenizer):
 
     engine = SpeculativeEngine.from_dirs(pair[0], pair[1], num_speculative_tokens=3)
     good = [core.PreparedRequest(tokenizer(text)["input_ids"], 6, SamplingParams()) for text in ("hello", "the cat")]
-    bad = core.PreparedRequest([10 ** 6], 6, SamplingParams())
+    bad = core.PreparedRequest([10**6], 6, SamplingParams())
     expected = [r.token_ids for r in engine.generate([g.generation_request() for g in good])]
 
     async def finals():
         jobs = [Job(r, core.TextStream(tokenizer, r.stop)) for r in (good[0], bad, good[1])]
         last = [None] * 3
         async for step in run_batch(engine, jobs, ThreadPoolExecutor(1)):
-            last = [d if d.finish_reason else prev for d, prev in zip(step, last)]
+            last = [d if d.finish_reason else prev for d, prev in zip(step, last, strict=True)]
         return last
 
     first, failed, third = asyncio.run(finals())
@@ -277,7 +337,7 @@ def test_one_failing_request_fails_alone_not_its_batch(pair, tokenizer):
     assert [first.token_ids, third.token_ids] == expected
 
 
-@pytest.mark.parametrize("seed, ok", [(2 ** 63 - 1, True), (-(2 ** 63), True), (2 ** 70, False), (-(2 ** 64), False)])
+@pytest.mark.parametrize("seed, ok", [(2**63 - 1, True), (-(2**63), True), (2**70, False), (-(2**64), False)])
 def test_seed_outside_64_bits_is_a_400_naming_it(seed, ok):
     body = json.dumps({"prompt": "hi", "seed": seed}).encode()
     if ok:
@@ -295,9 +355,13 @@ def test_smoke_check_reaches_serve_through_its_proxies(monkeypatch):
 
     from sd2_ray.serve import smoke
 
-    details = {"http_options": {"host": "0.0.0.0", "port": 8000}, "target_groups": [
-        {"protocol": "HTTP", "targets": [{"ip": "10.0.0.1", "port": 8000}, {"ip": "10.0.0.2", "port": 8000}]},
-        {"protocol": "gRPC", "targets": [{"ip": "10.0.0.1", "port": 9000}]}]}
+    details = {
+        "http_options": {"host": "0.0.0.0", "port": 8000},
+        "target_groups": [
+            {"protocol": "HTTP", "targets": [{"ip": "10.0.0.1", "port": 8000}, {"ip": "10.0.0.2", "port": 8000}]},
+            {"protocol": "gRPC", "targets": [{"ip": "10.0.0.1", "port": 9000}]},
+        ],
+    }
     monkeypatch.setattr(smoke, "_details", lambda: details)
     monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "10.0.0.2")
     assert smoke.proxy_urls() == ["http://10.0.0.1:8000", "http://10.0.0.2:8000"]

@@ -3,6 +3,7 @@ on the model kit, behind the same routes, checked with the official ``openai`` c
 
 Engine start-up alone is ~65-70 s on 2 cores, hence ``slow``: ``pytest -m "vllm and slow"``.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,18 +26,25 @@ def _free_port() -> int:
 def vllm_server(kit_dir):
     from ray import serve
 
+    from sd2_ray.runtime import ensure_ray
     from sd2_ray.serve.app import build_app
     from sd2_ray.serve.config import ServeConfig
-    from sd2_ray.runtime import ensure_ray
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     ray = ensure_ray(num_cpus=4)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    config = ServeConfig(target=os.path.join(kit_dir, "target"), drafter=os.path.join(kit_dir, "drafter"),
-                         engine="vllm", accelerator="cpu", port=port, num_speculative_tokens=3, api_key="k3y",
-                         max_model_len=256,
-                         model_name="kit-target")
+    config = ServeConfig(
+        target=os.path.join(kit_dir, "target"),
+        drafter=os.path.join(kit_dir, "drafter"),
+        engine="vllm",
+        accelerator="cpu",
+        port=port,
+        num_speculative_tokens=3,
+        api_key="k3y",
+        max_model_len=256,
+        model_name="kit-target",
+    )
     try:
         serve.run(build_app(config), name="sd2-vllm", route_prefix="/")
         yield f"http://127.0.0.1:{port}", config
@@ -68,21 +76,40 @@ def test_vllm_engine_same_api(vllm_server, kit_dir):
     text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
     ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
     with torch.inference_mode():
-        out = model.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=list(eos_ids_of(model, tok)),
-                             pad_token_id=tok.pad_token_id, attention_mask=torch.ones_like(ids))
-    expected = tok.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+        out = model.generate(
+            ids,
+            max_new_tokens=16,
+            do_sample=False,
+            eos_token_id=list(eos_ids_of(model, tok)),
+            pad_token_id=tok.pad_token_id,
+            attention_mask=torch.ones_like(ids),
+        )
+    expected = tok.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
 
     done = client.completions.create(model="kit-target", prompt=text, max_tokens=16, temperature=0)
     assert done.choices[0].text == expected  # lossless: vLLM spec decode == HF target-only greedy
-    chat = client.chat.completions.create(model="kit-target", messages=[{"role": "user", "content": prompt}],
-                                          max_tokens=16, temperature=0)
-    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        model="kit-target", messages=[{"role": "user", "content": prompt}], max_tokens=16, temperature=0,
-        stream=True) if c.choices)
+    chat = client.chat.completions.create(
+        model="kit-target", messages=[{"role": "user", "content": prompt}], max_tokens=16, temperature=0
+    )
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(
+            model="kit-target",
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=16,
+            temperature=0,
+            stream=True,
+        )
+        if c.choices
+    )
     assert streamed == chat.choices[0].message.content and chat.usage.completion_tokens >= 1
 
-    bad = httpx.post(f"{root}/v1/completions", headers={"Authorization": "Bearer k3y"}, timeout=30,
-                     json={"model": "kit-target", "prompt": "x", "max_tokens": "ten"})
+    bad = httpx.post(
+        f"{root}/v1/completions",
+        headers={"Authorization": "Bearer k3y"},
+        timeout=30,
+        json={"model": "kit-target", "prompt": "x", "max_tokens": "ten"},
+    )
     assert bad.status_code == 400 and "error" in bad.json()
     stats = httpx.get(f"{root}/v1/spec_stats", headers={"Authorization": "Bearer k3y"}, timeout=30).json()
     assert stats["engine"] == "vllm" and stats["speculative_config"]["num_speculative_tokens"] == 3

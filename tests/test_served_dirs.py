@@ -3,6 +3,7 @@
 once sat there as ``masks.safetensors`` and worked only because they sorted first and were
 overwritten). The pruned dir and the fine-tuned dir hold exactly the model's tensors at their top,
 and the stages still find the masks."""
+
 from __future__ import annotations
 
 import glob
@@ -11,8 +12,8 @@ import shutil
 
 import pytest
 import torch
-
 from _prune_tiny import save_tiny
+
 from sd2_ray import cli
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -44,8 +45,7 @@ def pruned(tmp_path_factory):
     root = tmp_path_factory.mktemp("served")
     model = save_tiny("llama", str(root / "tiny"), layers=2)
     out = str(root / "pruned")
-    assert cli.main(["prune", "--model", model, "--method", "magnitude", "--sparsity", "0.5",
-                     "--output", out]) == 0
+    assert cli.main(["prune", "--model", model, "--method", "magnitude", "--sparsity", "0.5", "--output", out]) == 0
     return out
 
 
@@ -81,12 +81,15 @@ def test_a_fine_tuned_dir_holds_the_models_tensors_and_carries_the_masks(pruned,
 
 def test_a_metadata_copy_brings_the_masks_but_no_weights(pruned):
     """The fine-tune's driver reads the masks from a metadata copy of the model dir."""
+    import fnmatch
+
     from sd2_ray.models.io import METADATA_FILES
     from sd2_ray.models.sparsity import MASKS_FILE
 
-    import fnmatch
-
-    rels = [os.path.relpath(p, pruned) for p in glob.glob(os.path.join(pruned, "**", "*"), recursive=True)
-            if os.path.isfile(p)]
+    rels = [
+        os.path.relpath(p, pruned)
+        for p in glob.glob(os.path.join(pruned, "**", "*"), recursive=True)
+        if os.path.isfile(p)
+    ]
     fetched = [r for r in rels if any(fnmatch.fnmatchcase(r, p) for p in METADATA_FILES + (MASKS_FILE,))]
     assert MASKS_FILE in fetched and not any(r.endswith("model.safetensors") for r in fetched)

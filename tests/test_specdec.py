@@ -1,8 +1,8 @@
 """The speculative engine is lossless: greedy equals the target's own greedy decoding (HF
 ``generate``), sampling follows the target's distribution, batched rows diverge correctly.
 The engine-level tests run on both KV caches: static (the default) and the growing one."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import pytest
 import torch
@@ -11,9 +11,8 @@ from sd2_ray.models.tiny import tiny_model
 from sd2_ray.specdec.engine import SpeculativeEngine
 from sd2_ray.specdec.kv import RaggedKV
 from sd2_ray.specdec.sampling import RowParams, warp_probs
-from sd2_ray.testing.engine_pairs import noisy_copy, sharpen
 from sd2_ray.specdec.types import GenerationRequest, SamplingParams
-
+from sd2_ray.testing.engine_pairs import noisy_copy, sharpen
 
 
 @pytest.fixture(autouse=True)
@@ -22,19 +21,26 @@ def no_grad():
     of the same process (fine-tuning tests then train nothing)."""
     with torch.no_grad():
         yield
+
+
 PROMPT_LENGTHS = [5, 11, 2, 8, 3]
 
 
 def prompts_for(n: int, vocab: int = 96, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (PROMPT_LENGTHS[i % len(PROMPT_LENGTHS)],), generator=g).tolist()
-            for i in range(n)]
+    return [torch.randint(3, vocab, (PROMPT_LENGTHS[i % len(PROMPT_LENGTHS)],), generator=g).tolist() for i in range(n)]
 
 
 def hf_greedy(model, prompt: list[int], n: int, eos: int | None = 2) -> list[int]:
-    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                         max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    out = model.generate(
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        max_new_tokens=n,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=0,
+    )
+    return out[0, len(prompt) :].tolist()
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -59,7 +65,7 @@ def test_greedy_equals_target_greedy(pair, batch, k, make_engine):
     refs = [hf_greedy(target, p, 24) for p in prompts]
     results = make_engine(target, drafter, k).generate([GenerationRequest(p, 24) for p in prompts])
     assert [r.token_ids for r in results] == refs
-    for r, ref in zip(results, refs):
+    for r, ref in zip(results, refs, strict=True):
         assert r.finish_reason == ("stop" if ref[-1] == 2 else "length")
         assert 1.0 <= r.stats.mean_accepted_length <= k + 1
         assert r.stats.committed_tokens == len(ref)
@@ -83,9 +89,11 @@ def test_stop_token_mid_draft(pair, make_engine):
     prompt = prompts_for(1, seed=5)[0]
     ref = hf_greedy(target, prompt, 20, eos=None)
     stop = ref[5]  # position 5 lies inside the second draft when K = 3 and drafter == target
-    expected = ref[:ref.index(stop) + 1]
-    for engine_kwargs, request_kwargs in (({"eos_token_ids": ()}, {"stop_token_ids": (stop,)}),
-                                          ({"eos_token_ids": (stop,)}, {})):
+    expected = ref[: ref.index(stop) + 1]
+    for engine_kwargs, request_kwargs in (
+        ({"eos_token_ids": ()}, {"stop_token_ids": (stop,)}),
+        ({"eos_token_ids": (stop,)}, {}),
+    ):
         engine = make_engine(target, target, 3, **engine_kwargs)
         result = engine.generate([GenerationRequest(prompt, 20, **request_kwargs)])[0]
         assert result.token_ids == expected and result.finish_reason == "stop"
@@ -126,16 +134,20 @@ def test_callback_streams_in_order_and_can_stop(pair, make_engine):
     assert [seen[i] for i in range(3)] == [r.token_ids for r in results]
     assert results[1].finish_reason == "stop" and 4 <= len(results[1].token_ids) < 16
     assert results[0].finish_reason == "length" and len(results[0].token_ids) == 16
-    assert results[1].token_ids == hf_greedy(target, prompts[1], 16, eos=None)[:len(results[1].token_ids)]
+    assert results[1].token_ids == hf_greedy(target, prompts[1], 16, eos=None)[: len(results[1].token_ids)]
 
 
 def test_mixed_batch_and_max_batch_size(pair, make_engine):
     _, target, drafter = pair
     prompts = prompts_for(4, seed=13)
-    params = [SamplingParams(), SamplingParams(temperature=0.8, top_k=10, seed=1), SamplingParams(),
-              SamplingParams(temperature=1.2, top_p=0.8, seed=2)]
+    params = [
+        SamplingParams(),
+        SamplingParams(temperature=0.8, top_k=10, seed=1),
+        SamplingParams(),
+        SamplingParams(temperature=1.2, top_p=0.8, seed=2),
+    ]
     engine = make_engine(target, drafter, 3, max_batch_size=3)
-    results = engine.generate([GenerationRequest(p, 16, s) for p, s in zip(prompts, params)])
+    results = engine.generate([GenerationRequest(p, 16, s) for p, s in zip(prompts, params, strict=True)])
     for i in (0, 2):
         assert results[i].token_ids == hf_greedy(target, prompts[i], 16)
     again = engine.generate([GenerationRequest(prompts[1], 16, params[1])])[0]
@@ -178,8 +190,7 @@ def test_ragged_kv_holes_and_compaction_keep_logits():
 
 
 def test_warp_probs_matches_transformers_warpers():
-    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
-                                                        TopPLogitsWarper)
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     logits = torch.randn(3, 1, 50) * 3
     params = [SamplingParams(0.7, 0.9, 5), SamplingParams(1.3, 0.5, 0), SamplingParams(0.5, 1.0, 12)]
@@ -208,8 +219,9 @@ def exact_joint(target, prompt, sp: SamplingParams) -> torch.Tensor:
 
 
 def sampled_joint(engine, prompt, sp: SamplingParams, n: int) -> torch.Tensor:
-    requests = [GenerationRequest(prompt, 3, SamplingParams(sp.temperature, sp.top_p, sp.top_k, seed=s))
-                for s in range(n)]
+    requests = [
+        GenerationRequest(prompt, 3, SamplingParams(sp.temperature, sp.top_p, sp.top_k, seed=s)) for s in range(n)
+    ]
     counts = torch.zeros(VOCAB, VOCAB)
     for r in engine.generate(requests):
         counts[r.token_ids[0], r.token_ids[1]] += 1

@@ -3,6 +3,7 @@
 The cache tests compare logits with a plain forward over the same tokens; the compiled tests
 (slow: torch.compile builds C++ kernels, minutes on a shared 2-core box) show that compiled
 and eager decoding give the same tokens, greedy and seeded sampling alike."""
+
 from __future__ import annotations
 
 import copy
@@ -15,9 +16,8 @@ from sd2_ray.specdec.engine import SpeculativeEngine, right_aligned
 from sd2_ray.specdec.sampling import RowParams
 from sd2_ray.specdec.static_kv import StaticKV, supports_static
 from sd2_ray.specdec.steps import DecodeSteps
-from sd2_ray.testing.engine_pairs import sharpen
 from sd2_ray.specdec.types import GenerationRequest, SamplingParams
-
+from sd2_ray.testing.engine_pairs import sharpen
 
 
 @pytest.fixture(autouse=True)
@@ -25,6 +25,8 @@ def no_grad():
     """Inference only (a module-level switch would leak into later test files)."""
     with torch.no_grad():
         yield
+
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -72,8 +74,9 @@ def test_draft_chain_equals_step_by_step_greedy():
     prompt = [5, 9, 14, 3]
     kv = StaticKV(model, 1, capacity=16)
     rp = RowParams.from_params([SamplingParams()])
-    drafts, probs = DecodeSteps(model).draft(kv, torch.tensor([prompt]), torch.ones(1, 4, dtype=torch.bool), 3,
-                                             rp, torch.zeros(1, 3), vocab=96)
+    drafts, probs = DecodeSteps(model).draft(
+        kv, torch.tensor([prompt]), torch.ones(1, 4, dtype=torch.bool), 3, rp, torch.zeros(1, 3), vocab=96
+    )
     ids = list(prompt)
     for _ in range(3):
         ids.append(int(last_logits(model, ids).argmax()))
@@ -106,17 +109,19 @@ def test_compiled_steps_give_the_eager_tokens():
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 96, (n,), generator=g).tolist() for n in (5, 11, 2)]
     budgets = [30, 17, 9]
-    engines = [SpeculativeEngine(target, drafter, 3, eos_token_ids=(), compile=True),
-               SpeculativeEngine(target, drafter, 3, eos_token_ids=()),
-               SpeculativeEngine(target, drafter, 3, eos_token_ids=(), static_cache=False)]
+    engines = [
+        SpeculativeEngine(target, drafter, 3, eos_token_ids=(), compile=True),
+        SpeculativeEngine(target, drafter, 3, eos_token_ids=()),
+        SpeculativeEngine(target, drafter, 3, eos_token_ids=(), static_cache=False),
+    ]
     assert engines[0].compile
     for sp in (SamplingParams(), SamplingParams(temperature=0.9, top_k=20, seed=3)):
-        requests = [GenerationRequest(p, n, sp) for p, n in zip(prompts, budgets)]
+        requests = [GenerationRequest(p, n, sp) for p, n in zip(prompts, budgets, strict=True)]
         outputs = [[r.token_ids for r in e.generate(requests)] for e in engines]
         assert outputs[0] == outputs[1] == outputs[2]
         assert [len(o) for o in outputs[0]] == budgets
     alone = SpeculativeEngine(target, None, 0, eos_token_ids=(), compile=True)
-    requests = [GenerationRequest(p, n) for p, n in zip(prompts, budgets)]
+    requests = [GenerationRequest(p, n) for p, n in zip(prompts, budgets, strict=True)]
     greedy = [r.token_ids for r in engines[1].generate(requests)]
     assert [r.token_ids for r in alone.generate(requests)] == greedy
 

@@ -1,4 +1,5 @@
 """Cross-tokenizer pairs (UAG): lossless greedy and sampling, translation pieces."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,10 +7,9 @@ import torch
 
 from sd2_ray.models.tiny import tiny_model
 from sd2_ray.specdec.engine import SpeculativeEngine
-from sd2_ray.testing.engine_pairs import bpe_tokenizer, char_tokenizer, noisy_copy, permuted_copy, sharpen
 from sd2_ray.specdec.types import GenerationRequest, SamplingParams
 from sd2_ray.specdec.uag import Translator, common_prefix, needs_translation
-
+from sd2_ray.testing.engine_pairs import bpe_tokenizer, char_tokenizer, noisy_copy, permuted_copy, sharpen
 
 
 @pytest.fixture(autouse=True)
@@ -18,6 +18,8 @@ def no_grad():
     of the same process (fine-tuning tests then train nothing)."""
     with torch.no_grad():
         yield
+
+
 TEXTS = ["hello there", "the cat sat on the", "x", "An answer: 42"]
 
 
@@ -35,9 +37,15 @@ def target(toks):
 
 
 def hf_greedy(model, prompt, n, eos=2):
-    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                         max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    out = model.generate(
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        max_new_tokens=n,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=0,
+    )
+    return out[0, len(prompt) :].tolist()
 
 
 def test_translation_is_chosen_only_when_vocabularies_differ(toks, target):
@@ -79,8 +87,9 @@ def test_same_function_drafter_with_other_vocabulary_accepts_everything(toks, ta
     results = engine.generate([GenerationRequest(p, 3 * (k + 1)) for p in prompts])
     assert [r.token_ids for r in results] == [hf_greedy(target, p, 3 * (k + 1), eos=None) for p in prompts]
     assert all(r.stats.mean_accepted_length == k + 1 for r in results)
-    sampled = engine.generate([GenerationRequest(p, 3 * (k + 1), SamplingParams(1.0, seed=i))
-                               for i, p in enumerate(prompts)])
+    sampled = engine.generate(
+        [GenerationRequest(p, 3 * (k + 1), SamplingParams(1.0, seed=i)) for i, p in enumerate(prompts)]
+    )
     assert all(r.stats.acceptance_rate == 1.0 for r in sampled)
 
 

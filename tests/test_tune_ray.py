@@ -1,6 +1,7 @@
 """``sd2 tune`` on a real local Ray with CPU trials on the model kit: a 2x2 grid end to end
 (trials.json, table, Pareto plot, best/ drafter that loads and keeps its sparsity), ASHA stopping
 a trial with an absurd learning rate, and (slow) restoring a search whose driver was killed."""
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,12 @@ def ray_cluster():
     # logical CPUs: one training worker + Ray Data's read tasks + the trial drivers (0.1 each)
     for attempt in range(3):  # on a saturated box the raylet can miss Ray's 30 s start-up window
         try:
-            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": {"TORCH_EXTENSIONS_DIR": EXT_DIR, "HF_HUB_OFFLINE": "1"}})
+            ray.init(
+                num_cpus=4,
+                include_dashboard=False,
+                log_to_driver=False,
+                runtime_env={"env_vars": {"TORCH_EXTENSIONS_DIR": EXT_DIR, "HF_HUB_OFFLINE": "1"}},
+            )
             break
         except Exception as err:
             ray.shutdown()
@@ -46,11 +51,20 @@ def ray_cluster():
 
 def settings(kit_dir: str, out: str, **kwargs) -> dict:
     parts = kit_paths(kit_dir)
-    base = dict(output=out, target=parts["target"], drafter=parts["drafter"], data=parts["train_prompts"],
-                eval_prompts=parts["eval_prompts"], max_concurrent=1, num_speculative_tokens=4,
-                max_steps=4, max_eval_prompts=6, eval_max_new_tokens=24,
-                prune={"method": "magnitude", "num_cpus": 0.5},
-                finetune={"workers": 1, "batch_size": 4, "seq_len": 96, "checkpoint_every": 2, "warmup_steps": 1})
+    base = dict(
+        output=out,
+        target=parts["target"],
+        drafter=parts["drafter"],
+        data=parts["train_prompts"],
+        eval_prompts=parts["eval_prompts"],
+        max_concurrent=1,
+        num_speculative_tokens=4,
+        max_steps=4,
+        max_eval_prompts=6,
+        eval_max_new_tokens=24,
+        prune={"method": "magnitude", "num_cpus": 0.5},
+        finetune={"workers": 1, "batch_size": 4, "seq_len": 96, "checkpoint_every": 2, "warmup_steps": 1},
+    )
     for key, value in kwargs.items():
         base[key] = {**base[key], **value} if isinstance(value, dict) and isinstance(base.get(key), dict) else value
     return base
@@ -65,10 +79,15 @@ def run(config_dict: dict) -> dict:
 @pytest.fixture(scope="module")
 def grid_run(ray_cluster, kit_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("tune") / "grid")
-    cfg = settings(kit_dir, out, search_space={"sparsity": [0.5, 0.7], "lr": [3e-4, 3e-3]},
-                   prune={"method": "sparsegpt", "num_samples": 16, "seq_len": 96},
-                   eval_at_checkpoints=True, checkpoint_eval_prompts=2,
-                   asha={"enabled": False})  # every trial runs to the end (ASHA: its own test)
+    cfg = settings(
+        kit_dir,
+        out,
+        search_space={"sparsity": [0.5, 0.7], "lr": [3e-4, 3e-3]},
+        prune={"method": "sparsegpt", "num_samples": 16, "seq_len": 96},
+        eval_at_checkpoints=True,
+        checkpoint_eval_prompts=2,
+        asha={"enabled": False},
+    )  # every trial runs to the end (ASHA: its own test)
     started = time.perf_counter()
     summary = run(cfg)
     return {"out": out, "summary": summary, "seconds": time.perf_counter() - started, "config": cfg}
@@ -128,8 +147,15 @@ def test_checkpoint_mal_reported_to_tune(grid_run):
 def test_asha_stops_absurd_learning_rate(ray_cluster, kit_dir, tmp_path):
     out = str(tmp_path / "asha")
     steps = 8
-    run(settings(kit_dir, out, search_space={"sparsity": [0.5], "lr": [3e-3, 10.0]}, max_steps=steps,
-                 asha={"grace_period": 2, "reduction_factor": 2}))
+    run(
+        settings(
+            kit_dir,
+            out,
+            search_space={"sparsity": [0.5], "lr": [3e-3, 10.0]},
+            max_steps=steps,
+            asha={"grace_period": 2, "reduction_factor": 2},
+        )
+    )
     trials = {t["lr"]: t for t in json.load(open(os.path.join(out, R.TRIALS_FILE)))}
     assert trials[3e-3]["status"] == R.COMPLETED and trials[3e-3]["steps"] == steps
     bad = trials[10.0]
@@ -148,7 +174,9 @@ def _ray_start_timed_out(proc, log) -> bool:
 
 def _completed_in_state(exp_dir: str) -> int:
     """Trials Tune's saved experiment state records as TERMINATED with a final result."""
-    states = sorted(f for f in os.listdir(exp_dir) if f.startswith("experiment_state")) if os.path.isdir(exp_dir) else []
+    states = (
+        sorted(f for f in os.listdir(exp_dir) if f.startswith("experiment_state")) if os.path.isdir(exp_dir) else []
+    )
     if not states:
         return 0
     try:
@@ -156,7 +184,7 @@ def _completed_in_state(exp_dir: str) -> int:
     except ValueError:
         return 0
     done = 0
-    for trial_json, runtime_json in data.get("trial_data", []):
+    for trial_json, _runtime_json in data.get("trial_data", []):
         if json.loads(trial_json).get("status") == "TERMINATED":
             done += 1
     return done
@@ -165,8 +193,9 @@ def _completed_in_state(exp_dir: str) -> int:
 @pytest.mark.slow
 def test_restore_after_killed_driver(kit_dir, tmp_path):
     out = tmp_path / "restore"
-    cfg = settings(kit_dir, str(out), search_space={"sparsity": [0.5], "lr": [1e-3, 3e-3]},
-                   asha={"enabled": False}, num_cpus=4)
+    cfg = settings(
+        kit_dir, str(out), search_space={"sparsity": [0.5], "lr": [1e-3, 3e-3]}, asha={"enabled": False}, num_cpus=4
+    )
     path = tmp_path / "tune.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1", "RAY_AUTH_MODE": "disabled"}
@@ -177,8 +206,14 @@ def test_restore_after_killed_driver(kit_dir, tmp_path):
     try:
         while _completed_in_state(exp) < 1:
             if proc is None or _ray_start_timed_out(proc, tmp_path / "first.log"):
-                proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
-                                        stdout=open(tmp_path / "first.log", "w"), stderr=subprocess.STDOUT)
+                proc = subprocess.Popen(
+                    cmd,
+                    cwd=ROOT,
+                    env=env,
+                    start_new_session=True,
+                    stdout=open(tmp_path / "first.log", "w"),
+                    stderr=subprocess.STDOUT,
+                )
             assert proc.poll() is None, open(tmp_path / "first.log").read()[-3000:]
             assert time.time() < deadline, "no trial completed in time"
             time.sleep(1)

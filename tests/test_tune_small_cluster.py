@@ -6,6 +6,7 @@ and 4 *declared* GPUs (the evals ask for a GPU each, as on a GPU cluster; the wo
 - A trial whose training workers cannot get their CPUs never reports: the search fails in one
   line naming what waits for which resources, instead of waiting silently.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,13 @@ def small_ray():
         ray.shutdown()
     for attempt in range(3):  # on a saturated box the raylet can miss Ray's 30 s start-up window
         try:
-            ray.init(num_cpus=2, num_gpus=4, include_dashboard=True, log_to_driver=False,
-                     runtime_env={"env_vars": {"TORCH_EXTENSIONS_DIR": EXT_DIR, "HF_HUB_OFFLINE": "1"}})
+            ray.init(
+                num_cpus=2,
+                num_gpus=4,
+                include_dashboard=True,
+                log_to_driver=False,
+                runtime_env={"env_vars": {"TORCH_EXTENSIONS_DIR": EXT_DIR, "HF_HUB_OFFLINE": "1"}},
+            )
             break
         except Exception as err:
             ray.shutdown()
@@ -44,11 +50,22 @@ def small_ray():
 
 def settings(kit_dir: str, out: str, **kwargs) -> dict:
     parts = kit_paths(kit_dir)
-    base = dict(output=out, target=parts["target"], drafter=parts["drafter"], data=parts["train_prompts"],
-                eval_prompts=parts["eval_prompts"], max_concurrent=1, num_speculative_tokens=4, max_steps=6,
-                max_eval_prompts=4, eval_max_new_tokens=16, eval_gpus=1, eval_device="auto",
-                prune={"method": "magnitude", "num_cpus": 0.5},
-                finetune={"workers": 1, "batch_size": 4, "seq_len": 96, "checkpoint_every": 3, "warmup_steps": 1})
+    base = dict(
+        output=out,
+        target=parts["target"],
+        drafter=parts["drafter"],
+        data=parts["train_prompts"],
+        eval_prompts=parts["eval_prompts"],
+        max_concurrent=1,
+        num_speculative_tokens=4,
+        max_steps=6,
+        max_eval_prompts=4,
+        eval_max_new_tokens=16,
+        eval_gpus=1,
+        eval_device="auto",
+        prune={"method": "magnitude", "num_cpus": 0.5},
+        finetune={"workers": 1, "batch_size": 4, "seq_len": 96, "checkpoint_every": 3, "warmup_steps": 1},
+    )
     base.update(kwargs)
     return base
 
@@ -71,9 +88,18 @@ def test_a_trial_asha_stops_releases_what_its_trainer_held(small_ray, kit_dir, t
 
     out = str(tmp_path / "asha")
     began = time.monotonic()
-    main(TuneConfig.model_validate(settings(kit_dir, out, search_space={"sparsity": [0.5], "lr": [3e-3, 10.0, 3.2e-3]},
-                                            asha={"grace_period": 2, "reduction_factor": 2}, max_steps=4,
-                                            stall_timeout_s=300)))
+    main(
+        TuneConfig.model_validate(
+            settings(
+                kit_dir,
+                out,
+                search_space={"sparsity": [0.5], "lr": [3e-3, 10.0, 3.2e-3]},
+                asha={"grace_period": 2, "reduction_factor": 2},
+                max_steps=4,
+                stall_timeout_s=300,
+            )
+        )
+    )
     trials = {t["lr"]: t for t in json.load(open(os.path.join(out, R.TRIALS_FILE)))}
     assert trials[10.0]["status"] == R.STOPPED and trials[10.0]["steps"] < 4
     assert trials[3.2e-3]["status"] == R.COMPLETED and trials[3.2e-3]["mal"] is not None  # ran after the stop
@@ -90,8 +116,14 @@ def test_a_trial_that_cannot_get_its_cpus_fails_the_search_in_one_line(small_ray
     stage fails with one line naming the placement group it waited for."""
     from sd2_ray.tune.job import main
 
-    cfg = settings(kit_dir, str(tmp_path / "stall"), search_space={"sparsity": [0.5], "lr": [3e-3]},
-                   asha={"enabled": False}, stall_timeout_s=90, stop_grace_s=5)
+    cfg = settings(
+        kit_dir,
+        str(tmp_path / "stall"),
+        search_space={"sparsity": [0.5], "lr": [3e-3]},
+        asha={"enabled": False},
+        stall_timeout_s=90,
+        stop_grace_s=5,
+    )
     cfg["finetune"] = {**cfg["finetune"], "cpus_per_worker": 2}
     began = time.monotonic()
     with pytest.raises(Sd2Error) as err:

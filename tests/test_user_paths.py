@@ -6,6 +6,7 @@ cluster; every shipped job spec's runtime env merged with the driver's as Ray wo
 The kit is the machine's cached one (``SD2_KIT_DIR``) and ``SD2_OVERRIDES`` gives the run a
 smaller budget: the command line itself is the README's, unchanged.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,11 +25,20 @@ import yaml
 from sd2_ray import manifest
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ("distill.limit=96 finetune.epochs=8 finetune.max_steps=96 finetune.checkpoint_every=8 eval.max_prompts=16 "
-         "eval.max_new_tokens=32")
+SMALL = (
+    "distill.limit=96 finetune.epochs=8 finetune.max_steps=96 finetune.checkpoint_every=8 eval.max_prompts=16 "
+    "eval.max_new_tokens=32"
+)
 ALL = ["dense", "dense-sd", "layer-pruned-sd", "sd2", "sparse-sft", "uag"]
-REQUIRED = ("name", "mean_accepted_length", "per_position_acceptance", "drafter_macs_per_token",
-            "cost_coefficient", "predicted_speedup", "measured_speedup")
+REQUIRED = (
+    "name",
+    "mean_accepted_length",
+    "per_position_acceptance",
+    "drafter_macs_per_token",
+    "cost_coefficient",
+    "predicted_speedup",
+    "measured_speedup",
+)
 
 pytestmark = pytest.mark.ray
 
@@ -43,8 +53,16 @@ def readme_main_command() -> str:
 def fresh_copy(dest: Path) -> Path:
     """The repository's files (tracked and new, not ignored: what a clone of this change holds)
     copied to ``dest``, with ``.venv`` pointing at the virtualenv running this test."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            capture_output=True, check=True).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=REPO,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, listed):
         if (REPO / name).is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
@@ -54,8 +72,13 @@ def fresh_copy(dest: Path) -> Path:
 
 
 def user_env(kit_dir: str, clone: Path) -> dict[str, str]:
-    env = {**os.environ, "SD2_KIT_DIR": kit_dir, "SD2_OVERRIDES": SMALL, "RAY_AUTH_MODE": "disabled",
-           "PYTHONPATH": str(clone)}  # the copy's code, not the checkout the venv was installed from
+    env = {
+        **os.environ,
+        "SD2_KIT_DIR": kit_dir,
+        "SD2_OVERRIDES": SMALL,
+        "RAY_AUTH_MODE": "disabled",
+        "PYTHONPATH": str(clone),
+    }  # the copy's code, not the checkout the venv was installed from
     env.pop("RAY_ADDRESS", None)
     return env
 
@@ -88,8 +111,15 @@ def test_readme_main_command_in_a_fresh_clone_survives_a_kill(kit_dir, tmp_path)
     clone = fresh_copy(tmp_path / "clone")
     env = user_env(kit_dir, clone)
     out = clone / "out" / "tiny"  # tiny.yaml's relative output, relative to where the user stands
-    first = subprocess.Popen(["bash", "-c", command], cwd=clone, env=env, start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        ["bash", "-c", command],
+        cwd=clone,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         killed = wait_for(lambda: registered_checkpoint(out), first, 900)
         assert killed, f"never reached a fine-tuning checkpoint: {first.stderr.read()[-3000:] if first.poll() else ''}"
@@ -104,8 +134,7 @@ def test_readme_main_command_in_a_fresh_clone_survives_a_kill(kit_dir, tmp_path)
     distilled = manifest.read(str(out / "distilled"))
     assert distilled["status"] == manifest.COMPLETE and not manifest.is_complete(str(out))
 
-    second = subprocess.run(["bash", "-c", command], cwd=clone, env=env, capture_output=True, text=True,
-                            timeout=1500)
+    second = subprocess.run(["bash", "-c", command], cwd=clone, env=env, capture_output=True, text=True, timeout=1500)
     assert second.returncode == 0, second.stderr[-3000:]
     assert manifest.read(str(out / "distilled"))["updated_at"] == distilled["updated_at"]  # not redone
     resumed = json.loads((killed / "metrics.json").read_text())
@@ -151,8 +180,12 @@ def test_every_job_spec_merges_with_the_drivers_runtime_env(monkeypatch):
 def cluster_env(kit_dir, tmp_path) -> dict:
     """What the test's `ray start --head` cluster runs its jobs with: the cached kit, a small
     budget, a runs folder, and this virtualenv's `python` first on the PATH."""
-    return {"SD2_KIT_DIR": kit_dir, "SD2_OVERRIDES": SMALL + " drafters=[dense,sd2] serve_smoke=false",
-            "SD2_RUNS_DIR": str(tmp_path / "runs"), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    return {
+        "SD2_KIT_DIR": kit_dir,
+        "SD2_OVERRIDES": SMALL + " drafters=[dense,sd2] serve_smoke=false",
+        "SD2_RUNS_DIR": str(tmp_path / "runs"),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
 
 
 @pytest.fixture
@@ -167,8 +200,13 @@ def test_tiny_job_spec_runs_on_a_real_cluster(job_server, cluster_env):
     runs = Path(cluster_env["SD2_RUNS_DIR"])
     spec = yaml.safe_load((REPO / "jobs" / "specs" / "tiny.yaml").read_text())
     assert "SD2_RUNS_DIR" in spec["entrypoint"]
-    result = subprocess.run([sys.executable, "jobs/submit.py", "jobs/specs/tiny.yaml", "--address", job_server,
-                             "--poll-s", "2"], cwd=REPO, capture_output=True, text=True, timeout=1500)
+    result = subprocess.run(
+        [sys.executable, "jobs/submit.py", "jobs/specs/tiny.yaml", "--address", job_server, "--poll-s", "2"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert "SUCCEEDED after 1 attempt(s)" in result.stdout
     report = json.loads((runs / "tiny" / "report" / "report.json").read_text())

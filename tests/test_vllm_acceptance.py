@@ -13,9 +13,8 @@ Measured here (24 prompts, K 4, 48 tokens): sd2 eval 1.783 = 911 tokens / 511 pa
 1 + 407 / 487 = 1.836 (+3 %): 487 drafts + 24 prefills = the same 511 target passes, and 7 of
 its 407 accepted tokens lie past the end (911 - 24 prefill tokens = 887 = 487 + 400).
 """
-from __future__ import annotations
 
-import os
+from __future__ import annotations
 
 import pytest
 
@@ -28,9 +27,11 @@ PROMPTS = 24
 
 def vllm_spec_counters(metrics) -> dict[str, int]:
     """The spec-decode counters of ``vllm.LLM.get_metrics()`` (summed over label sets)."""
-    names = {"vllm:spec_decode_num_drafts": "num_drafts",
-             "vllm:spec_decode_num_draft_tokens": "num_draft_tokens",
-             "vllm:spec_decode_num_accepted_tokens": "num_accepted_tokens"}
+    names = {
+        "vllm:spec_decode_num_drafts": "num_drafts",
+        "vllm:spec_decode_num_draft_tokens": "num_draft_tokens",
+        "vllm:spec_decode_num_accepted_tokens": "num_accepted_tokens",
+    }
     out = dict.fromkeys(names.values(), 0)
     for metric in metrics:
         if metric.name in names:
@@ -51,33 +52,57 @@ def test_vllm_acceptance_agrees_with_sd2_eval_mal(kit_dir, monkeypatch):
     paths = kit_paths(kit_dir)
     target, drafter = paths["target"], paths["drafter"]
     rows = read_rows(paths["eval_prompts"])[:PROMPTS]
-    settings = EvalSettings(temperature=0.0, max_new_tokens=MAX_NEW_TOKENS, batch_size=8, device="cpu",
-                            dtype="float32", measure_baseline=False)
+    settings = EvalSettings(
+        temperature=0.0,
+        max_new_tokens=MAX_NEW_TOKENS,
+        batch_size=8,
+        device="cpu",
+        dtype="float32",
+        measure_baseline=False,
+    )
     ours = evaluate_pair(target, drafter, rows, K, settings, progress=False)
     model, tokenizer = load_target(target, "cpu", "float32")
     prompts = eval_prompts(rows, tokenizer, model, settings, K)[0]  # the ids evaluate_pair decoded
     assert len(prompts) == len(ours["outputs"]) == PROMPTS
 
-    llm = LLM(model=target, tokenizer=target, dtype="float32", enforce_eager=True, max_model_len=1024,
-              seed=0, disable_log_stats=False, speculative_config={"model": drafter, "num_speculative_tokens": K})
+    llm = LLM(
+        model=target,
+        tokenizer=target,
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=1024,
+        seed=0,
+        disable_log_stats=False,
+        speculative_config={"model": drafter, "num_speculative_tokens": K},
+    )
     try:
-        done = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
-                            SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS), use_tqdm=False)
+        done = llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in prompts],
+            SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS),
+            use_tqdm=False,
+        )
         counters = vllm_spec_counters(llm.get_metrics())
     finally:
         llm.llm_engine.engine_core.shutdown()
-    eos = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
-              else [model.generation_config.eos_token_id])
-    for got, want in zip(done, ours["outputs"]):  # the same greedy text (ours keeps the EOS, vLLM not)
-        assert list(got.outputs[0].token_ids) == [t for t in want if t not in eos] or \
-            list(got.outputs[0].token_ids) == want
+    eos = set(
+        model.generation_config.eos_token_id
+        if isinstance(model.generation_config.eos_token_id, list)
+        else [model.generation_config.eos_token_id]
+    )
+    for got, want in zip(done, ours["outputs"], strict=True):  # the same greedy text (ours keeps the EOS, vLLM not)
+        assert (
+            list(got.outputs[0].token_ids) == [t for t in want if t not in eos]
+            or list(got.outputs[0].token_ids) == want
+        )
     vllm_mal = 1 + counters["num_accepted_tokens"] / counters["num_drafts"]
     sd2_mal = ours["mean_accepted_length"]
     tokens = sum(len(o.outputs[0].token_ids) for o in done)
-    print(f"\nMAL over {len(prompts)} prompts, K={K}, {MAX_NEW_TOKENS} new tokens: sd2 eval {sd2_mal:.3f} "
-          f"({ours['generated_tokens']} tokens / {ours['target_passes']} target passes; "
-          f"{ours['num_accepted_tokens']} accepted in {ours['num_drafts']} drafts); vLLM {vllm_mal:.3f} "
-          f"({counters}; {tokens} tokens / (drafts + {len(prompts)} prefills) = "
-          f"{tokens / (counters['num_drafts'] + len(prompts)):.3f})")
+    print(
+        f"\nMAL over {len(prompts)} prompts, K={K}, {MAX_NEW_TOKENS} new tokens: sd2 eval {sd2_mal:.3f} "
+        f"({ours['generated_tokens']} tokens / {ours['target_passes']} target passes; "
+        f"{ours['num_accepted_tokens']} accepted in {ours['num_drafts']} drafts); vLLM {vllm_mal:.3f} "
+        f"({counters}; {tokens} tokens / (drafts + {len(prompts)} prefills) = "
+        f"{tokens / (counters['num_drafts'] + len(prompts)):.3f})"
+    )
     assert counters["num_draft_tokens"] == K * counters["num_drafts"]
     assert abs(vllm_mal - sd2_mal) <= 0.05 * sd2_mal, (vllm_mal, sd2_mal)

@@ -2,6 +2,7 @@
 gradient checkpointing + the chunked LM-head loss + a ZeRO checkpoint saved and restored into
 a fresh engine + the gathered HF save. The restored run's next steps must equal the
 uninterrupted run's, the masks must stay exact, and they must cost 1 bit per weight."""
+
 from __future__ import annotations
 
 import json
@@ -21,11 +22,21 @@ def scenario(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("z3bf16")
     model = make_sparse_drafter(str(root / "pruned"), 0.5)
-    config = FinetuneConfig(model=model, data=str(root / "unused"), output=str(root / "out"), workers=2,
-                            zero_stage=3, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=1,
-                            gradient_checkpointing=True, loss_chunk_tokens=16, use_response_ids=False,
-                            deepspeed={"bf16": {"enabled": True},
-                                       "zero_optimization": {"stage3_param_persistence_threshold": 0}})
+    config = FinetuneConfig(
+        model=model,
+        data=str(root / "unused"),
+        output=str(root / "out"),
+        workers=2,
+        zero_stage=3,
+        batch_size=8,
+        seq_len=64,
+        lr=3e-3,
+        warmup_steps=1,
+        gradient_checkpointing=True,
+        loss_chunk_tokens=16,
+        use_response_ids=False,
+        deepspeed={"bf16": {"enabled": True}, "zero_optimization": {"stage3_param_persistence_threshold": 0}},
+    )
     cfg = loop_config(config, steps=4)
     out = str(root / "run")
     results = run_ranks(restore_scenario, 2, cfg, toy_rows(32), out)
@@ -37,8 +48,9 @@ def test_restored_run_continues_exactly_where_the_uninterrupted_one_went(scenari
         assert rank["loaded_dtype"] == "torch.bfloat16"  # loaded in the training dtype, not fp32
         assert rank["restored_step"] == 2
         assert len(rank["uninterrupted"]) == 4 and len(rank["restored"]) == 2
-        torch.testing.assert_close(torch.tensor(rank["restored"]), torch.tensor(rank["uninterrupted"][2:]),
-                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            torch.tensor(rank["restored"]), torch.tensor(rank["uninterrupted"][2:]), rtol=0, atol=1e-6
+        )
         assert rank["uninterrupted"][-1] < rank["uninterrupted"][0]
 
 

@@ -7,6 +7,7 @@ Unusable rows (no prompt, wrong types, over-long prompt) are skipped with a reas
 The output row contract (columns, types, sizes) is documented on
 :class:`sd2_ray.distill.config.DistillConfig`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -52,8 +53,12 @@ class Request:
 
     def engine_item(self) -> dict[str, Any]:
         """The slim record that travels through Ray Data (the rest stays on the driver)."""
-        return {"index": self.index, "shard": self.shard, "prompt_ids": self.prompt_ids,
-                "prompt_text": self.prompt_text}
+        return {
+            "index": self.index,
+            "shard": self.shard,
+            "prompt_ids": self.prompt_ids,
+            "prompt_text": self.prompt_text,
+        }
 
 
 @dataclass
@@ -114,8 +119,9 @@ def encode(text: str, tokenizer) -> list[int]:
     return encode_rendered(text, tokenizer)
 
 
-def prepare_row(row: Any, index: int, shard: int, tokenizer, mode: str,
-                max_prompt_tokens: int) -> tuple[Request | None, str | None]:
+def prepare_row(
+    row: Any, index: int, shard: int, tokenizer, mode: str, max_prompt_tokens: int
+) -> tuple[Request | None, str | None]:
     """(request, None) for a usable row, else (None, why it was skipped)."""
     if not isinstance(row, dict):
         return None, f"row must be an object, got {type(row).__name__}"
@@ -136,14 +142,21 @@ def prepare_row(row: Any, index: int, shard: int, tokenizer, mode: str,
     ids = encode(text, tokenizer)
     if len(ids) > max_prompt_tokens:
         return None, f"prompt has {len(ids)} tokens, more than max_prompt_tokens={max_prompt_tokens}"
-    return Request(index=index, shard=shard, id=safe_row_id(row, index),
-                   messages=messages if uses_messages else None,
-                   prompt=None if uses_messages else row["prompt"], reference=reference,
-                   prompt_text=text, prompt_ids=ids), None
+    return Request(
+        index=index,
+        shard=shard,
+        id=safe_row_id(row, index),
+        messages=messages if uses_messages else None,
+        prompt=None if uses_messages else row["prompt"],
+        reference=reference,
+        prompt_text=text,
+        prompt_ids=ids,
+    ), None
 
 
-def prepare_rows(rows: list[Any], tokenizer, mode: str, max_prompt_tokens: int,
-                 shard_size: int) -> tuple[list[Request], list[dict[str, Any]]]:
+def prepare_rows(
+    rows: list[Any], tokenizer, mode: str, max_prompt_tokens: int, shard_size: int
+) -> tuple[list[Request], list[dict[str, Any]]]:
     """Requests for the usable rows and ``{index, shard, id, reason}`` for the skipped ones."""
     requests, skipped = [], []
     for index, row in enumerate(rows):
@@ -172,7 +185,9 @@ def rewrite_problem(text: str | None, finish_reason: str | None, allow_truncated
 def result_row(request: Request, generated: Generated, mode: str, allow_truncated: bool) -> dict[str, Any]:
     """The output row: ``response`` is what the drafter learns; ``source`` says whose it is.
     The token-level columns (``response_ids``, top-k) travel only with generated text."""
-    response, source, rejected = generated.text, DRAFTER if mode == "on-policy" else TARGET, None
+    response: str | None = generated.text
+    source: str | None = DRAFTER if mode == "on-policy" else TARGET
+    rejected = None
     if generated.error is not None:
         response, source = None, None
     elif mode == "rewrite":
@@ -181,10 +196,18 @@ def result_row(request: Request, generated: Generated, mode: str, allow_truncate
             response, source = request.reference, REFERENCE
     generated_text = source in (TARGET, DRAFTER)
     return {
-        "id": request.id, "index": request.index, "messages": request.messages, "prompt": request.prompt,
-        "response": response, "reference": request.reference, "source": source,
-        "finish_reason": generated.finish_reason, "prompt_tokens": len(request.prompt_ids),
-        "response_tokens": generated.response_tokens, "rejected": rejected, "error": generated.error,
+        "id": request.id,
+        "index": request.index,
+        "messages": request.messages,
+        "prompt": request.prompt,
+        "response": response,
+        "reference": request.reference,
+        "source": source,
+        "finish_reason": generated.finish_reason,
+        "prompt_tokens": len(request.prompt_ids),
+        "response_tokens": generated.response_tokens,
+        "rejected": rejected,
+        "error": generated.error,
         "response_ids": generated.token_ids if generated_text else None,
         "topk_ids": generated.topk_ids if generated_text else None,
         "topk_logprobs": generated.topk_logprobs if generated_text else None,
@@ -200,14 +223,22 @@ def output_schema(top_k: int = 0):
 
     message = pa.struct([("role", pa.string()), ("content", pa.string())])
     fields = [
-        ("id", pa.string()), ("index", pa.int64()), ("messages", pa.list_(message)), ("prompt", pa.string()),
-        ("response", pa.string()), ("reference", pa.string()), ("source", pa.string()),
-        ("finish_reason", pa.string()), ("prompt_tokens", pa.int32()), ("response_tokens", pa.int32()),
-        ("rejected", pa.string()), ("error", pa.string()), ("response_ids", pa.list_(pa.int32())),
+        ("id", pa.string()),
+        ("index", pa.int64()),
+        ("messages", pa.list_(message)),
+        ("prompt", pa.string()),
+        ("response", pa.string()),
+        ("reference", pa.string()),
+        ("source", pa.string()),
+        ("finish_reason", pa.string()),
+        ("prompt_tokens", pa.int32()),
+        ("response_tokens", pa.int32()),
+        ("rejected", pa.string()),
+        ("error", pa.string()),
+        ("response_ids", pa.list_(pa.int32())),
     ]
     if top_k:
-        fields += [("topk_ids", pa.list_(pa.list_(pa.int32()))),
-                   ("topk_logprobs", pa.list_(pa.list_(pa.float32())))]
+        fields += [("topk_ids", pa.list_(pa.list_(pa.int32()))), ("topk_logprobs", pa.list_(pa.list_(pa.float32())))]
     return pa.schema(fields)
 
 
@@ -222,8 +253,7 @@ def result_table(result_rows: list[dict[str, Any]], top_k: int = 0):
     table = pa.Table.from_pylist(scalar, schema=pa.schema([f for f in schema if f.name not in TOPK_COLUMNS]))
     for name in TOPK_COLUMNS if top_k else ():
         value_type = schema.field(name).type.value_type.value_type
-        table = table.append_column(schema.field(name), nested_array([r.get(name) for r in ordered], top_k,
-                                                                     value_type))
+        table = table.append_column(schema.field(name), nested_array([r.get(name) for r in ordered], top_k, value_type))
     return table
 
 
@@ -243,13 +273,19 @@ def nested_array(matrices: list[Any], k: int, value_type):
     return pa.ListArray.from_arrays(outer_offsets, inner, mask=nulls)
 
 
-def shard_record(shard: int, fingerprint: str, rows_in: int, result_rows: list[dict[str, Any]],
-                 skipped: list[dict[str, Any]]) -> dict[str, Any]:
+def shard_record(
+    shard: int, fingerprint: str, rows_in: int, result_rows: list[dict[str, Any]], skipped: list[dict[str, Any]]
+) -> dict[str, Any]:
     """Counts written next to a finished shard (and gathered into manifest.json)."""
     failed = sum(1 for r in result_rows if r["error"] is not None)
     return {
-        "shard": shard, "file": shard_file(shard), "fingerprint": fingerprint, "rows_in": rows_in,
-        "rows_out": len(result_rows) - failed, "skipped": len(skipped), "failed": failed,
+        "shard": shard,
+        "file": shard_file(shard),
+        "fingerprint": fingerprint,
+        "rows_in": rows_in,
+        "rows_out": len(result_rows) - failed,
+        "skipped": len(skipped),
+        "failed": failed,
         "from_target": sum(1 for r in result_rows if r["source"] == TARGET),
         "from_reference": sum(1 for r in result_rows if r["source"] == REFERENCE),
         "from_drafter": sum(1 for r in result_rows if r["source"] == DRAFTER),
@@ -267,8 +303,7 @@ def fingerprint(ids: list[str], settings: dict[str, Any]) -> str:
 def read_distilled(path: str, include_failed: bool = False) -> list[dict[str, Any]]:
     """Rows of a distilled output directory (local or s3://), in input order; failed rows dropped
     unless asked for. For the prune / fine-tune stages."""
-    files = [f for f in storage.list_files(path, suffix=".parquet")
-             if storage.basename(f).startswith(SHARD_PREFIX)]
+    files = [f for f in storage.list_files(path, suffix=".parquet") if storage.basename(f).startswith(SHARD_PREFIX)]
     out: list[dict[str, Any]] = []
     for file in files:
         out.extend(storage.read_parquet(file).to_pylist())

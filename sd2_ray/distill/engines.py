@@ -14,6 +14,7 @@ distribution).
 
 Nothing here imports Ray, vLLM or torch at module level.
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,8 +45,14 @@ class TransformersEngine:
     """Batched HF generation for token-id prompts. At temperature 0 each row's output equals an
     unbatched greedy ``model.generate`` on the same ids (left padding + attention mask)."""
 
-    def __init__(self, model_dir: str, dtype: str = "float32", device: str = "cpu",
-                 torch_threads: int | None = None, trust_remote_code: bool = False):
+    def __init__(
+        self,
+        model_dir: str,
+        dtype: str = "float32",
+        device: str = "cpu",
+        torch_threads: int | None = None,
+        trust_remote_code: bool = False,
+    ):
         import torch
 
         from sd2_ray.models.io import load_model, load_tokenizer, resolve_model_dir
@@ -57,19 +64,31 @@ class TransformersEngine:
         # Resolved here, in the process that loads the weights: an s3:// model is downloaded
         # into this node's cache (shared safely by the actors of one node), never on the driver.
         local = resolve_model_dir(model_dir)
-        self.model = load_model(local, dtype=getattr(torch, dtype), device=device,
-                                trust_remote_code=trust_remote_code)
+        self.model = load_model(local, dtype=getattr(torch, dtype), device=device, trust_remote_code=trust_remote_code)
         self.tokenizer = load_tokenizer(local, trust_remote_code=trust_remote_code)
         self.eos_ids = eos_token_ids(self.model, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None) -> list[tuple[list[int], str]]:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[tuple[list[int], str]]:
         """(generated ids without the EOS, finish_reason) per prompt, in one batched call."""
         return [(o.kept, o.reason) for o in self.generate_scored(prompts, max_new_tokens, temperature, top_p, seed)]
 
-    def generate_scored(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
-                        top_p: float = 1.0, seed: int | None = None, top_k: int = 0) -> list[EngineOutput]:
+    def generate_scored(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        top_k: int = 0,
+    ) -> list[EngineOutput]:
         """One batched call; with ``top_k`` also the top-k of the raw logits of every step
         (``output_logits``: the logits before temperature / top-p, at temperature 1)."""
         torch = self.torch
@@ -77,8 +96,8 @@ class TransformersEngine:
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for row, prompt in enumerate(prompts):  # left padding: every prompt ends at the same column
-            ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-            mask[row, width - len(prompt):] = 1
+            ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            mask[row, width - len(prompt) :] = 1
         sampling: dict[str, Any] = {"do_sample": False}
         if temperature > 0:
             if seed is not None:
@@ -87,9 +106,15 @@ class TransformersEngine:
         if top_k:
             sampling.update(return_dict_in_generate=True, output_logits=True)
         with torch.inference_mode():
-            out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                      max_new_tokens=max_new_tokens, pad_token_id=self.pad_id,
-                                      eos_token_id=self.eos_ids, use_cache=True, **sampling)
+            out = self.model.generate(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                max_new_tokens=max_new_tokens,
+                pad_token_id=self.pad_id,
+                eos_token_id=self.eos_ids,
+                use_cache=True,
+                **sampling,
+            )
         sequences = out.sequences if top_k else out
         generated = [seq[width:].tolist() for seq in sequences]
         outputs = []
@@ -98,7 +123,7 @@ class TransformersEngine:
             outputs.append(EngineOutput(kept, reason, with_stop_token(gen, kept)))
         if top_k:
             scores = generation_topk(out.logits, [len(o.response_ids) for o in outputs], top_k)
-            for o, topk in zip(outputs, scores):
+            for o, topk in zip(outputs, scores, strict=True):
                 o.topk = topk
         return outputs
 
@@ -123,10 +148,14 @@ def split_at_eos(generated: list[int], eos_ids: list[int], max_new_tokens: int) 
 
 def transformers_settings(config) -> dict[str, Any]:
     """What each :class:`TransformersBatchUDF` needs of a distill config (plain, picklable)."""
-    return {**config.sampling_dict(), "dtype": config.dtype,
-            "device": "cuda" if config.gpus_per_actor > 0 else "cpu",
-            "torch_threads": config.torch_threads or max(1, int(config.cpus_per_actor)),
-            "trust_remote_code": config.trust_remote_code, "logprobs_top_k": config.logprobs_top_k}
+    return {
+        **config.sampling_dict(),
+        "dtype": config.dtype,
+        "device": "cuda" if config.gpus_per_actor > 0 else "cpu",
+        "torch_threads": config.torch_threads or max(1, int(config.cpus_per_actor)),
+        "trust_remote_code": config.trust_remote_code,
+        "logprobs_top_k": config.logprobs_top_k,
+    }
 
 
 class TransformersBatchUDF:
@@ -138,9 +167,13 @@ class TransformersBatchUDF:
 
     def __init__(self, model_dir: str, settings: dict[str, Any]):
         self.settings = settings
-        self.engine = TransformersEngine(model_dir, dtype=settings["dtype"], device=settings["device"],
-                                         torch_threads=settings.get("torch_threads"),
-                                         trust_remote_code=settings.get("trust_remote_code", False))
+        self.engine = TransformersEngine(
+            model_dir,
+            dtype=settings["dtype"],
+            device=settings["device"],
+            torch_threads=settings.get("torch_threads"),
+            trust_remote_code=settings.get("trust_remote_code", False),
+        )
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         indices = [int(i) for i in batch["index"]]
@@ -149,20 +182,29 @@ class TransformersBatchUDF:
             generated = self._generate(prompts, indices)
         except Exception as err:  # noqa: BLE001 - fall back to one row at a time
             log.warning("batch of %d rows failed (%s); retrying row by row", len(prompts), err)
-            generated = [self._generate_one(p, i) for p, i in zip(prompts, indices)]
-        out: dict[str, list] = {"index": indices, "shard": [int(s) for s in batch["shard"]],
-                                "response": [g.text for g in generated],
-                                "finish_reason": [g.finish_reason for g in generated],
-                                "response_tokens": [g.response_tokens for g in generated],
-                                "error": [g.error for g in generated]}
+            generated = [self._generate_one(p, i) for p, i in zip(prompts, indices, strict=True)]
+        out: dict[str, list] = {
+            "index": indices,
+            "shard": [int(s) for s in batch["shard"]],
+            "response": [g.text for g in generated],
+            "finish_reason": [g.finish_reason for g in generated],
+            "response_tokens": [g.response_tokens for g in generated],
+            "error": [g.error for g in generated],
+        }
         out.update(token_columns(generated, self.settings.get("logprobs_top_k", 0)))
         return out
 
     def _generate(self, prompts: list[list[int]], indices: list[int]) -> list[Generated]:
         s = self.settings  # the seed follows the batch's first row, so a rerun samples the same
-        outputs = self.engine.generate_scored(prompts, s["max_new_tokens"], s["temperature"], s["top_p"],
-                                              seed=s["seed"] + min(indices), top_k=s.get("logprobs_top_k", 0))
-        return [generated_of(i, self.engine.decode(o.kept), o) for i, o in zip(indices, outputs)]
+        outputs = self.engine.generate_scored(
+            prompts,
+            s["max_new_tokens"],
+            s["temperature"],
+            s["top_p"],
+            seed=s["seed"] + min(indices),
+            top_k=s.get("logprobs_top_k", 0),
+        )
+        return [generated_of(i, self.engine.decode(o.kept), o) for i, o in zip(indices, outputs, strict=True)]
 
     def _generate_one(self, prompt: list[int], index: int) -> Generated:
         try:
@@ -173,8 +215,15 @@ class TransformersBatchUDF:
 
 def generated_of(index: int, text: str, output: EngineOutput) -> Generated:
     topk_ids, topk_lp = output.topk if output.topk is not None else (None, None)
-    return Generated(index, text, output.reason, len(output.kept), token_ids=output.response_ids,
-                     topk_ids=topk_ids, topk_logprobs=topk_lp)
+    return Generated(
+        index,
+        text,
+        output.reason,
+        len(output.kept),
+        token_ids=output.response_ids,
+        topk_ids=topk_ids,
+        topk_logprobs=topk_lp,
+    )
 
 
 def token_columns(generated: list[Generated], top_k: int) -> dict[str, list]:
@@ -206,14 +255,17 @@ def to_generated(row: dict[str, Any], eos_ids: list[int], max_new_tokens: int, t
         row = vllm_result(row, eos_ids, max_new_tokens, top_k)
     error = row.get("error")
     text = row.get("response")
-    ids = row.get("response_ids")
-    return Generated(index=int(row["index"]), text=None if _missing(text) else str(text),
-                     finish_reason=None if _missing(row.get("finish_reason")) else str(row["finish_reason"]),
-                     response_tokens=int(row.get("response_tokens") or 0),
-                     error=None if _missing(error) or error == "" else str(error),
-                     token_ids=None if _missing(ids) else [int(t) for t in ids],
-                     topk_ids=_matrix(row.get("topk_ids"), "int32", top_k),
-                     topk_logprobs=_matrix(row.get("topk_logprobs"), "float32", top_k))
+    ids: Any = row.get("response_ids")  # a list, an array, None or NaN
+    return Generated(
+        index=int(row["index"]),
+        text=None if _missing(text) else str(text),
+        finish_reason=None if _missing(row.get("finish_reason")) else str(row["finish_reason"]),
+        response_tokens=int(row.get("response_tokens") or 0),
+        error=None if _missing(error) or error == "" else str(error),
+        token_ids=None if _missing(ids) else [int(t) for t in ids],
+        topk_ids=_matrix(row.get("topk_ids"), "int32", top_k),
+        topk_logprobs=_matrix(row.get("topk_logprobs"), "float32", top_k),
+    )
 
 
 def _matrix(value: Any, dtype: str, k: int):

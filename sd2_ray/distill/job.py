@@ -12,6 +12,7 @@ Output directory (local or s3://)::
 A shard is done when its record exists with the same fingerprint (input ids + settings); the
 record is written after the Parquet file, so a killed run leaves at worst a shard to redo.
 """
+
 from __future__ import annotations
 
 import logging
@@ -57,8 +58,12 @@ def main(config: DistillConfig) -> dict[str, Any]:
     log_too_long(skipped, max_prompt, config, context)
 
     config.save(out)
-    manifest.start(out, STAGE, **manifest_fields(config, len(rows), plan, max_prompt),
-                   tokenizer=tokenizer_identity(tokenizer, config.target))
+    manifest.start(
+        out,
+        STAGE,
+        **manifest_fields(config, len(rows), plan, max_prompt),
+        tokenizer=tokenizer_identity(tokenizer, config.target),
+    )
     started = time.time()
     try:
         run_pending(plan, requests, skipped, eos_ids, config, context)
@@ -73,7 +78,6 @@ def load_target_info(model_dir: str, trust_remote_code: bool) -> tuple[Any, list
     from transformers import AutoConfig, GenerationConfig
 
     from sd2_ray.models.io import load_tokenizer
-
     from sd2_ray.models.tokens import eos_token_ids
 
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
@@ -90,19 +94,27 @@ def load_target_info(model_dir: str, trust_remote_code: bool) -> tuple[Any, list
 def log_too_long(skipped: list[dict[str, Any]], max_prompt: int, config: DistillConfig, context: int) -> None:
     too_long = sum(1 for s in skipped if s["reason"].endswith(f"max_prompt_tokens={max_prompt}"))
     if too_long:
-        log.warning("%d prompts longer than %d tokens skipped up front (engine context %d - max_new_tokens %d; "
-                    "listed in %s)", too_long, max_prompt, config.model_len(context), config.max_new_tokens,
-                    core.SKIPPED_FILE)
+        log.warning(
+            "%d prompts longer than %d tokens skipped up front (engine context %d - max_new_tokens %d; listed in %s)",
+            too_long,
+            max_prompt,
+            config.model_len(context),
+            config.max_new_tokens,
+            core.SKIPPED_FILE,
+        )
 
 
 def check_drafter_tokenizer(config: DistillConfig, target_tokenizer) -> None:
     """On-policy mode scores the drafter's token ids with the target: one vocabulary, or nothing."""
     from sd2_ray.models.io import load_tokenizer, model_metadata_dir
 
+    assert config.drafter is not None  # DistillConfig requires one in on-policy mode
     drafter = load_tokenizer(model_metadata_dir(config.drafter), trust_remote_code=config.trust_remote_code)
     if drafter.get_vocab() != target_tokenizer.get_vocab():
-        raise DataError(f"{config.drafter}: on-policy needs a drafter with the target's tokenizer "
-                        "(the target scores the drafter's token ids)")
+        raise DataError(
+            f"{config.drafter}: on-policy needs a drafter with the target's tokenizer "
+            "(the target scores the drafter's token ids)"
+        )
 
 
 def read_input(config: DistillConfig, unreadable: list[dict[str, Any]]) -> list[Any]:
@@ -114,14 +126,23 @@ def read_input(config: DistillConfig, unreadable: list[dict[str, Any]]) -> list[
 
 def shard_settings(config: DistillConfig, max_prompt: int) -> dict[str, Any]:
     """Everything that changes a shard's content (engine and pool size do not)."""
-    return {"target": config.target, "mode": config.mode, "sampling": config.sampling_dict(),
-            "max_prompt_tokens": max_prompt, "allow_truncated": config.allow_truncated,
-            "dtype": config.dtype, "shard_size": config.shard_size, "row_schema": core.ROW_SCHEMA_VERSION,
-            "logprobs_top_k": config.logprobs_top_k, "drafter": config.drafter}
+    return {
+        "target": config.target,
+        "mode": config.mode,
+        "sampling": config.sampling_dict(),
+        "max_prompt_tokens": max_prompt,
+        "allow_truncated": config.allow_truncated,
+        "dtype": config.dtype,
+        "shard_size": config.shard_size,
+        "row_schema": core.ROW_SCHEMA_VERSION,
+        "logprobs_top_k": config.logprobs_top_k,
+        "drafter": config.drafter,
+    }
 
 
-def plan_shards(rows: list[Any], requests: list[core.Request], skipped: list[dict[str, Any]],
-                config: DistillConfig, max_prompt: int) -> dict[int, dict[str, Any]]:
+def plan_shards(
+    rows: list[Any], requests: list[core.Request], skipped: list[dict[str, Any]], config: DistillConfig, max_prompt: int
+) -> dict[int, dict[str, Any]]:
     """Per shard: input size, fingerprint, and whether an earlier run already finished it."""
     settings = shard_settings(config, max_prompt)
     plan: dict[int, dict[str, Any]] = {}
@@ -130,8 +151,11 @@ def plan_shards(rows: list[Any], requests: list[core.Request], skipped: list[dic
         ids = [core.safe_row_id(rows[i], i) for i in range(lo, hi)]
         fp = core.fingerprint(ids, settings)
         record = read_record(config.output, shard)
-        done = bool(record) and record.get("fingerprint") == fp \
+        done = (
+            record is not None
+            and record.get("fingerprint") == fp
             and storage.exists(storage.join(config.output, core.shard_file(shard)))
+        )
         plan[shard] = {"rows_in": hi - lo, "fingerprint": fp, "done": done}
     done = sum(1 for p in plan.values() if p["done"])
     if done:
@@ -149,8 +173,14 @@ def read_record(out: str, shard: int) -> dict[str, Any] | None:
         return None
 
 
-def run_pending(plan: dict[int, dict[str, Any]], requests: list[core.Request], skipped: list[dict[str, Any]],
-                eos_ids: list[int], config: DistillConfig, context: int) -> None:
+def run_pending(
+    plan: dict[int, dict[str, Any]],
+    requests: list[core.Request],
+    skipped: list[dict[str, Any]],
+    eos_ids: list[int],
+    config: DistillConfig,
+    context: int,
+) -> None:
     from tqdm import tqdm
 
     from sd2_ray.distill.ray_data import generate_shards
@@ -167,52 +197,94 @@ def run_pending(plan: dict[int, dict[str, Any]], requests: list[core.Request], s
     for shard, info in plan.items():  # shards whose every row was skipped need no engine
         if not info["done"] and shard not in with_requests:
             write(shard, [])
-    log.info("%d rows to generate in %d shards (%d rows skipped overall)", len(pending), len(with_requests),
-             len(skipped))
+    log.info(
+        "%d rows to generate in %d shards (%d rows skipped overall)", len(pending), len(with_requests), len(skipped)
+    )
     with tqdm(total=len(pending), desc="distill", unit="row") as progress:
         generate_shards(pending, config.target, config, eos_ids, write, progress=progress, context=context)
 
 
-def write_shard(config: DistillConfig, shard: int, info: dict[str, Any],
-                answered: list[tuple[core.Request, core.Generated]], skipped: list[dict[str, Any]]) -> None:
+def write_shard(
+    config: DistillConfig,
+    shard: int,
+    info: dict[str, Any],
+    answered: list[tuple[core.Request, core.Generated]],
+    skipped: list[dict[str, Any]],
+) -> None:
     """Parquet first, then the record that marks the shard complete."""
     results = [core.result_row(req, gen, config.mode, config.allow_truncated) for req, gen in answered]
-    storage.write_parquet(storage.join(config.output, core.shard_file(shard)),
-                          core.result_table(results, config.logprobs_top_k))
+    storage.write_parquet(
+        storage.join(config.output, core.shard_file(shard)), core.result_table(results, config.logprobs_top_k)
+    )
     record = core.shard_record(shard, info["fingerprint"], info["rows_in"], results, skipped)
     storage.write_json(storage.join(config.output, core.record_file(shard)), record)
     info["done"] = True
-    log.info("shard %d written: %d rows out, %d skipped, %d failed", shard, record["rows_out"],
-             record["skipped"], record["failed"])
+    log.info(
+        "shard %d written: %d rows out, %d skipped, %d failed",
+        shard,
+        record["rows_out"],
+        record["skipped"],
+        record["failed"],
+    )
 
 
-def manifest_fields(config: DistillConfig, rows_in: int, plan: dict[int, dict[str, Any]],
-                    max_prompt: int) -> dict[str, Any]:
-    return {"mode": config.mode, "engine": config.engine, "model": config.target,
-            "prompts": config.prompts, "sampling": config.sampling_dict(), "shard_size": config.shard_size,
-            "num_shards": len(plan), "rows_in": rows_in, "logprobs_top_k": config.logprobs_top_k,
-            "drafter": config.drafter, "max_prompt_tokens": max_prompt}
+def manifest_fields(
+    config: DistillConfig, rows_in: int, plan: dict[int, dict[str, Any]], max_prompt: int
+) -> dict[str, Any]:
+    return {
+        "mode": config.mode,
+        "engine": config.engine,
+        "model": config.target,
+        "prompts": config.prompts,
+        "sampling": config.sampling_dict(),
+        "shard_size": config.shard_size,
+        "num_shards": len(plan),
+        "rows_in": rows_in,
+        "logprobs_top_k": config.logprobs_top_k,
+        "drafter": config.drafter,
+        "max_prompt_tokens": max_prompt,
+    }
 
 
-def finish(plan: dict[int, dict[str, Any]], skipped: list[dict[str, Any]], config: DistillConfig,
-           rows_in: int, seconds: float) -> dict[str, Any]:
+def finish(
+    plan: dict[int, dict[str, Any]], skipped: list[dict[str, Any]], config: DistillConfig, rows_in: int, seconds: float
+) -> dict[str, Any]:
     """Gather the shard records, drop stale shards of a bigger earlier input, mark complete."""
     out = config.output
-    records = [read_record(out, shard) for shard in sorted(plan)]
-    missing = [s for s, r in zip(sorted(plan), records) if r is None]
+    records: list[dict[str, Any]] = []
+    missing = []
+    for shard in sorted(plan):
+        record = read_record(out, shard)
+        if record is None:
+            missing.append(shard)
+        else:
+            records.append(record)
     if missing:
         raise RuntimeError(f"{out}: shards {missing} have no completion record")
     remove_stale_shards(out, len(plan))
     write_skipped(storage.join(out, core.SKIPPED_FILE), skipped)
-    totals = {key: sum(r.get(key, 0) for r in records)
-              for key in ("rows_in", "rows_out", "skipped", "failed", "from_target", "from_reference",
-                          "from_drafter", "response_tokens")}
+    totals = {
+        key: sum(r.get(key, 0) for r in records)
+        for key in (
+            "rows_in",
+            "rows_out",
+            "skipped",
+            "failed",
+            "from_target",
+            "from_reference",
+            "from_drafter",
+            "response_tokens",
+        )
+    }
     shards = [{k: v for k, v in r.items() if k != "skipped_rows"} for r in records]
     if not totals["rows_out"]:
-        raise DataError(f"{out}: no row was distilled ({totals['failed']} failed, {totals['skipped']} skipped; "
-                        "the errors are in the shards' error column)")
-    data = manifest.complete(out, STAGE, rows_in=rows_in, totals=totals, shards=shards, error=None,
-                             last_run_seconds=round(seconds, 2))
+        raise DataError(
+            f"{out}: no row was distilled ({totals['failed']} failed, {totals['skipped']} skipped; "
+            "the errors are in the shards' error column)"
+        )
+    data = manifest.complete(
+        out, STAGE, rows_in=rows_in, totals=totals, shards=shards, error=None, last_run_seconds=round(seconds, 2)
+    )
     log.info("distill complete: %s", totals)
     return data
 
@@ -220,6 +292,6 @@ def finish(plan: dict[int, dict[str, Any]], skipped: list[dict[str, Any]], confi
 def remove_stale_shards(out: str, num_shards: int) -> None:
     for path in storage.list_files(out, suffix=".parquet"):
         name = storage.basename(path)
-        if name.startswith(core.SHARD_PREFIX) and int(name[len(core.SHARD_PREFIX):-len(".parquet")]) >= num_shards:
+        if name.startswith(core.SHARD_PREFIX) and int(name[len(core.SHARD_PREFIX) : -len(".parquet")]) >= num_shards:
             storage.delete(path)
-            storage.delete(storage.join(out, core.record_file(int(name[len(core.SHARD_PREFIX):-8]))))
+            storage.delete(storage.join(out, core.record_file(int(name[len(core.SHARD_PREFIX) : -8]))))

@@ -16,6 +16,7 @@ row-by-row fallback, actor restarts and shard resume unchanged, with no second p
 against the first on a small machine. What it gives up: sizing the two separately on a
 heterogeneous cluster (many cheap drafter replicas feeding few big target replicas).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -30,16 +31,27 @@ class OnPolicyBatchUDF(TransformersBatchUDF):
 
     def __init__(self, model_dir: str, drafter_dir: str, settings: dict[str, Any]):
         super().__init__(model_dir, settings)  # the target engine (self.engine)
-        self.drafter = TransformersEngine(drafter_dir, dtype=settings["dtype"], device=settings["device"],
-                                          torch_threads=settings.get("torch_threads"),
-                                          trust_remote_code=settings.get("trust_remote_code", False))
+        self.drafter = TransformersEngine(
+            drafter_dir,
+            dtype=settings["dtype"],
+            device=settings["device"],
+            torch_threads=settings.get("torch_threads"),
+            trust_remote_code=settings.get("trust_remote_code", False),
+        )
 
     def _generate(self, prompts: list[list[int]], indices: list[int]) -> list[Generated]:
         s = self.settings
-        outputs = self.drafter.generate_scored(prompts, s["max_new_tokens"], s["temperature"], s["top_p"],
-                                               seed=s["seed"] + min(indices))
-        scored = score_continuations(self.engine.model, prompts, [o.response_ids for o in outputs],
-                                     s["logprobs_top_k"], self.engine.pad_id, self.engine.device)
-        for output, topk in zip(outputs, scored):
+        outputs = self.drafter.generate_scored(
+            prompts, s["max_new_tokens"], s["temperature"], s["top_p"], seed=s["seed"] + min(indices)
+        )
+        scored = score_continuations(
+            self.engine.model,
+            prompts,
+            [o.response_ids for o in outputs],
+            s["logprobs_top_k"],
+            self.engine.pad_id,
+            self.engine.device,
+        )
+        for output, topk in zip(outputs, scored, strict=True):
             output.topk = topk
-        return [generated_of(i, self.engine.decode(o.kept), o) for i, o in zip(indices, outputs)]
+        return [generated_of(i, self.engine.decode(o.kept), o) for i, o in zip(indices, outputs, strict=True)]

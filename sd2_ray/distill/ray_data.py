@@ -7,11 +7,13 @@ each shard's rows to ``on_shard`` as soon as the last of them arrives, so finish
 written while later ones are still generating. The engines' settings are built by pure code
 (:mod:`sd2_ray.distill.engines`, :mod:`sd2_ray.distill.vllm_engine`); this module only places them.
 """
+
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from sd2_ray.distill.core import Generated, Request
 from sd2_ray.distill.engines import to_generated
@@ -21,8 +23,15 @@ log = logging.getLogger(__name__)
 ShardHandler = Callable[[int, list[tuple[Request, Generated]]], None]
 
 
-def generate_shards(requests: list[Request], model_dir: str, config, eos_ids: list[int],
-                    on_shard: ShardHandler, progress=None, context: int | None = None) -> None:
+def generate_shards(
+    requests: list[Request],
+    model_dir: str,
+    config,
+    eos_ids: list[int],
+    on_shard: ShardHandler,
+    progress=None,
+    context: int | None = None,
+) -> None:
     """Run every request through the engine; call ``on_shard(shard, [(request, generated)])`` once
     per shard, when all of its requests are answered. ``context``: the target's context length
     (vLLM's max_model_len unless the config sets one)."""
@@ -87,7 +96,8 @@ def apply_transformers(ds, model_dir: str, config) -> Any:
     from sd2_ray.distill.engines import TransformersBatchUDF, transformers_settings
     from sd2_ray.runtime import worker_env
 
-    udf, kwargs = TransformersBatchUDF, {"model_dir": model_dir, "settings": transformers_settings(config)}
+    udf: type = TransformersBatchUDF  # the actor class, built with kwargs
+    kwargs = {"model_dir": model_dir, "settings": transformers_settings(config)}
     if config.mode == "on-policy":
         from sd2_ray.distill.onpolicy import OnPolicyBatchUDF
 
@@ -95,13 +105,17 @@ def apply_transformers(ds, model_dir: str, config) -> Any:
     with warnings.catch_warnings():  # max_restarts has no named parameter yet in Ray 2.60
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         return ds.map_batches(
-            udf, fn_constructor_kwargs=kwargs,
-            compute=ray.data.ActorPoolStrategy(size=config.actors), batch_size=config.batch_size,
+            udf,
+            fn_constructor_kwargs=kwargs,
+            compute=ray.data.ActorPoolStrategy(size=config.actors),
+            batch_size=config.batch_size,
             num_cpus=config.cpus_per_actor,
-            num_gpus=config.gpus_per_actor or None, resources=config.node_resources or None,
+            num_gpus=config.gpus_per_actor or None,
+            resources=config.node_resources or None,
             runtime_env={"env_vars": worker_env()},
             max_restarts=config.max_restarts,
-            max_task_retries=-1 if config.max_restarts != 0 else 0)
+            max_task_retries=-1 if config.max_restarts != 0 else 0,
+        )
 
 
 def vllm_processor(model_dir: str, config, eos_ids: list[int], context: int | None = None):
@@ -113,11 +127,15 @@ def vllm_processor(model_dir: str, config, eos_ids: list[int], context: int | No
 
     warn_if_replicas_take_every_cpu(config)
     processor_config = vLLMEngineProcessorConfig(
-        **vllm_engine.processor_kwargs(model_dir, config, context, worker_env()))
+        **vllm_engine.processor_kwargs(model_dir, config, context, worker_env())
+    )
     sampling = vllm_engine.sampling_params(config)
     top_k, max_new = config.logprobs_top_k, config.max_new_tokens
-    return build_processor(processor_config, preprocess=lambda row: vllm_engine.request_row(row, sampling),
-                           postprocess=lambda row: vllm_engine.vllm_result(row, eos_ids, max_new, top_k))
+    return build_processor(
+        processor_config,
+        preprocess=lambda row: vllm_engine.request_row(row, sampling),
+        postprocess=lambda row: vllm_engine.vllm_result(row, eos_ids, max_new, top_k),
+    )
 
 
 def warn_if_replicas_take_every_cpu(config) -> None:
@@ -130,6 +148,10 @@ def warn_if_replicas_take_every_cpu(config) -> None:
     reserved = config.actors * config.tensor_parallel_size * config.cpus_per_actor
     total = ray.cluster_resources().get("CPU", 0)
     if reserved > total - 1:
-        log.warning("distill: the vLLM replicas reserve %g of the cluster's %g CPUs (actors x "
-                    "tensor_parallel_size x cpus_per_actor); Ray Data's row stages need at least one more, "
-                    "or the run waits forever: lower cpus_per_actor or actors", reserved, total)
+        log.warning(
+            "distill: the vLLM replicas reserve %g of the cluster's %g CPUs (actors x "
+            "tensor_parallel_size x cpus_per_actor); Ray Data's row stages need at least one more, "
+            "or the run waits forever: lower cpus_per_actor or actors",
+            reserved,
+            total,
+        )

@@ -15,6 +15,7 @@ the transformers engine's generation logits (:func:`generation_topk`), a teacher
 target forward over given continuations (:func:`score_continuations`, on-policy mode), and
 the per-token logprob dicts of a ``ray.data.llm`` vLLM row (:func:`vllm_topk`).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -52,27 +53,32 @@ def generation_topk(step_logits, lengths: list[int], k: int) -> list[TopK]:
     return [(ids_all[row, :n], values_all[row, :n]) for row, n in enumerate(lengths)]
 
 
-def score_continuations(model, prompts: list[list[int]], continuations: list[list[int]], k: int,
-                        pad_id: int, device: str = "cpu") -> list[TopK]:
+def score_continuations(
+    model, prompts: list[list[int]], continuations: list[list[int]], k: int, pad_id: int, device: str = "cpu"
+) -> list[TopK]:
     """Teacher-forced: one target forward over each ``prompt + continuation`` (left-padded, with
     the position ids generation would use) -> the top-k at every continuation token."""
     import torch
 
-    seqs = [list(p) + list(c) for p, c in zip(prompts, continuations)]
+    seqs = [list(p) + list(c) for p, c in zip(prompts, continuations, strict=True)]
     width, keep = max(len(s) for s in seqs), max(len(c) for c in continuations) + 1
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for row, seq in enumerate(seqs):
-        ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-        mask[row, width - len(seq):] = 1
+        ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq) :] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.inference_mode():
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                       position_ids=positions.to(device), logits_to_keep=keep).logits
+        logits = model(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+            logits_to_keep=keep,
+        ).logits
     out = []
     for row, cont in enumerate(continuations):
         n = len(cont)  # logits at column c predict column c + 1: the last n+1 columns, minus the last
-        out.append(topk_of_logits(logits[row, keep - 1 - n:keep - 1], k) if n else empty_topk(k))
+        out.append(topk_of_logits(logits[row, keep - 1 - n : keep - 1], k) if n else empty_topk(k))
     return out
 
 

@@ -19,6 +19,7 @@ Context: ``max_model_len`` is always set (vllm_engine_kwargs' value, else the ta
 context), and the job skips prompts longer than it minus ``max_new_tokens`` before they reach
 the engine (:meth:`sd2_ray.distill.config.DistillSettings.prompt_limit`).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -32,9 +33,13 @@ VLLM_MAX_LOGPROBS = 20  # vLLM refuses more log-probs per token than max_logprob
 def engine_kwargs(config, context: int | None) -> dict[str, Any]:
     """vLLM engine arguments: dtype, TP, max_model_len, seed, CPU-only eager mode, then the
     config's ``vllm_engine_kwargs`` on top."""
-    kwargs: dict[str, Any] = {"dtype": config.dtype, "tensor_parallel_size": config.tensor_parallel_size,
-                              "max_model_len": config.model_len(context), "seed": config.seed,
-                              "trust_remote_code": config.trust_remote_code}
+    kwargs: dict[str, Any] = {
+        "dtype": config.dtype,
+        "tensor_parallel_size": config.tensor_parallel_size,
+        "max_model_len": config.model_len(context),
+        "seed": config.seed,
+        "trust_remote_code": config.trust_remote_code,
+    }
     if config.tensor_parallel_size > 1:
         kwargs["distributed_executor_backend"] = "ray" if config.gpus_per_actor else "mp"
     if not config.gpus_per_actor:
@@ -67,10 +72,18 @@ def processor_kwargs(model_dir: str, config, context: int | None, env: dict[str,
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         if config.tensor_parallel_size > 1:
             env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-    return {"model_source": model_dir, "engine_kwargs": engine_kwargs(config, context),
-            "concurrency": config.actors, "batch_size": config.batch_size, "chat_template_stage": False,
-            "tokenize_stage": False, "detokenize_stage": False, "should_continue_on_error": True,
-            "runtime_env": {"env_vars": env}, "placement_group_config": placement_group(config)}
+    return {
+        "model_source": model_dir,
+        "engine_kwargs": engine_kwargs(config, context),
+        "concurrency": config.actors,
+        "batch_size": config.batch_size,
+        "chat_template_stage": False,
+        "tokenize_stage": False,
+        "detokenize_stage": False,
+        "should_continue_on_error": True,
+        "runtime_env": {"env_vars": env},
+        "placement_group_config": placement_group(config),
+    }
 
 
 def sampling_params(config) -> dict[str, Any]:
@@ -79,8 +92,11 @@ def sampling_params(config) -> dict[str, Any]:
     decoded_token}}`` per generated token, k entries plus the sampled token when it is not among
     them); vLLM's default ``logprobs_mode=raw_logprobs`` makes them the temperature-1
     log-softmax of the raw logits, as the transformers engine stores."""
-    sampling: dict[str, Any] = {"temperature": config.temperature, "top_p": config.top_p,
-                                "max_tokens": config.max_new_tokens}
+    sampling: dict[str, Any] = {
+        "temperature": config.temperature,
+        "top_p": config.top_p,
+        "max_tokens": config.max_new_tokens,
+    }
     if config.temperature > 0:
         sampling["seed"] = config.seed
     if config.logprobs_top_k:
@@ -90,8 +106,13 @@ def sampling_params(config) -> dict[str, Any]:
 
 def request_row(row: dict[str, Any], sampling: dict[str, Any]) -> dict[str, Any]:
     """The processor's preprocess: one request row as the vLLM stage reads it."""
-    return {"index": row["index"], "shard": row["shard"], "prompt": row["prompt_text"],
-            "tokenized_prompt": list(row["prompt_ids"]), "sampling_params": dict(sampling)}
+    return {
+        "index": row["index"],
+        "shard": row["shard"],
+        "prompt": row["prompt_text"],
+        "tokenized_prompt": list(row["prompt_ids"]),
+        "sampling_params": dict(sampling),
+    }
 
 
 def vllm_result(row: dict[str, Any], eos_ids: list[int], max_new_tokens: int, top_k: int = 0) -> dict[str, Any]:
@@ -100,15 +121,23 @@ def vllm_result(row: dict[str, Any], eos_ids: list[int], max_new_tokens: int, to
     column between the stages and logs "Failed to convert column '__data'"); this turns them
     into plain ``topk_ids`` / ``topk_logprobs`` lists, so everything downstream is Arrow again."""
     error = row.get("__inference_error__") or None
-    tokens = [int(t) for t in (row.get("generated_tokens") if row.get("generated_tokens") is not None else [])]
+    generated = row.get("generated_tokens")
+    tokens = [int(t) for t in (generated if generated is not None else [])]
     kept, reason = split_at_eos(tokens, eos_ids, max_new_tokens)
     response_ids = None if error else with_stop_token(tokens, kept)
-    out = {"index": int(row["index"]), "shard": int(row["shard"]),
-           "response": None if error else row.get("generated_text", ""),
-           "finish_reason": None if error else reason, "response_tokens": 0 if error else len(kept),
-           "error": error, "response_ids": response_ids}
+    out = {
+        "index": int(row["index"]),
+        "shard": int(row["shard"]),
+        "response": None if error else row.get("generated_text", ""),
+        "finish_reason": None if error else reason,
+        "response_tokens": 0 if error else len(kept),
+        "error": error,
+        "response_ids": response_ids,
+    }
     if top_k:
-        ids, logprobs = (None, None) if error else vllm_topk(row.get("logprobs"), top_k, len(response_ids))
+        ids, logprobs = (
+            (None, None) if response_ids is None else vllm_topk(row.get("logprobs"), top_k, len(response_ids))
+        )
         out["topk_ids"] = None if ids is None else ids.tolist()
         out["topk_logprobs"] = None if logprobs is None else logprobs.tolist()
     return out

@@ -3,6 +3,7 @@
 In-process entry points (no Ray) for tune and pipeline: :func:`sd2_ray.evaluate.core.evaluate_pair`
 and :func:`sd2_ray.evaluate.core.measure_target_only` (measure the baseline once, reuse it).
 """
+
 _CORE = ("evaluate_pair", "measure_target_only", "prepare_prompts")
 
 

@@ -6,6 +6,7 @@ measured speedup isolates speculation. It can be measured once with
 :func:`measure_target_only` and passed to many :func:`evaluate_pair` calls (the pipeline
 scores several drafters on the same prompts).
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,8 +25,10 @@ from sd2_ray.specdec.types import GenerationRequest, SamplingParams, SpecStats
 
 logger = logging.getLogger(__name__)
 
-def usable_prompts(rows: list[dict[str, Any]], tokenizer, max_prompt_tokens: int | None = None
-                   ) -> tuple[list[list[int]], list[dict[str, Any]], list[dict[str, Any]]]:
+
+def usable_prompts(
+    rows: list[dict[str, Any]], tokenizer, max_prompt_tokens: int | None = None
+) -> tuple[list[list[int]], list[dict[str, Any]], list[dict[str, Any]]]:
     """(prompt ids, the rows they came from, skipped rows with reasons): each row's prompt rendered
     with the target's chat template. Rows without a usable prompt, or whose prompt leaves no room
     for the generation inside the models' context (``max_prompt_tokens``), are skipped, as distill
@@ -37,8 +40,10 @@ def usable_prompts(rows: list[dict[str, Any]], tokenizer, max_prompt_tokens: int
         if not problem and not ids:
             problem = "prompt renders to no tokens"
         if not problem and max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
-            problem = (f"prompt has {len(ids)} tokens; with the generation it would pass the context "
-                       f"window (at most {max_prompt_tokens} prompt tokens)")
+            problem = (
+                f"prompt has {len(ids)} tokens; with the generation it would pass the context "
+                f"window (at most {max_prompt_tokens} prompt tokens)"
+            )
         if problem:
             skipped.append(skip_record(index, row, problem))
         else:
@@ -71,14 +76,21 @@ def context_length(model) -> int:
 
 
 def _requests(prompts: list[list[int]], settings) -> list[GenerationRequest]:
-    return [GenerationRequest(p, settings.max_new_tokens,
-                              SamplingParams(temperature=settings.temperature, top_p=settings.top_p,
-                                             top_k=settings.top_k, seed=settings.seed + i))
-            for i, p in enumerate(prompts)]
+    return [
+        GenerationRequest(
+            p,
+            settings.max_new_tokens,
+            SamplingParams(
+                temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k, seed=settings.seed + i
+            ),
+        )
+        for i, p in enumerate(prompts)
+    ]
 
 
-def _run(engine: SpeculativeEngine, requests: list[GenerationRequest], batch_size: int,
-         desc: str, progress: bool) -> tuple[list[list[int]], SpecStats, float, float]:
+def _run(
+    engine: SpeculativeEngine, requests: list[GenerationRequest], batch_size: int, desc: str, progress: bool
+) -> tuple[list[list[int]], SpecStats, float, float]:
     """Decode in batches of similar prompt length (less padding); outputs in request order.
     Returns (outputs, summed stats, wall seconds, process CPU seconds). CPU time is reported too
     because wall clock on a shared machine measures the neighbours as much as the engine."""
@@ -86,17 +98,18 @@ def _run(engine: SpeculativeEngine, requests: list[GenerationRequest], batch_siz
 
     order = sorted(range(len(requests)), key=lambda i: len(requests[i].prompt_ids))
     outputs: list[list[int]] = [[] for _ in requests]
-    stats = SpecStats(num_speculative_tokens=engine.num_speculative_tokens,
-                      accepted_per_position=[0] * engine.num_speculative_tokens)
+    stats = SpecStats(
+        num_speculative_tokens=engine.num_speculative_tokens, accepted_per_position=[0] * engine.num_speculative_tokens
+    )
     seconds = cpu = 0.0
     with tqdm(total=len(requests), desc=desc, unit="prompt", disable=not progress) as bar:
         for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
+            chunk = order[start : start + batch_size]
             began, began_cpu = time.perf_counter(), time.process_time()
             results = engine.generate([requests[i] for i in chunk])
             seconds += time.perf_counter() - began
             cpu += time.process_time() - began_cpu
-            for i, result in zip(chunk, results):
+            for i, result in zip(chunk, results, strict=True):
                 outputs[i] = result.token_ids
                 stats = stats.merge(result.stats)
             bar.update(len(chunk))
@@ -108,19 +121,26 @@ def _warm_up(engine: SpeculativeEngine, prompts: list[list[int]]) -> None:
     engine.generate([GenerationRequest(prompts[0][:16], 4)])
 
 
-def measure_target_only(target, prompts: list[list[int]], settings, *, progress: bool = True,
-                        target_tokenizer=None) -> dict[str, Any]:
+def measure_target_only(
+    target, prompts: list[list[int]], settings, *, progress: bool = True, target_tokenizer=None
+) -> dict[str, Any]:
     """Target-only decoding of the prompts with the engine's batching (``settings``: an
     :class:`~sd2_ray.evaluate.config.EvalSettings`): outputs and throughput."""
     engine = SpeculativeEngine(target, None, 0, target_tokenizer, compile=settings.compile)
     _warm_up(engine, prompts)
-    outputs, _, seconds, cpu = _run(engine, _requests(prompts, settings), settings.batch_size, "target-only",
-                                    progress)
+    outputs, _, seconds, cpu = _run(engine, _requests(prompts, settings), settings.batch_size, "target-only", progress)
     tokens = sum(len(o) for o in outputs)
-    return {"outputs": outputs, "seconds": seconds, "cpu_seconds": cpu, "generated_tokens": tokens,
-            "tokens_per_second": tokens / seconds if seconds else 0.0, "temperature": settings.temperature,
-            "max_new_tokens": settings.max_new_tokens, "batch_size": settings.batch_size,
-            "num_prompts": len(prompts)}
+    return {
+        "outputs": outputs,
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "generated_tokens": tokens,
+        "tokens_per_second": tokens / seconds if seconds else 0.0,
+        "temperature": settings.temperature,
+        "max_new_tokens": settings.max_new_tokens,
+        "batch_size": settings.batch_size,
+        "num_prompts": len(prompts),
+    }
 
 
 def resolve_placement(device: str = "auto", dtype: str = "auto") -> tuple[str, torch.dtype]:
@@ -137,8 +157,7 @@ def load_target(path: str, device: str = "auto", dtype: str = "auto", device_map
     from sd2_ray.models.io import load_model, load_tokenizer
 
     where, torch_dtype = resolve_placement(device, dtype)
-    return (load_model(path, dtype=torch_dtype, device=where, device_map=device_map),
-            load_tokenizer(path))
+    return (load_model(path, dtype=torch_dtype, device=where, device_map=device_map), load_tokenizer(path))
 
 
 def _load(path_or_model, dtype, device, device_map=None):
@@ -146,8 +165,10 @@ def _load(path_or_model, dtype, device, device_map=None):
     from sd2_ray.models.io import load_model, load_tokenizer
 
     if isinstance(path_or_model, str):
-        return (load_model(path_or_model, dtype=dtype, device=device, device_map=device_map),
-                load_tokenizer(path_or_model))
+        return (
+            load_model(path_or_model, dtype=dtype, device=device, device_map=device_map),
+            load_tokenizer(path_or_model),
+        )
     return path_or_model, None
 
 
@@ -156,9 +177,19 @@ def _on_device(model, device: str):
     return model.to(device) if str(input_device(model)) != device else model
 
 
-def evaluate_pair(target_dir, drafter_dir, rows: list[dict[str, Any]], num_speculative_tokens: int,
-                  settings, *, baseline: dict[str, Any] | None = None, target_tokenizer=None,
-                  drafter_tokenizer=None, progress: bool = True, unreadable=()) -> dict[str, Any]:
+def evaluate_pair(
+    target_dir,
+    drafter_dir,
+    rows: list[dict[str, Any]],
+    num_speculative_tokens: int,
+    settings,
+    *,
+    baseline: dict[str, Any] | None = None,
+    target_tokenizer=None,
+    drafter_tokenizer=None,
+    progress: bool = True,
+    unreadable=(),
+) -> dict[str, Any]:
     """Spec-decode ``rows`` with the pair and return the report dict (see ``sd2 eval``);
     ``settings`` is an :class:`~sd2_ray.evaluate.config.EvalSettings` (decoding, batching,
     placement, row policy).
@@ -188,21 +219,33 @@ def evaluate_pair(target_dir, drafter_dir, rows: list[dict[str, Any]], num_specu
         raise DataError(f"evaluate_pair: baseline has {baseline['num_prompts']} prompts, rows have {len(prompts)}")
     engine = SpeculativeEngine(target, drafter, k, t_tok, d_tok, compile=settings.compile)
     _warm_up(engine, prompts)
-    outputs, stats, seconds, cpu = _run(engine, _requests(prompts, settings), settings.batch_size,
-                                        f"spec K={k}", progress)
+    outputs, stats, seconds, cpu = _run(
+        engine, _requests(prompts, settings), settings.batch_size, f"spec K={k}", progress
+    )
     t_macs, d_macs = linear_macs(target), linear_macs(drafter)
     report = _report(stats, seconds, cpu, outputs, baseline, t_macs, d_macs, k, settings.temperature)
-    report.update(cross_tokenizer=engine.cross_tokenizer, top_p=settings.top_p, top_k=settings.top_k,
-                  seed=settings.seed, max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
-                  dtype=dtype_name(torch_dtype), device=where, num_prompts=len(prompts),
-                  skipped_prompts=skipped, prompt_ids=[row_id(r) for r in kept], outputs=outputs,
-                  target=target_dir if isinstance(target_dir, str) else None,
-                  drafter=drafter_dir if isinstance(drafter_dir, str) else None)
+    report.update(
+        cross_tokenizer=engine.cross_tokenizer,
+        top_p=settings.top_p,
+        top_k=settings.top_k,
+        seed=settings.seed,
+        max_new_tokens=settings.max_new_tokens,
+        batch_size=settings.batch_size,
+        dtype=dtype_name(torch_dtype),
+        device=where,
+        num_prompts=len(prompts),
+        skipped_prompts=skipped,
+        prompt_ids=[row_id(r) for r in kept],
+        outputs=outputs,
+        target=target_dir if isinstance(target_dir, str) else None,
+        drafter=drafter_dir if isinstance(drafter_dir, str) else None,
+    )
     return report
 
 
-def _report(stats: SpecStats, seconds: float, cpu: float, outputs, baseline, t_macs, d_macs, k: int,
-            temperature: float) -> dict[str, Any]:
+def _report(
+    stats: SpecStats, seconds: float, cpu: float, outputs, baseline, t_macs, d_macs, k: int, temperature: float
+) -> dict[str, Any]:
     tokens = sum(len(o) for o in outputs)
     tps = tokens / seconds if seconds else 0.0
     cost = cost_coefficient(d_macs, t_macs)
@@ -245,7 +288,7 @@ def _report(stats: SpecStats, seconds: float, cpu: float, outputs, baseline, t_m
         if base_cpu and cpu:
             out["measured_speedup_cpu"] = base_cpu / baseline["generated_tokens"] * tokens / cpu
         if temperature == 0.0:
-            mismatched = [i for i, (a, b) in enumerate(zip(outputs, baseline["outputs"])) if a != b]
+            mismatched = [i for i, (a, b) in enumerate(zip(outputs, baseline["outputs"], strict=True)) if a != b]
             out["lossless"] = not mismatched
             out["lossless_mismatches"] = mismatched
     return out

@@ -1,6 +1,7 @@
 """Many drafters scored on the same prompts against one target-only baseline (the pipeline's
 eval step): the baseline is measured once and reused on resume, each drafter's report gets its
 own directory and manifest, complete ones are skipped."""
+
 from __future__ import annotations
 
 import logging
@@ -54,14 +55,22 @@ def _evaluate_here(pending: dict[str, EvalConfig], rows, baseline_path: str):
         storage.write_json(baseline_path, baseline)
     for name, config in pending.items():
         manifest.start(config.output_dir, "eval", drafter=config.drafter, name=name)
-        report = evaluate_pair(target, config.drafter, rows, config.num_speculative_tokens, config,
-                               baseline=baseline, target_tokenizer=tokenizer)
+        report = evaluate_pair(
+            target,
+            config.drafter,
+            rows,
+            config.num_speculative_tokens,
+            config,
+            baseline=baseline,
+            target_tokenizer=tokenizer,
+        )
         yield name, config, report
 
 
 def _evaluate_in_tasks(pending: dict[str, EvalConfig], rows, baseline_path: str):
-    """As Ray tasks with ``gpus`` GPUs each on the configured node type (retried when a node is lost): the baseline first (or the saved one), then every
-    drafter at once (Ray queues them for free GPUs); reports come back in drafter order."""
+    """As Ray tasks with ``gpus`` GPUs each on the configured node type (retried when a node is
+    lost): the baseline first (or the saved one), then every drafter at once (Ray queues them for
+    free GPUs); reports come back in drafter order."""
     from sd2_ray.runtime import run_with_gpus, submit_with_gpus
 
     first = next(iter(pending.values()))
@@ -73,8 +82,9 @@ def _evaluate_in_tasks(pending: dict[str, EvalConfig], rows, baseline_path: str)
     futures = {}
     for name, config in pending.items():
         manifest.start(config.output_dir, "eval", drafter=config.drafter, name=name)
-        futures[name] = submit_with_gpus(_drafter_task, config.gpus, config, rows, baseline,
-                                         resources=config.node_resources)
+        futures[name] = submit_with_gpus(
+            _drafter_task, config.gpus, config, rows, baseline, resources=config.node_resources
+        )
     for name, future in futures.items():
         yield name, pending[name], future.result()
 
@@ -90,8 +100,16 @@ def _drafter_task(config: EvalConfig, rows, baseline: dict[str, Any]) -> dict:
     from sd2_ray.evaluate.core import evaluate_pair, load_target
 
     target, tokenizer = load_target(config.target, config.device, config.dtype, config.device_map)
-    return evaluate_pair(target, config.drafter, rows, config.num_speculative_tokens, config, baseline=baseline,
-                         target_tokenizer=tokenizer, progress=False)
+    return evaluate_pair(
+        target,
+        config.drafter,
+        rows,
+        config.num_speculative_tokens,
+        config,
+        baseline=baseline,
+        target_tokenizer=tokenizer,
+        progress=False,
+    )
 
 
 def write_eval(config: EvalConfig, name: str, report: dict[str, Any]) -> None:
@@ -99,8 +117,13 @@ def write_eval(config: EvalConfig, name: str, report: dict[str, Any]) -> None:
 
     write_report(report, config.report_path)
     manifest.complete(config.output_dir, "eval", name=name, mean_accepted_length=report["mean_accepted_length"])
-    log.info("eval %s: MAL %.3f, predicted %.2fx, measured %s", name, report["mean_accepted_length"],
-             report["predicted_speedup"], report["measured_speedup"])
+    log.info(
+        "eval %s: MAL %.3f, predicted %.2fx, measured %s",
+        name,
+        report["mean_accepted_length"],
+        report["predicted_speedup"],
+        report["measured_speedup"],
+    )
 
 
 def baseline_key(config: EvalConfig, rows) -> dict[str, Any]:

@@ -1,4 +1,5 @@
 """``sd2 eval``: evaluate a pair on a prompt set and write the report (local or s3://)."""
+
 from __future__ import annotations
 
 import logging
@@ -30,9 +31,18 @@ def main(config: EvalConfig) -> dict | None:
         rows = read_rows(config.prompts, limit=config.max_prompts, skipped=unreadable)
         if config.gpus > 0:
             logger.info("eval as a Ray task with %s GPU(s)", config.gpus)
-        report = run_with_gpus(evaluate_pair, config.gpus, config.target, config.drafter, rows,
-                               config.num_speculative_tokens, config, progress=config.gpus <= 0,
-                               unreadable=unreadable, resources=config.node_resources)
+        report = run_with_gpus(
+            evaluate_pair,
+            config.gpus,
+            config.target,
+            config.drafter,
+            rows,
+            config.num_speculative_tokens,
+            config,
+            progress=config.gpus <= 0,
+            unreadable=unreadable,
+            resources=config.node_resources,
+        )
         report["prompts"] = config.prompts
         skipped = unreadable + report["skipped_prompts"]
         write_skipped(storage.join(out_dir, SKIPPED_FILE), skipped)
@@ -40,11 +50,23 @@ def main(config: EvalConfig) -> dict | None:
     except Exception as err:
         manifest.fail(out_dir, STAGE, f"{type(err).__name__}: {err}")
         raise
-    manifest.complete(out_dir, STAGE, files=files, num_prompts=report["num_prompts"], skipped=len(skipped),
-                      mean_accepted_length=report["mean_accepted_length"],
-                      measured_speedup=report["measured_speedup"], lossless=report["lossless"])
-    logger.info("MAL %.3f, acceptance %.3f, predicted speedup %.2fx, measured %s, lossless %s -> %s",
-                report["mean_accepted_length"], report["acceptance_rate"], report["predicted_speedup"],
-                f"{report['measured_speedup']:.2f}x" if report["measured_speedup"] else "n/a",
-                report["lossless"], config.report_path)
+    manifest.complete(
+        out_dir,
+        STAGE,
+        files=files,
+        num_prompts=report["num_prompts"],
+        skipped=len(skipped),
+        mean_accepted_length=report["mean_accepted_length"],
+        measured_speedup=report["measured_speedup"],
+        lossless=report["lossless"],
+    )
+    logger.info(
+        "MAL %.3f, acceptance %.3f, predicted speedup %.2fx, measured %s, lossless %s -> %s",
+        report["mean_accepted_length"],
+        report["acceptance_rate"],
+        report["predicted_speedup"],
+        f"{report['measured_speedup']:.2f}x" if report["measured_speedup"] else "n/a",
+        report["lossless"],
+        config.report_path,
+    )
     return report

@@ -1,4 +1,5 @@
 """Write an eval report: report.json, report.md and a plot of acceptance by draft position."""
+
 from __future__ import annotations
 
 import io
@@ -48,9 +49,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         ("lossless (greedy: outputs equal target-only)", report.get("lossless")),
     ]
     lines += [f"| {name} | {_fmt(value)} |" for name, value in rows]
-    lines += ["", "Acceptance by draft position: "
-              + ", ".join(f"{i + 1}: {p:.3f}" for i, p in enumerate(report["per_position_acceptance"])),
-              "", f"![acceptance by position]({PLOT_NAME})", ""]
+    lines += [
+        "",
+        "Acceptance by draft position: "
+        + ", ".join(f"{i + 1}: {p:.3f}" for i, p in enumerate(report["per_position_acceptance"])),
+        "",
+        f"![acceptance by position]({PLOT_NAME})",
+        "",
+    ]
     return "\n".join(lines)
 
 

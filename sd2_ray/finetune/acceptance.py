@@ -34,17 +34,32 @@ The α formula is reported beside it; it overestimates short rows (it ignores th
 Distributed use: each worker calls :func:`acceptance_sums` on its batches, the sums are added
 over batches and workers (plain floats, all-reduce them), then :func:`summarize`.
 """
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
-from sd2_ray.finetune.losses import (chunk_starts, drafter_log_probs, labelled_positions, position_logits,
-                                    target_log_probs)
+from sd2_ray.finetune.losses import (
+    chunk_starts,
+    drafter_log_probs,
+    labelled_positions,
+    position_logits,
+    target_log_probs,
+)
 
-SUM_KEYS = ("positions", "alpha", "alpha_upper", "mal_alpha", "greedy_accepted", "committed",
-            "greedy_rounds", "alpha_rounds", "rows")
+SUM_KEYS = (
+    "positions",
+    "alpha",
+    "alpha_upper",
+    "mal_alpha",
+    "greedy_accepted",
+    "committed",
+    "greedy_rounds",
+    "alpha_rounds",
+    "rows",
+)
 
 
 def expected_mal_iid(alpha: torch.Tensor, k: int) -> torch.Tensor:
@@ -70,8 +85,9 @@ def expected_rounds(acceptance: list[float], k: int) -> float:
     return rounds[0]
 
 
-def _position_stats(logits: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, k: int,
-                    temperature: float) -> tuple[torch.Tensor, ...]:
+def _position_stats(
+    logits: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, k: int, temperature: float
+) -> tuple[torch.Tensor, ...]:
     """Per position: α (lower bound), α upper bound, expected MAL (α), greedy agreement."""
     logp = target_log_probs(logprobs, temperature)
     logq = drafter_log_probs(logits, ids, temperature)
@@ -83,9 +99,14 @@ def _position_stats(logits: torch.Tensor, ids: torch.Tensor, logprobs: torch.Ten
 
 
 @torch.no_grad()
-def acceptance_sums(outputs: torch.Tensor, batch: dict, num_speculative_tokens: int,
-                    temperature: float = 0.0, chunk_tokens: int = 1024,
-                    head: torch.nn.Module | None = None) -> dict[str, float]:
+def acceptance_sums(
+    outputs: torch.Tensor,
+    batch: dict,
+    num_speculative_tokens: int,
+    temperature: float = 0.0,
+    chunk_tokens: int = 1024,
+    head: torch.nn.Module | None = None,
+) -> dict[str, float]:
     """Sums over the batch's labelled positions that have the target's top-k (rows without it
     are skipped). ``outputs``: the drafter's (B, L, V) logits on ``batch`` (from
     :func:`sd2_ray.finetune.data.collate`), or its (B, L, H) last hidden states with its LM
@@ -101,6 +122,7 @@ def acceptance_sums(outputs: torch.Tensor, batch: dict, num_speculative_tokens: 
         return sums
     labels = batch["labels"].to(outputs.device)
     pos = labelled_positions(labels, batch)
+    assert pos.topk_ids is not None and pos.topk_logprobs is not None  # the batch has top-k
     keep = pos.has_topk
     rows, ids, lps = pos.rows[keep], pos.topk_ids[keep].long(), pos.topk_logprobs[keep]
     flat = outputs.reshape(-1, outputs.shape[-1])
@@ -108,8 +130,9 @@ def acceptance_sums(outputs: torch.Tensor, batch: dict, num_speculative_tokens: 
     greedy_parts, alpha_parts = [], []
     for start in chunk_starts(rows.numel(), chunk_tokens, head, flat.device):  # alike on every rank
         part = slice(start, start + chunk_tokens)
-        low, high, mal, greedy = _position_stats(position_logits(flat, rows[part], head), ids[part],
-                                                 lps[part], num_speculative_tokens, compare)
+        low, high, mal, greedy = _position_stats(
+            position_logits(flat, rows[part], head), ids[part], lps[part], num_speculative_tokens, compare
+        )
         sums["alpha"] += float(low.sum())
         sums["alpha_upper"] += float(high.sum())
         sums["mal_alpha"] += float(mal.sum())
@@ -118,13 +141,19 @@ def acceptance_sums(outputs: torch.Tensor, batch: dict, num_speculative_tokens: 
         alpha_parts.append(low.cpu())
     sums["positions"] = float(rows.numel())
     if greedy_parts:
-        _replay_rows(sums, rows.cpu() // labels.shape[1], torch.cat(greedy_parts).double(),
-                     torch.cat(alpha_parts).double(), num_speculative_tokens)
+        _replay_rows(
+            sums,
+            rows.cpu() // labels.shape[1],
+            torch.cat(greedy_parts).double(),
+            torch.cat(alpha_parts).double(),
+            num_speculative_tokens,
+        )
     return sums
 
 
-def _replay_rows(sums: dict[str, float], row_of: torch.Tensor, greedy: torch.Tensor, alpha: torch.Tensor,
-                 k: int) -> None:
+def _replay_rows(
+    sums: dict[str, float], row_of: torch.Tensor, greedy: torch.Tensor, alpha: torch.Tensor, k: int
+) -> None:
     """Replays per sequence (positions arrive sorted by row, then by position)."""
     for row in torch.unique_consecutive(row_of).tolist():
         mine = row_of == row
@@ -149,19 +178,23 @@ def summarize(sums: dict[str, float], temperature: float = 0.0) -> dict[str, flo
     if not n:
         return {"expected_mal": float("nan"), "positions": 0}
     out = {
-        "alpha": sums["alpha"] / n, "alpha_upper": sums["alpha_upper"] / n,
-        "expected_mal_alpha": sums["mal_alpha"] / n, "greedy_acceptance": sums["greedy_accepted"] / n,
+        "alpha": sums["alpha"] / n,
+        "alpha_upper": sums["alpha_upper"] / n,
+        "expected_mal_alpha": sums["mal_alpha"] / n,
+        "greedy_acceptance": sums["greedy_accepted"] / n,
         "expected_mal_greedy": sums["committed"] / max(sums["greedy_rounds"], 1.0),
         "expected_mal_alpha_replay": sums["committed"] / max(sums["alpha_rounds"], 1.0),
-        "positions": int(n), "rows": int(sums["rows"]),
+        "positions": int(n),
+        "rows": int(sums["rows"]),
     }
     out["expected_mal"] = out["expected_mal_greedy"] if temperature == 0 else out["expected_mal_alpha_replay"]
     return out
 
 
 @torch.no_grad()
-def teacher_forced(model, batches: Iterable[dict], num_speculative_tokens: int,
-                   temperature: float = 0.0) -> dict[str, float]:
+def teacher_forced(
+    model, batches: Iterable[dict], num_speculative_tokens: int, temperature: float = 0.0
+) -> dict[str, float]:
     """One-process convenience: the drafter ``model`` over collated batches -> :func:`summarize`."""
     device = next(model.parameters()).device
     parts = []
@@ -180,7 +213,7 @@ def ranks(values: list[float]) -> list[float]:
         end = start
         while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
             end += 1
-        for i in order[start:end + 1]:
+        for i in order[start : end + 1]:
             out[i] = (start + end) / 2 + 1
         start = end + 1
     return out
@@ -194,6 +227,6 @@ def spearman(x: list[float], y: list[float]) -> float:
         raise ValueError(f"spearman needs two equal-length lists of at least 2 values, got {len(x)} and {len(y)}")
     rx, ry = ranks(x), ranks(y)
     mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
     var = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
     return cov / var if var else float("nan")

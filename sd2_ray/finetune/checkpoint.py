@@ -5,11 +5,12 @@ module whose ``lm`` is the drafter (:class:`sd2_ray.finetune.step.CausalLMLoss`)
 own converter merges the ranks' partitions into one fp32 state dict (ZeRO-2 and ZeRO-3); the
 drafter's masks are re-applied (they already hold: gradients are masked) as cheap insurance.
 """
+
 from __future__ import annotations
 
-DS_TAG = "ds"            # DeepSpeed's tag of the intermediate checkpoints
+DS_TAG = "ds"  # DeepSpeed's tag of the intermediate checkpoints
 FINAL_CHECKPOINT = "final"  # the last checkpoint's directory: the HF model dir + train state
-MODEL_SUBDIR = "model"      # the HF model dir inside the final checkpoint
+MODEL_SUBDIR = "model"  # the HF model dir inside the final checkpoint
 LM_PREFIX = "lm."
 
 
@@ -27,12 +28,11 @@ def drafter_from_checkpoint(directory: str, drafter_dir: str):
     from sd2_ray.models.sparsity import apply_masks, load_masks
 
     state = get_fp32_state_dict_from_zero_checkpoint(directory, tag=DS_TAG)
-    state = {k[len(LM_PREFIX):] if k.startswith(LM_PREFIX) else k: v for k, v in state.items()}
+    state = {k[len(LM_PREFIX) :] if k.startswith(LM_PREFIX) else k: v for k, v in state.items()}
     drafter = load_model(drafter_dir)
     missing, unexpected = drafter.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(drafter.config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
-        raise RuntimeError(f"checkpoint does not match the drafter: missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]}")
+        raise RuntimeError(f"checkpoint does not match the drafter: missing {missing[:3]}, unexpected {unexpected[:3]}")
     apply_masks(drafter, load_masks(drafter_dir, drafter))
     return drafter.eval(), load_tokenizer(drafter_dir)

@@ -1,7 +1,9 @@
 """Config of ``sd2 finetune``: masked sparse fine-tuning on Ray Train + DeepSpeed ZeRO."""
+
 from __future__ import annotations
 
-from typing import Any, Iterable, Literal, Optional
+from collections.abc import Iterable
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -24,96 +26,148 @@ class FinetuneSettings(StageConfig):
     epochs: int = Field(1, ge=1, description="passes over the data (ignored past max_steps)")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
     lr: float = Field(5e-5, gt=0, description="peak learning rate (AdamW)")
-    batch_size: int = Field(8, ge=1, description="global batch: rows per optimizer step over all "
-                                                 "workers (same for any worker count)")
+    batch_size: int = Field(
+        8, ge=1, description="global batch: rows per optimizer step over all workers (same for any worker count)"
+    )
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step on each worker")
-    seq_len: int = Field(256, ge=8, description="max tokens per row (prompt + response); longer "
-                                                "rows are truncated, prompt first")
+    seq_len: int = Field(
+        256, ge=8, description="max tokens per row (prompt + response); longer rows are truncated, prompt first"
+    )
     warmup_steps: int = Field(0, ge=0, description="linear warm-up steps before the schedule")
     scheduler: Literal["cosine", "constant"] = Field("cosine", description="lr schedule after warm-up")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine floor as a fraction of lr")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not on biases/norms)")
     grad_clip: float | None = Field(1.0, gt=0, description="gradient norm clip (none: off)")
     optimizer: Literal["torch_adamw", "deepspeed_adamw"] = Field(
-        "torch_adamw", description="client torch.optim.AdamW or DeepSpeed's AdamW (its CPU op is "
-                                   "JIT-built on first use)")
+        "torch_adamw",
+        description="client torch.optim.AdamW or DeepSpeed's AdamW (its CPU op is JIT-built on first use)",
+    )
     seed: int = Field(0, description="seed of the data shuffle")
-    shuffle_buffer: int = Field(10000, ge=0, description="rows in the seeded per-epoch shuffle buffer "
-                                                         "(0: keep file order)")
-    stream_data: bool = Field(False, description="stream the rows from storage in every worker each "
-                                                  "epoch (data larger than Ray's object store); default: "
-                                                  "read once into the object store, workers iterate that")
+    shuffle_buffer: int = Field(
+        10000, ge=0, description="rows in the seeded per-epoch shuffle buffer (0: keep file order)"
+    )
+    stream_data: bool = Field(
+        False,
+        description="stream the rows from storage in every worker each "
+        "epoch (data larger than Ray's object store); default: "
+        "read once into the object store, workers iterate that",
+    )
     checkpoint_every: int = Field(50, ge=1, description="save a checkpoint every N steps")
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept in storage")
     max_failures: int = Field(2, ge=0, description="worker-group restarts Ray Train may do after a failure")
     report_every: int = Field(1, ge=1, description="report metrics to Ray Train every N steps")
     report_interval_s: float = Field(
-        2.0, ge=0, description="at least this many seconds between metric reports (Ray Train's controller "
+        2.0,
+        ge=0,
+        description="at least this many seconds between metric reports (Ray Train's controller "
         "takes one report per worker every 2 s, and a worker's report waits for the previous one to be "
         "taken, so reporting faster stalls training); every step's metrics are still kept in the run's "
-        "history; 0 = report every report_every steps")
-    deepspeed: dict[str, Any] = Field(default_factory=dict, description="overrides merged into the "
-                                      "DeepSpeed config (e.g. zero_optimization.offload_optimizer)")
-    enforce_masks: bool = Field(True, description="keep masked weights at zero (false only for "
-                                                  "ablations: the sparsity is then lost)")
+        "history; 0 = report every report_every steps",
+    )
+    deepspeed: dict[str, Any] = Field(
+        default_factory=dict,
+        description="overrides merged into the DeepSpeed config (e.g. zero_optimization.offload_optimizer)",
+    )
+    enforce_masks: bool = Field(
+        True, description="keep masked weights at zero (false only for ablations: the sparsity is then lost)"
+    )
     use_gpu: bool = Field(False, description="GPU workers with nccl (a cluster); false: CPU + gloo")
-    backend: Optional[str] = Field(None, description="torch.distributed backend (default: nccl with use_gpu, "
-                                   "else gloo); e.g. cuda:gloo makes CPU-tensor collectives fail as under NCCL")
-    gradient_checkpointing: bool = Field(False, description="recompute each block's activations in backward "
-                                         "(activation memory of one block instead of all; ~30 % more compute)")
-    min_usable_share: float = Field(0.0, ge=0.0, le=1.0, description="fail when fewer than this share of "
-                                    "the rows are usable (bad rows are skipped and listed in "
-                                    "_skipped.jsonl; with no usable row the stage always fails)")
+    backend: str | None = Field(
+        None,
+        description="torch.distributed backend (default: nccl with use_gpu, "
+        "else gloo); e.g. cuda:gloo makes CPU-tensor collectives fail as under NCCL",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="recompute each block's activations in backward "
+        "(activation memory of one block instead of all; ~30 % more compute)",
+    )
+    min_usable_share: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="fail when fewer than this share of "
+        "the rows are usable (bad rows are skipped and listed in "
+        "_skipped.jsonl; with no usable row the stage always fails)",
+    )
     node_resources: NodeResources = Field(default_factory=dict, description=NODE_RESOURCES_DESCRIPTION)
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per Ray Train worker")
     overwrite: bool = Field(False, description="redo a complete output and drop its checkpoints")
     loss: Literal["ce", "fkl", "rkl", "jsd", "tvd"] = Field(
-        "ce", description="ce: cross-entropy on the distilled tokens (SD2); fkl / rkl / jsd / tvd: forward KL, "
+        "ce",
+        description="ce: cross-entropy on the distilled tokens (SD2); fkl / rkl / jsd / tvd: forward KL, "
         "reverse KL, Jensen-Shannon or total variation to the target's stored top-k distribution (needs "
-        "data distilled with logprobs_top_k > 0; see sd2_ray/finetune/losses.py)")
-    ce_weight: float = Field(0.0, ge=0, description="weight of a cross-entropy term added to a divergence "
-                                                    "loss: loss = divergence + ce_weight x ce (ignored for ce)")
+        "data distilled with logprobs_top_k > 0; see sd2_ray/finetune/losses.py)",
+    )
+    ce_weight: float = Field(
+        0.0,
+        ge=0,
+        description="weight of a cross-entropy term added to a divergence "
+        "loss: loss = divergence + ce_weight x ce (ignored for ce)",
+    )
     kd_temperature: float = Field(
-        0.0, ge=0, description="serving temperature the drafter's and target's distributions are compared at "
-        "(losses and acceptance); 0 = greedy serving: divergences at temperature 1, acceptance = argmax agreement")
-    loss_chunk_tokens: int = Field(1024, ge=1, description="positions whose LM-head logits exist at once while "
-                                   "computing the loss (the fp32 full-vocabulary tensors of a whole batch are "
-                                   "never held)")
-    use_response_ids: Optional[bool] = Field(
-        None, description="train on the target's own token ids (column response_ids) instead of re-tokenising "
+        0.0,
+        ge=0,
+        description="serving temperature the drafter's and target's distributions are compared at "
+        "(losses and acceptance); 0 = greedy serving: divergences at temperature 1, acceptance = argmax agreement",
+    )
+    loss_chunk_tokens: int = Field(
+        1024,
+        ge=1,
+        description="positions whose LM-head logits exist at once while "
+        "computing the loss (the fp32 full-vocabulary tensors of a whole batch are "
+        "never held)",
+    )
+    use_response_ids: bool | None = Field(
+        None,
+        description="train on the target's own token ids (column response_ids) instead of re-tokenising "
         "the response text: true = always (a drafter whose tokenizer is not the one the ids were written "
         "with is refused); false = never; unset = when the drafter has that tokenizer (the distill "
         "manifest names it; rows without a manifest: when the drafter decodes the ids back to the "
-        "response), else the text in the drafter's own tokens")
+        "response), else the text in the drafter's own tokens",
+    )
     eval_every: int | None = Field(
-        None, ge=1, description="every N optimizer steps, score held-out rows teacher-forced: loss, acceptance "
-        "alpha and expected MAL at num_speculative_tokens (sd2_ray/finetune/acceptance.py); none = off")
-    eval_rows: int = Field(32, ge=1, description="distilled rows held out of training for eval_every "
-                                                 "(the last rows of the data, in file order)")
+        None,
+        ge=1,
+        description="every N optimizer steps, score held-out rows teacher-forced: loss, acceptance "
+        "alpha and expected MAL at num_speculative_tokens (sd2_ray/finetune/acceptance.py); none = off",
+    )
+    eval_rows: int = Field(
+        32,
+        ge=1,
+        description="distilled rows held out of training for eval_every (the last rows of the data, in file order)",
+    )
     select_by: Literal["loss", "expected_mal"] = Field(
-        "loss", description="checkpoint published as the drafter: loss = lowest held-out loss at an "
+        "loss",
+        description="checkpoint published as the drafter: loss = lowest held-out loss at an "
         "eval_every check (the last step when eval_every is off); expected_mal = highest held-out expected "
-        "MAL (needs eval_every and top-k rows)")
+        "MAL (needs eval_every and top-k rows)",
+    )
 
     @model_validator(mode="after")
-    def _check_batch(self) -> "FinetuneConfig":
+    def _check_batch(self) -> FinetuneSettings:
         per_step = self.workers * self.grad_accum
         if self.batch_size % per_step:
-            raise ValueError(f"batch_size {self.batch_size} must be a multiple of workers x grad_accum "
-                             f"= {per_step} (the global batch stays the same for any worker count)")
+            raise ValueError(
+                f"batch_size {self.batch_size} must be a multiple of workers x grad_accum "
+                f"= {per_step} (the global batch stays the same for any worker count)"
+            )
         return self
 
     storage_path: StoragePath | None = Field(
-        None, description=f"Ray Train storage for checkpoints (local or s3://); default: "
-        f"<output>/{CHECKPOINTS_DIR}, so every artifact of the stage stays under its output")
+        None,
+        description=f"Ray Train storage for checkpoints (local or s3://); default: "
+        f"<output>/{CHECKPOINTS_DIR}, so every artifact of the stage stays under its output",
+    )
     deepspeed_config: StoragePath | None = Field(
-        None, description="DeepSpeed JSON to start from; default: the package's zero<stage>.json")
+        None, description="DeepSpeed JSON to start from; default: the package's zero<stage>.json"
+    )
 
     def process_group_backend(self) -> str:
         return self.backend or ("nccl" if self.use_gpu else "gloo")
 
     @model_validator(mode="after")
-    def _check_selection(self) -> "FinetuneConfig":
+    def _check_selection(self) -> FinetuneSettings:
         if self.select_by == "expected_mal" and self.eval_every is None:
             raise ValueError("select_by expected_mal needs eval_every (held-out acceptance is measured then)")
         return self
@@ -133,15 +187,24 @@ class FinetuneConfig(FinetuneSettings):
     resumes from the latest checkpoint after a worker failure or a rerun.
     """
 
-    model: StoragePath = Field(..., description="drafter HF model dir (local or s3://), usually the prune "
-                                                "output with masks/masks.safetensors / sparsity.json")
+    model: StoragePath = Field(
+        ...,
+        description="drafter HF model dir (local or s3://), usually the prune "
+        "output with masks/masks.safetensors / sparsity.json",
+    )
     data: StoragePath = Field(..., description="distilled rows: Parquet/JSONL file or directory (local or s3://)")
     output: StoragePath = Field(..., description="output dir for the fine-tuned drafter (local or s3://)")
-    response_field: str = Field("response", description="column holding the training answer "
-                                                        "('response' = the target's distilled answer)")
-    run_name: str | None = Field(None, description="Ray Train run name under storage_path; "
-                                                   "default: the output's basename")
-    num_speculative_tokens: int = Field(4, ge=1, description="K of the expected MAL reported by eval_every (set by the pipeline and the search: their K)")
+    response_field: str = Field(
+        "response", description="column holding the training answer ('response' = the target's distilled answer)"
+    )
+    run_name: str | None = Field(
+        None, description="Ray Train run name under storage_path; default: the output's basename"
+    )
+    num_speculative_tokens: int = Field(
+        4,
+        ge=1,
+        description="K of the expected MAL reported by eval_every (set by the pipeline and the search: their K)",
+    )
 
     def checkpoint_root(self) -> str:
         return self.storage_path or storage.join(self.output, CHECKPOINTS_DIR)
@@ -171,11 +234,17 @@ def check_loss_data(config: FinetuneConfig, columns: Iterable[str]) -> None:
     missing = [c for c in TOPK_COLUMNS if c not in have]
     for field, what in topk_needs(config):
         if missing:
-            raise ConfigError(f"field '{field}': {what} needs the target's top-k log-probs, but the data "
-                              f"has no column {', '.join(missing)} (distil with logprobs_top_k > 0)")
+            raise ConfigError(
+                f"field '{field}': {what} needs the target's top-k log-probs, but the data "
+                f"has no column {', '.join(missing)} (distil with logprobs_top_k > 0)"
+            )
         if config.use_response_ids is False:
-            raise ConfigError(f"field 'use_response_ids': {what} needs it true or unset (the top-k are aligned "
-                              "with the target's token ids)")
+            raise ConfigError(
+                f"field 'use_response_ids': {what} needs it true or unset (the top-k are aligned "
+                "with the target's token ids)"
+            )
         if config.response_field != "response":
-            raise ConfigError(f"field 'response_field': {what} needs 'response' (the top-k belong to the "
-                              f"distilled response, not '{config.response_field}')")
+            raise ConfigError(
+                f"field 'response_field': {what} needs 'response' (the top-k belong to the "
+                f"distilled response, not '{config.response_field}')"
+            )

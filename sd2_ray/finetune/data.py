@@ -13,11 +13,13 @@ the distillation losses (:mod:`sd2_ray.finetune.losses`). That needs the drafter
 target's tokenizer (SD²'s same-family drafters do). Rows without ids (a rewrite that kept the
 reference answer, older data) take the text path and carry no top-k.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -78,8 +80,10 @@ def answer_of(row: dict[str, Any], tokenizer, field: str, use_ids: bool):
             return answer, None, None
         topk_ids, topk_lp = _matrix(topk, torch.int32), _matrix(row["topk_logprobs"], torch.float32)
         if topk_ids.shape[0] != len(answer) or topk_lp.shape != topk_ids.shape:
-            raise DataError(f"row '{row_id(row)}': topk_ids/topk_logprobs must have one list per "
-                            f"response id ({len(answer)}), got {tuple(topk_ids.shape)} / {tuple(topk_lp.shape)}")
+            raise DataError(
+                f"row '{row_id(row)}': topk_ids/topk_logprobs must have one list per "
+                f"response id ({len(answer)}), got {tuple(topk_ids.shape)} / {tuple(topk_lp.shape)}"
+            )
         return answer, topk_ids, topk_lp
     answer = tokenizer(response_of(row, field), add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
@@ -96,8 +100,7 @@ def _matrix(value: Any, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.asarray(v) for v in value])).to(dtype)
 
 
-def encode_row(row: dict[str, Any], tokenizer, seq_len: int, field: str = "response",
-               use_ids: bool = False) -> Example:
+def encode_row(row: dict[str, Any], tokenizer, seq_len: int, field: str = "response", use_ids: bool = False) -> Example:
     """Tokenize one row. Prompt and answer are tokenized apart so the boundary is exact; an
     over-long row loses prompt tokens from the left first (the answer is what is learned),
     then answer tokens from the right (with their top-k)."""
@@ -107,7 +110,7 @@ def encode_row(row: dict[str, Any], tokenizer, seq_len: int, field: str = "respo
     prompt_ids = tokenizer(render_prompt(row, tokenizer), add_special_tokens=False)["input_ids"]
     answer_ids, topk_ids, topk_lp = answer_of(row, tokenizer, field, use_ids)
     keep_prompt = max(seq_len - len(answer_ids), min(len(prompt_ids), seq_len // 2))
-    prompt_ids = prompt_ids[len(prompt_ids) - min(len(prompt_ids), keep_prompt):]
+    prompt_ids = prompt_ids[len(prompt_ids) - min(len(prompt_ids), keep_prompt) :]
     ids = (prompt_ids + answer_ids)[:seq_len]
     labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:seq_len]
     if topk_ids is None:
@@ -116,8 +119,9 @@ def encode_row(row: dict[str, Any], tokenizer, seq_len: int, field: str = "respo
     return Example(ids, labels, topk_ids[:kept], topk_lp[:kept], len(prompt_ids))
 
 
-def encode_rows(rows: Iterable[dict[str, Any]], tokenizer, seq_len: int,
-                field: str = "response", use_ids: bool = False) -> list[Example]:
+def encode_rows(
+    rows: Iterable[dict[str, Any]], tokenizer, seq_len: int, field: str = "response", use_ids: bool = False
+) -> list[Example]:
     return [encode_row(row, tokenizer, seq_len, field, use_ids) for row in rows]
 
 
@@ -135,9 +139,9 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
         mask[i, :n] = 1
         labels[i, :n] = torch.tensor(e.labels)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    with_topk = [e for e in examples if e.topk_ids is not None and e.topk_ids.numel()]
-    if with_topk:
-        batch.update(collate_topk(examples, width, with_topk[0].topk_ids.shape[1]))
+    top_ks = [e.topk_ids.shape[1] for e in examples if e.topk_ids is not None and e.topk_ids.numel()]
+    if top_ks:
+        batch.update(collate_topk(examples, width, top_ks[0]))
     return batch
 
 
@@ -150,6 +154,7 @@ def collate_topk(examples: Sequence[Example], width: int, k: int) -> dict[str, t
             continue
         if e.topk_ids.shape[1] != k:
             raise DataError(f"rows of one batch store different top-k sizes ({k} and {e.topk_ids.shape[1]})")
+        assert e.topk_logprobs is not None, "an example's top-k ids come with their log-probs"
         span = slice(e.topk_start, e.topk_start + e.topk_ids.shape[0])
         topk_ids[i, span] = e.topk_ids.long()
         topk_lp[i, span] = e.topk_logprobs
@@ -161,12 +166,12 @@ def rank_slice(rows: Sequence[Any], rank: int, world: int) -> Sequence[Any]:
     """This rank's contiguous part of a global batch (equal parts: the batch size is checked
     to divide). Rank r of W always gets the same rows a 1-worker run puts in the same step."""
     per_rank = len(rows) // world
-    return rows[rank * per_rank:(rank + 1) * per_rank]
+    return rows[rank * per_rank : (rank + 1) * per_rank]
 
 
 def micro_batches(rows: Sequence[Any], count: int) -> list[Sequence[Any]]:
     size = len(rows) // count
-    return [rows[i * size:(i + 1) * size] for i in range(count)]
+    return [rows[i * size : (i + 1) * size] for i in range(count)]
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -177,8 +182,11 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, 1:]
     return torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX, reduction="sum")
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
 
 
 def labelled_tokens(labels: torch.Tensor) -> int:

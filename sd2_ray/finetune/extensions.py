@@ -6,6 +6,7 @@ a word. ``infra/install.sh`` builds the op at install time into a directory per 
 fine-tune still finds a lock here, waits a bounded time for a live build to end, and otherwise
 stops with a message that names the lock.
 """
+
 from __future__ import annotations
 
 import glob
@@ -42,10 +43,13 @@ def wait_for_build_locks(patience_s: float = LOCK_PATIENCE_S, poll_s: float = 2.
         if not locks:
             return
         if time.monotonic() >= deadline:
-            raise Sd2Error(f"{locks[0]}: a torch extension build lock is still held after {patience_s:.0f} s "
-                           "(a DeepSpeed op build was killed midway?); delete the lock file and rerun")
+            raise Sd2Error(
+                f"{locks[0]}: a torch extension build lock is still held after {patience_s:.0f} s "
+                "(a DeepSpeed op build was killed midway?); delete the lock file and rerun"
+            )
         if not announced:
-            log.warning("waiting for %s: another process is building a DeepSpeed op (up to %.0f s)",
-                        locks[0], patience_s)
+            log.warning(
+                "waiting for %s: another process is building a DeepSpeed op (up to %.0f s)", locks[0], patience_s
+            )
             announced = True
         time.sleep(poll_s)

@@ -8,10 +8,11 @@ engine's device and summarised into metrics (``eval_loss``, ``expected_mal``, ``
 
 Selection (``select_by``): ``loss`` keeps the step with the lowest ``eval_loss``,
 ``expected_mal`` the highest ``expected_mal`` (ties: the later step). An eval step that
-matches or improves it forces a checkpoint, scored so that Ray Train's checkpoint manager keeps it (``select_score``: the
-oriented value; every other checkpoint gets :data:`UNSCORED`, and the latest is always
-kept for resumption). The driver publishes that step's weights.
+matches or improves it forces a checkpoint, scored so that Ray Train's checkpoint manager
+keeps it (``select_score``: the oriented value; every other checkpoint gets :data:`UNSCORED`,
+and the latest is always kept for resumption). The driver publishes that step's weights.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,7 +35,9 @@ LOSS_KEYS = ("total", "ce", "kd", "ce_tokens", "kd_tokens")
 
 def eval_due(cfg: dict, step: int, total: int) -> bool:
     every = cfg.get("eval_every")
-    return bool(every) and (step % every == 0 or step == total)
+    if not every:
+        return False
+    return step % every == 0 or step == total
 
 
 def heldout_batches(rows: list[dict], tokenizer, cfg: dict, rank: int, world: int) -> list[tuple[dict, bool]]:
@@ -44,13 +47,18 @@ def heldout_batches(rows: list[dict], tokenizer, cfg: dict, rank: int, world: in
     if not rows:
         return []
     per_rank = -(-len(rows) // world)
-    mine = rows[rank * per_rank:(rank + 1) * per_rank]
+    mine = rows[rank * per_rank : (rank + 1) * per_rank]
     size = max(1, cfg["batch_size"] // (world * cfg["grad_accum"]))  # training's micro-batch
     out = []
     for start in range(0, per_rank, size):
-        part = mine[start:start + size]
-        examples = D.encode_rows(part or rows[:1], tokenizer, cfg["seq_len"], cfg["response_field"],
-                                 use_ids=cfg.get("use_response_ids", False))
+        part = mine[start : start + size]
+        examples = D.encode_rows(
+            part or rows[:1],
+            tokenizer,
+            cfg["seq_len"],
+            cfg["response_field"],
+            use_ids=cfg.get("use_response_ids", False),
+        )
         out.append((D.collate(examples, tokenizer.pad_token_id), bool(part)))
     return out
 
@@ -68,24 +76,28 @@ def evaluate(engine, batches: list[tuple[dict, bool]], cfg: dict) -> dict[str, A
                 engine(**on_device(batch, device), acceptance_k=cfg["num_speculative_tokens"])
                 if counted:
                     last = module.last
-                    for key, value in zip(LOSS_KEYS, (float(last.total), last.ce, last.kd, last.ce_tokens,
-                                                      last.kd_tokens)):
+                    for key, value in zip(
+                        LOSS_KEYS, (float(last.total), last.ce, last.kd, last.ce_tokens, last.kd_tokens), strict=True
+                    ):
                         loss[key] += value
                     for key in SUM_KEYS:
                         acc[key] += module.last_acceptance[key]
     finally:
         engine.train()
     reduced = all_reduce([loss[k] for k in LOSS_KEYS] + [acc[k] for k in SUM_KEYS], device)
-    loss = dict(zip(LOSS_KEYS, reduced[:len(LOSS_KEYS)]))
-    acc = dict(zip(SUM_KEYS, reduced[len(LOSS_KEYS):]))
+    loss = dict(zip(LOSS_KEYS, reduced[: len(LOSS_KEYS)], strict=True))
+    acc = dict(zip(SUM_KEYS, reduced[len(LOSS_KEYS) :], strict=True))
     tokens = max(loss["ce_tokens"], 1.0)
     out: dict[str, Any] = {"eval_loss": loss["total"] / tokens, "eval_ce": loss["ce"] / tokens}
     if module.spec.needs_topk and loss["kd_tokens"]:
         out["eval_kd"] = loss["kd"] / loss["kd_tokens"]
     summary = summarize(acc, cfg.get("kd_temperature", 0.0))
     if summary["positions"]:
-        out.update({k: v for k, v in summary.items() if k not in ("positions", "rows")},
-                   eval_positions=summary["positions"], eval_rows=summary["rows"])
+        out.update(
+            {k: v for k, v in summary.items() if k not in ("positions", "rows")},
+            eval_positions=summary["positions"],
+            eval_rows=summary["rows"],
+        )
     return out
 
 

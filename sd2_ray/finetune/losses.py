@@ -27,6 +27,7 @@ Every loss is **summed** over labelled positions like :func:`sd2_ray.finetune.da
 ``chunk_tokens`` positions under activation checkpointing, so the fp32 full-vocabulary
 log-softmax exists for one chunk at a time, in the forward and in the backward pass.
 """
+
 from __future__ import annotations
 
 import math
@@ -61,11 +62,15 @@ class LossSpec:
             raise ValueError(f"unknown loss '{self.kind}' (one of {', '.join(LOSSES)})")
 
     @classmethod
-    def from_config(cls, config) -> "LossSpec":
+    def from_config(cls, config) -> LossSpec:
         """From a :class:`~sd2_ray.finetune.config.FinetuneSettings` or the workers' plain-dict copy."""
         values = config if isinstance(config, dict) else config.model_dump()
-        return cls(kind=values["loss"], ce_weight=values["ce_weight"], temperature=values["kd_temperature"],
-                   chunk_tokens=values["loss_chunk_tokens"])
+        return cls(
+            kind=values["loss"],
+            ce_weight=values["ce_weight"],
+            temperature=values["kd_temperature"],
+            chunk_tokens=values["loss_chunk_tokens"],
+        )
 
     @property
     def needs_topk(self) -> bool:
@@ -88,6 +93,7 @@ class LossSums:
 
 
 # ---------------------------------------------------------------- distributions on the support
+
 
 def target_log_probs(topk_logprobs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """(n, k) stored temperature-1 log-probs -> (n, k+1) log-probs at ``temperature`` on the
@@ -130,6 +136,7 @@ def divergence(kind: str, logp: torch.Tensor, logq: torch.Tensor) -> torch.Tenso
 
 
 # ---------------------------------------------------------------- positions and chunks
+
 
 @dataclass
 class Positions:
@@ -179,14 +186,23 @@ def chunk_starts(count: int, chunk_tokens: int, head: torch.nn.Module | None, de
     return range(0, chunks * chunk_tokens, chunk_tokens)
 
 
-def _chunk_sums(flat: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, has_topk: torch.Tensor,
-                topk_ids: torch.Tensor | None, topk_logprobs: torch.Tensor | None, kind: str,
-                temperature: float, head: torch.nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunk_sums(
+    flat: torch.Tensor,
+    rows: torch.Tensor,
+    labels: torch.Tensor,
+    has_topk: torch.Tensor,
+    topk_ids: torch.Tensor | None,
+    topk_logprobs: torch.Tensor | None,
+    kind: str,
+    temperature: float,
+    head: torch.nn.Module | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(ce sum, divergence sum) of one chunk; its logits and fp32 log-softmax live only in here."""
     logits = position_logits(flat, rows, head)
     ce = F.cross_entropy(logits, labels, reduction="sum")
     if kind == "ce" or topk_ids is None or not bool(has_topk.any()):
         return ce, logits.new_zeros(())
+    assert topk_logprobs is not None, "top-k ids come with their log-probs"
     logits, ids, lp = logits[has_topk], topk_ids[has_topk].long(), topk_logprobs[has_topk]
     logp = target_log_probs(lp, temperature)
     logq = drafter_log_probs(logits, ids, temperature)
@@ -214,9 +230,17 @@ def loss_sum(outputs: torch.Tensor, batch: dict, spec: LossSpec, head: torch.nn.
     kd_total = outputs.new_zeros((), dtype=torch.float32)
     for start in chunk_starts(pos.rows.numel(), spec.chunk_tokens, head, flat.device):
         part = slice(start, start + spec.chunk_tokens)
-        args = (flat, pos.rows[part], pos.labels[part], pos.has_topk[part],
-                None if pos.topk_ids is None else pos.topk_ids[part],
-                None if pos.topk_logprobs is None else pos.topk_logprobs[part], spec.kind, temperature, head)
+        args = (
+            flat,
+            pos.rows[part],
+            pos.labels[part],
+            pos.has_topk[part],
+            None if pos.topk_ids is None else pos.topk_ids[part],
+            None if pos.topk_logprobs is None else pos.topk_logprobs[part],
+            spec.kind,
+            temperature,
+            head,
+        )
         if grad:  # recomputed in backward: one chunk's fp32 vocab tensors alive at a time
             from torch.utils.checkpoint import checkpoint
 
@@ -226,5 +250,10 @@ def loss_sum(outputs: torch.Tensor, batch: dict, spec: LossSpec, head: torch.nn.
         ce_total = ce_total + ce
         kd_total = kd_total + kd
     total = ce_total if spec.kind == "ce" else kd_total + spec.ce_weight * ce_total
-    return LossSums(total=total, ce=float(ce_total.detach()), kd=float(kd_total.detach()),
-                    ce_tokens=int(pos.rows.numel()), kd_tokens=int(pos.has_topk.sum()))
+    return LossSums(
+        total=total,
+        ce=float(ce_total.detach()),
+        kd=float(kd_total.detach()),
+        ce_tokens=int(pos.rows.numel()),
+        kd_tokens=int(pos.has_topk.sum()),
+    )

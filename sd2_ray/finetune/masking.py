@@ -18,11 +18,16 @@ a time, while its gradient is being masked.
 
 Pure torch at import time; DeepSpeed is imported only inside the ZeRO-3 paths.
 """
+
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
+import operator
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -61,7 +66,7 @@ class PackedMask:
         self.shape = tuple(shape)
 
     @classmethod
-    def of(cls, mask: torch.Tensor, device: torch.device | str | None = None) -> "PackedMask":
+    def of(cls, mask: torch.Tensor, device: torch.device | str | None = None) -> PackedMask:
         flat = mask.detach().reshape(-1).to(device=device or mask.device, dtype=torch.bool)
         flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % 8)]).view(-1, 8).to(torch.uint8)
         bits = flat[:, 0].clone()
@@ -80,7 +85,7 @@ class PackedMask:
     def nbytes(self) -> int:
         return self.bits.numel() * self.bits.element_size()
 
-    def to(self, device: torch.device | str) -> "PackedMask":
+    def to(self, device: torch.device | str) -> PackedMask:
         return PackedMask(self.bits.to(device), self.shape)
 
     def flat(self, start: int = 0, count: int | None = None) -> torch.Tensor:
@@ -89,7 +94,7 @@ class PackedMask:
         first, last = start // 8, -(-(start + count) // 8)
         shifts = torch.arange(8, device=self.bits.device, dtype=torch.uint8)
         unpacked = ((self.bits[first:last].unsqueeze(-1) >> shifts) & 1).to(torch.bool).reshape(-1)
-        return unpacked[start - 8 * first:start - 8 * first + count]
+        return unpacked[start - 8 * first : start - 8 * first + count]
 
     def unpack(self) -> torch.Tensor:
         return self.flat().view(self.shape)
@@ -98,13 +103,13 @@ class PackedMask:
         return int(self.flat().sum().item())
 
 
-def pack_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, PackedMask]:
+def pack_masks(model: torch.nn.Module, masks: Mapping[str, torch.Tensor | PackedMask]) -> dict[str, PackedMask]:
     """Each mask bit-packed on its parameter's device."""
     params = dict(model.named_parameters())
     return {k: m if isinstance(m, PackedMask) else PackedMask.of(m, params[k].device) for k, m in masks.items()}
 
 
-def register_gradient_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor | PackedMask]) -> list:
+def register_gradient_masks(model: torch.nn.Module, masks: Mapping[str, torch.Tensor | PackedMask]) -> list:
     """Multiply each masked parameter's gradient by its mask; returns the hook handles.
 
     Call before ``deepspeed.initialize`` (ZeRO-3 partitions the parameters in there, but the
@@ -152,14 +157,15 @@ def _partition_stray(param: torch.nn.Parameter, mask: torch.Tensor | PackedMask)
     weights ``rank * size .. (rank + 1) * size``, the last one padded)."""
     import torch.distributed as dist
 
-    local = param.ds_tensor.detach().view(-1)
-    start = local.numel() * dist.get_rank(group=param.ds_process_group)
-    count = max(0, min(local.numel(), param.ds_numel - start))
+    zero: Any = param  # ZeRO-3 sets ds_tensor, ds_process_group and ds_numel on the Parameter
+    local = zero.ds_tensor.detach().view(-1)
+    start = local.numel() * dist.get_rank(group=zero.ds_process_group)
+    count = max(0, min(local.numel(), zero.ds_numel - start))
     packed = mask if isinstance(mask, PackedMask) else PackedMask.of(mask, local.device)
     return _stray(local[:count], packed.flat(start, count))
 
 
-def count_masked_nonzero(model: torch.nn.Module, masks: dict[str, torch.Tensor | PackedMask]) -> int:
+def count_masked_nonzero(model: torch.nn.Module, masks: Mapping[str, torch.Tensor | PackedMask]) -> int:
     """Masked weights that are not zero (0 = the sparsity held). Under ZeRO-3 each rank counts
     its own partitions and the counts are summed (every rank must call this together: the sum
     is a collective); no parameter is gathered."""
@@ -176,7 +182,7 @@ def count_masked_nonzero(model: torch.nn.Module, masks: dict[str, torch.Tensor |
     if partitioned:
         import torch.distributed as dist
 
-        local = sum(_partition_stray(named[k], masks[k]) for k in partitioned)
+        local = functools.reduce(operator.add, (_partition_stray(named[k], masks[k]) for k in partitioned))
         if dist.is_initialized():
             # partitions offloaded to the CPU still sum over NCCL, which takes CUDA tensors only
             nccl = "nccl" in str(dist.get_backend())
@@ -190,5 +196,4 @@ def mask_summary(masks: dict[str, torch.Tensor]) -> dict[str, float | int]:
     """Counts for metrics: masked tensors, masked weights, and their share of the masked tensors."""
     total = sum(m.numel() for m in masks.values())
     zeros = total - sum(m.kept() if isinstance(m, PackedMask) else int(m.sum().item()) for m in masks.values())
-    return {"masked_tensors": len(masks), "masked_weights": zeros,
-            "masked_fraction": zeros / total if total else 0.0}
+    return {"masked_tensors": len(masks), "masked_weights": zeros, "masked_fraction": zeros / total if total else 0.0}

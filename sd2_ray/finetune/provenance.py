@@ -7,11 +7,13 @@ driver and before anything is written, which ids it trains on. The distill manif
 tokenizer the ids are in (:func:`sd2_ray.models.tokens.tokenizer_identity`); data without that
 record (older runs, hand-made files) is checked by decoding a sample of its ids with the drafter.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from sd2_ray import manifest, storage
 from sd2_ray.errors import ConfigError
@@ -33,7 +35,7 @@ class Verdict:
 def recorded_tokenizer(data: str) -> dict[str, Any] | None:
     """The tokenizer the distill manifest of ``data`` names (the data dir's manifest, or that of
     the directory a single data file lies in); None when no manifest names one."""
-    for where in ([data] if storage.is_dir(data) else [storage.parent(data)]):
+    for where in [data] if storage.is_dir(data) else [storage.parent(data)]:
         recorded = (manifest.read(where) or {}).get("tokenizer")
         if isinstance(recorded, dict) and recorded.get("fingerprint"):
             return recorded
@@ -64,13 +66,20 @@ def judge(data: str, rows: Sequence[dict[str, Any]], tokenizer) -> Verdict:
     recorded = recorded_tokenizer(data)
     if recorded is None:
         same = decodes_to_text(rows, tokenizer)
-        return Verdict(same, "the drafter decodes them back to the response text" if same else
-                       "the drafter does not decode them back to the response text")
+        return Verdict(
+            same,
+            "the drafter decodes them back to the response text"
+            if same
+            else "the drafter does not decode them back to the response text",
+        )
     mine = tokenizer_identity(tokenizer)
     same = mine["fingerprint"] == recorded["fingerprint"]
     relation = "is" if same else "is not"
-    return Verdict(same, f"they are in the tokenizer of {recorded.get('name')} ({recorded.get('vocab_size')} "
-                         f"tokens), which {relation} the drafter's ({mine['vocab_size']} tokens)")
+    return Verdict(
+        same,
+        f"they are in the tokenizer of {recorded.get('name')} ({recorded.get('vocab_size')} "
+        f"tokens), which {relation} the drafter's ({mine['vocab_size']} tokens)",
+    )
 
 
 def use_response_ids(config: FinetuneConfig, rows: Sequence[dict[str, Any]], tokenizer) -> bool:
@@ -82,14 +91,19 @@ def use_response_ids(config: FinetuneConfig, rows: Sequence[dict[str, Any]], tok
     if verdict.same is not False:
         return True
     if config.use_response_ids:
-        raise ConfigError(f"field 'use_response_ids': the data's response_ids belong to another tokenizer "
-                          f"({verdict.why}); unset it or set it false to train on the response text in the "
-                          "drafter's tokens")
+        raise ConfigError(
+            f"field 'use_response_ids': the data's response_ids belong to another tokenizer "
+            f"({verdict.why}); unset it or set it false to train on the response text in the "
+            "drafter's tokens"
+        )
     for field, what in topk_needs(config):
-        raise ConfigError(f"field '{field}': {what} needs a drafter with the target's tokenizer (the stored "
-                          f"top-k are the target's token ids; {verdict.why}); use loss ce across tokenizers")
-    log.info("finetune: the response_ids are not the drafter's (%s); training on the response text "
-             "re-tokenised", verdict.why)
+        raise ConfigError(
+            f"field '{field}': {what} needs a drafter with the target's tokenizer (the stored "
+            f"top-k are the target's token ids; {verdict.why}); use loss ce across tokenizers"
+        )
+    log.info(
+        "finetune: the response_ids are not the drafter's (%s); training on the response text re-tokenised", verdict.why
+    )
     return False
 
 

@@ -1,5 +1,6 @@
 """The Ray Train adapter of ``sd2 finetune``: the dataset every worker streams, the TorchTrainer
 (DeepSpeed inside each worker: :mod:`sd2_ray.finetune.ray_worker`), and the fit."""
+
 from __future__ import annotations
 
 import logging
@@ -23,8 +24,13 @@ def fit(config: FinetuneConfig, cfg: dict, files: list[str], callbacks: list | N
         # pipeline (tasks, process start-up) every epoch, which dominates small runs.
         dataset = dataset.materialize()
     trainer = build_trainer(config, cfg, dataset, callbacks)
-    log.info("finetune: %d workers, ZeRO-%d, %d steps, checkpoints in %s", config.workers,
-             config.zero_stage, cfg["total_steps"], config.checkpoint_run_dir())
+    log.info(
+        "finetune: %d workers, ZeRO-%d, %d steps, checkpoints in %s",
+        config.workers,
+        config.zero_stage,
+        cfg["total_steps"],
+        config.checkpoint_run_dir(),
+    )
     return trainer.fit()
 
 
@@ -50,8 +56,9 @@ def checkpoint_config(config: FinetuneConfig):
         return CheckpointConfig(num_to_keep=config.keep_checkpoints)
     from sd2_ray.finetune.heldout import SCORE_KEY
 
-    return CheckpointConfig(num_to_keep=config.keep_checkpoints, checkpoint_score_attribute=SCORE_KEY,
-                            checkpoint_score_order="max")
+    return CheckpointConfig(
+        num_to_keep=config.keep_checkpoints, checkpoint_score_attribute=SCORE_KEY, checkpoint_score_order="max"
+    )
 
 
 def build_trainer(config: FinetuneConfig, cfg: dict, dataset, callbacks: list | None = None):
@@ -62,19 +69,25 @@ def build_trainer(config: FinetuneConfig, cfg: dict, dataset, callbacks: list | 
     root = config.checkpoint_root()
     fs, inner = storage.filesystem(root)
     run_config = RunConfig(
-        name=config.checkpoint_run_name(), storage_path=inner,
+        name=config.checkpoint_run_name(),
+        storage_path=inner,
         storage_filesystem=fs if storage.is_s3(root) else None,
         failure_config=FailureConfig(max_failures=config.max_failures),
         checkpoint_config=checkpoint_config(config),
-        callbacks=callbacks or None)
+        callbacks=callbacks or None,
+    )
     return TorchTrainer(
-        train_loop, train_loop_config=cfg,
-        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
-                                     resources_per_worker={"CPU": config.cpus_per_worker, **config.node_resources}),
+        train_loop,
+        train_loop_config=cfg,
+        scaling_config=ScalingConfig(
+            num_workers=config.workers,
+            use_gpu=config.use_gpu,
+            resources_per_worker={"CPU": config.cpus_per_worker, **config.node_resources},
+        ),
         torch_config=TorchConfig(backend=config.process_group_backend()),
         datasets={"train": dataset},
         # Not split: every worker streams the same seeded order and keeps its slice of each
         # global batch, which makes 1-vs-N runs and resumed runs see identical batches.
-        dataset_config=DataConfig(datasets_to_split=[],
-                                  execution_options=ExecutionOptions(preserve_order=True)),
-        run_config=run_config)
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
+        run_config=run_config,
+    )

@@ -11,13 +11,15 @@ batch (:func:`sd2_ray.finetune.data.rank_slice`), and the loss is divided by the
 token count over all workers, so 1 and N workers follow the same loss curve and a resumed
 run skips exactly the batches it already trained on.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import tempfile
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -28,6 +30,7 @@ from sd2_ray.finetune.step import TrainState, engine_device, report_due, train_s
 log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- worker setup
+
 
 def _resolve_model(path: str) -> str:
     """Local model dir; two workers on one node may download the same s3 copy at once."""
@@ -54,12 +57,17 @@ def worker_device(cfg: dict) -> torch.device:
 
 # ---------------------------------------------------------------- data
 
+
 def global_batches(shard, cfg: dict, epoch: int) -> Iterator[list[dict]]:
     """The epoch's global batches of rows, in the same seeded order on every worker."""
     buffer = max(cfg["shuffle_buffer"], cfg["batch_size"]) if cfg["shuffle_buffer"] else None
-    for batch in shard.iter_batches(batch_size=cfg["batch_size"], batch_format="pyarrow", drop_last=True,
-                                    local_shuffle_buffer_size=buffer,
-                                    local_shuffle_seed=cfg["seed"] + epoch if buffer else None):
+    for batch in shard.iter_batches(
+        batch_size=cfg["batch_size"],
+        batch_format="pyarrow",
+        drop_last=True,
+        local_shuffle_buffer_size=buffer,
+        local_shuffle_seed=cfg["seed"] + epoch if buffer else None,
+    ):
         yield batch.to_pylist()
 
 
@@ -75,14 +83,18 @@ def heldout_batches(cfg: dict, tokenizer, rank: int, world: int) -> list[tuple[d
 
 # ---------------------------------------------------------------- checkpoints
 
+
 def save_checkpoint(engine, state: TrainState, metrics: dict, rank: int) -> None:
     """Every rank saves its DeepSpeed shard; Ray Train merges the ranks' dirs in storage."""
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix="sd2-ckpt-") as tmp:
         session.save_state(engine, tmp, state, rank)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=checkpoint_dir_name(state.step))
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=checkpoint_dir_name(state.step),
+        )
 
 
 def restore(engine, checkpoint) -> TrainState:
@@ -105,6 +117,7 @@ def save_final(engine, tokenizer, state: TrainState, metrics: dict, rank: int) -
 
 
 # ---------------------------------------------------------------- the loop
+
 
 def _progress(total: int, done: int, rank: int):
     """Rank 0's step bar, drawn by the driver (Ray's tqdm for remote workers)."""
@@ -137,8 +150,7 @@ def train_loop(cfg: dict) -> None:
     engine, _ = session.build_engine(model, cfg)
     state = restore(engine, checkpoint) if checkpoint is not None else TrainState()
     if state.restarts:
-        log.info("rank %d resumed at step %d (epoch %d, batch %d)", rank, state.step, state.epoch,
-                 state.step_in_epoch)
+        log.info("rank %d resumed at step %d (epoch %d, batch %d)", rank, state.step, state.epoch, state.step_in_epoch)
     evals = heldout_batches(cfg, tokenizer, rank, world)
     shard = ray.train.get_dataset_shard("train")
     total = cfg["total_steps"]
@@ -158,8 +170,13 @@ def train_loop(cfg: dict) -> None:
             if bar is not None:
                 bar.update(1)
                 bar.set_description(f"finetune loss {metrics['loss']:.4f}")
-            metrics.update(step=state.step, epoch=state.epoch, samples=state.samples,
-                           restarts=state.restarts, wall_time=time.time())
+            metrics.update(
+                step=state.step,
+                epoch=state.epoch,
+                samples=state.samples,
+                restarts=state.restarts,
+                wall_time=time.time(),
+            )
             if after_step(engine, state, metrics, evals, masks, cfg, rank, world, last_report):
                 last_report = time.monotonic()
         else:
@@ -176,8 +193,17 @@ def train_loop(cfg: dict) -> None:
     save_final(engine, tokenizer, state, scored(metrics, state, cfg), rank)
 
 
-def after_step(engine, state: TrainState, metrics: dict, evals: list, masks: dict, cfg: dict, rank: int,
-               world: int, last_report: float) -> bool:
+def after_step(
+    engine,
+    state: TrainState,
+    metrics: dict,
+    evals: list,
+    masks: dict,
+    cfg: dict,
+    rank: int,
+    world: int,
+    last_report: float,
+) -> bool:
     """Held-out eval when due, then history, checkpoint and report; True when it reported.
     Every rank takes the same branches (evals, checkpoints and reports are collectives)."""
     import ray.train
@@ -196,7 +222,9 @@ def after_step(engine, state: TrainState, metrics: dict, evals: list, masks: dic
         state.history.append(dict(metrics))
     if due:
         save_checkpoint(engine, state, scored(metrics, state, cfg), rank)
-    elif (evaluated and state.step < total) or report_due(cfg, state.step, total, last_report, world, engine_device(engine)):
+    elif (evaluated and state.step < total) or report_due(
+        cfg, state.step, total, last_report, world, engine_device(engine)
+    ):
         ray.train.report(metrics)
     else:
         return False

@@ -10,9 +10,11 @@ bit-packed (:class:`sd2_ray.finetune.masking.PackedMask`). The HF save gathers Z
 partitions one module at a time onto rank 0's CPU (DeepSpeed's consolidated 16-bit state dict),
 never the whole model on every GPU.
 """
+
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,6 +22,9 @@ from sd2_ray.finetune import masking
 from sd2_ray.finetune.checkpoint import DS_TAG, LM_PREFIX
 from sd2_ray.finetune.losses import LossSpec
 from sd2_ray.finetune.step import CausalLMLoss, TrainState, lr_factor, param_groups
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def training_dtype(ds_config: dict) -> torch.dtype:
@@ -47,7 +52,7 @@ def load_drafter(cfg: dict, device: torch.device, local: str | None = None):
     return model, tokenizer, masking.pack_masks(model, masks)
 
 
-def build_engine(model: torch.nn.Module, cfg: dict):
+def build_engine(model: PreTrainedModel, cfg: dict):
     """DeepSpeed engine over the loss module (the drafter is ``engine.module.lm``)."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the same choice, without its warning per worker
@@ -55,8 +60,10 @@ def build_engine(model: torch.nn.Module, cfg: dict):
     from torch.optim.lr_scheduler import LambdaLR
 
     def schedule(optimizer):
-        return LambdaLR(optimizer, lambda s: lr_factor(s, cfg["warmup_steps"], cfg["total_steps"],
-                                                       cfg["scheduler"], cfg["min_lr_ratio"]))
+        return LambdaLR(
+            optimizer,
+            lambda s: lr_factor(s, cfg["warmup_steps"], cfg["total_steps"], cfg["scheduler"], cfg["min_lr_ratio"]),
+        )
 
     wrapped = CausalLMLoss(model, LossSpec.from_config(cfg))
     groups = param_groups(wrapped, cfg["weight_decay"])
@@ -64,8 +71,12 @@ def build_engine(model: torch.nn.Module, cfg: dict):
     if cfg["optimizer"] == "torch_adamw":
         optimizer = torch.optim.AdamW(groups, lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8)
     engine, _, _, scheduler = deepspeed.initialize(
-        model=wrapped, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
-        lr_scheduler=schedule, config=cfg["deepspeed_config"])
+        model=wrapped,
+        optimizer=optimizer,
+        model_parameters=groups if optimizer is None else None,
+        lr_scheduler=schedule,
+        config=cfg["deepspeed_config"],
+    )
     return engine, scheduler
 
 
@@ -97,7 +108,7 @@ def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
         state = None
     if state is None:
         return None
-    return {k[len(LM_PREFIX):]: v for k, v in state.items() if k.startswith(LM_PREFIX)}
+    return {k[len(LM_PREFIX) :]: v for k, v in state.items() if k.startswith(LM_PREFIX)}
 
 
 def save_hf(engine, tokenizer, directory: str, rank: int) -> None:

@@ -10,26 +10,32 @@ batch. It runs the decoder, then the LM head and the loss over chunks of positio
 recomputed in the backward pass (activation checkpointing), so the logits held at any moment
 are ``chunk x vocab`` (a 128k vocabulary at 2048 positions would otherwise be 1 GB per row).
 """
+
 from __future__ import annotations
 
 import copy
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from sd2_ray.finetune import data as D
 from sd2_ray.finetune.acceptance import acceptance_sums
-from sd2_ray.finetune.losses import LossSpec, loss_sum
+from sd2_ray.finetune.losses import LossSpec, LossSums, loss_sum
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 STATE_FILE = "train_state.json"
 
 
 # ---------------------------------------------------------------- schedule and DeepSpeed config
+
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str = "cosine", floor: float = 0.0) -> float:
     """Multiplier of the peak lr for optimizer step ``step`` (0-based)."""
@@ -53,13 +59,23 @@ def merge_dicts(base: dict, overrides: dict) -> dict:
 
 def zero_template(stage: int) -> dict:
     """The package's DeepSpeed ZeRO-``stage`` template (``sd2_ray/finetune/deepspeed/``)."""
-    text = resources.files("sd2_ray.finetune").joinpath("deepspeed", f"zero{stage}.json").read_text()
+    text = resources.files("sd2_ray.finetune").joinpath("deepspeed").joinpath(f"zero{stage}.json").read_text()
     return json.loads(text)
 
 
-def fill_deepspeed_config(base: dict, *, zero_stage: int, batch_size: int, micro_batch: int,
-                          grad_accum: int, grad_clip: float | None, optimizer: str, lr: float,
-                          weight_decay: float, overrides: dict | None = None) -> dict:
+def fill_deepspeed_config(
+    base: dict,
+    *,
+    zero_stage: int,
+    batch_size: int,
+    micro_batch: int,
+    grad_accum: int,
+    grad_clip: float | None,
+    optimizer: str,
+    lr: float,
+    weight_decay: float,
+    overrides: dict | None = None,
+) -> dict:
     """A complete DeepSpeed config: the template's ``"auto"`` values filled from our config."""
     ds = merge_dicts(base, overrides or {})
     ds["train_batch_size"] = batch_size
@@ -68,8 +84,10 @@ def fill_deepspeed_config(base: dict, *, zero_stage: int, batch_size: int, micro
     ds["gradient_clipping"] = float(grad_clip or 0.0)
     ds.setdefault("zero_optimization", {})["stage"] = zero_stage
     if optimizer == "deepspeed_adamw":
-        ds["optimizer"] = {"type": "AdamW", "params": {"lr": lr, "weight_decay": weight_decay,
-                                                       "betas": [0.9, 0.999], "eps": 1e-8}}
+        ds["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": lr, "weight_decay": weight_decay, "betas": [0.9, 0.999], "eps": 1e-8},
+        }
     else:
         ds.pop("optimizer", None)
     ds.pop("scheduler", None)  # the client cosine schedule is the one that is checkpointed
@@ -78,7 +96,8 @@ def fill_deepspeed_config(base: dict, *, zero_stage: int, batch_size: int, micro
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: decay on matrices, none on biases and norm weights (1-D)."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for _, p in model.named_parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
@@ -89,12 +108,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 class TrainState:
     """Where training stands; saved with every checkpoint so a restart continues, not restarts."""
 
-    step: int = 0            # optimizer steps done
-    epoch: int = 0           # current epoch
-    step_in_epoch: int = 0   # global batches of this epoch already trained on
-    samples: int = 0         # rows consumed over all workers
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch
+    step_in_epoch: int = 0  # global batches of this epoch already trained on
+    samples: int = 0  # rows consumed over all workers
     finished: bool = False
-    restarts: int = 0        # how many times this run resumed from a checkpoint
+    restarts: int = 0  # how many times this run resumed from a checkpoint
     history: list[dict] = field(default_factory=list)  # per-step metrics (rank 0)
     best: dict | None = None  # held-out selection: {"step", "metric", "value"} of the best eval so far
 
@@ -105,7 +124,7 @@ class TrainState:
             json.dump(asdict(self), f)
 
     @classmethod
-    def load(cls, directory: str) -> "TrainState":
+    def load(cls, directory: str) -> TrainState:
         import os
 
         with open(os.path.join(directory, STATE_FILE)) as f:
@@ -113,6 +132,7 @@ class TrainState:
 
 
 # ---------------------------------------------------------------- the loss module
+
 
 class CausalLMLoss(torch.nn.Module):
     """What DeepSpeed trains: the HF causal LM (``.lm``, saved as the drafter) behind a forward
@@ -126,35 +146,45 @@ class CausalLMLoss(torch.nn.Module):
     divergence apart) from ``last``; with ``acceptance_k`` the forward also scores the
     teacher-forced acceptance of the same positions into ``last_acceptance`` (held-out evals)."""
 
-    def __init__(self, lm: torch.nn.Module, spec: LossSpec | None = None):
+    def __init__(self, lm: PreTrainedModel, spec: LossSpec | None = None):
         super().__init__()
         self.lm = lm
         self.spec = spec or LossSpec()
-        self.last = None  # LossSums of the latest forward
+        self.last: LossSums | None = None  # of the latest forward
         self.last_acceptance: dict[str, float] | None = None
         cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
         special = any(getattr(cfg, a, None) not in (None, 1.0) for a in ("final_logit_softcapping", "logit_scale"))
         self.chunked = not special and hasattr(lm, "get_decoder") and lm.get_output_embeddings() is not None
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                topk_ids: torch.Tensor | None = None, topk_logprobs: torch.Tensor | None = None,
-                topk_mask: torch.Tensor | None = None, acceptance_k: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        topk_ids: torch.Tensor | None = None,
+        topk_logprobs: torch.Tensor | None = None,
+        topk_mask: torch.Tensor | None = None,
+        acceptance_k: int = 0,
+    ) -> torch.Tensor:
         batch = {"labels": labels, "topk_ids": topk_ids, "topk_logprobs": topk_logprobs, "topk_mask": topk_mask}
         if self.chunked:
-            outputs = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                            use_cache=False).last_hidden_state
+            outputs = self.lm.get_decoder()(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            ).last_hidden_state
             head = self.lm.get_output_embeddings()
         else:
             outputs = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
             head = None
-        self.last = loss_sum(outputs, batch, self.spec, head)
+        self.last = sums = loss_sum(outputs, batch, self.spec, head)
         if acceptance_k:
-            self.last_acceptance = acceptance_sums(outputs, batch, acceptance_k, self.spec.temperature,
-                                                   self.spec.chunk_tokens, head)
-        return self.last.total
+            self.last_acceptance = acceptance_sums(
+                outputs, batch, acceptance_k, self.spec.temperature, self.spec.chunk_tokens, head
+            )
+        return sums.total
 
 
 # ---------------------------------------------------------------- one step
+
 
 def all_reduce(values: list[float], device: torch.device) -> list[float]:
     """Sums over the ranks, on ``device`` (NCCL reduces CUDA tensors only)."""
@@ -175,11 +205,17 @@ def engine_device(engine) -> torch.device:
     return next(engine.parameters()).device
 
 
-def encode_batches(rows: list[dict], tokenizer, cfg: dict, count: int) -> list[dict[str, torch.Tensor]]:
+def encode_batches(rows: Sequence[dict], tokenizer, cfg: dict, count: int) -> list[dict[str, torch.Tensor]]:
     """``rows`` as ``count`` collated micro-batches (the target's ids and top-k with use_response_ids)."""
-    return [D.collate(D.encode_rows(chunk, tokenizer, cfg["seq_len"], cfg["response_field"],
-                                    use_ids=cfg.get("use_response_ids", False)), tokenizer.pad_token_id)
-            for chunk in D.micro_batches(rows, count)]
+    return [
+        D.collate(
+            D.encode_rows(
+                chunk, tokenizer, cfg["seq_len"], cfg["response_field"], use_ids=cfg.get("use_response_ids", False)
+            ),
+            tokenizer.pad_token_id,
+        )
+        for chunk in D.micro_batches(rows, count)
+    ]
 
 
 def on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -206,12 +242,18 @@ def train_step(engine, rows: list[dict], tokenizer, cfg: dict, rank: int, world:
         engine.backward(summed * scale)
         engine.step()
         last = engine.module.last
-        sums = [a + b for a, b in zip(sums, (summed.item(), last.ce, last.kd, last.kd_tokens))]
+        sums = [a + b for a, b in zip(sums, (summed.item(), last.ce, last.kd, last.kd_tokens), strict=True)]
     total, ce, kd, kd_tokens, labels, tokens = all_reduce([*sums, local_labels, local_tokens], device)
     elapsed = time.perf_counter() - start
-    out = {"loss": total / max(labels, 1.0), "ce": ce / max(labels, 1.0), "lr": lr, "tokens": int(tokens),
-           "loss_tokens": int(labels), "step_time_s": elapsed,
-           "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0}
+    out = {
+        "loss": total / max(labels, 1.0),
+        "ce": ce / max(labels, 1.0),
+        "lr": lr,
+        "tokens": int(tokens),
+        "loss_tokens": int(labels),
+        "step_time_s": elapsed,
+        "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+    }
     if engine.module.spec.needs_topk and kd_tokens:
         out.update(kd=kd / kd_tokens, kd_tokens=int(kd_tokens))
     return out

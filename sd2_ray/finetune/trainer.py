@@ -11,6 +11,7 @@ TuneReportCallback()`` so every per-step report reaches Tune). Output layout::
 A rerun with the same output finds the run dir and Ray Train restores its latest
 checkpoint; a run whose ``final`` checkpoint exists is only published.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,9 +22,9 @@ from typing import Any
 
 from sd2_ray import manifest, storage
 from sd2_ray.errors import ConfigError, DataError
+from sd2_ray.finetune.checkpoint import FINAL_CHECKPOINT, MODEL_SUBDIR
 from sd2_ray.finetune.config import FinetuneConfig, check_loss_data
 from sd2_ray.finetune.data import row_error
-from sd2_ray.finetune.checkpoint import FINAL_CHECKPOINT, MODEL_SUBDIR
 from sd2_ray.finetune.provenance import drafter_tokenizer, use_response_ids
 from sd2_ray.finetune.step import STATE_FILE, fill_deepspeed_config, zero_template
 from sd2_ray.rows import SKIPPED_FILE, require_usable, skip_record, write_skipped
@@ -47,6 +48,7 @@ class FinetuneResult:
 
 
 # ---------------------------------------------------------------- input checks (driver)
+
 
 def check_model_and_masks(config: FinetuneConfig) -> str:
     """Local copy of the model dir's config, sparsity report and masks (not its weights: the
@@ -117,14 +119,21 @@ def prepare_data(config: FinetuneConfig) -> PreparedData:
     write_skipped(storage.join(config.output, SKIPPED_FILE), skipped)
     require_usable(config.data, len(rows), skipped, config.min_usable_share)
     if skipped:
-        log.warning("finetune: skipped %d of %d rows (e.g. %s); see %s", len(skipped), len(rows) + len(skipped),
-                    skipped[0]["reason"], storage.join(config.output, SKIPPED_FILE))
+        log.warning(
+            "finetune: skipped %d of %d rows (e.g. %s); see %s",
+            len(skipped),
+            len(rows) + len(skipped),
+            skipped[0]["reason"],
+            storage.join(config.output, SKIPPED_FILE),
+        )
     held: list[dict] = []
     if config.eval_every:
-        rows, held = rows[:-config.eval_rows], rows[-config.eval_rows:]
+        rows, held = rows[: -config.eval_rows], rows[-config.eval_rows :]
     if len(rows) < config.batch_size:
-        raise DataError(f"{config.data}: {len(rows)} usable rows{' after holding out eval_rows' if held else ''}, "
-                        f"fewer than one global batch (batch_size {config.batch_size})")
+        raise DataError(
+            f"{config.data}: {len(rows)} usable rows{' after holding out eval_rows' if held else ''}, "
+            f"fewer than one global batch (batch_size {config.batch_size})"
+        )
     schema = _unified(schemas) if len(schemas) == len(files) else None
     if skipped or held or schema is None:
         files = [stage_rows(rows, storage.join(config.output, STAGED_DATA, "train.parquet"), schema)]
@@ -174,19 +183,53 @@ def deepspeed_template(config: FinetuneConfig) -> dict:
 
 # ---------------------------------------------------------------- the run
 
-def loop_config(config: FinetuneConfig, steps: int, eval_file: str | None = None,
-                use_ids: bool = False) -> dict[str, Any]:
+
+def loop_config(
+    config: FinetuneConfig, steps: int, eval_file: str | None = None, use_ids: bool = False
+) -> dict[str, Any]:
     """Everything a worker needs, as plain data (shipped to every worker by Ray Train)."""
     ds = fill_deepspeed_config(
-        deepspeed_template(config), zero_stage=config.zero_stage, batch_size=config.batch_size,
-        micro_batch=config.micro_batch, grad_accum=config.grad_accum, grad_clip=config.grad_clip,
-        optimizer=config.optimizer, lr=config.lr, weight_decay=config.weight_decay,
-        overrides=config.deepspeed)
-    keys = ("model", "seq_len", "response_field", "batch_size", "grad_accum", "seed", "shuffle_buffer",
-            "epochs", "warmup_steps", "scheduler", "min_lr_ratio", "lr", "weight_decay", "optimizer",
-            "checkpoint_every", "report_every", "report_interval_s", "enforce_masks", "cpus_per_worker",
-            "use_gpu", "gradient_checkpointing", "loss", "ce_weight", "kd_temperature", "loss_chunk_tokens",
-            "eval_every", "select_by", "num_speculative_tokens")
+        deepspeed_template(config),
+        zero_stage=config.zero_stage,
+        batch_size=config.batch_size,
+        micro_batch=config.micro_batch,
+        grad_accum=config.grad_accum,
+        grad_clip=config.grad_clip,
+        optimizer=config.optimizer,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        overrides=config.deepspeed,
+    )
+    keys = (
+        "model",
+        "seq_len",
+        "response_field",
+        "batch_size",
+        "grad_accum",
+        "seed",
+        "shuffle_buffer",
+        "epochs",
+        "warmup_steps",
+        "scheduler",
+        "min_lr_ratio",
+        "lr",
+        "weight_decay",
+        "optimizer",
+        "checkpoint_every",
+        "report_every",
+        "report_interval_s",
+        "enforce_masks",
+        "cpus_per_worker",
+        "use_gpu",
+        "gradient_checkpointing",
+        "loss",
+        "ce_weight",
+        "kd_temperature",
+        "loss_chunk_tokens",
+        "eval_every",
+        "select_by",
+        "num_speculative_tokens",
+    )
     cfg = {k: getattr(config, k) for k in keys}
     cfg["eval_data"] = eval_file
     cfg["use_response_ids"] = use_ids  # decided on the driver, against the data's tokenizer
@@ -200,7 +243,9 @@ def loop_config(config: FinetuneConfig, steps: int, eval_file: str | None = None
 
 def final_checkpoint(config: FinetuneConfig) -> str | None:
     path = storage.join(config.checkpoint_run_dir(), FINAL_CHECKPOINT)
-    if storage.exists(storage.join(path, STATE_FILE)) and storage.exists(storage.join(path, MODEL_SUBDIR, "config.json")):
+    if storage.exists(storage.join(path, STATE_FILE)) and storage.exists(
+        storage.join(path, MODEL_SUBDIR, "config.json")
+    ):
         return path
     return None
 
@@ -224,8 +269,16 @@ def run_finetune(config: FinetuneConfig, callbacks: list | None = None) -> Finet
     data = prepare_data(config)
     steps = total_steps(config, data.rows)
     cfg = loop_config(config, steps, data.eval_file, data.use_ids)  # before any output: a bad DeepSpeed JSON fails here
-    manifest.start(config.output, STAGE, model=config.model, data=config.data, rows=data.rows,
-                   eval_rows=data.eval_rows, total_steps=steps, checkpoints=config.checkpoint_run_dir())
+    manifest.start(
+        config.output,
+        STAGE,
+        model=config.model,
+        data=config.data,
+        rows=data.rows,
+        eval_rows=data.eval_rows,
+        total_steps=steps,
+        checkpoints=config.checkpoint_run_dir(),
+    )
     config.save(config.output)
     ray_result = None
     try:
@@ -255,6 +308,7 @@ def cleanup(config: FinetuneConfig) -> None:
 
 # ---------------------------------------------------------------- publishing
 
+
 def publish(config: FinetuneConfig, local_model: str, rows: int, steps: int) -> tuple[dict, list[dict]]:
     """The selected model (the final one, or the best held-out step's) + masks + verified
     sparsity + metrics into the output; manifest complete last."""
@@ -270,8 +324,9 @@ def publish(config: FinetuneConfig, local_model: str, rows: int, steps: int) -> 
     scratch = tempfile.mkdtemp(prefix="sd2-publish-")
     try:
         model_src, published_step = selected_model(config, state, final, scratch)
-        storage.copy_dir(model_src, config.output) if storage.is_s3(model_src) or storage.is_s3(config.output) \
-            else _copy_local(model_src, config.output)
+        storage.copy_dir(model_src, config.output) if storage.is_s3(model_src) or storage.is_s3(
+            config.output
+        ) else _copy_local(model_src, config.output)
         sparsity = verify_sparsity(config, local_model, storage.local_dir(model_src))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -279,8 +334,14 @@ def publish(config: FinetuneConfig, local_model: str, rows: int, steps: int) -> 
     summary = summarize(config, history, state, sparsity, rows, steps)
     summary.update(published_step=published_step, selection=_selection(config, state, published_step))
     storage.write_json(storage.join(config.output, METRICS_FILE), {**summary, "steps": history})
-    manifest.complete(config.output, STAGE, steps=state["step"], final_loss=summary["final_loss"],
-                      masked_nonzero=sparsity["masked_nonzero"], published_step=published_step)
+    manifest.complete(
+        config.output,
+        STAGE,
+        steps=state["step"],
+        final_loss=summary["final_loss"],
+        masked_nonzero=sparsity["masked_nonzero"],
+        published_step=published_step,
+    )
     return summary, history
 
 
@@ -295,10 +356,16 @@ def selected_model(config: FinetuneConfig, state: dict, final: str, scratch: str
 
     source = storage.join(config.checkpoint_run_dir(), checkpoint_dir_name(best["step"]))
     if not storage.exists(source):
-        raise RuntimeError(f"{source}: the checkpoint of the best held-out step ({best['metric']} "
-                           f"{best['value']:.4f}) is gone")
-    log.info("finetune: publishing step %d (%s %.4f) instead of the final step %d", best["step"],
-             best["metric"], best["value"], state["step"])
+        raise RuntimeError(
+            f"{source}: the checkpoint of the best held-out step ({best['metric']} {best['value']:.4f}) is gone"
+        )
+    log.info(
+        "finetune: publishing step %d (%s %.4f) instead of the final step %d",
+        best["step"],
+        best["metric"],
+        best["value"],
+        state["step"],
+    )
     from sd2_ray.models.io import resolve_model_dir
 
     drafter, tokenizer = drafter_from_checkpoint(storage.local_dir(source), resolve_model_dir(config.model))
@@ -327,17 +394,26 @@ def _copy_local(src: str, dst: str) -> None:
     shutil.copytree(src, dst, dirs_exist_ok=True)
 
 
-def summarize(config: FinetuneConfig, history: list[dict], state: dict, sparsity: dict,
-              rows: int, steps: int) -> dict:
+def summarize(config: FinetuneConfig, history: list[dict], state: dict, sparsity: dict, rows: int, steps: int) -> dict:
     losses = [h["loss"] for h in history]
     speeds = [h["tokens_per_s"] for h in history[1:]] or [h["tokens_per_s"] for h in history]
-    return {"stage": STAGE, "model": config.model, "data": config.data, "rows": rows,
-            "total_steps": steps, "steps_done": state["step"], "restarts": state.get("restarts", 0),
-            "workers": config.workers, "zero_stage": config.zero_stage, "loss": config.loss,
-            "ce_weight": config.ce_weight if config.loss != "ce" else None,
-            "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
-            "tokens_per_s_mean": sum(speeds) / len(speeds) if speeds else None,
-            "sparsity_check": sparsity}
+    return {
+        "stage": STAGE,
+        "model": config.model,
+        "data": config.data,
+        "rows": rows,
+        "total_steps": steps,
+        "steps_done": state["step"],
+        "restarts": state.get("restarts", 0),
+        "workers": config.workers,
+        "zero_stage": config.zero_stage,
+        "loss": config.loss,
+        "ce_weight": config.ce_weight if config.loss != "ce" else None,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "tokens_per_s_mean": sum(speeds) / len(speeds) if speeds else None,
+        "sparsity_check": sparsity,
+    }
 
 
 def load_result(output: str) -> FinetuneResult:

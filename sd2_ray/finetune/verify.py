@@ -3,6 +3,7 @@
 Independent of the training code path: the final weights are reloaded from the saved HF
 dir and compared with the *input* model's masks, so a bug in the enforcement shows up here.
 """
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,15 @@ import logging
 import os
 
 from sd2_ray import storage
-from sd2_ray.models.sparsity import (MASKS_FILE, SPARSITY_FILE, check_masks, load_masks,
-                                     masked_weights_nonzero, read_report, sparsity_of)
+from sd2_ray.models.sparsity import (
+    MASKS_FILE,
+    SPARSITY_FILE,
+    check_masks,
+    load_masks,
+    masked_weights_nonzero,
+    read_report,
+    sparsity_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +51,28 @@ def verify_sparsity(config, input_local: str, final_local: str) -> dict:
     check_masks(model, masks, source=final_local)
     nonzero = masked_weights_nonzero(model, masks)
     params = dict(model.named_parameters())
-    layer_sparsity = {k[:-len(".weight")] if k.endswith(".weight") else k:
-                      sparsity_of(params[k].detach() != 0) for k in masks}
+    layer_sparsity = {
+        k[: -len(".weight")] if k.endswith(".weight") else k: sparsity_of(params[k].detach() != 0) for k in masks
+    }
     masked = sum(int((~m).sum()) for m in masks.values())
     total = sum(m.numel() for m in masks.values())
     zeros = sum(int((params[k].detach() == 0).sum()) for k in masks)
-    check = {"masked_tensors": len(masks), "masked_weights": masked, "masked_nonzero": nonzero,
-             "total_sparsity": zeros / total if total else 0.0, "verified": nonzero == 0}
+    check = {
+        "masked_tensors": len(masks),
+        "masked_weights": masked,
+        "masked_nonzero": nonzero,
+        "total_sparsity": zeros / total if total else 0.0,
+        "verified": nonzero == 0,
+    }
     _write_masks(config.output, input_local, masks, layer_sparsity, check)
     if nonzero and config.enforce_masks:
-        raise SparsityLost(f"{config.output}: {nonzero} of {masked} masked weights are nonzero after "
-                           f"fine-tuning with enforce_masks=true")
-    log.info("sparsity check: %d masked weights, %d nonzero, total sparsity %.4f", masked, nonzero,
-             check["total_sparsity"])
+        raise SparsityLost(
+            f"{config.output}: {nonzero} of {masked} masked weights are nonzero after "
+            f"fine-tuning with enforce_masks=true"
+        )
+    log.info(
+        "sparsity check: %d masked weights, %d nonzero, total sparsity %.4f", masked, nonzero, check["total_sparsity"]
+    )
     return check
 
 

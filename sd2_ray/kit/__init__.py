@@ -5,6 +5,7 @@ smaller, poorly aligned), ``drafter-uag/`` (Qwen2 with its own tokenizer), ``pro
 ``prompts/eval.jsonl`` and ``kit.json``; it builds the kit (minutes) only when it is missing or
 stale, else returns at once.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -27,11 +28,14 @@ def kit_paths(kit_dir: str) -> dict[str, str]:
     """The kit's parts by name (target, drafter, drafter-uag, train_prompts, eval_prompts, kit_json)."""
     import os
 
-    return {"target": os.path.join(kit_dir, "target"), "drafter": os.path.join(kit_dir, "drafter"),
-            "drafter-uag": os.path.join(kit_dir, "drafter-uag"),
-            "train_prompts": os.path.join(kit_dir, "prompts", "train.jsonl"),
-            "eval_prompts": os.path.join(kit_dir, "prompts", "eval.jsonl"),
-            "kit_json": os.path.join(kit_dir, "kit.json")}
+    return {
+        "target": os.path.join(kit_dir, "target"),
+        "drafter": os.path.join(kit_dir, "drafter"),
+        "drafter-uag": os.path.join(kit_dir, "drafter-uag"),
+        "train_prompts": os.path.join(kit_dir, "prompts", "train.jsonl"),
+        "eval_prompts": os.path.join(kit_dir, "prompts", "eval.jsonl"),
+        "kit_json": os.path.join(kit_dir, "kit.json"),
+    }
 
 
 def kit_part(name: str, field: str = "path", **overrides: Any) -> str:
@@ -40,7 +44,7 @@ def kit_part(name: str, field: str = "path", **overrides: Any) -> str:
     from sd2_ray.config import KIT_PREFIX
     from sd2_ray.errors import ConfigError
 
-    part = name[len(KIT_PREFIX):] if name.startswith(KIT_PREFIX) else name
+    part = name[len(KIT_PREFIX) :] if name.startswith(KIT_PREFIX) else name
     parts = kit_paths("")
     if part not in parts or part == "kit_json":
         known = ", ".join(KIT_PREFIX + p for p in parts if p != "kit_json")

@@ -1,5 +1,6 @@
 """``sd2 kit``: build the embedded model kit, top to bottom (corpus, tokenizers, prompts,
 target, drafters, figures), into a directory that becomes visible only when complete."""
+
 from __future__ import annotations
 
 import json
@@ -33,15 +34,21 @@ def main(config: KitConfig) -> str:
 def summary(info: dict) -> str:
     lines = [f"{'model':<12} {'arch':<24} {'params':>10} {'vocab':>6} {'held-out loss':>14} {'ln(vocab)':>9}"]
     for name, m in info["models"].items():
-        lines.append(f"{name:<12} {m['architecture']:<24} {m['params']:>10,} {m['vocab_size']:>6} "
-                     f"{m['heldout_loss']:>14.3f} {m['ln_vocab']:>9.3f}")
+        lines.append(
+            f"{name:<12} {m['architecture']:<24} {m['params']:>10,} {m['vocab_size']:>6} "
+            f"{m['heldout_loss']:>14.3f} {m['ln_vocab']:>9.3f}"
+        )
     mal = info.get("drafter_greedy_mal")
     if mal:
-        lines.append(f"drafter greedy MAL at K={mal['num_speculative_tokens']}: "
-                     f"{mal['mean_accepted_length']:.3f} ({mal['prompts']} eval prompts)")
-    lines.append(f"prompts: {info['prompts']['train']} train, {info['prompts']['eval']} eval; "
-                 f"build {info['build_seconds']:.0f} s wall, {info.get('build_cpu_seconds', 0):.0f} s CPU "
-                 f"(load {info.get('load_average_at_start', 0)}); content hash {info['content_hash']}")
+        lines.append(
+            f"drafter greedy MAL at K={mal['num_speculative_tokens']}: "
+            f"{mal['mean_accepted_length']:.3f} ({mal['prompts']} eval prompts)"
+        )
+    lines.append(
+        f"prompts: {info['prompts']['train']} train, {info['prompts']['eval']} eval; "
+        f"build {info['build_seconds']:.0f} s wall, {info.get('build_cpu_seconds', 0):.0f} s CPU "
+        f"(load {info.get('load_average_at_start', 0)}); content hash {info['content_hash']}"
+    )
     return "\n".join(lines)
 
 
@@ -57,12 +64,13 @@ def build_kit(config: KitConfig, out: str, digest: str) -> dict:
         manifest.start(out, STAGE, content_hash=digest)
         info = _build(config, out, digest, started)
         # CPU seconds next to wall seconds: on a shared machine the wall time mostly measures the load
-        info.update(build_cpu_seconds=round(time.process_time() - started_cpu + info["child_cpu_seconds"], 1),
-                    load_average_at_start=round(load, 1))
+        info.update(
+            build_cpu_seconds=round(time.process_time() - started_cpu + info["child_cpu_seconds"], 1),
+            load_average_at_start=round(load, 1),
+        )
         with open(os.path.join(out, KIT_JSON), "w") as f:
             json.dump(info, f, indent=2)
-        manifest.complete(out, STAGE, content_hash=digest, models=list(info["models"]),
-                          prompts=info["prompts"])
+        manifest.complete(out, STAGE, content_hash=digest, models=list(info["models"]), prompts=info["prompts"])
         return info
     finally:
         torch.set_num_threads(threads)
@@ -89,13 +97,20 @@ def _build(config: KitConfig, out: str, digest: str, started: float) -> dict:
     heldout_stream = token_stream(tok, corpus.heldout_texts())
     uag_stream = token_stream(uag_tok, corpus.train_texts())
     uag_heldout = token_stream(uag_tok, corpus.heldout_texts())
-    eval_chat_stream = token_stream(tok, [render_chat(tok, r["messages"][0]["content"], r["response"])
-                                          for r in eval_rows])
+    eval_chat_stream = token_stream(
+        tok, [render_chat(tok, r["messages"][0]["content"], r["response"]) for r in eval_rows]
+    )
 
     jobs = [
         Job(0, "target", shapes.TARGET, tok, *_mix(corpus_stream, chat_stream, config.chat_share), config.target_steps),
-        Job(1, "drafter", config.drafter_shape(), tok, *_mix(corpus_stream, chat_stream, config.drafter_chat_share),
-            config.drafter_steps),
+        Job(
+            1,
+            "drafter",
+            config.drafter_shape(),
+            tok,
+            *_mix(corpus_stream, chat_stream, config.drafter_chat_share),
+            config.drafter_steps,
+        ),
         Job(2, "drafter-uag", shapes.UAG_DRAFTER, uag_tok, [uag_stream], [1.0], config.uag_steps),
     ]
     heldout = {"target": heldout_stream, "drafter": heldout_stream, "drafter-uag": uag_heldout}
@@ -107,24 +122,40 @@ def _build(config: KitConfig, out: str, digest: str, started: float) -> dict:
         job.tokenizer.save_pretrained(os.path.join(out, job.name))
         models[job.name] = model
         figures[job.name] = {
-            "architecture": type(model).__name__, "params": training.num_params(model),
-            "vocab_size": len(job.tokenizer), "ln_vocab": math.log(len(job.tokenizer)), "shape": job.shape.__dict__,
-            **trained, "heldout_loss": training.heldout_loss(model, heldout[job.name], config.seq_len,
-                                                             config.heldout_windows),
+            "architecture": type(model).__name__,
+            "params": training.num_params(model),
+            "vocab_size": len(job.tokenizer),
+            "ln_vocab": math.log(len(job.tokenizer)),
+            "shape": job.shape.__dict__,
+            **trained,
+            "heldout_loss": training.heldout_loss(model, heldout[job.name], config.seq_len, config.heldout_windows),
         }
         log.info("kit %s: %s", job.name, figures[job.name])
     for name in ("target", "drafter"):  # the task the target was taught and the drafter was not
         figures[name]["eval_chat_loss"] = training.heldout_loss(
-            models[name], eval_chat_stream, min(config.seq_len, len(eval_chat_stream) - 1), config.heldout_windows)
+            models[name], eval_chat_stream, min(config.seq_len, len(eval_chat_stream) - 1), config.heldout_windows
+        )
 
-    info = {"kit_version": KIT_VERSION, "content_hash": digest, "seed": config.seed,
-            "seeds": {"init": {n: config.seed * 1000 + i for i, n in enumerate(models)},
-                      "data": {n: config.seed * 1000 + 100 + i for i, n in enumerate(models)}},
-            "models": figures, "corpus": {**corpus.stats(), "train_tokens": len(corpus_stream),
-                                          "chat_tokens": len(chat_stream), "heldout_tokens": len(heldout_stream)},
-            "prompts": {"train": len(train_rows), "eval": len(eval_rows), "chat_examples": len(chat_examples)},
-            "python": platform.python_version(), "torch_threads": config.num_threads,
-            "child_cpu_seconds": round(child_cpu, 1)}
+    info = {
+        "kit_version": KIT_VERSION,
+        "content_hash": digest,
+        "seed": config.seed,
+        "seeds": {
+            "init": {n: config.seed * 1000 + i for i, n in enumerate(models)},
+            "data": {n: config.seed * 1000 + 100 + i for i, n in enumerate(models)},
+        },
+        "models": figures,
+        "corpus": {
+            **corpus.stats(),
+            "train_tokens": len(corpus_stream),
+            "chat_tokens": len(chat_stream),
+            "heldout_tokens": len(heldout_stream),
+        },
+        "prompts": {"train": len(train_rows), "eval": len(eval_rows), "chat_examples": len(chat_examples)},
+        "python": platform.python_version(),
+        "torch_threads": config.num_threads,
+        "child_cpu_seconds": round(child_cpu, 1),
+    }
     if config.measure_mal:
         info["drafter_greedy_mal"] = _measure_mal(models["target"], models["drafter"], tok, eval_rows)
     info["build_seconds"] = round(time.time() - started, 1)
@@ -154,12 +185,16 @@ def _prompt_sets(config: KitConfig, corpus, tok) -> tuple[list[dict], list[dict]
     chat_examples = P.select(train_examples, None, config.seed, fits)
     if not chat_examples:
         raise ConfigError(f"seq_len: no stdlib function fits a window of {config.seq_len} tokens")
-    train_rows = [P.make_row("train", i, e) for i, e in enumerate(chat_examples[:config.train_prompts])]
-    eval_rows = [P.make_row("eval", i, e)
-                 for i, e in enumerate(P.select(heldout_examples, config.eval_prompts, config.seed, fits))]
+    train_rows = [P.make_row("train", i, e) for i, e in enumerate(chat_examples[: config.train_prompts])]
+    eval_rows = [
+        P.make_row("eval", i, e)
+        for i, e in enumerate(P.select(heldout_examples, config.eval_prompts, config.seed, fits))
+    ]
     if not eval_rows:
-        raise ConfigError(f"heldout_fraction: the held-out files give no eval prompt "
-                          f"(corpus_chars={config.corpus_chars} may be too small)")
+        raise ConfigError(
+            f"heldout_fraction: the held-out files give no eval prompt "
+            f"(corpus_chars={config.corpus_chars} may be too small)"
+        )
     return train_rows, eval_rows, chat_examples
 
 
@@ -174,8 +209,9 @@ def _measure_mal(target, drafter, tok, eval_rows: list[dict]) -> dict:
     from sd2_ray.kit.measure import greedy_mal
     from sd2_ray.kit.tokenizer import render_chat
 
-    prompts = [tok(render_chat(tok, r["messages"][0]["content"]), add_special_tokens=False)["input_ids"]
-               for r in eval_rows[:MAL_PROMPTS]]
-    result = greedy_mal(target, drafter, prompts, k=MAL_K, max_new_tokens=MAL_NEW_TOKENS,
-                        eos_id=tok.eos_token_id)
+    prompts = [
+        tok(render_chat(tok, r["messages"][0]["content"]), add_special_tokens=False)["input_ids"]
+        for r in eval_rows[:MAL_PROMPTS]
+    ]
+    result = greedy_mal(target, drafter, prompts, k=MAL_K, max_new_tokens=MAL_NEW_TOKENS, eos_id=tok.eos_token_id)
     return {**result, "prompts": len(prompts), "max_new_tokens": MAL_NEW_TOKENS}

@@ -2,6 +2,7 @@
 
 Kept free of torch/transformers imports so a cached ``ensure_kit()`` returns in milliseconds.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -13,7 +14,7 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Iterator
+from collections.abc import Iterator
 
 from sd2_ray import manifest, storage
 from sd2_ray.kit.config import KitConfig
@@ -30,17 +31,32 @@ STAGE = "kit"
 def content_hash(config: KitConfig) -> str:
     """Hash of everything that decides the kit's bytes: recipe version, config, shapes, Python
     version and the stdlib file listing (another Python means another corpus)."""
-    blob = json.dumps({"kit_version": KIT_VERSION, "python": list(sys.version_info[:3]),
-                       "config": config.content_fields(), "shapes": config.all_shapes(),
-                       "stdlib": stdlib_listing()}, sort_keys=True)
+    blob = json.dumps(
+        {
+            "kit_version": KIT_VERSION,
+            "python": list(sys.version_info[:3]),
+            "config": config.content_fields(),
+            "shapes": config.all_shapes(),
+            "stdlib": stdlib_listing(),
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def part_hash(config: KitConfig, name: str) -> str:
     """Hash of what decides one trained model (its shape, data and training settings)."""
-    blob = json.dumps({"kit_version": KIT_VERSION, "python": list(sys.version_info[:3]), "model": name,
-                       "fields": config.training_fields(name), "shape": config.all_shapes()[name],
-                       "stdlib": stdlib_listing()}, sort_keys=True)
+    blob = json.dumps(
+        {
+            "kit_version": KIT_VERSION,
+            "python": list(sys.version_info[:3]),
+            "model": name,
+            "fields": config.training_fields(name),
+            "shape": config.all_shapes()[name],
+            "stdlib": stdlib_listing(),
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

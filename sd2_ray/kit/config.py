@@ -1,4 +1,5 @@
 """Config of ``sd2 kit``: where the kit goes and how much data / training each model gets."""
+
 from __future__ import annotations
 
 from pydantic import Field, field_validator, model_validator
@@ -17,36 +18,52 @@ class KitConfig(StageConfig):
     tokenizer (cross-tokenizer drafting), and train/eval prompt sets, all from the local Python
     standard library's source. Deterministic for a seed; cached by a content hash."""
 
-    out: str | None = Field(None, description="Kit directory (default: $SD2_KIT_DIR, else "
-                            "<cache>/kit/<content-hash>)")
+    out: str | None = Field(None, description="Kit directory (default: $SD2_KIT_DIR, else <cache>/kit/<content-hash>)")
     overwrite: bool = Field(False, description="Rebuild even when a complete, up-to-date kit is there")
-    reuse_trained: bool = Field(True, description="Reuse a model trained earlier with identical settings "
-                                "(cached per model, so changing one model's steps retrains only that one)")
+    reuse_trained: bool = Field(
+        True,
+        description="Reuse a model trained earlier with identical settings "
+        "(cached per model, so changing one model's steps retrains only that one)",
+    )
     seed: int = Field(0, description="Seed for file split, data order and model init")
     corpus_chars: int = Field(3_000_000, ge=20_000, description="Characters of stdlib source to train on")
-    heldout_fraction: float = Field(0.08, gt=0.0, lt=0.5,
-                                    description="Share of stdlib files held out (held-out loss, eval prompts)")
+    heldout_fraction: float = Field(
+        0.08, gt=0.0, lt=0.5, description="Share of stdlib files held out (held-out loss, eval prompts)"
+    )
     vocab_size: int = Field(2048, ge=300, le=65536, description="BPE vocab of the target/drafter tokenizer")
-    uag_vocab_size: int = Field(1536, ge=300, le=65536,
-                                description="BPE vocab of the cross-family drafter's tokenizer")
+    uag_vocab_size: int = Field(1536, ge=300, le=65536, description="BPE vocab of the cross-family drafter's tokenizer")
     seq_len: int = Field(256, ge=32, le=1024, description="Training window length in tokens")
     batch_size: int = Field(8, ge=1, description="Windows per training step")
     lr: float = Field(3e-3, gt=0, description="Peak AdamW learning rate (linear warmup, cosine decay)")
     target_steps: int = Field(600, ge=1, description="Training steps of the target")
-    drafter_steps: int = Field(1600, ge=1, description="Training steps of the same-family drafter (no "
-                               "chat data: it starts poorly aligned)")
-    drafter_hidden: int = Field(shapes.DRAFTER.hidden, ge=shapes.HEAD_DIM,
-                                description="Width of the same-family drafter (a multiple of 64: heads of 64)")
-    drafter_layers: int = Field(shapes.DRAFTER.layers, ge=2, description="Decoder blocks of the same-family "
-                                "drafter (enough for the layer baseline to match SD²'s MACs finely)")
-    drafter_intermediate: int = Field(shapes.DRAFTER.intermediate, ge=1,
-                                      description="MLP width of the same-family drafter")
+    drafter_steps: int = Field(
+        1600, ge=1, description="Training steps of the same-family drafter (no chat data: it starts poorly aligned)"
+    )
+    drafter_hidden: int = Field(
+        shapes.DRAFTER.hidden,
+        ge=shapes.HEAD_DIM,
+        description="Width of the same-family drafter (a multiple of 64: heads of 64)",
+    )
+    drafter_layers: int = Field(
+        shapes.DRAFTER.layers,
+        ge=2,
+        description="Decoder blocks of the same-family "
+        "drafter (enough for the layer baseline to match SD²'s MACs finely)",
+    )
+    drafter_intermediate: int = Field(
+        shapes.DRAFTER.intermediate, ge=1, description="MLP width of the same-family drafter"
+    )
     uag_steps: int = Field(80, ge=1, description="Training steps of the cross-family drafter")
-    chat_share: float = Field(0.375, ge=0.0, le=1.0,
-                              description="Share of the target's windows drawn from chat-formatted examples")
-    drafter_chat_share: float = Field(0.0, ge=0.0, le=1.0,
-                                      description="Share of the same-family drafter's windows drawn from the "
-                                      "same chat examples (the reference answers, not the target's)")
+    chat_share: float = Field(
+        0.375, ge=0.0, le=1.0, description="Share of the target's windows drawn from chat-formatted examples"
+    )
+    drafter_chat_share: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of the same-family drafter's windows drawn from the "
+        "same chat examples (the reference answers, not the target's)",
+    )
     train_prompts: int = Field(384, ge=1, description="Rows in prompts/train.jsonl")
     eval_prompts: int = Field(64, ge=1, description="Rows in prompts/eval.jsonl")
     heldout_windows: int = Field(32, ge=1, description="Held-out windows for the reported losses")
@@ -68,10 +85,9 @@ class KitConfig(StageConfig):
         return value
 
     @model_validator(mode="after")
-    def _vocabs_differ(self) -> "KitConfig":
+    def _vocabs_differ(self) -> KitConfig:
         if self.vocab_size == self.uag_vocab_size:
-            raise ValueError("vocab_size and uag_vocab_size must differ (the UAG drafter needs "
-                             "its own tokenizer)")
+            raise ValueError("vocab_size and uag_vocab_size must differ (the UAG drafter needs its own tokenizer)")
         return self
 
     def drafter_shape(self) -> shapes.Shape:
@@ -85,9 +101,17 @@ class KitConfig(StageConfig):
         """The fields that decide one model's weights (its part of the cache)."""
         steps = {"target": self.target_steps, "drafter": self.drafter_steps, "drafter-uag": self.uag_steps}
         vocab = self.uag_vocab_size if name == "drafter-uag" else self.vocab_size
-        fields = {"seed": self.seed, "corpus_chars": self.corpus_chars, "heldout_fraction": self.heldout_fraction,
-                  "vocab_size": vocab, "seq_len": self.seq_len, "batch_size": self.batch_size, "lr": self.lr,
-                  "steps": steps[name], "num_threads": self.num_threads}
+        fields = {
+            "seed": self.seed,
+            "corpus_chars": self.corpus_chars,
+            "heldout_fraction": self.heldout_fraction,
+            "vocab_size": vocab,
+            "seq_len": self.seq_len,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "steps": steps[name],
+            "num_threads": self.num_threads,
+        }
         if name == "target":
             fields["chat_share"] = self.chat_share
         elif name == "drafter" and self.drafter_chat_share:  # absent when 0: older drafter parts stay valid

@@ -4,6 +4,7 @@ Every machine with this Python has the same files, so the kit is reproducible wi
 download; the sorted (path, size) listing goes into the content hash, so another Python
 (another stdlib) builds another kit.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -14,8 +15,20 @@ from functools import lru_cache
 
 # Dirs skipped because they are not representative Python prose/code (test suites are huge
 # and repetitive, encodings are character tables, site-packages differs per install).
-SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "turtledemo",
-             "ensurepip", "__pycache__", "encodings", "pydoc_data", "lib-dynload"}
+SKIP_DIRS = {
+    "test",
+    "tests",
+    "idlelib",
+    "lib2to3",
+    "site-packages",
+    "dist-packages",
+    "turtledemo",
+    "ensurepip",
+    "__pycache__",
+    "encodings",
+    "pydoc_data",
+    "lib-dynload",
+}
 MAX_FILE_BYTES = 150_000  # one giant file would dominate a small corpus
 
 
@@ -61,10 +74,13 @@ class Corpus:
         return [self.texts[f] for f in self.heldout_files]
 
     def stats(self) -> dict:
-        return {"stdlib": self.root, "train_files": len(self.train_files),
-                "heldout_files": len(self.heldout_files),
-                "train_chars": sum(len(t) for t in self.train_texts()),
-                "heldout_chars": sum(len(t) for t in self.heldout_texts())}
+        return {
+            "stdlib": self.root,
+            "train_files": len(self.train_files),
+            "heldout_files": len(self.heldout_files),
+            "train_chars": sum(len(t) for t in self.train_texts()),
+            "heldout_chars": sum(len(t) for t in self.heldout_texts()),
+        }
 
 
 def load_corpus(max_chars: int, heldout_fraction: float, seed: int) -> Corpus:

@@ -4,6 +4,7 @@ process, each on ``num_threads`` threads. A model's weights depend only on its s
 count, so a side-by-side build gives the same bytes as one model after another, in about the
 target's time instead of the sum (the deep drafter's pretraining is as long as the target's).
 """
+
 from __future__ import annotations
 
 import json
@@ -11,25 +12,29 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from sd2_ray.kit.config import KitConfig
 from sd2_ray.kit.shapes import Shape
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Job:
-    index: int               # seeds: init = seed*1000 + index, data = seed*1000 + 100 + index
+    index: int  # seeds: init = seed*1000 + index, data = seed*1000 + 100 + index
     name: str
     shape: Shape
-    tokenizer: object
+    tokenizer: Any  # a transformers tokenizer
     streams: list[list[int]]
     shares: list[float]
     steps: int
 
 
-def train_all(config: KitConfig, jobs: list[Job]) -> tuple[dict[str, tuple[object, dict]], float]:
+def train_all(config: KitConfig, jobs: list[Job]) -> tuple[dict[str, tuple[PreTrainedModel, dict]], float]:
     """{name: (model, training record)} for every job, and the CPU seconds spent in the child."""
     import concurrent.futures
     import multiprocessing
@@ -44,8 +49,11 @@ def train_all(config: KitConfig, jobs: list[Job]) -> tuple[dict[str, tuple[objec
             results = {jobs[0].name: trained_model(config, jobs[0])}
             records, child_cpu = child.result()
         for job in jobs[1:]:
-            results[job.name] = (_load(os.path.join(scratch, job.name)), records[job.name]) \
-                if job.name in records else trained_model(config, job)
+            results[job.name] = (
+                (_load(os.path.join(scratch, job.name)), records[job.name])
+                if job.name in records
+                else trained_model(config, job)
+            )
     return {j.name: results[j.name] for j in jobs}, child_cpu
 
 
@@ -75,7 +83,7 @@ def is_cached(config: KitConfig, name: str) -> bool:
     return os.path.isfile(os.path.join(part_location(config, name), "part.json"))
 
 
-def trained_model(config: KitConfig, job: Job) -> tuple[object, dict]:
+def trained_model(config: KitConfig, job: Job) -> tuple[PreTrainedModel, dict]:
     """Train one model, or load it from the per-model cache when identical settings trained it
     before (training is deterministic, so the weights are the same either way)."""
     import shutil
@@ -91,13 +99,17 @@ def trained_model(config: KitConfig, job: Job) -> tuple[object, dict]:
             trained = json.load(f)
         return _load(part), {**trained, "reused": True}
     model = training.build_model(job.shape, job.tokenizer, seed=config.seed * 1000 + job.index)
-    sampler = training.WindowSampler(job.streams, job.shares, config.seq_len, config.batch_size,
-                                     seed=config.seed * 1000 + 100 + job.index)
+    sampler = training.WindowSampler(
+        job.streams, job.shares, config.seq_len, config.batch_size, seed=config.seed * 1000 + 100 + job.index
+    )
     started, started_cpu = time.time(), time.process_time()
     losses = training.train(model, sampler, job.steps, config.lr, job.name)
-    trained = {"steps": job.steps, "train_seconds": round(time.time() - started, 1),
-               "train_cpu_seconds": round(time.process_time() - started_cpu, 1),
-               "final_train_loss": sum(losses[-10:]) / len(losses[-10:])}
+    trained = {
+        "steps": job.steps,
+        "train_seconds": round(time.time() - started, 1),
+        "train_cpu_seconds": round(time.process_time() - started_cpu, 1),
+        "final_train_loss": sum(losses[-10:]) / len(losses[-10:]),
+    }
     os.makedirs(os.path.dirname(part), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".part-", dir=os.path.dirname(part))
     try:

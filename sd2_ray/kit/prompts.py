@@ -4,6 +4,7 @@ Rows follow the prompt-dataset contract (DESIGN.md): ``id``, ``messages`` (one u
 reference ``response``. Train rows come from the corpus's train files, eval rows from the
 held-out files, so the two splits never share a function.
 """
+
 from __future__ import annotations
 
 import ast
@@ -54,8 +55,8 @@ def _example(node, lines: list[str]) -> tuple[str, str] | None:
     body_start = node.body[1].lineno
     if any(getattr(d, "lineno", body_start) >= body_start for d in node.decorator_list):
         return None
-    header = "\n".join(lines[node.lineno - 1:node.body[0].lineno - 1])
-    body = "\n".join(lines[body_start - 1:node.end_lineno])
+    header = "\n".join(lines[node.lineno - 1 : node.body[0].lineno - 1])
+    body = "\n".join(lines[body_start - 1 : node.end_lineno])
     # dedent header and body together so a method's body keeps its indent relative to its def
     block = textwrap.dedent(header + "\n" + body).split("\n")
     n_header = header.count("\n") + 1
@@ -74,9 +75,11 @@ def _example(node, lines: list[str]) -> tuple[str, str] | None:
 
 def make_row(split: str, index: int, example: dict[str, str]) -> dict:
     digest = hashlib.sha256(example["prompt"].encode()).hexdigest()[:8]
-    return {"id": f"kit-{split}-{index:04d}-{digest}",
-            "messages": [{"role": "user", "content": example["prompt"]}],
-            "response": example["response"]}
+    return {
+        "id": f"kit-{split}-{index:04d}-{digest}",
+        "messages": [{"role": "user", "content": example["prompt"]}],
+        "response": example["response"],
+    }
 
 
 def select(examples: list[dict], count: int | None, seed: int, fits) -> list[dict]:

@@ -18,6 +18,7 @@ blocks *at equal MACs*, so
 - it is pretrained for longer than the old drafter (``drafter_steps``), so what it knows is more
   than a short fine-tune on a few hundred distilled rows could teach a half-depth network again.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -44,10 +45,15 @@ MAX_POSITIONS = 1024
 def drafter_shape(hidden: int, layers: int, intermediate: int) -> Shape:
     """A same-family (llama) drafter of this size: heads of 64, grouped K/V (half the heads)."""
     heads = hidden // HEAD_DIM
-    return Shape("llama", hidden=hidden, layers=layers, heads=heads, kv_heads=max(1, heads // 2),
-                 intermediate=intermediate)
+    return Shape(
+        "llama", hidden=hidden, layers=layers, heads=heads, kv_heads=max(1, heads // 2), intermediate=intermediate
+    )
 
 
 def all_shapes(drafter: Shape = DRAFTER) -> dict:
-    return {"target": asdict(TARGET), "drafter": asdict(drafter), "drafter-uag": asdict(UAG_DRAFTER),
-            "max_positions": MAX_POSITIONS}
+    return {
+        "target": asdict(TARGET),
+        "drafter": asdict(drafter),
+        "drafter-uag": asdict(UAG_DRAFTER),
+        "max_positions": MAX_POSITIONS,
+    }

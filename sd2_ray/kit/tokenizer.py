@@ -10,9 +10,10 @@ Both kit tokenizers use the same markup, so a prompt renders to identical text f
 and the cross-tokenizer drafter. No BOS is added on encode: the template is all there is, so
 nothing doubles when callers render then tokenize.
 """
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 PAD, DOC, END = "<|pad|>", "<|endoftext|>", "<|end|>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -34,13 +35,24 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     core.train_from_iterator(texts, trainer=trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, bos_token=DOC, eos_token=END,
-                                  unk_token=None, additional_special_tokens=ROLE_TOKENS,
-                                  clean_up_tokenization_spaces=False, model_max_length=1024)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token=PAD,
+        bos_token=DOC,
+        eos_token=END,
+        unk_token=None,
+        additional_special_tokens=ROLE_TOKENS,
+        clean_up_tokenization_spaces=False,
+        model_max_length=1024,
+    )
     tok.chat_template = CHAT_TEMPLATE
     return tok
 

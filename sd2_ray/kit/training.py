@@ -3,6 +3,7 @@
 Shapes are chosen for vLLM's CPU backend too (head_dim 64, a standard attention head size).
 Everything is seeded and runs on a fixed number of threads, so a seed gives identical weights.
 """
+
 from __future__ import annotations
 
 import logging
@@ -19,11 +20,20 @@ def build_model(shape: Shape, tokenizer, seed: int):
     """A freshly initialised causal LM of ``shape`` for ``tokenizer`` (tied embeddings)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-    common = dict(vocab_size=len(tokenizer), hidden_size=shape.hidden, num_hidden_layers=shape.layers,
-                  num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-                  intermediate_size=shape.intermediate, max_position_embeddings=MAX_POSITIONS,
-                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                  pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, rope_theta=10000.0)
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=shape.hidden,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        intermediate_size=shape.intermediate,
+        max_position_embeddings=MAX_POSITIONS,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+    )
     config = LlamaConfig(**common) if shape.arch == "llama" else Qwen2Config(**common)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -40,8 +50,7 @@ def num_params(model) -> int:
 class WindowSampler:
     """Random fixed-length windows from token streams, each batch mixing streams by a share."""
 
-    def __init__(self, streams: list[list[int]], shares: list[float], seq_len: int, batch_size: int,
-                 seed: int):
+    def __init__(self, streams: list[list[int]], shares: list[float], seq_len: int, batch_size: int, seed: int):
         self.streams = [torch.tensor(s, dtype=torch.long) for s in streams]
         for s in self.streams:
             if len(s) <= seq_len:
@@ -52,10 +61,10 @@ class WindowSampler:
         self.gen = torch.Generator().manual_seed(seed)
 
     def batch(self) -> torch.Tensor:
-        rows = []
-        for stream, count in zip(self.streams, self.counts):
+        rows: list[torch.Tensor] = []
+        for stream, count in zip(self.streams, self.counts, strict=True):
             starts = torch.randint(0, len(stream) - self.seq_len, (count,), generator=self.gen)
-            rows.extend(stream[s:s + self.seq_len] for s in starts.tolist())
+            rows.extend(stream[s : s + self.seq_len] for s in starts.tolist())
         return torch.stack(rows)
 
 
@@ -73,8 +82,9 @@ def train(model, sampler: WindowSampler, steps: int, lr: float, name: str) -> li
 
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95)
+    )
     model.train()
     losses = []
     bar = tqdm(range(steps), desc=f"kit: train {name}", unit="step", leave=False)
@@ -103,7 +113,7 @@ def heldout_loss(model, stream: list[int], seq_len: int, windows: int) -> float:
     if n == 0:
         raise ValueError("held-out stream shorter than one window")
     stride = len(data) // n
-    batch = torch.stack([data[i * stride:i * stride + seq_len] for i in range(n)])
+    batch = torch.stack([data[i * stride : i * stride + seq_len] for i in range(n)])
     total = 0.0
     for chunk in batch.split(8):
         total += model(input_ids=chunk, labels=chunk).loss.item() * len(chunk)

@@ -5,6 +5,7 @@ float16``); :func:`check_device_name` validates the spelling without importing t
 are imported by ``sd2 --help``), and :func:`resolve_device` / :func:`resolve_dtype` turn names
 into what torch uses *where the models are loaded* (a Ray worker may see GPUs the driver does not).
 """
+
 from __future__ import annotations
 
 import re
@@ -41,12 +42,15 @@ def resolve_device(name: str = "auto", field: str = "device") -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ConfigError(f"field '{field}': {name} requested but CUDA is not available here "
-                              "(no GPU or a CPU-only torch build); use 'auto' or 'cpu'")
+            raise ConfigError(
+                f"field '{field}': {name} requested but CUDA is not available here "
+                "(no GPU or a CPU-only torch build); use 'auto' or 'cpu'"
+            )
         index = int(name.split(":")[1]) if ":" in name else 0
         if index >= torch.cuda.device_count():
-            raise ConfigError(f"field '{field}': {name} requested but only "
-                              f"{torch.cuda.device_count()} CUDA device(s) are visible")
+            raise ConfigError(
+                f"field '{field}': {name} requested but only {torch.cuda.device_count()} CUDA device(s) are visible"
+            )
     return name
 
 

@@ -3,6 +3,7 @@
 Contract (DESIGN.md): a model is an HF directory (config.json, safetensors, tokenizer files).
 Pickled weights are never loaded and ``trust_remote_code`` stays off unless asked for.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,9 +17,20 @@ WEIGHT_SUFFIXES = (".safetensors",)
 
 # The small files of a model dir: everything a driver needs to plan work (tokenize prompts, read
 # the architecture, EOS ids, chat template, sparsity report) without the weights.
-METADATA_FILES = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
-                  "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "spiece.model",
-                  "chat_template*", "*.jinja", "sparsity.json")
+METADATA_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "spiece.model",
+    "chat_template*",
+    "*.jinja",
+    "sparsity.json",
+)
 
 
 def check_model_dir(path: str) -> None:
@@ -88,8 +100,9 @@ def model_metadata_dir(path: str, extra: tuple[str, ...] = ()) -> str:
     return storage.local_dir(path, include=METADATA_FILES + tuple(extra))  # a local dir is used as is
 
 
-def load_model(path: str, dtype: Any = None, trust_remote_code: bool = False, device: Any = "cpu",
-               device_map: Any = None):
+def load_model(
+    path: str, dtype: Any = None, trust_remote_code: bool = False, device: Any = "cpu", device_map: Any = None
+):
     """A causal LM in eval mode, on ``device`` (loaded straight onto it, no CPU copy first), or
     placed by an accelerate ``device_map`` (e.g. ``"auto"``: a model too big for one GPU sharded
     over the visible GPUs of this process); ``device_map`` wins over ``device``."""
@@ -101,8 +114,12 @@ def load_model(path: str, dtype: Any = None, trust_remote_code: bool = False, de
         device_map = {"": str(device)}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            local, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True,
-            device_map=device_map)
+            local,
+            dtype=dtype or torch.float32,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+            device_map=device_map,
+        )
     except Exception as err:  # noqa: BLE001 - a damaged model dir is the user's to fix, in one line
         if type(err).__name__ == "SafetensorError" or isinstance(err, (OSError, ValueError, KeyError)):
             first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""

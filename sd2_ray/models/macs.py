@@ -6,6 +6,7 @@ The LM head is included (it is a linear layer, counted once even if tied to the 
 embedding lookups cost no MACs. Attention scores (QK^T and AV) grow with the context, so they
 are reported apart as MACs per context token. Cost coefficient c = drafter MACs / target MACs.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -15,11 +16,13 @@ import torch
 
 def _linear_weights(model: torch.nn.Module):
     """(name, weight as (out, in)) of every linear layer, each module once."""
-    conv1d = None
+    conv1d: type | None
     try:
-        from transformers.pytorch_utils import Conv1D as conv1d
+        from transformers.pytorch_utils import Conv1D
+
+        conv1d = Conv1D
     except ImportError:  # pragma: no cover - transformers always has it today
-        pass
+        conv1d = None
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
             yield name, module.weight
@@ -28,7 +31,8 @@ def _linear_weights(model: torch.nn.Module):
 
 
 def _head_name(model: torch.nn.Module) -> str | None:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_head = getattr(model, "get_output_embeddings", None)  # a transformers model's
+    head = get_head() if get_head is not None else None
     if head is None:
         return None
     for name, module in model.named_modules():
@@ -39,7 +43,8 @@ def _head_name(model: torch.nn.Module) -> str | None:
 
 def attention_macs_per_context_token(model: torch.nn.Module) -> int:
     """MACs of QK^T plus AV for one new token per token of context, summed over layers."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config: Any = model.config  # a transformers PretrainedConfig
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     return 2 * cfg.num_hidden_layers * heads * head_dim
@@ -58,11 +63,16 @@ def linear_macs(model: torch.nn.Module) -> dict[str, Any]:
     with torch.no_grad():
         for name, weight in _linear_weights(model):
             out_f, in_f = weight.shape
-            layers[name] = {"in": int(in_f), "out": int(out_f), "dense": int(in_f * out_f),
-                            "nonzero": int(torch.count_nonzero(weight))}
+            layers[name] = {
+                "in": int(in_f),
+                "out": int(out_f),
+                "dense": int(in_f * out_f),
+                "nonzero": int(torch.count_nonzero(weight)),
+            }
     dense = sum(v["dense"] for v in layers.values())
     sparse = sum(v["nonzero"] for v in layers.values())
-    head_info = layers.get(head, {"dense": 0, "nonzero": 0})
+    no_head = {"dense": 0, "nonzero": 0}
+    head_info = layers.get(head, no_head) if head is not None else no_head
     return {
         "macs": sparse,
         "dense_macs": dense,

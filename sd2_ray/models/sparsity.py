@@ -11,6 +11,7 @@ Masks are derivable from zeros when the masks file is missing. It sits in a subd
 the model dir is what vLLM serves: with no index file vLLM loads every top-level ``*.safetensors``
 as weights, and the masks bear their weights' names.
 """
+
 from __future__ import annotations
 
 import json
@@ -77,8 +78,9 @@ def check_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor], source: 
         if key not in params:
             raise DataError(f"{source}: mask '{key}' names no parameter of the model")
         if tuple(params[key].shape) != tuple(mask.shape):
-            raise DataError(f"{source}: mask '{key}' has shape {tuple(mask.shape)}, "
-                            f"weight has {tuple(params[key].shape)}")
+            raise DataError(
+                f"{source}: mask '{key}' has shape {tuple(mask.shape)}, weight has {tuple(params[key].shape)}"
+            )
 
 
 def apply_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> None:
@@ -104,8 +106,12 @@ def check_nm(weight: torch.Tensor, n: int, m: int) -> bool:
     return bool((groups <= n).all())
 
 
-def sparsity_problems(model: torch.nn.Module, masks: dict[str, torch.Tensor],
-                      report: dict[str, Any] | None = None, tolerance: float = 1e-6) -> list[str]:
+def sparsity_problems(
+    model: torch.nn.Module,
+    masks: dict[str, torch.Tensor],
+    report: dict[str, Any] | None = None,
+    tolerance: float = 1e-6,
+) -> list[str]:
     """Everything wrong with a sparse model against its masks and ``sparsity.json`` report:
     masks that name no weight, masked weights that are nonzero, N:M groups with too many
     nonzeros, per-layer sparsity that differs from the report. Empty when all holds."""
@@ -125,7 +131,7 @@ def sparsity_problems(model: torch.nn.Module, masks: dict[str, torch.Tensor],
             problems.append(f"{key}: {leaked} weights are nonzero where the mask says pruned")
         if nm is not None and not check_nm(weight, *nm):
             problems.append(f"{key}: a group of {nm[1]} has more than {nm[0]} nonzeros")
-        expected = layers.get(key[:-len(".weight")] if key.endswith(".weight") else key, {}).get("sparsity")
+        expected = layers.get(key[: -len(".weight")] if key.endswith(".weight") else key, {}).get("sparsity")
         if expected is not None and abs(sparsity_of(mask) - expected) > tolerance:
             problems.append(f"{key}: mask sparsity {sparsity_of(mask):.6f}, report says {expected:.6f}")
     return problems

@@ -1,6 +1,7 @@
 """Token-level conventions every stage shares: how a rendered prompt becomes ids, and which ids
 end a response. One home each, so distillation, pruning calibration, fine-tuning, eval and
 serving tokenize the same text into the same ids."""
+
 from __future__ import annotations
 
 from typing import Any

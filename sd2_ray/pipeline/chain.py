@@ -13,6 +13,7 @@ typed settings section, so they can never disagree about where an artifact lives
     tune/                                        the search (`sd2 tune`, or `sd2 run` with run_tune)
     serve_smoke.json                             one request through the served SD² pair
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -21,8 +22,13 @@ from sd2_ray import storage
 from sd2_ray.pipeline.config import PipelineConfig
 
 # fine-tuned drafter -> (the model it starts from, the column it learns)
-FINETUNED = {"dense-sd": ("base", "response"), "layer-pruned-sd": ("layers", "response"),
-             "sd2": ("sd2", "response"), "sd2-kd": ("sd2", "response"), "sparse-sft": ("sd2", "reference")}
+FINETUNED = {
+    "dense-sd": ("base", "response"),
+    "layer-pruned-sd": ("layers", "response"),
+    "sd2": ("sd2", "response"),
+    "sd2-kd": ("sd2", "response"),
+    "sparse-sft": ("sd2", "reference"),
+}
 # layer baseline settings taken from the prune section unless layer_prune sets them
 INHERITED_PLACEMENT = ("device", "num_gpus", "num_cpus", "node_resources", "trust_remote_code")
 STAGES = ("distill", "prune", "layer_prune", "finetune", "eval", "serve", "tune")
@@ -50,6 +56,7 @@ def drafter_dir(config: PipelineConfig, name: str) -> str:
     if name == "dense":
         return config.drafter
     if name == "uag":
+        assert config.uag_drafter, "the uag drafter needs uag_drafter (PipelineConfig checks it)"
         return config.uag_drafter
     if name in FINETUNED:
         return out(config, "drafters", name)
@@ -73,13 +80,25 @@ def chain(config: PipelineConfig, stage: str, drafter: str = "sd2", **extra: Any
     if stage == "distill":
         from sd2_ray.distill.config import DistillConfig
 
-        return _stage(DistillConfig, config.distill, target=config.target, prompts=config.train_prompts,
-                      output=distilled_dir(config), **extra)
+        return _stage(
+            DistillConfig,
+            config.distill,
+            target=config.target,
+            prompts=config.train_prompts,
+            output=distilled_dir(config),
+            **extra,
+        )
     if stage == "prune":
         from sd2_ray.prune.config import PruneConfig
 
-        return _stage(PruneConfig, config.prune, model=config.drafter, calibration=distilled_dir(config),
-                      output=pruned_dir(config, "sd2"), **extra)
+        return _stage(
+            PruneConfig,
+            config.prune,
+            model=config.drafter,
+            calibration=distilled_dir(config),
+            output=pruned_dir(config, "sd2"),
+            **extra,
+        )
     if stage == "layer_prune":  # the run passes drop_layers (auto-matched to the SD² drafter's MACs)
         return _layer_prune(config, **extra)
     if stage == "finetune":
@@ -87,20 +106,40 @@ def chain(config: PipelineConfig, stage: str, drafter: str = "sd2", **extra: Any
 
         source, field = FINETUNED[drafter]
         settings = config.kd_settings() if drafter == "sd2-kd" else config.finetune
-        return _stage(FinetuneConfig, settings, model=_source_model(config, source),
-                      data=distilled_dir(config), output=drafter_dir(config, drafter), response_field=field,
-                      num_speculative_tokens=config.num_speculative_tokens, **extra)
+        return _stage(
+            FinetuneConfig,
+            settings,
+            model=_source_model(config, source),
+            data=distilled_dir(config),
+            output=drafter_dir(config, drafter),
+            response_field=field,
+            num_speculative_tokens=config.num_speculative_tokens,
+            **extra,
+        )
     if stage == "eval":
         from sd2_ray.evaluate.config import EvalConfig
 
-        return _stage(EvalConfig, config.eval, target=config.target, drafter=drafter_dir(config, drafter),
-                      prompts=config.eval_prompts, output=storage.join(eval_root(config), drafter, "report.json"),
-                      num_speculative_tokens=config.num_speculative_tokens, **extra)
+        return _stage(
+            EvalConfig,
+            config.eval,
+            target=config.target,
+            drafter=drafter_dir(config, drafter),
+            prompts=config.eval_prompts,
+            output=storage.join(eval_root(config), drafter, "report.json"),
+            num_speculative_tokens=config.num_speculative_tokens,
+            **extra,
+        )
     if stage == "serve":
         from sd2_ray.serve.config import ServeConfig
 
-        return _stage(ServeConfig, config.serve, target=config.target, drafter=drafter_dir(config, drafter),
-                      num_speculative_tokens=config.num_speculative_tokens, **extra)
+        return _stage(
+            ServeConfig,
+            config.serve,
+            target=config.target,
+            drafter=drafter_dir(config, drafter),
+            num_speculative_tokens=config.num_speculative_tokens,
+            **extra,
+        )
     if stage == "tune":
         return _tune(config, **extra)
     raise ValueError(f"unknown stage '{stage}' (one of {', '.join(STAGES)})")
@@ -115,9 +154,19 @@ def _layer_prune(config: PipelineConfig, drop_layers: int, **extra: Any):
             settings[key] = getattr(config.prune, key)
     from sd2_ray.config import validate
 
-    return validate(PruneConfig, {**settings, "method": "layers", "drop_layers": drop_layers,
-                                  "model": config.drafter, "calibration": distilled_dir(config),
-                                  "output": pruned_dir(config, "layers"), **extra}, source="layer_prune")
+    return validate(
+        PruneConfig,
+        {
+            **settings,
+            "method": "layers",
+            "drop_layers": drop_layers,
+            "model": config.drafter,
+            "calibration": distilled_dir(config),
+            "output": pruned_dir(config, "layers"),
+            **extra,
+        },
+        source="layer_prune",
+    )
 
 
 def _tune(config: PipelineConfig, **extra: Any):
@@ -126,9 +175,17 @@ def _tune(config: PipelineConfig, **extra: Any):
 
     if config.tune is None:
         raise ConfigError("tune: the pipeline config has no tune section")
-    return _stage(TuneConfig, config.tune, target=config.target, drafter=config.drafter,
-                  data=distilled_dir(config), eval_prompts=config.eval_prompts, output=out(config, "tune"),
-                  num_speculative_tokens=config.num_speculative_tokens, **extra)
+    return _stage(
+        TuneConfig,
+        config.tune,
+        target=config.target,
+        drafter=config.drafter,
+        data=distilled_dir(config),
+        eval_prompts=config.eval_prompts,
+        output=out(config, "tune"),
+        num_speculative_tokens=config.num_speculative_tokens,
+        **extra,
+    )
 
 
 def stage_from_pipeline(path: str, stage: str, overrides: dict[str, Any]):

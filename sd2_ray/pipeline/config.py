@@ -7,9 +7,10 @@ caught when the file is loaded. :mod:`sd2_ray.pipeline.chain` builds every stage
 from these. Paths may name parts of the embedded model kit: ``kit:target``, ``kit:drafter``,
 ``kit:drafter-uag``, ``kit:train_prompts``, ``kit:eval_prompts``.
 """
+
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -44,83 +45,108 @@ class PipelineConfig(StageConfig):
     output: StoragePath = Field(..., description="prefix for every stage's output, local or s3://")
     target: StoragePath = Field("kit:target", description="target model dir (or kit:target)")
     drafter: StoragePath = Field("kit:drafter", description="pretrained drafter base to prune (or kit:drafter)")
-    uag_drafter: Optional[StoragePath] = Field(
-        None, description="cross-family drafter with its own tokenizer (or kit:drafter-uag); needed "
-        "by the uag drafter")
-    train_prompts: StoragePath = Field("kit:train_prompts", description="prompts the target distils "
-                                                                        "(JSONL/Parquet)")
+    uag_drafter: StoragePath | None = Field(
+        None, description="cross-family drafter with its own tokenizer (or kit:drafter-uag); needed by the uag drafter"
+    )
+    train_prompts: StoragePath = Field("kit:train_prompts", description="prompts the target distils (JSONL/Parquet)")
     eval_prompts: StoragePath = Field("kit:eval_prompts", description="held-out prompts for eval")
     num_speculative_tokens: int = Field(4, ge=1, le=32, description="draft tokens K, the same for every drafter")
-    drafters: Optional[list[DrafterName]] = Field(
-        None, description="drafters to build and evaluate (default: all of them; uag only when "
-        "uag_drafter is set, sd2-kd only when distill.logprobs_top_k > 0)")
+    drafters: list[DrafterName] | None = Field(
+        None,
+        description="drafters to build and evaluate (default: all of them; uag only when "
+        "uag_drafter is set, sd2-kd only when distill.logprobs_top_k > 0)",
+    )
     drop_layers: int | Literal["auto"] = Field(
-        "auto", description="layer-pruned baseline: blocks to drop; auto = the count whose MACs are "
-        "closest to the SD² drafter's")
+        "auto",
+        description="layer-pruned baseline: blocks to drop; auto = the count whose MACs are "
+        "closest to the SD² drafter's",
+    )
     serve_smoke: bool = Field(True, description="serve the SD² pair once and check one request")
-    serve_smoke_timeout_s: Optional[float] = Field(
-        None, gt=0, description="how long the smoke check waits for the served pair to be healthy; "
-        "default: 180 s plus 10 s per GB of target and drafter weights")
-    cluster: Optional[StoragePath] = Field(
-        None, description="Ray cluster launcher YAML or KubeRay manifest the run is planned against: "
+    serve_smoke_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="how long the smoke check waits for the served pair to be healthy; "
+        "default: 180 s plus 10 s per GB of target and drafter weights",
+    )
+    cluster: StoragePath | None = Field(
+        None,
+        description="Ray cluster launcher YAML or KubeRay manifest the run is planned against: "
         "`sd2 run` checks every stage's resources and per-GPU memory against its node types first "
-        "(see `sd2 plan`)")
-    shared_storage: bool = Field(False, description="a local output path is on a disk every node of the "
-                                 "cluster sees (NFS, EFS); without it a local output on a cluster of several "
-                                 "nodes is refused (use s3://)")
+        "(see `sd2 plan`)",
+    )
+    shared_storage: bool = Field(
+        False,
+        description="a local output path is on a disk every node of the "
+        "cluster sees (NFS, EFS); without it a local output on a cluster of several "
+        "nodes is refused (use s3://)",
+    )
     kit: dict[str, Any] = Field(default_factory=dict, description="model-kit overrides (kit: paths)")
     distill: DistillSettings = Field(default_factory=DistillSettings, description="sd2 distill settings")
-    prune: PruneSettings = Field(default_factory=PruneSettings,
-                                 description="sd2 prune settings for the SD² drafter")
+    prune: PruneSettings = Field(default_factory=PruneSettings, description="sd2 prune settings for the SD² drafter")
     layer_prune: LayerPruneSettings = Field(
-        default_factory=LayerPruneSettings, description="calibration settings of the layer baseline "
-        "(device, num_gpus and num_cpus default to the prune section's)")
-    finetune: FinetuneSettings = Field(default_factory=FinetuneSettings,
-                                       description="sd2 finetune settings (every fine-tuned drafter)")
+        default_factory=LayerPruneSettings,
+        description="calibration settings of the layer baseline "
+        "(device, num_gpus and num_cpus default to the prune section's)",
+    )
+    finetune: FinetuneSettings = Field(
+        default_factory=FinetuneSettings, description="sd2 finetune settings (every fine-tuned drafter)"
+    )
     kd: dict[str, Any] = Field(
-        default_factory=dict, description="the sd2-kd drafter: the finetune section with these fields "
+        default_factory=dict,
+        description="the sd2-kd drafter: the finetune section with these fields "
         f"changed (only {', '.join(KD_FIELDS)}; same pruned model, data and budget as sd2), e.g. "
         "{loss: fkl, ce_weight: 1.0, eval_every: 16, select_by: expected_mal}; unset loss: jsd + ce "
-        "when eval is greedy (temperature 0), fkl + ce when it samples")
+        "when eval is greedy (temperature 0), fkl + ce when it samples",
+    )
     eval: EvalSettings = Field(default_factory=EvalSettings, description="sd2 eval settings")
-    tune: Optional[TuneSettings] = Field(None, description="sd2 tune settings (`sd2 tune --config` of this "
-                                         "file; `sd2 run` runs the search only with run_tune)")
-    run_tune: bool = Field(False, description="`sd2 run` also runs the tune section's search (GPU hours: "
-                           "every trial prunes, fine-tunes and evaluates); a tune section alone does not")
-    serve: ServeSettings = Field(default_factory=ServeSettings,
-                                 description="sd2 serve settings (the smoke check, `sd2 serve --config`)")
+    tune: TuneSettings | None = Field(
+        None,
+        description="sd2 tune settings (`sd2 tune --config` of this "
+        "file; `sd2 run` runs the search only with run_tune)",
+    )
+    run_tune: bool = Field(
+        False,
+        description="`sd2 run` also runs the tune section's search (GPU hours: "
+        "every trial prunes, fine-tunes and evaluates); a tune section alone does not",
+    )
+    serve: ServeSettings = Field(
+        default_factory=ServeSettings, description="sd2 serve settings (the smoke check, `sd2 serve --config`)"
+    )
 
     @field_validator("prune")
     @classmethod
     def _prune_is_sparse(cls, value: PruneSettings) -> PruneSettings:
         if value.method == "layers":
-            raise ValueError("method 'layers' is the layer baseline (its settings are the "
-                             "layer_prune section); the SD² drafter needs sparsegpt, wanda or magnitude")
+            raise ValueError(
+                "method 'layers' is the layer baseline (its settings are the "
+                "layer_prune section); the SD² drafter needs sparsegpt, wanda or magnitude"
+            )
         return value
 
     @model_validator(mode="after")
-    def _run_tune_needs_a_search(self) -> "PipelineConfig":
+    def _run_tune_needs_a_search(self) -> PipelineConfig:
         if self.run_tune and self.tune is None:
             raise ValueError("run_tune: there is no tune section to run")
         return self
 
     @model_validator(mode="after")
-    def _uag_needs_its_drafter(self) -> "PipelineConfig":
+    def _uag_needs_its_drafter(self) -> PipelineConfig:
         if self.drafters is not None and "uag" in self.drafters and not self.uag_drafter:
-            raise ValueError("drafters: 'uag' needs uag_drafter (a cross-family drafter dir, or "
-                             "kit:drafter-uag)")
+            raise ValueError("drafters: 'uag' needs uag_drafter (a cross-family drafter dir, or kit:drafter-uag)")
         return self
 
     @model_validator(mode="after")
-    def _kd_needs_top_k(self) -> "PipelineConfig":
+    def _kd_needs_top_k(self) -> PipelineConfig:
         unknown = sorted(set(self.kd) - set(KD_FIELDS))
         if unknown:
-            raise ValueError(f"kd: {unknown} cannot differ from sd2's fine-tuning (the kd section sets only "
-                             f"{', '.join(KD_FIELDS)})")
+            raise ValueError(
+                f"kd: {unknown} cannot differ from sd2's fine-tuning (the kd section sets only {', '.join(KD_FIELDS)})"
+            )
         self.kd_settings()  # a bad value fails here, at load
         if self.drafters is not None and "sd2-kd" in self.drafters and not self.distill.logprobs_top_k:
-            raise ValueError("drafters: 'sd2-kd' needs distill.logprobs_top_k > 0 (it learns the target's "
-                             "stored top-k distribution)")
+            raise ValueError(
+                "drafters: 'sd2-kd' needs distill.logprobs_top_k > 0 (it learns the target's stored top-k distribution)"
+            )
         return self
 
     def kd_settings(self) -> FinetuneSettings:
@@ -138,10 +164,11 @@ class PipelineConfig(StageConfig):
         """The drafters this run builds and evaluates, in report order."""
         if self.drafters is not None:
             return list(self.drafters)
-        return [d for d in DRAFTERS if (d != "uag" or self.uag_drafter)
-                and (d != "sd2-kd" or self.distill.logprobs_top_k)]
+        return [
+            d for d in DRAFTERS if (d != "uag" or self.uag_drafter) and (d != "sd2-kd" or self.distill.logprobs_top_k)
+        ]
 
-    def with_cluster_placement(self) -> "PipelineConfig":
+    def with_cluster_placement(self) -> PipelineConfig:
         """A copy whose stage sections ask for the node type each is meant for (the cluster file's
         markers, e.g. gen_node for distill/eval/serve, train_node for prune/fine-tune), except
         where a section sets node_resources itself."""
@@ -150,8 +177,10 @@ class PipelineConfig(StageConfig):
         from sd2_ray.plan.cluster import load_node_types, placed, placed_search
 
         types = load_node_types(self.cluster)
-        update = {name: placed(getattr(self, name), types, name)
-                  for name in ("distill", "prune", "layer_prune", "finetune", "eval", "serve")}
+        update = {
+            name: placed(getattr(self, name), types, name)
+            for name in ("distill", "prune", "layer_prune", "finetune", "eval", "serve")
+        }
         if self.tune is not None:
             update["tune"] = placed_search(self.tune, types)
         return self.model_copy(update=update)

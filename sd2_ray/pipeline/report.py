@@ -1,5 +1,6 @@
 """The pipeline's report: one row per drafter (the paper's comparison), a Markdown table, and
 two plots (MAL vs drafter MACs; acceptance by draft position)."""
+
 from __future__ import annotations
 
 import io
@@ -9,27 +10,47 @@ from sd2_ray import storage
 from sd2_ray.evaluate.paper import paper_comparison, paper_markdown
 from sd2_ray.pipeline.config import PipelineConfig
 
-ENTRY_KEYS = ("mean_accepted_length", "acceptance_rate", "per_position_acceptance", "drafter_macs_per_token",
-              "drafter_dense_macs_per_token", "drafter_sparsity", "cost_coefficient", "predicted_speedup",
-              "measured_speedup", "tokens_per_second", "lossless", "cross_tokenizer", "drafter")
+ENTRY_KEYS = (
+    "mean_accepted_length",
+    "acceptance_rate",
+    "per_position_acceptance",
+    "drafter_macs_per_token",
+    "drafter_dense_macs_per_token",
+    "drafter_sparsity",
+    "cost_coefficient",
+    "predicted_speedup",
+    "measured_speedup",
+    "tokens_per_second",
+    "lossless",
+    "cross_tokenizer",
+    "drafter",
+)
 DESCRIPTIONS = {
     "dense": "drafter base, as pretrained",
     "dense-sd": "dense, fine-tuned on self-distilled data",
     "layer-pruned-sd": "layer-pruned (angular distance), fine-tuned on self-distilled data",
     "sd2": "SD²: pruned, sparse-fine-tuned on self-distilled data",
     "sd2-kd": "SD² with a distillation loss: the sd2 drafter's pruned model, data and budget, trained on the "
-              "target's stored top-k distribution",
+    "target's stored top-k distribution",
     "sparse-sft": "same sparse drafter, fine-tuned on the reference answers",
     "uag": "cross-family drafter (other tokenizer), as pretrained",
 }
 
 
-def drafter_entries(reports: dict[str, dict[str, Any]],
-                    training: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+def drafter_entries(
+    reports: dict[str, dict[str, Any]], training: dict[str, dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
     """One report row per drafter; a fine-tuned one also says how it was trained (``training``)."""
     training = training or {}
-    return [{"name": name, "description": DESCRIPTIONS.get(name, ""), **{k: r.get(k) for k in ENTRY_KEYS},
-             **({"training": training[name]} if name in training else {})} for name, r in reports.items()]
+    return [
+        {
+            "name": name,
+            "description": DESCRIPTIONS.get(name, ""),
+            **{k: r.get(k) for k in ENTRY_KEYS},
+            **({"training": training[name]} if name in training else {}),
+        }
+        for name, r in reports.items()
+    ]
 
 
 def training_of(config: PipelineConfig, name: str) -> dict[str, Any]:
@@ -40,12 +61,16 @@ def training_of(config: PipelineConfig, name: str) -> dict[str, Any]:
     ft = chain(config, "finetune", name)
     distilled = ft.response_field == "response"
     info: dict[str, Any] = {
-        "loss": ft.loss, "ce_weight": ft.ce_weight if ft.loss != "ce" else None,
+        "loss": ft.loss,
+        "ce_weight": ft.ce_weight if ft.loss != "ce" else None,
         "kd_temperature": ft.kd_temperature if ft.loss != "ce" else None,
-        "data": ft.data, "column": ft.response_field,
+        "data": ft.data,
+        "column": ft.response_field,
         "distill_mode": config.distill.mode if distilled else None,
         "logprobs_top_k": config.distill.logprobs_top_k if distilled else None,
-        "select_by": ft.select_by if ft.eval_every else "final", "eval_every": ft.eval_every}
+        "select_by": ft.select_by if ft.eval_every else "final",
+        "eval_every": ft.eval_every,
+    }
     metrics = storage.join(ft.output, "metrics.json")
     if storage.exists(metrics):
         done = storage.read_json(metrics)
@@ -60,8 +85,9 @@ def training_text(info: dict[str, Any]) -> str:
     if info["column"] != "response":
         data = f"the '{info['column']}' column"
     else:  # the top-k are named only where the loss reads them
-        data = f"{info['distill_mode']} data" + (f" with the target's top-{info['logprobs_top_k']} log-probs"
-                                                 if kd and info["logprobs_top_k"] else "")
+        data = f"{info['distill_mode']} data" + (
+            f" with the target's top-{info['logprobs_top_k']} log-probs" if kd and info["logprobs_top_k"] else ""
+        )
     text = f"loss {loss} on {data}"
     if info.get("published_step") is not None:
         chosen = f", chosen by held-out {info['select_by']}" if info["select_by"] != "final" else ""
@@ -74,7 +100,9 @@ def comparisons(entries: list[dict[str, Any]]) -> dict[str, float]:
     by = {e["name"]: e for e in entries}
     out: dict[str, float] = {}
     if "sd2" in by and "layer-pruned-sd" in by and by["layer-pruned-sd"]["mean_accepted_length"]:
-        out["sd2_mal_over_layer_pruned"] = by["sd2"]["mean_accepted_length"] / by["layer-pruned-sd"]["mean_accepted_length"]
+        out["sd2_mal_over_layer_pruned"] = (
+            by["sd2"]["mean_accepted_length"] / by["layer-pruned-sd"]["mean_accepted_length"]
+        )
     if "sd2" in by and "dense-sd" in by:
         dense, sparse = by["dense-sd"], by["sd2"]
         out["sd2_macs_reduction_vs_dense_sd"] = 1 - sparse["drafter_macs_per_token"] / dense["drafter_macs_per_token"]
@@ -93,31 +121,50 @@ def _num(value: Any, fmt: str) -> str:
 
 
 def markdown_table(entries: list[dict[str, Any]]) -> str:
-    lines = ["| drafter | MAL | acceptance | drafter MACs/token | sparsity | c | predicted | measured | lossless |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| drafter | MAL | acceptance | drafter MACs/token | sparsity | c | predicted | measured | lossless |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for e in entries:
-        lines.append(" | ".join([
-            f"| {e['name']}", _num(e["mean_accepted_length"], ".3f"), _num(e["acceptance_rate"], ".3f"),
-            _num(e["drafter_macs_per_token"], ","), _num(e["drafter_sparsity"], ".2f"),
-            _num(e["cost_coefficient"], ".3f"), _num(e["predicted_speedup"], ".2f") + "x",
-            _num(e["measured_speedup"], ".2f") + "x", str(e["lossless"])]) + " |")
+        lines.append(
+            " | ".join(
+                [
+                    f"| {e['name']}",
+                    _num(e["mean_accepted_length"], ".3f"),
+                    _num(e["acceptance_rate"], ".3f"),
+                    _num(e["drafter_macs_per_token"], ","),
+                    _num(e["drafter_sparsity"], ".2f"),
+                    _num(e["cost_coefficient"], ".3f"),
+                    _num(e["predicted_speedup"], ".2f") + "x",
+                    _num(e["measured_speedup"], ".2f") + "x",
+                    str(e["lossless"]),
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    parts = [f"# SD² pipeline report\n\nTarget `{report['target']}`, K = {report['num_speculative_tokens']}, "
-             f"{report['num_prompts']} held-out prompts, target {report['target_macs_per_token']:,} MACs/token.\n",
-             markdown_table(report["drafters"]), "",
-             "Predicted speedup = MAL / (K·c + 1) with c from counted nonzero MACs; measured = wall-clock "
-             "tokens/s against target-only decoding in the same run (dense kernels: zeros still cost time).\n"]
+    parts = [
+        f"# SD² pipeline report\n\nTarget `{report['target']}`, K = {report['num_speculative_tokens']}, "
+        f"{report['num_prompts']} held-out prompts, target {report['target_macs_per_token']:,} MACs/token.\n",
+        markdown_table(report["drafters"]),
+        "",
+        "Predicted speedup = MAL / (K·c + 1) with c from counted nonzero MACs; measured = wall-clock "
+        "tokens/s against target-only decoding in the same run (dense kernels: zeros still cost time).\n",
+    ]
     if report["comparisons"]:
         parts.append("## Headline comparisons\n")
         parts += [f"- {k}: {v:.3f}" for k, v in report["comparisons"].items()]
         parts.append("")
     parts.append(paper_markdown(report))
-    parts += ["## Drafters\n"] + [f"- **{e['name']}**: {e['description']}"
-                                  + (f"; {training_text(e['training'])}" if e.get("training") else "")
-                                  + f" (`{e['drafter']}`)" for e in report["drafters"]]
+    parts += ["## Drafters\n"] + [
+        f"- **{e['name']}**: {e['description']}"
+        + (f"; {training_text(e['training'])}" if e.get("training") else "")
+        + f" (`{e['drafter']}`)"
+        for e in report["drafters"]
+    ]
     parts += ["", "![MAL vs MACs](mal_vs_macs.png)", "", "![acceptance by position](acceptance_by_position.png)", ""]
     return "\n".join(parts)
 
@@ -137,10 +184,15 @@ def plots(entries: list[dict[str, Any]]) -> dict[str, bytes]:
     fig, ax = plt.subplots(figsize=(6, 4))
     for e in entries:
         ax.scatter(e["drafter_macs_per_token"], e["mean_accepted_length"])
-        ax.annotate(e["name"], (e["drafter_macs_per_token"], e["mean_accepted_length"]),
-                    textcoords="offset points", xytext=(4, 4))
-    ax.set(xlabel="drafter MACs per token (nonzero weights)", ylabel="mean accepted length",
-           title="MAL vs drafter cost")
+        ax.annotate(
+            e["name"],
+            (e["drafter_macs_per_token"], e["mean_accepted_length"]),
+            textcoords="offset points",
+            xytext=(4, 4),
+        )
+    ax.set(
+        xlabel="drafter MACs per token (nonzero weights)", ylabel="mean accepted length", title="MAL vs drafter cost"
+    )
     ax.grid(alpha=0.3)
     scatter = _png(fig)
     plt.close(fig)
@@ -161,10 +213,16 @@ def write_pipeline_report(config: PipelineConfig, reports: dict[str, dict[str, A
 
     entries = drafter_entries(reports, {name: training_of(config, name) for name in reports if name in FINETUNED})
     first = next(iter(reports.values()))
-    report = {"target": first.get("target"), "num_speculative_tokens": config.num_speculative_tokens,
-              "num_prompts": first.get("num_prompts"), "target_macs_per_token": first.get("target_macs_per_token"),
-              "temperature": first.get("temperature"), "baseline_tokens_per_second":
-              first.get("baseline_tokens_per_second"), "drafters": entries, "comparisons": comparisons(entries)}
+    report = {
+        "target": first.get("target"),
+        "num_speculative_tokens": config.num_speculative_tokens,
+        "num_prompts": first.get("num_prompts"),
+        "target_macs_per_token": first.get("target_macs_per_token"),
+        "temperature": first.get("temperature"),
+        "baseline_tokens_per_second": first.get("baseline_tokens_per_second"),
+        "drafters": entries,
+        "comparisons": comparisons(entries),
+    }
     report["paper_comparison"] = paper_comparison(report)
     storage.write_json(storage.join(out_dir, "report.json"), report)
     storage.write_text(storage.join(out_dir, "report.md"), render_markdown(report))

@@ -6,6 +6,7 @@ drafter that needs it, evaluate all of them on the same prompts and K, search (o
 (the one place that decides where artifacts live) and every stage skips an output whose
 manifest is complete, so rerunning after a crash resumes at the stage that failed.
 """
+
 from __future__ import annotations
 
 import logging
@@ -117,8 +118,7 @@ class Pipeline:
         if {"sd2", "sd2-kd", "sparse-sft", "layer-pruned-sd"} & set(wanted):
             self.timed("prune:sd2", run_prune, chain(self.config, "prune"))
         if "layer-pruned-sd" in wanted:
-            self.timed("prune:layers", run_prune,
-                       chain(self.config, "layer_prune", drop_layers=self.layer_drop()))
+            self.timed("prune:layers", run_prune, chain(self.config, "layer_prune", drop_layers=self.layer_drop()))
         for name in wanted:
             if name in FINETUNED:
                 self.timed(f"finetune:{name}", run_finetune, chain(self.config, "finetune", name))
@@ -132,8 +132,9 @@ class Pipeline:
         if self.config.drop_layers != "auto":
             return self.config.drop_layers
         done = pruned_dir(self.config, "layers")
-        if manifest.is_complete(done):
-            return len(manifest.read(done)["dropped_blocks"])
+        record = manifest.read(done) if manifest.is_complete(done) else None
+        if record is not None:
+            return len(record["dropped_blocks"])
         return matching_layer_drop(self.config.drafter, pruned_dir(self.config, "sd2"))
 
     def evaluate(self, drafter_dirs: dict[str, str]) -> dict[str, dict[str, Any]]:
@@ -155,8 +156,9 @@ class Pipeline:
     def serve_smoke(self) -> dict[str, Any]:
         from sd2_ray.serve.smoke import serve_smoke
 
-        result = serve_smoke(chain(self.config, "serve", "sd2"), self.config.eval_prompts,
-                             self.config.serve_smoke_timeout_s)
+        result = serve_smoke(
+            chain(self.config, "serve", "sd2"), self.config.eval_prompts, self.config.serve_smoke_timeout_s
+        )
         storage.write_json(out(self.config, "serve_smoke.json"), result)
         return result
 

@@ -2,6 +2,7 @@
 (``available_node_types``) or a KubeRay RayCluster / RayJob / RayService (``workerGroupSpecs``).
 GPU memory comes from the instance type (``InstanceType`` or the
 ``node.kubernetes.io/instance-type`` node selector), or from a ``gpu_memory_gb`` resource."""
+
 from __future__ import annotations
 
 import json
@@ -12,10 +13,20 @@ from sd2_ray.errors import ConfigError
 
 # instance type -> (GPUs, GB of memory per GPU); AWS's published specifications
 INSTANCE_GPUS = {
-    "p4d.24xlarge": (8, 40), "p4de.24xlarge": (8, 80), "p5.48xlarge": (8, 80), "p5e.48xlarge": (8, 141),
-    "p5en.48xlarge": (8, 141), "g6e.xlarge": (1, 48), "g6e.12xlarge": (4, 48), "g6e.24xlarge": (4, 48),
-    "g6e.48xlarge": (8, 48), "g5.xlarge": (1, 24), "g5.12xlarge": (4, 24), "g5.48xlarge": (8, 24),
-    "g6.12xlarge": (4, 24), "g6.48xlarge": (8, 24),
+    "p4d.24xlarge": (8, 40),
+    "p4de.24xlarge": (8, 80),
+    "p5.48xlarge": (8, 80),
+    "p5e.48xlarge": (8, 141),
+    "p5en.48xlarge": (8, 141),
+    "g6e.xlarge": (1, 48),
+    "g6e.12xlarge": (4, 48),
+    "g6e.24xlarge": (4, 48),
+    "g6e.48xlarge": (8, 48),
+    "g5.xlarge": (1, 24),
+    "g5.12xlarge": (4, 24),
+    "g5.48xlarge": (8, 24),
+    "g6.12xlarge": (4, 24),
+    "g6.48xlarge": (8, 24),
 }
 
 
@@ -30,15 +41,25 @@ class NodeType:
 
     def fits(self, bundle: dict[str, float]) -> bool:
         custom = {k: v for k, v in bundle.items() if k not in STANDARD_RESOURCES}
-        return bundle.get("CPU", 0.0) <= self.cpus and bundle.get("GPU", 0.0) <= self.gpus \
+        return (
+            bundle.get("CPU", 0.0) <= self.cpus
+            and bundle.get("GPU", 0.0) <= self.gpus
             and all(self.custom.get(k, 0.0) >= v for k, v in custom.items())
+        )
 
 
 # The custom resource marking the node type each stage is meant for (clusters/aws-gpu.yaml
 # and the KubeRay manifests declare them): the target's generation nodes, the drafter's
 # training nodes. A stage asks for a small share of its marker, so it lands on such a node.
-STAGE_MARKERS = {"distill": "gen_node", "eval": "gen_node", "serve": "gen_node", "tune": "gen_node",
-                 "prune": "train_node", "layer_prune": "train_node", "finetune": "train_node"}
+STAGE_MARKERS = {
+    "distill": "gen_node",
+    "eval": "gen_node",
+    "serve": "gen_node",
+    "tune": "gen_node",
+    "prune": "train_node",
+    "layer_prune": "train_node",
+    "finetune": "train_node",
+}
 MARKER_SHARE = 0.001
 STANDARD_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 
@@ -61,8 +82,9 @@ def placed(settings, types: list[NodeType], stage: str):
 
 def placed_search(tune, types: list[NodeType]):
     """A search's settings: trials prune and train on training nodes, evaluate on generation nodes."""
-    return placed(tune, types, "tune").model_copy(update={
-        "prune": placed(tune.prune, types, "prune"), "finetune": placed(tune.finetune, types, "finetune")})
+    return placed(tune, types, "tune").model_copy(
+        update={"prune": placed(tune.prune, types, "prune"), "finetune": placed(tune.finetune, types, "finetune")}
+    )
 
 
 def _custom(resources: dict[str, Any]) -> dict[str, float]:
@@ -75,8 +97,10 @@ def _gpu_memory(name: str, instance: str | None, resources: dict[str, Any]) -> f
     if instance in INSTANCE_GPUS:
         return float(INSTANCE_GPUS[instance][1])
     if float(resources.get("GPU", 0)) > 0:
-        raise ConfigError(f"cluster node type '{name}': unknown GPU memory of instance type {instance!r} "
-                          f"(add a gpu_memory_gb resource)")
+        raise ConfigError(
+            f"cluster node type '{name}': unknown GPU memory of instance type {instance!r} "
+            f"(add a gpu_memory_gb resource)"
+        )
     return 0.0
 
 
@@ -85,9 +109,16 @@ def launcher_node_types(data: dict[str, Any]) -> list[NodeType]:
     for name, spec in (data.get("available_node_types") or {}).items():
         resources = spec.get("resources") or {}
         instance = (spec.get("node_config") or {}).get("InstanceType")
-        out.append(NodeType(name, float(resources.get("CPU", 0)), float(resources.get("GPU", 0)),
-                            _gpu_memory(name, instance, resources), int(spec.get("max_workers", 1)),
-                            _custom(resources)))
+        out.append(
+            NodeType(
+                name,
+                float(resources.get("CPU", 0)),
+                float(resources.get("GPU", 0)),
+                _gpu_memory(name, instance, resources),
+                int(spec.get("max_workers", 1)),
+                _custom(resources),
+            )
+        )
     return out
 
 
@@ -102,8 +133,16 @@ def kuberay_node_types(data: dict[str, Any]) -> list[NodeType]:
         gpus = float(limits.get("nvidia.com/gpu", 0))
         cpus = float(str(limits.get("cpu", 0)).rstrip("m") or 0)
         custom = _custom(_start_param_resources(group))
-        out.append(NodeType(group["groupName"], cpus, gpus, _gpu_memory(group["groupName"], instance, {"GPU": gpus}),
-                            int(group.get("maxReplicas", 1)), custom))
+        out.append(
+            NodeType(
+                group["groupName"],
+                cpus,
+                gpus,
+                _gpu_memory(group["groupName"], instance, {"GPU": gpus}),
+                int(group.get("maxReplicas", 1)),
+                custom,
+            )
+        )
     return out
 
 

@@ -1,7 +1,6 @@
 """Config of ``sd2 plan``: which run to plan, on which cluster."""
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 from pydantic import Field
 
@@ -19,7 +18,8 @@ class PlanConfig(StageConfig):
         sd2 plan --config jobs/configs/gpu-tune.yaml            (a search: its trials' stages)
     """
 
-    config: StoragePath = Field(..., description="the pipeline YAML (`sd2 run`) or search YAML (`sd2 tune`) "
-                                                 "to plan")
-    cluster: Optional[StoragePath] = Field(None, description="Ray cluster launcher YAML or KubeRay manifest "
-                                           "(default: the planned config's own `cluster` field)")
+    config: StoragePath = Field(..., description="the pipeline YAML (`sd2 run`) or search YAML (`sd2 tune`) to plan")
+    cluster: StoragePath | None = Field(
+        None,
+        description="Ray cluster launcher YAML or KubeRay manifest (default: the planned config's own `cluster` field)",
+    )

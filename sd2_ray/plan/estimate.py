@@ -15,6 +15,7 @@ weights plus KV cache for at least one full-length sequence, inside ``gpu_memory
 Estimates are a plan, not a measurement: a margin (``OVERHEAD_GB``) covers CUDA context,
 allocator fragmentation and kernels' workspaces.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ class Need:
     stage: str
     bundles: list[dict[str, float]]
     gpu_gb: dict[str, float] = field(default_factory=dict)  # breakdown, per GPU
-    strategy: str = "PACK"   # STRICT_PACK: every bundle on one node
+    strategy: str = "PACK"  # STRICT_PACK: every bundle on one node
     note: str = ""
     usable_fraction: float = 1.0  # of a GPU's memory the stage may use (vLLM's gpu_memory_utilization)
     load_gb: float = 0.0  # a phase before the steady state (a ZeRO-3 rank loading the whole model)
@@ -54,13 +55,19 @@ def zero_states_gb(shape: ModelShape, stage: int, gpus: int, cpu_offload: bool) 
         from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
         _, gpu, _ = estimate_zero3_model_states_mem_needs(
-            shape.params, shape.largest_layer_params, num_gpus_per_node=gpus, num_nodes=1,
-            cpu_offload=cpu_offload, cpu_offload_params=cpu_offload)
+            shape.params,
+            shape.largest_layer_params,
+            num_gpus_per_node=gpus,
+            num_nodes=1,
+            cpu_offload=cpu_offload,
+            cpu_offload_params=cpu_offload,
+        )
     else:
         from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-        _, gpu = estimate_zero2_model_states_mem_needs(shape.params, num_gpus_per_node=gpus, num_nodes=1,
-                                                       cpu_offload=cpu_offload)
+        _, gpu = estimate_zero2_model_states_mem_needs(
+            shape.params, num_gpus_per_node=gpus, num_nodes=1, cpu_offload=cpu_offload
+        )
     return gpu / GB
 
 
@@ -135,17 +142,20 @@ def finetune_need(shape: ModelShape, settings, stage: str = "finetune") -> Need:
         need.gpu_gb = {
             f"ZeRO-{settings.zero_stage} model states": zero_states_gb(shape, settings.zero_stage, gpus, offload),
             **live_parameters(shape, settings),
-            "activations": activations_gb(shape, settings.micro_batch, settings.seq_len,
-                                          settings.gradient_checkpointing),
+            "activations": activations_gb(
+                shape, settings.micro_batch, settings.seq_len, settings.gradient_checkpointing
+            ),
             "logits": logits_gb(shape, settings.micro_batch, settings.seq_len, settings.loss_chunk_tokens),
             "masks (1 bit per prunable weight)": masks_gb(shape),
         }
         dtype = training_dtype(settings)
         if settings.zero_stage == 3:  # ZeRO-2's states already hold the whole 16-bit model
             need.load_gb = weights_gb(shape, dtype) + masks_gb(shape)
-        need.note = (f"{settings.workers} workers, micro-batch {settings.micro_batch} x {settings.seq_len} tokens, "
-                     f"checkpointing {'on' if settings.gradient_checkpointing else 'off'}, {dtype}"
-                     + (f"; {need.load_gb:.1f} GB while loading the whole model" if need.load_gb else ""))
+        need.note = (
+            f"{settings.workers} workers, micro-batch {settings.micro_batch} x {settings.seq_len} tokens, "
+            f"checkpointing {'on' if settings.gradient_checkpointing else 'off'}, {dtype}"
+            + (f"; {need.load_gb:.1f} GB while loading the whole model" if need.load_gb else "")
+        )
     return need
 
 
@@ -153,34 +163,56 @@ def weights_gb(shape: ModelShape, dtype: str, shards: int = 1) -> float:
     return shape.params * DTYPE_BYTES.get(dtype, 2) / shards / GB
 
 
-def vllm_need(stage: str, shape: ModelShape, tp: int, replicas: int, dtype: str, max_model_len: int,
-              utilization: float, drafter: ModelShape | None = None) -> Need:
+def vllm_need(
+    stage: str,
+    shape: ModelShape,
+    tp: int,
+    replicas: int,
+    dtype: str,
+    max_model_len: int,
+    utilization: float,
+    drafter: ModelShape | None = None,
+) -> Need:
     """vLLM replicas at tensor parallelism ``tp`` (one node each): weights shard + KV for one
     full-length sequence must fit the memory vLLM is allowed to use."""
-    need = Need(stage, [{"CPU": 1.0, "GPU": 1.0}] * tp, strategy="STRICT_PACK" if tp > 1 else "PACK",
-                usable_fraction=utilization)
-    need.gpu_gb = {"weights (TP shard)": weights_gb(shape, dtype, tp),
-                   "KV cache, one max_model_len sequence": shape.kv_bytes_per_token(DTYPE_BYTES.get(dtype, 2))
-                   * max_model_len / tp / GB}
+    need = Need(
+        stage,
+        [{"CPU": 1.0, "GPU": 1.0}] * tp,
+        strategy="STRICT_PACK" if tp > 1 else "PACK",
+        usable_fraction=utilization,
+    )
+    need.gpu_gb = {
+        "weights (TP shard)": weights_gb(shape, dtype, tp),
+        "KV cache, one max_model_len sequence": shape.kv_bytes_per_token(DTYPE_BYTES.get(dtype, 2))
+        * max_model_len
+        / tp
+        / GB,
+    }
     if drafter is not None:
         need.gpu_gb["draft model (on every shard)"] = weights_gb(drafter, dtype)
-    need.note = (f"{replicas} replica(s) x TP {tp}, max_model_len {max_model_len}, "
-                 f"gpu_memory_utilization {utilization:g}")
+    need.note = (
+        f"{replicas} replica(s) x TP {tp}, max_model_len {max_model_len}, gpu_memory_utilization {utilization:g}"
+    )
     return need
 
 
-def sharded_eval_need(stage: str, shape: ModelShape, drafter: ModelShape, gpus: float, dtype: str,
-                      batch: int, tokens: int) -> Need:
+def sharded_eval_need(
+    stage: str, shape: ModelShape, drafter: ModelShape, gpus: float, dtype: str, batch: int, tokens: int
+) -> Need:
     """A target spread over ``gpus`` GPUs by accelerate (plus the drafter on the first) with
     KV caches for ``batch`` sequences of ``tokens``."""
     n = max(1, int(gpus))
     bytes_ = DTYPE_BYTES.get(dtype, 2)
     need = Need(stage, [{"CPU": 1.0, "GPU": float(gpus)}] if gpus else [{"CPU": 1.0}])
     if gpus:
-        need.gpu_gb = {"target weights (1/N)": weights_gb(shape, dtype, n),
-                       "drafter (first GPU)": weights_gb(drafter, dtype),
-                       "KV caches (1/N)": (shape.kv_bytes_per_token(bytes_) / n + drafter.kv_bytes_per_token(bytes_))
-                       * batch * tokens / GB}
+        need.gpu_gb = {
+            "target weights (1/N)": weights_gb(shape, dtype, n),
+            "drafter (first GPU)": weights_gb(drafter, dtype),
+            "KV caches (1/N)": (shape.kv_bytes_per_token(bytes_) / n + drafter.kv_bytes_per_token(bytes_))
+            * batch
+            * tokens
+            / GB,
+        }
         need.note = f"target over {n} GPU(s), batch {batch} x {tokens} tokens"
     return need
 
@@ -194,11 +226,12 @@ def prune_need(stage: str, shape: ModelShape, settings, dtype: str = "float32") 
     if settings.num_gpus:
         widest = max(shape.hidden, shape.intermediate)
         sample = settings.seq_len * shape.hidden * 4
-        need.gpu_gb = {"model (fp32)": weights_gb(shape, dtype),
-                       "block inputs (+ one output)": (settings.num_samples + 1) * sample / GB,
-                       "rotary cos/sin per sample": settings.num_samples * 2 * settings.seq_len * shape.head_dim * 4 / GB,
-                       "one sample through a block": 17 * sample / GB,
-                       "Hessians of one block (fp32)": shape.block_hessian_elements() * 4 / GB,
-                       "SparseGPT workspace (widest layer, fp64)": (widest * widest * 8 * 2
-                                                                    + shape.largest_prunable * 4 * 2) / GB}
+        need.gpu_gb = {
+            "model (fp32)": weights_gb(shape, dtype),
+            "block inputs (+ one output)": (settings.num_samples + 1) * sample / GB,
+            "rotary cos/sin per sample": settings.num_samples * 2 * settings.seq_len * shape.head_dim * 4 / GB,
+            "one sample through a block": 17 * sample / GB,
+            "Hessians of one block (fp32)": shape.block_hessian_elements() * 4 / GB,
+            "SparseGPT workspace (widest layer, fp64)": (widest * widest * 8 * 2 + shape.largest_prunable * 4 * 2) / GB,
+        }
     return need

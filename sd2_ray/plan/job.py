@@ -1,6 +1,7 @@
 """``sd2 plan --config pipeline.yaml --cluster cluster.yaml``: every stage's Ray resources and
 per-GPU memory, checked against the cluster's node types; ``sd2 run`` runs the same check first
 when its config names a cluster. Exit 2 (a ConfigError) names the first stage that cannot fit."""
+
 from __future__ import annotations
 
 import logging
@@ -8,10 +9,9 @@ from dataclasses import dataclass
 
 from sd2_ray.errors import ConfigError
 from sd2_ray.pipeline.config import PipelineConfig
-from sd2_ray.plan.config import PlanConfig
 from sd2_ray.plan.cluster import NodeType, load_node_types
-from sd2_ray.plan.estimate import (OVERHEAD_GB, Need, finetune_need, prune_need, sharded_eval_need, vllm_need,
-                                   weights_gb)
+from sd2_ray.plan.config import PlanConfig
+from sd2_ray.plan.estimate import OVERHEAD_GB, Need, finetune_need, prune_need, sharded_eval_need, vllm_need, weights_gb
 from sd2_ray.plan.shapes import ModelShape, model_shape
 
 log = logging.getLogger(__name__)
@@ -27,9 +27,19 @@ class Placement:
 
 def tune_needs(t, target: ModelShape, drafter: ModelShape, prefix: str = "tune.") -> list[Need]:
     """A search's trials: each prunes, fine-tunes and evaluates."""
-    return [prune_need(f"{prefix}prune", drafter, t.prune), finetune_need(drafter, t.finetune, f"{prefix}finetune"),
-            sharded_eval_need(f"{prefix}eval", target, drafter, t.eval_gpus, t.eval_dtype, t.eval_batch_size,
-                              PROMPT_TOKENS + t.eval_max_new_tokens)]
+    return [
+        prune_need(f"{prefix}prune", drafter, t.prune),
+        finetune_need(drafter, t.finetune, f"{prefix}finetune"),
+        sharded_eval_need(
+            f"{prefix}eval",
+            target,
+            drafter,
+            t.eval_gpus,
+            t.eval_dtype,
+            t.eval_batch_size,
+            PROMPT_TOKENS + t.eval_max_new_tokens,
+        ),
+    ]
 
 
 def stage_needs(config: PipelineConfig) -> list[Need]:
@@ -42,8 +52,9 @@ def stage_needs(config: PipelineConfig) -> list[Need]:
         needs.append(prune_need("layer_prune", drafter, chain(config, "layer_prune", drop_layers=1)))
     needs.append(finetune_need(drafter, config.finetune))
     ev = config.eval
-    needs.append(sharded_eval_need("eval", target, drafter, ev.gpus, ev.dtype, ev.batch_size,
-                                   PROMPT_TOKENS + ev.max_new_tokens))
+    needs.append(
+        sharded_eval_need("eval", target, drafter, ev.gpus, ev.dtype, ev.batch_size, PROMPT_TOKENS + ev.max_new_tokens)
+    )
     if config.tune is not None:
         needs += tune_needs(config.tune, target, drafter)
     needs.append(serve_need(config, target, drafter))
@@ -53,13 +64,23 @@ def stage_needs(config: PipelineConfig) -> list[Need]:
 def distill_need(config: PipelineConfig, target: ModelShape) -> Need:
     d = config.distill
     if d.engine == "vllm":
-        return vllm_need("distill", target, d.tensor_parallel_size, d.actors, d.dtype, d.model_len(target.context),
-                         float(d.vllm_engine_kwargs.get("gpu_memory_utilization", 0.9)))
-    need = Need("distill", [{"CPU": d.cpus_per_actor, **({"GPU": d.gpus_per_actor} if d.gpus_per_actor else {})}]
-                * d.actors)
+        return vllm_need(
+            "distill",
+            target,
+            d.tensor_parallel_size,
+            d.actors,
+            d.dtype,
+            d.model_len(target.context),
+            float(d.vllm_engine_kwargs.get("gpu_memory_utilization", 0.9)),
+        )
+    need = Need(
+        "distill", [{"CPU": d.cpus_per_actor, **({"GPU": d.gpus_per_actor} if d.gpus_per_actor else {})}] * d.actors
+    )
     if d.gpus_per_actor:
-        need.gpu_gb = {"weights": weights_gb(target, d.dtype),
-                       "KV cache": target.kv_bytes_per_token(2) * d.batch_size * (PROMPT_TOKENS + d.max_new_tokens) / 1e9}
+        need.gpu_gb = {
+            "weights": weights_gb(target, d.dtype),
+            "KV cache": target.kv_bytes_per_token(2) * d.batch_size * (PROMPT_TOKENS + d.max_new_tokens) / 1e9,
+        }
     return need
 
 
@@ -67,10 +88,25 @@ def serve_need(config: PipelineConfig, target: ModelShape, drafter: ModelShape) 
     s = config.serve
     if s.engine == "vllm":
         tp = getattr(s, "tensor_parallel_size", 1)
-        return vllm_need("serve", target, tp, 1, s.dtype, int(s.max_model_len or target.context),
-                         float(getattr(s, "gpu_memory_utilization", 0.9)), drafter)
-    return sharded_eval_need("serve", target, drafter, s.gpus_per_replica, s.dtype, s.max_batch_size,
-                             int(s.max_model_len or PROMPT_TOKENS + s.default_max_tokens))
+        return vllm_need(
+            "serve",
+            target,
+            tp,
+            1,
+            s.dtype,
+            int(s.max_model_len or target.context),
+            float(getattr(s, "gpu_memory_utilization", 0.9)),
+            drafter,
+        )
+    return sharded_eval_need(
+        "serve",
+        target,
+        drafter,
+        s.gpus_per_replica,
+        s.dtype,
+        s.max_batch_size,
+        int(s.max_model_len or PROMPT_TOKENS + s.default_max_tokens),
+    )
 
 
 def on_its_node_type(need: Need, nodes: list[NodeType]) -> Need:
@@ -102,11 +138,11 @@ def place(need: Need, nodes: list[NodeType]) -> Placement:
         return Placement(need, node, None)
     best = max(candidates, key=lambda n: n.gpu_memory_gb)
     if need.strategy == "STRICT_PACK" and sum(b.get("GPU", 0) for b in need.bundles) > best.gpus:
-        return Placement(need, None, f"its {len(need.bundles)} GPUs must share one node; the largest has "
-                                     f"{best.gpus:g}")
+        return Placement(need, None, f"its {len(need.bundles)} GPUs must share one node; the largest has {best.gpus:g}")
     limit = best.gpu_memory_gb * need.usable_fraction
-    return Placement(need, best, f"needs {need.per_gpu_gb:.1f} GB per GPU ({_breakdown(need)}) but "
-                                 f"{best.name} offers {limit:.1f} GB")
+    return Placement(
+        need, best, f"needs {need.per_gpu_gb:.1f} GB per GPU ({_breakdown(need)}) but {best.name} offers {limit:.1f} GB"
+    )
 
 
 def _bundle_text(bundle: dict[str, float]) -> str:
@@ -126,10 +162,15 @@ def table(placements: list[Placement]) -> str:
         bundles = f"{len(p.need.bundles)} x {{{_bundle_text(p.need.bundles[0])}}}"
         if p.need.strategy == "STRICT_PACK":
             bundles += " STRICT_PACK"
-        gb = f"{p.need.per_gpu_gb:.1f} / {p.node.gpu_memory_gb * p.need.usable_fraction:.0f}" \
-            if p.need.gpu_gb and p.node else ("-" if not p.need.gpu_gb else f"{p.need.per_gpu_gb:.1f}")
-        lines.append(f"| {p.need.stage} | {bundles} | {p.node.name if p.node else '-'} | {gb} | "
-                     f"{'no' if p.problem else 'yes'} | {p.problem or p.need.note} |")
+        gb = (
+            f"{p.need.per_gpu_gb:.1f} / {p.node.gpu_memory_gb * p.need.usable_fraction:.0f}"
+            if p.need.gpu_gb and p.node
+            else ("-" if not p.need.gpu_gb else f"{p.need.per_gpu_gb:.1f}")
+        )
+        lines.append(
+            f"| {p.need.stage} | {bundles} | {p.node.name if p.node else '-'} | {gb} | "
+            f"{'no' if p.problem else 'yes'} | {p.problem or p.need.note} |"
+        )
     return "\n".join(lines)
 
 

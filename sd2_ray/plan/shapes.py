@@ -2,6 +2,7 @@
 need, from a Hugging Face ``config.json`` (read from the model dir, s3:// included, metadata
 only) or, where that cannot be read (a planning machine without the bucket's credentials), from
 the shapes of well-known models recognised by the directory's name."""
+
 from __future__ import annotations
 
 import json
@@ -13,24 +14,66 @@ log = logging.getLogger(__name__)
 
 # name fragment (lower case) -> config.json fields; public architecture facts of these models
 KNOWN = {
-    "llama-3.1-70b": dict(hidden_size=8192, num_hidden_layers=80, intermediate_size=28672,
-                          num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
-                          tie_word_embeddings=False, max_position_embeddings=131072),
-    "llama-3.1-8b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
-                         max_position_embeddings=131072),
-    "llama-3.2-3b": dict(hidden_size=3072, num_hidden_layers=28, intermediate_size=8192, num_attention_heads=24,
-                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True,
-                         max_position_embeddings=131072),
-    "llama-3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True,
-                         max_position_embeddings=131072),
-    "qwen2.5-0.5b": dict(hidden_size=896, num_hidden_layers=24, intermediate_size=4864, num_attention_heads=14,
-                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
-                         max_position_embeddings=32768),
-    "qwen2.5-1.5b": dict(hidden_size=1536, num_hidden_layers=28, intermediate_size=8960, num_attention_heads=12,
-                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
-                         max_position_embeddings=32768),
+    "llama-3.1-70b": dict(
+        hidden_size=8192,
+        num_hidden_layers=80,
+        intermediate_size=28672,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+        max_position_embeddings=131072,
+    ),
+    "llama-3.1-8b": dict(
+        hidden_size=4096,
+        num_hidden_layers=32,
+        intermediate_size=14336,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+        max_position_embeddings=131072,
+    ),
+    "llama-3.2-3b": dict(
+        hidden_size=3072,
+        num_hidden_layers=28,
+        intermediate_size=8192,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+        max_position_embeddings=131072,
+    ),
+    "llama-3.2-1b": dict(
+        hidden_size=2048,
+        num_hidden_layers=16,
+        intermediate_size=8192,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+        max_position_embeddings=131072,
+    ),
+    "qwen2.5-0.5b": dict(
+        hidden_size=896,
+        num_hidden_layers=24,
+        intermediate_size=4864,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+        max_position_embeddings=32768,
+    ),
+    "qwen2.5-1.5b": dict(
+        hidden_size=1536,
+        num_hidden_layers=28,
+        intermediate_size=8960,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+        max_position_embeddings=32768,
+    ),
 }
 
 
@@ -78,7 +121,7 @@ class ModelShape:
         """Hessian entries of one block's linear layers (SparseGPT keeps one per layer):
         q, k, v, gate, up read the hidden state, o the attention output, down the MLP's."""
         attention_out = self.heads * self.head_dim
-        return 5 * self.hidden ** 2 + attention_out ** 2 + self.intermediate ** 2
+        return 5 * self.hidden**2 + attention_out**2 + self.intermediate**2
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         return 2 * self.layers * self.kv_heads * self.head_dim * dtype_bytes
@@ -88,12 +131,18 @@ def shape_from_config(cfg: dict[str, Any], source: str) -> ModelShape:
     cfg = cfg.get("text_config", cfg)
     heads = int(cfg["num_attention_heads"])
     hidden = int(cfg["hidden_size"])
-    return ModelShape(hidden=hidden, layers=int(cfg["num_hidden_layers"]),
-                      intermediate=int(cfg.get("intermediate_size") or 4 * hidden), heads=heads,
-                      kv_heads=int(cfg.get("num_key_value_heads") or heads),
-                      head_dim=int(cfg.get("head_dim") or hidden // heads), vocab=int(cfg["vocab_size"]),
-                      tied=bool(cfg.get("tie_word_embeddings", False)),
-                      context=int(cfg.get("max_position_embeddings") or 2048), source=source)
+    return ModelShape(
+        hidden=hidden,
+        layers=int(cfg["num_hidden_layers"]),
+        intermediate=int(cfg.get("intermediate_size") or 4 * hidden),
+        heads=heads,
+        kv_heads=int(cfg.get("num_key_value_heads") or heads),
+        head_dim=int(cfg.get("head_dim") or hidden // heads),
+        vocab=int(cfg["vocab_size"]),
+        tied=bool(cfg.get("tie_word_embeddings", False)),
+        context=int(cfg.get("max_position_embeddings") or 2048),
+        source=source,
+    )
 
 
 def model_shape(path: str) -> ModelShape:
@@ -109,8 +158,10 @@ def model_shape(path: str) -> ModelShape:
     name = path.rstrip("/").rsplit("/", 1)[-1].lower()
     for fragment, cfg in KNOWN.items():
         if fragment in name:
-            log.info("plan: %s: config.json not readable here (%s); using the known shape of %s",
-                     path, reason, fragment)
+            log.info(
+                "plan: %s: config.json not readable here (%s); using the known shape of %s", path, reason, fragment
+            )
             return shape_from_config(cfg, f"known:{fragment}")
-    raise ConfigError(f"{path}: cannot read config.json ({reason}) and the name matches no known model "
-                      f"({', '.join(KNOWN)})")
+    raise ConfigError(
+        f"{path}: cannot read config.json ({reason}) and the name matches no known model ({', '.join(KNOWN)})"
+    )

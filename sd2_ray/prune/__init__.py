@@ -6,6 +6,7 @@ Pure torch (no Ray). Entry points for other stages::
 
 Names are resolved lazily so ``import sd2_ray.prune.config`` (the CLI) stays light.
 """
+
 from __future__ import annotations
 
 from typing import Any

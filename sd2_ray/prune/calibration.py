@@ -5,6 +5,7 @@ turn, rendered with the model's chat template, so the drafter is calibrated on e
 text the target produced. Rows without a response contribute their prompt alone. Samples are
 cut to ``seq_len`` tokens and kept unpadded (batch size 1): no attention-mask corner cases.
 """
+
 from __future__ import annotations
 
 import logging
@@ -50,8 +51,7 @@ def load_rows(path: str, num_samples: int, seed: int = 0) -> list[dict[str, Any]
         raise DataError(f"calibration: {path}: no usable rows (need prompt or messages)")
     random.Random(seed).shuffle(usable)
     if len(usable) < num_samples:
-        log.warning("calibration: %s has %d usable rows, fewer than num_samples=%d",
-                    path, len(usable), num_samples)
+        log.warning("calibration: %s has %d usable rows, fewer than num_samples=%d", path, len(usable), num_samples)
     return usable[:num_samples]
 
 
@@ -62,8 +62,7 @@ def render_sample(row: dict[str, Any], tokenizer) -> str:
         messages = instruction_messages(row)
         if response is None:
             return render_prompt(row, tokenizer)
-        return tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}],
-                                             tokenize=False)
+        return tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
     return render_prompt(row, tokenizer) + (response or "")
 
 
@@ -79,15 +78,21 @@ def tokenize_samples(texts: list[str], tokenizer, seq_len: int) -> list[torch.Te
     return batches
 
 
-def load_calibration(path: str, tokenizer, num_samples: int, seq_len: int,
-                     seed: int = 0) -> tuple[list[torch.Tensor], dict[str, Any]]:
+def load_calibration(
+    path: str, tokenizer, num_samples: int, seq_len: int, seed: int = 0
+) -> tuple[list[torch.Tensor], dict[str, Any]]:
     """(token batches, description for sparsity.json) from a calibration dataset."""
     rows = load_rows(path, num_samples, seed)
     batches = tokenize_samples([render_sample(r, tokenizer) for r in rows], tokenizer, seq_len)
     if not batches:
         raise DataError(f"calibration: {path}: every sample is shorter than 2 tokens")
-    info = {"source": path, "num_samples": len(batches), "seq_len": seq_len, "seed": seed,
-            "tokens": int(sum(b.numel() for b in batches)),
-            "with_response": sum(reference_response(r) is not None for r in rows)}
+    info = {
+        "source": path,
+        "num_samples": len(batches),
+        "seq_len": seq_len,
+        "seed": seed,
+        "tokens": int(sum(b.numel() for b in batches)),
+        "with_response": sum(reference_response(r) is not None for r in rows),
+    }
     log.info("calibration: %d samples, %d tokens from %s", info["num_samples"], info["tokens"], path)
     return batches, info

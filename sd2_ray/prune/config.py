@@ -1,4 +1,5 @@
 """Config of ``sd2 prune``: one-shot pruning of a drafter (SparseGPT, Wanda, magnitude, layers)."""
+
 from __future__ import annotations
 
 from typing import Literal
@@ -52,16 +53,20 @@ class PruneSettings(LayerPruneSettings):
     """How to prune (the `prune` section of a pipeline config); :class:`PruneConfig` adds the paths."""
 
     method: Literal["sparsegpt", "wanda", "magnitude", "layers"] = Field(
-        "sparsegpt", description="pruning method: sparsegpt, wanda, magnitude, or layers (drop blocks)")
+        "sparsegpt", description="pruning method: sparsegpt, wanda, magnitude, or layers (drop blocks)"
+    )
     sparsity: float | None = Field(
-        None, description="fraction of weights to zero per targeted layer, in (0, 1); "
-        "default 0.5, or 1-N/M with --pattern N:M")
+        None,
+        description="fraction of weights to zero per targeted layer, in (0, 1); "
+        "default 0.5, or 1-N/M with --pattern N:M",
+    )
     pattern: str = Field("unstructured", description="sparsity pattern: unstructured or N:M (2:4, 4:8)")
     drop_layers: int | None = Field(None, description="method layers: how many consecutive decoder blocks to drop")
     targets: list[str] = Field(
         default_factory=lambda: ["*.layers.*"],
         description="linear layers to prune, by module-name pattern (glob, or re:REGEX); "
-        "the default is every linear layer inside the decoder blocks (embeddings and LM head stay dense)")
+        "the default is every linear layer inside the decoder blocks (embeddings and LM head stay dense)",
+    )
     ignore: list[str] = Field(default_factory=list, description="module-name patterns never pruned")
     dampening: float = Field(0.01, gt=0, description="SparseGPT dampening, fraction of the Hessian's mean diagonal")
     block_size: int = Field(128, ge=1, description="SparseGPT column block size")
@@ -93,11 +98,18 @@ class PruneSettings(LayerPruneSettings):
         return value
 
     @model_validator(mode="after")
-    def _method_needs(self) -> "PruneSettings":
+    def _method_needs(self) -> PruneSettings:
         nm = parse_pattern(self.pattern)
-        if self.method != "layers" and nm is not None and self.sparsity is not None and abs(self.sparsity - (1 - nm[0] / nm[1])) > 1e-9:
-            raise ValueError(f"sparsity: {self.sparsity} contradicts pattern {self.pattern} "
-                             f"(which means sparsity {1 - nm[0] / nm[1]:g}); give one of them")
+        if (
+            self.method != "layers"
+            and nm is not None
+            and self.sparsity is not None
+            and abs(self.sparsity - (1 - nm[0] / nm[1])) > 1e-9
+        ):
+            raise ValueError(
+                f"sparsity: {self.sparsity} contradicts pattern {self.pattern} "
+                f"(which means sparsity {1 - nm[0] / nm[1]:g}); give one of them"
+            )
         if nm is not None and self.block_size % nm[1]:
             raise ValueError(f"block_size: {self.block_size} must be a multiple of M={nm[1]} for {self.pattern}")
         return self
@@ -128,13 +140,15 @@ class PruneConfig(PruneSettings):
 
     model: StoragePath = Field(..., description="drafter to prune: HF model dir, local or s3://")
     calibration: StoragePath | None = Field(
-        None, description="calibration data: distilled Parquet dir or prompts JSONL/Parquet "
-        "(rows with prompt/messages and optional response); not needed for magnitude")
+        None,
+        description="calibration data: distilled Parquet dir or prompts JSONL/Parquet "
+        "(rows with prompt/messages and optional response); not needed for magnitude",
+    )
     output: StoragePath = Field(..., description="output model dir, local or s3://")
     tokenizer: StoragePath | None = Field(None, description="tokenizer dir (default: the model dir)")
 
     @model_validator(mode="after")
-    def _inputs_needed(self) -> "PruneConfig":
+    def _inputs_needed(self) -> PruneConfig:
         if self.method == "layers" and self.drop_layers is None:
             raise ValueError("drop_layers: method 'layers' needs it (--drop-layers N)")
         if self.method in ("sparsegpt", "wanda", "layers") and not self.calibration:

@@ -6,6 +6,7 @@ output (local or s3://), mark the manifest complete last. Inside a Ray job the w
 Ray task (``num_gpus`` from the config), so on a cluster it lands on a GPU node; otherwise it runs
 in-process. Ray is imported only on that path.
 """
+
 from __future__ import annotations
 
 import logging
@@ -42,8 +43,9 @@ def run_prune(config: PruneConfig) -> str:
     if not in_ray_job() and config.num_gpus <= 0 and not config.node_resources:
         return prune_to_output(config, executor="local")
     log.info("prune: running as a Ray task (num_gpus=%s, num_cpus=%s)", config.num_gpus, config.num_cpus)
-    return submit_with_gpus(_ray_task, config.num_gpus, config.to_dict(), num_cpus=config.num_cpus,
-                            resources=config.node_resources).result()
+    return submit_with_gpus(
+        _ray_task, config.num_gpus, config.to_dict(), num_cpus=config.num_cpus, resources=config.node_resources
+    ).result()
 
 
 def _ray_task(config_dict: dict[str, Any]) -> str:
@@ -97,8 +99,7 @@ def _prune_and_publish(config: PruneConfig) -> dict[str, Any]:
     if config.method == "layers":
         summary["dropped_blocks"] = report["dropped_blocks"]
     else:
-        summary.update(total_sparsity=report["total_sparsity"], pattern=config.pattern,
-                       layers=len(report["layers"]))
+        summary.update(total_sparsity=report["total_sparsity"], pattern=config.pattern, layers=len(report["layers"]))
     return summary
 
 
@@ -112,8 +113,10 @@ def _tokenizer(config: PruneConfig, model_dir: str):
     except Exception as err:  # transformers raises OSError/ValueError/TypeError for a missing tokenizer
         if config.calibration:
             label = "tokenizer" if config.tokenizer else "model"
-            raise DataError(f"{label}: {config.tokenizer or config.model}: no usable tokenizer "
-                            f"({type(err).__name__}); pass --tokenizer DIR") from None
+            raise DataError(
+                f"{label}: {config.tokenizer or config.model}: no usable tokenizer "
+                f"({type(err).__name__}); pass --tokenizer DIR"
+            ) from None
         log.warning("prune: no tokenizer in %s; the output will have none", source)
         return None
 

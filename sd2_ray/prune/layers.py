@@ -6,6 +6,7 @@ over every calibration token. The run with the smallest d changes the residual s
 so it is dropped. h_l for l < L comes from ``output_hidden_states=True``; h_L is the raw output
 of the last block, because HF's last hidden state already has the final norm applied.
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,7 +32,7 @@ def residual_states(model: torch.nn.Module, ids: torch.Tensor) -> list[torch.Ten
             out = model(ids.to(next(model.parameters()).device), output_hidden_states=True, use_cache=False)
     finally:
         handle.remove()
-    states = list(out.hidden_states[:len(blocks)]) + last
+    states = list(out.hidden_states[: len(blocks)]) + last
     return [h.reshape(-1, h.shape[-1]).float() for h in states]
 
 
@@ -65,13 +66,14 @@ def drop_blocks(model: torch.nn.Module, start: int, n: int) -> torch.nn.Module:
         del blocks[start]  # ModuleList renumbers, so saved weight names stay contiguous
     for index, block in enumerate(blocks):
         for mod in block.modules():  # attention modules index the KV cache by their layer number
-            if isinstance(getattr(mod, "layer_idx", None), int):
-                mod.layer_idx = index
-    config = model.config
+            attention: Any = mod  # a transformers module with an int layer_idx
+            if isinstance(getattr(attention, "layer_idx", None), int):
+                attention.layer_idx = index
+    config: Any = model.config  # a transformers PretrainedConfig
     for key, value in list(vars(config).items()):
         # Per-layer lists (layer_types and the like) lose the dropped entries too.
         if isinstance(value, list) and len(value) == layers and "layer" in key:
-            setattr(config, key, value[:start] + value[start + n:])
+            setattr(config, key, value[:start] + value[start + n :])
     config.num_hidden_layers = layers - n
     return model
 
@@ -80,16 +82,23 @@ def layer_prune(model: torch.nn.Module, batches: list[torch.Tensor], n: int) -> 
     """Drop the ``n`` consecutive blocks with the smallest angular distance; (model, report)."""
     if not batches:
         raise DataError("calibration: layer pruning needs calibration samples")
-    layers = model.config.num_hidden_layers
+    config: Any = model.config  # a transformers PretrainedConfig
+    layers = config.num_hidden_layers
     distances = angular_distances(model, batches, n)
     start = min(range(len(distances)), key=lambda i: distances[i])  # ties: the earliest run
     log.info("layers: dropping blocks %d..%d (angular distance %.4f)", start, start + n - 1, distances[start])
     drop_blocks(model, start, n)
-    report = {"method": "layers", "drop_layers": n, "dropped_blocks": list(range(start, start + n)),
-              "start": start, "distance": distances[start],
-              "distances": {str(i): d for i, d in enumerate(distances)},
-              "num_hidden_layers_before": layers, "num_hidden_layers_after": layers - n,
-              "calibration_tokens": int(sum(b.numel() for b in batches))}
+    report = {
+        "method": "layers",
+        "drop_layers": n,
+        "dropped_blocks": list(range(start, start + n)),
+        "start": start,
+        "distance": distances[start],
+        "distances": {str(i): d for i, d in enumerate(distances)},
+        "num_hidden_layers_before": layers,
+        "num_hidden_layers_after": layers - n,
+        "calibration_tokens": int(sum(b.numel() for b in batches)),
+    }
     return model, report
 
 
@@ -103,10 +112,15 @@ def matching_layer_drop(dense_dir: str, sparse_dir: str) -> int:
     sparse_macs = linear_macs(load_model(sparse_dir))["macs"]
     layers = _num_layers(dense_dir)
     per_block = dense["blocks_dense_macs"] / layers
-    best = min(range(1, layers), key=lambda n: abs(dense["dense_macs"] - n * per_block - sparse_macs),
-               default=1)
-    log.info("layer baseline: dropping %d of %d blocks (sparse drafter %d MACs, dense %d, per block %d)",
-             best, layers, sparse_macs, dense["dense_macs"], per_block)
+    best = min(range(1, layers), key=lambda n: abs(dense["dense_macs"] - n * per_block - sparse_macs), default=1)
+    log.info(
+        "layer baseline: dropping %d of %d blocks (sparse drafter %d MACs, dense %d, per block %d)",
+        best,
+        layers,
+        sparse_macs,
+        dense["dense_macs"],
+        per_block,
+    )
     return best
 
 

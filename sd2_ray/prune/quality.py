@@ -1,4 +1,5 @@
 """How much a pruned model lost: held-out perplexity and one layer's reconstruction error."""
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,9 @@ def perplexity(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
             ids = ids.to(device)
             logits = model(ids, use_cache=False).logits[:, :-1].float()
             targets = ids[:, 1:]
-            nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                                     reduction="sum").item()
+            nll += torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+            ).item()
             count += targets.numel()
     return math.exp(nll / max(count, 1))
 

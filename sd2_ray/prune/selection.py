@@ -3,6 +3,7 @@
 Shared by SparseGPT, Wanda and magnitude: each method only decides what the score of a
 weight is. Counts are exact (``topk``, not a threshold), so ties never change the sparsity.
 """
+
 from __future__ import annotations
 
 import torch

@@ -8,13 +8,15 @@ become the next block's inputs. So block k is calibrated on what the pruned bloc
 actually produce (as in SparseGPT and llm-compressor's sequential pipeline). Targeted layers
 outside the blocks (an LM head, if asked for) are pruned last, on a full pass of the pruned model.
 """
+
 from __future__ import annotations
 
 import fnmatch
 import logging
 import re
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -45,8 +47,11 @@ def matches(name: str, patterns: list[str]) -> bool:
 
 def select_targets(model: torch.nn.Module, targets: list[str], ignore: list[str]) -> dict[str, torch.nn.Linear]:
     """The linear layers to prune, in model order."""
-    chosen = {name: mod for name, mod in model.named_modules()
-              if isinstance(mod, torch.nn.Linear) and matches(name, targets) and not matches(name, ignore)}
+    chosen = {
+        name: mod
+        for name, mod in model.named_modules()
+        if isinstance(mod, torch.nn.Linear) and matches(name, targets) and not matches(name, ignore)
+    }
     if not chosen:
         raise ConfigError(f"targets: no linear layer matches {targets} (ignore {ignore})")
     return chosen
@@ -65,8 +70,9 @@ def block_output(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def capture_block_calls(model: torch.nn.Module, blocks: torch.nn.ModuleList,
-                        batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[list[dict]]]:
+def capture_block_calls(
+    model: torch.nn.Module, blocks: torch.nn.ModuleList, batches: list[torch.Tensor]
+) -> tuple[list[torch.Tensor], list[list[dict]]]:
     """(block-0 inputs per sample, keyword args per sample per block) from one dense pass.
 
     Keyword args (rotary embeddings, masks for this block's attention type, positions) are
@@ -85,6 +91,7 @@ def capture_block_calls(model: torch.nn.Module, blocks: torch.nn.ModuleList,
             calls[-1].append(kwargs)
             if index == len(blocks) - 1:
                 raise _StopForward  # everything after the last block is not needed
+
         return hook
 
     handles = [b.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, b in enumerate(blocks)]
@@ -127,8 +134,9 @@ def prune_layer(name: str, module: torch.nn.Linear, stat: Any, config) -> tuple[
     check_shape_for_nm(name, module.weight, nm)
     entry: dict[str, Any] = {}
     if config.method == "sparsegpt":
-        new, keep, loss = sparsegpt_prune(module.weight, stat.matrix(), sparsity, nm,
-                                          config.block_size, config.dampening)
+        new, keep, loss = sparsegpt_prune(
+            module.weight, stat.matrix(), sparsity, nm, config.block_size, config.dampening
+        )
         entry["obs_loss"] = loss
     elif config.method == "wanda":
         new, keep = wanda_prune(module.weight, stat.norms(), sparsity, nm)
@@ -136,8 +144,11 @@ def prune_layer(name: str, module: torch.nn.Linear, stat: Any, config) -> tuple[
         new, keep = magnitude_prune(module.weight, sparsity, nm)
     with torch.no_grad():
         module.weight.copy_(new)
-    entry.update(shape=list(module.weight.shape), sparsity=1.0 - keep.float().mean().item(),
-                 seconds=round(time.perf_counter() - started, 4))
+    entry.update(
+        shape=list(module.weight.shape),
+        sparsity=1.0 - keep.float().mean().item(),
+        seconds=round(time.perf_counter() - started, 4),
+    )
     if stat is not None:
         entry["calibration_tokens"] = stat.tokens
     return keep.cpu(), entry
@@ -149,7 +160,7 @@ def _prune_blocks(model, batches, targets, config, masks, layers) -> None:
     for index, block in enumerate(tqdm(blocks, desc=f"prune {config.method}", unit="block")):
         inside = {n: m for n, m in targets.items() if n.startswith(f"{prefix}.{index}.")}
 
-        def run_block() -> None:
+        def run_block(block=block, index=index) -> None:  # bound now: B023
             for sample, h in enumerate(hidden):
                 block(h, **calls[sample][index])
 
@@ -157,8 +168,12 @@ def _prune_blocks(model, batches, targets, config, masks, layers) -> None:
             stats = _collect(inside, config.method, run_block)
             for name, mod in inside.items():
                 masks[name], layers[name] = prune_layer(name, mod, stats.pop(name), config)
-            log.info("block %d: pruned %d layers (%.1f%% of their weights)", index, len(inside),
-                     100 * sum(layers[n]["sparsity"] for n in inside) / len(inside))
+            log.info(
+                "block %d: pruned %d layers (%.1f%% of their weights)",
+                index,
+                len(inside),
+                100 * sum(layers[n]["sparsity"] for n in inside) / len(inside),
+            )
         with torch.no_grad():  # the pruned block's outputs feed the next block, replaced one by
             for s in range(len(hidden)):  # one: a new list would hold every sample twice
                 hidden[s] = block_output(block(hidden[s], **calls[s][index]))
@@ -176,8 +191,9 @@ def _prune_outside(model, batches, outside, config, masks, layers) -> None:
         masks[name], layers[name] = prune_layer(name, mod, stats.pop(name), config)
 
 
-def prune_model(model: torch.nn.Module, calibration_batches: list[torch.Tensor] | None,
-                config) -> tuple[torch.nn.Module, dict[str, torch.Tensor], dict[str, Any]]:
+def prune_model(
+    model: torch.nn.Module, calibration_batches: list[torch.Tensor] | None, config
+) -> tuple[torch.nn.Module, dict[str, torch.Tensor], dict[str, Any]]:
     """Prune ``model`` in place per ``config`` (a :class:`PruneConfig`).
 
     Returns (model, masks keyed ``<module>.weight`` with ``True`` = kept, sparsity report in the
@@ -210,13 +226,22 @@ def prune_model(model: torch.nn.Module, calibration_batches: list[torch.Tensor] 
     return model, masks, report
 
 
-def sparsity_report(config, layers: dict[str, dict[str, Any]], masks: dict[str, torch.Tensor],
-                    seconds: float) -> dict[str, Any]:
+def sparsity_report(
+    config, layers: dict[str, dict[str, Any]], masks: dict[str, torch.Tensor], seconds: float
+) -> dict[str, Any]:
     total = sum(m.numel() for m in masks.values())
     zeros = sum(int((~m).sum()) for m in masks.values())
-    return {"method": config.method, "pattern": config.pattern, "target_sparsity": config.target_sparsity,
-            "total_sparsity": zeros / total if total else 0.0, "pruned_parameters": zeros,
-            "targeted_parameters": total, "targets": config.targets, "ignore": config.ignore,
-            "block_size": config.block_size if config.method == "sparsegpt" else None,
-            "dampening": config.dampening if config.method == "sparsegpt" else None,
-            "seconds": round(seconds, 3), "layers": layers}
+    return {
+        "method": config.method,
+        "pattern": config.pattern,
+        "target_sparsity": config.target_sparsity,
+        "total_sparsity": zeros / total if total else 0.0,
+        "pruned_parameters": zeros,
+        "targeted_parameters": total,
+        "targets": config.targets,
+        "ignore": config.ignore,
+        "block_size": config.block_size if config.method == "sparsegpt" else None,
+        "dampening": config.dampening if config.method == "sparsegpt" else None,
+        "seconds": round(seconds, 3),
+        "layers": layers,
+    }

@@ -9,6 +9,7 @@ the later blocks in one matrix product (the "lazy batch" update of GPTQ / Sparse
 
 Pure tensor functions; the activations come from hooks in :mod:`sd2_ray.prune.sequential`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -61,13 +62,20 @@ def inverse_hessian_factor(hessian: torch.Tensor, dampening: float) -> tuple[tor
                 return upper, dead
         log.warning("sparsegpt: Hessian not positive definite, raising dampening x10 (try %d)", attempt + 1)
         damp = damp * 10
-    raise Sd2Error("sparsegpt: Hessian cannot be inverted even with 1000x dampening; "
-                   "use more calibration samples or a larger --dampening")
+    raise Sd2Error(
+        "sparsegpt: Hessian cannot be inverted even with 1000x dampening; "
+        "use more calibration samples or a larger --dampening"
+    )
 
 
-def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
-                    nm: tuple[int, int] | None = None, block_size: int = 128,
-                    dampening: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, float]:
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: float,
+    nm: tuple[int, int] | None = None,
+    block_size: int = 128,
+    dampening: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(pruned and updated weight, keep-mask, OBS loss estimate) for one linear layer.
 
     Unstructured: every column block prunes its share of the layer's ``sparsity`` (cumulative
@@ -95,8 +103,15 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     return w_all.to(weight.dtype), ~pruned, float(loss) / 2
 
 
-def _prune_block(w_all: torch.Tensor, upper: torch.Tensor, pruned: torch.Tensor, start: int, end: int,
-                 share: int, nm: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _prune_block(
+    w_all: torch.Tensor,
+    upper: torch.Tensor,
+    pruned: torch.Tensor,
+    start: int,
+    end: int,
+    share: int,
+    nm: tuple[int, int] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sweep columns start..end of ``w_all`` in place; returns (error matrix, summed OBS loss)."""
     block = w_all[:, start:end].clone()
     u_block = upper[start:end, start:end]
@@ -108,9 +123,9 @@ def _prune_block(w_all: torch.Tensor, upper: torch.Tensor, pruned: torch.Tensor,
     n, m = nm if nm is not None else (0, 0)
     for i in range(end - start):
         if nm is not None and i % m == 0:
-            saliency = block[:, i:i + m].pow(2) / u_diag[i:i + m].pow(2).reshape(1, -1)
+            saliency = block[:, i : i + m].pow(2) / u_diag[i : i + m].pow(2).reshape(1, -1)
             drop = torch.topk(saliency, m - n, dim=1, largest=False).indices
-            block_pruned[:, i:i + m].scatter_(1, drop, True)
+            block_pruned[:, i : i + m].scatter_(1, drop, True)
         column = block[:, i]
         kept = torch.where(block_pruned[:, i], torch.zeros_like(column), column)
         err = (column - kept) / u_diag[i]

@@ -1,4 +1,5 @@
 """Check a pruned model dir against its own masks and sparsity report."""
+
 from __future__ import annotations
 
 from typing import Any

@@ -3,6 +3,7 @@
 No weight update: the mask alone. The input norms come from calibration activations
 (:class:`InputNorms`, fed by the hooks in :mod:`sd2_ray.prune.sequential`).
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,8 +31,9 @@ def wanda_scores(weight: torch.Tensor, input_norms: torch.Tensor) -> torch.Tenso
     return weight.detach().abs().float() * input_norms.to(weight.device, torch.float32).reshape(1, -1)
 
 
-def wanda_prune(weight: torch.Tensor, input_norms: torch.Tensor, sparsity: float,
-                nm: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def wanda_prune(
+    weight: torch.Tensor, input_norms: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(pruned weight, keep-mask): per output row for unstructured, per group of M for N:M."""
     scores = wanda_scores(weight, input_norms)
     keep = keep_nm(scores, *nm) if nm else keep_unstructured(scores, sparsity, per_row=True)

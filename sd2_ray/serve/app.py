@@ -6,12 +6,14 @@ forward passes), ``vllm`` -> Ray Serve LLM (see :mod:`sd2_ray.serve.vllm_app`). 
 same routes. ``app_builder(args)`` is the import path for ``serve run``/``serve deploy`` and
 KubeRay: ``sd2_ray.serve.app:app_builder`` with ``args`` = ServeConfig fields.
 """
+
 from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterator, Optional
+from typing import Any
 
 from fastapi import FastAPI, Request
 from ray import serve
@@ -35,9 +37,15 @@ def load_engine(config: ServeConfig):
     from sd2_ray.specdec.engine import SpeculativeEngine
 
     device = resolve_device(config.device)  # in the replica: the GPUs Ray gave it
-    engine = SpeculativeEngine.from_dirs(config.target, config.drafter, config.num_speculative_tokens,
-                                         dtype=resolve_dtype(config.dtype, device), device=device,
-                                         device_map=config.device_map, compile=config.compile)
+    engine = SpeculativeEngine.from_dirs(
+        config.target,
+        config.drafter,
+        config.num_speculative_tokens,
+        dtype=resolve_dtype(config.dtype, device),
+        device=device,
+        device_map=config.device_map,
+        compile=config.compile,
+    )
     return engine, engine.target, engine.target_tokenizer
 
 
@@ -54,18 +62,23 @@ def ray_counters() -> dict:
 
 
 # Chunk builders sit above the class: Serve pickles the class with the globals defined so far.
-def _chat_chunk(request_id, created, model, delta: Optional[Delta], role: bool = False):
-    if role:
-        choice = oa.ChatChunkChoice(delta=oa.ChatDelta(role="assistant", content=""))
-    else:
-        choice = oa.ChatChunkChoice(delta=oa.ChatDelta(content=delta.text or None),
-                                    finish_reason=delta.finish_reason)
+def _role_chunk(request_id, created, model):
+    choice = oa.ChatChunkChoice(delta=oa.ChatDelta(role="assistant", content=""))
+    return oa.ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice])
+
+
+def _chat_chunk(request_id, created, model, delta: Delta):
+    choice = oa.ChatChunkChoice(delta=oa.ChatDelta(content=delta.text or None), finish_reason=delta.finish_reason)
     return oa.ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice])
 
 
 def _completion_chunk(request_id, created, model, delta: Delta):
-    return oa.CompletionResponse(id=request_id, created=created, model=model, choices=[
-        oa.CompletionChoice(text=delta.text, finish_reason=delta.finish_reason)])
+    return oa.CompletionResponse(
+        id=request_id,
+        created=created,
+        model=model,
+        choices=[oa.CompletionChoice(text=delta.text, finish_reason=delta.finish_reason)],
+    )
 
 
 def _usage_chunk(request_id, created, model, usage: oa.Usage, chat: bool):
@@ -78,7 +91,7 @@ def _usage_chunk(request_id, created, model, usage: oa.Usage, chat: bool):
 class SpecDecodeServer:
     """One replica: the engine (target + drafter), a bounded admission count, batched decoding."""
 
-    def __init__(self, config: dict, engine_factory: Optional[str] = None):
+    def __init__(self, config: dict, engine_factory: str | None = None):
         import torch
 
         self.config = cfg = ServeConfig.model_validate(config)
@@ -88,8 +101,9 @@ class SpecDecodeServer:
         self.model_name = cfg.served_model_name
         self.max_model_len = core.context_length(target.config, cfg.max_model_len)
         self.vocab_size = int(target.config.vocab_size)
-        self.metrics = SpecMetrics(self.model_name, cfg.num_speculative_tokens if cfg.drafter else 0,
-                                   counters=ray_counters())
+        self.metrics = SpecMetrics(
+            self.model_name, cfg.num_speculative_tokens if cfg.drafter else 0, counters=ray_counters()
+        )
         self._hook = watch_forward_calls(target, self.metrics)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sd2-engine")
         self.capacity = cfg.max_batch_size + cfg.max_queued_requests
@@ -97,9 +111,15 @@ class SpecDecodeServer:
         self.created = oa.now()
         self._generate_batch.set_max_batch_size(cfg.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
-        log.info("serving '%s' (drafter %s, K=%d) context %d, batch <= %d, queue <= %d",
-                 self.model_name, cfg.drafter, cfg.num_speculative_tokens, self.max_model_len,
-                 cfg.max_batch_size, cfg.max_queued_requests)
+        log.info(
+            "serving '%s' (drafter %s, K=%d) context %d, batch <= %d, queue <= %d",
+            self.model_name,
+            cfg.drafter,
+            cfg.num_speculative_tokens,
+            self.max_model_len,
+            cfg.max_batch_size,
+            cfg.max_queued_requests,
+        )
 
     # ---- routes ---------------------------------------------------------------------------
 
@@ -157,8 +177,9 @@ class SpecDecodeServer:
         job = Job(prepared, core.TextStream(self.tokenizer, prepared.stop))
         request_id = oa.new_id("chatcmpl" if chat else "cmpl")
         if req.stream:
-            return StreamingResponse(self._stream(job, request_id, chat, req.include_usage_in_stream),
-                                     media_type="text/event-stream")
+            return StreamingResponse(
+                self._stream(job, request_id, chat, req.include_usage_in_stream), media_type="text/event-stream"
+            )
         try:
             text, final = "", None
             async for delta in self._generate_batch(job):
@@ -167,19 +188,28 @@ class SpecDecodeServer:
         finally:
             job.cancelled = True  # a client that left (task cancelled) stops its decoding
             self.in_flight -= 1
+        assert final is not None  # run_batch ends every request with a finish_reason
         if final.error:
             log.error("%s: generation failed: %s", request_id, final.error)
             raise oa.OpenAIError(f"generation failed: {final.error}", status=500, type="server_error")
         usage = self._finish(request_id, prepared, final)
+        body: oa.ChatCompletionResponse | oa.CompletionResponse
         if chat:
             body = oa.ChatCompletionResponse(
-                id=request_id, created=oa.now(), model=self.model_name, usage=usage,
-                choices=[oa.ChatChoice(message=oa.AssistantMessage(content=text),
-                                       finish_reason=final.finish_reason)])
+                id=request_id,
+                created=oa.now(),
+                model=self.model_name,
+                usage=usage,
+                choices=[oa.ChatChoice(message=oa.AssistantMessage(content=text), finish_reason=final.finish_reason)],
+            )
         else:
             body = oa.CompletionResponse(
-                id=request_id, created=oa.now(), model=self.model_name, usage=usage,
-                choices=[oa.CompletionChoice(text=text, finish_reason=final.finish_reason)])
+                id=request_id,
+                created=oa.now(),
+                model=self.model_name,
+                usage=usage,
+                choices=[oa.CompletionChoice(text=text, finish_reason=final.finish_reason)],
+            )
         return JSONResponse(body.model_dump())
 
     async def _stream(self, job: Job, request_id: str, chat: bool, include_usage: bool):
@@ -187,7 +217,7 @@ class SpecDecodeServer:
         chunk = _chat_chunk if chat else _completion_chunk
         try:
             if chat:
-                yield oa.sse(chunk(request_id, created, self.model_name, None, role=True))
+                yield oa.sse(_role_chunk(request_id, created, self.model_name))
             async for delta in self._generate_batch(job):
                 if delta.error:
                     log.error("%s: generation failed: %s", request_id, delta.error)
@@ -210,15 +240,21 @@ class SpecDecodeServer:
 
     def _finish(self, request_id: str, prepared: core.PreparedRequest, final: Delta) -> oa.Usage:
         completion_tokens = len(final.token_ids)
-        self.metrics.record_request(final.stats, len(prepared.prompt_ids), completion_tokens)
-        log.info(core.acceptance_log_line(request_id, len(prepared.prompt_ids), completion_tokens,
-                                          final.stats))
-        spec = core.spec_usage(final.stats) if self.config.drafter else None
-        return oa.Usage(prompt_tokens=len(prepared.prompt_ids), completion_tokens=completion_tokens,
-                        total_tokens=len(prepared.prompt_ids) + completion_tokens, spec_decode=spec)
+        stats = final.stats
+        assert stats is not None  # a finished request's last delta carries its stats
+        self.metrics.record_request(stats, len(prepared.prompt_ids), completion_tokens)
+        log.info(core.acceptance_log_line(request_id, len(prepared.prompt_ids), completion_tokens, stats))
+        spec = core.spec_usage(stats) if self.config.drafter else None
+        return oa.Usage(
+            prompt_tokens=len(prepared.prompt_ids),
+            completion_tokens=completion_tokens,
+            total_tokens=len(prepared.prompt_ids) + completion_tokens,
+            spec_decode=spec,
+        )
 
 
 # ---- builders -------------------------------------------------------------------------------
+
 
 def deployment_options(config: ServeConfig) -> dict[str, Any]:
     """Replicas or autoscaling, and the admission bounds.
@@ -244,7 +280,7 @@ def deployment_options(config: ServeConfig) -> dict[str, Any]:
     return options
 
 
-def build_app(config: ServeConfig, engine_factory: Optional[str] = None) -> "serve.Application":
+def build_app(config: ServeConfig, engine_factory: str | None = None) -> serve.Application:
     """The Serve application for ``config`` (not yet running: pass it to ``serve.run``).
 
     ``engine_factory`` ("module:function(config) -> (engine, target_model, tokenizer)") swaps
@@ -256,10 +292,12 @@ def build_app(config: ServeConfig, engine_factory: Optional[str] = None) -> "ser
         from sd2_ray.serve.vllm_app import build_vllm_app
 
         return build_vllm_app(config)
-    return SpecDecodeServer.options(**deployment_options(config)).bind(config.to_dict(), engine_factory)
+    # @serve.deployment made the class a Deployment; mypy keeps a decorated class's own type
+    deployment = SpecDecodeServer.options(**deployment_options(config))  # type: ignore[attr-defined]
+    return deployment.bind(config.to_dict(), engine_factory)
 
 
-def app_builder(args: dict) -> "serve.Application":
+def app_builder(args: dict) -> serve.Application:
     """Entry point for Serve config files / KubeRay (``import_path: sd2_ray.serve.app:app_builder``)."""
     from sd2_ray.config import validate
 

@@ -6,12 +6,13 @@ keeps answering, and its ``on_tokens`` callback turns committed ids into text de
 yielded, one list slot per request, the shape ``@serve.batch`` async generators must yield.
 No Ray here, so it is tested with a plain event loop.
 """
+
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Optional
 
 from sd2_ray.serve.core import PreparedRequest, TextStream
 from sd2_ray.specdec.types import Engine, GenerationResult, SpecStats
@@ -32,10 +33,10 @@ class Delta:
 
     text: str = ""
     num_tokens: int = 0
-    finish_reason: Optional[str] = None
-    stats: Optional[SpecStats] = None
+    finish_reason: str | None = None
+    stats: SpecStats | None = None
     token_ids: list[int] = field(default_factory=list)
-    error: Optional[str] = None  # this request failed (the others of its batch did not)
+    error: str | None = None  # this request failed (the others of its batch did not)
 
     @property
     def empty(self) -> bool:
@@ -45,8 +46,9 @@ class Delta:
 _DONE = object()
 
 
-async def run_batch(engine: Engine, jobs: list[Job], executor: Executor,
-                    speculate: bool = True) -> AsyncIterator[list[Delta]]:
+async def run_batch(
+    engine: Engine, jobs: list[Job], executor: Executor, speculate: bool = True
+) -> AsyncIterator[list[Delta]]:
     """Yield, step by step, a list with one :class:`Delta` per job; the final list closes them all.
     ``speculate=False``: the engine decodes this batch with the target alone."""
     loop = asyncio.get_running_loop()
@@ -60,8 +62,7 @@ async def run_batch(engine: Engine, jobs: list[Job], executor: Executor,
 
     def generate() -> list[GenerationResult]:
         try:
-            return engine.generate([job.request.generation_request() for job in jobs], on_tokens,
-                                   speculate=speculate)
+            return engine.generate([job.request.generation_request() for job in jobs], on_tokens, speculate=speculate)
         finally:
             loop.call_soon_threadsafe(events.put_nowait, _DONE)
 
@@ -85,25 +86,29 @@ async def run_batch(engine: Engine, jobs: list[Job], executor: Executor,
             except Exception as err:  # noqa: BLE001 - isolate it: one bad request must not fail its batch
                 yield await _alone(engine, jobs, executor, speculate, step, err)
                 return
-            yield [_final(job, result, delta) for job, result, delta in zip(jobs, results, step)]
+            yield [_final(job, result, delta) for job, result, delta in zip(jobs, results, step, strict=True)]
         elif any(not d.empty for d in step):
             yield step
 
 
-async def _alone(engine: Engine, jobs: list[Job], executor: Executor, speculate: bool, step: list[Delta],
-                 batch_error: Exception) -> list[Delta]:
+def _generate_alone(engine: Engine, job: Job, speculate: bool) -> GenerationResult:
+    return engine.generate([job.request.generation_request()], speculate=speculate)[0]
+
+
+async def _alone(
+    engine: Engine, jobs: list[Job], executor: Executor, speculate: bool, step: list[Delta], batch_error: Exception
+) -> list[Delta]:
     """After a batch failed: each request that had not streamed anything yet runs again on its
     own (so only the request that fails alone fails); one that had streamed tokens cannot be
     replayed without repeating them, and reports the batch's error."""
     loop = asyncio.get_running_loop()
     out = []
-    for job, delta in zip(jobs, step):
+    for job, delta in zip(jobs, step, strict=True):
         if job.text.ids or job.cancelled:
             out.append(_failed(delta, batch_error))
             continue
         try:
-            result = await loop.run_in_executor(
-                executor, lambda j=job: engine.generate([j.request.generation_request()], speculate=speculate)[0])
+            result = await loop.run_in_executor(executor, _generate_alone, engine, job, speculate)
         except Exception as err:  # noqa: BLE001 - this request's own failure
             out.append(_failed(delta, err))
             continue
@@ -118,7 +123,7 @@ def _failed(delta: Delta, err: Exception) -> Delta:
 
 
 def _final(job: Job, result: GenerationResult, delta: Delta) -> Delta:
-    missing = list(result.token_ids)[len(job.text.ids):]  # ids the callback did not report
+    missing = list(result.token_ids)[len(job.text.ids) :]  # ids the callback did not report
     if missing and not job.text.stopped:
         delta.text += job.text.feed(missing)
     delta.text += job.text.finish()

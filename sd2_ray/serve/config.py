@@ -1,8 +1,9 @@
 """``sd2 serve`` configuration: which pair to serve, how, and how much load to admit."""
+
 from __future__ import annotations
 
 import os
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -19,22 +20,24 @@ class AutoscalingConfig(BaseModel):
 
     min_replicas: int = Field(1, ge=0, description="fewest replicas kept running")
     max_replicas: int = Field(2, ge=1, description="most replicas Serve may start")
-    target_ongoing_requests: float = Field(
-        4.0, gt=0, description="ongoing requests per replica Serve scales towards")
+    target_ongoing_requests: float = Field(4.0, gt=0, description="ongoing requests per replica Serve scales towards")
     # Serve's own defaults (None here) wait 30 s before adding and 600 s before removing a
     # replica, averaging load over 30 s: safe for 70B replicas that take minutes to load, slow
     # for small models or bursty load. Set them to follow load faster. (How often load is reported,
     # 10 s, is set per Serve process by RAY_SERVE_{HANDLE,REPLICA}_AUTOSCALING_METRIC_PUSH_INTERVAL_S
     # in the cluster's environment, no longer per app.)
-    upscale_delay_s: Optional[float] = Field(
-        None, ge=0, description="seconds load must stay above target before adding replicas (Serve: 30)")
-    downscale_delay_s: Optional[float] = Field(
-        None, ge=0, description="seconds load must stay below target before removing replicas (Serve: 600)")
-    look_back_period_s: Optional[float] = Field(
-        None, gt=0, description="window over which ongoing requests are averaged (Serve: 30)")
+    upscale_delay_s: float | None = Field(
+        None, ge=0, description="seconds load must stay above target before adding replicas (Serve: 30)"
+    )
+    downscale_delay_s: float | None = Field(
+        None, ge=0, description="seconds load must stay below target before removing replicas (Serve: 600)"
+    )
+    look_back_period_s: float | None = Field(
+        None, gt=0, description="window over which ongoing requests are averaged (Serve: 30)"
+    )
 
     @model_validator(mode="after")
-    def _order(self) -> "AutoscalingConfig":
+    def _order(self) -> AutoscalingConfig:
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
         return self
@@ -44,51 +47,76 @@ class ServeSettings(StageConfig):
     """How to serve (the `serve` section of a pipeline config); :class:`ServeConfig` adds the pair."""
 
     engine: Literal["transformers", "vllm"] = Field(
-        "transformers", description="transformers (our speculative engine) or vllm (ray.serve.llm)")
+        "transformers", description="transformers (our speculative engine) or vllm (ray.serve.llm)"
+    )
     host: str = Field("127.0.0.1", description="HTTP host to bind")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port")
-    replicas: Union[int, Literal["auto"]] = Field(
-        1, description="model replicas, or 'auto' to autoscale with the autoscaling settings")
-    autoscaling: Optional[AutoscalingConfig] = Field(
-        None, description="autoscaling (min_replicas, max_replicas, target_ongoing_requests); "
-        "setting it turns autoscaling on")
-    api_key: Optional[str] = Field(None, description="require 'Authorization: Bearer KEY' on /v1 (on the command "
-                                   "line it shows in `ps`: prefer api_key_file or $SD2_API_KEY)")
-    api_key_file: Optional[StoragePath] = Field(None, description="file holding the API key (first line)")
-    model_name: Optional[str] = Field(None, description="model id clients send (default: target dir name)")
+    replicas: int | Literal["auto"] = Field(
+        1, description="model replicas, or 'auto' to autoscale with the autoscaling settings"
+    )
+    autoscaling: AutoscalingConfig | None = Field(
+        None,
+        description="autoscaling (min_replicas, max_replicas, target_ongoing_requests); "
+        "setting it turns autoscaling on",
+    )
+    api_key: str | None = Field(
+        None,
+        description="require 'Authorization: Bearer KEY' on /v1 (on the command "
+        "line it shows in `ps`: prefer api_key_file or $SD2_API_KEY)",
+    )
+    api_key_file: StoragePath | None = Field(None, description="file holding the API key (first line)")
+    model_name: str | None = Field(None, description="model id clients send (default: target dir name)")
     max_batch_size: int = Field(8, ge=1, le=256, description="most requests decoded together per batch")
-    speculative_disable_by_batch_size: Optional[int] = Field(
-        None, ge=2, description="transformers engine: batches of at least this many requests decode "
+    speculative_disable_by_batch_size: int | None = Field(
+        None,
+        ge=2,
+        description="transformers engine: batches of at least this many requests decode "
         "without the drafter (at large batches verifying K drafts per row costs more target compute "
-        "than accepted tokens save); none = always speculate")
+        "than accepted tokens save); none = always speculate",
+    )
     batch_wait_timeout_s: float = Field(
-        0.02, ge=0, le=10, description="how long a batch waits for more requests before starting")
+        0.02, ge=0, le=10, description="how long a batch waits for more requests before starting"
+    )
     max_queued_requests: int = Field(
-        64, ge=0, description="requests waiting beyond the running batch per replica; more get 503")
-    max_model_len: Optional[int] = Field(
-        None, ge=2, description="context length: prompt + max_tokens (default: target's positions)")
+        64, ge=0, description="requests waiting beyond the running batch per replica; more get 503"
+    )
+    max_model_len: int | None = Field(
+        None, ge=2, description="context length: prompt + max_tokens (default: target's positions)"
+    )
     default_max_tokens: int = Field(256, ge=1, description="max_tokens for chat requests that give none")
-    dtype: DtypeName = Field(
-        "auto", description="weights dtype; auto = bfloat16 on cuda, float32 on cpu")
-    device: DeviceName = Field("auto", description="transformers engine: where the models run, auto (cuda if "
-                                            "the replica sees one, else cpu), cpu, cuda or cuda:N")
-    device_map: Optional[str] = Field(
-        None, description="transformers engine: accelerate device_map for the target, e.g. 'auto' to "
-                          "shard it over the replica's GPUs (set gpus_per_replica to match)")
-    compile: bool = Field(False, description="compile the engine's draft and verify steps (torch.compile on "
-                          "CPU, CUDA graphs on GPU): faster steps after a one-off compile of 40-230 s on CPU, "
-                          "worth it for long batch-1 serving, not for a short eval")
+    dtype: DtypeName = Field("auto", description="weights dtype; auto = bfloat16 on cuda, float32 on cpu")
+    device: DeviceName = Field(
+        "auto",
+        description="transformers engine: where the models run, auto (cuda if "
+        "the replica sees one, else cpu), cpu, cuda or cuda:N",
+    )
+    device_map: str | None = Field(
+        None,
+        description="transformers engine: accelerate device_map for the target, e.g. 'auto' to "
+        "shard it over the replica's GPUs (set gpus_per_replica to match)",
+    )
+    compile: bool = Field(
+        False,
+        description="compile the engine's draft and verify steps (torch.compile on "
+        "CPU, CUDA graphs on GPU): faster steps after a one-off compile of 40-230 s on CPU, "
+        "worth it for long batch-1 serving, not for a short eval",
+    )
     node_resources: NodeResources = Field(default_factory=dict, description=NODE_RESOURCES_DESCRIPTION)
     num_cpus_per_replica: float = Field(1.0, gt=0, description="CPUs reserved by each model replica")
     accelerator: Literal["gpu", "cpu"] = Field(
-        "gpu", description="vllm engine: where each replica runs (decided here, never by probing the machine "
-        "that builds the app: a driver or head node has no GPU)")
-    tensor_parallel_size: int = Field(1, ge=1, description="vllm engine: GPUs per replica (one node: the "
-                                      "placement group is STRICT_PACK)")
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm engine: share of each GPU's "
-                                          "memory vLLM may take (weights + KV cache)")
-    gpus_per_replica: float = Field(0, ge=0, description="transformers engine: GPUs reserved by each "
-                                                         "model replica (ray_actor_options num_gpus)")
+        "gpu",
+        description="vllm engine: where each replica runs (decided here, never by probing the machine "
+        "that builds the app: a driver or head node has no GPU)",
+    )
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="vllm engine: GPUs per replica (one node: the placement group is STRICT_PACK)"
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="vllm engine: share of each GPU's memory vLLM may take (weights + KV cache)"
+    )
+    gpus_per_replica: float = Field(
+        0, ge=0, description="transformers engine: GPUs reserved by each model replica (ray_actor_options num_gpus)"
+    )
     app_name: str = Field("sd2", description="Ray Serve application name")
 
     @field_validator("replicas", mode="before")
@@ -101,23 +129,31 @@ class ServeSettings(StageConfig):
         return value
 
     @model_validator(mode="after")
-    def _placement(self) -> "ServeSettings":
+    def _placement(self) -> ServeSettings:
         if self.engine == "vllm":
-            for name, default in (("device", "auto"), ("device_map", None), ("gpus_per_replica", 0),
-                                  ("compile", False)):
+            for name, default in (
+                ("device", "auto"),
+                ("device_map", None),
+                ("gpus_per_replica", 0),
+                ("compile", False),
+            ):
                 if getattr(self, name) != default:
-                    raise ValueError(f"{name} applies to engine 'transformers' (vLLM places the models itself; "
-                                     "use accelerator and tensor_parallel_size)")
+                    raise ValueError(
+                        f"{name} applies to engine 'transformers' (vLLM places the models itself; "
+                        "use accelerator and tensor_parallel_size)"
+                    )
             if self.accelerator == "cpu" and self.tensor_parallel_size != 1:
                 raise ValueError("tensor_parallel_size > 1 needs accelerator gpu")
             if self.speculative_disable_by_batch_size is not None:
-                raise ValueError("speculative_disable_by_batch_size applies to engine 'transformers' "
-                                 "(vLLM 0.32's speculative_config has no such switch)")
+                raise ValueError(
+                    "speculative_disable_by_batch_size applies to engine 'transformers' "
+                    "(vLLM 0.32's speculative_config has no such switch)"
+                )
         elif self.gpus_per_replica > 0 and self.device == "cpu" and self.device_map is None:
             raise ValueError("gpus_per_replica > 0 reserves GPUs that device 'cpu' never uses")
         return self
 
-    def effective_api_key(self) -> Optional[str]:
+    def effective_api_key(self) -> str | None:
         """The key clients must send: api_key, else the first line of api_key_file, else
         $SD2_API_KEY; None leaves /v1 open."""
         if self.api_key:
@@ -137,7 +173,7 @@ class ServeSettings(StageConfig):
     def autoscaling_enabled(self) -> bool:
         return self.replicas == "auto" or self.autoscaling is not None
 
-    def autoscaling_settings(self) -> Optional[dict]:
+    def autoscaling_settings(self) -> dict | None:
         """Serve's ``autoscaling_config`` when autoscaling is on, else None (fixed ``replicas``)."""
         if not self.autoscaling_enabled:
             return None
@@ -160,7 +196,7 @@ class ServeConfig(ServeSettings):
     """
 
     target: StoragePath = Field(..., description="target model dir (local or s3://)")
-    drafter: Optional[StoragePath] = Field(None, description="drafter model dir; none serves the target alone")
+    drafter: StoragePath | None = Field(None, description="drafter model dir; none serves the target alone")
     num_speculative_tokens: int = Field(4, ge=1, le=32, description="draft tokens proposed per step (K)")
 
     @property

@@ -1,10 +1,11 @@
 """Pure request handling for the transformers engine: prompts -> engine requests, committed
 token ids -> text with stop strings, acceptance -> usage. No Ray, no HTTP.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from sd2_ray.serve.openai_schema import ChatCompletionRequest, CompletionRequest, OpenAIError, SpecUsage
 from sd2_ray.specdec.types import GenerationRequest, SamplingParams, SpecStats
@@ -22,49 +23,56 @@ class PreparedRequest:
     stop: list[str] = field(default_factory=list)
 
     def generation_request(self) -> GenerationRequest:
-        return GenerationRequest(prompt_ids=list(self.prompt_ids), max_new_tokens=self.max_tokens,
-                                 sampling=self.sampling)
+        return GenerationRequest(
+            prompt_ids=list(self.prompt_ids), max_new_tokens=self.max_tokens, sampling=self.sampling
+        )
 
 
-def check_model_name(requested: Optional[str], served: str) -> None:
+def check_model_name(requested: str | None, served: str) -> None:
     if requested is not None and requested != served:
-        raise OpenAIError(f"model '{requested}' does not exist; this server serves '{served}'",
-                          param="model", code="model_not_found")
+        raise OpenAIError(
+            f"model '{requested}' does not exist; this server serves '{served}'", param="model", code="model_not_found"
+        )
 
 
 def sampling_params(req: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
     return SamplingParams(temperature=float(req.temperature), top_p=float(req.top_p), seed=req.seed)
 
 
-def bound_max_tokens(prompt_len: int, requested: Optional[int], max_model_len: int,
-                     default: int) -> int:
+def bound_max_tokens(prompt_len: int, requested: int | None, max_model_len: int, default: int) -> int:
     """max_tokens within the context; a prompt or request that cannot fit is the client's 400."""
     if prompt_len == 0:
         raise OpenAIError("prompt is empty after tokenization", param="prompt", code="empty_prompt")
     if prompt_len >= max_model_len:
-        raise OpenAIError(f"prompt is {prompt_len} tokens, longer than the context of {max_model_len} "
-                          "tokens (it must leave room for at least one new token)",
-                          param="prompt", code="context_length_exceeded")
+        raise OpenAIError(
+            f"prompt is {prompt_len} tokens, longer than the context of {max_model_len} "
+            "tokens (it must leave room for at least one new token)",
+            param="prompt",
+            code="context_length_exceeded",
+        )
     room = max_model_len - prompt_len
     if requested is None:
         return min(default, room)
     if requested > room:
-        raise OpenAIError(f"this model's context is {max_model_len} tokens; the prompt has {prompt_len} "
-                          f"and max_tokens asks for {requested} more ({prompt_len + requested} total)",
-                          param="max_tokens", code="context_length_exceeded")
+        raise OpenAIError(
+            f"this model's context is {max_model_len} tokens; the prompt has {prompt_len} "
+            f"and max_tokens asks for {requested} more ({prompt_len + requested} total)",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
     return requested
 
 
-def prepare_completion(req: CompletionRequest, tokenizer, max_model_len: int,
-                       vocab_size: int) -> PreparedRequest:
+def prepare_completion(req: CompletionRequest, tokenizer, max_model_len: int, vocab_size: int) -> PreparedRequest:
     if isinstance(req.prompt, str):
         prompt_ids = list(tokenizer(req.prompt)["input_ids"])
     else:
         prompt_ids = list(req.prompt)
         bad = [t for t in prompt_ids if t >= vocab_size]
         if bad:
-            raise OpenAIError(f"token id {bad[0]} is outside the vocabulary (size {vocab_size})",
-                              param="prompt", code="invalid_value")
+            raise OpenAIError(
+                f"token id {bad[0]} is outside the vocabulary (size {vocab_size})", param="prompt", code="invalid_value"
+            )
     max_tokens = bound_max_tokens(len(prompt_ids), req.max_tokens, max_model_len, default=16)
     return PreparedRequest(prompt_ids, max_tokens, sampling_params(req), req.stop_strings)
 
@@ -75,19 +83,20 @@ def render_messages(messages: list[dict[str, str]], tokenizer) -> str:
         try:
             return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as err:  # templates raise on e.g. non-alternating roles: the client's mistake
-            raise OpenAIError(f"messages cannot be rendered with the model's chat template: {err}",
-                              param="messages", code="invalid_value") from None
+            raise OpenAIError(
+                f"messages cannot be rendered with the model's chat template: {err}",
+                param="messages",
+                code="invalid_value",
+            ) from None
     return "\n".join(m["content"] for m in messages) + "\n"
 
 
-def prepare_chat(req: ChatCompletionRequest, tokenizer, max_model_len: int,
-                 default_max_tokens: int) -> PreparedRequest:
+def prepare_chat(req: ChatCompletionRequest, tokenizer, max_model_len: int, default_max_tokens: int) -> PreparedRequest:
     from sd2_ray.models.tokens import encode_rendered
 
     # the same ids distillation, fine-tuning and eval give the same conversation
     prompt_ids = encode_rendered(render_messages(req.plain_messages(), tokenizer), tokenizer)
-    max_tokens = bound_max_tokens(len(prompt_ids), req.requested_max_tokens, max_model_len,
-                                  default=default_max_tokens)
+    max_tokens = bound_max_tokens(len(prompt_ids), req.requested_max_tokens, max_model_len, default=default_max_tokens)
     return PreparedRequest(prompt_ids, max_tokens, sampling_params(req), req.stop_strings)
 
 
@@ -127,7 +136,7 @@ class TextStream:
     def finish(self) -> str:
         return self._release(len(self.text))
 
-    def _first_stop(self, text: str) -> Optional[int]:
+    def _first_stop(self, text: str) -> int | None:
         start = max(0, self.sent - self.hold)  # a stop string may straddle text already sent
         hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
         return min(hits) if hits else None
@@ -135,27 +144,32 @@ class TextStream:
     def _release(self, upto: int) -> str:
         if upto <= self.sent:
             return ""
-        delta, self.sent = self.text[self.sent:upto], upto
+        delta, self.sent = self.text[self.sent : upto], upto
         return delta
 
 
 def spec_usage(stats: SpecStats) -> SpecUsage:
-    return SpecUsage(num_speculative_tokens=stats.num_speculative_tokens, target_passes=stats.target_passes,
-                     num_drafts=stats.num_drafts, drafted_tokens=stats.num_draft_tokens,
-                     accepted_tokens=stats.num_accepted_tokens,
-                     acceptance_rate=round(stats.acceptance_rate, 4),
-                     mean_accepted_length=round(stats.mean_accepted_length, 4))
+    return SpecUsage(
+        num_speculative_tokens=stats.num_speculative_tokens,
+        target_passes=stats.target_passes,
+        num_drafts=stats.num_drafts,
+        drafted_tokens=stats.num_draft_tokens,
+        accepted_tokens=stats.num_accepted_tokens,
+        acceptance_rate=round(stats.acceptance_rate, 4),
+        mean_accepted_length=round(stats.mean_accepted_length, 4),
+    )
 
 
-def acceptance_log_line(request_id: str, prompt_tokens: int, completion_tokens: int,
-                        stats: SpecStats) -> str:
-    return (f"{request_id}: prompt={prompt_tokens} completion={completion_tokens} "
-            f"passes={stats.target_passes} drafted={stats.num_draft_tokens} "
-            f"accepted={stats.num_accepted_tokens} MAL={stats.mean_accepted_length:.2f} "
-            f"per_position={[round(p, 2) for p in stats.per_position_acceptance()]}")
+def acceptance_log_line(request_id: str, prompt_tokens: int, completion_tokens: int, stats: SpecStats) -> str:
+    return (
+        f"{request_id}: prompt={prompt_tokens} completion={completion_tokens} "
+        f"passes={stats.target_passes} drafted={stats.num_draft_tokens} "
+        f"accepted={stats.num_accepted_tokens} MAL={stats.mean_accepted_length:.2f} "
+        f"per_position={[round(p, 2) for p in stats.per_position_acceptance()]}"
+    )
 
 
-def context_length(target_config: Any, configured: Optional[int]) -> int:
+def context_length(target_config: Any, configured: int | None) -> int:
     """The served context: the configured one, capped by what the target's positions allow."""
     positions = getattr(target_config, "max_position_embeddings", None) or configured or 2048
     return min(configured, positions) if configured else positions

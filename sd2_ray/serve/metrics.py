@@ -6,12 +6,13 @@ Two views of the same counters: exported counters (the serve app passes Ray's
 served as JSON at ``/v1/spec_stats``. Batching counters (batches, requests per batch, target
 forward calls) show whether concurrent requests really shared forward passes.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import threading
-from typing import Any, Optional
+from typing import Any
 
 from sd2_ray.specdec.types import SpecStats
 
@@ -30,13 +31,14 @@ COUNTERS = {  # name -> (description, tag keys)
 
 
 class SpecMetrics:
-    def __init__(self, model_name: str, num_speculative_tokens: int, counters: Optional[dict[str, Any]] = None):
+    def __init__(self, model_name: str, num_speculative_tokens: int, counters: dict[str, Any] | None = None):
         """``counters``: Prometheus-style counters by name (``inc(value, tags)``), e.g. Ray's from
         :func:`sd2_ray.serve.app.ray_counters`; None keeps only the JSON summary."""
         self.model_name = model_name
         self.num_speculative_tokens = num_speculative_tokens
-        self.totals = SpecStats(num_speculative_tokens=num_speculative_tokens,
-                                accepted_per_position=[0] * num_speculative_tokens)
+        self.totals = SpecStats(
+            num_speculative_tokens=num_speculative_tokens, accepted_per_position=[0] * num_speculative_tokens
+        )
         self.requests = self.prompt_tokens = self.completion_tokens = 0
         self.batches = self.batched_requests = self.max_batch_size_seen = 0
         self.batches_without_speculation = 0
@@ -53,9 +55,13 @@ class SpecMetrics:
             self.completion_tokens += completion_tokens
         if self._counters:
             tags = {"model": self.model_name}
-            values = {"num_drafts": stats.num_drafts, "num_draft_tokens": stats.num_draft_tokens,
-                      "num_accepted_tokens": stats.num_accepted_tokens,
-                      "target_passes": stats.target_passes, "committed_tokens": stats.committed_tokens}
+            values = {
+                "num_drafts": stats.num_drafts,
+                "num_draft_tokens": stats.num_draft_tokens,
+                "num_accepted_tokens": stats.num_accepted_tokens,
+                "target_passes": stats.target_passes,
+                "committed_tokens": stats.committed_tokens,
+            }
             for name, value in values.items():
                 _inc(self._counters[name], value, tags)
             for pos, accepted in enumerate(stats.accepted_per_position):

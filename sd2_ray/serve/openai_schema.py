@@ -5,22 +5,39 @@ Requests are validated here rather than by FastAPI so that every client mistake 
 Unknown request fields are ignored (clients send many optional ones), but fields that would
 change the answer and are not supported (n > 1, logprobs, echo, tools) are rejected.
 """
+
 from __future__ import annotations
 
 import json
 import time
 import uuid
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr,
-                      ValidationError, field_validator, model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class OpenAIError(Exception):
     """An error the HTTP layer renders as ``{"error": {...}}`` with ``status``."""
 
-    def __init__(self, message: str, status: int = 400, type: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None):
+    def __init__(
+        self,
+        message: str,
+        status: int = 400,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.message, self.status, self.type, self.param, self.code = message, status, type, param, code
 
@@ -28,8 +45,9 @@ class OpenAIError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
 
-def error_body(message: str, type: str = "invalid_request_error", param: Optional[str] = None,
-               code: Optional[str] = None) -> dict[str, Any]:
+def error_body(
+    message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -51,34 +69,32 @@ def validate_request(model_cls: type[BaseModel], raw: bytes) -> Any:
         first = err.errors()[0]
         param = _param_name(first["loc"])
         msg = first["msg"].removeprefix("Value error, ")
-        raise OpenAIError(f"invalid '{param}': {msg}" if param else msg, param=param,
-                          code="invalid_value") from None
+        raise OpenAIError(f"invalid '{param}': {msg}" if param else msg, param=param, code="invalid_value") from None
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
-def _param_name(loc: tuple) -> Optional[str]:
+def _param_name(loc: tuple) -> str | None:
     """``messages.0.content`` from pydantic's location, without its union type tags."""
-    parts = [str(p) for p in loc
-             if isinstance(p, int) or ("[" not in p and "-" not in p and p not in _TYPE_TAGS)]
+    parts = [str(p) for p in loc if isinstance(p, int) or ("[" not in p and "-" not in p and p not in _TYPE_TAGS)]
     return ".".join(parts) or None
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: Optional[StrictStr] = None
-    max_tokens: Optional[StrictInt] = Field(None, gt=0)
+    model: StrictStr | None = None
+    max_tokens: StrictInt | None = Field(None, gt=0)
     temperature: StrictFloat = Field(1.0, ge=0, le=2)
     top_p: StrictFloat = Field(1.0, gt=0, le=1)
     n: StrictInt = 1
-    stop: Optional[Union[StrictStr, list[StrictStr]]] = None
+    stop: StrictStr | list[StrictStr] | None = None
     # a 64-bit seed, as OpenAI documents it (torch's generators take no more)
-    seed: Optional[StrictInt] = Field(None, ge=-(2 ** 63), le=2 ** 63 - 1)
+    seed: StrictInt | None = Field(None, ge=-(2**63), le=2**63 - 1)
     stream: StrictBool = False
-    stream_options: Optional[dict[str, Any]] = None
-    logprobs: Optional[Any] = None
+    stream_options: dict[str, Any] | None = None
+    logprobs: Any | None = None
 
     @field_validator("n")
     @classmethod
@@ -116,10 +132,10 @@ class _Request(BaseModel):
 class CompletionRequest(_Request):
     """POST /v1/completions. One prompt per request: a string or a list of token ids."""
 
-    prompt: Union[StrictStr, list[StrictStr], list[StrictInt]]
+    prompt: StrictStr | list[StrictStr] | list[StrictInt]
     echo: StrictBool = False
-    best_of: Optional[StrictInt] = None
-    max_tokens: Optional[StrictInt] = Field(16, gt=0)  # OpenAI's default for completions
+    best_of: StrictInt | None = None
+    max_tokens: StrictInt | None = Field(16, gt=0)  # OpenAI's default for completions
 
     @field_validator("prompt")
     @classmethod
@@ -147,7 +163,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: StrictStr
-    content: Union[StrictStr, list[dict[str, Any]], None] = None
+    content: StrictStr | list[dict[str, Any]] | None = None
 
     @field_validator("content")
     @classmethod
@@ -168,8 +184,8 @@ class ChatCompletionRequest(_Request):
     """POST /v1/chat/completions, rendered with the target's chat template."""
 
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: Optional[StrictInt] = Field(None, gt=0)
-    tools: Optional[list[Any]] = None
+    max_completion_tokens: StrictInt | None = Field(None, gt=0)
+    tools: list[Any] | None = None
 
     @field_validator("tools")
     @classmethod
@@ -179,7 +195,7 @@ class ChatCompletionRequest(_Request):
         return value
 
     @property
-    def requested_max_tokens(self) -> Optional[int]:
+    def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
     def plain_messages(self) -> list[dict[str, str]]:
@@ -187,6 +203,7 @@ class ChatCompletionRequest(_Request):
 
 
 # ---- responses -------------------------------------------------------------------------------
+
 
 class SpecUsage(BaseModel):
     """Our extension of ``usage``: speculative-decoding acceptance for this request."""
@@ -204,7 +221,7 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
-    spec_decode: Optional[SpecUsage] = None
+    spec_decode: SpecUsage | None = None
 
 
 def new_id(prefix: str) -> str:
@@ -219,7 +236,7 @@ class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     logprobs: None = None
-    finish_reason: Optional[Literal["stop", "length"]] = None
+    finish_reason: Literal["stop", "length"] | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -228,7 +245,7 @@ class CompletionResponse(BaseModel):
     created: int
     model: str
     choices: list[CompletionChoice]
-    usage: Optional[Usage] = None
+    usage: Usage | None = None
 
 
 class AssistantMessage(BaseModel):
@@ -240,7 +257,7 @@ class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     logprobs: None = None
-    finish_reason: Optional[Literal["stop", "length"]] = None
+    finish_reason: Literal["stop", "length"] | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -253,15 +270,15 @@ class ChatCompletionResponse(BaseModel):
 
 
 class ChatDelta(BaseModel):
-    role: Optional[Literal["assistant"]] = None
-    content: Optional[str] = None
+    role: Literal["assistant"] | None = None
+    content: str | None = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
     logprobs: None = None
-    finish_reason: Optional[Literal["stop", "length"]] = None
+    finish_reason: Literal["stop", "length"] | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -270,7 +287,7 @@ class ChatCompletionChunk(BaseModel):
     created: int
     model: str
     choices: list[ChatChunkChoice]
-    usage: Optional[Usage] = None
+    usage: Usage | None = None
 
 
 class ModelCard(BaseModel):

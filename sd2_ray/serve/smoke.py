@@ -8,6 +8,7 @@ it did not create. Proxies run only on the head and on nodes holding a replica, 
 own node (a worker, for a submitted job) may have none: the check asks the Serve controller
 where its proxies are instead of calling 127.0.0.1. Failures are one-line errors that say what
 to change."""
+
 from __future__ import annotations
 
 import time
@@ -89,8 +90,11 @@ def deploy(config: ServeConfig, route_prefix: str) -> None:
         alive = [n for n in ray.nodes() if n.get("Alive")]
         host, port = ("127.0.0.1", free_port()) if len(alive) <= 1 else ("0.0.0.0", config.port)
         serve.start(http_options={"host": host, "port": port})
-    serve.run_many([serve.RunTarget(build_app(config), name=config.app_name, route_prefix=route_prefix)],
-                   wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+    serve.run_many(
+        [serve.RunTarget(build_app(config), name=config.app_name, route_prefix=route_prefix)],
+        wait_for_ingress_deployment_creation=False,
+        wait_for_applications_running=False,
+    )
 
 
 # Serve's public API (serve.status) names proxies by node id only; the controller's details hold
@@ -118,8 +122,11 @@ def proxy_urls() -> list[str]:
         if str(group.get("protocol", "")).upper().endswith("HTTP"):
             targets += [(t["ip"], t["port"]) for t in group.get("targets") or []]
     if not targets:  # no target groups reported: the healthy proxies' nodes, the configured port
-        targets = [(p["node_ip"], http.get("port", 8000)) for p in (details.get("proxies") or {}).values()
-                   if p.get("status") == "HEALTHY"]
+        targets = [
+            (p["node_ip"], http.get("port", 8000))
+            for p in (details.get("proxies") or {}).values()
+            if p.get("status") == "HEALTHY"
+        ]
     urls = [f"http://{reachable(ip, http.get('host', '0.0.0.0'))}:{port}" for ip, port in targets]
     return list(dict.fromkeys(urls))
 
@@ -146,11 +153,14 @@ def wait_running(name: str, deadline: float) -> None:
             return
         if status.endswith("DEPLOY_FAILED") or status.endswith("UNHEALTHY"):
             message = (app.message or "").strip().splitlines()
-            raise Sd2Error(f"serve smoke check: app {name} {status.split('.')[-1]}: "
-                           f"{message[-1] if message else 'no message'}")
+            raise Sd2Error(
+                f"serve smoke check: app {name} {status.split('.')[-1]}: {message[-1] if message else 'no message'}"
+            )
         if time.monotonic() > deadline:
-            raise Sd2Error(f"serve smoke check: app {name} still {status.split('.')[-1]} at the deadline "
-                           f"(replicas not placed or not loaded); {_HINT}")
+            raise Sd2Error(
+                f"serve smoke check: app {name} still {status.split('.')[-1]} at the deadline "
+                f"(replicas not placed or not loaded); {_HINT}"
+            )
         time.sleep(1.0)
 
 
@@ -168,8 +178,10 @@ def wait_healthy(prefix: str, deadline: float, timeout_s: float) -> str:
             except requests.RequestException:
                 pass
         if time.monotonic() > deadline:
-            raise Sd2Error(f"serve smoke check: no Serve proxy answered for the served pair "
-                           f"({', '.join(bases) or 'no proxies'}) after {timeout_s:.0f} s; {_HINT}")
+            raise Sd2Error(
+                f"serve smoke check: no Serve proxy answered for the served pair "
+                f"({', '.join(bases) or 'no proxies'}) after {timeout_s:.0f} s; {_HINT}"
+            )
         time.sleep(1.0)
 
 
@@ -181,16 +193,27 @@ def ask(config: ServeConfig, base: str, row: dict, timeout_s: float) -> dict[str
 
     key = config.effective_api_key()
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    body = {"model": config.served_model_name, "messages": instruction_messages(row), "max_tokens": 16,
-            "temperature": 0}
+    body: dict[str, Any] = {
+        "model": config.served_model_name,
+        "messages": instruction_messages(row),
+        "max_tokens": 16,
+        "temperature": 0,
+    }
     try:
         reply = requests.post(f"{base}/chat/completions", json=body, headers=headers, timeout=timeout_s)
         reply.raise_for_status()
         stats = requests.get(f"{base}/spec_stats", headers=headers, timeout=30).json()
     except requests.RequestException as err:
-        raise Sd2Error(f"serve smoke check: {base}/chat/completions failed ({err}); the stages' "
-                       f"outputs are complete, rerun to retry only this check or set serve_smoke: "
-                       f"false") from None
+        raise Sd2Error(
+            f"serve smoke check: {base}/chat/completions failed ({err}); the stages' "
+            f"outputs are complete, rerun to retry only this check or set serve_smoke: "
+            f"false"
+        ) from None
     data = reply.json()
-    return {"ok": data["choices"][0]["message"]["content"] is not None, "url": base,
-            "completion": data["choices"][0]["message"], "usage": data.get("usage"), "spec_stats": stats}
+    return {
+        "ok": data["choices"][0]["message"]["content"] is not None,
+        "url": base,
+        "completion": data["choices"][0]["message"],
+        "usage": data.get("usage"),
+        "spec_stats": stats,
+    }

@@ -7,8 +7,9 @@ and two routes (/health, /v1/spec_stats): ``build_openai_app`` itself accepts a 
 class but no extra routes, so its few assembly lines are mirrored in :func:`build_vllm_app`.
 Imported only when ``engine: vllm`` (it imports vLLM through Ray LLM).
 """
+
 import json
-from typing import Any, Optional
+from typing import Any
 
 from fastapi import Request
 from ray import serve
@@ -34,8 +35,9 @@ ENDPOINTS = {  # Ray's OpenAI routes we serve (its DEFAULT_ENDPOINTS add embeddi
 class Sd2VllmIngress(OpenAiIngress):
     """Ray's OpenAI ingress with our API-key check, /health and /v1/spec_stats."""
 
-    def __init__(self, llm_deployments, model_cards, *, api_key: Optional[str] = None,
-                 speculative: Optional[dict] = None, **kwargs):
+    def __init__(
+        self, llm_deployments, model_cards, *, api_key: str | None = None, speculative: dict | None = None, **kwargs
+    ):
         super().__init__(llm_deployments, model_cards, **kwargs)
         self._api_key = api_key
         self._speculative = speculative
@@ -64,9 +66,11 @@ class Sd2VllmIngress(OpenAiIngress):
 
     async def spec_stats(self, request: Request):
         # vLLM counts acceptance itself and Ray exports it (vllm:spec_decode_* on /metrics).
-        return self._denied(request) or {"engine": "vllm", "speculative_config": self._speculative,
-                                         "metrics": "Prometheus: vllm:spec_decode_num_drafts, "
-                                                    "vllm:spec_decode_num_accepted_tokens, ..."}
+        return self._denied(request) or {
+            "engine": "vllm",
+            "speculative_config": self._speculative,
+            "metrics": "Prometheus: vllm:spec_decode_num_drafts, vllm:spec_decode_num_accepted_tokens, ...",
+        }
 
 
 def context_length(config: ServeConfig) -> int:
@@ -80,8 +84,10 @@ def context_length(config: ServeConfig) -> int:
         cfg = json.loads(storage.read_text(storage.join(config.target, "config.json")))
         return int((cfg.get("text_config") or cfg)["max_position_embeddings"])
     except Exception as err:  # noqa: BLE001 - one line naming the field, whatever the reason
-        raise ConfigError(f"field 'max_model_len': not set, and {config.target}/config.json gives no "
-                          f"max_position_embeddings ({type(err).__name__})") from None
+        raise ConfigError(
+            f"field 'max_model_len': not set, and {config.target}/config.json gives no "
+            f"max_position_embeddings ({type(err).__name__})"
+        ) from None
 
 
 def drafter_source(config: ServeConfig) -> tuple[str | None, dict[str, Any]]:
@@ -91,8 +97,10 @@ def drafter_source(config: ServeConfig) -> tuple[str | None, dict[str, Any]]:
     shares (SD2_CACHE_DIR is passed to the replicas)."""
     if not config.drafter or not storage.is_s3(config.drafter):
         return config.drafter, {}
-    callback = {"callback_class": "sd2_ray.serve.vllm_callbacks:FetchDrafter",
-                "callback_kwargs": {"drafter": config.drafter}}
+    callback = {
+        "callback_class": "sd2_ray.serve.vllm_callbacks:FetchDrafter",
+        "callback_kwargs": {"drafter": config.drafter},
+    }
     return storage.cache_path(config.drafter), callback
 
 
@@ -111,19 +119,26 @@ def llm_config(config: ServeConfig) -> LLMConfig:
     gpu = config.accelerator == "gpu"
     # our "auto" (bf16 on GPU, fp32 on CPU), not vLLM's (which turns fp32 weights into fp16)
     dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if gpu else "float32")
-    engine_kwargs: dict[str, Any] = {"dtype": dtype, "max_model_len": context_length(config),
-                                     "tensor_parallel_size": config.tensor_parallel_size}
+    engine_kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "max_model_len": context_length(config),
+        "tensor_parallel_size": config.tensor_parallel_size,
+    }
     if gpu:
         engine_kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
     else:
         engine_kwargs["enforce_eager"] = True  # torch.compile costs ~45 s of start-up on CPU
     drafter, callback = drafter_source(config)
     if drafter:
-        engine_kwargs["speculative_config"] = {"model": drafter,
-                                               "num_speculative_tokens": config.num_speculative_tokens}
+        engine_kwargs["speculative_config"] = {
+            "model": drafter,
+            "num_speculative_tokens": config.num_speculative_tokens,
+        }
     source: Any = {"bucket_uri": target} if storage.is_s3(target) else target
-    deployment: dict[str, Any] = {"max_ongoing_requests": config.max_batch_size + config.max_queued_requests,
-                                  "max_queued_requests": config.max_queued_requests}
+    deployment: dict[str, Any] = {
+        "max_ongoing_requests": config.max_batch_size + config.max_queued_requests,
+        "max_queued_requests": config.max_queued_requests,
+    }
     autoscaling = config.autoscaling_settings()
     if autoscaling is not None:
         deployment["autoscaling_config"] = autoscaling
@@ -131,12 +146,15 @@ def llm_config(config: ServeConfig) -> LLMConfig:
         deployment["autoscaling_config"] = {"min_replicas": config.replicas, "max_replicas": config.replicas}
     from sd2_ray.runtime import worker_env
 
-    kwargs: dict[str, Any] = {"placement_group_config": placement(config),
-                              "runtime_env": {"env_vars": worker_env()}}
+    kwargs: dict[str, Any] = {"placement_group_config": placement(config), "runtime_env": {"env_vars": worker_env()}}
     if callback:
         kwargs["callback_config"] = callback
-    return LLMConfig(model_loading_config={"model_id": config.served_model_name, "model_source": source},
-                     engine_kwargs=engine_kwargs, deployment_config=deployment, **kwargs)
+    return LLMConfig(
+        model_loading_config={"model_id": config.served_model_name, "model_source": source},
+        engine_kwargs=engine_kwargs,
+        deployment_config=deployment,
+        **kwargs,
+    )
 
 
 def model_card(llm: LLMConfig):
@@ -155,4 +173,6 @@ def build_vllm_app(config: ServeConfig) -> "serve.Application":
     return serve.deployment(ingress, **options).bind(
         llm_deployments={llm.model_id: server},
         model_cards={llm.model_id: model_card(llm)},
-        api_key=config.api_key, speculative=llm.engine_kwargs.get("speculative_config"))
+        api_key=config.api_key,
+        speculative=llm.engine_kwargs.get("speculative_config"),
+    )

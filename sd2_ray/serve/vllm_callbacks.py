@@ -1,6 +1,7 @@
 """Ray Serve LLM node-initialisation callback (an adapter of ``ray.serve.llm``): fetch an s3://
 drafter onto the replica's node before vLLM starts, where :func:`sd2_ray.serve.vllm_app.drafter_source`
 told vLLM to find it. Ray runs the hook once per node of the replica's placement group."""
+
 from __future__ import annotations
 
 import logging

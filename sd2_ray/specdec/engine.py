@@ -19,6 +19,7 @@ Devices: every tensor of the loop lives on the target's input device; the drafte
 own device (it may be another GPU) and hands drafts and probabilities back on the target's.
 Per-request generators stay on the CPU, so a seed gives the same draws on any device.
 """
+
 from __future__ import annotations
 
 import logging
@@ -55,8 +56,7 @@ def right_aligned(seqs: list[list[int]], device=None, width: int | None = None) 
     list, or ``width``)."""
     width = max(len(s) for s in seqs) if width is None else width
     tokens = torch.tensor([[0] * (width - len(s)) + s for s in seqs], dtype=torch.long, device=device)
-    real = torch.tensor([[False] * (width - len(s)) + [True] * len(s) for s in seqs], dtype=torch.bool,
-                        device=device)
+    real = torch.tensor([[False] * (width - len(s)) + [True] * len(s) for s in seqs], dtype=torch.bool, device=device)
     return tokens, real
 
 
@@ -67,11 +67,22 @@ class SameVocabDrafter:
     pass are one call of the same shape every pass (a chunk of 2: the bonus token, preceded
     by the last draft when all were accepted), so a compiled chain is reused."""
 
-    def __init__(self, model, prompts: list[list[int]], vocab: int, out_device=None, *,
-                 steps: DecodeSteps | None = None, capacity: int | None = None):
+    def __init__(
+        self,
+        model,
+        prompts: list[list[int]],
+        vocab: int,
+        out_device=None,
+        *,
+        steps: DecodeSteps | None = None,
+        capacity: int | None = None,
+    ):
         self.steps = steps or DecodeSteps(model)
-        self.kv = StaticKV(model, len(prompts), capacity, fixed_width=self.steps.compiled) \
-            if capacity is not None else RaggedKV(model, len(prompts))
+        self.kv = (
+            StaticKV(model, len(prompts), capacity, fixed_width=self.steps.compiled)
+            if capacity is not None
+            else RaggedKV(model, len(prompts))
+        )
         self.device = self.kv.device  # the drafter's own device
         self.out_device = out_device if out_device is not None else self.device  # the target's
         self.vocab = vocab
@@ -82,8 +93,9 @@ class SameVocabDrafter:
     def propose(self, k: int, rp: RowParams, uniforms: torch.Tensor, history=None):
         steady = self.steady and max(len(p) for p in self.pending) <= STEADY_DRAFT_CHUNK
         tokens, real = right_aligned(self.pending, self.device, STEADY_DRAFT_CHUNK if steady else None)
-        drafts, probs = self.steps.draft(self.kv, tokens, real, k, rp.to(self.device), uniforms.to(self.device),
-                                         self.vocab, steady)
+        drafts, probs = self.steps.draft(
+            self.kv, tokens, real, k, rp.to(self.device), uniforms.to(self.device), self.vocab, steady
+        )
         self.steady = True
         self.last_draft = drafts[:, -1]
         self.pending = [[] for _ in self.pending]
@@ -92,14 +104,15 @@ class SameVocabDrafter:
 
     def commit(self, k: int, accepted: list[int], next_tokens: list[int], new_tokens=None, history=None):
         if k == 0:
-            for pending, token in zip(self.pending, next_tokens):
+            for pending, token in zip(self.pending, next_tokens, strict=True):
                 pending.append(token)
             return
-        self.kv.drop_last(torch.tensor([k - 1 - min(a, k - 1) for a in accepted], dtype=torch.long,
-                                       device=self.device))
+        self.kv.drop_last(torch.tensor([k - 1 - min(a, k - 1) for a in accepted], dtype=torch.long, device=self.device))
+        assert self.last_draft is not None  # set by propose, which a commit of k > 0 drafts follows
         last = self.last_draft.tolist()
-        self.pending = [([last[i]] if a == k else []) + [t]
-                        for i, (a, t) in enumerate(zip(accepted, next_tokens))]
+        self.pending = [
+            ([last[i]] if a == k else []) + [t] for i, (a, t) in enumerate(zip(accepted, next_tokens, strict=True))
+        ]
 
     def select(self, rows: list[int]) -> None:
         self.kv.select(torch.tensor(rows, dtype=torch.long, device=self.device))
@@ -136,18 +149,29 @@ class SpeculativeEngine:
     tokens, has no length known in advance) and runs eagerly.
     """
 
-    def __init__(self, target_model, drafter_model=None, num_speculative_tokens: int = 4,
-                 target_tokenizer=None, drafter_tokenizer=None, *,
-                 eos_token_ids: tuple[int, ...] | None = None, max_batch_size: int | None = None,
-                 accept_rule=None, static_cache: bool = True, compile: bool = False):
+    def __init__(
+        self,
+        target_model,
+        drafter_model=None,
+        num_speculative_tokens: int = 4,
+        target_tokenizer=None,
+        drafter_tokenizer=None,
+        *,
+        eos_token_ids: tuple[int, ...] | None = None,
+        max_batch_size: int | None = None,
+        accept_rule=None,
+        static_cache: bool = True,
+        compile: bool = False,
+    ):
         if num_speculative_tokens < 0:
             raise ValueError("num_speculative_tokens must be >= 0")
         self.target = target_model.eval()
         self.drafter = drafter_model.eval() if drafter_model is not None else None
         self.num_speculative_tokens = num_speculative_tokens if drafter_model is not None else 0
         self.target_tokenizer, self.drafter_tokenizer = target_tokenizer, drafter_tokenizer
-        self.eos_token_ids = tuple(eos_token_ids) if eos_token_ids is not None \
-            else eos_ids_of(target_model, target_tokenizer)
+        self.eos_token_ids = (
+            tuple(eos_token_ids) if eos_token_ids is not None else eos_ids_of(target_model, target_tokenizer)
+        )
         self.max_batch_size = max_batch_size
         self.accept_rule = accept_rule  # tests swap in a wrong rule to show the checks catch it
         self.vocab = output_vocab_size(target_model)
@@ -155,29 +179,43 @@ class SpeculativeEngine:
         self.drafter_device = input_device(self.drafter) if self.drafter is not None else None
         self.translator = None
         if self.drafter is not None and self.num_speculative_tokens:
-            from sd2_ray.specdec.uag import needs_translation, Translator
+            from sd2_ray.specdec.uag import Translator, needs_translation
 
             if needs_translation(target_tokenizer, drafter_tokenizer):
-                self.translator = Translator(target_tokenizer, drafter_tokenizer, self.vocab,
-                                             eos_ids_of(drafter_model, drafter_tokenizer),
-                                             device=self.drafter_device)
+                self.translator = Translator(
+                    target_tokenizer,
+                    drafter_tokenizer,
+                    self.vocab,
+                    eos_ids_of(drafter_model, drafter_tokenizer),
+                    device=self.drafter_device,
+                )
         models = [m for m in (self.target, self.drafter) if m is not None]
         self.static_cache = static_cache and all(supports_static(m) for m in models)
         if static_cache and not self.static_cache:
             logger.info("attention implementation takes no 4D mask: growing KV caches instead of static ones")
         self.compile = compile and self.static_cache
         self._target_steps = DecodeSteps(self.target, self.compile)
-        self._drafter_steps = DecodeSteps(self.drafter, self.compile) \
-            if self.drafter is not None and self.translator is None else None
+        self._drafter_steps = (
+            DecodeSteps(self.drafter, self.compile) if self.drafter is not None and self.translator is None else None
+        )
 
     @property
     def cross_tokenizer(self) -> bool:
         return self.translator is not None
 
     @classmethod
-    def from_dirs(cls, target_dir: str, drafter_dir: str | None = None, num_speculative_tokens: int = 4,
-                  dtype=torch.float32, *, device="cpu", drafter_device=None, device_map=None,
-                  **kwargs) -> "SpeculativeEngine":
+    def from_dirs(
+        cls,
+        target_dir: str,
+        drafter_dir: str | None = None,
+        num_speculative_tokens: int = 4,
+        dtype=torch.float32,
+        *,
+        device="cpu",
+        drafter_device=None,
+        device_map=None,
+        **kwargs,
+    ) -> SpeculativeEngine:
         """Load a pair: the target on ``device`` (or placed by an accelerate ``device_map``, e.g.
         "auto" to shard it over the visible GPUs), the drafter on ``drafter_device`` (default:
         the target's input device)."""
@@ -190,8 +228,9 @@ class SpeculativeEngine:
         drafter_tok = load_tokenizer(drafter_dir) if drafter_dir else None
         return cls(target, drafter, num_speculative_tokens, target_tok, drafter_tok, **kwargs)
 
-    def generate(self, requests: list[GenerationRequest], on_tokens: TokenCallback | None = None,
-                 speculate: bool = True) -> list[GenerationResult]:
+    def generate(
+        self, requests: list[GenerationRequest], on_tokens: TokenCallback | None = None, speculate: bool = True
+    ) -> list[GenerationResult]:
         """``speculate=False`` decodes with the target alone (same output for greedy requests): a
         server turns drafting off for large batches, where verifying K drafts per row costs more
         target compute than the accepted tokens save."""
@@ -202,7 +241,7 @@ class SpeculativeEngine:
         results: list[GenerationResult] = []
         with torch.inference_mode():
             for start in range(0, len(requests), size):
-                results.extend(self._generate_batch(requests[start:start + size], start, on_tokens, speculate))
+                results.extend(self._generate_batch(requests[start : start + size], start, on_tokens, speculate))
         return results
 
     def _new_row(self, offset: int, i: int, req: GenerationRequest) -> _Row:
@@ -210,9 +249,15 @@ class SpeculativeEngine:
         generator = None
         if not req.sampling.greedy:
             generator = torch.Generator().manual_seed(
-                req.sampling.seed if req.sampling.seed is not None else random.getrandbits(63))
-        return _Row(offset + i, req, frozenset(self.eos_token_ids) | frozenset(req.stop_token_ids),
-                    SpecStats(num_speculative_tokens=k, accepted_per_position=[0] * k), generator)
+                req.sampling.seed if req.sampling.seed is not None else random.getrandbits(63)
+            )
+        return _Row(
+            offset + i,
+            req,
+            frozenset(self.eos_token_ids) | frozenset(req.stop_token_ids),
+            SpecStats(num_speculative_tokens=k, accepted_per_position=[0] * k),
+            generator,
+        )
 
     def _new_drafter(self, prompts: list[list[int]], capacity: int):
         if self.drafter is None or self.num_speculative_tokens == 0:
@@ -221,8 +266,14 @@ class SpeculativeEngine:
             from sd2_ray.specdec.uag import CrossVocabDrafter
 
             return CrossVocabDrafter(self.drafter, self.translator, prompts, out_device=self.device)
-        return SameVocabDrafter(self.drafter, prompts, self.vocab, out_device=self.device,
-                                steps=self._drafter_steps, capacity=capacity if self.static_cache else None)
+        return SameVocabDrafter(
+            self.drafter,
+            prompts,
+            self.vocab,
+            out_device=self.device,
+            steps=self._drafter_steps,
+            capacity=capacity if self.static_cache else None,
+        )
 
     def _new_target_cache(self, rows: list[_Row], capacity: int):
         if self.static_cache:
@@ -244,7 +295,9 @@ class SpeculativeEngine:
         rp = RowParams.from_params([row.request.sampling for row in rows], device=self.device)
         K = self.num_speculative_tokens
         # a row holds its prompt, its budget and at most K + 1 tokens in flight
-        capacity = round_capacity(max(len(p) + row.request.max_new_tokens for p, row in zip(prompts, rows)) + K + 1)
+        capacity = round_capacity(
+            max(len(p) + row.request.max_new_tokens for p, row in zip(prompts, rows, strict=True)) + K + 1
+        )
         target_kv = self._new_target_cache(rows, capacity)
         drafter = self._new_drafter(prompts, capacity) if speculate else None
         pending: list[list[int]] = prompts  # committed target ids not yet in the target cache
@@ -257,10 +310,10 @@ class SpeculativeEngine:
                 k = K  # one shape every pass (a compiled graph each); rows' budgets cut drafts below
             uniforms = self._uniforms(rows)
             if k > 0:
+                assert drafter is not None  # k is 0 without one
                 drafts, draft_len, draft_probs = drafter.propose(k, rp, uniforms[:, :k], histories)
                 # a row never drafts past its own budget, so its tokens don't depend on its batch
-                budget = torch.tensor([row.remaining - 1 for row in rows], dtype=torch.long,
-                                      device=self.device)
+                budget = torch.tensor([row.remaining - 1 for row in rows], dtype=torch.long, device=self.device)
                 draft_len = torch.minimum(draft_len, budget)
                 if not self.compile:
                     width = int(draft_len.max())  # cross-tokenizer rows may all propose fewer than k
@@ -271,15 +324,23 @@ class SpeculativeEngine:
                 draft_len, draft_probs = torch.zeros(len(rows), dtype=torch.long, device=self.device), None
             logits = self._score(target_kv, pending, drafts, draft_len, steady)
             steady = True
-            accepted, next_token = verify(logits, drafts, draft_len, draft_probs, rp,
-                                          uniforms[:, K:K + drafts.shape[1]], uniforms[:, 2 * K], self.accept_rule)
+            accepted, next_token = verify(
+                logits,
+                drafts,
+                draft_len,
+                draft_probs,
+                rp,
+                uniforms[:, K : K + drafts.shape[1]],
+                uniforms[:, 2 * K],
+                self.accept_rule,
+            )
             target_kv.drop_last(draft_len - accepted)
             acc, nxt, lens = accepted.tolist(), next_token.tolist(), draft_len.tolist()
             draft_lists = drafts.tolist()
-            new_tokens = [draft_lists[i][:acc[i]] + [nxt[i]] for i in range(len(rows))]
-            for row, toks, a, m in zip(rows, new_tokens, acc, lens):
+            new_tokens = [draft_lists[i][: acc[i]] + [nxt[i]] for i in range(len(rows))]
+            for row, toks, a, m in zip(rows, new_tokens, acc, lens, strict=True):
                 self._commit(row, toks, a, m, k, on_tokens)
-            for history, toks in zip(histories, new_tokens):
+            for history, toks in zip(histories, new_tokens, strict=True):
                 history.extend(toks)
             pending = [[t] for t in nxt]
             if drafter is not None:
@@ -309,8 +370,9 @@ class SpeculativeEngine:
                 out[i] = torch.rand(size, generator=row.generator)
         return out.to(self.device)
 
-    def _score(self, kv, pending: list[list[int]], drafts: torch.Tensor, draft_len: torch.Tensor,
-               steady: bool = False) -> torch.Tensor:
+    def _score(
+        self, kv, pending: list[list[int]], drafts: torch.Tensor, draft_len: torch.Tensor, steady: bool = False
+    ) -> torch.Tensor:
         """Target logits (B, M+1, V) at the position before each draft token and after the last.
         ``steady``: every row has one pending token, so the chunk is (B, M+1) whatever the
         rows drafted (a compiled verification keeps one shape)."""
@@ -321,8 +383,11 @@ class SpeculativeEngine:
             real = torch.ones_like(tokens, dtype=torch.bool)
         else:
             draft_lists = drafts.tolist()
-            tokens, real = right_aligned([p + d[:m] for p, d, m in zip(pending, draft_lists, lens)],
-                                         self.device, width + 1 if steady else None)
+            tokens, real = right_aligned(
+                [p + d[:m] for p, d, m in zip(pending, draft_lists, lens, strict=True)],
+                self.device,
+                width + 1 if steady else None,
+            )
         logits = self._target_steps.logits(kv, tokens, real, width + 1, steady)
         if all(m == width for m in lens):
             return logits
@@ -332,8 +397,7 @@ class SpeculativeEngine:
         index = (shift.unsqueeze(1) + columns.unsqueeze(0)).clamp_(max=width)
         return logits.gather(1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
 
-    def _commit(self, row: _Row, tokens: list[int], accepted: int, drafted: int, k: int,
-                on_tokens) -> None:
+    def _commit(self, row: _Row, tokens: list[int], accepted: int, drafted: int, k: int, on_tokens) -> None:
         """Emit a row's new tokens up to a stop id or its budget; count them; call back."""
         emitted = []
         for token in tokens:

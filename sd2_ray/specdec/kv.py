@@ -13,7 +13,10 @@ Device: the bookkeeping tensors live where the model takes its inputs (``self.de
 are moved there and logits are returned there (a model sharded with a ``device_map`` may put
 its last layers, hence its logits and some cache layers, on other GPUs).
 """
+
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -44,8 +47,14 @@ class RaggedKV:
         else:
             attention_mask = mask.long()
             positions = self.lengths.unsqueeze(1) + (real.long().cumsum(1) - 1).clamp_(min=0)
-        out = self.model(input_ids=tokens, attention_mask=attention_mask, position_ids=positions,
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=logits_to_keep)
+        out = self.model(
+            input_ids=tokens,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+        )
         self.real = mask
         self.lengths = self.lengths + real.sum(1)
         return out.logits.to(self.device)
@@ -65,7 +74,7 @@ class RaggedKV:
     def select(self, rows: torch.Tensor) -> None:
         """Keep only these rows (finished requests leave the batch)."""
         rows = rows.to(self.device)
-        for layer in self.cache.layers:  # each layer's keys may sit on its own GPU (device_map)
+        for layer in self._all_layers():  # each layer's keys may sit on its own GPU (device_map)
             keys = getattr(layer, "keys", None)
             layer.batch_select_indices(rows.to(keys.device) if keys is not None else rows)
         self.real, self.lengths = self.real[rows], self.lengths[rows]
@@ -87,9 +96,15 @@ class RaggedKV:
         if holes > HOLE_FRACTION_TO_COMPACT * self.real.numel():
             self._compact()
 
-    def _layers(self):
-        return [layer for layer in self.cache.layers if getattr(layer, "keys", None) is not None
-                and layer.keys.numel()]
+    def _all_layers(self) -> list[Any]:
+        """The cache's layers, duck-typed: their classes differ by model (full or sliding-window
+        attention, ...)."""
+        return self.cache.layers
+
+    def _layers(self) -> list[Any]:
+        return [
+            layer for layer in self._all_layers() if getattr(layer, "keys", None) is not None and layer.keys.numel()
+        ]
 
     def _slice(self, start: int, stop: int) -> None:
         for layer in self._layers():

@@ -5,6 +5,7 @@ sampled requests with different temperature / top-k / top-p. Randomness comes in
 drawn by the caller from each request's own seeded generator, so a request's draws never depend
 on which other requests share its batch.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,27 +29,42 @@ class RowParams:
     filters: bool  # some row uses top-k or top-p
 
     @classmethod
-    def from_params(cls, params: list[SamplingParams], device=None) -> "RowParams":
-        return cls(greedy=torch.tensor([p.greedy for p in params], dtype=torch.bool, device=device),
-                   temperature=torch.tensor([p.temperature if not p.greedy else 1.0 for p in params],
-                                            dtype=torch.float32, device=device),
-                   top_k=torch.tensor([max(0, p.top_k) for p in params], dtype=torch.long, device=device),
-                   top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
-                   all_greedy=all(p.greedy for p in params),
-                   filters=any(p.top_k > 0 or p.top_p < 1.0 for p in params))
+    def from_params(cls, params: list[SamplingParams], device=None) -> RowParams:
+        return cls(
+            greedy=torch.tensor([p.greedy for p in params], dtype=torch.bool, device=device),
+            temperature=torch.tensor(
+                [p.temperature if not p.greedy else 1.0 for p in params], dtype=torch.float32, device=device
+            ),
+            top_k=torch.tensor([max(0, p.top_k) for p in params], dtype=torch.long, device=device),
+            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
+            all_greedy=all(p.greedy for p in params),
+            filters=any(p.top_k > 0 or p.top_p < 1.0 for p in params),
+        )
 
-    def select(self, rows: torch.Tensor) -> "RowParams":
+    def select(self, rows: torch.Tensor) -> RowParams:
         """Keep these rows (requests leave the batch between passes: reading the flags back
         here is outside any draft step)."""
         rows = rows.to(self.greedy.device)
         greedy, top_k, top_p = self.greedy[rows], self.top_k[rows], self.top_p[rows]
-        return RowParams(greedy, self.temperature[rows], top_k, top_p, bool(greedy.all()),
-                         bool((top_k > 0).any() or (top_p < 1.0).any()))
+        return RowParams(
+            greedy,
+            self.temperature[rows],
+            top_k,
+            top_p,
+            bool(greedy.all()),
+            bool((top_k > 0).any() or (top_p < 1.0).any()),
+        )
 
-    def to(self, device) -> "RowParams":
+    def to(self, device) -> RowParams:
         """The same rows on another device (a drafter on its own GPU); no copy when already there."""
-        return RowParams(self.greedy.to(device), self.temperature.to(device), self.top_k.to(device),
-                         self.top_p.to(device), self.all_greedy, self.filters)
+        return RowParams(
+            self.greedy.to(device),
+            self.temperature.to(device),
+            self.top_k.to(device),
+            self.top_p.to(device),
+            self.all_greedy,
+            self.filters,
+        )
 
 
 def fit_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -95,7 +111,7 @@ def sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return ids.clamp_(max=probs.shape[-1] - 1)
 
 
-def pick(logits: torch.Tensor, rp: RowParams, uniforms: torch.Tensor | None):
+def pick(logits: torch.Tensor, rp: RowParams, uniforms: torch.Tensor):
     """Next token per row from (B, V) logits: argmax for greedy rows, sampled otherwise.
 
     Returns (ids (B,), warped probabilities (B, V) or None when every row is greedy).
@@ -108,14 +124,22 @@ def pick(logits: torch.Tensor, rp: RowParams, uniforms: torch.Tensor | None):
     return torch.where(rp.greedy, greedy_ids, sampled), probs
 
 
-def verify(target_logits: torch.Tensor, drafts: torch.Tensor, draft_len: torch.Tensor,
-           draft_probs: torch.Tensor | None, rp: RowParams, u_accept: torch.Tensor | None,
-           u_resample: torch.Tensor | None, accept_rule=None):
+def verify(
+    target_logits: torch.Tensor,
+    drafts: torch.Tensor,
+    draft_len: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    rp: RowParams,
+    u_accept: torch.Tensor,
+    u_resample: torch.Tensor,
+    accept_rule=None,
+):
     """Verify drafts against the target; returns (accepted (B,), next_token (B,)).
 
     ``target_logits`` (B, k+1, V): the target's logits at the position before each draft token
     and after the last one. ``drafts`` (B, k) target ids, row i meaningful up to ``draft_len[i]``.
-    ``draft_probs`` (B, k, V): the (warped) distribution each draft token was sampled from.
+    ``draft_probs`` (B, k, V): the (warped) distribution each draft token was sampled from (None
+    when every row is greedy: the drafter then returns none).
     Greedy rows accept while the draft equals the target's argmax, then take the argmax.
     Sampled rows accept token j with probability min(1, p/q); the first rejected position is
     resampled from norm(max(0, p - q)); when all are accepted the bonus token comes from p.
@@ -130,6 +154,7 @@ def verify(target_logits: torch.Tensor, drafts: torch.Tensor, draft_len: torch.T
     if not rp.all_greedy:
         probs = warp_probs(target_logits, rp)  # (B, k+1, V)
         if k:
+            assert draft_probs is not None, "sampled rows' drafts come with their probabilities"
             p_x = probs[:, :k].gather(-1, drafts.unsqueeze(-1)).squeeze(-1)
             q_x = draft_probs.gather(-1, drafts.unsqueeze(-1)).squeeze(-1)
             rule = accept_rule or (lambda p, q, u: u * q < p)  # u < p/q without dividing by q
@@ -141,6 +166,7 @@ def verify(target_logits: torch.Tensor, drafts: torch.Tensor, draft_len: torch.T
     rows = torch.arange(len(accepted), device=accepted.device)
     dist = probs[rows, accepted]  # (B, V): p at the first rejected position, or the bonus position
     if k:
+        assert draft_probs is not None  # as above
         rejected = accepted < draft_len
         q_at = draft_probs[rows, accepted.clamp(max=k - 1)]
         residual = (dist - q_at).clamp_(min=0.0)

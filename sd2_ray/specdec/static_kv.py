@@ -17,6 +17,7 @@ Attention reads the first ``read_width`` slots. Eagerly that is a multiple of ``
 covering every position written so far (a host-side upper bound, so sizing it never syncs);
 for compiled steps it is fixed to the whole capacity, so shapes never change.
 """
+
 from __future__ import annotations
 
 import torch
@@ -87,17 +88,24 @@ class StaticKV:
         positions = self.lengths.unsqueeze(1) + real.long().cumsum(1) - 1  # of the real tokens
         slots = torch.where(real, positions, self.trash)
         seen = torch.where(real, positions, (self.lengths - 1).clamp(min=0).unsqueeze(1))
-        mask = self.slot_ids[:self.read_width].view(1, 1, 1, -1) <= seen.unsqueeze(1).unsqueeze(-1)
+        mask = self.slot_ids[: self.read_width].view(1, 1, 1, -1) <= seen.unsqueeze(1).unsqueeze(-1)
         if self.mask_kind == "additive":
             mask = torch.zeros((), dtype=self.mask_dtype, device=mask.device).masked_fill(
-                ~mask, torch.finfo(self.mask_dtype).min)
+                ~mask, torch.finfo(self.mask_dtype).min
+            )
         return positions.clamp(min=0), slots, mask
 
     def run(self, tokens: torch.Tensor, real: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
         """One forward of a chunk the caller has reserved; traceable (no host reads)."""
         positions, self.write_slots, mask = self.inputs(real)
-        out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=logits_to_keep)
+        out = self.model(
+            input_ids=tokens,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+        )
         self.lengths.add_(real.sum(1))
         return out.logits
 
@@ -120,8 +128,8 @@ class StaticKV:
     def select(self, rows: torch.Tensor) -> None:
         """Keep only these rows (finished requests leave the batch)."""
         rows = rows.to(self.device)
-        for layer in self.cache.layers:
-            if layer.is_initialized:
+        for layer in self.cache.slot_layers:
+            if layer.keys is not None and layer.values is not None:  # initialized
                 layer.keys = self.pinned(layer.keys.index_select(0, rows.to(layer.keys.device)))
                 layer.values = self.pinned(layer.values.index_select(0, rows.to(layer.values.device)))
         self.lengths = self.pinned(self.lengths.index_select(0, rows))

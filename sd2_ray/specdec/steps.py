@@ -13,6 +13,7 @@ eagerly. On the CPU the compiler is ``torch.compile`` (inductor); on CUDA it is
 loop meets: UNTESTED here (no GPU on the machines this was written on).
 A compiler failure is logged once and the steps fall back to eager.
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,8 +32,9 @@ def chunk_logits(kv: StaticKV, tokens: torch.Tensor, real: torch.Tensor, keep: i
     return kv.run(tokens, real, keep)
 
 
-def draft_chain(kv, tokens: torch.Tensor, real: torch.Tensor, k: int, rp: RowParams,
-                uniforms: torch.Tensor, vocab: int):
+def draft_chain(
+    kv, tokens: torch.Tensor, real: torch.Tensor, k: int, rp: RowParams, uniforms: torch.Tensor, vocab: int
+):
     """``k`` drafts per row: the right-aligned chunk, then k-1 single tokens (the last draft is
     fed next pass only if it gets accepted). Returns (drafts (B, k), warped probabilities
     (B, k, V) or None when every row is greedy)."""
@@ -54,10 +56,10 @@ def mark_batch_dynamic(args) -> None:
     first change). A batch of 1 still gets its own graph (the compiler specializes sizes 0/1)."""
     import torch._dynamo
 
-    tensors = []
+    tensors: list[torch.Tensor | None] = []
     for arg in args:
         if isinstance(arg, StaticKV):
-            tensors += [arg.lengths] + [t for layer in arg.cache.layers for t in (layer.keys, layer.values)]
+            tensors += [arg.lengths] + [t for layer in arg.cache.slot_layers for t in (layer.keys, layer.values)]
         elif isinstance(arg, RowParams):
             tensors += [arg.greedy, arg.temperature, arg.top_k, arg.top_p]
         elif isinstance(arg, torch.Tensor):
@@ -103,8 +105,17 @@ class DecodeSteps:
         kv.reserve(tokens.shape[1])
         return self._call(self._chunk if steady else None, chunk_logits, kv, tokens, real, keep).to(kv.device)
 
-    def draft(self, kv, tokens: torch.Tensor, real: torch.Tensor, k: int, rp: RowParams,
-              uniforms: torch.Tensor, vocab: int, steady: bool = False):
+    def draft(
+        self,
+        kv,
+        tokens: torch.Tensor,
+        real: torch.Tensor,
+        k: int,
+        rp: RowParams,
+        uniforms: torch.Tensor,
+        vocab: int,
+        steady: bool = False,
+    ):
         """:func:`draft_chain` on ``kv.device`` (tokens, rp and uniforms already there)."""
         if not isinstance(kv, StaticKV):
             return draft_chain(kv, tokens, real, k, rp, uniforms, vocab)
@@ -125,6 +136,5 @@ class DecodeSteps:
             self._chunk = self._chain = None
             return eager(*args)
         if self.device.type == "cuda":  # a CUDA graph's outputs are overwritten by its next replay
-            out = tuple(t.clone() if t is not None else None for t in out) if isinstance(out, tuple) \
-                else out.clone()
+            out = tuple(t.clone() if t is not None else None for t in out) if isinstance(out, tuple) else out.clone()
         return out

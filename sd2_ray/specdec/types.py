@@ -3,10 +3,12 @@
 Engines (our speculative engine, target-only decoding, cross-tokenizer pairs) all implement
 :class:`Engine`. Token ids are always the *target's* ids.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 # on_tokens(request_index, newly_committed_target_ids) -> True to stop that request now
 # (used for streaming and for stop strings); called in commit order.
@@ -50,7 +52,7 @@ class SpecStats:
         """P(draft token k accepted) over all drafts, k = 0..K-1."""
         return [a / self.num_drafts if self.num_drafts else 0.0 for a in self.accepted_per_position]
 
-    def merge(self, other: "SpecStats") -> "SpecStats":
+    def merge(self, other: SpecStats) -> SpecStats:
         size = max(len(self.accepted_per_position), len(other.accepted_per_position))
         pad = lambda xs: list(xs) + [0] * (size - len(xs))  # noqa: E731
         return SpecStats(
@@ -60,8 +62,9 @@ class SpecStats:
             num_draft_tokens=self.num_draft_tokens + other.num_draft_tokens,
             num_accepted_tokens=self.num_accepted_tokens + other.num_accepted_tokens,
             committed_tokens=self.committed_tokens + other.committed_tokens,
-            accepted_per_position=[a + b for a, b in zip(pad(self.accepted_per_position),
-                                                         pad(other.accepted_per_position))],
+            accepted_per_position=[
+                a + b for a, b in zip(pad(self.accepted_per_position), pad(other.accepted_per_position), strict=True)
+            ],
         )
 
 
@@ -81,7 +84,8 @@ class GenerationResult:
 
 
 class Engine(Protocol):
-    def generate(self, requests: list[GenerationRequest], on_tokens: TokenCallback | None = None,
-                 speculate: bool = True) -> list[GenerationResult]:
+    def generate(
+        self, requests: list[GenerationRequest], on_tokens: TokenCallback | None = None, speculate: bool = True
+    ) -> list[GenerationResult]:
         """Advance all requests together (batched) until each stops; mixed sampling params allowed."""
         ...

@@ -13,6 +13,7 @@ generated text is re-encoded with the drafter's tokenizer, the drafter cache kee
 common prefix with it and the rest is fed next step (cache rollback, no prefix recomputation).
 The transformers ``AssistantToAssistedTranslator`` does the intersection with a similar idea.
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,7 +49,7 @@ def token_texts(tokenizer) -> list[str | None]:
             out.append(SPECIAL_MARK + tokenizer.convert_ids_to_tokens(i))
             continue
         text = tokenizer.decode(anchor + [i])
-        piece = text[len(base):] if text.startswith(base) else None
+        piece = text[len(base) :] if text.startswith(base) else None
         out.append(piece if piece and REPLACEMENT not in piece else None)
     return out
 
@@ -81,15 +82,18 @@ class Translator:
                     d2t[e] = target_eos
         self.drafter_to_target = torch.tensor(d2t, dtype=torch.long, device=device)  # on the drafter's device
         self.shared = self.drafter_to_target >= 0
-        logger.info("cross-tokenizer pair: %d of %d drafter tokens exist in the target vocabulary",
-                    int(self.shared.sum()), len(d2t))
+        logger.info(
+            "cross-tokenizer pair: %d of %d drafter tokens exist in the target vocabulary",
+            int(self.shared.sum()),
+            len(d2t),
+        )
 
     def draft_text(self, context: list[int], drafted: list[int]) -> str:
         """Text of drafted drafter ids as it continues the context (leading spaces kept)."""
         window = context[-LOOKBACK_TOKENS:]
         base = self.drafter_tok.decode(window)
         full = self.drafter_tok.decode(window + drafted)
-        text = full[len(base):] if full.startswith(base) else self.drafter_tok.decode(drafted)
+        text = full[len(base) :] if full.startswith(base) else self.drafter_tok.decode(drafted)
         return text.rstrip(REPLACEMENT)  # an unfinished character is not text yet
 
     def target_candidates(self, history: list[int], text: str, limit: int) -> list[int]:
@@ -101,8 +105,8 @@ class Translator:
         lookback = tok.decode(history[-LOOKBACK_TOKENS:])
         both = tok.encode(lookback + text, add_special_tokens=False)
         alone = tok.encode(lookback, add_special_tokens=False)
-        if both[:len(alone)] == alone:
-            ids = both[len(alone):]
+        if both[: len(alone)] == alone:
+            ids = both[len(alone) :]
         else:
             ids = tok.encode(text, add_special_tokens=False)
         return [i for i in ids[:limit] if i < self.target_vocab]
@@ -111,7 +115,8 @@ class Translator:
         """Drafter ids for the target's text: prompt and generated part encoded separately so the
         prompt's ids never change as text is appended."""
         return self.drafter_prompt(prompt_ids) + self.drafter_tok.encode(
-            self.target_tok.decode(generated), add_special_tokens=False)
+            self.target_tok.decode(generated), add_special_tokens=False
+        )
 
     def drafter_prompt(self, prompt_ids: list[int]) -> list[int]:
         ids = list(prompt_ids)
@@ -140,34 +145,40 @@ class CrossVocabDrafter:
     def propose(self, k: int, rp: RowParams, uniforms: torch.Tensor, histories: list[list[int]]):
         from sd2_ray.specdec.engine import right_aligned
 
-        tokens, real = right_aligned([c[n:] for c, n in zip(self.context, self.cached)], self.device)
+        tokens, real = right_aligned([c[n:] for c, n in zip(self.context, self.cached, strict=True)], self.device)
         logits = self.kv.forward(tokens, real, logits_to_keep=1)[:, -1]
         rp, uniforms = rp.to(self.device), uniforms.to(self.device)
         greedy_rows = rp.greedy.unsqueeze(1)
         drafted, probs = [], []
         for j in range(k):
             vocab = logits.shape[-1]
-            shared = self.shared[:vocab] if len(self.shared) >= vocab else torch.cat(
-                [self.shared, torch.zeros(vocab - len(self.shared), dtype=torch.bool, device=self.device)])
+            shared = (
+                self.shared[:vocab]
+                if len(self.shared) >= vocab
+                else torch.cat(
+                    [self.shared, torch.zeros(vocab - len(self.shared), dtype=torch.bool, device=self.device)]
+                )
+            )
             # sampled rows only ever draft shared tokens (intersection); greedy rows draft freely
             restricted = logits.masked_fill(~shared & ~greedy_rows, float("-inf"))
             token, prob = pick(restricted, rp, uniforms[:, j])
             drafted.append(token)
             probs.append(prob)
             if j < k - 1:
-                logits = self.kv.forward(token.unsqueeze(1), torch.ones_like(token, dtype=torch.bool)
-                                         .unsqueeze(1), logits_to_keep=1)[:, -1]
+                logits = self.kv.forward(
+                    token.unsqueeze(1), torch.ones_like(token, dtype=torch.bool).unsqueeze(1), logits_to_keep=1
+                )[:, -1]
         drafted_ids = torch.stack(drafted, dim=1)
         drafted_lists = drafted_ids.tolist()
         for i in range(len(self.context)):
-            self.context[i] = self.context[i] + drafted_lists[i][:k - 1]
+            self.context[i] = self.context[i] + drafted_lists[i][: k - 1]
             self.cached[i] = len(self.context[i])
         greedy = rp.greedy.tolist()
         mapped = self.d2t[drafted_ids.clamp(max=len(self.d2t) - 1)].clamp(min=0).tolist()
         rows, lens = [], []
         for i, is_greedy in enumerate(greedy):
             if is_greedy:
-                context = self.context[i][:len(self.context[i]) - (k - 1)]
+                context = self.context[i][: len(self.context[i]) - (k - 1)]
                 text = self.tr.draft_text(context, drafted_lists[i])
                 ids = self.tr.target_candidates(histories[i], text, k)
             else:
@@ -192,9 +203,9 @@ class CrossVocabDrafter:
     def commit(self, k: int, accepted: list[int], next_tokens: list[int], new_tokens, histories):
         drop = []
         for i, history in enumerate(histories):
-            generated = history[len(self.prompts[i]):]
+            generated = history[len(self.prompts[i]) :]
             want = self.tr.drafter_context(self.prompts[i], generated)
-            keep = common_prefix(want, self.context[i][:self.cached[i]])
+            keep = common_prefix(want, self.context[i][: self.cached[i]])
             # the next draft needs logits after the last token: re-feed it when the cache already
             # covers all the text (the drafter's own drafts can spell the committed text exactly)
             keep = min(keep, self.cached[i], len(want) - 1)

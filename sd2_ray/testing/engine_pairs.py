@@ -7,6 +7,7 @@
   correct cross-tokenizer bridge must accept everything.
 - :func:`tiny_pair_dirs`: saved target/drafter dirs with tokenizers (for CLI and eval tests).
 """
+
 from __future__ import annotations
 
 import copy
@@ -16,8 +17,20 @@ import torch
 
 SPECIALS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2: the tiny configs' pad, bos, eos
 CHARS = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;!?'\"()-+*/=<>\n"
-MERGES = [("t", "h"), ("h", "e"), ("i", "n"), ("e", "r"), ("a", "n"), (" ", "t"), ("o", "n"),
-          ("r", "e"), ("e", "s"), (" ", "a"), ("th", "e"), (" t", "he")]
+MERGES = [
+    ("t", "h"),
+    ("h", "e"),
+    ("i", "n"),
+    ("e", "r"),
+    ("a", "n"),
+    (" ", "t"),
+    ("o", "n"),
+    ("r", "e"),
+    ("e", "s"),
+    (" ", "a"),
+    ("th", "e"),
+    (" t", "he"),
+]
 
 
 def _fast(model, eos: bool = True):
@@ -27,8 +40,9 @@ def _fast(model, eos: bool = True):
     tok = Tokenizer(model)
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens(SPECIALS)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>" if eos else None)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>" if eos else None
+    )
 
 
 def char_tokenizer(seed: int | None = None):
@@ -85,8 +99,9 @@ def sharpen(model, factor: float = 8.0):
     return model
 
 
-def tiny_pair_dirs(out_dir: str, arch: str = "llama", drafter_arch: str | None = None,
-                   cross_tokenizer: bool = False) -> tuple[str, str]:
+def tiny_pair_dirs(
+    out_dir: str, arch: str = "llama", drafter_arch: str | None = None, cross_tokenizer: bool = False
+) -> tuple[str, str]:
     """Save a tiny target (char tokenizer) and a smaller drafter (same or BPE tokenizer)."""
     import os
 

@@ -12,6 +12,7 @@ Ray's provider names the head ``ray.head.default`` whatever the file calls it, s
 type is renamed; the worker types keep their names. The wheel lacks the provider's example
 config (``ray.cluster_utils.AutoscalingCluster`` fails), hence this file.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,9 +40,15 @@ def _scaled(resources: dict[str, Any], cpus: float, store_mb: int) -> dict[str, 
     return out
 
 
-def fake_cluster_config(cluster_file: str | Path, gcs_port: int, cpus_per_node: float = 1, store_mb: int = 80, idle_timeout_minutes: float = 0.25,
-                        max_workers: dict[str, int] | None = None,
-                        min_workers: dict[str, int] | None = None) -> dict[str, Any]:
+def fake_cluster_config(
+    cluster_file: str | Path,
+    gcs_port: int,
+    cpus_per_node: float = 1,
+    store_mb: int = 80,
+    idle_timeout_minutes: float = 0.25,
+    max_workers: dict[str, int] | None = None,
+    min_workers: dict[str, int] | None = None,
+) -> dict[str, Any]:
     """The fake-multinode autoscaler config for ``cluster_file``'s node types.
 
     ``max_workers`` / ``min_workers`` override a type's bounds (a 2-core machine holds a few
@@ -56,25 +63,46 @@ def fake_cluster_config(cluster_file: str | Path, gcs_port: int, cpus_per_node: 
             continue
         lo = (min_workers or {}).get(name, int(spec.get("min_workers", 0)))
         hi = (max_workers or {}).get(name, int(spec.get("max_workers", lo)))
-        types[name] = {"resources": _scaled(spec.get("resources") or {}, cpus_per_node, store_mb),
-                       "node_config": {}, "min_workers": min(lo, hi), "max_workers": hi}
+        types[name] = {
+            "resources": _scaled(spec.get("resources") or {}, cpus_per_node, store_mb),
+            "node_config": {},
+            "min_workers": min(lo, hi),
+            "max_workers": hi,
+        }
     head_resources = data["available_node_types"][head].get("resources") or {}
-    types[FAKE_HEAD_TYPE] = {"resources": {k: v for k, v in head_resources.items() if k != "CPU"},
-                             "node_config": {}, "max_workers": 0}
+    types[FAKE_HEAD_TYPE] = {
+        "resources": {k: v for k, v in head_resources.items() if k != "CPU"},
+        "node_config": {},
+        "max_workers": 0,
+    }
     return {
         "cluster_name": "fake-" + str(data.get("cluster_name", "sd2")),
         "max_workers": sum(t["max_workers"] for t in types.values()),
         "upscaling_speed": float(data.get("upscaling_speed", 1.0)),
         "idle_timeout_minutes": idle_timeout_minutes,
-        "provider": {"type": "fake_multinode", "gcs_address": f"127.0.0.1:{gcs_port}",
-                     "use_node_id_as_ip": True, "disable_launch_config_check": True,
-                     "disable_node_updaters": True},
-        "available_node_types": types, "head_node_type": FAKE_HEAD_TYPE,
+        "provider": {
+            "type": "fake_multinode",
+            "gcs_address": f"127.0.0.1:{gcs_port}",
+            "use_node_id_as_ip": True,
+            "disable_launch_config_check": True,
+            "disable_node_updaters": True,
+        },
+        "available_node_types": types,
+        "head_node_type": FAKE_HEAD_TYPE,
         "head_cpus": float(head_resources.get("CPU", 0)),
-        "auth": {"ssh_user": "ubuntu"}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [],
-        "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
-        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
-        "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+        "auth": {"ssh_user": "ubuntu"},
+        "docker": {},
+        "file_mounts": {},
+        "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False,
+        "rsync_exclude": [],
+        "rsync_filter": [],
+        "initialization_commands": [],
+        "setup_commands": [],
+        "head_setup_commands": [],
+        "worker_setup_commands": [],
+        "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
     }
 
 
@@ -101,8 +129,9 @@ class FakeCluster:
     dashboard: str = ""
 
     @classmethod
-    def from_cluster_file(cls, cluster_file: str | Path, env: dict[str, str] | None = None,
-                          **overrides: Any) -> "FakeCluster":
+    def from_cluster_file(
+        cls, cluster_file: str | Path, env: dict[str, str] | None = None, **overrides: Any
+    ) -> FakeCluster:
         port = free_ports(1)[0]
         return cls(fake_cluster_config(cluster_file, port, **overrides), port, dict(env or {}))
 
@@ -110,7 +139,7 @@ class FakeCluster:
     def address(self) -> str:
         return f"127.0.0.1:{self.gcs_port}"
 
-    def start(self, timeout_s: float = 180) -> "FakeCluster":
+    def start(self, timeout_s: float = 180) -> FakeCluster:
         import requests
         import yaml
 
@@ -119,15 +148,34 @@ class FakeCluster:
         config_path = os.path.join(self.temp_dir, "autoscaler.yaml")
         Path(config_path).write_text(yaml.safe_dump(config))
         dashboard, *ports = free_ports(7)
-        cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
-               f"--port={self.gcs_port}", f"--num-cpus={self.config['head_cpus']:g}", "--num-gpus=0",
-               f"--autoscaling-config={config_path}", f"--temp-dir={self.temp_dir}",
-               "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-               f"--dashboard-agent-listen-port={ports[0]}", f"--dashboard-agent-grpc-port={ports[1]}",
-               f"--ray-client-server-port={ports[2]}", f"--metrics-export-port={ports[3]}",
-               f"--runtime-env-agent-port={ports[4]}", "--object-store-memory=100000000"]
-        env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
-               "RAY_AUTH_MODE": "disabled", "RAY_agent_register_timeout_ms": "180000", **self.env}
+        cmd = [
+            str(Path(sys.executable).with_name("ray")),
+            "start",
+            "--head",
+            "--block",
+            f"--port={self.gcs_port}",
+            f"--num-cpus={self.config['head_cpus']:g}",
+            "--num-gpus=0",
+            f"--autoscaling-config={config_path}",
+            f"--temp-dir={self.temp_dir}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            f"--dashboard-agent-listen-port={ports[0]}",
+            f"--dashboard-agent-grpc-port={ports[1]}",
+            f"--ray-client-server-port={ports[2]}",
+            f"--metrics-export-port={ports[3]}",
+            f"--runtime-env-agent-port={ports[4]}",
+            "--object-store-memory=100000000",
+        ]
+        env = {
+            **os.environ,
+            "RAY_FAKE_CLUSTER": "1",
+            "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+            "RAY_AUTH_MODE": "disabled",
+            "RAY_agent_register_timeout_ms": "180000",
+            **self.env,
+        }
         env.pop("RAY_ADDRESS", None)
         log = open(os.path.join(self.temp_dir, "ray-start.log"), "w")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -160,7 +208,7 @@ class FakeCluster:
             except ProcessLookupError:
                 pass
 
-    def __enter__(self) -> "FakeCluster":
+    def __enter__(self) -> FakeCluster:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -180,4 +228,3 @@ def pids_of(marker: str, name: str = "") -> list[int]:
         if marker in cmdline and name in cmdline:
             out.append(int(entry))
     return out
-

@@ -2,12 +2,13 @@
 ``bench/bench_serve.py --autoscale``: every request has a bounded timeout and is recorded
 (start, end, HTTP status or error, completion tokens), so a test can say how many failed, how
 fast, and whether any hung."""
+
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 
 @dataclass
@@ -42,15 +43,14 @@ class Load:
     def __post_init__(self):
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True)
-                         for i in range(self.clients)]
+        self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(self.clients)]
 
-    def start(self) -> "Load":
+    def start(self) -> Load:
         for t in self._threads:
             t.start()
         return self
 
-    def stop(self, join_s: Optional[float] = None) -> bool:
+    def stop(self, join_s: float | None = None) -> bool:
         """Stop sending; wait for requests in flight (each bounded by ``timeout_s``). True when
         every client thread ended."""
         self._stop.set()
@@ -71,8 +71,12 @@ class Load:
     def _one(self, session, prompt: str) -> Outcome:
         import requests
 
-        body = {"model": self.model, "messages": [{"role": "user", "content": prompt}],
-                "max_tokens": self.max_tokens, "temperature": 0}
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": self.max_tokens,
+            "temperature": 0,
+        }
         start = time.monotonic()
         try:
             r = session.post(f"{self.base_url}/chat/completions", json=body, timeout=self.timeout_s)
@@ -100,7 +104,7 @@ class Timeline:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def start(self) -> "Timeline":
+    def start(self) -> Timeline:
         self._thread.start()
         return self
 
@@ -117,10 +121,10 @@ class Timeline:
                 pass
             self._stop.wait(self.period_s)
 
-    def latest(self) -> Optional[int]:
+    def latest(self) -> int | None:
         return self.samples[-1][1] if self.samples else None
 
-    def wait_for(self, predicate: Callable[[int], bool], timeout_s: float) -> Optional[float]:
+    def wait_for(self, predicate: Callable[[int], bool], timeout_s: float) -> float | None:
         """Seconds (since the timeline started) at which ``predicate(count)`` first held, or None."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

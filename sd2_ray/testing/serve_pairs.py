@@ -4,6 +4,7 @@ byte-level BPE tokenizer and chat template, saved as HF dirs in a second.
 Random weights make acceptance meaningless (use the model kit for that) but exercise every
 code path: tokenisation, chat template, batching, streaming, stop strings, errors.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,12 +33,22 @@ def tiny_tokenizer(vocab_size: int = 320):
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     core.train_from_iterator(_CORPUS * 20, trainer=trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<|pad|>", bos_token="<|bos|>",
-                                  eos_token="<|end|>", additional_special_tokens=SPECIALS[3:],
-                                  clean_up_tokenization_spaces=False, model_max_length=256)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<|pad|>",
+        bos_token="<|bos|>",
+        eos_token="<|end|>",
+        additional_special_tokens=SPECIALS[3:],
+        clean_up_tokenization_spaces=False,
+        model_max_length=256,
+    )
     tok.chat_template = CHAT_TEMPLATE
     return tok
 

@@ -1,6 +1,7 @@
 """Toy inputs for tests and benchmarks of the fine-tuning stage (built in well under a second):
 a character tokenizer that fits the tiny random models' vocabulary, a magnitude-pruned tiny
 drafter with masks, and a distilled-style Parquet dataset with a learnable pattern."""
+
 from __future__ import annotations
 
 import random
@@ -10,10 +11,28 @@ import torch
 
 CHARS = " \n" + string.ascii_lowercase + string.ascii_uppercase + string.digits + ".,:?!'-()"
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3 match the tiny configs' pad/bos/eos
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}assistant: {% endif %}")
-WORDS = ["alpha", "beta", "gamma", "delta", "omega", "river", "stone", "cloud", "tiger", "maple",
-         "ember", "frost", "lunar", "solar", "pixel", "quartz"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "omega",
+    "river",
+    "stone",
+    "cloud",
+    "tiger",
+    "maple",
+    "ember",
+    "frost",
+    "lunar",
+    "solar",
+    "pixel",
+    "quartz",
+]
 
 
 def char_tokenizer():
@@ -25,8 +44,14 @@ def char_tokenizer():
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     core.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", unk_token="<unk>", chat_template=CHAT_TEMPLATE)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        chat_template=CHAT_TEMPLATE,
+    )
 
 
 def decoder_linear_names(model: torch.nn.Module) -> list[str]:
@@ -39,12 +64,12 @@ def magnitude_masks(model: torch.nn.Module, sparsity: float) -> dict[str, torch.
     from sd2_ray.prune.magnitude import magnitude_prune
 
     modules = dict(model.named_modules())
-    return {f"{name}.weight": magnitude_prune(modules[name].weight, sparsity)[1]
-            for name in decoder_linear_names(model)}
+    return {
+        f"{name}.weight": magnitude_prune(modules[name].weight, sparsity)[1] for name in decoder_linear_names(model)
+    }
 
 
-def make_sparse_drafter(out_dir: str, sparsity: float = 0.5, arch: str = "llama", seed: int = 0,
-                        **model_kwargs) -> str:
+def make_sparse_drafter(out_dir: str, sparsity: float = 0.5, arch: str = "llama", seed: int = 0, **model_kwargs) -> str:
     """Save a tiny random model pruned to ``sparsity`` with masks/masks.safetensors + sparsity.json."""
     from sd2_ray.models.sparsity import apply_masks, save_masks, sparsity_of
     from sd2_ray.models.tiny import tiny_model
@@ -56,10 +81,18 @@ def make_sparse_drafter(out_dir: str, sparsity: float = 0.5, arch: str = "llama"
         masks = magnitude_masks(model, sparsity)
         apply_masks(model, masks)
         model.save_pretrained(out_dir)
-        layers = {k[:-len(".weight")]: {"sparsity": sparsity_of(m)} for k, m in masks.items()}
-        save_masks(out_dir, masks, {"method": "magnitude", "pattern": "unstructured",
-                                    "target_sparsity": sparsity, "total_sparsity": sparsity,
-                                    "layers": layers})
+        layers = {k[: -len(".weight")]: {"sparsity": sparsity_of(m)} for k, m in masks.items()}
+        save_masks(
+            out_dir,
+            masks,
+            {
+                "method": "magnitude",
+                "pattern": "unstructured",
+                "target_sparsity": sparsity,
+                "total_sparsity": sparsity,
+                "layers": layers,
+            },
+        )
     return out_dir
 
 
@@ -69,8 +102,14 @@ def toy_rows(n: int, seed: int = 0, field: str = "response") -> list[dict]:
     rows = []
     for i in range(n):
         word, times = rng.choice(WORDS), rng.randint(2, 4)
-        rows.append({"id": f"toy-{i}", "messages": [{"role": "user", "content": f"repeat {word} {times} times"}],
-                     field: " ".join([word] * times), "finish_reason": "stop"})
+        rows.append(
+            {
+                "id": f"toy-{i}",
+                "messages": [{"role": "user", "content": f"repeat {word} {times} times"}],
+                field: " ".join([word] * times),
+                "finish_reason": "stop",
+            }
+        )
     return rows
 
 
@@ -83,7 +122,7 @@ def write_toy_dataset(path: str, n: int = 64, seed: int = 0, shards: int = 2, fi
     rows = toy_rows(n, seed, field)
     per = (n + shards - 1) // shards
     for s in range(shards):
-        part = rows[s * per:(s + 1) * per]
+        part = rows[s * per : (s + 1) * per]
         if part:
             storage.write_parquet(storage.join(path, f"part-{s:05d}.parquet"), pa.Table.from_pylist(part))
     return path

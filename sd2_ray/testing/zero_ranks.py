@@ -6,18 +6,27 @@ checkpoint saved after step 2 and restored into a fresh engine, then the gathere
 returns what every rank returned; ``restore_scenario`` is the per-rank body, also run by
 ``bench/gpu_smoke.py`` on a GPU.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any
 
 
 def _rank_main(rank: int, world: int, port: int, fn: Callable, args: tuple, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_SIZE=str(world), DS_ACCELERATOR="cpu")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_SIZE=str(world),
+        DS_ACCELERATOR="cpu",
+    )
     import deepspeed
     import torch
 
@@ -34,9 +43,8 @@ def run_ranks(fn: Callable, world: int, *args: Any) -> list[Any]:
     """``fn(rank, world, *args)`` on ``world`` spawned CPU ranks; their JSON-able results."""
     import torch.multiprocessing as mp
 
-    from sd2_ray.serve.http import free_port
-
     from sd2_ray.finetune.extensions import extensions_dir
+    from sd2_ray.serve.http import free_port
 
     extensions_dir()  # the venv's prebuilt DeepSpeed CPU op, inherited by the ranks
     with tempfile.TemporaryDirectory(prefix="sd2-ranks-") as out_dir:
@@ -52,8 +60,10 @@ def _steps(engine, rows: list[dict], tokenizer, cfg: dict, rank: int, world: int
     from sd2_ray.finetune.step import train_step
 
     size = cfg["batch_size"]
-    return [train_step(engine, rows[i * size:(i + 1) * size], tokenizer, cfg, rank, world)["loss"]
-            for i in range(first, last)]
+    return [
+        train_step(engine, rows[i * size : (i + 1) * size], tokenizer, cfg, rank, world)["loss"]
+        for i in range(first, last)
+    ]
 
 
 def _fresh_engine(cfg: dict, device):
@@ -102,23 +112,31 @@ def restore_scenario(rank: int, world: int, cfg: dict, rows: list[dict], out: st
     Returns both runs' losses, the masked nonzeros (counted without gathering) and dtypes."""
     import torch
 
-    from sd2_ray.finetune import masking, session
+    from sd2_ray.finetune import session
     from sd2_ray.finetune.step import TrainState
 
     torch.manual_seed(cfg["seed"])
-    device = torch.device(device)
-    engine, tokenizer, masks, loaded = _fresh_engine(cfg, device)
+    on = torch.device(device)
+    engine, tokenizer, masks, loaded = _fresh_engine(cfg, on)
     checkpoint = os.path.join(out, "ckpt")
     uninterrupted = _steps(engine, rows, tokenizer, cfg, rank, world, 0, 2)
     session.save_state(engine, checkpoint, TrainState(step=2, step_in_epoch=2), rank)
     uninterrupted += _steps(engine, rows, tokenizer, cfg, rank, world, 2, 4)
     del engine
-    restored_engine, tokenizer, masks, _ = _fresh_engine(cfg, device)
+    restored_engine, tokenizer, masks, _ = _fresh_engine(cfg, on)
     state = session.load_state(restored_engine, checkpoint)
     restored = _steps(restored_engine, rows, tokenizer, cfg, rank, world, state.step, 4)
     nonzero, gathers = _count_without_gathering(restored_engine, masks)
     session.save_hf(restored_engine, tokenizer, os.path.join(out, "model"), rank)
     poked, _ = _count_without_gathering(restored_engine, masks, poke=True)
-    return {"gathers_to_count": gathers, "poked_count": poked,"uninterrupted": uninterrupted, "restored": restored, "masked_nonzero": nonzero,
-            "loaded_dtype": loaded, "mask_bytes": sum(m.nbytes for m in masks.values()),
-            "masked_numel": sum(m.numel() for m in masks.values()), "restored_step": state.step}
+    return {
+        "gathers_to_count": gathers,
+        "poked_count": poked,
+        "uninterrupted": uninterrupted,
+        "restored": restored,
+        "masked_nonzero": nonzero,
+        "loaded_dtype": loaded,
+        "mask_bytes": sum(m.nbytes for m in masks.values()),
+        "masked_numel": sum(m.numel() for m in masks.values()),
+        "restored_step": state.step,
+    }

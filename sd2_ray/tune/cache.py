@@ -7,6 +7,7 @@ named, threaded actor started by the search driver: a per-key lock makes the sec
 for the first one's result instead of pruning into the same directory. ``run_prune`` itself skips
 a complete output, so a restored search reuses everything already pruned.
 """
+
 from __future__ import annotations
 
 import logging

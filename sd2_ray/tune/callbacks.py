@@ -6,16 +6,20 @@ function only starts the TorchTrainer and waits; checkpoint evals run beside it,
 controller's way. Imports Ray at module level: only the
 trial driver imports this module.
 """
+
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from sd2_ray.runtime import run_with_gpus
 from sd2_ray.tune.space import finite_or_inf, objective_value
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future, ThreadPoolExecutor
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +40,8 @@ class TrialReportCallback(TuneReportCallback):
     def __init__(self, checkpoint_eval: dict[str, Any] | None = None):
         super().__init__()
         self._checkpoint_eval = checkpoint_eval
-        self._pool = None  # made on the controller: a thread pool does not pickle
-        self._pending = None  # (step, future) of the eval in flight
+        self._pool: ThreadPoolExecutor | None = None  # made on the controller: a thread pool does not pickle
+        self._pending: tuple[Any, Future[dict[str, Any]]] | None = None  # (step, future) of the eval in flight
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_pool": None, "_pending": None}
@@ -78,19 +82,34 @@ class TrialReportCallback(TuneReportCallback):
     def _measure(self, checkpoint, step) -> dict[str, Any]:
         """MAL of the checkpoint's weights; a failed measurement is logged, never fatal."""
         started = time.perf_counter()
+        settings = self._checkpoint_eval
+        assert settings is not None  # evals start only with checkpoint_eval settings
         try:
-            eval_settings = self._checkpoint_eval["eval"]
-            report = run_with_gpus(evaluate_checkpoint, eval_settings["gpus"], checkpoint, self._checkpoint_eval,
-                                   resources=eval_settings.get("node_resources"))  # the trial process has no GPUs to give
+            eval_settings = settings["eval"]
+            report = run_with_gpus(
+                evaluate_checkpoint,
+                eval_settings["gpus"],
+                checkpoint,
+                settings,
+                resources=eval_settings.get("node_resources"),
+            )  # the trial process has no GPUs to give
         except Exception as err:  # the trial's training must not die of a side measurement
             log.warning("checkpoint eval at step %s failed: %s: %s", step, type(err).__name__, err)
             return {}
-        out = {"mal": report["mean_accepted_length"], "predicted_speedup": report["predicted_speedup"],
-               "cost_coefficient": report["cost_coefficient"],
-               "drafter_macs": report["drafter_macs_per_token"]}
-        out["objective"] = objective_value(out, self._checkpoint_eval["objective"])
-        log.info("step %s: checkpoint MAL %.3f, predicted speedup %.3f (%.1fs)", step, out["mal"],
-                 out["predicted_speedup"], time.perf_counter() - started)
+        out = {
+            "mal": report["mean_accepted_length"],
+            "predicted_speedup": report["predicted_speedup"],
+            "cost_coefficient": report["cost_coefficient"],
+            "drafter_macs": report["drafter_macs_per_token"],
+        }
+        out["objective"] = objective_value(out, settings["objective"])
+        log.info(
+            "step %s: checkpoint MAL %.3f, predicted speedup %.3f (%.1fs)",
+            step,
+            out["mal"],
+            out["predicted_speedup"],
+            time.perf_counter() - started,
+        )
         return out
 
 
@@ -106,5 +125,12 @@ def evaluate_checkpoint(checkpoint, settings: dict[str, Any]) -> dict[str, Any]:
         drafter, tokenizer = drafter_from_checkpoint(directory, settings["drafter"])
     rows = read_rows(settings["eval_prompts"], limit=eval_settings.max_prompts)
     # the target is placed as the trial's eval is (device, dtype, device_map); the drafter follows it
-    return evaluate_pair(settings["target"], drafter, rows, settings["num_speculative_tokens"], eval_settings,
-                         drafter_tokenizer=tokenizer, progress=False)
+    return evaluate_pair(
+        settings["target"],
+        drafter,
+        rows,
+        settings["num_speculative_tokens"],
+        eval_settings,
+        drafter_tokenizer=tokenizer,
+        progress=False,
+    )

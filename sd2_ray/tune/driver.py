@@ -3,6 +3,7 @@ s3:// experiment storage, and ``Tuner.restore`` when an unfinished experiment is
 
 Returns the trials as plain records (see :func:`records`) so the report code needs no Ray.
 """
+
 from __future__ import annotations
 
 import logging
@@ -40,16 +41,23 @@ def scheduler(config: TuneConfig):
     if not config.asha.enabled:
         return FIFOScheduler()
     if max_t is None:
-        log.warning("tune: asha.grace_period %d leaves no rung before the last step (%s); running "
-                    "every trial to the end", config.asha.grace_period, config.max_steps)
+        log.warning(
+            "tune: asha.grace_period %d leaves no rung before the last step (%s); running every trial to the end",
+            config.asha.grace_period,
+            config.max_steps,
+        )
         return FIFOScheduler()
     return ASHAScheduler(
-        time_attr=config.asha.time_attr, metric=config.asha.metric, mode=config.asha.resolved_mode,
-        max_t=max_t, grace_period=config.asha.grace_period,
+        time_attr=config.asha.time_attr,
+        metric=config.asha.metric,
+        mode=config.asha.resolved_mode,
+        max_t=max_t,
+        grace_period=config.asha.grace_period,
         reduction_factor=config.asha.reduction_factor,
         # The final Train report arrives at max_t; the trial must still evaluate its drafter
         # after it, so reaching max_t must not stop it.
-        stop_last_trials=False)
+        stop_last_trials=False,
+    )
 
 
 def _storage(config: TuneConfig) -> tuple[Any, str]:
@@ -97,18 +105,32 @@ def build_tuner(config: TuneConfig, stopper=None, sweeper=None):
         log.info("tune: restoring the unfinished search at %s", config.experiment_path)
         # Completed trials keep their results; running/pending ones start again (their
         # fine-tuning resumes from its own checkpoints); errored ones stay errored.
-        return tune.Tuner.restore(path, trainable=trainable(config), resume_unfinished=True,
-                                  resume_errored=False, restart_errored=False, storage_filesystem=fs)
+        return tune.Tuner.restore(
+            path,
+            trainable=trainable(config),
+            resume_unfinished=True,
+            resume_errored=False,
+            restart_errored=False,
+            storage_filesystem=fs,
+        )
     if config.overwrite:
         storage.delete(config.experiment_path)
     return tune.Tuner(
-        trainable(config), param_space=param_space(config),
-        tune_config=tune.TuneConfig(scheduler=scheduler(config), num_samples=config.num_samples,
-                                    max_concurrent_trials=config.max_concurrent),
-        run_config=tune.RunConfig(name=config.name, storage_path=root, storage_filesystem=fs, stop=stopper,
-                                  failure_config=tune.FailureConfig(max_failures=config.trial_max_failures),
-                                  callbacks=[sweeper] if sweeper else None,
-                                  verbose=1))
+        trainable(config),
+        param_space=param_space(config),
+        tune_config=tune.TuneConfig(
+            scheduler=scheduler(config), num_samples=config.num_samples, max_concurrent_trials=config.max_concurrent
+        ),
+        run_config=tune.RunConfig(
+            name=config.name,
+            storage_path=root,
+            storage_filesystem=fs,
+            stop=stopper,
+            failure_config=tune.FailureConfig(max_failures=config.trial_max_failures),
+            callbacks=[sweeper] if sweeper else None,
+            verbose=1,
+        ),
+    )
 
 
 def local_cpus(config: TuneConfig) -> int | None:
@@ -140,9 +162,11 @@ def run_search(config: TuneConfig) -> list[dict[str, Any]]:
         # a stopped trial's group can still come up seconds after its controller died
         sweeper.final_sweeps(window_s=20.0 if stopper.stalled_s is not None else 6.0)
         if stopper.stalled_s is not None:
-            raise Sd2Error(f"tune: no trial reported for {stopper.stalled_s:.0f} s "
-                           f"({stopper.waiting}); the search stopped, rerun to resume it "
-                           f"(field 'stall_timeout_s')")
+            raise Sd2Error(
+                f"tune: no trial reported for {stopper.stalled_s:.0f} s "
+                f"({stopper.waiting}); the search stopped, rerun to resume it "
+                f"(field 'stall_timeout_s')"
+            )
     finally:
         import ray
 
@@ -173,10 +197,18 @@ def records(results) -> list[dict[str, Any]]:
         metrics = dict(result.metrics or {})
         config = dict(result.config or {})
         history = _history(result)
-        out.append({"trial_id": metrics.get("trial_id") or _trial_id(result), "params": config,
-                    "metrics": metrics, "error": None if result.error is None else
-                    f"{type(result.error).__name__}: {str(result.error).strip().splitlines()[-1][:300]}",
-                    "steps_reported": history, "path": result.path})
+        out.append(
+            {
+                "trial_id": metrics.get("trial_id") or _trial_id(result),
+                "params": config,
+                "metrics": metrics,
+                "error": None
+                if result.error is None
+                else f"{type(result.error).__name__}: {str(result.error).strip().splitlines()[-1][:300]}",
+                "steps_reported": history,
+                "path": result.path,
+            }
+        )
     return out
 
 

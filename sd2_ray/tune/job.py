@@ -9,6 +9,7 @@ Output layout (local or s3://)::
     OUTPUT/search/                                 Ray Tune experiment state (Tuner.restore)
     OUTPUT/data/train.parquet                      JSONL training rows staged as Parquet
 """
+
 from __future__ import annotations
 
 import logging
@@ -77,8 +78,7 @@ def run_tune(config: TuneConfig) -> dict[str, Any]:
     trials = check_inputs(config)
     if config.overwrite:
         storage.delete(manifest.path_of(config.output))
-    manifest.start(config.output, STAGE, trials=trials, objective=config.objective,
-                   experiment=config.experiment_path)
+    manifest.start(config.output, STAGE, trials=trials, objective=config.objective, experiment=config.experiment_path)
     config.save(config.output)
     started = time.perf_counter()
     try:
@@ -89,15 +89,29 @@ def run_tune(config: TuneConfig) -> dict[str, Any]:
         raise
     seconds = time.perf_counter() - started
     best = summary["best"]
-    manifest.complete(config.output, STAGE, error=None,  # a restored run clears the failed run's error
-                      seconds=round(seconds, 1), trials=summary["trials"],
-                      completed=summary["completed"], stopped_early=summary["stopped_early"],
-                      errored=summary["errored"], best_trial=best["trial_id"] if best else None,
-                      best_objective=best["objective"] if best else None)
+    manifest.complete(
+        config.output,
+        STAGE,
+        error=None,  # a restored run clears the failed run's error
+        seconds=round(seconds, 1),
+        trials=summary["trials"],
+        completed=summary["completed"],
+        stopped_early=summary["stopped_early"],
+        errored=summary["errored"],
+        best_trial=best["trial_id"] if best else None,
+        best_objective=best["objective"] if best else None,
+    )
     if best:
-        log.info("tune: %d trials in %.0fs; best %s: sparsity %s, lr %s, MAL %.3f, predicted speedup %.3f",
-                 summary["trials"], seconds, best["trial_id"], best["sparsity"], best["lr"], best["mal"],
-                 best["predicted_speedup"])
+        log.info(
+            "tune: %d trials in %.0fs; best %s: sparsity %s, lr %s, MAL %.3f, predicted speedup %.3f",
+            summary["trials"],
+            seconds,
+            best["trial_id"],
+            best["sparsity"],
+            best["lr"],
+            best["mal"],
+            best["predicted_speedup"],
+        )
     else:
         log.warning("tune: no trial completed (%s)", summary)
     return {**summary, "seconds": seconds}

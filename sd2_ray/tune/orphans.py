@@ -12,6 +12,7 @@ on ``strikes`` looks in a row is removed, with a warning naming its bundles. Gro
 (a production Serve app, say) are never touched. Needs Ray's state API (the dashboard) to tell
 this job's groups apart; without it the sweeper does nothing.
 """
+
 from __future__ import annotations
 
 import logging
@@ -60,11 +61,18 @@ class OrphanSweeper(Callback):
         from ray.util.state import list_placement_groups
 
         context = ray.get_runtime_context()
-        groups = [g for g in list_placement_groups(address=context.gcs_address,
-                                                   filters=[("creator_job_id", "=", context.get_job_id())],
-                                                   detail=True, limit=1000, raise_on_missing_output=False,
-                                                   timeout=10)
-                  if g.state == "CREATED" or (final and g.state == "PENDING")]
+        groups = [
+            g
+            for g in list_placement_groups(
+                address=context.gcs_address,
+                filters=[("creator_job_id", "=", context.get_job_id())],
+                detail=True,
+                limit=1000,
+                raise_on_missing_output=False,
+                timeout=10,
+            )
+            if g.state == "CREATED" or (final and g.state == "PENDING")
+        ]
         total, free = ray.cluster_resources(), ray.available_resources()
         live = {g.placement_group_id for g in groups}
         self.empty = {gid: n for gid, n in self.empty.items() if gid in live}
@@ -76,8 +84,12 @@ class OrphanSweeper(Callback):
             self.empty[gid] = 0 if used else self.empty.get(gid, 0) + 1
             if self.empty[gid] >= (1 if final else self.strikes):
                 bundles = [b.get("unit_resources") for b in group.bundles or []]
-                log.warning("tune: removing placement group %s %s (%s): nothing runs in it (left by a "
-                            "stopped trial)", gid[:12], bundles, group.state)
+                log.warning(
+                    "tune: removing placement group %s %s (%s): nothing runs in it (left by a stopped trial)",
+                    gid[:12],
+                    bundles,
+                    group.state,
+                )
                 remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(gid))))
                 self.removed.append(gid)
                 self.empty.pop(gid)

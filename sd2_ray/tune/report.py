@@ -1,5 +1,6 @@
 """Results of a search (no Ray): the trial table, the best trial, the MAL-vs-MACs Pareto front,
 ``trials.json``, ``tune_report.md``, ``pareto.png`` and the best drafter copied to ``best/``."""
+
 from __future__ import annotations
 
 import io
@@ -74,8 +75,12 @@ def pareto_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     points = [r for r in rows if r["status"] == COMPLETED and r["mal"] is not None and r["drafter_macs"] is not None]
 
     def dominated(p):
-        return any(q["mal"] >= p["mal"] and q["drafter_macs"] <= p["drafter_macs"]
-                   and (q["mal"] > p["mal"] or q["drafter_macs"] < p["drafter_macs"]) for q in points)
+        return any(
+            q["mal"] >= p["mal"]
+            and q["drafter_macs"] <= p["drafter_macs"]
+            and (q["mal"] > p["mal"] or q["drafter_macs"] < p["drafter_macs"])
+            for q in points
+        )
 
     return sorted((p for p in points if not dominated(p)), key=lambda r: r["drafter_macs"])
 
@@ -88,34 +93,50 @@ def _fmt(value: Any, spec: str = ".4g") -> str:
     return str(value)
 
 
-def markdown(rows: list[dict[str, Any]], best: dict[str, Any] | None, front: list[dict[str, Any]],
-             objective: str, k: int) -> str:
+def markdown(
+    rows: list[dict[str, Any]], best: dict[str, Any] | None, front: list[dict[str, Any]], objective: str, k: int
+) -> str:
     """tune_report.md: every trial, the best one, the Pareto front."""
     counts = {s: sum(r["status"] == s for r in rows) for s in (COMPLETED, STOPPED, ERRORED)}
-    lines = ["# Tune report", "",
-             f"Objective: **{objective}** (predicted speedup = MAL / (K·c + 1), K = {k}, "
-             "c = drafter MACs / target MACs per token, nonzero weights counted).",
-             f"Trials: {len(rows)} ({counts[COMPLETED]} completed, {counts[STOPPED]} stopped early by ASHA, "
-             f"{counts[ERRORED]} errored).", "",
-             "| trial | sparsity | pattern | lr | status | steps | loss | MAL | drafter MACs | c | "
-             "predicted speedup |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Tune report",
+        "",
+        f"Objective: **{objective}** (predicted speedup = MAL / (K·c + 1), K = {k}, "
+        "c = drafter MACs / target MACs per token, nonzero weights counted).",
+        f"Trials: {len(rows)} ({counts[COMPLETED]} completed, {counts[STOPPED]} stopped early by ASHA, "
+        f"{counts[ERRORED]} errored).",
+        "",
+        "| trial | sparsity | pattern | lr | status | steps | loss | MAL | drafter MACs | c | predicted speedup |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         mark = " **best**" if best is not None and r["trial_id"] == best["trial_id"] else ""
-        lines.append(f"| {r['trial_id']}{mark} | {_fmt(r['sparsity'], '.3g')} | {r['pattern']} | {_fmt(r['lr'], '.3g')} "
-                     f"| {r['status']} | {r['steps']} | {_fmt(r['loss'])} | {_fmt(r['mal'])} "
-                     f"| {_fmt(r['drafter_macs'], ',')} | {_fmt(r['cost_coefficient'])} "
-                     f"| {_fmt(r['predicted_speedup'])} |")
+        lines.append(
+            f"| {r['trial_id']}{mark} | {_fmt(r['sparsity'], '.3g')} | {r['pattern']} | {_fmt(r['lr'], '.3g')} "
+            f"| {r['status']} | {r['steps']} | {_fmt(r['loss'])} | {_fmt(r['mal'])} "
+            f"| {_fmt(r['drafter_macs'], ',')} | {_fmt(r['cost_coefficient'])} "
+            f"| {_fmt(r['predicted_speedup'])} |"
+        )
     lines.append("")
     if best is None:
         lines.append("No trial completed: no best drafter.")
     else:
-        lines.append(f"Best: trial {best['trial_id']} (sparsity {_fmt(best['sparsity'], '.3g')}, "
-                     f"{best['pattern']}, lr {_fmt(best['lr'], '.3g')}): {objective} {_fmt(best['objective'])}, "
-                     f"copied to `{BEST_DIR}/`.")
-    lines += ["", "Pareto front (MAL vs drafter MACs): " +
-              (", ".join(f"{r['trial_id']} (MAL {_fmt(r['mal'])}, {_fmt(r['drafter_macs'], ',')} MACs)"
-                         for r in front) or "empty"), "", f"![Pareto front]({PLOT_FILE})", ""]
+        lines.append(
+            f"Best: trial {best['trial_id']} (sparsity {_fmt(best['sparsity'], '.3g')}, "
+            f"{best['pattern']}, lr {_fmt(best['lr'], '.3g')}): {objective} {_fmt(best['objective'])}, "
+            f"copied to `{BEST_DIR}/`."
+        )
+    lines += [
+        "",
+        "Pareto front (MAL vs drafter MACs): "
+        + (
+            ", ".join(f"{r['trial_id']} (MAL {_fmt(r['mal'])}, {_fmt(r['drafter_macs'], ',')} MACs)" for r in front)
+            or "empty"
+        ),
+        "",
+        f"![Pareto front]({PLOT_FILE})",
+        "",
+    ]
     errors = [r for r in rows if r["status"] == ERRORED]
     if errors:
         lines += ["Errors:", ""] + [f"- {r['trial_id']}: {r['error']}" for r in errors] + [""]
@@ -133,14 +154,23 @@ def plot_pareto(rows: list[dict[str, Any]], front: list[dict[str, Any]], best: d
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in done:
         ax.scatter(r["drafter_macs"], r["mal"], color="tab:blue")
-        ax.annotate(f"s={_fmt(r['sparsity'], '.2g')} lr={_fmt(r['lr'], '.1g')}", (r["drafter_macs"], r["mal"]),
-                    fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.annotate(
+            f"s={_fmt(r['sparsity'], '.2g')} lr={_fmt(r['lr'], '.1g')}",
+            (r["drafter_macs"], r["mal"]),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
     if front:
-        ax.plot([r["drafter_macs"] for r in front], [r["mal"] for r in front], color="tab:orange", marker="o",
-                label="Pareto front")
+        ax.plot(
+            [r["drafter_macs"] for r in front],
+            [r["mal"] for r in front],
+            color="tab:orange",
+            marker="o",
+            label="Pareto front",
+        )
     if best is not None:
-        ax.scatter([best["drafter_macs"]], [best["mal"]], s=160, facecolors="none", edgecolors="tab:red",
-                   label="best")
+        ax.scatter([best["drafter_macs"]], [best["mal"]], s=160, facecolors="none", edgecolors="tab:red", label="best")
     ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))  # 6-digit MACs overlap otherwise
     ax.set_xlabel("drafter MACs per token (nonzero weights)")
     ax.set_ylabel("mean accepted length (MAL)")
@@ -164,10 +194,14 @@ def write_reports(output: str, records: list[dict[str, Any]], objective: str, k:
     storage.write_bytes(storage.join(output, PLOT_FILE), plot_pareto(rows, front, best))
     if best is not None:
         copy_best(best, output)
-    return {"trials": len(rows), "completed": sum(r["status"] == COMPLETED for r in rows),
-            "stopped_early": sum(r["status"] == STOPPED for r in rows),
-            "errored": sum(r["status"] == ERRORED for r in rows),
-            "best": best, "pareto": [r["trial_id"] for r in front]}
+    return {
+        "trials": len(rows),
+        "completed": sum(r["status"] == COMPLETED for r in rows),
+        "stopped_early": sum(r["status"] == STOPPED for r in rows),
+        "errored": sum(r["status"] == ERRORED for r in rows),
+        "best": best,
+        "pareto": [r["trial_id"] for r in front],
+    }
 
 
 def copy_best(best: dict[str, Any], output: str) -> str:

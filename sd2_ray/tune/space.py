@@ -3,6 +3,7 @@
 Ray Tune's ``grid_search`` is the literal ``{"grid_search": [...]}``; building it here keeps
 this module importable (and unit-testable) without Ray.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,7 +23,9 @@ def pruning_points(config: TuneConfig) -> list[dict[str, Any]]:
 
     points = [{"sparsity": float(s), "pattern": UNSTRUCTURED} for s in config.search_space.sparsity]
     for pattern in config.search_space.pattern:
-        n, m = parse_pattern(pattern)
+        nm = parse_pattern(pattern)
+        assert nm is not None  # SearchSpace admits N:M patterns only
+        n, m = nm
         points.append({"sparsity": 1.0 - n / m, "pattern": pattern})
     return points
 
@@ -49,7 +52,7 @@ def grid(config: TuneConfig) -> list[dict[str, Any]]:
     named = axes(config)
     names = sorted(named)
     combos = itertools.product(*(named[n] for n in reversed(names)))
-    return [dict(zip(reversed(names), combo)) for combo in combos]
+    return [dict(zip(reversed(names), combo, strict=True)) for combo in combos]
 
 
 def trial_method(config: TuneConfig, params: dict[str, Any]) -> str:
@@ -63,8 +66,11 @@ def trial_epochs(config: TuneConfig, params: dict[str, Any]) -> int:
 def prune_fields(config: TuneConfig, params: dict[str, Any]) -> dict[str, Any]:
     """Everything a trial's PruneConfig holds except its output (which is keyed by this)."""
     point = params["pruning"]
-    fields = {**config.prune.model_dump(exclude_unset=True), "model": config.drafter,
-              "method": trial_method(config, params)}
+    fields = {
+        **config.prune.model_dump(exclude_unset=True),
+        "model": config.drafter,
+        "method": trial_method(config, params),
+    }
     if fields["method"] != "magnitude":
         fields["calibration"] = config.calibration or config.data
     if point["pattern"] == UNSTRUCTURED:

@@ -8,6 +8,7 @@ the held-out prompts with the speculative-decoding eval core, report the final m
 Everything a trial writes lives under ``OUTPUT/trials/<trial_id>/``; a trial restarted by
 ``Tuner.restore`` finds its fine-tuning checkpoints there and continues from them.
 """
+
 from __future__ import annotations
 
 import logging
@@ -16,8 +17,7 @@ from typing import Any
 
 from sd2_ray import storage
 from sd2_ray.tune.config import TuneConfig
-from sd2_ray.tune.space import (finite_or_inf, objective_value, prune_fields, prune_key, trial_epochs,
-                                trial_method)
+from sd2_ray.tune.space import finite_or_inf, objective_value, prune_fields, prune_key, trial_epochs, trial_method
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +84,19 @@ def finetune_config(config: TuneConfig, params: dict[str, Any], pruned: str, tri
     reaches Tune unless the section says otherwise: ASHA decides at its rungs' steps."""
     from sd2_ray.finetune.config import FinetuneConfig
 
-    fields = {"workers": 1, "report_interval_s": 0.0, **config.finetune.model_dump(exclude_unset=True),
-              "model": pruned, "data": config.data, "num_speculative_tokens": config.num_speculative_tokens,
-              "output": storage.join(trial_dir, DRAFTER_SUBDIR), "lr": float(params["lr"]),
-              "epochs": trial_epochs(config, params),
-              "storage_path": storage.join(trial_dir, "checkpoints"), "run_name": DRAFTER_SUBDIR}
+    fields = {
+        "workers": 1,
+        "report_interval_s": 0.0,
+        **config.finetune.model_dump(exclude_unset=True),
+        "model": pruned,
+        "data": config.data,
+        "num_speculative_tokens": config.num_speculative_tokens,
+        "output": storage.join(trial_dir, DRAFTER_SUBDIR),
+        "lr": float(params["lr"]),
+        "epochs": trial_epochs(config, params),
+        "storage_path": storage.join(trial_dir, "checkpoints"),
+        "run_name": DRAFTER_SUBDIR,
+    }
     if config.max_steps is not None:
         fields["max_steps"] = config.max_steps
     return FinetuneConfig.model_validate(fields)
@@ -97,9 +105,14 @@ def finetune_config(config: TuneConfig, params: dict[str, Any], pruned: str, tri
 def checkpoint_eval_settings(config: TuneConfig, pruned: str) -> dict[str, Any]:
     """What the checkpoint evals (on the Train controller) need, as plain data."""
     settings = config.eval_settings().model_copy(update={"max_prompts": config.checkpoint_eval_prompts})
-    return {"target": config.target, "drafter": pruned, "eval_prompts": config.eval_prompts,
-            "num_speculative_tokens": config.num_speculative_tokens, "objective": config.objective,
-            "eval": settings.to_dict()}
+    return {
+        "target": config.target,
+        "drafter": pruned,
+        "eval_prompts": config.eval_prompts,
+        "num_speculative_tokens": config.num_speculative_tokens,
+        "objective": config.objective,
+        "eval": settings.to_dict(),
+    }
 
 
 def _finetune(config: TuneConfig, finetune, pruned: str):
@@ -120,13 +133,28 @@ def evaluate(config: TuneConfig, drafter: str) -> dict[str, Any]:
     rows = read_rows(config.eval_prompts, limit=settings.max_prompts)
     # the trial's own process holds only CPUs (fine-tuning has its own workers); the target
     # needs GPUs just for the eval, so they are taken for that task alone
-    return run_with_gpus(evaluate_pair, settings.gpus, config.target, drafter, rows,
-                         config.num_speculative_tokens, settings, progress=False,
-                         resources=settings.node_resources)
+    return run_with_gpus(
+        evaluate_pair,
+        settings.gpus,
+        config.target,
+        drafter,
+        rows,
+        config.num_speculative_tokens,
+        settings,
+        progress=False,
+        resources=settings.node_resources,
+    )
 
 
-def final_metrics(config: TuneConfig, params: dict[str, Any], report: dict[str, Any], summary: dict[str, Any],
-                  trial_dir: str, pruned: dict[str, Any], attempt: int) -> dict[str, Any]:
+def final_metrics(
+    config: TuneConfig,
+    params: dict[str, Any],
+    report: dict[str, Any],
+    summary: dict[str, Any],
+    trial_dir: str,
+    pruned: dict[str, Any],
+    attempt: int,
+) -> dict[str, Any]:
     """The trial's last Tune report: searched values, training outcome, measured acceptance, cost."""
     out = {
         "evaluated": True,  # not "final": Ray Train's last report already carries final=True
