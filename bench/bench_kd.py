@@ -40,6 +40,7 @@ TOP_K = 20
 
 
 def pipeline_config(out: str, overrides: dict[str, Any]):
+    from sd2_ray.kit import with_kit_paths
     from sd2_ray.pipeline.config import PipelineConfig
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +51,7 @@ def pipeline_config(out: str, overrides: dict[str, Any]):
         "serve_smoke": False,
         **overrides,
     }
-    return PipelineConfig.load(os.path.join(root, "jobs", "configs", "tiny.yaml"), fields).with_kit_paths()
+    return with_kit_paths(PipelineConfig.load(os.path.join(root, "jobs", "configs", "tiny.yaml"), fields))
 
 
 def parse_variant(text: str, ce_weight: float) -> dict[str, Any]:

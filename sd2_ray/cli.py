@@ -176,6 +176,7 @@ def load_config(name: str, args: argparse.Namespace) -> Any:
     """The command's config: file < $SD2_OVERRIDES < flags < key=value overrides; every local path
     made absolute and every kit: name resolved before anything runs."""
     from sd2_ray.config import env_overrides, parse_override, read_yaml
+    from sd2_ray.kit import with_kit_paths
 
     cmd = COMMANDS[name]
     config_cls = _load(cmd.config)
@@ -189,9 +190,9 @@ def load_config(name: str, args: argparse.Namespace) -> Any:
         # A pipeline YAML: this stage's section, chained to the others as `sd2 run` would.
         from sd2_ray.pipeline.chain import stage_from_pipeline
 
-        return stage_from_pipeline(args.config, cmd.section, overrides).with_kit_paths()
+        return with_kit_paths(stage_from_pipeline(args.config, cmd.section, overrides))
     section = cmd.section if cmd.section and cmd.section in data else None
-    return config_cls.load(args.config, overrides, section=section).with_kit_paths()
+    return with_kit_paths(config_cls.load(args.config, overrides, section=section))
 
 
 def _debug(args: argparse.Namespace) -> bool:

@@ -30,7 +30,7 @@ def resolve_path(value: Any) -> str:
     """A user's path as every process will read it: a local path made absolute against the
     caller's working directory (Ray Train, Tune and Serve run code in other directories, so a
     relative path would name another place there); ``s3://`` URIs and ``kit:`` names are kept
-    (the latter are resolved by :meth:`StageConfig.with_kit_paths`)."""
+    (the latter are resolved by :func:`sd2_ray.kit.with_kit_paths`)."""
     text = str(value).strip()
     if not text:
         raise ValueError("must not be empty")
@@ -110,21 +110,10 @@ class StageConfig(BaseModel):
         return validate(cls, data, source=path)
 
     def kit_overrides(self) -> dict[str, Any]:
-        """KitConfig fields used to resolve ``kit:`` names (a pipeline config carries some)."""
+        """KitConfig fields used to resolve ``kit:`` names (a pipeline config carries some); read by
+        :func:`sd2_ray.kit.with_kit_paths`, which lives in the kit because the kit's own config is
+        a StageConfig: this module stays below the kit and never imports it."""
         return {}
-
-    def with_kit_paths(self: C) -> C:
-        """A copy with every ``kit:NAME`` path replaced by that part of the (built, cached) model
-        kit; the kit is built on first use (minutes), later calls return at once."""
-        named = {
-            f: getattr(self, f) for f in path_fields(type(self)) if str(getattr(self, f) or "").startswith(KIT_PREFIX)
-        }
-        if not named:
-            return self
-        from sd2_ray.kit import kit_part
-
-        overrides = self.kit_overrides()
-        return self.model_copy(update={f: kit_part(v, f, **overrides) for f, v in named.items()})
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(self.model_dump_json())

@@ -6,6 +6,7 @@ import os
 import pytest
 
 from sd2_ray.errors import ConfigError
+from sd2_ray.kit import with_kit_paths
 from sd2_ray.pipeline.chain import chain
 from sd2_ray.pipeline.config import PipelineConfig
 from sd2_ray.pipeline.report import comparisons, write_pipeline_report
@@ -119,7 +120,7 @@ def test_unknown_kit_part_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr("sd2_ray.kit.ensure_kit", lambda **kw: str(tmp_path))
     cfg = PipelineConfig.load(None, {"output": "o", "target": "kit:tagret"})
     with pytest.raises(ConfigError, match="field 'target': unknown kit part 'kit:tagret'"):
-        cfg.with_kit_paths()
+        with_kit_paths(cfg)
 
 
 def test_layer_drop_matches_sparse_macs(tmp_path):

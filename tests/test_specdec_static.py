@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from sd2_ray.models.tiny import tiny_model
-from sd2_ray.specdec.engine import SpeculativeEngine, right_aligned
+from sd2_ray.specdec.engine import SpeculativeEngine
+from sd2_ray.specdec.kv import right_aligned
 from sd2_ray.specdec.sampling import RowParams
 from sd2_ray.specdec.static_kv import StaticKV, supports_static
 from sd2_ray.specdec.steps import DecodeSteps

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sd2_ray.distill.core import Generated
-from sd2_ray.distill.scoring import TopK, generation_topk, with_stop_token
+from sd2_ray.distill.scoring import TopK, generation_topk, split_at_eos, with_stop_token
 
 log = logging.getLogger(__name__)
 
@@ -136,14 +136,6 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     from sd2_ray.models.tokens import eos_token_ids as shared
 
     return shared(model, tokenizer)
-
-
-def split_at_eos(generated: list[int], eos_ids: list[int], max_new_tokens: int) -> tuple[list[int], str]:
-    """Cut a generated sequence at its first EOS (padding follows it in a batch)."""
-    for pos, token in enumerate(generated):
-        if token in eos_ids:
-            return generated[:pos], "stop"
-    return generated, "length" if len(generated) >= max_new_tokens else "stop"
 
 
 def transformers_settings(config) -> dict[str, Any]:

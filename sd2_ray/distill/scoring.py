@@ -113,6 +113,16 @@ def _logprob_pairs(entry: Any) -> list[tuple[int, float]]:
     return pairs
 
 
+# Both engines cut their raw generations with these two; they live here, below both engine
+# modules, so the vLLM settings need not import the transformers engine (which imports them).
+def split_at_eos(generated: list[int], eos_ids: list[int], max_new_tokens: int) -> tuple[list[int], str]:
+    """Cut a generated sequence at its first EOS (padding follows it in a batch)."""
+    for pos, token in enumerate(generated):
+        if token in eos_ids:
+            return generated[:pos], "stop"
+    return generated, "length" if len(generated) >= max_new_tokens else "stop"
+
+
 def with_stop_token(generated: list[int], kept: list[int]) -> list[int]:
     """The response ids to store: the kept ids plus the EOS that ended them, when one did
     (training then learns to stop where the target stopped)."""

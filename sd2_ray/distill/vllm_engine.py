@@ -24,8 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sd2_ray.distill.engines import split_at_eos
-from sd2_ray.distill.scoring import vllm_topk, with_stop_token
+from sd2_ray.distill.scoring import split_at_eos, vllm_topk, with_stop_token
 
 VLLM_MAX_LOGPROBS = 20  # vLLM refuses more log-probs per token than max_logprobs (default 20)
 

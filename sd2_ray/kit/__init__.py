@@ -3,12 +3,18 @@
 ``ensure_kit()`` returns a local directory holding ``target/``, ``drafter/`` (same tokenizer,
 smaller, poorly aligned), ``drafter-uag/`` (Qwen2 with its own tokenizer), ``prompts/train.jsonl``,
 ``prompts/eval.jsonl`` and ``kit.json``; it builds the kit (minutes) only when it is missing or
-stale, else returns at once.
+stale, else returns at once. ``with_kit_paths(config)`` replaces a stage config's ``kit:NAME``
+paths by those parts.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from sd2_ray.config import StageConfig
+
+C = TypeVar("C", bound="StageConfig")
 
 
 def ensure_kit(out: str | None = None, **overrides: Any) -> str:
@@ -16,7 +22,7 @@ def ensure_kit(out: str | None = None, **overrides: Any) -> str:
 
     ``overrides`` are :class:`~sd2_ray.kit.config.KitConfig` fields (e.g. ``target_steps=5``).
     """
-    from sd2_ray.kit.cache import ensure
+    from sd2_ray.kit.build import ensure
     from sd2_ray.kit.config import KitConfig
 
     if out is not None:
@@ -52,4 +58,21 @@ def kit_part(name: str, field: str = "path", **overrides: Any) -> str:
     return kit_paths(ensure_kit(**overrides))[part]
 
 
-__all__ = ["ensure_kit", "kit_part", "kit_paths"]
+def with_kit_paths(config: C) -> C:
+    """A copy of a stage config with every ``kit:NAME`` path replaced by that part of the (built,
+    cached) model kit; the kit is built on first use (minutes), later calls return at once.
+
+    A function of the kit, not a method of StageConfig: the kit is built from a StageConfig of its
+    own, so the config layer below must not reach up into it."""
+    from sd2_ray.config import KIT_PREFIX, path_fields
+
+    named = {
+        f: getattr(config, f) for f in path_fields(type(config)) if str(getattr(config, f) or "").startswith(KIT_PREFIX)
+    }
+    if not named:
+        return config
+    overrides = config.kit_overrides()
+    return config.model_copy(update={f: kit_part(v, f, **overrides) for f, v in named.items()})
+
+
+__all__ = ["ensure_kit", "kit_part", "kit_paths", "with_kit_paths"]

@@ -1,5 +1,9 @@
 """``sd2 kit``: build the embedded model kit, top to bottom (corpus, tokenizers, prompts,
-target, drafters, figures), into a directory that becomes visible only when complete."""
+target, drafters, figures), into a directory that becomes visible only when complete.
+
+:func:`ensure` (what ``ensure_kit()`` calls) lives here, above :mod:`sd2_ray.kit.cache`: it asks
+the cache whether the kit is current and builds it when not. Module-level imports stay light
+(torch is imported inside the build), so a cached kit is still returned in milliseconds."""
 
 from __future__ import annotations
 
@@ -9,11 +13,13 @@ import math
 import os
 import platform
 import random
+import shutil
+import tempfile
 import time
 
-from sd2_ray import manifest
+from sd2_ray import manifest, storage
 from sd2_ray.errors import ConfigError
-from sd2_ray.kit.cache import KIT_JSON, KIT_VERSION, STAGE, ensure_with_status
+from sd2_ray.kit.cache import KIT_JSON, KIT_VERSION, STAGE, build_lock, content_hash, is_current, kit_location
 from sd2_ray.kit.config import KitConfig
 
 log = logging.getLogger(__name__)
@@ -29,6 +35,30 @@ def main(config: KitConfig) -> str:
     print(f"kit: {kit_dir}" + ("" if built else "  (cached)"))
     print(summary(info))
     return kit_dir
+
+
+def ensure(config: KitConfig) -> str:
+    """The kit directory for ``config``: returned at once when current, else built (into a temp
+    dir renamed into place, so a half-built kit is never visible)."""
+    return ensure_with_status(config)[0]
+
+
+def ensure_with_status(config: KitConfig) -> tuple[str, bool]:
+    """(kit directory, whether this call built it)."""
+    digest = content_hash(config)
+    kit_dir = kit_location(config, digest)
+    if not config.overwrite and is_current(kit_dir, digest):
+        return kit_dir, False
+    with build_lock(kit_dir):
+        if not config.overwrite and is_current(kit_dir, digest):
+            return kit_dir, False  # another process finished it while we waited
+        tmp = tempfile.mkdtemp(prefix=".kit-building-", dir=os.path.dirname(kit_dir))
+        try:
+            build_kit(config, tmp, digest)
+            storage.replace_dir(tmp, kit_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return kit_dir, True
 
 
 def summary(info: dict) -> str:

@@ -1,6 +1,8 @@
 """Where the kit lives and whether it is current: content hash, cache location, build lock.
 
 Kept free of torch/transformers imports so a cached ``ensure_kit()`` returns in milliseconds.
+Building (and :func:`sd2_ray.kit.build.ensure`, which builds when the kit is not current) sits
+above this module in :mod:`sd2_ray.kit.build`: the cache answers questions and builds nothing.
 """
 
 from __future__ import annotations
@@ -11,9 +13,7 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 
 from sd2_ray import manifest, storage
@@ -95,29 +95,3 @@ def build_lock(kit_dir: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def ensure(config: KitConfig) -> str:
-    """The kit directory for ``config``: returned at once when current, else built (into a temp
-    dir renamed into place, so a half-built kit is never visible)."""
-    return ensure_with_status(config)[0]
-
-
-def ensure_with_status(config: KitConfig) -> tuple[str, bool]:
-    """(kit directory, whether this call built it)."""
-    digest = content_hash(config)
-    kit_dir = kit_location(config, digest)
-    if not config.overwrite and is_current(kit_dir, digest):
-        return kit_dir, False
-    with build_lock(kit_dir):
-        if not config.overwrite and is_current(kit_dir, digest):
-            return kit_dir, False  # another process finished it while we waited
-        from sd2_ray.kit.build import build_kit
-
-        tmp = tempfile.mkdtemp(prefix=".kit-building-", dir=os.path.dirname(kit_dir))
-        try:
-            build_kit(config, tmp, digest)
-            storage.replace_dir(tmp, kit_dir)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return kit_dir, True

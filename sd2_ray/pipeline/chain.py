@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from sd2_ray import storage
+from sd2_ray.kit import with_kit_paths
 from sd2_ray.pipeline.config import PipelineConfig
 
 # fine-tuned drafter -> (the model it starts from, the column it learns)
@@ -193,7 +194,7 @@ def stage_from_pipeline(path: str, stage: str, overrides: dict[str, Any]):
     it (the SD² drafter's), then the command line's overrides on top."""
     from sd2_ray.config import set_dotted, validate
 
-    config = PipelineConfig.load(path).with_kit_paths().with_cluster_placement()
+    config = with_kit_paths(PipelineConfig.load(path)).with_cluster_placement()
     built = chain(config, stage)
     if not overrides:
         return built

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from sd2_ray import manifest, storage
+from sd2_ray.kit import with_kit_paths
 from sd2_ray.pipeline.chain import FINETUNED, chain, drafter_dir, eval_root, out, pruned_dir
 from sd2_ray.pipeline.config import PipelineConfig
 
@@ -28,7 +29,7 @@ def resolved(config: PipelineConfig) -> PipelineConfig:
     """The run's config as every node must see it: kit parts built (and, for an s3:// output,
     published under OUTPUT/kit/ so that other nodes read them from there, not from this
     machine's cache) and each stage placed on its node type (from the cluster file)."""
-    config = config.with_kit_paths().with_cluster_placement()  # the CLI may have resolved kit: already
+    config = with_kit_paths(config).with_cluster_placement()  # the CLI may have resolved kit: already
     kit_fields = [f for f in INPUT_FIELDS if is_kit_part(getattr(config, f))]
     if kit_fields and storage.is_s3(config.output):
         config = config.model_copy(update={f: publish_kit_part(config, getattr(config, f)) for f in kit_fields})

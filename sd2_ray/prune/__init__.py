@@ -2,7 +2,9 @@
 
 Pure torch (no Ray). Entry points for other stages::
 
-    from sd2_ray.prune import prune_model, run_prune, PruneConfig
+    from sd2_ray.prune import prune_model, layer_prune, run_prune, PruneConfig
+
+(``prune_model`` masks weights: SparseGPT, Wanda, magnitude; ``layer_prune`` drops whole blocks.)
 
 Names are resolved lazily so ``import sd2_ray.prune.config`` (the CLI) stays light.
 """
@@ -14,6 +16,7 @@ from typing import Any
 _EXPORTS = {
     "PruneConfig": "sd2_ray.prune.config",
     "prune_model": "sd2_ray.prune.sequential",
+    "layer_prune": "sd2_ray.prune.layers",
     "run_prune": "sd2_ray.prune.job",
     "load_calibration": "sd2_ray.prune.calibration",
     "perplexity": "sd2_ray.prune.quality",

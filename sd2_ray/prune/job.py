@@ -1,7 +1,8 @@
 """``sd2 prune``: load the drafter and calibration data, prune, write the output dir.
 
-Reads top to bottom: check the output, load, prune (:func:`sd2_ray.prune.sequential.prune_model`),
-save (model + tokenizer + masks + report + config) into a local staging dir, copy it to the
+Reads top to bottom: check the output, load, prune (:func:`sd2_ray.prune.sequential.prune_model`
+masks weights; method ``layers`` runs :func:`sd2_ray.prune.layers.layer_prune` instead), save
+(model + tokenizer + masks or layer report + config) into a local staging dir, copy it to the
 output (local or s3://), mark the manifest complete last. Inside a Ray job the work runs as one
 Ray task (``num_gpus`` from the config), so on a cluster it lands on a GPU node; otherwise it runs
 in-process. Ray is imported only on that path.
@@ -80,7 +81,6 @@ def _prune_and_publish(config: PruneConfig) -> dict[str, Any]:
     import torch
 
     from sd2_ray.models.io import load_model, resolve_model_dir
-    from sd2_ray.prune.sequential import prune_model
 
     model_dir = resolve_model_dir(config.model)
     tokenizer = _tokenizer(config, model_dir)
@@ -88,7 +88,7 @@ def _prune_and_publish(config: PruneConfig) -> dict[str, Any]:
     batches, calibration = _calibration(config, tokenizer)  # bad data fails before the model loads
     model = load_model(model_dir, trust_remote_code=config.trust_remote_code, device=device)
     started = time.perf_counter()
-    model, masks, report = prune_model(model, batches, config)
+    model, masks, report = _prune(model, batches, config)
     seconds = time.perf_counter() - started
     report["calibration"] = calibration
     report["model"] = config.model
@@ -101,6 +101,21 @@ def _prune_and_publish(config: PruneConfig) -> dict[str, Any]:
     else:
         summary.update(total_sparsity=report["total_sparsity"], pattern=config.pattern, layers=len(report["layers"]))
     return summary
+
+
+def _prune(model, batches: list | None, config: PruneConfig) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """(model, masks, report). Layer pruning is a different algorithm with a different result (a
+    smaller model and a block report, no masks), so it has its own entry point, not a method of
+    :func:`~sd2_ray.prune.sequential.prune_model`; the CLI keeps one ``--method`` for both."""
+    if config.method == "layers":
+        from sd2_ray.prune.layers import layer_prune
+
+        assert config.drop_layers is not None  # PruneConfig requires it for method layers
+        model, report = layer_prune(model, batches or [], config.drop_layers)
+        return model, {}, report
+    from sd2_ray.prune.sequential import prune_model
+
+    return prune_model(model, batches, config)
 
 
 def _tokenizer(config: PruneConfig, model_dir: str):

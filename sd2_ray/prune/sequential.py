@@ -197,14 +197,11 @@ def prune_model(
     """Prune ``model`` in place per ``config`` (a :class:`PruneConfig`).
 
     Returns (model, masks keyed ``<module>.weight`` with ``True`` = kept, sparsity report in the
-    ``sparsity.json`` layout). ``method == "layers"`` returns the smaller model, no masks and the
-    layer-pruning report instead.
+    ``sparsity.json`` layout). Method ``layers`` drops whole blocks and is its own entry point,
+    :func:`sd2_ray.prune.layers.layer_prune` (which builds on this module's block helpers).
     """
     if config.method == "layers":
-        from sd2_ray.prune.layers import layer_prune
-
-        model, report = layer_prune(model, calibration_batches or [], config.drop_layers)
-        return model, {}, report
+        raise ValueError("method 'layers' drops blocks: call sd2_ray.prune.layers.layer_prune, not prune_model")
     started = time.perf_counter()
     targets = select_targets(model, config.targets, config.ignore)
     module_masks: dict[str, torch.Tensor] = {}

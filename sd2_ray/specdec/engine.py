@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sd2_ray.models.device import input_device
-from sd2_ray.specdec.kv import RaggedKV
+from sd2_ray.specdec.kv import RaggedKV, right_aligned
 from sd2_ray.specdec.sampling import RowParams, verify
 from sd2_ray.specdec.static_kv import StaticKV, round_capacity, supports_static
 from sd2_ray.specdec.steps import DecodeSteps
@@ -49,15 +49,6 @@ def eos_ids_of(model, tokenizer=None) -> tuple[int, ...]:
 
 def output_vocab_size(model) -> int:
     return model.get_output_embeddings().weight.shape[0]
-
-
-def right_aligned(seqs: list[list[int]], device=None, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists of different lengths as one (B, W) chunk, holes on the left (W: the longest
-    list, or ``width``)."""
-    width = max(len(s) for s in seqs) if width is None else width
-    tokens = torch.tensor([[0] * (width - len(s)) + s for s in seqs], dtype=torch.long, device=device)
-    real = torch.tensor([[False] * (width - len(s)) + [True] * len(s) for s in seqs], dtype=torch.bool, device=device)
-    return tokens, real
 
 
 class SameVocabDrafter:

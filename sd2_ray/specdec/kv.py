@@ -23,6 +23,16 @@ import torch
 HOLE_FRACTION_TO_COMPACT = 0.25
 
 
+def right_aligned(seqs: list[list[int]], device=None, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists of different lengths as one (B, W) chunk, holes on the left (W: the longest
+    list, or ``width``): the chunk layout :meth:`RaggedKV.forward` and the static cache take, so
+    it lives with the caches that both drafters (same- and cross-vocabulary) feed."""
+    width = max(len(s) for s in seqs) if width is None else width
+    tokens = torch.tensor([[0] * (width - len(s)) + s for s in seqs], dtype=torch.long, device=device)
+    real = torch.tensor([[False] * (width - len(s)) + [True] * len(s) for s in seqs], dtype=torch.bool, device=device)
+    return tokens, real
+
+
 class RaggedKV:
     def __init__(self, model, batch_size: int):
         from transformers import DynamicCache

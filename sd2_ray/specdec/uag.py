@@ -20,7 +20,7 @@ import logging
 
 import torch
 
-from sd2_ray.specdec.kv import RaggedKV
+from sd2_ray.specdec.kv import RaggedKV, right_aligned
 from sd2_ray.specdec.sampling import RowParams, pick
 
 logger = logging.getLogger(__name__)
@@ -143,8 +143,6 @@ class CrossVocabDrafter:
         self.d2t = translator.drafter_to_target.to(self.device)
 
     def propose(self, k: int, rp: RowParams, uniforms: torch.Tensor, histories: list[list[int]]):
-        from sd2_ray.specdec.engine import right_aligned
-
         tokens, real = right_aligned([c[n:] for c, n in zip(self.context, self.cached, strict=True)], self.device)
         logits = self.kv.forward(tokens, real, logits_to_keep=1)[:, -1]
         rp, uniforms = rp.to(self.device), uniforms.to(self.device)

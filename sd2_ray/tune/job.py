@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from sd2_ray import manifest, storage
 from sd2_ray.errors import ConfigError
+from sd2_ray.kit import with_kit_paths
 from sd2_ray.tune.config import TuneConfig
 from sd2_ray.tune.report import TRIALS_FILE, write_reports
 from sd2_ray.tune.space import grid, prune_fields
@@ -33,7 +34,7 @@ def main(config: TuneConfig) -> dict[str, Any]:
     if manifest.is_complete(config.output) and not config.overwrite:
         log.info("tune: %s is complete, skipping (overwrite=true to redo)", config.output)
         return {"skipped": True, "trials": storage.read_json(storage.join(config.output, TRIALS_FILE))}
-    return run_tune(stage_data(config.with_kit_paths().with_cluster_placement()))
+    return run_tune(stage_data(with_kit_paths(config).with_cluster_placement()))
 
 
 def stage_data(config: TuneConfig) -> TuneConfig:
