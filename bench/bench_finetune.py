@@ -63,12 +63,13 @@ def hook_microbench(model_dir: str, args, reps: int = 30) -> dict:
     from sd2_ray.finetune import data as D
     from sd2_ray.finetune import masking
     from sd2_ray.models.io import load_model
-    from sd2_ray.testing.toy import char_tokenizer, toy_rows
+    from sd2_ray.testing.tokenizer import toy_tokenizer
+    from sd2_ray.testing.toy import toy_rows
 
     torch.set_num_threads(1)
     model = load_model(model_dir).train()
     masks = masking.prepare_masks(model_dir, model)
-    tok = char_tokenizer()
+    tok = toy_tokenizer()
     batch = D.collate(D.encode_rows(toy_rows(args.batch_size), tok, args.seq_len), tok.pad_token_id)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 

@@ -44,8 +44,8 @@ def load_pair(args):
     from sd2_ray.models.io import load_model, load_tokenizer
 
     if args.random:
-        from sd2_ray.models.tiny import tiny_model
-        from sd2_ray.testing.engine_pairs import char_tokenizer
+        from sd2_ray.testing.tiny import tiny_model
+        from sd2_ray.testing.tokenizer import char_tokenizer
 
         tok = char_tokenizer()
         target = tiny_model(

@@ -104,7 +104,7 @@ def memory_3b(args) -> dict:
     from sd2_ray.finetune.trainer import loop_config
     from sd2_ray.plan.estimate import OVERHEAD_GB, finetune_need
     from sd2_ray.plan.shapes import shape_from_config
-    from sd2_ray.testing.toy import char_tokenizer
+    from sd2_ray.testing.tokenizer import toy_tokenizer
 
     fields, seq = _shape_fields(args.cpu), 128 if args.cpu else 2048
     device = "cpu" if args.cpu else "cuda"
@@ -130,7 +130,7 @@ def memory_3b(args) -> dict:
     masking.register_gradient_masks(model, masks)
     cfg = loop_config(config, steps=3)
     engine, _ = session.build_engine(model, cfg)
-    tokenizer, rows = char_tokenizer(), _long_rows(2, seq)  # ~6 characters a word: every row fills seq_len
+    tokenizer, rows = toy_tokenizer(), _long_rows(2, seq)  # ~6 characters a word: every row fills seq_len
     losses = [train_step(engine, rows, tokenizer, cfg, 0, 1)["loss"] for _ in range(3)]
     allocated, reserved = _measure(args.cpu)
     need = finetune_need(shape_from_config(fields, "smoke"), config)

@@ -94,7 +94,7 @@ def one_torch_thread():
 
 @pytest.fixture
 def tiny_llama():
-    from sd2_ray.models.tiny import tiny_model
+    from sd2_ray.testing.tiny import tiny_model
 
     return tiny_model("llama", seed=0)
 

@@ -112,8 +112,9 @@ K, NEW_TOKENS = 4, 24
 
 @pytest.fixture(scope="module")
 def tiny_target():
-    from sd2_ray.models.tiny import tiny_model
-    from sd2_ray.testing.engine_pairs import char_tokenizer, sharpen
+    from sd2_ray.testing.engine_pairs import sharpen
+    from sd2_ray.testing.tiny import tiny_model
+    from sd2_ray.testing.tokenizer import char_tokenizer
 
     tok = char_tokenizer()
     return sharpen(tiny_model("llama", seed=0, vocab_size=len(tok))), tok

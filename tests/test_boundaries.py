@@ -30,7 +30,6 @@ ADAPTERS = {
     "tune/driver.py": "Ray Tune Tuner + ASHA",
     "tune/orphans.py": "a Tune callback removing placement groups a stopped trial left",
     "tune/trial.py": "one Ray Tune trial",
-    "testing/procs.py": "test helper: Ray worker processes of a session",
     "testing/serve_load.py": "test helper: replica counts from Serve's status",
 }
 # module -> private Ray modules it may use, and why there is no public way

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from sd2_ray.errors import ConfigError
-from sd2_ray.models.tiny import tiny_model
 from sd2_ray.specdec.engine import SpeculativeEngine
 from sd2_ray.specdec.types import GenerationRequest, SamplingParams
-from sd2_ray.testing.engine_pairs import bpe_tokenizer, char_tokenizer, noisy_copy, sharpen
+from sd2_ray.testing.engine_pairs import noisy_copy, sharpen
+from sd2_ray.testing.tiny import tiny_model
+from sd2_ray.testing.tokenizer import bpe_tokenizer, char_tokenizer
 
 
 @pytest.fixture(autouse=True)

@@ -18,29 +18,15 @@ CHAT_TEMPLATE = (
 
 def make_chat_tokenizer():
     """A small byte-level BPE tokenizer with a chat template, trained here (no hub)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from sd2_ray.testing.tokenizer import build_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
     texts = ["the quick brown fox jumps over the lazy dog", "write a poem about ray data and drafts"] * 8
-    tok.train_from_iterator(
-        texts,
-        trainers.BpeTrainer(
-            vocab_size=300,
-            special_tokens=["<pad>", "<s>", "</s>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        ),
-    )
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    return build_tokenizer(corpus=texts, vocab_size=300, chat_template=CHAT_TEMPLATE)
 
 
 @pytest.fixture(scope="module")
 def chat_model_dir(tmp_path_factory):
-    from sd2_ray.models.tiny import tiny_model
+    from sd2_ray.testing.tiny import tiny_model
 
     out = tmp_path_factory.mktemp("chat") / "tiny-chat"
     tok = make_chat_tokenizer()

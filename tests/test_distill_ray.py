@@ -207,8 +207,9 @@ def test_a_killed_engine_actor_is_restarted_and_every_row_arrives_once(kit_rows,
     process title, in this test's Ray session only."""
     import threading
 
+    from _ray_procs import our_raylet_pid, ray_worker_pids
+
     from sd2_ray.runtime import ensure_ray
-    from sd2_ray.testing.procs import our_raylet_pid, ray_worker_pids
 
     rows = kit_rows[66:90]
     prompts = write_jsonl(tmp_path / "prompts.jsonl", rows)

@@ -131,7 +131,7 @@ def kill_a_worker_after_a_checkpoint(cfg: FinetuneConfig, timeout_s: float = 300
     import signal
     import time
 
-    from sd2_ray.testing.procs import our_raylet_pid, ray_worker_pids
+    from _ray_procs import our_raylet_pid, ray_worker_pids
 
     raylet = our_raylet_pid()
     snapshot = storage.join(cfg.checkpoint_run_dir(), "checkpoint_manager_snapshot.json")
@@ -176,11 +176,12 @@ def test_zero3_on_s3_keeps_sparsity_and_learns(inputs, s3_bucket):
     """Also scores 9 held-out top-k rows every 3 steps: under ZeRO-3 a forward is a collective,
     so the rank whose share runs out first (5 + 4 rows in micro-batches of 4) runs an uncounted
     row; every held-out row is counted once."""
-    from sd2_ray.testing.toy import char_tokenizer, toy_rows, with_toy_topk
+    from sd2_ray.testing.tokenizer import toy_tokenizer
+    from sd2_ray.testing.toy import toy_rows, with_toy_topk
 
     base = f"s3://{s3_bucket}/run"
     storage.copy_dir(inputs["model"], f"{base}/pruned")
-    write_rows(f"{base}/distilled", with_toy_topk(toy_rows(57), char_tokenizer()))
+    write_rows(f"{base}/distilled", with_toy_topk(toy_rows(57), toy_tokenizer()))
     cfg = finetune(
         inputs,
         "zero3",
@@ -321,9 +322,10 @@ def heldout_acceptance(model_dir: str, rows: list[dict], k: int = 4) -> dict:
 
 
 def test_kd_loss_keeps_masks_learns_and_reports_heldout_acceptance(inputs):
-    from sd2_ray.testing.toy import char_tokenizer, toy_rows, with_toy_topk
+    from sd2_ray.testing.tokenizer import toy_tokenizer
+    from sd2_ray.testing.toy import toy_rows, with_toy_topk
 
-    data = write_rows(str(inputs["root"] / "kd-data"), with_toy_topk(toy_rows(56, seed=3), char_tokenizer()))
+    data = write_rows(str(inputs["root"] / "kd-data"), with_toy_topk(toy_rows(56, seed=3), toy_tokenizer()))
     cfg = finetune(
         inputs,
         "kd",
@@ -355,9 +357,10 @@ def test_select_by_expected_mal_publishes_an_earlier_better_checkpoint(inputs):
     """Constructed so an early step is best: the held-out rows answer 'abcdefgh', the first half
     of training teaches that, the second half (file order, no shuffle) teaches 'hgfedcba'
     (no repeated letters: a random tied-embedding model already predicts a repeat)."""
-    from sd2_ray.testing.toy import char_tokenizer, with_toy_topk
+    from sd2_ray.testing.tokenizer import toy_tokenizer
+    from sd2_ray.testing.toy import with_toy_topk
 
-    tok = char_tokenizer()
+    tok = toy_tokenizer()
 
     def rows(text: str, n: int, tag: str):
         return [

@@ -19,7 +19,8 @@ import pytest
 from sd2_ray import storage
 from sd2_ray.errors import ConfigError
 from sd2_ray.finetune.config import FinetuneConfig
-from sd2_ray.testing.toy import CHARS, SPECIALS, char_tokenizer, toy_rows
+from sd2_ray.testing.tokenizer import TOY_CHARS, TOY_CHAT_TEMPLATE, UNK, build_tokenizer, toy_tokenizer
+from sd2_ray.testing.toy import toy_rows
 
 K = 3
 
@@ -30,27 +31,12 @@ class Stopped(Exception):
 
 def other_tokenizer():
     """Another family's tokenizer: a larger vocabulary, the same characters under other ids."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from sd2_ray.testing.toy import CHAT_TEMPLATE
-
-    tokens = SPECIALS + [f"<extra{i}>" for i in range(10)] + list(reversed(CHARS))
-    core = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    core.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        chat_template=CHAT_TEMPLATE,
-    )
+    extras = [f"<extra{i}>" for i in range(10)]  # ids no text encodes to: they only shift the characters'
+    return build_tokenizer(extras + list(reversed(TOY_CHARS)), unk_token=UNK, chat_template=TOY_CHAT_TEMPLATE)
 
 
 def model_dir(path, tokenizer) -> str:
-    from sd2_ray.models.tiny import tiny_model
+    from sd2_ray.testing.tiny import tiny_model
 
     tiny_model("llama").save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -84,7 +70,7 @@ def distilled(tmp_path_factory):
     from sd2_ray.distill.config import DistillConfig
 
     root = tmp_path_factory.mktemp("xtok")
-    target_tok = char_tokenizer()
+    target_tok = toy_tokenizer()
     target = model_dir(root / "target", target_tok)
     rows = toy_rows(12, seed=3)
     prompts = root / "prompts.jsonl"
@@ -133,7 +119,7 @@ def finetune_config(model: str, data: str, out: str, **kw) -> FinetuneConfig:
 
 def test_a_same_tokenizer_drafter_trains_on_the_targets_own_ids(distilled, monkeypatch, tmp_path):
     root, target, data, answers = distilled
-    tok = char_tokenizer()
+    tok = toy_tokenizer()
     drafter = model_dir(tmp_path / "same", tok)
     seen = trained_labels(monkeypatch, finetune_config(drafter, data, str(tmp_path / "out")))
     stored = {
@@ -204,7 +190,7 @@ def test_the_distill_manifest_names_the_targets_tokenizer(distilled):
 
     root, target, data, answers = distilled
     recorded = manifest.read(data)["tokenizer"]
-    assert recorded["vocab_size"] == len(char_tokenizer()) and len(recorded["fingerprint"]) == 64
+    assert recorded["vocab_size"] == len(toy_tokenizer()) and len(recorded["fingerprint"]) == 64
 
 
 def test_the_cross_family_config_trains_on_the_drafters_own_tokens():

@@ -12,12 +12,13 @@ from sd2_ray.finetune import data as D
 from sd2_ray.finetune import masking
 from sd2_ray.finetune.config import FinetuneConfig
 from sd2_ray.finetune.step import fill_deepspeed_config, lr_factor, param_groups, zero_template
-from sd2_ray.testing.toy import char_tokenizer, magnitude_masks, make_sparse_drafter, toy_rows, write_toy_dataset
+from sd2_ray.testing.tokenizer import toy_tokenizer
+from sd2_ray.testing.toy import magnitude_masks, make_sparse_drafter, toy_rows, write_toy_dataset
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return char_tokenizer()
+    return toy_tokenizer()
 
 
 def test_encode_row_labels_only_the_response(tok):
@@ -267,7 +268,7 @@ def test_a_loss_the_data_cannot_feed_fails_before_anything_starts(drafter_and_da
         code, err = _cli(["--model", model, "--data", plain, "--output", out, *argv], capsys)
         assert code == 2 and field in err and "logprobs_top_k" in err and "\n" not in err, err
     topk = f"{root}/topk"
-    storage.write_parquet(f"{topk}/part-0.parquet", pa.Table.from_pylist(with_toy_topk(toy_rows(16), char_tokenizer())))
+    storage.write_parquet(f"{topk}/part-0.parquet", pa.Table.from_pylist(with_toy_topk(toy_rows(16), toy_tokenizer())))
     code, err = _cli(
         ["--model", model, "--data", topk, "--output", out, "--loss", "tvd", "use_response_ids=false"], capsys
     )

@@ -18,10 +18,11 @@ CUDA_STAGES = {"eval_bf16", "eval_compiled"}
 
 def fake_kit(root: Path) -> str:
     """The kit's layout with tiny random models sharing a character tokenizer (milliseconds)."""
-    from sd2_ray.models.tiny import tiny_model
-    from sd2_ray.testing.toy import char_tokenizer, toy_rows
+    from sd2_ray.testing.tiny import tiny_model
+    from sd2_ray.testing.tokenizer import toy_tokenizer
+    from sd2_ray.testing.toy import toy_rows
 
-    tokenizer = char_tokenizer()
+    tokenizer = toy_tokenizer()
     for part, seed in (("target", 1), ("drafter", 2)):
         tiny_model("llama", seed=seed).save_pretrained(root / part)
         tokenizer.save_pretrained(root / part)

@@ -13,7 +13,8 @@ import torch
 
 from sd2_ray.finetune import masking, step
 from sd2_ray.finetune.losses import LossSpec, LossSums
-from sd2_ray.testing.toy import char_tokenizer, magnitude_masks, toy_rows
+from sd2_ray.testing.tokenizer import toy_tokenizer
+from sd2_ray.testing.toy import magnitude_masks, toy_rows
 
 
 class MetaEngine:
@@ -48,7 +49,7 @@ def test_train_step_feeds_the_engine_on_its_device():
     """Before the fix the collated batches stayed on the CPU and a CUDA engine failed in the
     embedding (a batch left on the CPU fails as on CUDA)."""
     engine, cfg = MetaEngine(), {"seq_len": 48, "response_field": "response", "grad_accum": 2}
-    metrics = step.train_step(engine, toy_rows(8), char_tokenizer(), cfg, rank=0, world=1)
+    metrics = step.train_step(engine, toy_rows(8), toy_tokenizer(), cfg, rank=0, world=1)
     assert engine.forwards == 2 and metrics["tokens"] > 0
 
 
@@ -78,7 +79,7 @@ def test_collectives_run_on_the_engines_device(monkeypatch):
     nccl_like(monkeypatch, MetaEngine.device)
     cfg = {"seq_len": 48, "response_field": "response", "grad_accum": 1, "report_every": 1, "report_interval_s": 1.0}
     with pytest.raises(CollectiveReached):
-        step.train_step(MetaEngine(), toy_rows(4), char_tokenizer(), cfg, rank=0, world=2)
+        step.train_step(MetaEngine(), toy_rows(4), toy_tokenizer(), cfg, rank=0, world=2)
     with pytest.raises(CollectiveReached):
         step.report_due(cfg, 3, 10, 0.0, 2, MetaEngine.device)
 

@@ -258,13 +258,28 @@ def test_job_entrypoint_help(stage, help_runs):
 
 
 @pytest.mark.parametrize("stage", STAGES)
-def test_job_entrypoint_documents_its_command(stage):
-    import ast
+def test_job_entrypoint_dispatches_its_stage_with_the_checkout_first(stage, monkeypatch):
+    """Run as ``__main__`` (as ``ray job submit -- python jobs/<stage>.py ARGS`` does), the script
+    puts the checkout first on sys.path and exits with what ``sd2_ray.cli.main([stage, *ARGS])``
+    returns (the CLI is replaced by a recorder: nothing runs)."""
+    import runpy
 
-    tree = ast.parse((JOBS / f"{stage}.py").read_text())
-    doc = ast.get_docstring(tree)
-    assert f"ray job submit --working-dir . -- python jobs/{stage}.py" in doc
-    assert f'main(["{stage}", *sys.argv[1:]])' in (JOBS / f"{stage}.py").read_text()
+    import sd2_ray.cli
+
+    calls = []
+
+    def recorder(argv):
+        calls.append(list(argv))
+        return 3
+
+    monkeypatch.setattr(sd2_ray.cli, "main", recorder)
+    monkeypatch.setattr(sys, "path", ["/elsewhere", *sys.path])
+    monkeypatch.setattr(sys, "argv", [str(JOBS / f"{stage}.py"), "--output", "o", "a.b=1"])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(str(JOBS / f"{stage}.py"), run_name="__main__")
+    assert calls == [[stage, "--output", "o", "a.b=1"]]
+    assert exited.value.code == 3
+    assert sys.path[0] == str(REPO)  # the uploaded checkout wins over any installed sd2_ray
 
 
 def test_every_cli_command_has_a_job_entrypoint():

@@ -169,7 +169,7 @@ def test_one_hot_target_with_full_support_stays_finite():
 
 
 def char_tok():
-    from sd2_ray.testing.engine_pairs import char_tokenizer
+    from sd2_ray.testing.tokenizer import char_tokenizer
 
     return char_tokenizer()
 
@@ -263,7 +263,7 @@ def test_hidden_states_and_head_equal_full_logits_in_value_gradient_and_acceptan
     under checkpointing, give the loss, gradients and acceptance that the full logits give."""
     from sd2_ray.finetune.acceptance import acceptance_sums
     from sd2_ray.finetune.step import CausalLMLoss
-    from sd2_ray.models.tiny import tiny_model
+    from sd2_ray.testing.tiny import tiny_model
 
     tok = char_tok()
     lm = tiny_model("llama", seed=3, vocab_size=len(tok)).train()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sd2_ray.models.macs import cost_coefficient, linear_macs, macs_at_context, predicted_speedup
-from sd2_ray.models.tiny import tiny_model
+from sd2_ray.testing.tiny import tiny_model
 
 
 def test_llama_hand_count():

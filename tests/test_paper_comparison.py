@@ -10,33 +10,50 @@ def drafter(name, mal, macs):
 
 
 def report_of(dense_sd, layer, sd2, sft, dense_macs=1000, sparse_macs=600, layer_macs=600):
-    drafters = [
-        drafter("dense-sd", dense_sd, dense_macs),
-        drafter("layer-pruned-sd", layer, layer_macs),
-        drafter("sd2", sd2, sparse_macs),
-        drafter("sparse-sft", sft, sparse_macs),
-    ]
-    comparisons = {
-        "sd2_mal_over_layer_pruned": sd2 / layer,
-        "sd2_macs_reduction_vs_dense_sd": 1 - sparse_macs / dense_macs,
-        "sd2_mal_drop_vs_dense_sd": 1 - sd2 / dense_sd,
-        "sd2_mal_over_sparse_sft": sd2 / sft,
+    """A report as the pipeline builds it: each drafter's evaluated MAL and MACs, then the
+    pipeline's own ``comparisons`` of them (nothing computed here)."""
+    from sd2_ray.pipeline.report import comparisons, drafter_entries
+
+    evaluated = {
+        "dense-sd": (dense_sd, dense_macs),
+        "layer-pruned-sd": (layer, layer_macs),
+        "sd2": (sd2, sparse_macs),
+        "sparse-sft": (sft, sparse_macs),
     }
-    return {"drafters": drafters, "comparisons": comparisons}
+    entries = drafter_entries(
+        {name: {"mean_accepted_length": mal, "drafter_macs_per_token": macs} for name, (mal, macs) in evaluated.items()}
+    )
+    return {"drafters": entries, "comparisons": comparisons(entries)}
 
 
 def by_ratio(rows):
     return {r["ratio"]: r for r in rows}
 
 
-def test_paper_direction_holds_when_sd2_wins_at_equal_macs():
+def test_ratios_are_computed_from_the_drafters_the_right_way_up():
+    """SD² over its baseline, never the reverse: with MALs 2.8 (SD²) and 2.2 (layer-pruned) the
+    ratio is 1.27 and holds; an inverted ratio (0.79) would fail both the value and the verdict,
+    and swapping the drafters' MALs must flip the verdict."""
     rows = by_ratio(paper_comparison(report_of(dense_sd=3.0, layer=2.2, sd2=2.8, sft=1.9)))
     assert rows["sd2_mal_over_layer_pruned"]["ours"] == pytest.approx(2.8 / 2.2)
-    assert rows["sd2_mal_over_layer_pruned"]["paper"] == 1.59
-    assert rows["sd2_macs_reduction_vs_dense_sd"]["paper"] == 0.4387
+    assert rows["sd2_mal_over_sparse_sft"]["ours"] == pytest.approx(2.8 / 1.9)
+    assert rows["sd2_macs_reduction_vs_dense_sd"]["ours"] == pytest.approx(1 - 600 / 1000)
     assert rows["sd2_mal_drop_vs_dense_sd"]["ours"] == pytest.approx(1 - 2.8 / 3.0)
-    assert all(r["holds"] for r in rows.values()), rows
     assert rows["layer_pruned_macs_over_sd2"]["ours"] == pytest.approx(1.0)
+    assert all(r["holds"] for r in rows.values()), rows
+
+    swapped = by_ratio(paper_comparison(report_of(dense_sd=3.0, layer=2.8, sd2=2.2, sft=2.9)))
+    assert swapped["sd2_mal_over_layer_pruned"]["ours"] == pytest.approx(2.2 / 2.8)
+    assert not swapped["sd2_mal_over_layer_pruned"]["holds"]
+    assert not swapped["sd2_mal_over_sparse_sft"]["holds"]
+
+
+@pytest.mark.parametrize("sd2, holds", [(2.6, True), (1.7, False)])
+def test_mal_drop_holds_only_when_smaller_than_the_macs_saved(sd2, holds):
+    """40 % MACs saved: losing 13 % of dense-sd's MAL holds, losing 43 % does not."""
+    rows = by_ratio(paper_comparison(report_of(dense_sd=3.0, layer=1.5, sd2=sd2, sft=1.5)))
+    assert rows["sd2_mal_drop_vs_dense_sd"]["ours"] == pytest.approx(1 - sd2 / 3.0)
+    assert rows["sd2_mal_drop_vs_dense_sd"]["holds"] is holds
 
 
 def test_paper_direction_fails_when_layer_pruned_wins_or_mal_drops_more_than_macs():

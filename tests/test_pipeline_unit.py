@@ -126,8 +126,8 @@ def test_unknown_kit_part_is_named(tmp_path, monkeypatch):
 def test_layer_drop_matches_sparse_macs(tmp_path):
     import torch
 
-    from sd2_ray.models.tiny import tiny_model
     from sd2_ray.prune.layers import matching_layer_drop
+    from sd2_ray.testing.tiny import tiny_model
 
     dense = tiny_model("llama", layers=4, vocab_size=64)
     dense.save_pretrained(tmp_path / "dense")

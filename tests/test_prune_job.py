@@ -8,11 +8,11 @@ import os
 import pyarrow as pa
 import pytest
 import torch
-from _prune_tiny import calibration_rows, save_tiny, write_jsonl
 
 from sd2_ray import cli, manifest, storage
 from sd2_ray.models.sparsity import check_nm, load_masks, masked_weights_nonzero, read_report
 from sd2_ray.prune.verify import verify_pruned
+from sd2_ray.testing.calibration import calibration_rows, save_tiny, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

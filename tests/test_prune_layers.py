@@ -7,18 +7,19 @@ import math
 
 import pytest
 import torch
-from _prune_tiny import calibration_rows, char_tokenizer
 
-from sd2_ray.models.tiny import tiny_model
 from sd2_ray.prune.calibration import render_sample, tokenize_samples
 from sd2_ray.prune.layers import angular_distances, drop_blocks, layer_prune
+from sd2_ray.testing.calibration import calibration_rows
+from sd2_ray.testing.tiny import tiny_model
+from sd2_ray.testing.tokenizer import ascii_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def batches():
-    tok = char_tokenizer()
+    tok = ascii_tokenizer()
     return tokenize_samples([render_sample(r, tok) for r in calibration_rows(6, seed=4)], tok, seq_len=64)
 
 

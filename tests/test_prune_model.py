@@ -5,21 +5,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _prune_tiny import calibration_rows, char_tokenizer
 
 from sd2_ray.models.sparsity import check_masks, check_nm, masked_weights_nonzero, sparsity_problems
-from sd2_ray.models.tiny import tiny_model
 from sd2_ray.prune.calibration import render_sample, tokenize_samples
 from sd2_ray.prune.config import PruneConfig
 from sd2_ray.prune.sequential import decoder_blocks, prune_model
 from sd2_ray.prune.sparsegpt import Hessian, sparsegpt_prune
+from sd2_ray.testing.calibration import calibration_rows
+from sd2_ray.testing.tiny import tiny_model
+from sd2_ray.testing.tokenizer import ascii_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def batches():
-    tok = char_tokenizer()
+    tok = ascii_tokenizer()
     return tokenize_samples([render_sample(r, tok) for r in calibration_rows(12)], tok, seq_len=96)
 
 

@@ -12,9 +12,9 @@ import shutil
 
 import pytest
 import torch
-from _prune_tiny import save_tiny
 
 from sd2_ray import cli
+from sd2_ray.testing.calibration import save_tiny
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

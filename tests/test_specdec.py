@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sd2_ray.models.tiny import tiny_model
 from sd2_ray.specdec.engine import SpeculativeEngine
 from sd2_ray.specdec.kv import RaggedKV
 from sd2_ray.specdec.sampling import RowParams, warp_probs
 from sd2_ray.specdec.types import GenerationRequest, SamplingParams
 from sd2_ray.testing.engine_pairs import noisy_copy, sharpen
+from sd2_ray.testing.tiny import tiny_model
 
 
 @pytest.fixture(autouse=True)

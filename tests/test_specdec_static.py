@@ -11,7 +11,6 @@ import copy
 import pytest
 import torch
 
-from sd2_ray.models.tiny import tiny_model
 from sd2_ray.specdec.engine import SpeculativeEngine
 from sd2_ray.specdec.kv import right_aligned
 from sd2_ray.specdec.sampling import RowParams
@@ -19,6 +18,7 @@ from sd2_ray.specdec.static_kv import StaticKV, supports_static
 from sd2_ray.specdec.steps import DecodeSteps
 from sd2_ray.specdec.types import GenerationRequest, SamplingParams
 from sd2_ray.testing.engine_pairs import sharpen
+from sd2_ray.testing.tiny import tiny_model
 
 
 @pytest.fixture(autouse=True)
@@ -131,7 +131,7 @@ def test_compiled_steps_give_the_eager_tokens():
 def test_compiled_verification_serves_a_cross_tokenizer_pair():
     """The cross-tokenizer drafter stays eager on its growing cache; the target's verification
     runs compiled with its fixed K+1 chunk although rows propose fewer drafts."""
-    from sd2_ray.testing.engine_pairs import bpe_tokenizer, char_tokenizer
+    from sd2_ray.testing.tokenizer import bpe_tokenizer, char_tokenizer
 
     t_tok, d_tok = char_tokenizer(), bpe_tokenizer()
     target = sharpen(tiny_model("llama", seed=0, vocab_size=len(t_tok)), 4.0)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sd2_ray.models.tiny import tiny_model
 from sd2_ray.specdec.engine import SpeculativeEngine
 from sd2_ray.specdec.types import GenerationRequest, SamplingParams
 from sd2_ray.specdec.uag import Translator, common_prefix, needs_translation
-from sd2_ray.testing.engine_pairs import bpe_tokenizer, char_tokenizer, noisy_copy, permuted_copy, sharpen
+from sd2_ray.testing.engine_pairs import noisy_copy, permuted_copy, sharpen
+from sd2_ray.testing.tiny import tiny_model
+from sd2_ray.testing.tokenizer import bpe_tokenizer, char_tokenizer
 
 
 @pytest.fixture(autouse=True)

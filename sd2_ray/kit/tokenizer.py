@@ -13,7 +13,7 @@ nothing doubles when callers render then tokenize.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 PAD, DOC, END = "<|pad|>", "<|endoftext|>", "<|end|>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -27,8 +27,19 @@ CHAT_TEMPLATE = (
 )
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int):
-    """A PreTrainedTokenizerFast with a byte-level BPE of ``vocab_size`` learned from ``texts``."""
+def train_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int,
+    special_tokens: Sequence[str] = SPECIAL_TOKENS,
+    chat_template: str = CHAT_TEMPLATE,
+    min_frequency: int = 2,
+    model_max_length: int | None = 1024,
+):
+    """A PreTrainedTokenizerFast with a byte-level BPE of ``vocab_size`` learned from ``texts``.
+
+    ``special_tokens`` (ids 0.. in this order) are the pad, BOS and EOS tokens, then any others
+    (additional special tokens); the defaults are the kit's. ``model_max_length`` None: unbounded.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -37,23 +48,23 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        min_frequency=2,
-        special_tokens=SPECIAL_TOKENS,
+        min_frequency=min_frequency,
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     core.train_from_iterator(texts, trainer=trainer)
     tok = PreTrainedTokenizerFast(
         tokenizer_object=core,
-        pad_token=PAD,
-        bos_token=DOC,
-        eos_token=END,
+        pad_token=special_tokens[0],
+        bos_token=special_tokens[1],
+        eos_token=special_tokens[2],
         unk_token=None,
-        additional_special_tokens=ROLE_TOKENS,
+        additional_special_tokens=list(special_tokens[3:]),
         clean_up_tokenization_spaces=False,
-        model_max_length=1024,
+        model_max_length=model_max_length,
     )
-    tok.chat_template = CHAT_TEMPLATE
+    tok.chat_template = chat_template
     return tok
 
 

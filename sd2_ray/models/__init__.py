@@ -1,1 +1,1 @@
-"""Model loading, the tiny random models used by tests, sparsity masks and MAC counting."""
+"""Model loading, sparsity masks and MAC counting."""

@@ -1,7 +1,6 @@
-"""Tiny tokenizers and model pairs for tests of the engine (and of anything built on it).
+"""Model pairs for tests of the engine (and of anything built on it); their tokenizers are
+:mod:`sd2_ray.testing.tokenizer`'s ``char_tokenizer`` and ``bpe_tokenizer``.
 
-- :func:`char_tokenizer`: one token per character (order selectable), fast tokenizer.
-- :func:`bpe_tokenizer`: characters plus a few merges, so token boundaries differ from chars.
 - :func:`permuted_copy`: the same network with its vocabulary rows permuted: as a drafter with
   the permuted tokenizer it computes the target's exact distribution in *text* space, so a
   correct cross-tokenizer bridge must accept everything.
@@ -11,58 +10,8 @@
 from __future__ import annotations
 
 import copy
-import random
 
 import torch
-
-SPECIALS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2: the tiny configs' pad, bos, eos
-CHARS = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;!?'\"()-+*/=<>\n"
-MERGES = [
-    ("t", "h"),
-    ("h", "e"),
-    ("i", "n"),
-    ("e", "r"),
-    ("a", "n"),
-    (" ", "t"),
-    ("o", "n"),
-    ("r", "e"),
-    ("e", "s"),
-    (" ", "a"),
-    ("th", "e"),
-    (" t", "he"),
-]
-
-
-def _fast(model, eos: bool = True):
-    from tokenizers import Tokenizer, decoders
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(model)
-    tok.decoder = decoders.Fuse()
-    tok.add_special_tokens(SPECIALS)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>" if eos else None
-    )
-
-
-def char_tokenizer(seed: int | None = None):
-    """One token per character; ``seed`` shuffles the id order of the characters."""
-    from tokenizers.models import BPE
-
-    chars = list(CHARS)
-    if seed is not None:
-        random.Random(seed).shuffle(chars)
-    vocab = {s: i for i, s in enumerate(SPECIALS + chars)}
-    return _fast(BPE(vocab=vocab, merges=[]))
-
-
-def bpe_tokenizer():
-    """Characters plus merges: multi-character tokens, so re-tokenization is non-trivial."""
-    from tokenizers.models import BPE
-
-    pieces = SPECIALS + list(CHARS) + ["".join(m) for m in MERGES]
-    vocab = {s: i for i, s in enumerate(dict.fromkeys(pieces))}
-    return _fast(BPE(vocab=vocab, merges=MERGES))
 
 
 def permuted_copy(model, source_tok, dest_tok):
@@ -105,7 +54,8 @@ def tiny_pair_dirs(
     """Save a tiny target (char tokenizer) and a smaller drafter (same or BPE tokenizer)."""
     import os
 
-    from sd2_ray.models.tiny import tiny_model
+    from sd2_ray.testing.tiny import tiny_model
+    from sd2_ray.testing.tokenizer import bpe_tokenizer, char_tokenizer
 
     t_tok = char_tokenizer()
     d_tok = bpe_tokenizer() if cross_tokenizer else t_tok

@@ -1,20 +1,14 @@
 """Toy inputs for tests and benchmarks of the fine-tuning stage (built in well under a second):
-a character tokenizer that fits the tiny random models' vocabulary, a magnitude-pruned tiny
-drafter with masks, and a distilled-style Parquet dataset with a learnable pattern."""
+a magnitude-pruned tiny drafter with masks (saved with :func:`sd2_ray.testing.tokenizer.toy_tokenizer`,
+one token per character, which fits the tiny random models' vocabulary) and a distilled-style
+Parquet dataset with a learnable pattern."""
 
 from __future__ import annotations
 
 import random
-import string
 
 import torch
 
-CHARS = " \n" + string.ascii_lowercase + string.ascii_uppercase + string.digits + ".,:?!'-()"
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3 match the tiny configs' pad/bos/eos
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant: {% endif %}"
-)
 WORDS = [
     "alpha",
     "beta",
@@ -35,25 +29,6 @@ WORDS = [
 ]
 
 
-def char_tokenizer():
-    """A fast tokenizer with one token per character and a simple chat template."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + list(CHARS))}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    core.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        chat_template=CHAT_TEMPLATE,
-    )
-
-
 def decoder_linear_names(model: torch.nn.Module) -> list[str]:
     """The decoder blocks' linear layers (embeddings and LM head stay dense, as in SD²)."""
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in f".{n}"]
@@ -72,11 +47,12 @@ def magnitude_masks(model: torch.nn.Module, sparsity: float) -> dict[str, torch.
 def make_sparse_drafter(out_dir: str, sparsity: float = 0.5, arch: str = "llama", seed: int = 0, **model_kwargs) -> str:
     """Save a tiny random model pruned to ``sparsity`` with masks/masks.safetensors + sparsity.json."""
     from sd2_ray.models.sparsity import apply_masks, save_masks, sparsity_of
-    from sd2_ray.models.tiny import tiny_model
+    from sd2_ray.testing.tiny import tiny_model
+    from sd2_ray.testing.tokenizer import toy_tokenizer
 
     model = tiny_model(arch, seed=seed, **model_kwargs)
     model.save_pretrained(out_dir)
-    char_tokenizer().save_pretrained(out_dir)
+    toy_tokenizer().save_pretrained(out_dir)
     if sparsity > 0:
         masks = magnitude_masks(model, sparsity)
         apply_masks(model, masks)

@@ -1,5 +1,5 @@
-"""Processes of this machine's Ray sessions, for tests that kill a worker the way a lost node or
-an OOM kill would (SIGKILL, no clean-up)."""
+"""Test support, not part of the package: processes of this machine's Ray sessions, for tests
+that kill a worker the way a lost node or an OOM kill would (SIGKILL, no clean-up)."""
 
 from __future__ import annotations
 
