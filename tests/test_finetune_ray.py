@@ -252,8 +252,9 @@ def reference_losses(model_dir: str, data: str, steps: int, cfg: FinetuneConfig)
     loss module, masked gradients, AdamW, the cosine schedule and norm clipping."""
     from sd2_ray.finetune import data as D
     from sd2_ray.finetune import masking
+    from sd2_ray.finetune.loss_module import CausalLMLoss
     from sd2_ray.finetune.losses import LossSpec
-    from sd2_ray.finetune.step import CausalLMLoss, lr_factor, param_groups
+    from sd2_ray.finetune.optimizer import lr_factor, param_groups
     from sd2_ray.models.io import load_tokenizer
     from sd2_ray.rows import read_rows
 

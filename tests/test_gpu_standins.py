@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sd2_ray.finetune import masking, step
+from sd2_ray.finetune import masking, report_clock, step
 from sd2_ray.finetune.losses import LossSpec, LossSums
 from sd2_ray.testing.toy import char_tokenizer, magnitude_masks, toy_rows
 
@@ -80,7 +80,7 @@ def test_collectives_run_on_the_engines_device(monkeypatch):
     with pytest.raises(CollectiveReached):
         step.train_step(MetaEngine(), toy_rows(4), char_tokenizer(), cfg, rank=0, world=2)
     with pytest.raises(CollectiveReached):
-        step.report_due(cfg, 3, 10, 0.0, 2, MetaEngine.device)
+        report_clock.report_due(1, 1.0, 3, 10, 0.0, 2, MetaEngine.device)
 
 
 def test_gradient_mask_is_bit_packed_and_never_converted_per_backward():

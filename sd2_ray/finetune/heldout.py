@@ -2,7 +2,7 @@
 
 Every ``eval_every`` steps (and at the last step) each worker scores its share of the held-out
 distilled rows teacher-forced, under ``no_grad``, through the same engine forward as training
-(:class:`sd2_ray.finetune.step.CausalLMLoss` with ``acceptance_k``): the configured loss and
+(:class:`sd2_ray.finetune.loss_module.CausalLMLoss` with ``acceptance_k``): the configured loss and
 the acceptance sums of :mod:`sd2_ray.finetune.acceptance`. The sums are all-reduced on the
 engine's device and summarised into metrics (``eval_loss``, ``expected_mal``, ``alpha``, ...).
 
@@ -22,7 +22,8 @@ import torch
 
 from sd2_ray.finetune import data as D
 from sd2_ray.finetune.acceptance import SUM_KEYS, summarize
-from sd2_ray.finetune.step import TrainState, all_reduce, engine_device, on_device
+from sd2_ray.finetune.collectives import all_reduce, engine_device, on_device
+from sd2_ray.finetune.train_state import TrainState
 
 # select_by -> (metric, better direction)
 SELECTION = {"loss": ("eval_loss", "min"), "expected_mal": ("expected_mal", "max")}

@@ -25,7 +25,10 @@ import torch
 
 from sd2_ray.finetune import heldout, masking, session
 from sd2_ray.finetune.checkpoint import FINAL_CHECKPOINT, MODEL_SUBDIR, checkpoint_dir_name
-from sd2_ray.finetune.step import TrainState, engine_device, report_due, train_step
+from sd2_ray.finetune.collectives import engine_device
+from sd2_ray.finetune.report_clock import report_due
+from sd2_ray.finetune.step import train_step
+from sd2_ray.finetune.train_state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +226,7 @@ def after_step(
     if due:
         save_checkpoint(engine, state, scored(metrics, state, cfg), rank)
     elif (evaluated and state.step < total) or report_due(
-        cfg, state.step, total, last_report, world, engine_device(engine)
+        cfg["report_every"], cfg["report_interval_s"], state.step, total, last_report, world, engine_device(engine)
     ):
         ray.train.report(metrics)
     else:

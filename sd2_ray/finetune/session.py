@@ -20,20 +20,14 @@ import torch
 
 from sd2_ray.finetune import masking
 from sd2_ray.finetune.checkpoint import DS_TAG, LM_PREFIX
+from sd2_ray.finetune.deepspeed_config import training_dtype
+from sd2_ray.finetune.loss_module import CausalLMLoss
 from sd2_ray.finetune.losses import LossSpec
-from sd2_ray.finetune.step import CausalLMLoss, TrainState, lr_factor, param_groups
+from sd2_ray.finetune.optimizer import client_optimizer, lr_schedule, param_groups
+from sd2_ray.finetune.train_state import TrainState
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
-
-
-def training_dtype(ds_config: dict) -> torch.dtype:
-    """The dtype DeepSpeed computes in under ``ds_config`` (bf16 / fp16 when enabled, else fp32)."""
-    if (ds_config.get("bf16") or {}).get("enabled"):
-        return torch.bfloat16
-    if (ds_config.get("fp16") or {}).get("enabled"):
-        return torch.float16
-    return torch.float32
 
 
 def load_drafter(cfg: dict, device: torch.device, local: str | None = None):
@@ -57,19 +51,13 @@ def build_engine(model: PreTrainedModel, cfg: dict):
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the same choice, without its warning per worker
     import deepspeed
-    from torch.optim.lr_scheduler import LambdaLR
 
     def schedule(optimizer):
-        return LambdaLR(
-            optimizer,
-            lambda s: lr_factor(s, cfg["warmup_steps"], cfg["total_steps"], cfg["scheduler"], cfg["min_lr_ratio"]),
-        )
+        return lr_schedule(optimizer, cfg["warmup_steps"], cfg["total_steps"], cfg["scheduler"], cfg["min_lr_ratio"])
 
     wrapped = CausalLMLoss(model, LossSpec.from_config(cfg))
     groups = param_groups(wrapped, cfg["weight_decay"])
-    optimizer = None
-    if cfg["optimizer"] == "torch_adamw":
-        optimizer = torch.optim.AdamW(groups, lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8)
+    optimizer = client_optimizer(groups, cfg["optimizer"], cfg["lr"])
     engine, _, _, scheduler = deepspeed.initialize(
         model=wrapped,
         optimizer=optimizer,

@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sd2_ray import manifest, storage
-from sd2_ray.errors import ConfigError, DataError
+from sd2_ray.errors import DataError
 from sd2_ray.finetune.checkpoint import FINAL_CHECKPOINT, MODEL_SUBDIR
 from sd2_ray.finetune.config import FinetuneConfig, check_loss_data
 from sd2_ray.finetune.data import row_error
+from sd2_ray.finetune.deepspeed_config import deepspeed_config
 from sd2_ray.finetune.provenance import drafter_tokenizer, use_response_ids
-from sd2_ray.finetune.step import STATE_FILE, fill_deepspeed_config, zero_template
+from sd2_ray.finetune.train_state import STATE_FILE
 from sd2_ray.rows import SKIPPED_FILE, require_usable, skip_record, write_skipped
 
 log = logging.getLogger(__name__)
@@ -168,19 +169,6 @@ def total_steps(config: FinetuneConfig, rows: int) -> int:
     return min(steps, config.max_steps) if config.max_steps else steps
 
 
-def deepspeed_template(config: FinetuneConfig) -> dict:
-    """The DeepSpeed JSON to start from: the configured file, else the package's ZeRO template."""
-    if not config.deepspeed_config:
-        return zero_template(config.zero_stage)
-    path = config.deepspeed_config
-    if not storage.exists(path):
-        raise ConfigError(f"field 'deepspeed_config': {path} not found")
-    try:
-        return json.loads(storage.read_text(path))
-    except ValueError as err:
-        raise ConfigError(f"field 'deepspeed_config': {path}: invalid JSON ({err})") from None
-
-
 # ---------------------------------------------------------------- the run
 
 
@@ -188,18 +176,7 @@ def loop_config(
     config: FinetuneConfig, steps: int, eval_file: str | None = None, use_ids: bool = False
 ) -> dict[str, Any]:
     """Everything a worker needs, as plain data (shipped to every worker by Ray Train)."""
-    ds = fill_deepspeed_config(
-        deepspeed_template(config),
-        zero_stage=config.zero_stage,
-        batch_size=config.batch_size,
-        micro_batch=config.micro_batch,
-        grad_accum=config.grad_accum,
-        grad_clip=config.grad_clip,
-        optimizer=config.optimizer,
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        overrides=config.deepspeed,
-    )
+    ds = deepspeed_config(config)
     keys = (
         "model",
         "seq_len",

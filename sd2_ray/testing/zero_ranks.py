@@ -113,7 +113,7 @@ def restore_scenario(rank: int, world: int, cfg: dict, rows: list[dict], out: st
     import torch
 
     from sd2_ray.finetune import session
-    from sd2_ray.finetune.step import TrainState
+    from sd2_ray.finetune.train_state import TrainState
 
     torch.manual_seed(cfg["seed"])
     on = torch.device(device)
