@@ -111,11 +111,11 @@ def trained_labels(monkeypatch, config: FinetuneConfig) -> list[tuple[str, list[
 
     seen = []
 
-    def fit(config, cfg, files, callbacks):
+    def fit(config, worker, files, callbacks):
         rows = [r for f in files for r in storage.read_parquet(f).to_pylist()]
-        tokenizer = load_tokenizer(cfg["model"])
+        tokenizer = load_tokenizer(worker.model)
         for row in rows:
-            (batch,) = step.encode_batches([row], tokenizer, cfg, 1)
+            (batch,) = step.encode_batches([row], tokenizer, worker, 1)
             seen.append((row["id"], [int(t) for t in batch["labels"][0] if t != IGNORE_INDEX]))
         raise Stopped
 

@@ -13,7 +13,7 @@ import torch
 
 from sd2_ray.finetune import masking, report_clock, step
 from sd2_ray.finetune.losses import LossSpec, LossSums
-from sd2_ray.testing.toy import char_tokenizer, magnitude_masks, toy_rows
+from sd2_ray.testing.toy import char_tokenizer, magnitude_masks, toy_rows, toy_worker_config
 
 
 class MetaEngine:
@@ -47,8 +47,8 @@ class MetaEngine:
 def test_train_step_feeds_the_engine_on_its_device():
     """Before the fix the collated batches stayed on the CPU and a CUDA engine failed in the
     embedding (a batch left on the CPU fails as on CUDA)."""
-    engine, cfg = MetaEngine(), {"seq_len": 48, "response_field": "response", "grad_accum": 2}
-    metrics = step.train_step(engine, toy_rows(8), char_tokenizer(), cfg, rank=0, world=1)
+    engine, worker = MetaEngine(), toy_worker_config(seq_len=48, workers=1, grad_accum=2)
+    metrics = step.train_step(engine, toy_rows(8), char_tokenizer(), worker, rank=0, world=1)
     assert engine.forwards == 2 and metrics["tokens"] > 0
 
 
@@ -76,9 +76,9 @@ def test_collectives_run_on_the_engines_device(monkeypatch):
     NCCL their tensors must live on the engine's device. Before the fix both were float64 CPU
     tensors (train_loop._all_reduce and the report_due broadcast)."""
     nccl_like(monkeypatch, MetaEngine.device)
-    cfg = {"seq_len": 48, "response_field": "response", "grad_accum": 1, "report_every": 1, "report_interval_s": 1.0}
+    worker = toy_worker_config(seq_len=48, workers=2, grad_accum=1)
     with pytest.raises(CollectiveReached):
-        step.train_step(MetaEngine(), toy_rows(4), char_tokenizer(), cfg, rank=0, world=2)
+        step.train_step(MetaEngine(), toy_rows(4), char_tokenizer(), worker, rank=0, world=2)
     with pytest.raises(CollectiveReached):
         report_clock.report_due(1, 1.0, 3, 10, 0.0, 2, MetaEngine.device)
 

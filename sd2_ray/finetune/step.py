@@ -13,39 +13,41 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from sd2_ray.finetune import data as D
 from sd2_ray.finetune.collectives import all_reduce, engine_device, on_device
 
+if TYPE_CHECKING:
+    from sd2_ray.finetune.worker_config import WorkerConfig
 
-def encode_batches(rows: Sequence[dict], tokenizer, cfg: dict, count: int) -> list[dict[str, torch.Tensor]]:
+
+def encode_batches(rows: Sequence[dict], tokenizer, worker: WorkerConfig, count: int) -> list[dict[str, torch.Tensor]]:
     """``rows`` as ``count`` collated micro-batches (the target's ids and top-k with use_response_ids)."""
     return [
         D.collate(
-            D.encode_rows(
-                chunk, tokenizer, cfg["seq_len"], cfg["response_field"], use_ids=cfg.get("use_response_ids", False)
-            ),
+            D.encode_rows(chunk, tokenizer, worker.seq_len, worker.response_field, use_ids=worker.use_response_ids),
             tokenizer.pad_token_id,
         )
         for chunk in D.micro_batches(rows, count)
     ]
 
 
-def train_step(engine, rows: list[dict], tokenizer, cfg: dict, rank: int, world: int) -> dict:
+def train_step(engine, rows: list[dict], tokenizer, worker: WorkerConfig, rank: int, world: int) -> dict:
     """One optimizer step on this worker's slice of a global batch; metrics over all workers:
     ``loss`` (the optimised total per labelled token), ``ce`` (cross-entropy per labelled token)
     and, for a divergence loss, ``kd`` (divergence per position with the target's top-k)."""
     start = time.perf_counter()
     device = engine_device(engine)
-    micro = encode_batches(D.rank_slice(rows, rank, world), tokenizer, cfg, cfg["grad_accum"])
+    micro = encode_batches(D.rank_slice(rows, rank, world), tokenizer, worker, worker.grad_accum)
     local_labels = sum(D.labelled_tokens(b["labels"]) for b in micro)
     local_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
     step_labels, _ = all_reduce([local_labels, local_tokens], device)
     # DeepSpeed divides by grad_accum and averages over ranks; undo both so the gradient is
     # the mean over every labelled token of the global batch.
-    scale = world * cfg["grad_accum"] / max(step_labels, 1.0)
+    scale = world * worker.grad_accum / max(step_labels, 1.0)
     lr = engine.get_lr()[0]
     sums = [0.0, 0.0, 0.0, 0.0]  # total, ce, kd, kd positions
     for batch in micro:

@@ -25,9 +25,9 @@ from sd2_ray.errors import DataError
 from sd2_ray.finetune.checkpoint import FINAL_CHECKPOINT, MODEL_SUBDIR
 from sd2_ray.finetune.config import FinetuneConfig, check_loss_data
 from sd2_ray.finetune.data import row_error
-from sd2_ray.finetune.deepspeed_config import deepspeed_config
 from sd2_ray.finetune.provenance import drafter_tokenizer, use_response_ids
 from sd2_ray.finetune.train_state import STATE_FILE
+from sd2_ray.finetune.worker_config import worker_config
 from sd2_ray.rows import SKIPPED_FILE, require_usable, skip_record, write_skipped
 
 log = logging.getLogger(__name__)
@@ -172,52 +172,6 @@ def total_steps(config: FinetuneConfig, rows: int) -> int:
 # ---------------------------------------------------------------- the run
 
 
-def loop_config(
-    config: FinetuneConfig, steps: int, eval_file: str | None = None, use_ids: bool = False
-) -> dict[str, Any]:
-    """Everything a worker needs, as plain data (shipped to every worker by Ray Train)."""
-    ds = deepspeed_config(config)
-    keys = (
-        "model",
-        "seq_len",
-        "response_field",
-        "batch_size",
-        "grad_accum",
-        "seed",
-        "shuffle_buffer",
-        "epochs",
-        "warmup_steps",
-        "scheduler",
-        "min_lr_ratio",
-        "lr",
-        "weight_decay",
-        "optimizer",
-        "checkpoint_every",
-        "report_every",
-        "report_interval_s",
-        "enforce_masks",
-        "cpus_per_worker",
-        "use_gpu",
-        "gradient_checkpointing",
-        "loss",
-        "ce_weight",
-        "kd_temperature",
-        "loss_chunk_tokens",
-        "eval_every",
-        "select_by",
-        "num_speculative_tokens",
-    )
-    cfg = {k: getattr(config, k) for k in keys}
-    cfg["eval_data"] = eval_file
-    cfg["use_response_ids"] = use_ids  # decided on the driver, against the data's tokenizer
-    from sd2_ray.runtime import worker_env
-
-    # S3 endpoint/credentials, offline hub, extension cache: set in workers that lack them
-    # (a Ray cluster started before this driver's environment was).
-    cfg.update(total_steps=steps, deepspeed_config=ds, env=worker_env())
-    return cfg
-
-
 def final_checkpoint(config: FinetuneConfig) -> str | None:
     path = storage.join(config.checkpoint_run_dir(), FINAL_CHECKPOINT)
     if storage.exists(storage.join(path, STATE_FILE)) and storage.exists(
@@ -241,11 +195,16 @@ def run_finetune(config: FinetuneConfig, callbacks: list | None = None) -> Finet
         storage.delete(manifest.path_of(config.output))
     from sd2_ray.finetune.extensions import extensions_dir
 
-    extensions_dir()  # before the workers' environment is built (loop_config)
+    extensions_dir()  # before the workers' environment is built (worker_env)
     local_model = check_model_and_masks(config)
     data = prepare_data(config)
     steps = total_steps(config, data.rows)
-    cfg = loop_config(config, steps, data.eval_file, data.use_ids)  # before any output: a bad DeepSpeed JSON fails here
+    from sd2_ray.runtime import worker_env
+
+    # before any output: a bad DeepSpeed JSON fails here. worker_env: S3 endpoint/credentials,
+    # offline hub, extension cache, set in workers that lack them (a Ray cluster started before
+    # this driver's environment was)
+    worker = worker_config(config, steps, eval_data=data.eval_file, use_response_ids=data.use_ids, env=worker_env())
     manifest.start(
         config.output,
         STAGE,
@@ -264,7 +223,7 @@ def run_finetune(config: FinetuneConfig, callbacks: list | None = None) -> Finet
             from sd2_ray.finetune.ray_train import fit
 
             wait_for_build_locks()
-            ray_result = fit(config, cfg, data.files, callbacks)
+            ray_result = fit(config, worker, data.files, callbacks)
         else:
             log.info("%s: training already finished; publishing", config.checkpoint_run_dir())
         summary, history = publish(config, local_model, data.rows, steps)
