@@ -118,7 +118,7 @@ def finetune(config, variant: dict[str, Any], data: str, output: str, seed: int,
     """sd2 (ce) or sd2-kd (a divergence) exactly as the pipeline chains it, to ``output``."""
     from sd2_ray.config import validate
     from sd2_ray.finetune.config import FinetuneConfig
-    from sd2_ray.finetune.trainer import run_finetune
+    from sd2_ray.finetune.job import run_finetune
     from sd2_ray.pipeline.chain import chain
 
     name = "sd2" if variant["loss"] == "ce" and not extra else "sd2-kd"

@@ -11,7 +11,7 @@ import torch
 
 from sd2_ray import manifest, storage
 from sd2_ray.finetune.config import FinetuneConfig
-from sd2_ray.finetune.trainer import run_finetune
+from sd2_ray.finetune.job import run_finetune
 from sd2_ray.models.io import load_model
 from sd2_ray.models.sparsity import load_masks, masked_weights_nonzero
 from sd2_ray.testing.toy import make_sparse_drafter, write_toy_dataset

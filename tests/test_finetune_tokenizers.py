@@ -120,7 +120,7 @@ def trained_labels(monkeypatch, config: FinetuneConfig) -> list[tuple[str, list[
         raise Stopped
 
     monkeypatch.setattr(ray_train, "fit", fit)
-    from sd2_ray.finetune.trainer import run_finetune
+    from sd2_ray.finetune.job import run_finetune
 
     with pytest.raises(Stopped):
         run_finetune(config)

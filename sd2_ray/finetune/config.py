@@ -11,6 +11,7 @@ from sd2_ray import storage
 from sd2_ray.config import NODE_RESOURCES_DESCRIPTION, NodeResources, StageConfig, StoragePath
 from sd2_ray.errors import ConfigError
 
+STAGE = "finetune"  # the stage's name in its manifest and metrics.json
 CHECKPOINTS_DIR = "_checkpoints"
 # Distilled-row columns the distillation losses and the acceptance metric read
 # (written by `sd2 distill` with logprobs_top_k > 0; see sd2_ray.distill.core).

@@ -111,7 +111,7 @@ class Pipeline:
 
     def build_drafters(self) -> dict[str, str]:
         """Prune and fine-tune what the requested drafters need; {drafter name: model dir}."""
-        from sd2_ray.finetune.trainer import run_finetune
+        from sd2_ray.finetune.job import run_finetune
         from sd2_ray.prune.job import run_prune
 
         wanted = self.config.drafter_names
