@@ -28,7 +28,7 @@ GOAL_MASK_OVERHEAD = 0.05
 
 def run_stage(root: str, model: str, data: str, name: str, args, **overrides) -> dict:
     from sd2_ray.finetune.config import FinetuneConfig
-    from sd2_ray.finetune.trainer import run_finetune
+    from sd2_ray.finetune.job import run_finetune
 
     cfg = FinetuneConfig(
         model=model,

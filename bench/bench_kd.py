@@ -2,7 +2,7 @@
 vs measured MAL.
 
 Everything runs through the real stages, configured as ``sd2 run --config jobs/configs/tiny.yaml``
-would (``chain()`` builds every config): the kit target distils the kit train prompts with its
+would (:mod:`sd2_ray.pipeline.chain` builds every config): the kit target distils the kit train prompts with its
 top-20 log-probs, SparseGPT prunes the kit drafter to 50 %, then each variant fine-tunes that
 pruned drafter with tiny.yaml's budget (4 epochs, lr 1e-3, batch 8) and is evaluated greedily on
 the kit eval prompts (tiny.yaml's eval: 32 prompts x 48 tokens, K = 4).
@@ -64,12 +64,12 @@ def parse_variant(text: str, ce_weight: float) -> dict[str, Any]:
 def prepare(config, log: dict) -> None:
     """Distil (top-k) and prune once; both resume/skip when already complete."""
     from sd2_ray.distill.job import main as distill_main
-    from sd2_ray.pipeline.chain import chain
+    from sd2_ray.pipeline.chain import distill_config, prune_config
     from sd2_ray.prune.job import run_prune
 
     started = time.perf_counter()
-    distill_main(chain(config, "distill"))
-    run_prune(chain(config, "prune"))
+    distill_main(distill_config(config))
+    run_prune(prune_config(config))
     log["prepare_wall_s"] = round(time.perf_counter() - started, 1)
 
 
@@ -78,9 +78,9 @@ def on_policy_data(config, drafter: str, out: str) -> str:
     from sd2_ray.config import validate
     from sd2_ray.distill.config import DistillConfig
     from sd2_ray.distill.job import main as distill_main
-    from sd2_ray.pipeline.chain import chain
+    from sd2_ray.pipeline.chain import distill_config
 
-    base = chain(config, "distill").model_dump()
+    base = distill_config(config).model_dump()
     distill_main(validate(DistillConfig, {**base, "mode": "on-policy", "drafter": drafter, "output": out}))
     return out
 
@@ -119,14 +119,14 @@ def finetune(config, variant: dict[str, Any], data: str, output: str, seed: int,
     """sd2 (ce) or sd2-kd (a divergence) exactly as the pipeline chains it, to ``output``."""
     from sd2_ray.config import validate
     from sd2_ray.finetune.config import FinetuneConfig
-    from sd2_ray.finetune.trainer import run_finetune
-    from sd2_ray.pipeline.chain import chain
+    from sd2_ray.finetune.job import run_finetune
+    from sd2_ray.pipeline.chain import finetune_config
 
     name = "sd2" if variant["loss"] == "ce" and not extra else "sd2-kd"
     kd = config.model_copy(
         update={"kd": {**variant, **{k: v for k, v in extra.items() if k in ("eval_every", "eval_rows", "select_by")}}}
     )
-    fields = chain(kd, "finetune", name).model_dump()
+    fields = finetune_config(kd, name).model_dump()
     fields.update(
         output=output,
         data=data,

@@ -214,7 +214,7 @@ def init_distributed(cpu: bool) -> None:
 
 def finetune(kit: str, args) -> dict:
     from sd2_ray.finetune.config import FinetuneConfig
-    from sd2_ray.finetune.trainer import loop_config
+    from sd2_ray.finetune.worker_config import worker_config
     from sd2_ray.rows import read_rows
     from sd2_ray.testing.zero_ranks import restore_scenario
 
@@ -238,7 +238,7 @@ def finetune(kit: str, args) -> dict:
     )
     init_distributed(args.cpu)
     rows = read_rows(os.path.join(kit, "prompts", "train.jsonl"), limit=32)
-    out = restore_scenario(0, 1, loop_config(config, steps=4), rows, os.path.join(args.out, "ft-run"), device)
+    out = restore_scenario(0, 1, worker_config(config, total_steps=4), rows, os.path.join(args.out, "ft-run"), device)
     diff = max(abs(a - b) for a, b in zip(out["restored"], out["uninterrupted"][2:], strict=True))
     out["restored_loss_max_diff"] = diff
     out["checks"] = {

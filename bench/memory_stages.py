@@ -101,7 +101,7 @@ def memory_3b(args) -> dict:
     from sd2_ray.finetune import masking, session
     from sd2_ray.finetune.config import FinetuneConfig
     from sd2_ray.finetune.step import train_step
-    from sd2_ray.finetune.trainer import loop_config
+    from sd2_ray.finetune.worker_config import worker_config
     from sd2_ray.plan.estimate import OVERHEAD_GB, finetune_need
     from sd2_ray.plan.shapes import shape_from_config
     from sd2_ray.testing.tokenizer import toy_tokenizer
@@ -128,10 +128,10 @@ def memory_3b(args) -> dict:
     model.config.use_cache = False
     masks = _half_masks(model)
     masking.register_gradient_masks(model, masks)
-    cfg = loop_config(config, steps=3)
-    engine, _ = session.build_engine(model, cfg)
+    worker = worker_config(config, total_steps=3)
+    engine, _ = session.build_engine(model, worker)
     tokenizer, rows = toy_tokenizer(), _long_rows(2, seq)  # ~6 characters a word: every row fills seq_len
-    losses = [train_step(engine, rows, tokenizer, cfg, 0, 1)["loss"] for _ in range(3)]
+    losses = [train_step(engine, rows, tokenizer, worker, 0, 1)["loss"] for _ in range(3)]
     allocated, reserved = _measure(args.cpu)
     need = finetune_need(shape_from_config(fields, "smoke"), config)
     nonzero = masking.count_masked_nonzero(engine.module.lm, masks)

@@ -113,7 +113,7 @@ def test_no_usable_row_fails_with_one_line_and_writes_no_complete_output(models,
 
 def test_finetune_skips_a_bad_row_instead_of_rejecting_the_data(tmp_path):
     from sd2_ray.finetune.config import FinetuneConfig
-    from sd2_ray.finetune.trainer import prepare_data
+    from sd2_ray.finetune.inputs import prepare_data
     from sd2_ray.testing.toy import make_sparse_drafter, toy_rows
 
     rows = toy_rows(16)

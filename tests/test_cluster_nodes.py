@@ -245,8 +245,9 @@ def test_finetune_loses_a_training_node_and_resumes_from_its_checkpoint(cluster,
     import re
     from concurrent.futures import ThreadPoolExecutor
 
-    from sd2_ray.finetune.config import FinetuneConfig
     from sd2_ray.finetune.trainer import run_finetune
+
+    from sd2_ray.finetune.config import FinetuneConfig
     from sd2_ray.models.io import load_model
     from sd2_ray.models.sparsity import load_masks, masked_weights_nonzero
     from sd2_ray.runtime import ensure_ray
@@ -348,7 +349,15 @@ def test_each_stage_asks_for_its_node_type_from_the_cluster_file(tmp_path):
     trials) on training nodes; a section that sets node_resources keeps it; no cluster file,
     no constraint."""
     from sd2_ray.config import validate
-    from sd2_ray.pipeline.chain import chain
+    from sd2_ray.pipeline.chain import (
+        distill_config,
+        eval_config,
+        finetune_config,
+        layer_prune_config,
+        prune_config,
+        serve_config,
+        tune_config,
+    )
     from sd2_ray.pipeline.config import PipelineConfig
 
     base = {
@@ -364,14 +373,14 @@ def test_each_stage_asks_for_its_node_type_from_the_cluster_file(tmp_path):
     )
     placed = config.with_cluster_placement()
     train = {"train_node": 0.001}
-    assert chain(placed, "distill").node_resources == GEN and chain(placed, "eval").node_resources == GEN
-    assert chain(placed, "prune").node_resources == train and chain(placed, "finetune").node_resources == train
-    assert chain(placed, "layer_prune", drop_layers=1).node_resources == train
-    assert chain(placed, "serve").node_resources == {"serve_node": 1}
-    tune = chain(placed, "tune")
+    assert distill_config(placed).node_resources == GEN and eval_config(placed).node_resources == GEN
+    assert prune_config(placed).node_resources == train and finetune_config(placed).node_resources == train
+    assert layer_prune_config(placed, drop_layers=1).node_resources == train
+    assert serve_config(placed).node_resources == {"serve_node": 1}
+    tune = tune_config(placed)
     assert tune.node_resources == GEN and tune.prune.node_resources == train and tune.finetune.node_resources == train
     plain = validate(PipelineConfig, base, source="t").with_cluster_placement()
-    assert chain(plain, "distill").node_resources == {} and chain(plain, "finetune").node_resources == {}
+    assert distill_config(plain).node_resources == {} and finetune_config(plain).node_resources == {}
 
 
 def test_plan_places_each_stage_on_the_node_type_it_asks_for():

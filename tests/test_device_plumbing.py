@@ -253,7 +253,7 @@ def ray_with_a_declared_gpu():
 
 def test_pipeline_eval_in_gpu_tasks_matches_the_embedded_eval(tmp_path, ray_with_a_declared_gpu, monkeypatch):
     from sd2_ray.evaluate import fanout
-    from sd2_ray.pipeline.chain import chain, eval_root
+    from sd2_ray.pipeline.chain import eval_config, eval_root
     from sd2_ray.pipeline.config import PipelineConfig
     from sd2_ray.testing.engine_pairs import tiny_pair_dirs
 
@@ -281,7 +281,7 @@ def test_pipeline_eval_in_gpu_tasks_matches_the_embedded_eval(tmp_path, ray_with
         )
         if gpus:  # the driver must not evaluate anything itself
             monkeypatch.setattr(fanout, "_evaluate_here", lambda *a: pytest.fail("evaluated in the driver"))
-        reports[gpus] = fanout.evaluate_drafters({"dense": chain(config, "eval", "dense")}, eval_root(config))["dense"]
+        reports[gpus] = fanout.evaluate_drafters({"dense": eval_config(config, "dense")}, eval_root(config))["dense"]
         assert (
             json.loads((tmp_path / f"run{gpus}" / "eval" / "dense" / "manifest.json").read_text())["status"]
             == "complete"

@@ -11,7 +11,7 @@ import torch
 
 from sd2_ray import manifest, storage
 from sd2_ray.finetune.config import FinetuneConfig
-from sd2_ray.finetune.trainer import run_finetune
+from sd2_ray.finetune.job import run_finetune
 from sd2_ray.models.io import load_model
 from sd2_ray.models.sparsity import load_masks, masked_weights_nonzero
 from sd2_ray.testing.toy import make_sparse_drafter, write_toy_dataset
@@ -253,8 +253,9 @@ def reference_losses(model_dir: str, data: str, steps: int, cfg: FinetuneConfig)
     loss module, masked gradients, AdamW, the cosine schedule and norm clipping."""
     from sd2_ray.finetune import data as D
     from sd2_ray.finetune import masking
+    from sd2_ray.finetune.loss_module import CausalLMLoss
     from sd2_ray.finetune.losses import LossSpec
-    from sd2_ray.finetune.step import CausalLMLoss, lr_factor, param_groups
+    from sd2_ray.finetune.optimizer import lr_factor, param_groups
     from sd2_ray.models.io import load_tokenizer
     from sd2_ray.rows import read_rows
 

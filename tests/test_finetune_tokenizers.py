@@ -97,16 +97,16 @@ def trained_labels(monkeypatch, config: FinetuneConfig) -> list[tuple[str, list[
 
     seen = []
 
-    def fit(config, cfg, files, callbacks):
+    def fit(config, worker, files, callbacks):
         rows = [r for f in files for r in storage.read_parquet(f).to_pylist()]
-        tokenizer = load_tokenizer(cfg["model"])
+        tokenizer = load_tokenizer(worker.model)
         for row in rows:
-            (batch,) = step.encode_batches([row], tokenizer, cfg, 1)
+            (batch,) = step.encode_batches([row], tokenizer, worker, 1)
             seen.append((row["id"], [int(t) for t in batch["labels"][0] if t != IGNORE_INDEX]))
         raise Stopped
 
     monkeypatch.setattr(ray_train, "fit", fit)
-    from sd2_ray.finetune.trainer import run_finetune
+    from sd2_ray.finetune.job import run_finetune
 
     with pytest.raises(Stopped):
         run_finetune(config)

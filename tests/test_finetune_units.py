@@ -11,7 +11,8 @@ from sd2_ray.errors import ConfigError, DataError
 from sd2_ray.finetune import data as D
 from sd2_ray.finetune import masking
 from sd2_ray.finetune.config import FinetuneConfig
-from sd2_ray.finetune.step import fill_deepspeed_config, lr_factor, param_groups, zero_template
+from sd2_ray.finetune.deepspeed_config import fill_deepspeed_config, zero_template
+from sd2_ray.finetune.optimizer import lr_factor, param_groups
 from sd2_ray.testing.tokenizer import toy_tokenizer
 from sd2_ray.testing.toy import magnitude_masks, make_sparse_drafter, toy_rows, write_toy_dataset
 
@@ -221,18 +222,18 @@ def test_bad_inputs_give_one_line_errors(drafter_and_data, capsys):
 
 
 def test_reports_are_spaced_in_time_but_never_past_the_last_step(monkeypatch):
-    from sd2_ray.finetune import step
+    from sd2_ray.finetune import report_clock
 
     now = [100.0]
     cpu = torch.device("cpu")
-    monkeypatch.setattr(step.time, "monotonic", lambda: now[0])
-    cfg = {"report_every": 1, "report_interval_s": 2.0}
-    assert not step.report_due(cfg, 3, 10, last_report=99.0, world=1, device=cpu)  # 1 s after the last
+    monkeypatch.setattr(report_clock.time, "monotonic", lambda: now[0])
+    due = report_clock.report_due
+    assert not due(1, 2.0, 3, 10, last_report=99.0, world=1, device=cpu)  # 1 s after the last
     now[0] = 101.5
-    assert step.report_due(cfg, 3, 10, last_report=99.0, world=1, device=cpu)
-    assert not step.report_due(cfg, 10, 10, last_report=0.0, world=1, device=cpu)  # the final report does it
-    assert not step.report_due({**cfg, "report_every": 4}, 3, 10, last_report=0.0, world=1, device=cpu)
-    assert step.report_due({**cfg, "report_interval_s": 0.0}, 3, 10, last_report=now[0], world=1, device=cpu)
+    assert due(1, 2.0, 3, 10, last_report=99.0, world=1, device=cpu)
+    assert not due(1, 2.0, 10, 10, last_report=0.0, world=1, device=cpu)  # the final report does it
+    assert not due(4, 2.0, 3, 10, last_report=0.0, world=1, device=cpu)  # report_every 4
+    assert due(1, 0.0, 3, 10, last_report=now[0], world=1, device=cpu)  # no interval
 
 
 def test_a_stale_extension_build_lock_is_named_not_waited_on_forever(tmp_path):

@@ -1,7 +1,7 @@
 """What the shipped GPU configs ask of a cluster, built here on a CPU-only machine: the
 ``ray.data.llm`` processor config of their vLLM distillation and the ``ray.serve.llm`` LLMConfig
 (or our engine's deployment options) of their serving, each from the stage config ``sd2 run``
-builds (``chain``). Nothing here probes this machine's hardware: the placement must come out the
+builds (:mod:`sd2_ray.pipeline.chain`). Nothing here probes this machine's hardware: the placement must come out the
 same on a GPU-less head node, where these configs are built on a real cluster.
 
 And the shipped Serve manifests: each must serve what ``sd2 run`` writes for the config it names
@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from sd2_ray import storage
+from sd2_ray.pipeline.chain import distill_config, serve_config
 
 pytestmark = pytest.mark.vllm  # ray.serve.llm and ray.data.llm import vLLM
 
@@ -24,11 +25,10 @@ GPU_CONFIGS = sorted((REPO / "jobs" / "configs").glob("llama70b_*.yaml"))
 SERVED_CONFIG = REPO / "jobs" / "configs" / "llama70b_to_llama3b.yaml"  # what the manifests serve
 
 
-def stage(path: Path, name: str):
-    from sd2_ray.pipeline.chain import chain
+def pipeline(path: Path):
     from sd2_ray.pipeline.config import PipelineConfig
 
-    return chain(PipelineConfig.load(str(path)), name)
+    return PipelineConfig.load(str(path))
 
 
 def raw_section(path: Path, name: str) -> dict:
@@ -45,7 +45,7 @@ def test_vllm_distill_processor_config_places_a_tensor_parallel_group_on_one_nod
 
     from sd2_ray.distill import vllm_engine
 
-    config, section = stage(path, "distill"), raw_section(path, "distill")
+    config, section = distill_config(pipeline(path)), raw_section(path, "distill")
     assert config.engine == "vllm"
     # context=None: the target's config.json sits on S3, out of reach here; the configs set
     # max_model_len, which is all the builder needs (it raises without either).
@@ -83,7 +83,7 @@ def test_cpu_distill_processor_config_uses_vllms_multiprocessing_executor_for_tp
 
 @pytest.mark.parametrize("path", GPU_CONFIGS, ids=lambda p: p.name)
 def test_serving_places_the_pair_on_the_gpus_the_config_names(path):
-    config, section = stage(path, "serve"), raw_section(path, "serve")
+    config, section = serve_config(pipeline(path)), raw_section(path, "serve")
     if config.engine == "transformers":  # a cross-tokenizer pair: our engine, the target sharded
         from sd2_ray.serve.app import deployment_options
 
@@ -130,7 +130,7 @@ def test_shipped_manifests_serve_what_the_pipeline_writes(where, app):
     from sd2_ray.serve.config import ServeConfig
     from sd2_ray.serve.vllm_app import llm_config
 
-    written = stage(SERVED_CONFIG, "serve")  # what `sd2 run` serves for this config
+    written = serve_config(pipeline(SERVED_CONFIG))  # what `sd2 run` serves for this config
     args = app["args"]
     assert args["drafter"] == written.drafter, f"{where}: drafter is not what the pipeline writes"
     assert args["num_speculative_tokens"] == written.num_speculative_tokens, f"{where}: K differs"

@@ -11,10 +11,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sd2_ray.finetune import masking, step
+from sd2_ray.finetune import masking, report_clock, step
 from sd2_ray.finetune.losses import LossSpec, LossSums
 from sd2_ray.testing.tokenizer import toy_tokenizer
-from sd2_ray.testing.toy import magnitude_masks, toy_rows
+from sd2_ray.testing.toy import magnitude_masks, toy_rows, toy_worker_config
 
 
 class MetaEngine:
@@ -48,8 +48,8 @@ class MetaEngine:
 def test_train_step_feeds_the_engine_on_its_device():
     """Before the fix the collated batches stayed on the CPU and a CUDA engine failed in the
     embedding (a batch left on the CPU fails as on CUDA)."""
-    engine, cfg = MetaEngine(), {"seq_len": 48, "response_field": "response", "grad_accum": 2}
-    metrics = step.train_step(engine, toy_rows(8), toy_tokenizer(), cfg, rank=0, world=1)
+    engine, worker = MetaEngine(), toy_worker_config(seq_len=48, workers=1, grad_accum=2)
+    metrics = step.train_step(engine, toy_rows(8), toy_tokenizer(), worker, rank=0, world=1)
     assert engine.forwards == 2 and metrics["tokens"] > 0
 
 
@@ -77,11 +77,11 @@ def test_collectives_run_on_the_engines_device(monkeypatch):
     NCCL their tensors must live on the engine's device. Before the fix both were float64 CPU
     tensors (train_loop._all_reduce and the report_due broadcast)."""
     nccl_like(monkeypatch, MetaEngine.device)
-    cfg = {"seq_len": 48, "response_field": "response", "grad_accum": 1, "report_every": 1, "report_interval_s": 1.0}
+    worker = toy_worker_config(seq_len=48, workers=2, grad_accum=1)
     with pytest.raises(CollectiveReached):
-        step.train_step(MetaEngine(), toy_rows(4), toy_tokenizer(), cfg, rank=0, world=2)
+        step.train_step(MetaEngine(), toy_rows(4), toy_tokenizer(), worker, rank=0, world=2)
     with pytest.raises(CollectiveReached):
-        step.report_due(cfg, 3, 10, 0.0, 2, MetaEngine.device)
+        report_clock.report_due(1, 1.0, 3, 10, 0.0, 2, MetaEngine.device)
 
 
 def test_gradient_mask_is_bit_packed_and_never_converted_per_backward():
@@ -137,8 +137,8 @@ def ray_with_4_declared_gpus():
 def test_search_places_its_gpu_tasks_outside_the_trials_cpu_bundles(ray_with_4_declared_gpus, kit_dir, tmp_path):
     """Configured like gpu-tune.yaml: each trial's prune task and eval task (and the checkpoint
     evals run from the Train controller) ask for GPUs while the trial holds only a CPU bundle.
-    Before the fix they asked inside the trial's placement group and never got scheduled.
-    Here every one runs, on CPU where no CUDA exists, and the search finishes."""
+    Before the fix they asked inside the trial's placement group and never got scheduled (issue
+    16.5). Here every one runs, on CPU where no CUDA exists, and the search finishes."""
     from sd2_ray.kit import kit_paths
     from sd2_ray.tune.config import TuneConfig
     from sd2_ray.tune.job import main

@@ -262,7 +262,7 @@ def test_hidden_states_and_head_equal_full_logits_in_value_gradient_and_acceptan
     """CausalLMLoss's path: logits made by the head at the labelled positions only, per chunk,
     under checkpointing, give the loss, gradients and acceptance that the full logits give."""
     from sd2_ray.finetune.acceptance import acceptance_sums
-    from sd2_ray.finetune.step import CausalLMLoss
+    from sd2_ray.finetune.loss_module import CausalLMLoss
     from sd2_ray.testing.tiny import tiny_model
 
     tok = char_tok()

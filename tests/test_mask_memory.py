@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sd2_ray.finetune import masking
-from sd2_ray.testing.toy import magnitude_masks, make_sparse_drafter
+from sd2_ray.testing.toy import magnitude_masks, make_sparse_drafter, toy_worker_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,15 +56,15 @@ def test_drafter_is_loaded_in_the_training_dtype(tmp_path):
     from sd2_ray.finetune import session
 
     model_dir = make_sparse_drafter(str(tmp_path / "m"), 0.5)
-    cfg = {"model": model_dir, "deepspeed_config": {"bf16": {"enabled": True}}, "gradient_checkpointing": True}
-    model, _, masks = session.load_drafter(cfg, torch.device("cpu"))
+    worker = toy_worker_config(model_dir, deepspeed={"bf16": {"enabled": True}}, gradient_checkpointing=True)
+    model, _, masks = session.load_drafter(worker, torch.device("cpu"))
     params = list(model.parameters())
     assert {p.dtype for p in params} == {torch.bfloat16}
     assert sum(p.numel() * p.element_size() for p in params) == 2 * sum(p.numel() for p in params)
     assert all(isinstance(m, masking.PackedMask) for m in masks.values())
     assert masking.count_masked_nonzero(model, masks) == 0
-    cfg["deepspeed_config"] = {}
-    assert next(session.load_drafter(cfg, torch.device("cpu"))[0].parameters()).dtype == torch.float32
+    fp32 = worker.model_copy(update={"deepspeed_config": {}})
+    assert next(session.load_drafter(fp32, torch.device("cpu"))[0].parameters()).dtype == torch.float32
 
 
 def live_hidden_states(shape: tuple[int, ...]) -> int:

@@ -169,7 +169,7 @@ def test_finetune_driver_check_fetches_masks_not_weights(tiny_model_dir, s3_buck
     import torch
 
     from sd2_ray.finetune.config import FinetuneConfig
-    from sd2_ray.finetune.trainer import check_model_and_masks as check_model
+    from sd2_ray.finetune.inputs import check_model_and_masks as check_model
     from sd2_ray.models.sparsity import MASKS_FILE, save_masks
 
     monkeypatch.setenv("SD2_CACHE_DIR", str(tmp_path / "cache"))

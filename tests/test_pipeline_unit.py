@@ -7,7 +7,7 @@ import pytest
 
 from sd2_ray.errors import ConfigError
 from sd2_ray.kit import with_kit_paths
-from sd2_ray.pipeline.chain import chain
+from sd2_ray.pipeline.chain import eval_config, finetune_config, layer_prune_config, prune_config, serve_config
 from sd2_ray.pipeline.config import PipelineConfig
 from sd2_ray.pipeline.report import comparisons, write_pipeline_report
 
@@ -43,23 +43,23 @@ def test_tiny_yaml_validates_and_chains_every_stage(tmp_path, monkeypatch):
     cfg = PipelineConfig.load(os.path.join(ROOT, "jobs/configs/tiny.yaml"), {"output": "o"})
     assert cfg.output == str(tmp_path / "o")
     assert cfg.drafter_names == ["dense", "dense-sd", "layer-pruned-sd", "sd2", "sparse-sft", "uag"]
-    ft = chain(cfg, "finetune", "sparse-sft")
+    ft = finetune_config(cfg, "sparse-sft")
     assert ft.response_field == "reference" and ft.epochs == cfg.finetune.epochs == 4
     assert ft.model == str(tmp_path / "o" / "pruned" / "sd2") and ft.output == str(tmp_path / "o/drafters/sparse-sft")
-    assert chain(cfg, "finetune", "dense-sd").model == cfg.drafter == "kit:drafter"
-    layers = chain(cfg, "layer_prune", drop_layers=3)
+    assert finetune_config(cfg, "dense-sd").model == cfg.drafter == "kit:drafter"
+    layers = layer_prune_config(cfg, drop_layers=3)
     assert (layers.method, layers.drop_layers) == ("layers", 3)
     # the layer baseline is calibrated on the same rows as the SD² drafter's pruning
-    prune = chain(cfg, "prune")
+    prune = prune_config(cfg)
     assert (layers.calibration, layers.num_samples, layers.seq_len, layers.seed) == (
         prune.calibration,
         prune.num_samples,
         prune.seq_len,
         prune.seed,
     )
-    served = chain(cfg, "serve")
+    served = serve_config(cfg)
     assert served.drafter == str(tmp_path / "o/drafters/sd2") and served.num_speculative_tokens == 4
-    ev = chain(cfg, "eval", "uag")
+    ev = eval_config(cfg, "uag")
     assert ev.drafter == "kit:drafter-uag" and ev.output.endswith("eval/uag/report.json")
 
 
@@ -77,25 +77,24 @@ def test_sd2_kd_is_sd2_with_the_kd_loss_and_only_with_top_k_data(tmp_path):
         },
     )
     assert cfg.drafter_names == ["dense", "dense-sd", "layer-pruned-sd", "sd2", "sd2-kd", "sparse-sft"]
-    kd, sd2 = chain(cfg, "finetune", "sd2-kd"), chain(cfg, "finetune", "sd2")
+    kd, sd2 = finetune_config(cfg, "sd2-kd"), finetune_config(cfg, "sd2")
     assert (kd.loss, kd.ce_weight, kd.eval_every, kd.select_by) == ("tvd", 0.5, 8, "expected_mal")
     assert (sd2.loss, sd2.eval_every) == ("ce", None)
     assert kd.model == sd2.model == str(tmp_path / "pruned" / "sd2") and kd.data == sd2.data
     assert kd.output == str(tmp_path / "drafters" / "sd2-kd") and kd.epochs == sd2.epochs == 3
-    assert chain(cfg, "eval", "sd2-kd").drafter == kd.output
+    assert eval_config(cfg, "sd2-kd").drafter == kd.output
 
 
 def test_sd2_kd_loss_and_temperature_follow_the_decoding_mode(tmp_path):
     """Unset, the kd loss suits how the pair is served (bench_kd: jsd + ce greedy, fkl + ce
     sampled) and the distributions are compared at the serving temperature."""
     base = {"output": str(tmp_path), "uag_drafter": None, "distill.logprobs_top_k": 20}
-    greedy = chain(PipelineConfig.load(None, base), "finetune", "sd2-kd")
-    sampled = chain(PipelineConfig.load(None, {**base, "eval.temperature": 0.8}), "finetune", "sd2-kd")
-    chosen = chain(
+    greedy = finetune_config(PipelineConfig.load(None, base), "sd2-kd")
+    sampled = finetune_config(PipelineConfig.load(None, {**base, "eval.temperature": 0.8}), "sd2-kd")
+    chosen = finetune_config(
         PipelineConfig.load(
             None, {**base, "eval.temperature": 0.8, "kd": {"loss": "tvd"}, "finetune.kd_temperature": 1.0}
         ),
-        "finetune",
         "sd2-kd",
     )
     assert (greedy.loss, greedy.ce_weight, greedy.kd_temperature) == ("jsd", 1.0, 0.0)
@@ -107,7 +106,7 @@ def test_layer_baseline_inherits_the_prune_sections_placement(tmp_path):
     cfg = PipelineConfig.load(
         None, {"output": str(tmp_path), "prune.num_gpus": 1, "prune.device": "cuda", "layer_prune.num_gpus": 2}
     )
-    layers = chain(cfg, "layer_prune", drop_layers=1)
+    layers = layer_prune_config(cfg, drop_layers=1)
     assert (layers.device, layers.num_gpus) == ("cuda", 2)
 
 

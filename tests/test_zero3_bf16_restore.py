@@ -17,7 +17,7 @@ from sd2_ray.testing.toy import make_sparse_drafter, toy_rows
 @pytest.fixture(scope="module")
 def scenario(tmp_path_factory):
     from sd2_ray.finetune.config import FinetuneConfig
-    from sd2_ray.finetune.trainer import loop_config
+    from sd2_ray.finetune.worker_config import worker_config
     from sd2_ray.testing.zero_ranks import restore_scenario, run_ranks
 
     root = tmp_path_factory.mktemp("z3bf16")
@@ -37,9 +37,9 @@ def scenario(tmp_path_factory):
         use_response_ids=False,
         deepspeed={"bf16": {"enabled": True}, "zero_optimization": {"stage3_param_persistence_threshold": 0}},
     )
-    cfg = loop_config(config, steps=4)
+    worker = worker_config(config, total_steps=4)
     out = str(root / "run")
-    results = run_ranks(restore_scenario, 2, cfg, toy_rows(32), out)
+    results = run_ranks(restore_scenario, 2, worker, toy_rows(32), out)
     return {"results": results, "out": out, "input": model}
 
 

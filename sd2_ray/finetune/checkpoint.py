@@ -1,7 +1,7 @@
 """A drafter rebuilt from an intermediate fine-tuning checkpoint (pure: DeepSpeed + torch).
 
 The loop saves DeepSpeed's ZeRO files (tag ``ds``) at intermediate steps, around the loss
-module whose ``lm`` is the drafter (:class:`sd2_ray.finetune.step.CausalLMLoss`). DeepSpeed's
+module whose ``lm`` is the drafter (:class:`sd2_ray.finetune.loss_module.CausalLMLoss`). DeepSpeed's
 own converter merges the ranks' partitions into one fp32 state dict (ZeRO-2 and ZeRO-3); the
 drafter's masks are re-applied (they already hold: gradients are masked) as cheap insurance.
 """

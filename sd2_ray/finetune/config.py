@@ -11,10 +11,17 @@ from sd2_ray import storage
 from sd2_ray.config import NODE_RESOURCES_DESCRIPTION, NodeResources, StageConfig, StoragePath
 from sd2_ray.errors import ConfigError
 
+STAGE = "finetune"  # the stage's name in its manifest and metrics.json
 CHECKPOINTS_DIR = "_checkpoints"
 # Distilled-row columns the distillation losses and the acceptance metric read
 # (written by `sd2 distill` with logprobs_top_k > 0; see sd2_ray.distill.core).
 TOPK_COLUMNS = ("response_ids", "topk_ids", "topk_logprobs")
+
+# the choices of the settings below, named once for the worker's copy (worker_config.py)
+SchedulerName = Literal["cosine", "constant"]
+OptimizerName = Literal["torch_adamw", "deepspeed_adamw"]
+LossName = Literal["ce", "fkl", "rkl", "jsd", "tvd"]
+SelectBy = Literal["loss", "expected_mal"]
 
 
 class FinetuneSettings(StageConfig):
@@ -34,11 +41,11 @@ class FinetuneSettings(StageConfig):
         256, ge=8, description="max tokens per row (prompt + response); longer rows are truncated, prompt first"
     )
     warmup_steps: int = Field(0, ge=0, description="linear warm-up steps before the schedule")
-    scheduler: Literal["cosine", "constant"] = Field("cosine", description="lr schedule after warm-up")
+    scheduler: SchedulerName = Field("cosine", description="lr schedule after warm-up")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine floor as a fraction of lr")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not on biases/norms)")
     grad_clip: float | None = Field(1.0, gt=0, description="gradient norm clip (none: off)")
-    optimizer: Literal["torch_adamw", "deepspeed_adamw"] = Field(
+    optimizer: OptimizerName = Field(
         "torch_adamw",
         description="client torch.optim.AdamW or DeepSpeed's AdamW (its CPU op is JIT-built on first use)",
     )
@@ -93,7 +100,7 @@ class FinetuneSettings(StageConfig):
     node_resources: NodeResources = Field(default_factory=dict, description=NODE_RESOURCES_DESCRIPTION)
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per Ray Train worker")
     overwrite: bool = Field(False, description="redo a complete output and drop its checkpoints")
-    loss: Literal["ce", "fkl", "rkl", "jsd", "tvd"] = Field(
+    loss: LossName = Field(
         "ce",
         description="ce: cross-entropy on the distilled tokens (SD2); fkl / rkl / jsd / tvd: forward KL, "
         "reverse KL, Jensen-Shannon or total variation to the target's stored top-k distribution (needs "
@@ -137,7 +144,7 @@ class FinetuneSettings(StageConfig):
         ge=1,
         description="distilled rows held out of training for eval_every (the last rows of the data, in file order)",
     )
-    select_by: Literal["loss", "expected_mal"] = Field(
+    select_by: SelectBy = Field(
         "loss",
         description="checkpoint published as the drafter: loss = lowest held-out loss at an "
         "eval_every check (the last step when eval_every is off); expected_mal = highest held-out expected "

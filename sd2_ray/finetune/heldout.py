@@ -2,7 +2,7 @@
 
 Every ``eval_every`` steps (and at the last step) each worker scores its share of the held-out
 distilled rows teacher-forced, under ``no_grad``, through the same engine forward as training
-(:class:`sd2_ray.finetune.step.CausalLMLoss` with ``acceptance_k``): the configured loss and
+(:class:`sd2_ray.finetune.loss_module.CausalLMLoss` with ``acceptance_k``): the configured loss and
 the acceptance sums of :mod:`sd2_ray.finetune.acceptance`. The sums are all-reduced on the
 engine's device and summarised into metrics (``eval_loss``, ``expected_mal``, ``alpha``, ...).
 
@@ -16,13 +16,17 @@ and the latest is always kept for resumption). The driver publishes that step's 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from sd2_ray.finetune import data as D
 from sd2_ray.finetune.acceptance import SUM_KEYS, summarize
-from sd2_ray.finetune.step import TrainState, all_reduce, engine_device, on_device
+from sd2_ray.finetune.collectives import all_reduce, engine_device, on_device
+from sd2_ray.finetune.train_state import TrainState
+
+if TYPE_CHECKING:
+    from sd2_ray.finetune.worker_config import WorkerConfig
 
 # select_by -> (metric, better direction)
 SELECTION = {"loss": ("eval_loss", "min"), "expected_mal": ("expected_mal", "max")}
@@ -33,14 +37,17 @@ UNSCORED = -1.0e30
 LOSS_KEYS = ("total", "ce", "kd", "ce_tokens", "kd_tokens")
 
 
-def eval_due(cfg: dict, step: int, total: int) -> bool:
-    every = cfg.get("eval_every")
+def eval_due(every: int | None, step: int, total: int) -> bool:
+    """Whether step ``step`` of ``total`` is scored on the held-out rows (every ``every`` steps
+    and at the last one; never without ``every``)."""
     if not every:
         return False
     return step % every == 0 or step == total
 
 
-def heldout_batches(rows: list[dict], tokenizer, cfg: dict, rank: int, world: int) -> list[tuple[dict, bool]]:
+def heldout_batches(
+    rows: list[dict], tokenizer, worker: WorkerConfig, rank: int, world: int
+) -> list[tuple[dict, bool]]:
     """This rank's share of the held-out rows as (collated micro-batch, counted) pairs, the same
     number on every rank: under ZeRO-3 a forward gathers parameters from every rank, so a rank
     whose share ran out still runs one row that is not counted."""
@@ -48,22 +55,22 @@ def heldout_batches(rows: list[dict], tokenizer, cfg: dict, rank: int, world: in
         return []
     per_rank = -(-len(rows) // world)
     mine = rows[rank * per_rank : (rank + 1) * per_rank]
-    size = max(1, cfg["batch_size"] // (world * cfg["grad_accum"]))  # training's micro-batch
+    size = max(1, worker.batch_size // (world * worker.grad_accum))  # training's micro-batch
     out = []
     for start in range(0, per_rank, size):
         part = mine[start : start + size]
         examples = D.encode_rows(
             part or rows[:1],
             tokenizer,
-            cfg["seq_len"],
-            cfg["response_field"],
-            use_ids=cfg.get("use_response_ids", False),
+            worker.seq_len,
+            worker.response_field,
+            use_ids=worker.use_response_ids,
         )
         out.append((D.collate(examples, tokenizer.pad_token_id), bool(part)))
     return out
 
 
-def evaluate(engine, batches: list[tuple[dict, bool]], cfg: dict) -> dict[str, Any]:
+def evaluate(engine, batches: list[tuple[dict, bool]], worker: WorkerConfig) -> dict[str, Any]:
     """Held-out loss and acceptance over every rank's batches (a collective: all ranks call it)."""
     device = engine_device(engine)
     module = engine.module
@@ -73,7 +80,7 @@ def evaluate(engine, batches: list[tuple[dict, bool]], cfg: dict) -> dict[str, A
     try:
         with torch.no_grad():
             for batch, counted in batches:
-                engine(**on_device(batch, device), acceptance_k=cfg["num_speculative_tokens"])
+                engine(**on_device(batch, device), acceptance_k=worker.num_speculative_tokens)
                 if counted:
                     last = module.last
                     for key, value in zip(
@@ -91,7 +98,7 @@ def evaluate(engine, batches: list[tuple[dict, bool]], cfg: dict) -> dict[str, A
     out: dict[str, Any] = {"eval_loss": loss["total"] / tokens, "eval_ce": loss["ce"] / tokens}
     if module.spec.needs_topk and loss["kd_tokens"]:
         out["eval_kd"] = loss["kd"] / loss["kd_tokens"]
-    summary = summarize(acc, cfg.get("kd_temperature", 0.0))
+    summary = summarize(acc, worker.kd_temperature)
     if summary["positions"]:
         out.update(
             {k: v for k, v in summary.items() if k not in ("positions", "rows")},

@@ -63,13 +63,13 @@ class LossSpec:
 
     @classmethod
     def from_config(cls, config) -> LossSpec:
-        """From a :class:`~sd2_ray.finetune.config.FinetuneSettings` or the workers' plain-dict copy."""
-        values = config if isinstance(config, dict) else config.model_dump()
+        """From a :class:`~sd2_ray.finetune.config.FinetuneSettings` or the workers' copy of it
+        (:class:`~sd2_ray.finetune.worker_config.WorkerConfig`)."""
         return cls(
-            kind=values["loss"],
-            ce_weight=values["ce_weight"],
-            temperature=values["kd_temperature"],
-            chunk_tokens=values["loss_chunk_tokens"],
+            kind=config.loss,
+            ce_weight=config.ce_weight,
+            temperature=config.kd_temperature,
+            chunk_tokens=config.loss_chunk_tokens,
         )
 
     @property

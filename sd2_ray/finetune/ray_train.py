@@ -1,5 +1,6 @@
 """The Ray Train adapter of ``sd2 finetune``: the dataset every worker streams, the TorchTrainer
-(DeepSpeed inside each worker: :mod:`sd2_ray.finetune.ray_worker`), and the fit."""
+(DeepSpeed inside each worker: :mod:`sd2_ray.finetune.ray_worker`, told everything by one
+:class:`~sd2_ray.finetune.worker_config.WorkerConfig`), and the fit."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import logging
 from sd2_ray import storage
 from sd2_ray.finetune.config import FinetuneConfig
 from sd2_ray.finetune.ray_worker import train_loop
+from sd2_ray.finetune.worker_config import WorkerConfig
 
 log = logging.getLogger(__name__)
 
 
-def fit(config: FinetuneConfig, cfg: dict, files: list[str], callbacks: list | None):
+def fit(config: FinetuneConfig, worker: WorkerConfig, files: list[str], callbacks: list | None):
     from sd2_ray.runtime import ensure_ray, require_reachable
 
     ensure_ray()
@@ -23,12 +25,12 @@ def fit(config: FinetuneConfig, cfg: dict, files: list[str], callbacks: list | N
         # One parallel read for the whole run: otherwise every worker re-runs the read
         # pipeline (tasks, process start-up) every epoch, which dominates small runs.
         dataset = dataset.materialize()
-    trainer = build_trainer(config, cfg, dataset, callbacks)
+    trainer = build_trainer(config, worker, dataset, callbacks)
     log.info(
         "finetune: %d workers, ZeRO-%d, %d steps, checkpoints in %s",
         config.workers,
         config.zero_stage,
-        cfg["total_steps"],
+        worker.total_steps,
         config.checkpoint_run_dir(),
     )
     return trainer.fit()
@@ -61,7 +63,7 @@ def checkpoint_config(config: FinetuneConfig):
     )
 
 
-def build_trainer(config: FinetuneConfig, cfg: dict, dataset, callbacks: list | None = None):
+def build_trainer(config: FinetuneConfig, worker: WorkerConfig, dataset, callbacks: list | None = None):
     from ray.data import ExecutionOptions
     from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -78,7 +80,7 @@ def build_trainer(config: FinetuneConfig, cfg: dict, dataset, callbacks: list | 
     )
     return TorchTrainer(
         train_loop,
-        train_loop_config=cfg,
+        train_loop_config=worker.to_loop_config(),
         scaling_config=ScalingConfig(
             num_workers=config.workers,
             use_gpu=config.use_gpu,

@@ -1,10 +1,11 @@
 """The per-worker training loop run by Ray Train (a Ray adapter): setup, train, checkpoint, save.
 
-Everything a worker needs arrives in one plain ``dict`` (``train_loop_config``), built by
-:func:`sd2_ray.finetune.trainer.loop_config`; nothing comes from module globals, so the
+Everything a worker needs arrives as one typed
+:class:`~sd2_ray.finetune.worker_config.WorkerConfig` (built on the driver, sent as Ray Train's
+``train_loop_config`` and validated back on arrival); nothing comes from module globals, so the
 loop runs the same on a laptop and on a cluster. The step itself is pure torch + DeepSpeed
-(:mod:`sd2_ray.finetune.step`); this module adds Ray Train's context, data shard, reports and
-checkpoints.
+(:mod:`sd2_ray.finetune.step`, :mod:`sd2_ray.finetune.session`); this module adds Ray Train's
+context, data shard, reports and checkpoints.
 
 Data parity: every worker streams the same seeded order and takes its slice of each global
 batch (:func:`sd2_ray.finetune.data.rank_slice`), and the loss is divided by the step's
@@ -25,7 +26,11 @@ import torch
 
 from sd2_ray.finetune import heldout, masking, session
 from sd2_ray.finetune.checkpoint import FINAL_CHECKPOINT, MODEL_SUBDIR, checkpoint_dir_name
-from sd2_ray.finetune.step import TrainState, engine_device, report_due, train_step
+from sd2_ray.finetune.collectives import engine_device
+from sd2_ray.finetune.report_clock import report_due
+from sd2_ray.finetune.step import train_step
+from sd2_ray.finetune.train_state import TrainState
+from sd2_ray.finetune.worker_config import WorkerConfig
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +51,9 @@ def _resolve_model(path: str) -> str:
     raise AssertionError("unreachable")
 
 
-def worker_device(cfg: dict) -> torch.device:
+def worker_device(worker: WorkerConfig) -> torch.device:
     """This worker's device: the GPU Ray Train assigned it (use_gpu), else the CPU."""
-    if cfg.get("use_gpu"):
+    if worker.use_gpu:
         import ray.train.torch
 
         return ray.train.torch.get_device()
@@ -58,27 +63,27 @@ def worker_device(cfg: dict) -> torch.device:
 # ---------------------------------------------------------------- data
 
 
-def global_batches(shard, cfg: dict, epoch: int) -> Iterator[list[dict]]:
+def global_batches(shard, worker: WorkerConfig, epoch: int) -> Iterator[list[dict]]:
     """The epoch's global batches of rows, in the same seeded order on every worker."""
-    buffer = max(cfg["shuffle_buffer"], cfg["batch_size"]) if cfg["shuffle_buffer"] else None
+    buffer = max(worker.shuffle_buffer, worker.batch_size) if worker.shuffle_buffer else None
     for batch in shard.iter_batches(
-        batch_size=cfg["batch_size"],
+        batch_size=worker.batch_size,
         batch_format="pyarrow",
         drop_last=True,
         local_shuffle_buffer_size=buffer,
-        local_shuffle_seed=cfg["seed"] + epoch if buffer else None,
+        local_shuffle_seed=worker.seed + epoch if buffer else None,
     ):
         yield batch.to_pylist()
 
 
-def heldout_batches(cfg: dict, tokenizer, rank: int, world: int) -> list[tuple[dict, bool]]:
+def heldout_batches(worker: WorkerConfig, tokenizer, rank: int, world: int) -> list[tuple[dict, bool]]:
     """The held-out rows the driver staged (``eval_data``), this rank's share, encoded once."""
-    if not cfg.get("eval_every") or not cfg.get("eval_data"):
+    if not worker.eval_every or not worker.eval_data:
         return []
     from sd2_ray import storage
 
-    rows = storage.read_parquet(cfg["eval_data"]).to_pylist()
-    return heldout.heldout_batches(rows, tokenizer, cfg, rank, world)
+    rows = storage.read_parquet(worker.eval_data).to_pylist()
+    return heldout.heldout_batches(rows, tokenizer, worker, rank, world)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -130,40 +135,41 @@ def _progress(total: int, done: int, rank: int):
     return bar
 
 
-def train_loop(cfg: dict) -> None:
-    """Entry point of each Ray Train worker."""
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """Entry point of each Ray Train worker (``loop_config``: :meth:`WorkerConfig.to_loop_config`)."""
     import ray.train
 
-    for key, value in cfg.get("env", {}).items():
+    worker = WorkerConfig.from_loop_config(loop_config)
+    for key, value in worker.env.items():
         os.environ.setdefault(key, value)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(cfg["cpus_per_worker"])))
-    torch.manual_seed(cfg["seed"])
+    torch.set_num_threads(max(1, int(worker.cpus_per_worker)))
+    torch.manual_seed(worker.seed)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None and checkpoint.path.rstrip("/").endswith("/" + FINAL_CHECKPOINT):
         return  # finished before a restart: the final checkpoint is the result
-    device = worker_device(cfg)
-    model, tokenizer, masks = session.load_drafter(cfg, device, _resolve_model(cfg["model"]))
-    if cfg["enforce_masks"]:
+    device = worker_device(worker)
+    model, tokenizer, masks = session.load_drafter(worker, device, _resolve_model(worker.model))
+    if worker.enforce_masks:
         masking.register_gradient_masks(model, masks)  # before deepspeed.initialize (see masking)
-    engine, _ = session.build_engine(model, cfg)
+    engine, _ = session.build_engine(model, worker)
     state = restore(engine, checkpoint) if checkpoint is not None else TrainState()
     if state.restarts:
         log.info("rank %d resumed at step %d (epoch %d, batch %d)", rank, state.step, state.epoch, state.step_in_epoch)
-    evals = heldout_batches(cfg, tokenizer, rank, world)
+    evals = heldout_batches(worker, tokenizer, rank, world)
     shard = ray.train.get_dataset_shard("train")
-    total = cfg["total_steps"]
+    total = worker.total_steps
     metrics: dict[str, Any] = {}
     bar = _progress(total, state.step, rank)
     last_report = time.monotonic()
-    while state.step < total and state.epoch < cfg["epochs"]:
-        for index, rows in enumerate(global_batches(shard, cfg, state.epoch)):
+    while state.step < total and state.epoch < worker.epochs:
+        for index, rows in enumerate(global_batches(shard, worker, state.epoch)):
             if index < state.step_in_epoch:
                 continue  # trained on before the restart
             if state.step >= total:
                 break
-            metrics = train_step(engine, rows, tokenizer, cfg, rank, world)
+            metrics = train_step(engine, rows, tokenizer, worker, rank, world)
             state.step += 1
             state.step_in_epoch += 1
             state.samples += len(rows)
@@ -177,7 +183,7 @@ def train_loop(cfg: dict) -> None:
                 restarts=state.restarts,
                 wall_time=time.time(),
             )
-            if after_step(engine, state, metrics, evals, masks, cfg, rank, world, last_report):
+            if after_step(engine, state, metrics, evals, masks, worker, rank, world, last_report):
                 last_report = time.monotonic()
         else:
             state.epoch += 1
@@ -190,7 +196,7 @@ def train_loop(cfg: dict) -> None:
     state.finished = True
     if rank == 0 and state.history:
         state.history[-1]["masked_nonzero"] = metrics["masked_nonzero"]
-    save_final(engine, tokenizer, state, scored(metrics, state, cfg), rank)
+    save_final(engine, tokenizer, state, scored(metrics, state, worker), rank)
 
 
 def after_step(
@@ -199,7 +205,7 @@ def after_step(
     metrics: dict,
     evals: list,
     masks: dict,
-    cfg: dict,
+    worker: WorkerConfig,
     rank: int,
     world: int,
     last_report: float,
@@ -208,22 +214,22 @@ def after_step(
     Every rank takes the same branches (evals, checkpoints and reports are collectives)."""
     import ray.train
 
-    total = cfg["total_steps"]
-    evaluated = bool(evals) and heldout.eval_due(cfg, state.step, total)
+    total = worker.total_steps
+    evaluated = bool(evals) and heldout.eval_due(worker.eval_every, state.step, total)
     improved = False
     if evaluated:
-        metrics.update(heldout.evaluate(engine, evals, cfg))
-        improved = heldout.update_best(state, metrics, cfg["select_by"])
+        metrics.update(heldout.evaluate(engine, evals, worker))
+        improved = heldout.update_best(state, metrics, worker.select_by)
         metrics["best_step"] = state.best["step"] if state.best else None
-    due = state.step < total and (state.step % cfg["checkpoint_every"] == 0 or improved)
+    due = state.step < total and (state.step % worker.checkpoint_every == 0 or improved)
     if due:
         metrics["masked_nonzero"] = masking.count_masked_nonzero(engine.module.lm, masks)
     if rank == 0:
         state.history.append(dict(metrics))
     if due:
-        save_checkpoint(engine, state, scored(metrics, state, cfg), rank)
+        save_checkpoint(engine, state, scored(metrics, state, worker), rank)
     elif (evaluated and state.step < total) or report_due(
-        cfg, state.step, total, last_report, world, engine_device(engine)
+        worker.report_every, worker.report_interval_s, state.step, total, last_report, world, engine_device(engine)
     ):
         ray.train.report(metrics)
     else:
@@ -231,8 +237,8 @@ def after_step(
     return True
 
 
-def scored(metrics: dict, state: TrainState, cfg: dict) -> dict:
+def scored(metrics: dict, state: TrainState, worker: WorkerConfig) -> dict:
     """A checkpoint's metrics with the score Ray Train ranks it by when a selection is made."""
-    if not cfg.get("eval_every"):
+    if not worker.eval_every:
         return metrics
-    return dict(metrics, **{heldout.SCORE_KEY: heldout.checkpoint_score(state, cfg["select_by"])})
+    return dict(metrics, **{heldout.SCORE_KEY: heldout.checkpoint_score(state, worker.select_by)})

@@ -20,62 +20,52 @@ import torch
 
 from sd2_ray.finetune import masking
 from sd2_ray.finetune.checkpoint import DS_TAG, LM_PREFIX
+from sd2_ray.finetune.deepspeed_config import training_dtype
+from sd2_ray.finetune.loss_module import CausalLMLoss
 from sd2_ray.finetune.losses import LossSpec
-from sd2_ray.finetune.step import CausalLMLoss, TrainState, lr_factor, param_groups
+from sd2_ray.finetune.optimizer import client_optimizer, lr_schedule, param_groups
+from sd2_ray.finetune.train_state import TrainState
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-
-def training_dtype(ds_config: dict) -> torch.dtype:
-    """The dtype DeepSpeed computes in under ``ds_config`` (bf16 / fp16 when enabled, else fp32)."""
-    if (ds_config.get("bf16") or {}).get("enabled"):
-        return torch.bfloat16
-    if (ds_config.get("fp16") or {}).get("enabled"):
-        return torch.float16
-    return torch.float32
+    from sd2_ray.finetune.worker_config import WorkerConfig
 
 
-def load_drafter(cfg: dict, device: torch.device, local: str | None = None):
+def load_drafter(worker: WorkerConfig, device: torch.device, local: str | None = None):
     """(model on ``device`` in train mode and the training dtype, tokenizer, bit-packed masks on
     ``device`` with the masked weights zeroed). The model is placed before the masks are packed,
     so each gradient hook's mask lives on the gradient's device from the start."""
     from sd2_ray.models.io import load_model, load_tokenizer
 
-    local = local or cfg["model"]
-    model = load_model(local, dtype=training_dtype(cfg["deepspeed_config"]), device=device).train()
-    if cfg.get("gradient_checkpointing"):
+    local = local or worker.model
+    model = load_model(local, dtype=training_dtype(worker.deepspeed_config), device=device).train()
+    if worker.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     tokenizer = load_tokenizer(local)
-    masks = masking.prepare_masks(local, model, source=cfg["model"])
+    masks = masking.prepare_masks(local, model, source=worker.model)
     return model, tokenizer, masking.pack_masks(model, masks)
 
 
-def build_engine(model: PreTrainedModel, cfg: dict):
+def build_engine(model: PreTrainedModel, worker: WorkerConfig):
     """DeepSpeed engine over the loss module (the drafter is ``engine.module.lm``)."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the same choice, without its warning per worker
     import deepspeed
-    from torch.optim.lr_scheduler import LambdaLR
 
     def schedule(optimizer):
-        return LambdaLR(
-            optimizer,
-            lambda s: lr_factor(s, cfg["warmup_steps"], cfg["total_steps"], cfg["scheduler"], cfg["min_lr_ratio"]),
-        )
+        return lr_schedule(optimizer, worker.warmup_steps, worker.total_steps, worker.scheduler, worker.min_lr_ratio)
 
-    wrapped = CausalLMLoss(model, LossSpec.from_config(cfg))
-    groups = param_groups(wrapped, cfg["weight_decay"])
-    optimizer = None
-    if cfg["optimizer"] == "torch_adamw":
-        optimizer = torch.optim.AdamW(groups, lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8)
+    wrapped = CausalLMLoss(model, LossSpec.from_config(worker))
+    groups = param_groups(wrapped, worker.weight_decay)
+    optimizer = client_optimizer(groups, worker.optimizer, worker.lr)
     engine, _, _, scheduler = deepspeed.initialize(
         model=wrapped,
         optimizer=optimizer,
         model_parameters=groups if optimizer is None else None,
         lr_scheduler=schedule,
-        config=cfg["deepspeed_config"],
+        config=worker.deepspeed_config,
     )
     return engine, scheduler
 

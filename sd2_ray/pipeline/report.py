@@ -55,10 +55,10 @@ def drafter_entries(
 
 def training_of(config: PipelineConfig, name: str) -> dict[str, Any]:
     """How the run fine-tuned drafter ``name``: its loss, its data and which step was published
-    (from its config as :func:`~sd2_ray.pipeline.chain.chain` builds it, and its metrics.json)."""
-    from sd2_ray.pipeline.chain import chain
+    (from its config as :func:`~sd2_ray.pipeline.chain.finetune_config` builds it, and its metrics.json)."""
+    from sd2_ray.pipeline.chain import finetune_config
 
-    ft = chain(config, "finetune", name)
+    ft = finetune_config(config, name)
     distilled = ft.response_field == "response"
     info: dict[str, Any] = {
         "loss": ft.loss,

@@ -15,7 +15,20 @@ from typing import Any
 
 from sd2_ray import manifest, storage
 from sd2_ray.kit import with_kit_paths
-from sd2_ray.pipeline.chain import FINETUNED, chain, drafter_dir, eval_root, out, pruned_dir
+from sd2_ray.pipeline.chain import (
+    FINETUNED,
+    distill_config,
+    drafter_dir,
+    eval_config,
+    eval_root,
+    finetune_config,
+    layer_prune_config,
+    out,
+    prune_config,
+    pruned_dir,
+    serve_config,
+    tune_config,
+)
 from sd2_ray.pipeline.config import PipelineConfig
 
 log = logging.getLogger(__name__)
@@ -108,21 +121,21 @@ class Pipeline:
     def distill(self) -> None:
         from sd2_ray.distill.job import main as distill_main
 
-        distill_main(chain(self.config, "distill"))
+        distill_main(distill_config(self.config))
 
     def build_drafters(self) -> dict[str, str]:
         """Prune and fine-tune what the requested drafters need; {drafter name: model dir}."""
-        from sd2_ray.finetune.trainer import run_finetune
+        from sd2_ray.finetune.job import run_finetune
         from sd2_ray.prune.job import run_prune
 
         wanted = self.config.drafter_names
         if {"sd2", "sd2-kd", "sparse-sft", "layer-pruned-sd"} & set(wanted):
-            self.timed("prune:sd2", run_prune, chain(self.config, "prune"))
+            self.timed("prune:sd2", run_prune, prune_config(self.config))
         if "layer-pruned-sd" in wanted:
-            self.timed("prune:layers", run_prune, chain(self.config, "layer_prune", drop_layers=self.layer_drop()))
+            self.timed("prune:layers", run_prune, layer_prune_config(self.config, self.layer_drop()))
         for name in wanted:
             if name in FINETUNED:
-                self.timed(f"finetune:{name}", run_finetune, chain(self.config, "finetune", name))
+                self.timed(f"finetune:{name}", run_finetune, finetune_config(self.config, name))
         return {name: drafter_dir(self.config, name) for name in wanted}
 
     def layer_drop(self) -> int:
@@ -141,13 +154,13 @@ class Pipeline:
     def evaluate(self, drafter_dirs: dict[str, str]) -> dict[str, dict[str, Any]]:
         from sd2_ray.evaluate.fanout import evaluate_drafters
 
-        configs = {name: chain(self.config, "eval", name) for name in drafter_dirs}
+        configs = {name: eval_config(self.config, name) for name in drafter_dirs}
         return evaluate_drafters(configs, eval_root(self.config))
 
     def tune(self) -> None:
         from sd2_ray.tune.job import main as tune_main
 
-        tune_main(chain(self.config, "tune"))
+        tune_main(tune_config(self.config))
 
     def report(self, reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
         from sd2_ray.pipeline.report import write_pipeline_report
@@ -158,7 +171,7 @@ class Pipeline:
         from sd2_ray.serve.smoke import serve_smoke
 
         result = serve_smoke(
-            chain(self.config, "serve", "sd2"), self.config.eval_prompts, self.config.serve_smoke_timeout_s
+            serve_config(self.config, "sd2"), self.config.eval_prompts, self.config.serve_smoke_timeout_s
         )
         storage.write_json(out(self.config, "serve_smoke.json"), result)
         return result

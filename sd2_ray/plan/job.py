@@ -47,9 +47,9 @@ def stage_needs(config: PipelineConfig) -> list[Need]:
     target, drafter = model_shape(config.target), model_shape(config.drafter)
     needs = [distill_need(config, target), prune_need("prune", drafter, config.prune)]
     if "layer-pruned-sd" in config.drafter_names:
-        from sd2_ray.pipeline.chain import chain
+        from sd2_ray.pipeline.chain import layer_prune_config
 
-        needs.append(prune_need("layer_prune", drafter, chain(config, "layer_prune", drop_layers=1)))
+        needs.append(prune_need("layer_prune", drafter, layer_prune_config(config, drop_layers=1)))
     needs.append(finetune_need(drafter, config.finetune))
     ev = config.eval
     needs.append(

@@ -119,3 +119,13 @@ def with_toy_topk(rows: list[dict], tokenizer, k: int = 4, top_prob: float = 0.7
         logprobs = [[math.log(top_prob)] + [other] * (k - 1) for _ in ids]
         out.append({**row, "response_ids": ids, "topk_ids": topk, "topk_logprobs": logprobs})
     return out
+
+
+def toy_worker_config(model: str = "toy", total_steps: int = 1, **fields):
+    """A fine-tune worker's config as the driver builds it: the defaults of a FinetuneConfig with
+    ``fields`` set (no data, no output is read)."""
+    from sd2_ray.finetune.config import FinetuneConfig
+    from sd2_ray.finetune.worker_config import worker_config
+
+    config = FinetuneConfig(model=model, data="unused", output="unused", **fields)
+    return worker_config(config, total_steps)

@@ -14,7 +14,10 @@ import os
 import tempfile
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sd2_ray.finetune.worker_config import WorkerConfig
 
 
 def _rank_main(rank: int, world: int, port: int, fn: Callable, args: tuple, out_dir: str) -> None:
@@ -56,23 +59,25 @@ def run_ranks(fn: Callable, world: int, *args: Any) -> list[Any]:
     return results
 
 
-def _steps(engine, rows: list[dict], tokenizer, cfg: dict, rank: int, world: int, first: int, last: int) -> list:
+def _steps(
+    engine, rows: list[dict], tokenizer, worker: WorkerConfig, rank: int, world: int, first: int, last: int
+) -> list:
     from sd2_ray.finetune.step import train_step
 
-    size = cfg["batch_size"]
+    size = worker.batch_size
     return [
-        train_step(engine, rows[i * size : (i + 1) * size], tokenizer, cfg, rank, world)["loss"]
+        train_step(engine, rows[i * size : (i + 1) * size], tokenizer, worker, rank, world)["loss"]
         for i in range(first, last)
     ]
 
 
-def _fresh_engine(cfg: dict, device):
+def _fresh_engine(worker: WorkerConfig, device):
     from sd2_ray.finetune import masking, session
 
-    model, tokenizer, masks = session.load_drafter(cfg, device)
+    model, tokenizer, masks = session.load_drafter(worker, device)
     loaded = str(next(model.parameters()).dtype)  # before DeepSpeed casts anything
     masking.register_gradient_masks(model, masks)
-    engine, _ = session.build_engine(model, cfg)
+    engine, _ = session.build_engine(model, worker)
     return engine, tokenizer, masks, loaded
 
 
@@ -106,26 +111,28 @@ def _count_without_gathering(engine, masks: dict, poke: bool = False) -> tuple[i
         deepspeed.zero.GatheredParameters = original
 
 
-def restore_scenario(rank: int, world: int, cfg: dict, rows: list[dict], out: str, device: str = "cpu") -> dict:
+def restore_scenario(
+    rank: int, world: int, worker: WorkerConfig, rows: list[dict], out: str, device: str = "cpu"
+) -> dict:
     """Run A trains steps 1-4, saving a ZeRO checkpoint after step 2; run B is a fresh engine
     restored from it that trains steps 3-4; B then writes the gathered HF model dir to ``out``.
     Returns both runs' losses, the masked nonzeros (counted without gathering) and dtypes."""
     import torch
 
     from sd2_ray.finetune import session
-    from sd2_ray.finetune.step import TrainState
+    from sd2_ray.finetune.train_state import TrainState
 
-    torch.manual_seed(cfg["seed"])
+    torch.manual_seed(worker.seed)
     on = torch.device(device)
-    engine, tokenizer, masks, loaded = _fresh_engine(cfg, on)
+    engine, tokenizer, masks, loaded = _fresh_engine(worker, on)
     checkpoint = os.path.join(out, "ckpt")
-    uninterrupted = _steps(engine, rows, tokenizer, cfg, rank, world, 0, 2)
+    uninterrupted = _steps(engine, rows, tokenizer, worker, rank, world, 0, 2)
     session.save_state(engine, checkpoint, TrainState(step=2, step_in_epoch=2), rank)
-    uninterrupted += _steps(engine, rows, tokenizer, cfg, rank, world, 2, 4)
+    uninterrupted += _steps(engine, rows, tokenizer, worker, rank, world, 2, 4)
     del engine
-    restored_engine, tokenizer, masks, _ = _fresh_engine(cfg, on)
+    restored_engine, tokenizer, masks, _ = _fresh_engine(worker, on)
     state = session.load_state(restored_engine, checkpoint)
-    restored = _steps(restored_engine, rows, tokenizer, cfg, rank, world, state.step, 4)
+    restored = _steps(restored_engine, rows, tokenizer, worker, rank, world, state.step, 4)
     nonzero, gathers = _count_without_gathering(restored_engine, masks)
     session.save_hf(restored_engine, tokenizer, os.path.join(out, "model"), rank)
     poked, _ = _count_without_gathering(restored_engine, masks, poke=True)

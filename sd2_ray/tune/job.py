@@ -40,7 +40,7 @@ def main(config: TuneConfig) -> dict[str, Any]:
 def stage_data(config: TuneConfig) -> TuneConfig:
     """Training rows that are not Parquet -> one Parquet file under OUTPUT/data (once), so every
     trial's fine-tune reads it as it is instead of staging its own copy."""
-    from sd2_ray.finetune.trainer import stage_rows
+    from sd2_ray.finetune.inputs import stage_rows
     from sd2_ray.rows import data_files, read_rows
 
     if all(f.endswith(".parquet") for f in data_files(config.data)):

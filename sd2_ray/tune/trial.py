@@ -116,7 +116,7 @@ def checkpoint_eval_settings(config: TuneConfig, pruned: str) -> dict[str, Any]:
 
 
 def _finetune(config: TuneConfig, finetune, pruned: str):
-    from sd2_ray.finetune.trainer import run_finetune
+    from sd2_ray.finetune.job import run_finetune
     from sd2_ray.tune.callbacks import TrialReportCallback
 
     settings = checkpoint_eval_settings(config, pruned) if config.eval_at_checkpoints else None
