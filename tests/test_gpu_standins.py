@@ -133,6 +133,7 @@ def ray_with_4_declared_gpus():
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # a whole search (~1.5 min); the small-cluster tune tests place GPU evals the same way
 @pytest.mark.timeout(1800)
 def test_search_places_its_gpu_tasks_outside_the_trials_cpu_bundles(ray_with_4_declared_gpus, kit_dir, tmp_path):
     """Configured like gpu-tune.yaml: each trial's prune task and eval task (and the checkpoint

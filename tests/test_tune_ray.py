@@ -144,6 +144,7 @@ def test_checkpoint_mal_reported_to_tune(grid_run):
     assert len(found) == 4 and all(1.0 <= m <= 5.0 for m in found)
 
 
+@pytest.mark.slow  # 2.5 min; the default suite's ASHA test is tests/test_tune_small_cluster.py
 def test_asha_stops_absurd_learning_rate(ray_cluster, kit_dir, tmp_path):
     out = str(tmp_path / "asha")
     steps = 8

@@ -101,7 +101,8 @@ def test_a_trial_asha_stops_releases_what_its_trainer_held(small_ray, kit_dir, t
         )
     )
     trials = {t["lr"]: t for t in json.load(open(os.path.join(out, R.TRIALS_FILE)))}
-    assert trials[10.0]["status"] == R.STOPPED and trials[10.0]["steps"] < 4
+    assert trials[10.0]["status"] == R.STOPPED and trials[10.0]["steps"] < 4 and trials[10.0]["mal"] is None
+    assert trials[3e-3]["status"] == R.COMPLETED and trials[3e-3]["steps"] == 4
     assert trials[3.2e-3]["status"] == R.COMPLETED and trials[3.2e-3]["mal"] is not None  # ran after the stop
     deadline = time.monotonic() + 60
     while held(small_ray) != ([], {}) and time.monotonic() < deadline:
@@ -121,7 +122,7 @@ def test_a_trial_that_cannot_get_its_cpus_fails_the_search_in_one_line(small_ray
         str(tmp_path / "stall"),
         search_space={"sparsity": [0.5], "lr": [3e-3]},
         asha={"enabled": False},
-        stall_timeout_s=90,
+        stall_timeout_s=60,
         stop_grace_s=5,
     )
     cfg["finetune"] = {**cfg["finetune"], "cpus_per_worker": 2}

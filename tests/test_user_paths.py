@@ -26,7 +26,7 @@ from sd2_ray import manifest
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = (
-    "distill.limit=96 finetune.epochs=8 finetune.max_steps=96 finetune.checkpoint_every=8 eval.max_prompts=16 "
+    "distill.limit=64 finetune.epochs=8 finetune.max_steps=48 finetune.checkpoint_every=8 eval.max_prompts=16 "
     "eval.max_new_tokens=32"
 )
 ALL = ["dense", "dense-sd", "layer-pruned-sd", "sd2", "sparse-sft", "uag"]
