@@ -137,6 +137,40 @@ SHARED_STORAGE_ENV = "SD2_SHARED_STORAGE"  # "1": local paths are on a disk ever
 _shared_storage = {"declared": False}  # set by a run whose config declares it (its stages check too)
 
 
+def disconnect_quietly() -> None:
+    """Leave Ray now, if this process joined or started it: the log monitor flushes the workers'
+    deduplicated lines ("[repeated 3x across cluster]", progress bars) at shutdown, so a closing
+    summary printed after this is the last thing on the terminal, not followed by them."""
+    import sys
+
+    if "ray" not in sys.modules:
+        return
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    _close_stale_progress_bars()
+    sys.stderr.flush()
+
+
+def _close_stale_progress_bars() -> None:
+    """A worker that exits right after closing its progress bar can lose the closing line; Ray's
+    driver-side bar manager then keeps the bar and redraws it around every later print and at
+    exit. Ray 2.60 has no public call to drop them, hence its manager's attributes here."""
+    import sys
+
+    tqdm_ray = sys.modules.get("ray.experimental.tqdm_ray")
+    manager = getattr(tqdm_ray, "_manager", None)
+    if manager is None:
+        return
+    with manager.lock:
+        for group in manager.bar_groups.values():
+            for bar in group.bars_by_uuid.values():
+                bar.bar.leave = False  # erased, not printed once more
+                bar.bar.close()
+            group.bars_by_uuid.clear()
+
+
 def declare_shared_storage() -> None:
     _shared_storage["declared"] = True
 

@@ -1,7 +1,7 @@
 """Fine-tuning on a real local Ray cluster with DeepSpeed ZeRO-2/3 on 2 CPU workers:
-sparsity kept, loss down, 1-vs-2-worker parity, rerun after
+sparsity kept, loss down, 1-vs-2-worker parity, recovery from a killed worker, rerun after
 a failed driver run, and checkpoints + model on a loopback S3 server. (A lost training node:
-tests/test_cluster_nodes.py.)"""
+tests/test_cluster_nodes.py, slow.)"""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from sd2_ray.testing.toy import make_sparse_drafter, write_toy_dataset
 pytestmark = pytest.mark.ray
 
 STEPS = 6
+LONG_STEPS = 24  # 3 epochs of the toy data: runs that lose a worker midway, long enough for the kill to land
 COMMON = dict(
     max_steps=STEPS,
     lr=3e-3,
@@ -122,6 +123,54 @@ def test_one_worker_matches_two_workers(zero2_run, inputs):
     two = [h["loss"] for h in zero2_run.history]
     assert [h["tokens"] for h in one.history] == [h["tokens"] for h in zero2_run.history]  # same batches
     torch.testing.assert_close(torch.tensor([h["loss"] for h in one.history]), torch.tensor(two), rtol=1e-3, atol=1e-4)
+
+
+def kill_a_worker_after_a_checkpoint(cfg: FinetuneConfig, timeout_s: float = 300.0) -> int:
+    """SIGKILL one of this run's Ray Train workers (as a lost node would) once Ray Train has
+    registered a checkpoint (its snapshot lists one); returns the newest step registered then."""
+    import re
+    import signal
+    import time
+
+    from _ray_procs import our_raylet_pid, ray_worker_pids
+
+    raylet = our_raylet_pid()
+    snapshot = storage.join(cfg.checkpoint_run_dir(), "checkpoint_manager_snapshot.json")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        steps = re.findall(r"step-(\d{7})", storage.read_text(snapshot)) if storage.exists(snapshot) else []
+        workers = ray_worker_pids("RayTrainWorker", raylet)
+        if steps and workers:
+            os.kill(workers[-1], signal.SIGKILL)
+            return max(int(step) for step in steps)
+        time.sleep(0.2)
+    raise AssertionError("no checkpoint was registered")
+
+
+def run_with_a_killed_worker(cfg: FinetuneConfig):
+    """(the run's result or exception, checkpoint step at the kill): training in a thread, the
+    kill from here."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(run_finetune, cfg)
+        step = kill_a_worker_after_a_checkpoint(cfg)
+        try:
+            return future.result(), step
+        except Exception as err:  # noqa: BLE001 - the caller decides what it expected
+            return err, step
+
+
+def test_killed_worker_resumes_from_its_checkpoint(zero2_run, inputs):
+    cfg = finetune(inputs, "failing", workers=2, zero_stage=2, max_steps=LONG_STEPS, epochs=3, checkpoint_every=4)
+    result, killed_at = run_with_a_killed_worker(cfg)
+    assert not isinstance(result, Exception), result
+    assert result.summary["restarts"] >= 1
+    history = [(h["step"], h["restarts"]) for h in result.history]
+    resumed = [step for step, restarts in history if restarts >= 1]
+    assert [step for step, _ in history] == list(range(1, LONG_STEPS + 1))  # every step once, in order
+    assert resumed and resumed[0] - 1 >= killed_at and (resumed[0] - 1) % 4 == 0  # from a checkpoint
+    assert_sparse_and_learned(result, inputs["model"], steps=LONG_STEPS)
 
 
 def test_zero3_on_s3_keeps_sparsity_and_learns(inputs, s3_bucket):

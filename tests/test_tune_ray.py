@@ -82,7 +82,7 @@ def grid_run(ray_cluster, kit_dir, tmp_path_factory):
     cfg = settings(
         kit_dir,
         out,
-        search_space={"sparsity": [0.5, 0.7], "lr": [3e-4, 3e-3]},
+        search_space={"sparsity": [0.5, 0.7], "lr": [3e-3]},
         prune={"method": "sparsegpt", "num_samples": 16, "seq_len": 96},
         eval_at_checkpoints=True,
         checkpoint_eval_prompts=2,
@@ -96,8 +96,8 @@ def grid_run(ray_cluster, kit_dir, tmp_path_factory):
 def test_grid_end_to_end(grid_run):
     out = grid_run["out"]
     trials = json.load(open(os.path.join(out, R.TRIALS_FILE)))
-    assert len(trials) == 4 and all(t["status"] == R.COMPLETED for t in trials), trials
-    assert {(t["sparsity"], t["lr"]) for t in trials} == {(s, lr) for s in (0.5, 0.7) for lr in (3e-4, 3e-3)}
+    assert len(trials) == 2 and all(t["status"] == R.COMPLETED for t in trials), trials
+    assert {(t["sparsity"], t["lr"]) for t in trials} == {(0.5, 3e-3), (0.7, 3e-3)}
     for t in trials:
         assert 1.0 <= t["mal"] <= 5.0 and t["steps"] == 4 and t["attempts"] == 1
         assert t["predicted_speedup"] == pytest.approx(t["mal"] / (4 * t["cost_coefficient"] + 1))
@@ -111,7 +111,7 @@ def test_grid_end_to_end(grid_run):
     assert f"| {best['trial_id']} **best** |" in md
     assert open(os.path.join(out, R.PLOT_FILE), "rb").read(4) == b"\x89PNG"
     assert manifest.is_complete(out)
-    # each pruning point was pruned once, shared by its two trials
+    # one pruned model per pruning point (trials sharing a point share it: the small-cluster test)
     assert len(os.listdir(os.path.join(out, "pruned-cache"))) == 2
 
 
@@ -141,7 +141,7 @@ def test_checkpoint_mal_reported_to_tune(grid_run):
                 row = json.loads(line)
                 if row.get("checkpoint_step") == 2 and "mal" in row:
                     found.append(row["mal"])
-    assert len(found) == 4 and all(1.0 <= m <= 5.0 for m in found)
+    assert len(found) == 2 and all(1.0 <= m <= 5.0 for m in found)
 
 
 @pytest.mark.slow  # 2.5 min; the default suite's ASHA test is tests/test_tune_small_cluster.py

@@ -104,6 +104,7 @@ def test_a_trial_asha_stops_releases_what_its_trainer_held(small_ray, kit_dir, t
     assert trials[10.0]["status"] == R.STOPPED and trials[10.0]["steps"] < 4 and trials[10.0]["mal"] is None
     assert trials[3e-3]["status"] == R.COMPLETED and trials[3e-3]["steps"] == 4
     assert trials[3.2e-3]["status"] == R.COMPLETED and trials[3.2e-3]["mal"] is not None  # ran after the stop
+    assert len(os.listdir(os.path.join(out, "pruned-cache"))) == 1  # one pruning point, pruned once for 3 trials
     deadline = time.monotonic() + 60
     while held(small_ray) != ([], {}) and time.monotonic() < deadline:
         time.sleep(1)

@@ -13,7 +13,7 @@ import logging
 import time
 from typing import Any
 
-from sd2_ray import manifest, storage
+from sd2_ray import manifest, runtime, storage
 from sd2_ray.kit import with_kit_paths
 from sd2_ray.pipeline.chain import (
     FINETUNED,
@@ -180,6 +180,7 @@ class Pipeline:
 def main(config: PipelineConfig) -> dict[str, Any]:
     pipeline = Pipeline(config)
     summary = pipeline.run()
+    runtime.disconnect_quietly()  # Ray's buffered worker lines come out now, before the summary
     print(summary.get("table", ""))
     print("\n| stage | seconds |\n|---|---|\n" + "\n".join(f"| {k} | {v:.1f} |" for k, v in pipeline.timings.items()))
     print(f"sd2 run: report at {storage.join(pipeline.config.output, 'report', 'report.md')}")
