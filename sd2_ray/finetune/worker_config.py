@@ -87,39 +87,13 @@ def worker_config(
     env: dict[str, str] | None = None,
 ) -> WorkerConfig:
     """The workers' config of ``config`` (on the driver: a bad DeepSpeed JSON fails here, before
-    anything is written)."""
-    return WorkerConfig(
-        model=config.model,
-        seq_len=config.seq_len,
-        response_field=config.response_field,
-        use_response_ids=use_response_ids,
-        eval_data=eval_data,
-        batch_size=config.batch_size,
-        grad_accum=config.grad_accum,
-        seed=config.seed,
-        shuffle_buffer=config.shuffle_buffer,
-        epochs=config.epochs,
-        total_steps=total_steps,
-        optimizer=config.optimizer,
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        warmup_steps=config.warmup_steps,
-        scheduler=config.scheduler,
-        min_lr_ratio=config.min_lr_ratio,
-        deepspeed_config=deepspeed_config(config),
-        loss=config.loss,
-        ce_weight=config.ce_weight,
-        kd_temperature=config.kd_temperature,
-        loss_chunk_tokens=config.loss_chunk_tokens,
-        checkpoint_every=config.checkpoint_every,
-        report_every=config.report_every,
-        report_interval_s=config.report_interval_s,
-        eval_every=config.eval_every,
-        select_by=config.select_by,
-        num_speculative_tokens=config.num_speculative_tokens,
-        enforce_masks=config.enforce_masks,
-        gradient_checkpointing=config.gradient_checkpointing,
-        use_gpu=config.use_gpu,
-        cpus_per_worker=config.cpus_per_worker,
-        env=dict(env or {}),
-    )
+    anything is written). Fields named as in FinetuneConfig are copied from it by name."""
+    derived: dict[str, Any] = {
+        "use_response_ids": use_response_ids,
+        "eval_data": eval_data,
+        "total_steps": total_steps,
+        "deepspeed_config": deepspeed_config(config),
+        "env": dict(env or {}),
+    }
+    copied = {name: getattr(config, name) for name in WorkerConfig.model_fields if name not in derived}
+    return WorkerConfig(**copied, **derived)
