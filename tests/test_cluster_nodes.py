@@ -393,3 +393,75 @@ def test_plan_places_each_stage_on_the_node_type_it_asks_for():
     where = {p.need.stage: p.node.name for p in check(load_planned(config))}
     assert {where[s] for s in ("distill", "eval", "serve")} == {"gpu_generate"}
     assert {where[s] for s in ("prune", "layer_prune", "finetune", "tune.finetune")} == {"gpu_train"}
+
+
+def test_tune_trial_lost_with_its_node_is_retried_and_resumes_from_its_checkpoint(
+    cluster, kit_dir, tmp_path, monkeypatch
+):
+    """Two identical trials (num_samples 2, one at a time) on two nodes; once the first has a
+    fine-tuning checkpoint, the node running its trial function is SIGKILLed. Tune runs the trial
+    again (trial_max_failures), its fine-tune goes on from that checkpoint, and its measured MAL
+    equals the second trial's, which lost nothing."""
+    import glob
+    import re
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sd2_ray.kit import kit_paths
+    from sd2_ray.runtime import SHARED_STORAGE_ENV
+    from sd2_ray.tune import report as R
+    from sd2_ray.tune.config import TuneConfig
+    from sd2_ray.tune.job import main
+
+    monkeypatch.setenv(SHARED_STORAGE_ENV, "1")  # one machine's disk, declared shared on purpose
+    nodes = [cluster.add_node(num_cpus=2, object_store_memory=80 * 2**20) for _ in range(2)]
+    parts, out = kit_paths(kit_dir), str(tmp_path / "search")
+    config = TuneConfig.model_validate(
+        dict(
+            output=out,
+            target=parts["target"],
+            drafter=parts["drafter"],
+            data=parts["train_prompts"],
+            eval_prompts=parts["eval_prompts"],
+            search_space={"sparsity": [0.5], "lr": [3e-3]},
+            num_samples=2,
+            max_concurrent=1,
+            asha={"enabled": False},
+            max_steps=8,
+            max_eval_prompts=4,
+            eval_max_new_tokens=16,
+            prune={"method": "magnitude", "num_cpus": 0.5},
+            finetune={"workers": 1, "batch_size": 4, "seq_len": 96, "checkpoint_every": 2, "warmup_steps": 1},
+            stall_timeout_s=300,
+        )
+    )
+    began, lost = time.monotonic(), {}
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(main, config)
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and not future.done() and not lost:
+            snapshots = glob.glob(f"{out}/trials/*/checkpoints/drafter/checkpoint_manager_snapshot.json")
+            steps = re.findall(r"step-(\d{7})", open(snapshots[0]).read()) if snapshots else []
+            trial_nodes = node_of_actor("ImplicitFunc")
+            if steps and len(trial_nodes) == 1:
+                victim = next(n for n in nodes if n.node_id in trial_nodes)
+                cluster.remove_node(victim, allow_graceful=False)
+                lost = {
+                    "step": max(int(s) for s in steps),
+                    "at": time.monotonic(),
+                    "trial": snapshots[0].split("/")[-4],
+                }
+            time.sleep(0.2)
+        future.result()
+    assert lost, "no trial node was lost"
+    trials = {t["trial_id"]: t for t in json.load(open(os.path.join(out, R.TRIALS_FILE)))}
+    hit = trials[lost["trial"]]
+    other = next(t for t in trials.values() if t is not hit)
+    assert hit["status"] == other["status"] == R.COMPLETED, trials
+    attempts = json.load(open(os.path.join(out, "trials", lost["trial"], "attempts.json")))
+    assert len(attempts) == 2  # the trial function ran again, once
+    assert hit["steps"] == other["steps"] == 8
+    assert hit["mal"] == other["mal"] and hit["mal"] is not None, (hit["mal"], other["mal"])
+    print(
+        f"tune: trial node lost with the step-{lost['step']} checkpoint; the search ended "
+        f"{time.monotonic() - lost['at']:.0f} s after the loss, {time.monotonic() - began:.0f} s in all"
+    )

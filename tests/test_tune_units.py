@@ -203,3 +203,29 @@ def test_write_reports(tmp_path, monkeypatch):
     md = (tmp_path / R.REPORT_FILE).read_text()
     assert "| b **best** | 0.7 |" in md and "stopped early" in md and "RuntimeError: boom" in md
     assert (tmp_path / R.PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_trial_lost_to_the_cluster_is_rerun_and_one_that_failed_in_its_code_is_not(tmp_path):
+    """Tune reruns every failed trial (trial_max_failures); the trial function itself tells a
+    lost node or worker (rerun) from an error in code (raised again at once, no rework)."""
+    from ray import exceptions as rx
+    from ray.train import TrainingFailedError
+
+    from sd2_ray.errors import Sd2Error
+    from sd2_ray.tune.trial import lost_to_the_cluster, record_attempt, record_failure
+
+    assert lost_to_the_cluster(rx.NodeDiedError("node gone")) and lost_to_the_cluster(
+        rx.ActorUnavailableError("x", b"0" * 16)
+    )
+    assert lost_to_the_cluster(TrainingFailedError("group failed 3 times", {}))
+    assert not lost_to_the_cluster(rx.RayTaskError("f", "tb", ValueError("bad")))
+    assert not lost_to_the_cluster(ValueError("bad")) and not lost_to_the_cluster(Sd2Error("bad field"))
+    trial = str(tmp_path / "t1")
+    assert record_attempt(trial, {"lr": 1.0}) == 1
+    assert record_attempt(trial, {"lr": 1.0}) == 2  # attempt 1 was lost: run again
+    record_failure(trial, ValueError("line one\nshape mismatch"))
+    with pytest.raises(Sd2Error) as err:
+        record_attempt(trial, {"lr": 1.0})
+    assert "attempt 2 failed in its own code: ValueError: shape mismatch" in str(err.value)
+    assert len(json.load(open(os.path.join(trial, "attempts.json")))) == 2  # the refused start is not counted
+    assert TuneConfig.model_fields["trial_max_failures"].default >= 1

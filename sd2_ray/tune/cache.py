@@ -55,7 +55,8 @@ def start(experiment: str):
 
     # num_cpus 0: the actor only waits; run_prune runs each pruning as its own Ray task holding
     # the prune section's num_gpus/num_cpus (outside any trial's placement group).
-    remote = ray.remote(num_cpus=0, max_concurrency=64, max_restarts=-1)(PruneCache)
+    # restarted, and its calls retried, when its node is lost: ensure() skips a complete output
+    remote = ray.remote(num_cpus=0, max_concurrency=64, max_restarts=-1, max_task_retries=-1)(PruneCache)
     return remote.options(name=actor_name(experiment), get_if_exists=True).remote()
 
 

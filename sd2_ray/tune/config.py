@@ -155,7 +155,12 @@ class TuneSettings(StageConfig):
         description="CPUs reserved for each trial's driver function (it only launches the TorchTrainer; Ray rejects 0)",
     )
     node_resources: NodeResources = Field(default_factory=dict, description=NODE_RESOURCES_DESCRIPTION)
-    trial_max_failures: int = Field(0, ge=0, description="Tune retries of a failed trial")
+    trial_max_failures: int = Field(
+        2,
+        ge=0,
+        description="Tune reruns of a trial whose process was lost (e.g. with its node); its fine-tune "
+        "resumes from its checkpoints. A trial that failed in its own code is not rerun",
+    )
     stall_timeout_s: float | None = Field(
         None,
         gt=0,

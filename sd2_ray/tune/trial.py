@@ -37,6 +37,16 @@ def run_trial(params: dict[str, Any], settings: dict[str, Any]) -> None:
     trial_dir = config.trial_dir(trial_id)
     attempt = record_attempt(trial_dir, params)
     log.info("trial %s (attempt %d): %s", trial_id, attempt, params)
+    try:
+        _run_attempt(config, params, trial_dir, attempt)
+    except Exception as err:
+        if not lost_to_the_cluster(err):
+            record_failure(trial_dir, err)
+        raise
+
+
+def _run_attempt(config: TuneConfig, params: dict[str, Any], trial_dir: str, attempt: int) -> None:
+    import ray.tune
 
     started = time.perf_counter()
     fields = prune_fields(config, params)
@@ -61,12 +71,42 @@ def run_trial(params: dict[str, Any], settings: dict[str, Any]) -> None:
 
 def record_attempt(trial_dir: str, params: dict[str, Any]) -> int:
     """Append this start to ``attempts.json`` (how often the trial function ran: a restored
-    search must not rerun completed trials, and this is how one can tell)."""
+    search must not rerun completed trials, and this is how one can tell). Tune reruns a failed
+    trial (``trial_max_failures``) whatever failed; an attempt that failed in our own code, where
+    a rerun fails the same way, is not run again: its error is raised at once."""
     path = storage.join(trial_dir, ATTEMPTS_FILE)
     attempts = storage.read_json(path) if storage.exists(path) else []
+    failed = [(number, a["error"]) for number, a in enumerate(attempts, 1) if a.get("error")]
+    if failed:
+        from sd2_ray.errors import Sd2Error
+
+        raise Sd2Error(f"trial not rerun: attempt {failed[-1][0]} failed in its own code: {failed[-1][1]}")
     attempts.append({"started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "params": params})
     storage.write_json(path, attempts)
     return len(attempts)
+
+
+def record_failure(trial_dir: str, err: Exception) -> None:
+    """Mark the newest attempt as failed in its own code (see :func:`record_attempt`)."""
+    path = storage.join(trial_dir, ATTEMPTS_FILE)
+    attempts = storage.read_json(path)
+    attempts[-1]["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+    storage.write_json(path, attempts)
+
+
+def lost_to_the_cluster(err: BaseException) -> bool:
+    """A failure a rerun can get past: a Ray worker, actor, node or object lost, or a Ray Train
+    group that failed more often than its own max_failures; not an error raised by code (ours,
+    or in a remote task, which Ray wraps in RayTaskError)."""
+    from ray import exceptions as rx
+
+    try:
+        from ray.train import TrainingFailedError
+    except ImportError:  # pragma: no cover - Ray Train V1
+        TrainingFailedError = ()  # type: ignore[assignment,misc]
+    if isinstance(err, rx.RayTaskError | rx.UserCodeException | rx.UnserializableException):
+        return False
+    return isinstance(err, rx.RayError | TrainingFailedError)
 
 
 def _ensure_pruned(config: TuneConfig, fields: dict[str, Any]) -> dict[str, Any]:
