@@ -1,8 +1,10 @@
 """Prompt and distilled-row datasets: reading, validating, ids, and rendering with a chat template.
 
 Prompt rows (DESIGN.md): ``prompt`` (string) or ``messages`` (list of ``{role, content}``),
-optional ``response`` (reference answer), optional ``id``. Missing ids are derived stably from
-the content, so the same row gets the same id on every run and every machine.
+optional ``response`` (reference answer), optional ``id``, optional ``category`` (a task
+category such as Spec-Bench's, reported on its own by eval). Missing ids are derived stably from
+the content, so the same row gets the same id on every run and every machine. The id is every
+stage's exactly-once key: a row that repeats an earlier row's id is skipped (:func:`repeated_ids`).
 """
 
 from __future__ import annotations
@@ -161,7 +163,38 @@ def row_problem(row: dict[str, Any]) -> str | None:
     response = row.get("response")
     if response is not None and not isinstance(response, str):
         return "'response' must be a string"
+    category = row.get("category")
+    if category is not None and not isinstance(category, str):
+        return "'category' must be a string"
     return None
+
+
+def category_of(row: dict[str, Any]) -> str | None:
+    """The row's task category, or None when it names none (a blank string names none)."""
+    category = row.get("category")
+    return (category.strip() or None) if isinstance(category, str) else None
+
+
+DUPLICATE_ID = "duplicate id"  # the skip reason every stage gives a repeated id
+
+
+def repeated_ids(rows: list[Any]) -> set[int]:
+    """Positions of the rows whose id an earlier row already has: the id is the exactly-once key
+    of every stage, so only the first row with an id counts, whether or not that row is usable.
+    Rows that are not objects have no id to repeat."""
+    seen: set[str] = set()
+    repeated = set()
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            continue
+        try:
+            rid = row_id(row)
+        except (TypeError, ValueError):
+            continue
+        if rid in seen:
+            repeated.add(index)
+        seen.add(rid)
+    return repeated
 
 
 def instruction_messages(row: dict[str, Any]) -> list[dict[str, str]]:

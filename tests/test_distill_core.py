@@ -54,6 +54,8 @@ def test_requests_render_the_chat_template_and_skip_bad_rows(tokenizer):
         {"id": "bad-messages", "messages": [{"role": "user"}]},
         {"id": "long", "prompt": "the lazy dog " * 40},
         {"id": "bad-response", "prompt": "hi", "response": ["not", "a", "string"]},
+        {"id": "bad-category", "prompt": "hi", "category": 3},
+        {"id": "a", "prompt": "a second row with id a"},  # the id is the exactly-once key
     ]
     requests, skipped = core.prepare_rows(rows, tokenizer, "generate", max_prompt_tokens=40, shard_size=3)
     assert [r.index for r in requests] == [0, 1] and requests[0].id == "a"
@@ -64,10 +66,11 @@ def test_requests_render_the_chat_template_and_skip_bad_rows(tokenizer):
     assert requests[1].prompt == "the quick brown fox" and requests[1].messages is None
     assert requests[1].id == core.safe_row_id({"prompt": "the quick brown fox"}, 99)  # content id, stable
     reasons = {s["id"]: s["reason"] for s in skipped}
-    assert set(reasons) == {"no-prompt", "wrong-type", "bad-messages", "long", "bad-response"}
+    assert set(reasons) == {"no-prompt", "wrong-type", "bad-messages", "long", "bad-response", "bad-category", "a"}
     assert "neither 'prompt' nor 'messages'" in reasons["no-prompt"]
-    assert "max_prompt_tokens=40" in reasons["long"]
-    assert [s["shard"] for s in skipped] == [0, 1, 1, 1, 2]
+    assert "max_prompt_tokens=40" in reasons["long"] and reasons["bad-category"] == "'category' must be a string"
+    assert skipped[-1] == {"index": 8, "shard": 2, "id": "a", "reason": "duplicate id"}
+    assert [s["shard"] for s in skipped] == [0, 1, 1, 1, 2, 2, 2]
 
 
 def test_rewrite_prompt_holds_instruction_and_reference(tokenizer):
@@ -100,7 +103,10 @@ def test_rewrite_filters_keep_reference_when_rewrite_fails(tokenizer, text, fini
 
 
 def test_failed_row_and_table_roundtrip(tokenizer, tmp_path):
-    rows = [{"id": "a", "prompt": "fox"}, {"id": "b", "messages": [{"role": "user", "content": "dog"}]}]
+    rows = [
+        {"id": "a", "prompt": "fox"},
+        {"id": "b", "messages": [{"role": "user", "content": "dog"}], "category": "qa"},
+    ]
     requests, _ = core.prepare_rows(rows, tokenizer, "generate", 500, 8)
     results = [
         core.result_row(requests[1], core.Generated(1, "woof", "stop", 2), "generate", False),
@@ -112,7 +118,7 @@ def test_failed_row_and_table_roundtrip(tokenizer, tmp_path):
     storage.write_parquet(str(tmp_path / core.shard_file(0)), core.result_table(results))
     assert [r["id"] for r in core.read_distilled(str(tmp_path), include_failed=True)] == ["a", "b"]
     good = core.read_distilled(str(tmp_path))
-    assert [(r["id"], r["response"], r["source"]) for r in good] == [("b", "woof", "target")]
+    assert [(r["id"], r["response"], r["source"], r["category"]) for r in good] == [("b", "woof", "target", "qa")]
     assert good[0]["messages"] == [{"role": "user", "content": "dog"}] and good[0]["prompt_tokens"] > 0
     record = core.shard_record(0, "fp", 3, results, [{"id": "c"}])
     assert (record["rows_in"], record["rows_out"], record["failed"], record["skipped"]) == (3, 1, 1, 1)

@@ -121,17 +121,21 @@ def test_kill_mid_run_then_resume_has_every_row_once(kit_rows, target_dir, tmp_p
 
 
 def test_two_actors_every_id_once_and_greedy_equals_direct_generate(kit_rows, target_dir, tmp_path):
-    rows = kit_rows[24:56]
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    rows = [{**row, "category": "math"} if i % 3 == 0 else row for i, row in enumerate(kit_rows[24:56])]
+    repeat = {**kit_rows[60], "id": rows[5]["id"]}  # another row under an id already seen: skipped
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", rows + [repeat])
     out = str(tmp_path / "out")
     config = DistillConfig(
         target=target_dir, prompts=prompts, output=out, actors=2, batch_size=4, shard_size=8, max_new_tokens=32
     )
     final = main(config)
     assert final["status"] == "complete" and final["totals"]["rows_out"] == 32
-    assert final["totals"]["failed"] == 0 and final["totals"]["skipped"] == 0
+    assert final["totals"]["failed"] == 0 and final["totals"]["skipped"] == 1 and final["totals"]["rows_in"] == 33
+    skipped = [json.loads(line) for line in storage.read_text(f"{out}/{core.SKIPPED_FILE}").splitlines()]
+    assert skipped == [{"index": 32, "shard": 4, "id": rows[5]["id"], "reason": "duplicate id"}]
     result = core.read_distilled(out)
     assert [r["id"] for r in result] == [r["id"] for r in rows]  # once each, in input order
+    assert [r["category"] for r in result] == [row.get("category") for row in rows]
     assert all(r["source"] == "target" and r["finish_reason"] in ("stop", "length") for r in result)
     assert all(r["reference"] == row["response"] for r, row in zip(result, rows, strict=True))
     picks = [0, 13, 31]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import pytest
@@ -65,6 +66,24 @@ def check_report(report, k):
     )
     assert 0 < report["cost_coefficient"] < 1 and report["measured_speedup"] > 0
     assert report["measured_speedup_cpu"] > 0
+
+
+def check_categories(report, prompts_per_category):
+    """Per-category figures: the prompts split as asked, each category's numbers computed as the
+    overall ones are (pooled back, they give the overall MAL and token count)."""
+    cats = report["categories"]
+    assert {name: c["prompts"] for name, c in cats.items()} == prompts_per_category
+    passes = sum(c["target_passes"] for c in cats.values())
+    committed = sum(c["mean_accepted_length"] * c["target_passes"] for c in cats.values())
+    assert passes == report["target_passes"] and committed / passes == pytest.approx(report["mean_accepted_length"])
+    assert sum(c["generated_tokens"] for c in cats.values()) == report["generated_tokens"]
+    k = report["num_speculative_tokens"]
+    for c in cats.values():
+        assert c["predicted_speedup"] == pytest.approx(c["mean_accepted_length"] / (k * report["cost_coefficient"] + 1))
+        assert c["acceptance_rate"] == pytest.approx(c["num_accepted_tokens"] / c["num_draft_tokens"])
+        assert len(c["per_position_acceptance"]) == k and c["lossless"] is True
+        assert c["measured_speedup"] > 0 and c["measured_speedup_cpu"] > 0
+    assert sum(c["seconds"] for c in cats.values()) == pytest.approx(report["seconds"])
 
 
 @pytest.mark.parametrize("kind", ["same", "cross"])
@@ -135,14 +154,18 @@ def test_cli_to_s3_with_sampling(pairs, tmp_path, s3_bucket):
     assert storage.exists(f"{out}/acceptance_by_position.png") and manifest.is_complete(out)
 
 
-def test_bad_rows_are_skipped_and_listed_and_none_left_is_one_line_error(pairs, tmp_path, capsys):
+def test_bad_rows_are_skipped_and_listed_and_none_left_is_one_line_error(pairs, tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="sd2_ray.evaluate")
     target, drafter = pairs["same"]
     prompts = tmp_path / "bad.jsonl"
     long_prompt = {"id": "long", "prompt": "word " * 400}  # past the tiny target's 256 positions
     prompts.write_bytes(
         b"\n".join(
             [
-                json.dumps(ROWS[0]).encode(),
+                json.dumps({**ROWS[0], "category": "chat"}).encode(),
+                json.dumps(ROWS[1]).encode(),  # no category: "uncategorized" beside the others
+                json.dumps({**ROWS[4], "category": "math"}).encode(),
+                json.dumps({"id": "a", "prompt": "a second row with id a", "category": "math"}).encode(),
                 json.dumps({"id": "zz", "prompt": ""}).encode(),
                 b"{not json",
                 b"\xff\xfe bytes",
@@ -170,11 +193,16 @@ def test_bad_rows_are_skipped_and_listed_and_none_left_is_one_line_error(pairs, 
     assert code == 0, capsys.readouterr().err
     capsys.readouterr()
     report = json.loads((out / "report.json").read_text())
-    assert report["num_prompts"] == 1 and report["lossless"] is True
+    assert report["num_prompts"] == 3 and report["lossless"] is True
+    assert report["prompt_ids"].count("a") == 1  # the id is the key: its second row is not evaluated
     skipped = [json.loads(line) for line in (out / "_skipped.jsonl").read_text().splitlines()]
     reasons = " | ".join(s["reason"] for s in skipped)
-    assert len(skipped) == 4 and "invalid JSON" in reasons and "not UTF-8" in reasons
+    assert len(skipped) == 5 and "invalid JSON" in reasons and "not UTF-8" in reasons
     assert "'prompt' must be a non-empty string" in reasons and "context window" in reasons
+    assert {"index": 3, "id": "a", "reason": "duplicate id"} in skipped
+    check_categories(report, {"chat": 1, "math": 1, "uncategorized": 1})
+    assert "| math | 1 |" in (out / "report.md").read_text()
+    assert any(r.getMessage().startswith("  math: MAL ") for r in caplog.records)
 
     prompts.write_text(json.dumps({"id": "zz", "prompt": ""}) + "\n")
     code = cli(
@@ -197,6 +225,7 @@ def test_evaluate_pair_reuses_one_baseline(pairs):
     ]
     for k, report in zip((1, 3), reports, strict=True):
         assert report["lossless"] is True and report["baseline_tokens_per_second"] == baseline["tokens_per_second"]
+        assert report["categories"] == {}  # no row names a category
         assert len(report["per_position_acceptance"]) == k
     skipped = evaluate_pair(
         target,

@@ -187,11 +187,18 @@ def fake_report(mal, macs, name):
     }
 
 
+def fake_categories(math_mal, qa_mal):
+    return {
+        "math": {"prompts": 3, "mean_accepted_length": math_mal, "acceptance_rate": 0.4, "measured_speedup": 1.2},
+        "qa": {"prompts": 5, "mean_accepted_length": qa_mal, "acceptance_rate": 0.3, "measured_speedup": 0.9},
+    }
+
+
 def test_report_rows_and_headline_ratios(tmp_path):
     reports = {
-        "dense-sd": fake_report(2.0, 1000, "dense-sd"),
-        "layer-pruned-sd": fake_report(1.25, 600, "lp"),
-        "sd2": fake_report(1.8, 600, "sd2"),
+        "dense-sd": {**fake_report(2.0, 1000, "dense-sd"), "categories": fake_categories(2.5, 1.7)},
+        "layer-pruned-sd": {**fake_report(1.25, 600, "lp"), "categories": fake_categories(1.5, 1.1)},
+        "sd2": {**fake_report(1.8, 600, "sd2"), "categories": fake_categories(2.25, 1.55)},
     }
     cfg = PipelineConfig.load(None, {"output": str(tmp_path)})
     summary = write_pipeline_report(cfg, reports, str(tmp_path / "report"))
@@ -202,7 +209,10 @@ def test_report_rows_and_headline_ratios(tmp_path):
     assert ratios["sd2_macs_reduction_vs_dense_sd"] == pytest.approx(0.4)
     assert ratios["sd2_mal_drop_vs_dense_sd"] == pytest.approx(0.1)
     assert "| sd2 | 1.800 |" in summary["table"]
-    for png in ("mal_vs_macs.png", "acceptance_by_position.png"):
+    assert saved["drafters"][2]["categories"] == fake_categories(2.25, 1.55)
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| drafter | math (3) | qa (5) |" in md and "| sd2 | 2.250 | 1.550 |" in md
+    for png in ("mal_vs_macs.png", "acceptance_by_position.png", "mal_by_category.png"):
         assert (tmp_path / "report" / png).read_bytes()[:4] == b"\x89PNG"
 
 
@@ -236,6 +246,8 @@ def test_report_says_which_loss_and_data_each_fine_tuned_drafter_used(tmp_path):
     assert by["sd2"]["training"]["loss"] == "ce" and by["sd2"]["training"]["data"] == kd["data"]
     assert saved["comparisons"]["sd2_kd_mal_over_sd2"] == pytest.approx(1.1)
     md = (tmp_path / "report" / "report.md").read_text()
+    assert by["sd2"]["categories"] == {} and "by task category" not in md  # no categories: no table, no plot
+    assert not (tmp_path / "report" / "mal_by_category.png").exists()
     assert (
         "loss fkl + 1·ce on generate data with the target's top-20 log-probs; published step 40 of 48, "
         "chosen by held-out expected_mal"

@@ -95,8 +95,10 @@ def test_models_completion_chat_and_stream(server, client, pair):
     done = client.completions.create(model="target", prompt=pair[2][0], max_tokens=8, temperature=0)
     assert done.object == "text_completion" and done.choices[0].finish_reason in ("stop", "length")
     assert 1 <= done.usage.completion_tokens <= 8 and done.usage.prompt_tokens > 0
-    chat = _chat(client, pair[2][0])
+    before = httpx.get(f"{server}/v1/spec_stats").json()["categories"].get("qa", {}).get("requests", 0)
+    chat = _chat(client, pair[2][0], metadata={"category": "qa"})  # labels this request's acceptance metrics
     assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens >= 1
+    assert httpx.get(f"{server}/v1/spec_stats").json()["categories"]["qa"]["requests"] == before + 1
     spec = chat.usage.model_extra["spec_decode"]
     assert spec["num_speculative_tokens"] == 3 and 1.0 <= spec["mean_accepted_length"] <= 4.0
     chunks = list(_chat(client, pair[2][0], stream=True, stream_options={"include_usage": True}))

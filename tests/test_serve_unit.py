@@ -100,6 +100,7 @@ def test_cli_flags_come_from_config_fields():
         (b'{"prompt": ["a", "b"]}', "prompt"),
         (b'{"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}', "stop"),
         (b'{"prompt": "x", "logprobs": 3}', "logprobs"),
+        (b'{"prompt": "x", "metadata": {"category": 3}}', "metadata.category"),
     ],
 )
 def test_completion_request_errors_are_400_naming_the_field(body, param):
@@ -276,6 +277,69 @@ def test_metrics_summary_totals():
     s = m.summary()
     assert s["mean_accepted_length"] == 2.0 and s["per_position_acceptance"] == [0.75, 0.25]
     assert s["acceptance_rate"] == 0.5 and s["max_batch_size_seen"] == 3 and s["completion_tokens"] == 8
+
+
+class FakeCounter:
+    def __init__(self):
+        self.calls = []
+
+    def inc(self, value, tags):
+        self.calls.append((value, dict(tags)))
+
+
+def test_acceptance_metrics_are_labelled_by_the_requests_category(tokenizer):
+    """A request's metadata.category labels its acceptance counters; only configured categories
+    get a label of their own (others are 'other', none is 'uncategorized')."""
+    from sd2_ray.serve.metrics import COUNTERS, SpecMetrics
+    from sd2_ray.specdec.types import SpecStats
+
+    def prepared(body: bytes):
+        return core.prepare_completion(oa.validate_request(oa.CompletionRequest, body), tokenizer, 64, 1000)
+
+    assert ServeConfig.load(overrides={"target": "t"}).metric_categories[-1] == "rag"  # Spec-Bench's by default
+    math = prepared(b'{"prompt": "x", "metadata": {"category": "math", "user": "u1"}}')
+    chat = oa.validate_request(
+        oa.ChatCompletionRequest, b'{"messages": [{"role": "user", "content": "x"}], "metadata": {"category": "zz-1"}}'
+    )
+    categories = [
+        math.category,
+        core.prepare_chat(chat, tokenizer, 64, 8).category,
+        prepared(b'{"prompt": "x"}').category,
+    ]
+    assert categories == ["math", "zz-1", None]
+    counters = {name: FakeCounter() for name in COUNTERS}
+    m = SpecMetrics("t", 2, counters=counters, categories=["math", "qa"])
+    one = SpecStats(
+        2,
+        target_passes=2,
+        num_drafts=2,
+        num_draft_tokens=4,
+        num_accepted_tokens=2,
+        committed_tokens=4,
+        accepted_per_position=[2, 0],
+    )
+    full = SpecStats(
+        2,
+        target_passes=1,
+        num_drafts=1,
+        num_draft_tokens=2,
+        num_accepted_tokens=2,
+        committed_tokens=3,
+        accepted_per_position=[1, 1],
+    )
+    for stats, category in zip((one, full, one), categories, strict=True):
+        m.record_request(stats, 3, 4, category)
+    labels = [tags["category"] for _, tags in counters["num_accepted_tokens"].calls]
+    assert labels == ["math", "other", "uncategorized"]
+    assert ("1", "other") in {(t["position"], t["category"]) for _, t in counters["num_accepted_tokens_per_pos"].calls}
+    by = m.summary()["categories"]
+    assert set(by) == {"math", "other", "uncategorized"} and by["other"]["mean_accepted_length"] == 3.0
+    assert by["math"] == {
+        "requests": 1,
+        "acceptance_rate": 0.5,
+        "mean_accepted_length": 2.0,
+        "per_position_acceptance": [1.0, 0.0],
+    }
 
 
 def test_app_builder_maps_replicas_autoscaling_and_queue_bounds():

@@ -130,13 +130,14 @@ class DistillConfig(DistillSettings):
     prompt row, on a Ray Data actor pool of target engines; output is Parquet shards + manifest.json.
 
     Resumable: input rows are cut into shards of `shard_size` rows (in input order); a rerun skips
-    shards already written and redoes the rest, so every input row appears exactly once.
+    shards already written and redoes the rest, so every input id appears exactly once.
 
     Modes: `generate` (the target answers), `rewrite` (the target restates the reference answer),
     `on-policy` (DistillSpec: `drafter` writes the continuations, the target scores every token of
     them; transformers engine, needs `logprobs_top_k`).
 
-    Row contract (Parquet, one row per input row): id, index, messages | prompt, response,
+    Row contract (Parquet, one row per input id; a row repeating an earlier id is skipped):
+    id, index, category (the input row's task category, or null), messages | prompt, response,
     reference, source (target | reference | drafter), finish_reason, prompt_tokens,
     response_tokens, rejected, error, and
       response_ids   list<int32>: the ids the response was decoded from, in the target's

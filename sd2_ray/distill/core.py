@@ -1,9 +1,11 @@
 """Pure distillation logic (no Ray): rows -> engine requests -> result rows, shards, filters.
 
-Prompt rows follow DESIGN.md (``prompt`` or ``messages``, optional ``response`` and ``id``).
+Prompt rows follow DESIGN.md (``prompt`` or ``messages``, optional ``response``, ``id`` and
+``category``; the category travels to the output row unchanged).
 Each usable row becomes a :class:`Request` whose prompt is rendered with the target's chat
 template and tokenized *here*, once, so every engine (transformers or vLLM) sees the same ids.
-Unusable rows (no prompt, wrong types, over-long prompt) are skipped with a reason, never fatal.
+Unusable rows (no prompt, wrong types, over-long prompt, an id an earlier row already has) are
+skipped with a reason, never fatal.
 The output row contract (columns, types, sizes) is documented on
 :class:`sd2_ray.distill.config.DistillConfig`.
 """
@@ -35,7 +37,7 @@ LEAK_PHRASES = ("reference answer", "in your own words", "instruction:", "reply 
 TARGET, REFERENCE, DRAFTER = "target", "reference", "drafter"
 # Bumped whenever the row contract changes: part of every shard's fingerprint, so a resumed
 # run never mixes shards of two schemas in one output.
-ROW_SCHEMA_VERSION = 2
+ROW_SCHEMA_VERSION = 3  # 3: the category column
 
 
 @dataclass
@@ -50,6 +52,7 @@ class Request:
     reference: str | None
     prompt_text: str  # what the engine sees (chat template applied; rewrite wrapper in rewrite mode)
     prompt_ids: list[int]
+    category: str | None = None  # the input row's task category, copied to the output row
 
     def engine_item(self) -> dict[str, Any]:
         """The slim record that travels through Ray Data (the rest stays on the driver)."""
@@ -151,17 +154,24 @@ def prepare_row(
         reference=reference,
         prompt_text=text,
         prompt_ids=ids,
+        category=rowlib.category_of(row),
     ), None
 
 
 def prepare_rows(
     rows: list[Any], tokenizer, mode: str, max_prompt_tokens: int, shard_size: int
 ) -> tuple[list[Request], list[dict[str, Any]]]:
-    """Requests for the usable rows and ``{index, shard, id, reason}`` for the skipped ones."""
+    """Requests for the usable rows and ``{index, shard, id, reason}`` for the skipped ones (a
+    row repeating an earlier id among them: one output row per id)."""
     requests, skipped = [], []
+    repeated = rowlib.repeated_ids(rows)
     for index, row in enumerate(rows):
         shard = shard_of(index, shard_size)
-        request, reason = prepare_row(row, index, shard, tokenizer, mode, max_prompt_tokens)
+        request, reason = (
+            (None, rowlib.DUPLICATE_ID)
+            if index in repeated
+            else prepare_row(row, index, shard, tokenizer, mode, max_prompt_tokens)
+        )
         if request is None:
             skipped.append({"index": index, "shard": shard, "id": safe_row_id(row, index), "reason": reason})
         else:
@@ -198,6 +208,7 @@ def result_row(request: Request, generated: Generated, mode: str, allow_truncate
     return {
         "id": request.id,
         "index": request.index,
+        "category": request.category,
         "messages": request.messages,
         "prompt": request.prompt,
         "response": response,
@@ -225,6 +236,7 @@ def output_schema(top_k: int = 0):
     fields = [
         ("id", pa.string()),
         ("index", pa.int64()),
+        ("category", pa.string()),
         ("messages", pa.list_(message)),
         ("prompt", pa.string()),
         ("response", pa.string()),

@@ -9,17 +9,20 @@ scores several drafters on the same prompts).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from sd2_ray.errors import DataError
+from sd2_ray.evaluate.figures import category_figures, figures, prompt_categories
 from sd2_ray.models.device import input_device
-from sd2_ray.models.macs import cost_coefficient, linear_macs, predicted_speedup
+from sd2_ray.models.macs import linear_macs
 from sd2_ray.models.tokens import encode_rendered
-from sd2_ray.rows import render_prompt, require_usable, row_id, row_problem, skip_record
+from sd2_ray.rows import DUPLICATE_ID, render_prompt, repeated_ids, require_usable, row_id, row_problem, skip_record
 from sd2_ray.specdec.engine import SpeculativeEngine
 from sd2_ray.specdec.types import GenerationRequest, SamplingParams, SpecStats
 
@@ -32,10 +35,13 @@ def usable_prompts(
     """(prompt ids, the rows they came from, skipped rows with reasons): each row's prompt rendered
     with the target's chat template. Rows without a usable prompt, or whose prompt leaves no room
     for the generation inside the models' context (``max_prompt_tokens``), are skipped, as distill
-    and serve skip or refuse them: decoding past the context window is not an eval."""
+    and serve skip or refuse them: decoding past the context window is not an eval. A row whose
+    id an earlier row has is skipped too (the id is the key every result is reported under)."""
     prompts, kept, skipped = [], [], []
+    repeated = repeated_ids(rows)
     for index, row in enumerate(rows):
         problem = row_problem(row) if isinstance(row, dict) else "row must be an object"
+        problem = DUPLICATE_ID if index in repeated else problem
         ids = [] if problem else encode_rendered(render_prompt(row, tokenizer), tokenizer)
         if not problem and not ids:
             problem = "prompt renders to no tokens"
@@ -88,32 +94,61 @@ def _requests(prompts: list[list[int]], settings) -> list[GenerationRequest]:
     ]
 
 
+@dataclass
+class Decoded:
+    """One decoding run over the prompts: outputs and stats in request order, times summed."""
+
+    outputs: list[list[int]]
+    stats: SpecStats  # summed over every request
+    seconds: float  # wall clock
+    cpu: float  # process CPU time
+    request_stats: list[SpecStats] = field(default_factory=list)
+    category_seconds: dict[str, tuple[float, float]] = field(default_factory=dict)  # (wall, CPU) per category
+
+
+def batches(requests: list[GenerationRequest], batch_size: int, categories: list[str] | None):
+    """(category, request indices) per batch: similar prompt lengths together (less padding), and
+    never two categories in one batch, so each batch's time is one category's. Without
+    categories this is plain length order."""
+    labels = categories or [""] * len(requests)
+    order = sorted(range(len(requests)), key=lambda i: (labels[i], len(requests[i].prompt_ids)))
+    for label, group in itertools.groupby(order, key=lambda i: labels[i]):
+        members = list(group)
+        for start in range(0, len(members), batch_size):
+            yield label, members[start : start + batch_size]
+
+
 def _run(
-    engine: SpeculativeEngine, requests: list[GenerationRequest], batch_size: int, desc: str, progress: bool
-) -> tuple[list[list[int]], SpecStats, float, float]:
-    """Decode in batches of similar prompt length (less padding); outputs in request order.
-    Returns (outputs, summed stats, wall seconds, process CPU seconds). CPU time is reported too
+    engine: SpeculativeEngine,
+    requests: list[GenerationRequest],
+    batch_size: int,
+    desc: str,
+    progress: bool,
+    categories: list[str] | None = None,
+) -> Decoded:
+    """Decode in batches (:func:`batches`); outputs in request order. CPU time is measured too
     because wall clock on a shared machine measures the neighbours as much as the engine."""
     from tqdm import tqdm
 
-    order = sorted(range(len(requests)), key=lambda i: len(requests[i].prompt_ids))
-    outputs: list[list[int]] = [[] for _ in requests]
-    stats = SpecStats(
-        num_speculative_tokens=engine.num_speculative_tokens, accepted_per_position=[0] * engine.num_speculative_tokens
-    )
-    seconds = cpu = 0.0
+    k = engine.num_speculative_tokens
+    decoded = Decoded([[] for _ in requests], SpecStats(num_speculative_tokens=k, accepted_per_position=[0] * k), 0, 0)
+    decoded.request_stats = [decoded.stats for _ in requests]
     with tqdm(total=len(requests), desc=desc, unit="prompt", disable=not progress) as bar:
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
+        for label, chunk in batches(requests, batch_size, categories):
             began, began_cpu = time.perf_counter(), time.process_time()
             results = engine.generate([requests[i] for i in chunk])
-            seconds += time.perf_counter() - began
-            cpu += time.process_time() - began_cpu
+            seconds, cpu = time.perf_counter() - began, time.process_time() - began_cpu
+            decoded.seconds += seconds
+            decoded.cpu += cpu
+            if categories:
+                wall_so_far, cpu_so_far = decoded.category_seconds.get(label, (0.0, 0.0))
+                decoded.category_seconds[label] = (wall_so_far + seconds, cpu_so_far + cpu)
             for i, result in zip(chunk, results, strict=True):
-                outputs[i] = result.token_ids
-                stats = stats.merge(result.stats)
+                decoded.outputs[i] = result.token_ids
+                decoded.request_stats[i] = result.stats
+                decoded.stats = decoded.stats.merge(result.stats)
             bar.update(len(chunk))
-    return outputs, stats, seconds, cpu
+    return decoded
 
 
 def _warm_up(engine: SpeculativeEngine, prompts: list[list[int]]) -> None:
@@ -122,20 +157,29 @@ def _warm_up(engine: SpeculativeEngine, prompts: list[list[int]]) -> None:
 
 
 def measure_target_only(
-    target, prompts: list[list[int]], settings, *, progress: bool = True, target_tokenizer=None
+    target,
+    prompts: list[list[int]],
+    settings,
+    *,
+    progress: bool = True,
+    target_tokenizer=None,
+    categories: list[str] | None = None,
 ) -> dict[str, Any]:
     """Target-only decoding of the prompts with the engine's batching (``settings``: an
-    :class:`~sd2_ray.evaluate.config.EvalSettings`): outputs and throughput."""
+    :class:`~sd2_ray.evaluate.config.EvalSettings`): outputs and throughput, and the time of each
+    category's batches when ``categories`` (one label per prompt, :func:`prompt_categories`)."""
     engine = SpeculativeEngine(target, None, 0, target_tokenizer, compile=settings.compile)
     _warm_up(engine, prompts)
-    outputs, _, seconds, cpu = _run(engine, _requests(prompts, settings), settings.batch_size, "target-only", progress)
-    tokens = sum(len(o) for o in outputs)
+    run = _run(engine, _requests(prompts, settings), settings.batch_size, "target-only", progress, categories)
+    tokens = sum(len(o) for o in run.outputs)
     return {
-        "outputs": outputs,
-        "seconds": seconds,
-        "cpu_seconds": cpu,
+        "outputs": run.outputs,
+        "seconds": run.seconds,
+        "cpu_seconds": run.cpu,
+        "categories": categories,
+        "category_seconds": run.category_seconds,
         "generated_tokens": tokens,
-        "tokens_per_second": tokens / seconds if seconds else 0.0,
+        "tokens_per_second": tokens / run.seconds if run.seconds else 0.0,
         "temperature": settings.temperature,
         "max_new_tokens": settings.max_new_tokens,
         "batch_size": settings.batch_size,
@@ -213,17 +257,18 @@ def evaluate_pair(
         raise DataError("evaluate_pair: a loaded target model needs target_tokenizer")
     k = num_speculative_tokens
     prompts, kept, skipped = eval_prompts(rows, t_tok, target, settings, k, unreadable)
+    categories = prompt_categories(kept)
     if baseline is None and settings.measure_baseline:
-        baseline = measure_target_only(target, prompts, settings, progress=progress, target_tokenizer=t_tok)
+        baseline = measure_target_only(
+            target, prompts, settings, progress=progress, target_tokenizer=t_tok, categories=categories
+        )
     if baseline is not None and baseline.get("num_prompts", len(prompts)) != len(prompts):
         raise DataError(f"evaluate_pair: baseline has {baseline['num_prompts']} prompts, rows have {len(prompts)}")
     engine = SpeculativeEngine(target, drafter, k, t_tok, d_tok, compile=settings.compile)
     _warm_up(engine, prompts)
-    outputs, stats, seconds, cpu = _run(
-        engine, _requests(prompts, settings), settings.batch_size, f"spec K={k}", progress
-    )
+    run = _run(engine, _requests(prompts, settings), settings.batch_size, f"spec K={k}", progress, categories)
     t_macs, d_macs = linear_macs(target), linear_macs(drafter)
-    report = _report(stats, seconds, cpu, outputs, baseline, t_macs, d_macs, k, settings.temperature)
+    report = figures(run.stats, run.seconds, run.cpu, run.outputs, baseline, t_macs, d_macs, k, settings.temperature)
     report.update(
         cross_tokenizer=engine.cross_tokenizer,
         top_p=settings.top_p,
@@ -236,59 +281,9 @@ def evaluate_pair(
         num_prompts=len(prompts),
         skipped_prompts=skipped,
         prompt_ids=[row_id(r) for r in kept],
-        outputs=outputs,
+        categories=category_figures(categories, run, baseline, t_macs, d_macs, k, settings.temperature),
+        outputs=run.outputs,
         target=target_dir if isinstance(target_dir, str) else None,
         drafter=drafter_dir if isinstance(drafter_dir, str) else None,
     )
     return report
-
-
-def _report(
-    stats: SpecStats, seconds: float, cpu: float, outputs, baseline, t_macs, d_macs, k: int, temperature: float
-) -> dict[str, Any]:
-    tokens = sum(len(o) for o in outputs)
-    tps = tokens / seconds if seconds else 0.0
-    cost = cost_coefficient(d_macs, t_macs)
-    mal = stats.mean_accepted_length
-    out: dict[str, Any] = {
-        "mean_accepted_length": mal,
-        "acceptance_rate": stats.acceptance_rate,
-        "per_position_acceptance": stats.per_position_acceptance(),
-        "num_speculative_tokens": k,
-        "target_macs_per_token": t_macs["macs"],
-        "drafter_macs_per_token": d_macs["macs"],
-        "target_dense_macs_per_token": t_macs["dense_macs"],
-        "drafter_dense_macs_per_token": d_macs["dense_macs"],
-        "drafter_sparsity": d_macs["sparsity"],
-        "target_attention_macs_per_context_token": t_macs["attention_macs_per_context_token"],
-        "drafter_attention_macs_per_context_token": d_macs["attention_macs_per_context_token"],
-        "cost_coefficient": cost,
-        "predicted_speedup": predicted_speedup(mal, k, cost),
-        "tokens_per_second": tps,
-        "seconds": seconds,
-        "cpu_seconds": cpu,
-        "cpu_tokens_per_second": tokens / cpu if cpu else 0.0,
-        "measured_speedup_cpu": None,
-        "generated_tokens": tokens,
-        "target_passes": stats.target_passes,
-        "num_drafts": stats.num_drafts,
-        "num_draft_tokens": stats.num_draft_tokens,
-        "num_accepted_tokens": stats.num_accepted_tokens,
-        "temperature": temperature,
-        "measured_speedup": None,
-        "baseline_tokens_per_second": None,
-        "lossless": None,
-    }
-    if baseline is not None:
-        base_tps = baseline["tokens_per_second"]
-        out["baseline_tokens_per_second"] = base_tps
-        out["baseline_seconds"] = baseline["seconds"]
-        out["measured_speedup"] = tps / base_tps if base_tps else None
-        base_cpu = baseline.get("cpu_seconds")
-        if base_cpu and cpu:
-            out["measured_speedup_cpu"] = base_cpu / baseline["generated_tokens"] * tokens / cpu
-        if temperature == 0.0:
-            mismatched = [i for i, (a, b) in enumerate(zip(outputs, baseline["outputs"], strict=True)) if a != b]
-            out["lossless"] = not mismatched
-            out["lossless_mismatches"] = mismatched
-    return out

@@ -129,9 +129,14 @@ def write_eval(config: EvalConfig, name: str, report: dict[str, Any]) -> None:
 def baseline_key(config: EvalConfig, rows) -> dict[str, Any]:
     """Everything that changes a target-only measurement: a saved baseline is reused only when
     all of it is the same (the target, the prompts, every decoding and placement setting)."""
+    from sd2_ray.evaluate.figures import prompt_categories
     from sd2_ray.rows import row_id
 
-    return {"target": config.target, "prompt_ids": [row_id(r) for r in rows], **config.pair_kwargs()}
+    key = {"target": config.target, "prompt_ids": [row_id(r) for r in rows], **config.pair_kwargs()}
+    categories = prompt_categories(rows)
+    # categories change the batching (one category per batch), hence the timing; without any,
+    # the key is what it always was and a saved baseline stays valid
+    return {**key, "categories": categories} if categories else key
 
 
 def saved_baseline(config: EvalConfig, rows, path: str) -> dict[str, Any] | None:
@@ -146,7 +151,9 @@ def saved_baseline(config: EvalConfig, rows, path: str) -> dict[str, Any] | None
 
 def measure_baseline(config: EvalConfig, target, tokenizer, rows) -> dict[str, Any]:
     from sd2_ray.evaluate.core import eval_prompts, measure_target_only
+    from sd2_ray.evaluate.figures import prompt_categories
 
-    prompts = eval_prompts(rows, tokenizer, target, config, config.num_speculative_tokens)[0]
-    baseline = measure_target_only(target, prompts, config, target_tokenizer=tokenizer)
+    prompts, kept, _ = eval_prompts(rows, tokenizer, target, config, config.num_speculative_tokens)
+    categories = prompt_categories(kept)  # batched per category, as each drafter's eval is
+    baseline = measure_target_only(target, prompts, config, target_tokenizer=tokenizer, categories=categories)
     return {**baseline, "key": baseline_key(config, rows)}

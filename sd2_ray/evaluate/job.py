@@ -7,7 +7,7 @@ import logging
 from sd2_ray import manifest, storage
 from sd2_ray.evaluate.config import EvalConfig
 from sd2_ray.evaluate.core import evaluate_pair
-from sd2_ray.evaluate.report import write_report
+from sd2_ray.evaluate.report import category_lines, write_report
 from sd2_ray.rows import SKIPPED_FILE, read_rows, write_skipped
 from sd2_ray.runtime import run_with_gpus
 
@@ -69,4 +69,6 @@ def main(config: EvalConfig) -> dict | None:
         report["lossless"],
         config.report_path,
     )
+    for line in category_lines(report):
+        logger.info(line)
     return report

@@ -49,6 +49,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         ("lossless (greedy: outputs equal target-only)", report.get("lossless")),
     ]
     lines += [f"| {name} | {_fmt(value)} |" for name, value in rows]
+    lines += category_table(report.get("categories") or {})
     lines += [
         "",
         "Acceptance by draft position: "
@@ -58,6 +59,32 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def category_table(categories: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown lines of the per-category figures (none without categories)."""
+    if not categories:
+        return []
+    lines = [
+        "",
+        "| category | prompts | MAL | acceptance | predicted | measured | lossless |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, c in categories.items():
+        cells = [name, c["prompts"], c["mean_accepted_length"], c["acceptance_rate"], c["predicted_speedup"]]
+        cells += [c.get("measured_speedup"), c.get("lossless")]
+        lines.append("| " + " | ".join(_fmt(v) for v in cells) + " |")
+    return lines
+
+
+def category_lines(report: dict[str, Any]) -> list[str]:
+    """One console line per category (none without categories)."""
+    return [
+        f"  {name}: MAL {c['mean_accepted_length']:.3f}, acceptance {c['acceptance_rate']:.3f}, "
+        f"{c['prompts']} prompts, predicted {c['predicted_speedup']:.2f}x, measured "
+        + (f"{c['measured_speedup']:.2f}x" if c.get("measured_speedup") else "n/a")
+        for name, c in (report.get("categories") or {}).items()
+    ]
 
 
 def plot_png(report: dict[str, Any]) -> bytes:

@@ -1,5 +1,6 @@
 """The pipeline's report: one row per drafter (the paper's comparison), a Markdown table, and
-two plots (MAL vs drafter MACs; acceptance by draft position)."""
+two plots (MAL vs drafter MACs; acceptance by draft position); with more than one task category
+in the eval prompts, also a drafters x categories MAL table and a bar plot of it."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ ENTRY_KEYS = (
     "cross_tokenizer",
     "drafter",
 )
+CATEGORY_PLOT = "mal_by_category.png"
 DESCRIPTIONS = {
     "dense": "drafter base, as pretrained",
     "dense-sd": "dense, fine-tuned on self-distilled data",
@@ -47,6 +49,7 @@ def drafter_entries(
             "name": name,
             "description": DESCRIPTIONS.get(name, ""),
             **{k: r.get(k) for k in ENTRY_KEYS},
+            "categories": r.get("categories") or {},  # an eval from before categories has none
             **({"training": training[name]} if name in training else {}),
         }
         for name, r in reports.items()
@@ -145,6 +148,28 @@ def markdown_table(entries: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def category_names(entries: list[dict[str, Any]]) -> list[str]:
+    """Every category any drafter was measured on, in name order."""
+    return sorted({name for e in entries for name in e["categories"]})
+
+
+def category_table(entries: list[dict[str, Any]]) -> str:
+    """Drafters x categories MAL (prompts per category in the header); empty with fewer than two
+    categories, where it would repeat the overall MAL."""
+    names = category_names(entries)
+    if len(names) < 2:
+        return ""
+    prompts = {n: next(e["categories"][n]["prompts"] for e in entries if n in e["categories"]) for n in names}
+    lines = [
+        "| drafter | " + " | ".join(f"{n} ({prompts[n]})" for n in names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for e in entries:
+        cells = [_num((e["categories"].get(n) or {}).get("mean_accepted_length"), ".3f") for n in names]
+        lines.append(f"| {e['name']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     parts = [
         f"# SD² pipeline report\n\nTarget `{report['target']}`, K = {report['num_speculative_tokens']}, "
@@ -158,6 +183,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         parts.append("## Headline comparisons\n")
         parts += [f"- {k}: {v:.3f}" for k, v in report["comparisons"].items()]
         parts.append("")
+    by_category = category_table(report["drafters"])
+    if by_category:
+        parts += ["## MAL by task category\n", by_category, "", f"![MAL by category]({CATEGORY_PLOT})", ""]
     parts.append(paper_markdown(report))
     parts += ["## Drafters\n"] + [
         f"- **{e['name']}**: {e['description']}"
@@ -205,7 +233,29 @@ def plots(entries: list[dict[str, Any]]) -> dict[str, bytes]:
     ax.grid(alpha=0.3)
     lines = _png(fig)
     plt.close(fig)
-    return {"mal_vs_macs.png": scatter, "acceptance_by_position.png": lines}
+    out = {"mal_vs_macs.png": scatter, "acceptance_by_position.png": lines}
+    if len(category_names(entries)) > 1:
+        out[CATEGORY_PLOT] = category_plot(entries)
+    return out
+
+
+def category_plot(entries: list[dict[str, Any]]) -> bytes:
+    """Grouped bars: one group per category, one bar per drafter (its MAL on that category)."""
+    import matplotlib.pyplot as plt
+
+    names = category_names(entries)
+    width = 0.8 / max(1, len(entries))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names)), 4))
+    for i, e in enumerate(entries):
+        mals = [(e["categories"].get(n) or {}).get("mean_accepted_length") or 0.0 for n in names]
+        ax.bar([x + i * width for x in range(len(names))], mals, width, label=e["name"])
+    ax.set_xticks([x + width * (len(entries) - 1) / 2 for x in range(len(names))], names)
+    ax.set(ylabel="mean accepted length", title="MAL by task category")
+    ax.legend()
+    ax.grid(alpha=0.3, axis="y")
+    data = _png(fig)
+    plt.close(fig)
+    return data
 
 
 def write_pipeline_report(config: PipelineConfig, reports: dict[str, dict[str, Any]], out_dir: str) -> dict[str, Any]:

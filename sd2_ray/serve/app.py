@@ -102,7 +102,10 @@ class SpecDecodeServer:
         self.max_model_len = core.context_length(target.config, cfg.max_model_len)
         self.vocab_size = int(target.config.vocab_size)
         self.metrics = SpecMetrics(
-            self.model_name, cfg.num_speculative_tokens if cfg.drafter else 0, counters=ray_counters()
+            self.model_name,
+            cfg.num_speculative_tokens if cfg.drafter else 0,
+            counters=ray_counters(),
+            categories=cfg.metric_categories,
         )
         self._hook = watch_forward_calls(target, self.metrics)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sd2-engine")
@@ -242,7 +245,7 @@ class SpecDecodeServer:
         completion_tokens = len(final.token_ids)
         stats = final.stats
         assert stats is not None  # a finished request's last delta carries its stats
-        self.metrics.record_request(stats, len(prepared.prompt_ids), completion_tokens)
+        self.metrics.record_request(stats, len(prepared.prompt_ids), completion_tokens, prepared.category)
         log.info(core.acceptance_log_line(request_id, len(prepared.prompt_ids), completion_tokens, stats))
         spec = core.spec_usage(stats) if self.config.drafter else None
         return oa.Usage(

@@ -11,6 +11,8 @@ from sd2_ray.config import NODE_RESOURCES_DESCRIPTION, NodeResources, StageConfi
 from sd2_ray.models.device import DeviceName, DtypeName
 
 API_KEY_ENV = "SD2_API_KEY"
+# Spec-Bench's six task groups, the default labels of Serve's per-category acceptance metrics
+SPEC_BENCH_CATEGORIES = ("mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag")
 
 
 class AutoscalingConfig(BaseModel):
@@ -118,6 +120,12 @@ class ServeSettings(StageConfig):
         0, ge=0, description="transformers engine: GPUs reserved by each model replica (ray_actor_options num_gpus)"
     )
     app_name: str = Field("sd2", description="Ray Serve application name")
+    metric_categories: list[str] = Field(
+        default_factory=lambda: list(SPEC_BENCH_CATEGORIES),
+        description="transformers engine: task categories a request may name in metadata.category "
+        "to label its acceptance metrics; any other is counted as 'other', none as 'uncategorized' "
+        "(a bounded label set keeps Prometheus series few)",
+    )
 
     @field_validator("replicas", mode="before")
     @classmethod

@@ -21,6 +21,7 @@ class PreparedRequest:
     max_tokens: int
     sampling: SamplingParams
     stop: list[str] = field(default_factory=list)
+    category: str | None = None  # from the request's metadata; labels its acceptance metrics
 
     def generation_request(self) -> GenerationRequest:
         return GenerationRequest(
@@ -74,7 +75,7 @@ def prepare_completion(req: CompletionRequest, tokenizer, max_model_len: int, vo
                 f"token id {bad[0]} is outside the vocabulary (size {vocab_size})", param="prompt", code="invalid_value"
             )
     max_tokens = bound_max_tokens(len(prompt_ids), req.max_tokens, max_model_len, default=16)
-    return PreparedRequest(prompt_ids, max_tokens, sampling_params(req), req.stop_strings)
+    return PreparedRequest(prompt_ids, max_tokens, sampling_params(req), req.stop_strings, req.category)
 
 
 def render_messages(messages: list[dict[str, str]], tokenizer) -> str:
@@ -97,7 +98,7 @@ def prepare_chat(req: ChatCompletionRequest, tokenizer, max_model_len: int, defa
     # the same ids distillation, fine-tuning and eval give the same conversation
     prompt_ids = encode_rendered(render_messages(req.plain_messages(), tokenizer), tokenizer)
     max_tokens = bound_max_tokens(len(prompt_ids), req.requested_max_tokens, max_model_len, default=default_max_tokens)
-    return PreparedRequest(prompt_ids, max_tokens, sampling_params(req), req.stop_strings)
+    return PreparedRequest(prompt_ids, max_tokens, sampling_params(req), req.stop_strings, req.category)
 
 
 class TextStream:

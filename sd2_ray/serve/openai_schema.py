@@ -95,6 +95,8 @@ class _Request(BaseModel):
     stream: StrictBool = False
     stream_options: dict[str, Any] | None = None
     logprobs: Any | None = None
+    # OpenAI's request metadata: string pairs; "category" labels the request's acceptance metrics
+    metadata: dict[StrictStr, StrictStr] | None = None
 
     @field_validator("n")
     @classmethod
@@ -113,6 +115,14 @@ class _Request(BaseModel):
             raise ValueError("stop sequences must be non-empty")
         return stops
 
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_bounds(cls, value):
+        """OpenAI's documented bounds: at most 16 pairs, keys up to 64 and values up to 512 characters."""
+        if value and (len(value) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in value.items())):
+            raise ValueError("at most 16 pairs, keys of at most 64 and values of at most 512 characters")
+        return value
+
     @field_validator("logprobs")
     @classmethod
     def _no_logprobs(cls, value):
@@ -123,6 +133,11 @@ class _Request(BaseModel):
     @property
     def stop_strings(self) -> list[str]:
         return list(self.stop or [])
+
+    @property
+    def category(self) -> str | None:
+        """The task category the client named in ``metadata``, if any."""
+        return (self.metadata or {}).get("category") or None
 
     @property
     def include_usage_in_stream(self) -> bool:

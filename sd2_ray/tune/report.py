@@ -49,6 +49,7 @@ def trial_row(record: dict[str, Any], objective: str) -> dict[str, Any]:
         "drafter_macs": metrics.get("drafter_macs") if status == COMPLETED else None,
         "cost_coefficient": metrics.get("cost_coefficient") if status == COMPLETED else None,
         "predicted_speedup": metrics.get("predicted_speedup") if status == COMPLETED else None,
+        "category_mal": metrics.get("category_mal") if status == COMPLETED else None,
         "objective": objective_value(metrics, objective) if status == COMPLETED else None,
         "attempts": metrics.get("attempt"),
         "drafter": metrics.get("drafter") if status == COMPLETED else None,

@@ -217,6 +217,8 @@ def final_metrics(
         "cost_coefficient": report["cost_coefficient"],
         "predicted_speedup": report["predicted_speedup"],
         "eval_prompts": report["num_prompts"],
+        # MAL per task category of the eval prompts ({} when they name none); eval.json has the rest
+        "category_mal": {name: c["mean_accepted_length"] for name, c in report.get("categories", {}).items()},
         "masked_nonzero": (summary.get("sparsity_check") or {}).get("masked_nonzero"),
         "trial_dir": trial_dir,
         "drafter": storage.join(trial_dir, DRAFTER_SUBDIR),
