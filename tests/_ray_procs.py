@@ -38,3 +38,35 @@ def ray_worker_pids(title: str, raylet_pid: int | None = None) -> list[int]:
             continue
         pids.append(int(entry))
     return pids
+
+
+def children_of(pid: int) -> list[int]:
+    """PIDs whose parent is ``pid`` (a raylet's workers and agents are its children)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(entry))
+    return out
+
+
+def kill_node_of(worker_pid: int) -> int:
+    """SIGKILL the raylet that started ``worker_pid`` and every process it started (its workers
+    and agents): the node is gone, as a reclaimed instance would be. Returns the raylet's PID."""
+    import signal
+
+    with open(f"/proc/{worker_pid}/environ", "rb") as f:
+        environ = f.read().split(b"\0")
+    raylet = int(next(e for e in environ if e.startswith(b"RAY_RAYLET_PID=")).split(b"=", 1)[1])
+    for pid in [*children_of(raylet), raylet]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return raylet

@@ -4,7 +4,11 @@ file's node types): submitted with ``jobs/submit.py`` as the README says, output
 ``s3://`` (a loopback S3 server; no stage may rely on one node's disk), the head taking no
 work. Checks that the autoscaler adds the workers the stages ask for, that each stage ran on
 the node type it is meant for (Ray's state API), that the report's MALs are what the drafters
-measure, and that idle workers go away."""
+measure, and that idle workers go away. Mid-run, once the fine-tune has a checkpoint, the raylet
+of the training node is SIGKILLed (a reclaimed spot instance) and a new training node joins
+(started by the test: Ray's fake provider cannot replace a node whose raylet died, see
+``FakeCluster.join_node``); the fine-tune resumes from its checkpoint and `sd2 run` ends with its
+report in the same job, with no manual step."""
 
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from pathlib import Path
 import pytest
 
 # slow: 5 min, the heaviest test there is; the default suite keeps the cheaper multi-node ones
-pytestmark = [pytest.mark.ray, pytest.mark.cluster, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(1800)]
 REPO = Path(__file__).resolve().parents[1]
 SMALL = (
     "distill.limit=64 finetune.epochs=8 finetune.max_steps=48 finetune.checkpoint_every=16 "
@@ -50,6 +54,7 @@ class NodeWatch(threading.Thread):
     def __init__(self, address: str):
         super().__init__(daemon=True)
         self.address, self.types, self.timeline, self.done = address, {}, [], threading.Event()
+        self.first_seen: dict[str, float] = {}  # node id -> time.monotonic() when first seen
 
     def run(self) -> None:
         import ray
@@ -59,8 +64,62 @@ class NodeWatch(threading.Thread):
             alive = [n for n in ray.nodes() if n["Alive"]]
             for n in alive:
                 self.types.setdefault(n["NodeID"], node_type(n["Resources"]))
+                self.first_seen.setdefault(n["NodeID"], time.monotonic())
             self.timeline.append((round(time.monotonic() - began, 1), sorted(self.types[n["NodeID"]] for n in alive)))
             self.done.wait(1.0)
+
+
+class LoseTrainingNode(threading.Thread):
+    """Once the fine-tune has registered a checkpoint (on S3), SIGKILL the raylet of the node its
+    training worker runs on, and that node's Ray workers: the node is gone without a goodbye."""
+
+    def __init__(self, fake, s3, bucket: str):
+        super().__init__(daemon=True)
+        self.fake, self.dashboard, self.s3, self.bucket = fake, fake.dashboard, s3, bucket
+        self.lost: dict = {}
+        self.done = threading.Event()
+
+    def checkpointed(self) -> bool:
+        listed = self.s3.list_objects_v2(Bucket=self.bucket, Prefix="runs/tiny/drafters/")
+        for item in listed.get("Contents", []):
+            if item["Key"].endswith("checkpoint_manager_snapshot.json"):
+                body = self.s3.get_object(Bucket=self.bucket, Key=item["Key"])["Body"].read()
+                if b"step-" in body:
+                    return True
+        return False
+
+    def run(self) -> None:
+        from ray.util.state import list_actors
+
+        from tests._ray_procs import kill_node_of
+
+        while not self.done.is_set() and not self.lost:
+            workers = list_actors(
+                address=self.dashboard, filters=[("state", "=", "ALIVE")], limit=1000, raise_on_missing_output=False
+            )
+            trainer = [a for a in workers if "RayTrainWorker" in (a.class_name or "") and a.pid]
+            if trainer and self.checkpointed():
+                try:
+                    kill_node_of(trainer[0].pid)
+                except (OSError, StopIteration):  # the worker just ended: look again
+                    continue
+                self.lost = {"node": trainer[0].node_id, "at": time.monotonic()}
+                self.fake.join_node("gpu_train")  # the replacement instance
+            self.done.wait(1.0)
+
+
+def scaled_workers(watch: NodeWatch, lost_at: float | None) -> set[str]:
+    """Live generation/training nodes the autoscaler started (not a replacement joined by hand
+    after the loss at ``lost_at``)."""
+    import ray
+
+    return {
+        n["NodeID"]
+        for n in ray.nodes()
+        if n["Alive"]
+        and watch.types.get(n["NodeID"]) in ("gpu_generate", "gpu_train")
+        and not (lost_at is not None and watch.first_seen.get(n["NodeID"], 0.0) > lost_at)
+    }
 
 
 def last_job_logs(dashboard: str) -> str:
@@ -103,6 +162,7 @@ def spec_without_working_dir(tmp_path) -> str:
 def test_tiny_job_spec_on_an_autoscaling_cluster_from_the_cluster_file(kit_dir, s3_bucket, s3_server, tmp_path):
     import boto3
     import ray
+    from ray.job_submission import JobSubmissionClient
 
     from sd2_ray.testing.fake_cluster import FakeCluster
 
@@ -125,6 +185,8 @@ def test_tiny_job_spec_on_an_autoscaling_cluster_from_the_cluster_file(kit_dir, 
         ray.init(address=fake.address)
         watch = NodeWatch(fake.address)
         watch.start()
+        killer = LoseTrainingNode(fake, boto3.client("s3", endpoint_url=s3_server), s3_bucket)
+        killer.start()
         began = time.monotonic()
         try:
             result = subprocess.run(
@@ -143,22 +205,27 @@ def test_tiny_job_spec_on_an_autoscaling_cluster_from_the_cluster_file(kit_dir, 
                 timeout=1500,
                 env={**os.environ, "RAY_ADDRESS": fake.dashboard},
             )
-            job_s = time.monotonic() - began
+            finished = time.monotonic()
+            job_s = finished - began
             assert result.returncode == 0, (result.stdout + result.stderr)[-1000:] + last_job_logs(fake.dashboard)
             where = stage_nodes(fake.dashboard)
-            # idle workers go away (idle_timeout 15 s); the file keeps one cpu_worker (min_workers 1)
+            submitted = [j for j in JobSubmissionClient(fake.dashboard).list_jobs() if j.submission_id]
+            # idle workers the autoscaler started go away (idle_timeout 15 s); the file keeps one
+            # cpu_worker (min_workers 1); the hand-started replacement is not the autoscaler's
             deadline = time.monotonic() + 180
-            while time.monotonic() < deadline:
-                if not {"gpu_generate", "gpu_train"} & set(watch.timeline[-1][1]):
-                    break
+            while time.monotonic() < deadline and scaled_workers(watch, killer.lost.get("at")):
                 time.sleep(2)
+            left = scaled_workers(watch, killer.lost.get("at"))
         finally:
             watch.done.set()
+            killer.done.set()
             watch.join(timeout=5)
+            killer.join(timeout=5)
             ray.shutdown()
+    assert killer.lost, "no training node was lost"
     seen = {t for _, types in watch.timeline for t in types}
     assert {"gpu_generate", "gpu_train"} <= seen, watch.timeline[-5:]  # the autoscaler added them
-    assert not {"gpu_generate", "gpu_train"} & set(watch.timeline[-1][1]), watch.timeline[-5:]  # and removed them
+    assert not left, (left, watch.timeline[-5:])  # and removed them
     for stage, (_, wanted) in WHERE.items():
         assert where[stage], f"{stage}: no work found in Ray's state API"
         assert {watch.types.get(n) for n in where[stage]} == {wanted}, (stage, where[stage], watch.types)
@@ -169,6 +236,14 @@ def test_tiny_job_spec_on_an_autoscaling_cluster_from_the_cluster_file(kit_dir, 
     for name in mals:  # the report holds what each drafter's own eval measured
         saved = json.loads(s3.get_object(Bucket=s3_bucket, Key=f"runs/tiny/eval/{name}/report.json")["Body"].read())
         assert saved["mean_accepted_length"] == mals[name]
+    trained = json.loads(s3.get_object(Bucket=s3_bucket, Key="runs/tiny/drafters/sd2/metrics.json")["Body"].read())
+    assert trained["restarts"] >= 1  # resumed from a checkpoint after the loss, not retrained
+    assert [h["step"] for h in trained["steps"]] == list(range(1, trained["total_steps"] + 1))
+    assert len(submitted) == 1  # no resubmission: the run itself got past the loss
     listed = s3.list_objects_v2(Bucket=s3_bucket, Prefix="runs/tiny/kit/")
     assert listed.get("KeyCount", 0) > 0  # the kit parts other nodes read were published there
-    print(f"autoscaled tiny job: {job_s:.0f} s, MALs {mals}, nodes over time {watch.timeline[::15]}")
+    print(
+        f"autoscaled tiny job: {job_s:.0f} s, MALs {mals}, training node lost {killer.lost['at'] - began:.0f} s in, "
+        f"{finished - killer.lost['at']:.0f} s from the loss to the end, resumed after step "
+        f"{next(h['step'] - 1 for h in trained['steps'] if h.get('restarts'))}; nodes over time {watch.timeline[::15]}"
+    )

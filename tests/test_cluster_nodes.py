@@ -99,7 +99,6 @@ def test_local_output_on_a_cluster_of_several_nodes_is_refused(cluster, tmp_path
     require_reachable(str(tmp_path / "out"), shared=True)
 
 
-@pytest.mark.slow  # 1 min; a killed engine actor is the default suite's (tests/test_distill_ray.py)
 def test_distill_loses_a_generation_node_and_writes_every_id_once(s3_bucket, cluster, kit_dir, tmp_path):
     """Three generation nodes, an engine actor on two of them, output on S3; a node holding an
     actor is SIGKILLed after the first shard is recorded (nodes cannot be added from the killer's
@@ -238,7 +237,7 @@ def test_eval_task_lost_with_its_node_is_retried_with_the_same_report(cluster, k
         assert report[key] == clean[key], key
 
 
-@pytest.mark.slow  # 2.5 min; resuming from a checkpoint is the default suite's (tests/test_zero3_bf16_restore.py)
+@pytest.mark.slow  # 2.5 min; the default suite's autoscaling run loses its training node mid-fine-tune
 def test_finetune_loses_a_training_node_and_resumes_from_its_checkpoint(cluster, s3_bucket, tmp_path):
     """A 2-worker ZeRO-2 fine-tune on training nodes, inputs, checkpoints and output on S3; once a
     checkpoint is registered, the node of one worker is SIGKILLed. Ray Train restarts the group on

@@ -205,6 +205,7 @@ def test_s3_target_in_and_out_rewrite_mode_with_bad_rows(kit_rows, target_dir, s
     assert len(weights) == 1 and len(metadata) == 1, cached  # the actor's full copy, the driver's metadata
 
 
+@pytest.mark.slow  # the default suite loses a generation node with its engine (tests/test_cluster_nodes.py)
 def test_a_killed_engine_actor_is_restarted_and_every_row_arrives_once(kit_rows, target_dir, tmp_path):
     """SIGKILL one live engine actor mid-run: Ray restarts it (max_restarts) and retries its
     tasks; the job completes with every row exactly once. The actors are found by their Ray

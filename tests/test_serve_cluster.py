@@ -19,7 +19,7 @@ import pytest
 import requests
 from conftest import free_ports
 
-pytestmark = [pytest.mark.ray, pytest.mark.cluster, pytest.mark.slow]  # ~100 s on 2 shared cores
+pytestmark = [pytest.mark.ray, pytest.mark.cluster]  # ~100 s on 2 shared cores
 
 JOBS = str(Path(__file__).with_name("_serve_jobs.py"))
 RAY = str(Path(sys.executable).with_name("ray"))

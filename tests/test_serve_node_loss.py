@@ -15,7 +15,7 @@ import time
 import pytest
 from conftest import free_ports
 
-pytestmark = [pytest.mark.ray, pytest.mark.cluster, pytest.mark.slow]  # 90-135 s on 2 shared cores
+pytestmark = [pytest.mark.ray, pytest.mark.cluster]  # 90-135 s on 2 shared cores
 
 APP = "sd2"
 TIMEOUT_S = 30.0  # client timeout: a request still waiting then counts as hung

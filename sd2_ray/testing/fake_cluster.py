@@ -127,6 +127,7 @@ class FakeCluster:
     temp_dir: str = ""
     proc: subprocess.Popen | None = None
     dashboard: str = ""
+    joined: list[subprocess.Popen] = field(default_factory=list)
 
     @classmethod
     def from_cluster_file(
@@ -193,6 +194,39 @@ class FakeCluster:
                 raise RuntimeError(f"fake cluster did not start: {tail}")
             time.sleep(1)
 
+    def join_node(self, node_type: str) -> subprocess.Popen:
+        """Start one more node of ``node_type`` by hand (``ray start --address``), outside the
+        autoscaler: a test standing in for the cloud where this provider cannot replace a lost
+        node (v1 keeps a fake node whose raylet died "pending" and counts it against the demand;
+        a reclaimed cloud instance leaves the provider's list and is replaced)."""
+        import json
+
+        resources = dict(self.config["available_node_types"][node_type]["resources"])
+        cpus, gpus = resources.pop("CPU", 0), resources.pop("GPU", 0)
+        resources.pop("object_store_memory", None)
+        ports = free_ports(5)
+        cmd = [
+            str(Path(sys.executable).with_name("ray")),
+            "start",
+            "--block",
+            f"--address={self.address}",
+            f"--num-cpus={cpus:g}",
+            f"--num-gpus={gpus:g}",
+            f"--resources={json.dumps(resources)}",
+            "--object-store-memory=80000000",
+            f"--dashboard-agent-listen-port={ports[0]}",
+            f"--dashboard-agent-grpc-port={ports[1]}",
+            f"--metrics-export-port={ports[2]}",
+            f"--runtime-env-agent-port={ports[3]}",
+            f"--node-manager-port={ports[4]}",
+        ]
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled", **self.env}
+        env.pop("RAY_ADDRESS", None)
+        log = open(os.path.join(self.temp_dir, f"join-{len(self.joined)}.log"), "w")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.joined.append(proc)
+        return proc
+
     def stop(self) -> None:
         """Stop the head (``ray start --block`` stops its processes) and the fake nodes, whose
         raylets the autoscaler started in their own sessions, found by their temp dir."""
@@ -202,6 +236,9 @@ class FakeCluster:
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
+        for joined in self.joined:
+            if joined.poll() is None:
+                os.killpg(joined.pid, signal.SIGKILL)
         for pid in pids_of(self.temp_dir):
             try:
                 os.kill(pid, signal.SIGKILL)
