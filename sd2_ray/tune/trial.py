@@ -99,11 +99,8 @@ def lost_to_the_cluster(err: BaseException) -> bool:
     group that failed more often than its own max_failures; not an error raised by code (ours,
     or in a remote task, which Ray wraps in RayTaskError)."""
     from ray import exceptions as rx
+    from ray.train import TrainingFailedError
 
-    try:
-        from ray.train import TrainingFailedError
-    except ImportError:  # pragma: no cover - Ray Train V1
-        TrainingFailedError = ()  # type: ignore[assignment,misc]
     if isinstance(err, rx.RayTaskError | rx.UserCodeException | rx.UnserializableException):
         return False
     return isinstance(err, rx.RayError | TrainingFailedError)
