@@ -406,13 +406,14 @@ def test_tune_trial_lost_with_its_node_is_retried_and_resumes_from_its_checkpoin
     from concurrent.futures import ThreadPoolExecutor
 
     from sd2_ray.kit import kit_paths
-    from sd2_ray.runtime import SHARED_STORAGE_ENV
+    from sd2_ray.runtime import SHARED_STORAGE_ENV, ensure_ray
     from sd2_ray.tune import report as R
     from sd2_ray.tune.config import TuneConfig
     from sd2_ray.tune.job import main
 
     monkeypatch.setenv(SHARED_STORAGE_ENV, "1")  # one machine's disk, declared shared on purpose
     nodes = [cluster.add_node(num_cpus=2, object_store_memory=80 * 2**20) for _ in range(2)]
+    ensure_ray()  # here: joining Ray from the search's thread fails after another test's Ray
     parts, out = kit_paths(kit_dir), str(tmp_path / "search")
     config = TuneConfig.model_validate(
         dict(
