@@ -89,9 +89,8 @@ class LoseTrainingNode(threading.Thread):
         return False
 
     def run(self) -> None:
+        from _ray_procs import kill_node_of
         from ray.util.state import list_actors
-
-        from tests._ray_procs import kill_node_of
 
         while not self.done.is_set() and not self.lost:
             workers = list_actors(
