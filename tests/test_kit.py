@@ -17,13 +17,13 @@ import pytest
 # Bounds stated up front (measured figures: see kit.json of the default build).
 TARGET_HELDOUT_BOUND = 4.75  # nats/token on held-out stdlib files (measured 4.15); ln(2048) = 7.62
 MAL_K = 4
-MAL_RANGE = (1.2, 2.5)
+MAL_RANGE = (1.2, 3.2)  # measured 2.70 (K=4, at most 5): room left for alignment
 
 SMALL = dict(
     corpus_chars=200_000,
     vocab_size=512,
     uag_vocab_size=400,
-    seq_len=128,
+    seq_len=192,  # a RAG passage of three functions fits at vocab 512
     batch_size=2,
     target_steps=3,
     drafter_steps=2,
@@ -147,17 +147,31 @@ def test_kit_loads_with_auto_classes(kit_dir):
 
 
 def test_prompt_sets_are_valid_and_disjoint(kit_dir):
+    from sd2_ray.kit.tasks import TASKS
     from sd2_ray.rows import row_problem
 
     train = read_jsonl(os.path.join(kit_dir, "prompts", "train.jsonl"))
     evals = read_jsonl(os.path.join(kit_dir, "prompts", "eval.jsonl"))
-    assert len(train) >= 200 and len(evals) == 64
+    assert len(train) == 768 and len(evals) == 96
+    openings = {
+        "code": "Complete this Python function:",
+        "summarization": "Summarise this Python function",
+        "translation": "Translate into Pig Latin:",
+        "rag": "Answer from the passage.",
+        "math_reasoning": "Compute ",
+        "mt_bench": "Complete this Python function:",
+    }
     for row in train + evals:
         assert row_problem(row) is None, row
         assert row["messages"][0]["role"] == "user" and row["response"].strip()
-        assert row["messages"][0]["content"].startswith("Complete this Python function:")
+        assert row["messages"][0]["content"].startswith(openings[row["category"]]), row
+    # round-robin: the first 64 (tiny.yaml's eval) and every 6 rows hold each task once
+    for rows in (train, evals):
+        assert [r["category"] for r in rows[:12]] == list(TASKS) * 2
+        assert {r["category"] for r in rows[:64]} == set(TASKS)
     assert len({r["id"] for r in train + evals}) == len(train) + len(evals)
-    assert not {r["messages"][0]["content"] for r in train} & {r["messages"][0]["content"] for r in evals}
+    conversation = lambda r: json.dumps(r["messages"])  # noqa: E731
+    assert not {conversation(r) for r in train} & {conversation(r) for r in evals}
 
 
 def test_target_heldout_loss_far_below_uniform(kit_dir):
@@ -181,11 +195,32 @@ def test_target_heldout_loss_far_below_uniform(kit_dir):
     assert info["models"]["target"]["ln_vocab"] == pytest.approx(math.log(len(tok)))
     assert loss < TARGET_HELDOUT_BOUND < math.log(len(tok)) - 2, loss
     assert info["models"]["target"]["heldout_loss"] < TARGET_HELDOUT_BOUND
-    # the same-family drafter is pretrained on stdlib text alone (long, so that pruning has knowledge
-    # to lose): trained, but worse than the target at the chat task the target was taught
+    # the same-family drafter is pretrained mostly on stdlib text (long, so that pruning has
+    # knowledge to lose) and a quarter on the tasks' reference answers: it knows every task (what
+    # the fine-tune may leave out) but not the target's own answers, which decide acceptance
     models = info["models"]
     assert models["drafter"]["heldout_loss"] < math.log(len(tok)) - 2
-    assert models["target"]["eval_chat_loss"] < models["drafter"]["eval_chat_loss"] < math.log(len(tok))
+    assert models["drafter"]["eval_chat_loss"] < math.log(len(tok)) - 3
+
+
+def test_target_answers_every_task_better_than_a_uniform_guess(kit_dir):
+    """Recomputed here on each task's held-out rows (the reference answers' tokens only), and
+    checked against kit.json's figures."""
+    from sd2_ray.kit.tasks import TASKS
+    from sd2_ray.kit.training import response_loss
+    from sd2_ray.models.io import load_model, load_tokenizer
+
+    tok = load_tokenizer(os.path.join(kit_dir, "target"))
+    model = load_model(os.path.join(kit_dir, "target"))
+    evals = read_jsonl(os.path.join(kit_dir, "prompts", "eval.jsonl"))
+    recorded = json.load(open(os.path.join(kit_dir, "kit.json")))["models"]["target"]["eval_response_loss_by_task"]
+    uniform = math.log(len(tok))
+    for task in TASKS:
+        rows = [r for r in evals if r["category"] == task][:8]
+        loss = response_loss(model, tok, rows)
+        print(f"{task}: held-out answer loss {loss:.3f} nats/token (uniform {uniform:.3f})")
+        assert loss < uniform - 1.0, (task, loss)
+        assert recorded[task] < uniform - 1.0, (task, recorded[task])
 
 
 def _chat_prompt_ids(tok, rows):

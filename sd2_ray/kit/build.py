@@ -25,6 +25,7 @@ from sd2_ray.kit.config import KitConfig
 log = logging.getLogger(__name__)
 
 MAL_K, MAL_PROMPTS, MAL_NEW_TOKENS = 4, 16, 32
+CHAT_EXAMPLES_PER_TASK = 1200  # cap: the generated arithmetic would otherwise outnumber the rest
 
 
 def main(config: KitConfig) -> str:
@@ -115,21 +116,22 @@ def _build(config: KitConfig, out: str, digest: str, started: float) -> dict:
     random.seed(config.seed)
     corpus = load_corpus(config.corpus_chars, config.heldout_fraction, config.seed)
     log.info("kit corpus: %s", corpus.stats())
-    tok = train_tokenizer(corpus.train_texts(), config.vocab_size)
-    uag_tok = train_tokenizer(corpus.train_texts(), config.uag_vocab_size)
+    examples = _task_examples(config, corpus)
+    # the tokenizers learn the tasks' words too (Pig Latin, arithmetic), as pretraining text
+    texts = corpus.train_texts() + [_plain(e) for e in examples["train"]]
+    tok = train_tokenizer(texts, config.vocab_size)
+    uag_tok = train_tokenizer(texts, config.uag_vocab_size)
 
-    train_rows, eval_rows, chat_examples = _prompt_sets(config, corpus, tok)
+    train_rows, eval_rows, chat_examples = _prompt_sets(config, examples, tok)
     _write_rows(os.path.join(out, "prompts", "train.jsonl"), train_rows)
     _write_rows(os.path.join(out, "prompts", "eval.jsonl"), eval_rows)
 
     corpus_stream = token_stream(tok, corpus.train_texts())
-    chat_stream = token_stream(tok, [render_chat(tok, e["prompt"], e["response"]) for e in chat_examples])
+    chat_stream = token_stream(tok, [render_chat(tok, e["messages"], e["response"]) for e in chat_examples])
     heldout_stream = token_stream(tok, corpus.heldout_texts())
     uag_stream = token_stream(uag_tok, corpus.train_texts())
     uag_heldout = token_stream(uag_tok, corpus.heldout_texts())
-    eval_chat_stream = token_stream(
-        tok, [render_chat(tok, r["messages"][0]["content"], r["response"]) for r in eval_rows]
-    )
+    eval_chat_stream = token_stream(tok, [render_chat(tok, r["messages"], r["response"]) for r in eval_rows])
 
     jobs = [
         Job(0, "target", shapes.TARGET, tok, *_mix(corpus_stream, chat_stream, config.chat_share), config.target_steps),
@@ -161,10 +163,14 @@ def _build(config: KitConfig, out: str, digest: str, started: float) -> dict:
             "heldout_loss": training.heldout_loss(model, heldout[job.name], config.seq_len, config.heldout_windows),
         }
         log.info("kit %s: %s", job.name, figures[job.name])
-    for name in ("target", "drafter"):  # the task the target was taught and the drafter was not
+    for name in ("target", "drafter"):  # the tasks, answered as the references do, on held-out rows
         figures[name]["eval_chat_loss"] = training.heldout_loss(
             models[name], eval_chat_stream, min(config.seq_len, len(eval_chat_stream) - 1), config.heldout_windows
         )
+        figures[name]["eval_response_loss_by_task"] = {
+            task: training.response_loss(models[name], tok, [r for r in eval_rows if r["category"] == task])
+            for task in config.tasks
+        }
 
     info = {
         "kit_version": KIT_VERSION,
@@ -181,7 +187,12 @@ def _build(config: KitConfig, out: str, digest: str, started: float) -> dict:
             "chat_tokens": len(chat_stream),
             "heldout_tokens": len(heldout_stream),
         },
-        "prompts": {"train": len(train_rows), "eval": len(eval_rows), "chat_examples": len(chat_examples)},
+        "prompts": {
+            "train": len(train_rows),
+            "eval": len(eval_rows),
+            "chat_examples": len(chat_examples),
+            "by_task": _count_by_task(config.tasks, train_rows, eval_rows, chat_examples),
+        },
         "python": platform.python_version(),
         "torch_threads": config.num_threads,
         "child_cpu_seconds": round(child_cpu, 1),
@@ -200,32 +211,63 @@ def _mix(corpus_stream: list[int], chat_stream: list[int], chat_share: float) ->
     return [corpus_stream, chat_stream], [1 - chat_share, chat_share]
 
 
-def _prompt_sets(config: KitConfig, corpus, tok) -> tuple[list[dict], list[dict], list[dict]]:
-    """Train rows and chat examples from train files, eval rows from held-out files; only
-    conversations that fit one training window."""
+def _task_examples(config: KitConfig, corpus) -> dict[str, list[dict]]:
+    """Every task's examples per split: ``train`` from the train files, ``heldout`` from the
+    held-out files (arithmetic: by a seeded hash of the expression)."""
+    from sd2_ray.kit.prompts import function_docs
+    from sd2_ray.kit.tasks import task_examples
+
+    docs = {
+        "train": function_docs({f: corpus.texts[f] for f in corpus.train_files}),
+        "heldout": function_docs({f: corpus.texts[f] for f in corpus.heldout_files}),
+    }
+    return {
+        split: [e for task in config.tasks for e in task_examples(task, docs[split], split, config.seed)]
+        for split in docs
+    }
+
+
+def _plain(example: dict) -> str:
+    return "\n".join([m["content"] for m in example["messages"]] + [example["response"]])
+
+
+def _prompt_sets(config: KitConfig, examples: dict[str, list[dict]], tok) -> tuple[list[dict], list[dict], list[dict]]:
+    """Train rows and chat examples from the train split, eval rows from the held-out split, each
+    round-robin over the tasks; only conversations that fit one training window."""
     from sd2_ray.kit import prompts as P
     from sd2_ray.kit.tokenizer import render_chat
 
     def fits(example: dict) -> bool:
-        text = render_chat(tok, example["prompt"], example["response"])
+        text = render_chat(tok, example["messages"], example["response"])
         return len(tok(text, add_special_tokens=False)["input_ids"]) <= config.seq_len - 8
 
-    train_examples = P.function_examples({f: corpus.texts[f] for f in corpus.train_files})
-    heldout_examples = P.function_examples({f: corpus.texts[f] for f in corpus.heldout_files})
-    chat_examples = P.select(train_examples, None, config.seed, fits)
-    if not chat_examples:
-        raise ConfigError(f"seq_len: no stdlib function fits a window of {config.seq_len} tokens")
-    train_rows = [P.make_row("train", i, e) for i, e in enumerate(chat_examples[: config.train_prompts])]
-    eval_rows = [
-        P.make_row("eval", i, e)
-        for i, e in enumerate(P.select(heldout_examples, config.eval_prompts, config.seed, fits))
-    ]
-    if not eval_rows:
-        raise ConfigError(
-            f"heldout_fraction: the held-out files give no eval prompt "
-            f"(corpus_chars={config.corpus_chars} may be too small)"
-        )
-    return train_rows, eval_rows, chat_examples
+    per_task_train = math.ceil(config.train_prompts / len(config.tasks))
+    per_task_eval = math.ceil(config.eval_prompts / len(config.tasks))
+    chat, evals = [], []
+    for task in config.tasks:
+        of_task = {split: [e for e in examples[split] if e["category"] == task] for split in examples}
+        chosen = P.select(of_task["train"], None, config.seed, fits)[: max(CHAT_EXAMPLES_PER_TASK, per_task_train)]
+        held = P.select(of_task["heldout"], per_task_eval, config.seed, fits)
+        if not chosen or not held:
+            side = "train" if not chosen else "held-out"
+            raise ConfigError(
+                f"tasks: task '{task}' gives no {side} example that fits seq_len={config.seq_len} "
+                f"(corpus_chars={config.corpus_chars} may be too small)"
+            )
+        chat.append(chosen)
+        evals.append(held)
+    train_rows = [P.make_row("train", i, e) for i, e in enumerate(P.interleave([c[:per_task_train] for c in chat]))]
+    eval_rows = [P.make_row("eval", i, e) for i, e in enumerate(P.interleave(evals))]
+    return train_rows[: config.train_prompts], eval_rows[: config.eval_prompts], P.interleave(chat)
+
+
+def _count_by_task(tasks: list[str], train_rows: list[dict], eval_rows: list[dict], chat: list[dict]) -> dict:
+    def count(rows: list[dict], task: str) -> int:
+        return sum(1 for r in rows if r["category"] == task)
+
+    return {
+        t: {"train": count(train_rows, t), "eval": count(eval_rows, t), "chat_examples": count(chat, t)} for t in tasks
+    }
 
 
 def _write_rows(path: str, rows: list[dict]) -> None:
@@ -240,8 +282,7 @@ def _measure_mal(target, drafter, tok, eval_rows: list[dict]) -> dict:
     from sd2_ray.kit.tokenizer import render_chat
 
     prompts = [
-        tok(render_chat(tok, r["messages"][0]["content"]), add_special_tokens=False)["input_ids"]
-        for r in eval_rows[:MAL_PROMPTS]
+        tok(render_chat(tok, r["messages"]), add_special_tokens=False)["input_ids"] for r in eval_rows[:MAL_PROMPTS]
     ]
     result = greedy_mal(target, drafter, prompts, k=MAL_K, max_new_tokens=MAL_NEW_TOKENS, eos_id=tok.eos_token_id)
     return {**result, "prompts": len(prompts), "max_new_tokens": MAL_NEW_TOKENS}

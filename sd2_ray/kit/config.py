@@ -6,6 +6,7 @@ from pydantic import Field, field_validator, model_validator
 
 from sd2_ray.config import StageConfig
 from sd2_ray.kit import shapes
+from sd2_ray.kit.tasks import TASKS
 
 # Fields that only say *where* or *whether* to build: they don't change the kit's content,
 # so they stay out of its content hash.
@@ -58,14 +59,20 @@ class KitConfig(StageConfig):
         0.375, ge=0.0, le=1.0, description="Share of the target's windows drawn from chat-formatted examples"
     )
     drafter_chat_share: float = Field(
-        0.0,
+        0.25,
         ge=0.0,
         le=1.0,
         description="Share of the same-family drafter's windows drawn from the "
-        "same chat examples (the reference answers, not the target's)",
+        "same chat examples (the reference answers, not the target's): it knows every task, "
+        "not the target's way of answering",
     )
-    train_prompts: int = Field(384, ge=1, description="Rows in prompts/train.jsonl")
-    eval_prompts: int = Field(64, ge=1, description="Rows in prompts/eval.jsonl")
+    tasks: list[str] = Field(
+        default_factory=lambda: list(TASKS),
+        min_length=1,
+        description=f"Tasks (prompt categories) of the chat examples and prompt sets: {', '.join(TASKS)}",
+    )
+    train_prompts: int = Field(768, ge=1, description="Rows in prompts/train.jsonl (round-robin over the tasks)")
+    eval_prompts: int = Field(96, ge=1, description="Rows in prompts/eval.jsonl (round-robin over the tasks)")
     heldout_windows: int = Field(32, ge=1, description="Held-out windows for the reported losses")
     num_threads: int = Field(1, ge=1, description="Torch threads while building (fixed for determinism)")
     measure_mal: bool = Field(True, description="Measure the drafter's greedy MAL at K=4 into kit.json")
@@ -76,6 +83,14 @@ class KitConfig(StageConfig):
         if value is not None and value.startswith("s3://"):
             raise ValueError("the kit is built locally; copy it to S3 afterwards")
         return value or None
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, value: list[str]) -> list[str]:
+        unknown = [t for t in value if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; known: {', '.join(TASKS)}")
+        return list(dict.fromkeys(value))
 
     @field_validator("drafter_hidden")
     @classmethod
@@ -116,6 +131,8 @@ class KitConfig(StageConfig):
             fields["chat_share"] = self.chat_share
         elif name == "drafter" and self.drafter_chat_share:  # absent when 0: older drafter parts stay valid
             fields["chat_share"] = self.drafter_chat_share
+        # the tokenizer learns from the tasks' texts too, so every model depends on them
+        fields["tasks"] = self.tasks
         return fields
 
     def content_fields(self) -> dict:

@@ -68,9 +68,10 @@ def train_tokenizer(
     return tok
 
 
-def render_chat(tokenizer, prompt: str, response: str | None = None) -> str:
-    """The conversation as text: the user turn, then the assistant turn (open if no response)."""
-    messages = [{"role": "user", "content": prompt}]
+def render_chat(tokenizer, prompt: str | list[dict[str, str]], response: str | None = None) -> str:
+    """The conversation as text: the user turn (or the given messages), then the assistant turn
+    (open if no response)."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if response is None:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     messages.append({"role": "assistant", "content": response})

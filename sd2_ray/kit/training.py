@@ -118,3 +118,24 @@ def heldout_loss(model, stream: list[int], seq_len: int, windows: int) -> float:
     for chunk in batch.split(8):
         total += model(input_ids=chunk, labels=chunk).loss.item() * len(chunk)
     return total / n
+
+
+@torch.no_grad()
+def response_loss(model, tokenizer, rows: list[dict]) -> float:
+    """Mean next-token loss on the reference answers' tokens only (the end-of-turn token
+    included), each conditioned on its rendered prompt: how well the model answers the task,
+    comparable with ln(vocab), a uniform guess."""
+    from sd2_ray.kit.tokenizer import render_chat
+
+    total, count = 0.0, 0
+    for row in rows:
+        prompt = tokenizer(render_chat(tokenizer, row["messages"]), add_special_tokens=False)["input_ids"]
+        full = tokenizer(render_chat(tokenizer, row["messages"], row["response"]), add_special_tokens=False)[
+            "input_ids"
+        ]
+        labels = torch.tensor([-100] * len(prompt) + full[len(prompt) :])
+        out = model(input_ids=torch.tensor([full]), labels=labels[None])
+        answered = int((labels[1:] != -100).sum())
+        total += out.loss.item() * answered
+        count += answered
+    return total / count if count else float("nan")
