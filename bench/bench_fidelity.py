@@ -11,12 +11,26 @@ ratio has its baseline measured in the same run, on the same prompts and K:
     sd2_mal_drop_vs_dense_sd  1 - SD² MAL / dense-sd MAL
     sd2_mac_cut_vs_dense_sd   1 - SD² MACs / dense-sd MACs
 
+The mechanism (issue 28): the self-distilled fine-tune data covers only the ``--seen`` task
+categories (``distill.categories``), the eval covers every kit category. Per seed, the MAL over
+the seen and over the unseen categories (committed tokens / target passes, summed over the
+group's categories) gives
+
+    sd2_over_layer_pruned_seen / _unseen         SD² / layer-pruned-sd MAL at equal MACs
+    dense_sd_over_layer_pruned_seen / _unseen    dense-sd / layer-pruned-sd MAL
+    sd2_over_dense_sd_seen / _unseen             SD² / dense-sd MAL
+
+The paper's argument is that sparsity keeps what the drafter learned in pretraining where
+dropping layers loses it, so the SD² ratio should be higher on the unseen categories.
+``--seen all`` distils every category (no unseen group).
+
 Distillation is greedy (the same rows for every seed), so the target distils once, in the first
 run; later runs get a copy of that ``distilled/`` (with its manifest), which ``sd2 run`` skips.
 The dense-sd drafter does not depend on the sparsity, so a variant run reuses the same seed's
 50 % run's dense-sd (model and eval) the same way. Reruns resume: complete runs are read back.
 
     python bench/bench_fidelity.py [--seeds 3] [--json FILE] [--out ABS_DIR] [--variants 50,2:4,70]
+                                   [--seen code,rag,math_reasoning | all]
                                    [key=value ...]   (overrides passed to every `sd2 run`)
 """
 
@@ -36,6 +50,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 DRAFTERS = "drafters=[dense-sd,layer-pruned-sd,sd2,sparse-sft]"
+SEEN = "code,rag,math_reasoning"  # the categories the fine-tune sees by default; the kit has six
+EVAL_PROMPTS = "eval.max_prompts=96"  # every kit eval prompt: 16 per category
+GROUP_RATIOS = {  # JSON key prefix: (numerator drafter, denominator drafter)
+    "sd2_over_layer_pruned": ("sd2", "layer-pruned-sd"),
+    "dense_sd_over_layer_pruned": ("dense-sd", "layer-pruned-sd"),
+    "sd2_over_dense_sd": ("sd2", "dense-sd"),
+}
 VARIANTS = {  # name: (JSON key suffix, overrides)
     "50": ("", []),
     "2:4": ("_2of4", ["prune.pattern=2:4"]),
@@ -53,6 +74,7 @@ GOALS = {
     "sd2_mal_drop_vs_dense_sd": (lambda m: m <= 0.15, None, "<= 15 %"),
     "sd2_mac_cut_vs_dense_sd": (lambda m: m >= 0.35, None, ">= 35 %"),
     "sd2_over_sparse_sft": (lambda m: m >= 1.3, None, ">= 1.3x"),
+    "sd2_over_layer_pruned_unseen": (lambda m: m >= 1.2, lambda v: v > 1.0, ">= 1.2x, every seed > 1.0"),
 }
 
 
@@ -79,6 +101,35 @@ def seed_inputs(root: str, variant: str, seed: int, first: str | None) -> None:
         if os.path.isfile(src) and not os.path.exists(dest):
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             shutil.copy2(src, dest)
+
+
+def seen_overrides(seen: list[str] | None) -> list[str]:
+    """The `sd2 run` overrides that distil only the seen categories (none: every category)."""
+    return [f"distill.categories=[{','.join(seen)}]"] if seen else []
+
+
+def group_mal(drafter: dict, names: list[str]) -> float | None:
+    """MAL over several categories of one drafter's report entry: committed tokens / target
+    passes, summed over them (a category's committed tokens are its MAL x its passes)."""
+    cats = [drafter["categories"][n] for n in names if n in drafter.get("categories", {})]
+    passes = sum(c["target_passes"] for c in cats)
+    return sum(c["mean_accepted_length"] * c["target_passes"] for c in cats) / passes if passes else None
+
+
+def group_ratios(report: dict, seen: list[str] | None) -> dict[str, float]:
+    """{``<ratio>_seen`` / ``<ratio>_unseen``: value} of one run (only the groups that exist)."""
+    by = {d["name"]: d for d in report["drafters"]}
+    names = sorted({n for d in by.values() for n in d.get("categories", {})})
+    groups = {"seen": [n for n in names if seen is None or n in seen]}
+    groups["unseen"] = [n for n in names if n not in groups["seen"]]
+    out = {}
+    for key, (top, bottom) in GROUP_RATIOS.items():
+        for group, members in groups.items():
+            if top in by and bottom in by and members:
+                a, b = group_mal(by[top], members), group_mal(by[bottom], members)
+                if a is not None and b:
+                    out[f"{key}_{group}"] = a / b
+    return out
 
 
 def run_pipeline(config: str, out: str, seed: int, variant: str, overrides: list[str], log_path: str) -> dict:
@@ -142,8 +193,9 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def summarise(reports: dict[str, list[dict]]) -> dict[str, dict]:
-    """{JSON key: {"mean", "per_seed"}} for every ratio of every variant."""
+def summarise(reports: dict[str, list[dict]], seen: list[str] | None = None) -> dict[str, dict]:
+    """{JSON key: {"mean", "per_seed"}} for every ratio of every variant, the seen/unseen
+    group ratios included."""
     out = {}
     for variant, runs in reports.items():
         suffix = VARIANTS[variant][0]
@@ -151,6 +203,10 @@ def summarise(reports: dict[str, list[dict]]) -> dict[str, dict]:
             values = [r["comparisons"][source] for r in runs if source in r["comparisons"]]
             if values:
                 out[key + suffix] = {"mean": statistics.fmean(values), "per_seed": values}
+        per_run = [group_ratios(r, seen) for r in runs]
+        for key in sorted({k for g in per_run for k in g}):
+            values = [g[key] for g in per_run if key in g]
+            out[key + suffix] = {"mean": statistics.fmean(values), "per_seed": values}
     return out
 
 
@@ -171,6 +227,22 @@ def mal_table(reports: dict[str, list[dict]]) -> list[str]:
                 f"{macs('layer-pruned-sd'):>10,} {drop!s:>5} {r['wall_s'] or 0:>7.0f} {r['cpu_s'] or 0:>7.0f}"
             )
     return lines
+
+
+def category_table(reports: dict[str, list[dict]], seen: list[str] | None) -> list[str]:
+    """Each run's MAL per category and drafter; unseen categories are starred."""
+    lines = []
+    for variant, runs in reports.items():
+        for seed, r in enumerate(runs):
+            names = sorted({n for d in r["drafters"] for n in d.get("categories", {})})
+            head = " ".join(f"{n[:12] + ('*' if seen and n not in seen else ''):>13}" for n in names)
+            lines.append(f"{'variant ' + variant + ' seed ' + str(seed):<22} {head}")
+            for d in r["drafters"]:
+                cells = " ".join(
+                    f"{d['categories'].get(n, {}).get('mean_accepted_length', float('nan')):>13.3f}" for n in names
+                )
+                lines.append(f"  {d['name']:<20} {cells}")
+    return lines + (["(* not in the fine-tune data)"] if seen else [])
 
 
 def ratio_table(summary: dict[str, dict]) -> list[str]:
@@ -197,6 +269,11 @@ def main() -> None:
     )
     parser.add_argument("--config", default=os.path.join(ROOT, "jobs", "configs", "tiny.yaml"))
     parser.add_argument("--variants", default="50,2:4,70", help=f"comma list of {', '.join(VARIANTS)}")
+    parser.add_argument(
+        "--seen",
+        default=SEEN,
+        help="comma list of the categories the fine-tune data covers (distill.categories), or 'all'",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="passed to every `sd2 run`")
     args = parser.parse_args()
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -204,6 +281,8 @@ def main() -> None:
     if unknown or args.seeds < 1:
         print(f"--variants: unknown {unknown}" if unknown else "--seeds: must be >= 1", file=sys.stderr)
         sys.exit(2)
+    seen = None if args.seen.strip() == "all" else [c.strip() for c in args.seen.split(",") if c.strip()]
+    overrides = [EVAL_PROMPTS, *seen_overrides(seen), *args.overrides]
     root = os.path.abspath(args.out)  # Ray Train workers run elsewhere: never a relative output
     order = ["50"] + [v for v in variants if v != "50"] if "50" in variants else variants
     reports: dict[str, list[dict]] = {v: [] for v in order}
@@ -218,14 +297,16 @@ def main() -> None:
                     out,
                     seed,
                     variant,
-                    args.overrides,
+                    overrides,
                     os.path.join(root, f"log-v{variant.replace(':', 'of')}-s{seed}.txt"),
                 )
             )
             first = first or out
-    summary = summarise(reports)
+    summary = summarise(reports, seen)
     print("\nMAL per drafter (same prompts and K in each run):")
     print("\n".join(mal_table(reports)))
+    print(f"\nMAL per category (fine-tune saw: {', '.join(seen) if seen else 'all'}):")
+    print("\n".join(category_table(reports, seen)))
     print(f"\nSD² ratios over {args.seeds} seed(s) (baselines measured in the same runs):")
     print("\n".join(ratio_table(summary)))
     total_cpu = sum(r["cpu_s"] or 0 for runs in reports.values() for r in runs)

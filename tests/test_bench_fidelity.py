@@ -61,3 +61,34 @@ def test_goals_hold_on_the_mean_and_on_every_seed(bench):
 def test_run_dirs_are_per_variant_and_seed(bench, tmp_path):
     assert bench.run_dir(str(tmp_path), "2:4", 1) == str(tmp_path / "v2of4" / "seed-1")
     assert not bench._complete(str(tmp_path))  # no manifest: the run is not read back
+
+
+def drafter(name, by_category):
+    """A report entry whose categories have (MAL, target passes)."""
+    return {
+        "name": name,
+        "categories": {c: {"mean_accepted_length": m, "target_passes": p} for c, (m, p) in by_category.items()},
+    }
+
+
+def test_seen_and_unseen_ratios_weigh_each_category_by_its_target_passes(bench):
+    """The group MAL is committed tokens over passes summed over the group, not a mean of MALs."""
+    run = report(1.0, 1.0, 0.0, 0.4)
+    run["drafters"] = [
+        drafter("sd2", {"code": (3.0, 10), "math_reasoning": (2.0, 30), "translation": (2.4, 20)}),
+        drafter("layer-pruned-sd", {"code": (2.0, 10), "math_reasoning": (2.0, 30), "translation": (1.6, 20)}),
+        drafter("dense-sd", {"code": (3.0, 10), "math_reasoning": (2.5, 30), "translation": (3.2, 20)}),
+    ]
+    ratios = bench.group_ratios(run, ["code", "math_reasoning"])
+    assert ratios["sd2_over_layer_pruned_seen"] == pytest.approx((3.0 * 10 + 2.0 * 30) / (2.0 * 10 + 2.0 * 30))
+    assert ratios["sd2_over_layer_pruned_unseen"] == pytest.approx(2.4 / 1.6)
+    assert ratios["dense_sd_over_layer_pruned_unseen"] == pytest.approx(3.2 / 1.6)
+    assert ratios["sd2_over_dense_sd_unseen"] == pytest.approx(2.4 / 3.2)
+    summary = bench.summarise({"50": [run, run]}, ["code", "math_reasoning"])
+    assert summary["sd2_over_layer_pruned_unseen"]["per_seed"] == [pytest.approx(1.5)] * 2
+    # every category distilled: there is no unseen group
+    assert not [k for k in bench.group_ratios(run, None) if k.endswith("_unseen")]
+    assert bench.seen_overrides(["code", "rag"]) == ["distill.categories=[code,rag]"]
+    assert bench.seen_overrides(None) == []
+    line = next(r for r in bench.ratio_table(summary) if r.startswith("sd2_over_layer_pruned_unseen"))
+    assert line.rstrip().endswith("yes")

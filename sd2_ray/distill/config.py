@@ -55,6 +55,12 @@ class DistillSettings(StageConfig):
         "_skipped.jsonl; with no usable row the stage always fails)",
     )
     limit: int | None = Field(None, ge=1, description="only the first N input rows (smoke runs)")
+    categories: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="only prompt rows of these task categories (the rows' 'category'); "
+        "limit then takes the first N of them. The fine-tune sees only these tasks, eval sees all",
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="weights/activations dtype of the engines"
     )

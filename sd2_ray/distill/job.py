@@ -22,7 +22,7 @@ from typing import Any
 from sd2_ray import manifest, storage
 from sd2_ray.distill import core
 from sd2_ray.distill.config import DistillConfig
-from sd2_ray.errors import DataError
+from sd2_ray.errors import ConfigError, DataError
 from sd2_ray.models.tokens import tokenizer_identity
 from sd2_ray.rows import require_usable, write_skipped
 
@@ -118,10 +118,30 @@ def check_drafter_tokenizer(config: DistillConfig, target_tokenizer) -> None:
 
 
 def read_input(config: DistillConfig, unreadable: list[dict[str, Any]]) -> list[Any]:
-    """The prompt rows; lines that are not JSON objects go to ``unreadable`` (with file and line)."""
+    """The prompt rows; lines that are not JSON objects go to ``unreadable`` (with file and line).
+    With ``categories``, only rows of those categories count, and ``limit`` takes the first of them."""
     from sd2_ray.rows import read_rows
 
-    return read_rows(config.prompts, limit=config.limit, skipped=unreadable)
+    if not config.categories:
+        return read_rows(config.prompts, limit=config.limit, skipped=unreadable)
+    rows = read_rows(config.prompts, skipped=unreadable)
+    kept = in_categories(rows, config.categories, config.prompts)
+    log.info("%d of %d prompt rows are in categories %s", len(kept), len(rows), ", ".join(config.categories))
+    return kept[: config.limit] if config.limit else kept
+
+
+def in_categories(rows: list[Any], categories: list[str], source: str) -> list[Any]:
+    """The rows of the given categories (rows that are not objects stay, to be listed as bad);
+    a category no row has is a typo, not an empty selection."""
+    from sd2_ray.rows import category_of
+
+    present = {category_of(r) for r in rows if isinstance(r, dict)}
+    missing = [c for c in categories if c not in present]
+    if missing:
+        named = ", ".join(sorted(c for c in present if c)) or "none"
+        raise ConfigError(f"field 'categories': no row of {source} has category {missing} (its categories: {named})")
+    wanted = set(categories)
+    return [r for r in rows if not isinstance(r, dict) or category_of(r) in wanted]
 
 
 def shard_settings(config: DistillConfig, max_prompt: int) -> dict[str, Any]:
@@ -137,6 +157,7 @@ def shard_settings(config: DistillConfig, max_prompt: int) -> dict[str, Any]:
         "row_schema": core.ROW_SCHEMA_VERSION,
         "logprobs_top_k": config.logprobs_top_k,
         "drafter": config.drafter,
+        "categories": config.categories,
     }
 
 

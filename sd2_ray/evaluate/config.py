@@ -15,7 +15,7 @@ class EvalSettings(StageConfig):
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy (with the losslessness check)")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass (sampling only)")
     top_k: int = Field(0, ge=0, description="top-k sampling, 0 = off (sampling only)")
-    seed: int = Field(0, description="base seed; prompt i samples with seed + i")
+    seed: int = Field(0, description="base seed; a prompt samples with seed + a digest of its tokens (order-free)")
     max_new_tokens: int = Field(64, ge=1, description="tokens generated per prompt at most")
     batch_size: int = Field(8, ge=1, description="prompts decoded together")
     max_prompts: int | None = Field(None, ge=1, description="use only the first N prompts")

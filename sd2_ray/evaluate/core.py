@@ -9,6 +9,7 @@ scores several drafters on the same prompts).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import time
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 from sd2_ray.errors import DataError
-from sd2_ray.evaluate.figures import category_figures, figures, prompt_categories
+from sd2_ray.evaluate.figures import category_figures, figures, mal_interval, prompt_categories
 from sd2_ray.models.device import input_device
 from sd2_ray.models.macs import linear_macs
 from sd2_ray.models.tokens import encode_rendered
@@ -81,16 +82,26 @@ def context_length(model) -> int:
     return int(getattr(cfg, "max_position_embeddings", None) or 2048)
 
 
+def prompt_seed(base: int, prompt_ids: list[int]) -> int:
+    """A prompt's sampling seed: the base seed plus a digest of its tokens, so a prompt samples
+    the same tokens wherever it sits in the file (an order-free eval)."""
+    digest = hashlib.sha256(",".join(map(str, prompt_ids)).encode()).hexdigest()
+    return (base + int(digest[:8], 16)) % 2**31
+
+
 def _requests(prompts: list[list[int]], settings) -> list[GenerationRequest]:
     return [
         GenerationRequest(
             p,
             settings.max_new_tokens,
             SamplingParams(
-                temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k, seed=settings.seed + i
+                temperature=settings.temperature,
+                top_p=settings.top_p,
+                top_k=settings.top_k,
+                seed=prompt_seed(settings.seed, p),
             ),
         )
-        for i, p in enumerate(prompts)
+        for p in prompts
     ]
 
 
@@ -109,9 +120,10 @@ class Decoded:
 def batches(requests: list[GenerationRequest], batch_size: int, categories: list[str] | None):
     """(category, request indices) per batch: similar prompt lengths together (less padding), and
     never two categories in one batch, so each batch's time is one category's. Without
-    categories this is plain length order."""
+    categories this is plain length order. Equal lengths are ordered by the prompt's tokens, not
+    by its place in the file, so a batch holds the same prompts whatever the rows' order."""
     labels = categories or [""] * len(requests)
-    order = sorted(range(len(requests)), key=lambda i: (labels[i], len(requests[i].prompt_ids)))
+    order = sorted(range(len(requests)), key=lambda i: (labels[i], len(requests[i].prompt_ids), requests[i].prompt_ids))
     for label, group in itertools.groupby(order, key=lambda i: labels[i]):
         members = list(group)
         for start in range(0, len(members), batch_size):
@@ -270,6 +282,7 @@ def evaluate_pair(
     t_macs, d_macs = linear_macs(target), linear_macs(drafter)
     report = figures(run.stats, run.seconds, run.cpu, run.outputs, baseline, t_macs, d_macs, k, settings.temperature)
     report.update(
+        mal_ci95=mal_interval(run.request_stats),
         cross_tokenizer=engine.cross_tokenizer,
         top_p=settings.top_p,
         top_k=settings.top_k,

@@ -10,6 +10,7 @@ CPU time belongs to exactly one category.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from sd2_ray.models.macs import cost_coefficient, predicted_speedup
@@ -20,6 +21,7 @@ UNCATEGORIZED = "uncategorized"  # rows without a category, when other rows have
 # what a category's entry keeps of the figures (MACs and cost are the pair's, not the prompts')
 CATEGORY_KEYS = (
     "mean_accepted_length",
+    "mal_ci95",
     "acceptance_rate",
     "per_position_acceptance",
     "predicted_speedup",
@@ -44,6 +46,21 @@ def prompt_categories(rows: list[dict[str, Any]]) -> list[str] | None:
     if not any(named):
         return None
     return [name or UNCATEGORIZED for name in named]
+
+
+def mal_interval(request_stats: list[SpecStats]) -> list[float] | None:
+    """The 95 % interval of the MAL of these requests, as the normal approximation of a ratio
+    estimator (MAL = committed tokens / target passes, summed over requests that are the sample
+    units); None below two requests that verified anything."""
+    units = [(s.committed_tokens, s.target_passes) for s in request_stats if s.target_passes]
+    n = len(units)
+    if n < 2:
+        return None
+    passes = sum(p for _, p in units)
+    mal = sum(c for c, _ in units) / passes
+    residual = sum((c - mal * p) ** 2 for c, p in units) / (n - 1)
+    half = 1.96 * math.sqrt(residual / n) / (passes / n)
+    return [mal - half, mal + half]
 
 
 def figures(
@@ -116,6 +133,7 @@ def category_figures(categories: list[str] | None, decoded, baseline, t_macs, d_
         outputs = [decoded.outputs[i] for i in members]
         base = category_baseline(baseline, categories, name, members)
         numbers = figures(stats, seconds, cpu, outputs, base, t_macs, d_macs, k, temperature)
+        numbers["mal_ci95"] = mal_interval([decoded.request_stats[i] for i in members])
         out[name] = {"prompts": len(members), **{key: numbers[key] for key in CATEGORY_KEYS}}
     return out
 

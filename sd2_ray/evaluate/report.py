@@ -67,20 +67,26 @@ def category_table(categories: dict[str, dict[str, Any]]) -> list[str]:
         return []
     lines = [
         "",
-        "| category | prompts | MAL | acceptance | predicted | measured | lossless |",
-        "|---|---|---|---|---|---|---|",
+        "| category | prompts | MAL | MAL 95 % interval | acceptance | predicted | measured | lossless |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, c in categories.items():
-        cells = [name, c["prompts"], c["mean_accepted_length"], c["acceptance_rate"], c["predicted_speedup"]]
+        cells = [name, c["prompts"], c["mean_accepted_length"], interval_text(c.get("mal_ci95"))]
+        cells += [c["acceptance_rate"], c["predicted_speedup"]]
         cells += [c.get("measured_speedup"), c.get("lossless")]
         lines.append("| " + " | ".join(_fmt(v) for v in cells) + " |")
     return lines
 
 
+def interval_text(interval: list[float] | None) -> str:
+    return f"{interval[0]:.3f}–{interval[1]:.3f}" if interval else "n/a"
+
+
 def category_lines(report: dict[str, Any]) -> list[str]:
     """One console line per category (none without categories)."""
     return [
-        f"  {name}: MAL {c['mean_accepted_length']:.3f}, acceptance {c['acceptance_rate']:.3f}, "
+        f"  {name}: MAL {c['mean_accepted_length']:.3f} (95 % {interval_text(c.get('mal_ci95'))}), "
+        f"acceptance {c['acceptance_rate']:.3f}, "
         f"{c['prompts']} prompts, predicted {c['predicted_speedup']:.2f}x, measured "
         + (f"{c['measured_speedup']:.2f}x" if c.get("measured_speedup") else "n/a")
         for name, c in (report.get("categories") or {}).items()

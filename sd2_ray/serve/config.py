@@ -11,8 +11,10 @@ from sd2_ray.config import NODE_RESOURCES_DESCRIPTION, NodeResources, StageConfi
 from sd2_ray.models.device import DeviceName, DtypeName
 
 API_KEY_ENV = "SD2_API_KEY"
-# Spec-Bench's six task groups, the default labels of Serve's per-category acceptance metrics
+# Spec-Bench's six task groups, the default labels of Serve's per-category acceptance metrics,
+# and the kit's code completion
 SPEC_BENCH_CATEGORIES = ("mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag")
+METRIC_CATEGORIES = (*SPEC_BENCH_CATEGORIES, "code")
 
 
 class AutoscalingConfig(BaseModel):
@@ -121,7 +123,7 @@ class ServeSettings(StageConfig):
     )
     app_name: str = Field("sd2", description="Ray Serve application name")
     metric_categories: list[str] = Field(
-        default_factory=lambda: list(SPEC_BENCH_CATEGORIES),
+        default_factory=lambda: list(METRIC_CATEGORIES),
         description="transformers engine: task categories a request may name in metadata.category "
         "to label its acceptance metrics; any other is counted as 'other', none as 'uncategorized' "
         "(a bounded label set keeps Prometheus series few)",
