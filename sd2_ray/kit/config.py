@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import Field, field_validator, model_validator
 
 from sd2_ray.config import StageConfig
@@ -116,7 +118,7 @@ class KitConfig(StageConfig):
         """The fields that decide one model's weights (its part of the cache)."""
         steps = {"target": self.target_steps, "drafter": self.drafter_steps, "drafter-uag": self.uag_steps}
         vocab = self.uag_vocab_size if name == "drafter-uag" else self.vocab_size
-        fields = {
+        fields: dict[str, Any] = {
             "seed": self.seed,
             "corpus_chars": self.corpus_chars,
             "heldout_fraction": self.heldout_fraction,

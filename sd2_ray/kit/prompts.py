@@ -125,7 +125,7 @@ def select(examples: list[dict], count: int | None, seed: int, fits) -> list[dic
 def interleave(groups: list[list[dict]]) -> list[dict]:
     """Round-robin over the groups (one per task), so any prefix of the rows covers the tasks
     evenly: ``distill.limit`` and ``eval.max_prompts`` take prefixes."""
-    out = []
+    out: list[dict] = []
     for i in range(max((len(g) for g in groups), default=0)):
         out.extend(g[i] for g in groups if i < len(g))
     return out
