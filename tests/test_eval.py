@@ -83,6 +83,11 @@ def check_categories(report, prompts_per_category):
         assert c["acceptance_rate"] == pytest.approx(c["num_accepted_tokens"] / c["num_draft_tokens"])
         assert len(c["per_position_acceptance"]) == k and c["lossless"] is True
         assert c["measured_speedup"] > 0 and c["measured_speedup_cpu"] > 0
+        interval = c["mal_ci95"]  # None for a category of one prompt: no spread to measure
+        assert (interval is None) == (c["prompts"] < 2)
+        assert interval is None or interval[0] <= c["mean_accepted_length"] <= interval[1]
+    low, high = report["mal_ci95"]
+    assert low <= report["mean_accepted_length"] <= high
     assert sum(c["seconds"] for c in cats.values()) == pytest.approx(report["seconds"])
 
 
@@ -201,7 +206,7 @@ def test_bad_rows_are_skipped_and_listed_and_none_left_is_one_line_error(pairs, 
     assert "'prompt' must be a non-empty string" in reasons and "context window" in reasons
     assert {"index": 3, "id": "a", "reason": "duplicate id"} in skipped
     check_categories(report, {"chat": 1, "math": 1, "uncategorized": 1})
-    assert "| math | 1 |" in (out / "report.md").read_text()
+    assert "| math | 1 |" in (out / "report.md").read_text() and "MAL 95 % interval" in (out / "report.md").read_text()
     assert any(r.getMessage().startswith("  math: MAL ") for r in caplog.records)
 
     prompts.write_text(json.dumps({"id": "zz", "prompt": ""}) + "\n")
