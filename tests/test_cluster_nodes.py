@@ -207,10 +207,11 @@ def test_eval_task_lost_with_its_node_is_retried_with_the_same_report(cluster, k
 
         deadline = time.time() + 300
         while time.time() < deadline and not finished.is_set() and "node" not in lost:
+            # the state API may still list the clean run's task as running: only this run's counts
             running = [
                 t
                 for t in list_tasks(address=state_address(), filters=[("state", "=", "RUNNING")], limit=1000)
-                if t.name.endswith("_drafter_task")
+                if t.name.endswith("_drafter_task") and t.task_id not in clean_tasks
             ]
             if running:
                 victim = next(n for n in nodes if n.node_id == running[0].node_id)
