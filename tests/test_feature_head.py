@@ -123,6 +123,24 @@ def test_trained_head_drafts_from_features_and_stays_lossless(trained_pair):
     assert after.per_position_acceptance()[0] > 0.5
 
 
+def test_budgets_one_token_prompts_and_stop_ids(trained_pair):
+    """Budgets of 0 and 1, a one-token prompt, and a stop id met inside an accepted draft."""
+    target, prompts, _, trained, _ = trained_pair
+    stop = hf_greedy(target, prompts[1], 6)[3]
+    requests = [
+        GenerationRequest([7], 5),
+        GenerationRequest(prompts[0], 0),
+        GenerationRequest(prompts[2], 1),
+        GenerationRequest(prompts[1], 12, stop_token_ids=(stop,)),
+    ]
+    results = FeatureSpecDecoder(target, trained, 3).generate(requests)
+    assert [r.finish_reason for r in results] == ["length", "length", "length", "stop"]
+    assert results[0].token_ids == hf_greedy(target, [7], 5)
+    assert results[1].token_ids == [] and results[2].token_ids == hf_greedy(target, prompts[2], 1)
+    expected = hf_greedy(target, prompts[1], 12)
+    assert results[3].token_ids == expected[: expected.index(stop) + 1]
+
+
 def test_multi_layer_features_greedy_lossless():
     """EAGLE-3-style input (low/mid/high layers concatenated, reduced by a trainable map)."""
     target = tiny_model("llama", seed=0, layers=3)
