@@ -246,8 +246,25 @@ def test_kit_drafter_pruned_with_sparsegpt_learns_from_jsonl(kit_dir, tmp_path):
     out = storage.local_dir(result.output)
     masks = load_masks(out)
     assert masks and masked_weights_nonzero(load_model(out), masks) == 0
-    losses = [h["loss"] for h in result.history]
-    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    # learned: a lower loss on one fixed batch of the rows it trained on (the per-step losses are
+    # of different batches, mixing six tasks whose losses differ several-fold: not comparable)
+    tokenizer_dir = os.path.join(kit_dir, "drafter")
+    before, after = (answer_loss(load_model(m), tokenizer_dir, prompts, 32) for m in (pruned, out))
+    print(f"loss on the first 32 train rows: pruned {before:.3f}, fine-tuned {after:.3f}")
+    assert after < before - 0.02  # measured 2.970 -> 2.908 after 12 steps at lr 5e-4
+
+
+def answer_loss(model, tokenizer_dir: str, prompts: str, count: int) -> float:
+    """The model's mean loss on the answers of the first ``count`` rows, as the fine-tune encodes them."""
+    from sd2_ray.finetune.data import collate, encode_rows
+    from sd2_ray.models.io import load_tokenizer
+    from sd2_ray.rows import read_rows
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    batch = collate(encode_rows(read_rows(prompts, limit=count), tokenizer, 128), tokenizer.pad_token_id)
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    return out.loss.item()
 
 
 def reference_losses(model_dir: str, data: str, steps: int, cfg: FinetuneConfig) -> list[float]:

@@ -9,9 +9,12 @@ for the ends to weigh little): vLLM makes each response's first token in the pre
 pass without a draft that its MAL leaves out, and counts draft tokens it accepted past a stop
 token or max_tokens (dropped after counting); our engine drafts from the first pass, never past
 a row's budget, and counts only the tokens it emits (MAL = emitted tokens / target passes).
-Measured here (24 prompts, K 4, 48 tokens): sd2 eval 1.783 = 911 tokens / 511 passes; vLLM
-1 + 407 / 487 = 1.836 (+3 %): 487 drafts + 24 prefills = the same 511 target passes, and 7 of
-its 407 accepted tokens lie past the end (911 - 24 prefill tokens = 887 = 487 + 400).
+With the one-task kit (long code answers) vLLM's own MAL was close to ours: 1.836 against 1.783.
+The six-task kit's answers are short, so the prefill pass vLLM leaves out weighs more, and the
+comparison is made per target pass from vLLM's counters: (accepted + drafts + prefills) /
+(drafts + prefills). Measured (24 prompts, 4 of each task, K 4, 48 tokens): sd2 eval 2.585 =
+623 tokens / 241 passes; vLLM 1 + 430 / 228 = 2.886, per pass 2.706 (+4.7 %, inside the 5 %
+but close: vLLM's counters include the accepted tokens past a stop, 59 here).
 """
 
 from __future__ import annotations
@@ -94,6 +97,14 @@ def test_vllm_acceptance_agrees_with_sd2_eval_mal(kit_dir, monkeypatch):
             list(got.outputs[0].token_ids) == [t for t in want if t not in eos]
             or list(got.outputs[0].token_ids) == want
         )
+    # vLLM's MAL (1 + accepted / drafts) leaves out each response's prefill pass, which makes
+    # its first token; with the kit's short answers (summaries, arithmetic) that pass weighs a lot.
+    # Per target pass, as ours counts, from vLLM's counters: every draft commits its accepted
+    # tokens plus one, every prefill one token.
+    prefills = len(prompts)
+    vllm_per_pass = (counters["num_accepted_tokens"] + counters["num_drafts"] + prefills) / (
+        counters["num_drafts"] + prefills
+    )
     vllm_mal = 1 + counters["num_accepted_tokens"] / counters["num_drafts"]
     sd2_mal = ours["mean_accepted_length"]
     tokens = sum(len(o.outputs[0].token_ids) for o in done)
@@ -101,8 +112,8 @@ def test_vllm_acceptance_agrees_with_sd2_eval_mal(kit_dir, monkeypatch):
         f"\nMAL over {len(prompts)} prompts, K={K}, {MAX_NEW_TOKENS} new tokens: sd2 eval {sd2_mal:.3f} "
         f"({ours['generated_tokens']} tokens / {ours['target_passes']} target passes; "
         f"{ours['num_accepted_tokens']} accepted in {ours['num_drafts']} drafts); vLLM {vllm_mal:.3f} "
-        f"({counters}; {tokens} tokens / (drafts + {len(prompts)} prefills) = "
-        f"{tokens / (counters['num_drafts'] + len(prompts)):.3f})"
+        f"({counters}; per target pass {vllm_per_pass:.3f}; {tokens} tokens / (drafts + {prefills} prefills) = "
+        f"{tokens / (counters['num_drafts'] + prefills):.3f})"
     )
     assert counters["num_draft_tokens"] == K * counters["num_drafts"]
-    assert abs(vllm_mal - sd2_mal) <= 0.05 * sd2_mal, (vllm_mal, sd2_mal)
+    assert abs(vllm_per_pass - sd2_mal) <= 0.05 * sd2_mal, (vllm_per_pass, vllm_mal, sd2_mal)
