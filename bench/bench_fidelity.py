@@ -246,7 +246,7 @@ def category_table(reports: dict[str, list[dict]], seen: list[str] | None) -> li
 
 
 def ratio_table(summary: dict[str, dict]) -> list[str]:
-    lines = [f"{'ratio':<34} {'mean':>7}  {'per seed':<26} {'goal (50 %)':<26} met"]
+    lines = [f"{'ratio':<42} {'mean':>7}  {'per seed':<26} {'goal (50 %)':<26} met"]
     for key, value in summary.items():
         seeds = ", ".join(f"{v:.3f}" for v in value["per_seed"])
         goal, met = GOALS.get(key), ""
@@ -254,7 +254,7 @@ def ratio_table(summary: dict[str, dict]) -> list[str]:
             on_mean, on_each, words = goal
             ok = on_mean(value["mean"]) and (on_each is None or all(on_each(v) for v in value["per_seed"]))
             goal, met = words, "yes" if ok else "NO"
-        lines.append(f"{key:<34} {value['mean']:>7.3f}  {seeds:<26} {goal or '':<26} {met}")
+        lines.append(f"{key:<42} {value['mean']:>7.3f}  {seeds:<26} {goal or '':<26} {met}")
     return lines
 
 
