@@ -11,7 +11,7 @@ ratio has its baseline measured in the same run, on the same prompts and K:
     sd2_mal_drop_vs_dense_sd  1 - SD² MAL / dense-sd MAL
     sd2_mac_cut_vs_dense_sd   1 - SD² MACs / dense-sd MACs
 
-The mechanism (issue 28): the self-distilled fine-tune data covers only the ``--seen`` task
+The mechanism: the self-distilled fine-tune data covers only the ``--seen`` task
 categories (``distill.categories``), the eval covers every kit category. Per seed, the MAL over
 the seen and over the unseen categories (committed tokens / target passes, summed over the
 group's categories) gives
