@@ -14,8 +14,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from sd2_ray.config import NODE_RESOURCES_DESCRIPTION, NodeResources, StageConfig, StoragePath
-from sd2_ray.feature.head import Variant
 
+Variant = Literal["eagle", "fspad", "fspad-sampling", "fspad-pad"]
 LayerChoice = Literal["last", "low-mid-high"]
 
 

@@ -47,7 +47,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, cast
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -55,8 +55,8 @@ from pydantic import Field
 from torch import nn
 
 from sd2_ray.config import StageConfig
+from sd2_ray.feature.config import Variant
 
-Variant = Literal["eagle", "fspad", "fspad-sampling", "fspad-pad"]
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 

@@ -1,0 +1,82 @@
+"""The Ray Data adapter of feature streaming: distilled rows -> an actor pool running the target
+(:class:`sd2_ray.feature.extract.FeatureExtractor`) -> feature rows, handed to Ray Train as its
+``train`` dataset and split over the workers, so each row's features are computed once per epoch
+and reach exactly one worker.
+
+Nothing is written: the features live in Ray's object store only while they stream (Ray Data's
+backpressure bounds how many batches are in flight). A lost actor is restarted and its batches
+retried (``max_restarts``; Ray Data's actor pool). ``cache`` opts in to writing them once as
+Parquet (local or s3://) and reading that back on later epochs and reruns; ``materialize``
+computes them all into the object store first (the baseline streaming is measured against).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+from sd2_ray import storage
+
+log = logging.getLogger(__name__)
+
+CACHE_DONE = "_COMPLETE"  # written last into a cache dir: a cache without it is recomputed
+
+
+def feature_dataset(rows, target_dir: str, stream, extract: dict[str, Any]):
+    """Feature rows of the Ray dataset ``rows`` (distilled rows), computed by ``stream.actors``
+    target actors (``stream``: :class:`sd2_ray.feature.config.FeatureStreamSettings`; ``extract``:
+    :class:`sd2_ray.feature.extract.ExtractSettings` as a dict)."""
+    if stream.cache and cache_complete(stream.cache):
+        log.info("features: reading the cache %s", stream.cache)
+        return read_cache(stream.cache)
+    features = apply_extractor(rows, target_dir, stream, extract)
+    if stream.cache:
+        write_cache(features, stream.cache)
+        return read_cache(stream.cache)
+    return features
+
+
+def apply_extractor(rows, target_dir: str, stream, extract: dict[str, Any]):
+    """The actor pool stage (the same placement fields as distill's transformers actors)."""
+    import ray
+
+    from sd2_ray.feature.extract import FeatureExtractor
+    from sd2_ray.runtime import worker_env
+
+    with warnings.catch_warnings():  # max_restarts has no named parameter yet in Ray 2.60
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        # blocks of one actor batch: a whole Parquet file is one block, which one actor would take
+        return rows.repartition(target_num_rows_per_block=stream.batch_size).map_batches(
+            FeatureExtractor,
+            fn_constructor_kwargs={"model_dir": target_dir, "settings": extract},
+            compute=ray.data.ActorPoolStrategy(size=stream.actors),
+            batch_size=stream.batch_size,
+            batch_format="pyarrow",
+            num_cpus=stream.cpus_per_actor,
+            num_gpus=stream.gpus_per_actor or None,
+            resources=stream.node_resources or None,
+            runtime_env={"env_vars": worker_env()},
+            max_restarts=stream.max_restarts,
+            max_task_retries=-1 if stream.max_restarts != 0 else 0,
+        )
+
+
+def cache_complete(path: str) -> bool:
+    return storage.exists(storage.join(path, CACHE_DONE))
+
+
+def write_cache(features, path: str) -> None:
+    """The feature rows as Parquet under ``path``, marked complete last (a partial write is redone)."""
+    storage.delete(path)
+    fs, inner = storage.filesystem(path)
+    features.write_parquet(inner, filesystem=fs)
+    storage.write_text(storage.join(path, CACHE_DONE), "")
+    log.info("features: cached in %s", path)
+
+
+def read_cache(path: str):
+    import ray.data
+
+    fs, inner = storage.filesystem(path)
+    return ray.data.read_parquet(inner, filesystem=fs, file_extensions=["parquet"])
