@@ -18,6 +18,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sd2_ray"
 ADAPTERS = {
     "runtime.py": "ray.init, GPU tasks, remote errors: the one place Ray starts",
     "distill/ray_data.py": "Ray Data: requests through the engine actor pool or ray.data.llm's vLLM processor",
+    "feature/stream.py": "Ray Data: target features from an actor pool, streamed to Ray Train",
+    "feature/ray_worker.py": "Ray Train: a feature head's per-worker loop around the pure step",
     "finetune/ray_train.py": "Ray Train: dataset + TorchTrainer",
     "finetune/ray_worker.py": "Ray Train: the per-worker loop around the pure step",
     "serve/app.py": "Ray Serve deployment of our engine",

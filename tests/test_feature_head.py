@@ -11,9 +11,10 @@ import time
 import pytest
 import torch
 
+from sd2_ray.feature.config import FeatureHeadConfig, low_mid_high_layers
 from sd2_ray.feature.decode import FeatureSpecDecoder, total_stats
 from sd2_ray.feature.features import target_features
-from sd2_ray.feature.head import FeatureHead, FeatureHeadConfig, low_mid_high_layers
+from sd2_ray.feature.head import FeatureHead
 from sd2_ray.feature.losses import feature_head_loss
 from sd2_ray.specdec.sampling import RowParams, warp_probs
 from sd2_ray.specdec.types import GenerationRequest, SamplingParams

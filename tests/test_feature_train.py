@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sd2_ray.feature.config import FeatureHeadConfig
 from sd2_ray.feature.decode import FeatureSpecDecoder, total_stats
 from sd2_ray.feature.extract import ExtractSettings, extract_rows, load_target_parts
-from sd2_ray.feature.head import FeatureHead, FeatureHeadConfig
+from sd2_ray.feature.head import FeatureHead
 from sd2_ray.feature.train import FeatureHeadLoss, chain_acceptance, collate, unroll
 from sd2_ray.specdec.types import GenerationRequest
 from sd2_ray.testing.tiny import tiny_model

@@ -19,6 +19,76 @@ Variant = Literal["eagle", "fspad", "fspad-sampling", "fspad-pad"]
 LayerChoice = Literal["last", "low-mid-high"]
 
 
+class FeatureHeadConfig(StageConfig):
+    """Shape and variant of a feature head. The sizes are the target's (``for_target`` copies
+    them), so a saved head loads without the target's config at hand."""
+
+    variant: Variant = Field("eagle", description="eagle | fspad | fspad-sampling | fspad-pad")
+    feature_layers: tuple[int, ...] = Field(
+        (-1,), description="indices into the target's hidden_states; (-1,) = EAGLE-1, several = EAGLE-3"
+    )
+    hidden_size: int = Field(..., ge=1)
+    vocab_size: int = Field(..., ge=1)
+    num_attention_heads: int = Field(..., ge=1)
+    num_key_value_heads: int = Field(..., ge=1)
+    intermediate_size: int = Field(..., ge=1, description="MLP width of the head's decoder layer")
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+
+    @property
+    def feature_sampling(self) -> bool:
+        return self.variant in ("fspad", "fspad-sampling")
+
+    @property
+    def partial_alignment(self) -> bool:
+        return self.variant in ("fspad", "fspad-pad")
+
+    @classmethod
+    def for_target(cls, target_config, variant: Variant = "eagle", **overrides) -> FeatureHeadConfig:
+        """A head config sized like ``target_config`` (any transformers config with the usual names)."""
+        heads = target_config.num_attention_heads
+        rope = getattr(target_config, "rope_parameters", None) or {}
+        fields = dict(
+            variant=variant,
+            hidden_size=target_config.hidden_size,
+            vocab_size=target_config.vocab_size,
+            num_attention_heads=heads,
+            num_key_value_heads=getattr(target_config, "num_key_value_heads", None) or heads,
+            intermediate_size=target_config.intermediate_size,
+            rms_norm_eps=getattr(target_config, "rms_norm_eps", 1e-6),
+            rope_theta=rope.get("rope_theta", getattr(target_config, "rope_theta", 10000.0)),
+            max_position_embeddings=getattr(target_config, "max_position_embeddings", 4096),
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+    def layer_config(self):
+        """The 1-layer Llama config of the head's decoder layer. Eager attention: it takes the
+        additive 4D mask built here for any padding side."""
+        from transformers import LlamaConfig
+
+        config = LlamaConfig(
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            num_hidden_layers=1,
+            vocab_size=self.vocab_size,
+            rms_norm_eps=self.rms_norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+            max_position_embeddings=self.max_position_embeddings,
+        )
+        config._attn_implementation = "eager"
+        return config
+
+
+def low_mid_high_layers(num_hidden_layers: int) -> tuple[int, ...]:
+    """EAGLE-3-style feature layers as indices into hidden_states: first block, middle, last (the
+    last entry of hidden_states is the LM head's input)."""
+    return tuple(sorted({1, max(1, num_hidden_layers // 2), -1 % (num_hidden_layers + 1)}))
+
+
 class FeatureStreamSettings(StageConfig):
     """The actor pool that runs the target over the rows (the same kind of actors as distill's)."""
 
@@ -30,6 +100,11 @@ class FeatureStreamSettings(StageConfig):
         -1, ge=-1, description="restarts of a lost feature actor (-1: unlimited); its batches are retried"
     )
     node_resources: NodeResources = Field(default_factory=dict, description=NODE_RESOURCES_DESCRIPTION)
+    materialize: bool = Field(
+        False,
+        description="compute every feature into Ray's object store before training starts (memory: "
+        "all of them; the baseline streaming is measured against); default: streamed while training",
+    )
     cache: StoragePath | None = Field(
         None,
         description="opt-in: write the streamed features once as Parquet here (local or s3://) and "
@@ -68,8 +143,6 @@ class FeatureTrainSettings(StageConfig):
 
     def feature_layers(self, num_hidden_layers: int) -> tuple[int, ...]:
         """The layers as indices into the target's ``hidden_states`` (embeddings = 0)."""
-        from sd2_ray.feature.head import low_mid_high_layers
-
         if self.layers == "last":
             return (-1,)
         if self.layers == "low-mid-high":
@@ -82,8 +155,6 @@ class FeatureTrainSettings(StageConfig):
 
     def head_config(self, target_config):
         """The head's shape for this target."""
-        from sd2_ray.feature.head import FeatureHeadConfig
-
         text = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
         overrides = {"feature_layers": self.feature_layers(text.num_hidden_layers)}
         if self.intermediate_size:

@@ -51,84 +51,12 @@ from typing import cast
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
-from sd2_ray.config import StageConfig
-from sd2_ray.feature.config import Variant
+from sd2_ray.feature.config import FeatureHeadConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-
-
-class FeatureHeadConfig(StageConfig):
-    """Shape and variant of a feature head. The sizes are the target's (``for_target`` copies
-    them), so a saved head loads without the target's config at hand."""
-
-    variant: Variant = Field("eagle", description="eagle | fspad | fspad-sampling | fspad-pad")
-    feature_layers: tuple[int, ...] = Field(
-        (-1,), description="indices into the target's hidden_states; (-1,) = EAGLE-1, several = EAGLE-3"
-    )
-    hidden_size: int = Field(..., ge=1)
-    vocab_size: int = Field(..., ge=1)
-    num_attention_heads: int = Field(..., ge=1)
-    num_key_value_heads: int = Field(..., ge=1)
-    intermediate_size: int = Field(..., ge=1, description="MLP width of the head's decoder layer")
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    max_position_embeddings: int = 4096
-
-    @property
-    def feature_sampling(self) -> bool:
-        return self.variant in ("fspad", "fspad-sampling")
-
-    @property
-    def partial_alignment(self) -> bool:
-        return self.variant in ("fspad", "fspad-pad")
-
-    @classmethod
-    def for_target(cls, target_config, variant: Variant = "eagle", **overrides) -> FeatureHeadConfig:
-        """A head config sized like ``target_config`` (any transformers config with the usual names)."""
-        heads = target_config.num_attention_heads
-        rope = getattr(target_config, "rope_parameters", None) or {}
-        fields = dict(
-            variant=variant,
-            hidden_size=target_config.hidden_size,
-            vocab_size=target_config.vocab_size,
-            num_attention_heads=heads,
-            num_key_value_heads=getattr(target_config, "num_key_value_heads", None) or heads,
-            intermediate_size=target_config.intermediate_size,
-            rms_norm_eps=getattr(target_config, "rms_norm_eps", 1e-6),
-            rope_theta=rope.get("rope_theta", getattr(target_config, "rope_theta", 10000.0)),
-            max_position_embeddings=getattr(target_config, "max_position_embeddings", 4096),
-        )
-        fields.update(overrides)
-        return cls(**fields)
-
-    def layer_config(self):
-        """The 1-layer Llama config of the head's decoder layer. Eager attention: it takes the
-        additive 4D mask built here for any padding side."""
-        from transformers import LlamaConfig
-
-        config = LlamaConfig(
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            num_attention_heads=self.num_attention_heads,
-            num_key_value_heads=self.num_key_value_heads,
-            num_hidden_layers=1,
-            vocab_size=self.vocab_size,
-            rms_norm_eps=self.rms_norm_eps,
-            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
-            max_position_embeddings=self.max_position_embeddings,
-        )
-        config._attn_implementation = "eager"
-        return config
-
-
-def low_mid_high_layers(num_hidden_layers: int) -> tuple[int, ...]:
-    """EAGLE-3-style feature layers as indices into hidden_states: first block, middle, last (the
-    last entry of hidden_states is the LM head's input)."""
-    return tuple(sorted({1, max(1, num_hidden_layers // 2), -1 % (num_hidden_layers + 1)}))
 
 
 @dataclass(frozen=True)
@@ -249,8 +177,7 @@ class FeatureHead(nn.Module):
         from safetensors.torch import save_file
 
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / CONFIG_NAME).write_text(json.dumps(self.config.model_dump(mode="json"), indent=2) + "\n")
+        save_config(self.config, out)
         save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(out / WEIGHTS_NAME))
 
     @classmethod
@@ -264,6 +191,42 @@ class FeatureHead(nn.Module):
         head.load_state_dict(load_file(str(head_path / WEIGHTS_NAME)), strict=True)
         weight = target.get_input_embeddings().weight
         return head.to(device=weight.device, dtype=weight.dtype)
+
+
+def save_config(config: FeatureHeadConfig, out_dir: str | Path) -> None:
+    """A head's ``config.json`` (what :meth:`FeatureHead.load` and :func:`is_feature_head` read)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG_NAME).write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
+
+
+def head_from_checkpoint(directory: str, final_head: str, out_dir: str) -> None:
+    """The head of an intermediate DeepSpeed checkpoint (the fine-tune's loss module holds it as
+    ``lm``), in the dtype and with the config of the final head, written to ``out_dir``."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file, save_file
+
+    from sd2_ray.finetune.checkpoint import DS_TAG, LM_PREFIX
+
+    final = load_file(str(Path(final_head) / WEIGHTS_NAME))
+    state = get_fp32_state_dict_from_zero_checkpoint(directory, tag=DS_TAG)
+    weights = {k[len(LM_PREFIX) :]: v for k, v in state.items() if k.startswith(LM_PREFIX)}
+    if set(weights) != set(final):
+        raise RuntimeError(f"{directory}: the checkpoint's weights are not the head's")
+    config = FeatureHeadConfig(**json.loads((Path(final_head) / CONFIG_NAME).read_text()))
+    save_config(config, out_dir)
+    weights = {k: v.to(final[k].dtype).contiguous() for k, v in weights.items()}
+    save_file(weights, str(Path(out_dir) / WEIGHTS_NAME))
+
+
+def is_feature_head(model_dir: str | Path) -> bool:
+    """Whether a local model dir holds a feature head (its config names a variant and the target
+    layers it reads) rather than a standalone drafter."""
+    path = Path(model_dir) / CONFIG_NAME
+    if not path.is_file():
+        return False
+    config = json.loads(path.read_text())
+    return "variant" in config and "feature_layers" in config
 
 
 def _rms_norm(config: FeatureHeadConfig) -> nn.Module:

@@ -45,12 +45,12 @@ def collate(rows: Sequence[dict]) -> dict[str, torch.Tensor]:
     }
     for i, row in enumerate(rows):
         n = len(row["input_ids"])
-        features = torch.from_numpy(np.asarray(row["features"], dtype=np.float32))
+        features = torch.tensor(np.asarray(row["features"]), dtype=torch.float32)  # Ray's arrays are read-only
         batch["input_ids"][i, :n] = torch.as_tensor(np.asarray(row["input_ids"]), dtype=torch.long)
         batch["attention_mask"][i, :n] = 1
         batch["loss_mask"][i, :n] = torch.as_tensor(np.asarray(row["loss_mask"]), dtype=torch.long)
         batch["features"][i, :n] = features
-        batch["top"][i, :n] = torch.from_numpy(np.asarray(row["top"], dtype=np.float32)) if has_top else features
+        batch["top"][i, :n] = torch.tensor(np.asarray(row["top"]), dtype=torch.float32) if has_top else features
         batch["target_ids"][i, :n] = torch.as_tensor(np.asarray(row["target_ids"]), dtype=torch.long)
     return batch
 

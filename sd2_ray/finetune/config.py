@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 from sd2_ray import storage
 from sd2_ray.config import NODE_RESOURCES_DESCRIPTION, NodeResources, StageConfig, StoragePath
 from sd2_ray.errors import ConfigError
+from sd2_ray.feature.config import FeatureTrainSettings
 
 STAGE = "finetune"  # the stage's name in its manifest and metrics.json
 CHECKPOINTS_DIR = "_checkpoints"
@@ -151,6 +152,22 @@ class FinetuneSettings(StageConfig):
         "MAL (needs eval_every and top-k rows)",
     )
 
+    feature_head: FeatureTrainSettings | None = Field(
+        None,
+        description="train an EAGLE-style feature head (eagle / fspad) instead of a drafter: `model` is "
+        "then the target, whose features are streamed to the workers by an actor pool "
+        "(sd2_ray/feature/config.py)",
+    )
+
+    @model_validator(mode="after")
+    def _check_feature_head(self) -> FinetuneSettings:
+        if self.feature_head is not None and self.loss != "ce":
+            raise ValueError(
+                "loss: a feature head learns the target's features and next tokens "
+                "(feature_head.feature_weight / token_weight); leave loss at ce"
+            )
+        return self
+
     @model_validator(mode="after")
     def _check_batch(self) -> FinetuneSettings:
         per_step = self.workers * self.grad_accum
@@ -225,7 +242,9 @@ class FinetuneConfig(FinetuneSettings):
 
 def topk_needs(config: FinetuneSettings) -> list[tuple[str, str]]:
     """(field, what) for every setting that reads the target's stored top-k distribution."""
-    needs = []
+    needs: list[tuple[str, str]] = []
+    if config.feature_head is not None:
+        return needs  # the head's expected MAL is measured on streamed target features
     if config.loss != "ce":
         needs.append(("loss", f"loss {config.loss}"))
     if config.select_by == "expected_mal":

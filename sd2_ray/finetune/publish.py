@@ -65,17 +65,17 @@ def selected_model(config: FinetuneConfig, state: dict, final: str, scratch: str
     from sd2_ray.finetune.checkpoint import checkpoint_dir_name, drafter_from_checkpoint
 
     source = storage.join(config.checkpoint_run_dir(), checkpoint_dir_name(best["step"]))
+    if config.feature_head is not None and storage.exists(source):
+        from sd2_ray.feature.head import head_from_checkpoint
+
+        _log_selection(best, state)
+        head_from_checkpoint(storage.local_dir(source), storage.local_dir(storage.join(final, MODEL_SUBDIR)), scratch)
+        return scratch, best["step"]
     if not storage.exists(source):
         raise RuntimeError(
             f"{source}: the checkpoint of the best held-out step ({best['metric']} {best['value']:.4f}) is gone"
         )
-    log.info(
-        "finetune: publishing step %d (%s %.4f) instead of the final step %d",
-        best["step"],
-        best["metric"],
-        best["value"],
-        state["step"],
-    )
+    _log_selection(best, state)
     from sd2_ray.models.io import resolve_model_dir
 
     drafter, tokenizer = drafter_from_checkpoint(storage.local_dir(source), resolve_model_dir(config.model))
@@ -89,6 +89,16 @@ def selected_model(config: FinetuneConfig, state: dict, final: str, scratch: str
     drafter.save_pretrained(scratch, safe_serialization=True)
     tokenizer.save_pretrained(scratch)
     return scratch, best["step"]
+
+
+def _log_selection(best: dict, state: dict) -> None:
+    log.info(
+        "finetune: publishing step %d (%s %.4f) instead of the final step %d",
+        best["step"],
+        best["metric"],
+        best["value"],
+        state["step"],
+    )
 
 
 def _selection(config: FinetuneConfig, state: dict, published_step: int) -> dict[str, Any]:

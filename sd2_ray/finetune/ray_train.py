@@ -21,11 +21,15 @@ def fit(config: FinetuneConfig, worker: WorkerConfig, files: list[str], callback
     require_reachable(config.output)
     require_reachable(config.checkpoint_root(), "storage_path")
     dataset = build_dataset(files)
-    if not config.stream_data:
+    if config.feature_head is not None:
+        datasets = feature_datasets(config, worker, dataset)
+    elif not config.stream_data:
         # One parallel read for the whole run: otherwise every worker re-runs the read
         # pipeline (tasks, process start-up) every epoch, which dominates small runs.
-        dataset = dataset.materialize()
-    trainer = build_trainer(config, worker, dataset, callbacks)
+        datasets = {"train": dataset.materialize()}
+    else:
+        datasets = {"train": dataset}
+    trainer = build_trainer(config, worker, datasets, callbacks)
     log.info(
         "finetune: %d workers, ZeRO-%d, %d steps, checkpoints in %s",
         config.workers,
@@ -44,8 +48,48 @@ def build_dataset(files: list[str]):
     inner = [storage.filesystem(f)[1] for f in files]
     dataset = ray.data.read_parquet(inner, filesystem=fs)
     dataset.context.enable_progress_bars = False  # one bar per worker per epoch floods the driver log
+    dataset.context.print_on_execution_start = False  # and so does a plan per worker per epoch
     dataset.context.execution_options.preserve_order = True  # file order, whichever read ends first
     return dataset
+
+
+def feature_datasets(config: FinetuneConfig, worker: WorkerConfig, rows) -> dict:
+    """A feature head's datasets: ``train``, the target's features streamed from ``rows`` by the
+    actor pool (split over the workers), and ``eval``, the held-out rows' features computed once."""
+    from sd2_ray.feature.stream import feature_dataset
+
+    head = config.feature_head
+    assert head is not None
+    extract = extract_settings(config, worker, head).as_dict()
+    out = {"train": feature_dataset(rows, config.model, head.stream, extract)}
+    if head.stream.materialize:
+        out["train"] = out["train"].materialize()
+    if worker.eval_data:
+        held = build_dataset([worker.eval_data])
+        # computed once here: an unsplit dataset would run its own actor pool in every worker
+        uncached = head.stream.model_copy(update={"cache": None})
+        out["eval"] = feature_dataset(held, config.model, uncached, extract).materialize()
+    return out
+
+
+def extract_settings(config: FinetuneConfig, worker: WorkerConfig, head):
+    """What the feature actors compute: the head's layers of the target, the rows encoded as the
+    fine-tune encodes them."""
+    from transformers import AutoConfig
+
+    from sd2_ray.feature.extract import ExtractSettings
+    from sd2_ray.models.io import model_metadata_dir
+
+    target = AutoConfig.from_pretrained(model_metadata_dir(config.model))
+    text = target.get_text_config() if hasattr(target, "get_text_config") else target
+    return ExtractSettings(
+        layers=head.feature_layers(text.num_hidden_layers),
+        seq_len=config.seq_len,
+        response_field=config.response_field,
+        use_response_ids=worker.use_response_ids,
+        device="cuda" if head.stream.gpus_per_actor else "cpu",
+        torch_threads=max(1, int(head.stream.cpus_per_actor)),
+    )
 
 
 def checkpoint_config(config: FinetuneConfig):
@@ -63,7 +107,7 @@ def checkpoint_config(config: FinetuneConfig):
     )
 
 
-def build_trainer(config: FinetuneConfig, worker: WorkerConfig, dataset, callbacks: list | None = None):
+def build_trainer(config: FinetuneConfig, worker: WorkerConfig, datasets: dict, callbacks: list | None = None):
     from ray.data import ExecutionOptions
     from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -78,8 +122,14 @@ def build_trainer(config: FinetuneConfig, worker: WorkerConfig, dataset, callbac
         checkpoint_config=checkpoint_config(config),
         callbacks=callbacks or None,
     )
+    loop, split = train_loop, []
+    if config.feature_head is not None:
+        from sd2_ray.feature.ray_worker import train_loop as feature_loop
+
+        # each row's features are computed once: every worker gets its own part of the stream
+        loop, split = feature_loop, ["train"]
     return TorchTrainer(
-        train_loop,
+        loop,
         train_loop_config=worker.to_loop_config(),
         scaling_config=ScalingConfig(
             num_workers=config.workers,
@@ -87,9 +137,9 @@ def build_trainer(config: FinetuneConfig, worker: WorkerConfig, dataset, callbac
             resources_per_worker={"CPU": config.cpus_per_worker, **config.node_resources},
         ),
         torch_config=TorchConfig(backend=config.process_group_backend()),
-        datasets={"train": dataset},
-        # Not split: every worker streams the same seeded order and keeps its slice of each
-        # global batch, which makes 1-vs-N runs and resumed runs see identical batches.
-        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
+        datasets=datasets,
+        # Drafters' rows are not split: every worker streams the same seeded order and keeps its
+        # slice of each global batch, which makes 1-vs-N runs and resumed runs see identical batches.
+        dataset_config=DataConfig(datasets_to_split=split, execution_options=ExecutionOptions(preserve_order=True)),
         run_config=run_config,
     )

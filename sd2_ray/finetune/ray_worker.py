@@ -209,16 +209,18 @@ def after_step(
     rank: int,
     world: int,
     last_report: float,
+    evaluate=heldout.evaluate,
 ) -> bool:
-    """Held-out eval when due, then history, checkpoint and report; True when it reported.
-    Every rank takes the same branches (evals, checkpoints and reports are collectives)."""
+    """Held-out eval when due (``evaluate(engine, evals, worker)``: the drafter's, or a feature
+    head's), then history, checkpoint and report; True when it reported. Every rank takes the
+    same branches (evals, checkpoints and reports are collectives)."""
     import ray.train
 
     total = worker.total_steps
     evaluated = bool(evals) and heldout.eval_due(worker.eval_every, state.step, total)
     improved = False
     if evaluated:
-        metrics.update(heldout.evaluate(engine, evals, worker))
+        metrics.update(evaluate(engine, evals, worker))
         improved = heldout.update_best(state, metrics, worker.select_by)
         metrics["best_step"] = state.best["step"] if state.best else None
     due = state.step < total and (state.step % worker.checkpoint_every == 0 or improved)

@@ -50,6 +50,12 @@ def load_drafter(worker: WorkerConfig, device: torch.device, local: str | None =
 
 def build_engine(model: PreTrainedModel, worker: WorkerConfig):
     """DeepSpeed engine over the loss module (the drafter is ``engine.module.lm``)."""
+    return engine_over(CausalLMLoss(model, LossSpec.from_config(worker)), worker)
+
+
+def engine_over(wrapped: torch.nn.Module, worker: WorkerConfig):
+    """DeepSpeed engine, optimizer and schedule over a loss module whose trained model is ``.lm``
+    (a drafter, or a feature head: :class:`sd2_ray.feature.train.FeatureHeadLoss`)."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the same choice, without its warning per worker
     import deepspeed
@@ -57,7 +63,6 @@ def build_engine(model: PreTrainedModel, worker: WorkerConfig):
     def schedule(optimizer):
         return lr_schedule(optimizer, worker.warmup_steps, worker.total_steps, worker.scheduler, worker.min_lr_ratio)
 
-    wrapped = CausalLMLoss(model, LossSpec.from_config(worker))
     groups = param_groups(wrapped, worker.weight_decay)
     optimizer = client_optimizer(groups, worker.optimizer, worker.lr)
     engine, _, _, scheduler = deepspeed.initialize(

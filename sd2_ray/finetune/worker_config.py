@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from sd2_ray.feature.config import FeatureTrainSettings
 from sd2_ray.finetune.config import FinetuneConfig, LossName, OptimizerName, SchedulerName, SelectBy
 from sd2_ray.finetune.deepspeed_config import deepspeed_config
 
@@ -66,6 +67,7 @@ class WorkerConfig(BaseModel):
     gradient_checkpointing: bool
     use_gpu: bool
     cpus_per_worker: float
+    feature_head: FeatureTrainSettings | None  # train a feature head on streamed target features
     env: dict[str, str]  # derived: variables set in a worker that lacks them (S3, offline hub, caches)
 
     def to_loop_config(self) -> dict[str, Any]:
