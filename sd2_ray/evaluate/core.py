@@ -262,12 +262,11 @@ def evaluate_pair(
     where, torch_dtype = resolve_placement(settings.device, settings.dtype)
     target, t_tok = _load(target_dir, torch_dtype, where, settings.device_map)
     where = str(input_device(target))
-    drafter, d_tok = _load(drafter_dir, torch_dtype, where)
-    drafter = _on_device(drafter, where)
-    t_tok, d_tok = target_tokenizer or t_tok, drafter_tokenizer or d_tok
+    t_tok = target_tokenizer or t_tok
     if t_tok is None:
         raise DataError("evaluate_pair: a loaded target model needs target_tokenizer")
     k = num_speculative_tokens
+    engine, d_macs = _engine(target, drafter_dir, k, t_tok, drafter_tokenizer, torch_dtype, where, settings)
     prompts, kept, skipped = eval_prompts(rows, t_tok, target, settings, k, unreadable)
     categories = prompt_categories(kept)
     if baseline is None and settings.measure_baseline:
@@ -276,14 +275,13 @@ def evaluate_pair(
         )
     if baseline is not None and baseline.get("num_prompts", len(prompts)) != len(prompts):
         raise DataError(f"evaluate_pair: baseline has {baseline['num_prompts']} prompts, rows have {len(prompts)}")
-    engine = SpeculativeEngine(target, drafter, k, t_tok, d_tok, compile=settings.compile)
     _warm_up(engine, prompts)
     run = _run(engine, _requests(prompts, settings), settings.batch_size, f"spec K={k}", progress, categories)
-    t_macs, d_macs = linear_macs(target), linear_macs(drafter)
+    t_macs = linear_macs(target)
     report = figures(run.stats, run.seconds, run.cpu, run.outputs, baseline, t_macs, d_macs, k, settings.temperature)
     report.update(
         mal_ci95=mal_interval(run.request_stats),
-        cross_tokenizer=engine.cross_tokenizer,
+        cross_tokenizer=getattr(engine, "cross_tokenizer", False),
         top_p=settings.top_p,
         top_k=settings.top_k,
         seed=settings.seed,
@@ -300,3 +298,17 @@ def evaluate_pair(
         drafter=drafter_dir if isinstance(drafter_dir, str) else None,
     )
     return report
+
+
+def _engine(target, drafter_dir, k: int, t_tok, d_tok, torch_dtype, where: str, settings):
+    """(decoding engine, drafter MACs report): a drafter model (dir or loaded), or a feature
+    head's dir (:mod:`sd2_ray.feature.evaluate`: the head drafts from the target's features)."""
+    if isinstance(drafter_dir, str):
+        from sd2_ray.feature.evaluate import head_engine, is_head_dir
+
+        if is_head_dir(drafter_dir):
+            return head_engine(target, drafter_dir, k)
+    drafter, loaded_tok = _load(drafter_dir, torch_dtype, where)
+    drafter = _on_device(drafter, where)
+    engine = SpeculativeEngine(target, drafter, k, t_tok, d_tok or loaded_tok, compile=settings.compile)
+    return engine, linear_macs(drafter)

@@ -31,7 +31,7 @@ from sd2_ray.errors import ConfigError
 from sd2_ray.evaluate.config import EvalConfig
 from sd2_ray.finetune.config import FinetuneConfig
 from sd2_ray.kit import with_kit_paths
-from sd2_ray.pipeline.config import PipelineConfig
+from sd2_ray.pipeline.config import FEATURE_HEADS, PipelineConfig
 from sd2_ray.prune.config import PruneConfig
 from sd2_ray.serve.config import ServeConfig
 from sd2_ray.tune.config import TuneConfig
@@ -45,6 +45,8 @@ FINETUNED = {
     "sd2": ("sd2", "response"),
     "sd2-kd": ("sd2", "response"),
     "sparse-sft": ("sd2", "reference"),
+    "eagle": ("target", "response"),  # feature heads: trained on the target's streamed features
+    "fspad": ("target", "response"),
 }
 # layer baseline settings taken from the prune section unless layer_prune sets them
 INHERITED_PLACEMENT = ("device", "num_gpus", "num_cpus", "node_resources", "trust_remote_code")
@@ -80,6 +82,8 @@ def drafter_dir(config: PipelineConfig, name: str) -> str:
 
 
 def _source_model(config: PipelineConfig, source: str) -> str:
+    if source == "target":
+        return config.target
     return config.drafter if source == "base" else pruned_dir(config, source)
 
 
@@ -132,7 +136,11 @@ def finetune_config(config: PipelineConfig, drafter: str = "sd2") -> FinetuneCon
     """The fine-tune of ``drafter`` (one of :data:`FINETUNED`): from the model it starts from, on
     the column it learns, into ``drafters/<drafter>/``; ``sd2-kd`` with the kd settings."""
     source, field = FINETUNED[drafter]
-    settings = config.kd_settings() if drafter == "sd2-kd" else config.finetune
+    settings = config.finetune
+    if drafter == "sd2-kd":
+        settings = config.kd_settings()
+    elif drafter in FEATURE_HEADS:
+        settings = config.feature_settings(drafter)
     return _stage(
         FinetuneConfig,
         settings,

@@ -17,13 +17,15 @@ from pydantic import Field, field_validator, model_validator
 from sd2_ray.config import StageConfig, StoragePath
 from sd2_ray.distill.config import DistillSettings
 from sd2_ray.evaluate.config import EvalSettings
+from sd2_ray.feature.config import FeatureTrainSettings
 from sd2_ray.finetune.config import FinetuneSettings
 from sd2_ray.prune.config import LayerPruneSettings, PruneSettings
 from sd2_ray.serve.config import ServeSettings
 from sd2_ray.tune.config import TuneSettings
 
-DRAFTERS = ("dense", "dense-sd", "layer-pruned-sd", "sd2", "sd2-kd", "sparse-sft", "uag")
-DrafterName = Literal["dense", "dense-sd", "layer-pruned-sd", "sd2", "sd2-kd", "sparse-sft", "uag"]
+DRAFTERS = ("dense", "dense-sd", "layer-pruned-sd", "sd2", "sd2-kd", "sparse-sft", "uag", "eagle", "fspad")
+DrafterName = Literal["dense", "dense-sd", "layer-pruned-sd", "sd2", "sd2-kd", "sparse-sft", "uag", "eagle", "fspad"]
+FEATURE_HEADS = ("eagle", "fspad")  # drafters that are feature heads of the target (variant = name)
 # What the kd section may change for sd2-kd: the loss and the checkpoint selection. The model,
 # data and budget (epochs, steps, lr, batch) stay sd2's, so the two differ only in the loss.
 # The loss suited to the decoding mode (DistillSpec), as bench/bench_kd.py measured on the kit
@@ -53,8 +55,9 @@ class PipelineConfig(StageConfig):
     num_speculative_tokens: int = Field(4, ge=1, le=32, description="draft tokens K, the same for every drafter")
     drafters: list[DrafterName] | None = Field(
         None,
-        description="drafters to build and evaluate (default: all of them; uag only when "
-        "uag_drafter is set, sd2-kd only when distill.logprobs_top_k > 0)",
+        description="drafters to build and evaluate (default: all of them but the feature heads "
+        "eagle and fspad, which are asked for by name; uag only when uag_drafter is set, sd2-kd only "
+        "when distill.logprobs_top_k > 0)",
     )
     drop_layers: int | Literal["auto"] = Field(
         "auto",
@@ -90,6 +93,16 @@ class PipelineConfig(StageConfig):
     )
     finetune: FinetuneSettings = Field(
         default_factory=FinetuneSettings, description="sd2 finetune settings (every fine-tuned drafter)"
+    )
+    feature_head: FeatureTrainSettings = Field(
+        default_factory=FeatureTrainSettings,
+        description="the eagle and fspad drafters: feature heads of the target trained on its streamed "
+        "features (the variant is the drafter's name)",
+    )
+    feature_finetune: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the eagle and fspad drafters: finetune fields changed for both heads alike (e.g. "
+        "lr: a head starts from random weights, a drafter from a pretrained model)",
     )
     kd: dict[str, Any] = Field(
         default_factory=dict,
@@ -159,13 +172,26 @@ class PipelineConfig(StageConfig):
             defaults["kd_temperature"] = self.eval.temperature
         return validate(FinetuneSettings, {**self.finetune.model_dump(), **defaults, **self.kd}, source="kd")
 
+    def feature_settings(self, variant: str) -> FinetuneSettings:
+        """A feature head's fine-tuning: the finetune section, feature_finetune on top, and the
+        feature_head section with the drafter's variant (eagle and fspad: the same budget)."""
+        from sd2_ray.config import validate
+
+        head = self.feature_head.model_copy(update={"variant": variant}).model_dump()
+        merged = {**self.finetune.model_dump(), **self.feature_finetune, "feature_head": head}
+        return validate(FinetuneSettings, merged, source="feature_finetune")
+
     @property
     def drafter_names(self) -> list[str]:
         """The drafters this run builds and evaluates, in report order."""
         if self.drafters is not None:
             return list(self.drafters)
         return [
-            d for d in DRAFTERS if (d != "uag" or self.uag_drafter) and (d != "sd2-kd" or self.distill.logprobs_top_k)
+            d
+            for d in DRAFTERS
+            if (d != "uag" or self.uag_drafter)
+            and (d != "sd2-kd" or self.distill.logprobs_top_k)
+            and d not in FEATURE_HEADS  # another family, opt-in: a target-sized actor pool to train
         ]
 
     def with_cluster_placement(self) -> PipelineConfig:

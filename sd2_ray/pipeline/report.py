@@ -36,6 +36,8 @@ DESCRIPTIONS = {
     "target's stored top-k distribution",
     "sparse-sft": "same sparse drafter, fine-tuned on the reference answers",
     "uag": "cross-family drafter (other tokenizer), as pretrained",
+    "eagle": "EAGLE feature head of the target, trained on its streamed features",
+    "fspad": "FSPAD feature head: EAGLE + feature sampling + partial alignment distillation",
 }
 
 
