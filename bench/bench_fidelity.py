@@ -49,7 +49,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-DRAFTERS = "drafters=[dense-sd,layer-pruned-sd,sd2,sparse-sft]"
+DRAFTERS = ["dense-sd", "layer-pruned-sd", "sd2", "sparse-sft"]
+FEATURE_HEADS = ["eagle", "fspad"]  # --feature-heads: the target's feature heads, same budget
 SEEN = "code,rag,math_reasoning"  # the categories the fine-tune sees by default; the kit has six
 EVAL_PROMPTS = "eval.max_prompts=96"  # every kit eval prompt: 16 per category
 GROUP_RATIOS = {  # JSON key prefix: (numerator drafter, denominator drafter)
@@ -70,6 +71,8 @@ RATIOS = {  # JSON key: report.json comparisons key
 }
 # The goals, for the default (50 %) variant: (test on the mean, on every seed, in words)
 GOALS = {
+    "fspad_over_eagle": (lambda m: m >= 1.0, lambda v: v >= 1.0, ">= 1.0 on every seed"),
+    "best_head_mal_per_mac_over_sd2": (lambda m: m > 1.0, None, "> 1.0"),
     "sd2_over_layer_pruned": (lambda m: m >= 1.2, lambda v: v > 1.0, ">= 1.2x, every seed > 1.0"),
     "sd2_mal_drop_vs_dense_sd": (lambda m: m <= 0.15, None, "<= 15 %"),
     "sd2_mac_cut_vs_dense_sd": (lambda m: m >= 0.35, None, ">= 35 %"),
@@ -132,6 +135,23 @@ def group_ratios(report: dict, seen: list[str] | None) -> dict[str, float]:
     return out
 
 
+def head_ratios(report: dict) -> dict[str, float]:
+    """The feature heads against each other and against SD²: MAL ratios, and MAL per drafting
+    MAC (each head's cost includes the target's LM head) of the better head over SD²'s."""
+    by = {d["name"]: d for d in report["drafters"]}
+    if not all(n in by for n in ("eagle", "fspad", "sd2")):
+        return {}
+    mal = {n: by[n]["mean_accepted_length"] for n in ("eagle", "fspad", "sd2")}
+    per_mac = {n: mal[n] / by[n]["drafter_macs_per_token"] for n in mal}
+    best = "fspad" if mal["fspad"] >= mal["eagle"] else "eagle"
+    return {
+        "fspad_over_eagle": mal["fspad"] / mal["eagle"],
+        "fspad_over_sd2": mal["fspad"] / mal["sd2"],
+        "eagle_over_sd2": mal["eagle"] / mal["sd2"],
+        "best_head_mal_per_mac_over_sd2": per_mac[best] / per_mac["sd2"],
+    }
+
+
 def run_pipeline(config: str, out: str, seed: int, variant: str, overrides: list[str], log_path: str) -> dict:
     """One `sd2 run`; returns its report.json plus wall and CPU seconds."""
     report_path = os.path.join(out, "report", "report.json")
@@ -150,7 +170,6 @@ def run_pipeline(config: str, out: str, seed: int, variant: str, overrides: list
         f"layer_prune.seed={seed}",
         f"finetune.seed={seed}",
         "serve_smoke=false",
-        DRAFTERS,
         *VARIANTS[variant][1],
         *overrides,
     ]
@@ -203,7 +222,7 @@ def summarise(reports: dict[str, list[dict]], seen: list[str] | None = None) -> 
             values = [r["comparisons"][source] for r in runs if source in r["comparisons"]]
             if values:
                 out[key + suffix] = {"mean": statistics.fmean(values), "per_seed": values}
-        per_run = [group_ratios(r, seen) for r in runs]
+        per_run = [{**group_ratios(r, seen), **head_ratios(r)} for r in runs]
         for key in sorted({k for g in per_run for k in g}):
             values = [g[key] for g in per_run if key in g]
             out[key + suffix] = {"mean": statistics.fmean(values), "per_seed": values}
@@ -274,6 +293,11 @@ def main() -> None:
         default=SEEN,
         help="comma list of the categories the fine-tune data covers (distill.categories), or 'all'",
     )
+    parser.add_argument(
+        "--feature-heads",
+        action="store_true",
+        help="also train and evaluate the eagle and fspad feature heads (fspad_over_eagle, fspad_over_sd2)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="passed to every `sd2 run`")
     args = parser.parse_args()
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -282,7 +306,8 @@ def main() -> None:
         print(f"--variants: unknown {unknown}" if unknown else "--seeds: must be >= 1", file=sys.stderr)
         sys.exit(2)
     seen = None if args.seen.strip() == "all" else [c.strip() for c in args.seen.split(",") if c.strip()]
-    overrides = [EVAL_PROMPTS, *seen_overrides(seen), *args.overrides]
+    drafters = DRAFTERS + (FEATURE_HEADS if args.feature_heads else [])
+    overrides = [f"drafters=[{','.join(drafters)}]", EVAL_PROMPTS, *seen_overrides(seen), *args.overrides]
     root = os.path.abspath(args.out)  # Ray Train workers run elsewhere: never a relative output
     order = ["50"] + [v for v in variants if v != "50"] if "50" in variants else variants
     reports: dict[str, list[dict]] = {v: [] for v in order}

@@ -92,3 +92,19 @@ def test_seen_and_unseen_ratios_weigh_each_category_by_its_target_passes(bench):
     assert bench.seen_overrides(None) == []
     line = next(r for r in bench.ratio_table(summary) if r.startswith("sd2_over_layer_pruned_unseen"))
     assert line.rstrip().endswith("yes")
+
+
+def test_feature_head_ratios_compare_mal_and_mal_per_drafting_mac(bench):
+    def drafter(name, mal, macs):
+        return {"name": name, "mean_accepted_length": mal, "drafter_macs_per_token": macs, "categories": {}}
+
+    run = report(1.3, 1.6, 0.05, 0.40)
+    run["drafters"] = [drafter("sd2", 3.0, 400), drafter("eagle", 2.4, 1000), drafter("fspad", 2.7, 1200)]
+    ratios = bench.head_ratios(run)
+    assert ratios["fspad_over_eagle"] == pytest.approx(2.7 / 2.4)
+    assert ratios["fspad_over_sd2"] == pytest.approx(0.9)
+    # fspad has the higher MAL: its MAL per MAC against SD²'s
+    assert ratios["best_head_mal_per_mac_over_sd2"] == pytest.approx((2.7 / 1200) / (3.0 / 400))
+    summary = bench.summarise({"50": [run]})
+    assert summary["fspad_over_eagle"]["per_seed"] == [pytest.approx(1.125)]
+    assert bench.head_ratios(report(1.3, 1.6, 0.05, 0.40)) == {}  # no heads in the run: no ratios
