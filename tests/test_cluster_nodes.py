@@ -395,6 +395,7 @@ def test_plan_places_each_stage_on_the_node_type_it_asks_for():
     assert {where[s] for s in ("prune", "layer_prune", "finetune", "tune.finetune")} == {"gpu_train"}
 
 
+@pytest.mark.slow  # 2.5-3.5 min; the default suite loses nodes in distill, eval and fine-tune above
 def test_tune_trial_lost_with_its_node_is_retried_and_resumes_from_its_checkpoint(
     cluster, kit_dir, tmp_path, monkeypatch
 ):

@@ -84,6 +84,7 @@ def test_streamed_rows_equal_the_targets_pass_and_each_reaches_one_worker(kit_di
     assert sorted(os.listdir(tmp_path)) == ["rows.parquet"]  # nothing written
 
 
+@pytest.mark.slow  # 1 min; as distill's actor-kill test
 def test_a_killed_feature_actor_is_restarted_and_every_row_arrives_once(kit_dir, kit_rows, tmp_path):
     """SIGKILL a live feature actor once the stream has started: Ray Data restarts it and retries
     its batches; the split consumers still see every row exactly once."""

@@ -146,3 +146,15 @@ def test_target_parts_are_the_targets_embedding_and_lm_head(target, tmp_path):
     torch.testing.assert_close(parts.get_input_embeddings().weight, target.get_input_embeddings().weight)
     torch.testing.assert_close(parts.get_output_embeddings().weight, target.get_output_embeddings().weight)
     assert not parts.get_output_embeddings().weight.requires_grad
+
+
+def test_a_heads_drafting_macs_count_its_layers_and_the_targets_lm_head(target):
+    from sd2_ray.feature.evaluate import head_macs
+
+    head = new_head(target, "fspad")
+    report = head_macs(head)
+    own = sum(p.numel() for name, p in head.named_parameters() if p.ndim == 2)  # every matrix is a linear here
+    lm = target.config.hidden_size * target.config.vocab_size
+    assert report["macs"] == report["dense_macs"] == own + lm and report["head_macs"] == lm
+    hidden, heads = target.config.hidden_size, target.config.num_attention_heads
+    assert report["attention_macs_per_context_token"] == 2 * heads * (hidden // heads)  # one layer

@@ -37,6 +37,11 @@ class FeatureHeadConfig(StageConfig):
     max_position_embeddings: int = 4096
 
     @property
+    def num_hidden_layers(self) -> int:
+        """One decoder layer (read by the MAC count, as a transformers config's field)."""
+        return 1
+
+    @property
     def feature_sampling(self) -> bool:
         return self.variant in ("fspad", "fspad-sampling")
 

@@ -28,8 +28,6 @@ def head_macs(head: FeatureHead) -> dict[str, Any]:
     lm_weight = head.frozen.lm_head.weight
     lm = {"in": int(lm_weight.shape[1]), "out": int(lm_weight.shape[0])}
     lm_macs = lm["in"] * lm["out"]
-    config = head.config
-    head_dim = config.hidden_size // config.num_attention_heads
     dense, sparse = own["dense_macs"] + lm_macs, own["macs"] + lm_macs
     return {
         **own,
@@ -39,7 +37,6 @@ def head_macs(head: FeatureHead) -> dict[str, Any]:
         "blocks_dense_macs": own["dense_macs"],
         "head_macs": lm_macs,
         "sparsity": 1.0 - sparse / dense,
-        "attention_macs_per_context_token": 2 * config.num_attention_heads * head_dim,
         "layers": {**own["layers"], "target.lm_head": {**lm, "dense": lm_macs, "nonzero": lm_macs}},
     }
 

@@ -30,6 +30,10 @@ def feature_dataset(rows, target_dir: str, stream, extract: dict[str, Any]):
     if stream.cache and cache_complete(stream.cache):
         log.info("features: reading the cache %s", stream.cache)
         return read_cache(stream.cache)
+    # The rows (text, small) are read into the object store now, in actor-batch blocks: once
+    # training starts, its workers and the feature actors may hold every CPU of the cluster, and
+    # read tasks would then wait forever; only the target's features stream.
+    rows = rows.repartition(target_num_rows_per_block=stream.batch_size).materialize()
     features = apply_extractor(rows, target_dir, stream, extract)
     if stream.cache:
         write_cache(features, stream.cache)
@@ -46,8 +50,7 @@ def apply_extractor(rows, target_dir: str, stream, extract: dict[str, Any]):
 
     with warnings.catch_warnings():  # max_restarts has no named parameter yet in Ray 2.60
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-        # blocks of one actor batch: a whole Parquet file is one block, which one actor would take
-        return rows.repartition(target_num_rows_per_block=stream.batch_size).map_batches(
+        return rows.map_batches(
             FeatureExtractor,
             fn_constructor_kwargs={"model_dir": target_dir, "settings": extract},
             compute=ray.data.ActorPoolStrategy(size=stream.actors),
@@ -59,6 +62,23 @@ def apply_extractor(rows, target_dir: str, stream, extract: dict[str, Any]):
             runtime_env={"env_vars": worker_env()},
             max_restarts=stream.max_restarts,
             max_task_retries=-1 if stream.max_restarts != 0 else 0,
+        )
+
+
+def warn_if_cpus_run_short(train_cpus: float, stream) -> None:
+    """Training workers and feature actors run at once: when together they ask for more CPUs than
+    the cluster has (and it does not grow), the stream waits forever for its actors."""
+    import ray
+
+    wanted = train_cpus + stream.actors * stream.cpus_per_actor
+    total = ray.cluster_resources().get("CPU", 0)
+    if not stream.gpus_per_actor and wanted > total:
+        log.warning(
+            "finetune: the training workers and the feature actors ask for %g CPUs, the cluster has %g: "
+            "unless it scales up, the feature stream waits forever (lower feature_head.stream.cpus_per_actor, "
+            "cpus_per_worker or workers)",
+            wanted,
+            total,
         )
 
 
@@ -79,4 +99,5 @@ def read_cache(path: str):
     import ray.data
 
     fs, inner = storage.filesystem(path)
-    return ray.data.read_parquet(inner, filesystem=fs, file_extensions=["parquet"])
+    # a fraction of a CPU: the cache is read while training workers may hold every whole one
+    return ray.data.read_parquet(inner, filesystem=fs, file_extensions=["parquet"], ray_remote_args={"num_cpus": 0.25})

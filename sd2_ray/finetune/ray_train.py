@@ -56,10 +56,11 @@ def build_dataset(files: list[str]):
 def feature_datasets(config: FinetuneConfig, worker: WorkerConfig, rows) -> dict:
     """A feature head's datasets: ``train``, the target's features streamed from ``rows`` by the
     actor pool (split over the workers), and ``eval``, the held-out rows' features computed once."""
-    from sd2_ray.feature.stream import feature_dataset
+    from sd2_ray.feature.stream import feature_dataset, warn_if_cpus_run_short
 
     head = config.feature_head
     assert head is not None
+    warn_if_cpus_run_short(config.workers * config.cpus_per_worker, head.stream)
     extract = extract_settings(config, worker, head).as_dict()
     out = {"train": feature_dataset(rows, config.model, head.stream, extract)}
     if head.stream.materialize:
