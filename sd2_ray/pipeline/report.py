@@ -76,6 +76,10 @@ def training_of(config: PipelineConfig, name: str) -> dict[str, Any]:
         "select_by": ft.select_by if ft.eval_every else "final",
         "eval_every": ft.eval_every,
     }
+    if ft.feature_head is not None:  # a head learns the target's features and next tokens
+        head = ft.feature_head
+        info["loss"] = f"{head.feature_weight:g}·feature + {head.token_weight:g}·token"
+        info.update(ce_weight=None, kd_temperature=None, feature_layers=head.layers, ttt_steps=head.ttt_steps)
     metrics = storage.join(ft.output, "metrics.json")
     if storage.exists(metrics):
         done = storage.read_json(metrics)
@@ -85,7 +89,7 @@ def training_of(config: PipelineConfig, name: str) -> dict[str, Any]:
 
 def training_text(info: dict[str, Any]) -> str:
     """One phrase for report.md: loss, data, published step."""
-    kd = info["loss"] != "ce"
+    kd = info["loss"] != "ce" and info.get("feature_layers") is None
     loss = f"{info['loss']} + {info['ce_weight']:g}·ce" if kd and info["ce_weight"] else info["loss"]
     if info["column"] != "response":
         data = f"the '{info['column']}' column"
