@@ -18,7 +18,7 @@ from sd2_ray.feature.head import FeatureHead
 from sd2_ray.feature.losses import feature_head_loss
 from sd2_ray.specdec.sampling import RowParams, warp_probs
 from sd2_ray.specdec.types import GenerationRequest, SamplingParams
-from sd2_ray.testing.engine_pairs import sharpen
+from sd2_ray.testing.engine_pairs import hf_greedy, sharpen
 from sd2_ray.testing.tiny import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -35,18 +35,6 @@ def prompts_for(n: int, vocab: int = 96, seed: int = 0) -> list[list[int]]:
 def new_head(target, variant: str = "eagle", seed: int = 1, **overrides) -> FeatureHead:
     torch.manual_seed(seed)
     return FeatureHead(FeatureHeadConfig.for_target(target.config, variant, **overrides), target)
-
-
-def hf_greedy(model, prompt: list[int], n: int, eos: int = 2) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=n,
-            do_sample=False,
-            eos_token_id=eos,
-        )
-    return out[0, len(prompt) :].tolist()
 
 
 def padded(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

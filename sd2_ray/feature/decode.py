@@ -25,7 +25,6 @@ draws (2K + 1) uniforms each pass ([0, K) drafting, [K, 2K) acceptance tests, 2K
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 
 import torch
@@ -33,25 +32,15 @@ import torch
 from sd2_ray.feature.features import target_pass
 from sd2_ray.feature.head import FeatureHead
 from sd2_ray.specdec.engine import eos_ids_of, output_vocab_size
+from sd2_ray.specdec.rows import Row, row_uniforms
 from sd2_ray.specdec.sampling import RowParams, fit_vocab, pick, verify
 from sd2_ray.specdec.types import GenerationRequest, GenerationResult, SpecStats, TokenCallback
 
 
 @dataclass
-class _Row:
-    index: int
-    request: GenerationRequest
-    stop_ids: frozenset
-    stats: SpecStats
-    generator: torch.Generator | None
-    context: list[int]  # prompt + committed tokens
-    tokens: list[int] = field(default_factory=list)  # committed (emitted) tokens
+class _Row(Row):
+    context: list[int] = field(default_factory=list)  # prompt + committed tokens
     features: torch.Tensor | None = None  # (len(context) - 1, H): the target's, in the head's input space
-    finish_reason: str | None = None
-
-    @property
-    def remaining(self) -> int:
-        return self.request.max_new_tokens - len(self.tokens)
 
 
 @dataclass
@@ -100,14 +89,9 @@ class FeatureSpecDecoder:
         return [GenerationResult(row.tokens, row.finish_reason or "length", row.stats) for row in rows]
 
     def _new_row(self, i: int, req: GenerationRequest) -> _Row:
-        k = self.num_speculative_tokens
-        generator = None
-        if not req.sampling.greedy:
-            seed = req.sampling.seed if req.sampling.seed is not None else random.getrandbits(63)
-            generator = torch.Generator().manual_seed(seed)
-        stats = SpecStats(num_speculative_tokens=k, accepted_per_position=[0] * k)
-        stop_ids = frozenset(self.eos_token_ids) | frozenset(req.stop_token_ids)
-        return _Row(i, req, stop_ids, stats, generator, list(req.prompt_ids))
+        row = _Row.start(i, req, self.num_speculative_tokens, self.eos_token_ids)
+        row.context = list(req.prompt_ids)
+        return row
 
     def _decode(self, rows: list[_Row], on_tokens, speculate: bool) -> None:
         rp = RowParams.from_params([row.request.sampling for row in rows], device=self.device)
@@ -115,7 +99,7 @@ class FeatureSpecDecoder:
         first = True  # the prompt pass: no features to draft from yet
         while rows:
             k = 0 if first or not speculate else min(K, max(row.remaining for row in rows) - 1)
-            uniforms = self._uniforms(rows)
+            uniforms = row_uniforms(rows, K, self.device)
             drafts = self._draft(rows, k, rp, uniforms[:, :k])
             logits, features = self._score(rows, drafts.tokens)
             accepted, next_token = verify(
@@ -135,15 +119,6 @@ class FeatureSpecDecoder:
                 rows = [rows[i] for i in keep]
                 if keep:
                     rp = rp.select(torch.tensor(keep, dtype=torch.long, device=self.device))
-
-    def _uniforms(self, rows: list[_Row]) -> torch.Tensor:
-        """(B, 2K+1) uniforms, each row from its own generator (greedy rows draw nothing)."""
-        size = 2 * self.num_speculative_tokens + 1
-        out = torch.zeros(len(rows), size)
-        for i, row in enumerate(rows):
-            if row.generator is not None:
-                out[i] = torch.rand(size, generator=row.generator)
-        return out.to(self.device)
 
     def _draft(self, rows: list[_Row], k: int, rp: RowParams, uniforms: torch.Tensor) -> _Drafts:
         """k chained head steps over every row's feature sequence (recomputed each step)."""
@@ -209,33 +184,7 @@ class FeatureSpecDecoder:
             # unaccepted drafts); the newest token's feature comes with the next pass
             start = width - n - k
             row.features = features[i, start : start + n + a].clone()
-            self._commit(row, draft_lists[i][:a] + [next_tokens[i]], a, lengths[i], on_tokens)
-
-    def _commit(self, row: _Row, tokens: list[int], accepted: int, drafted: int, on_tokens) -> None:
-        """Emit a row's new tokens up to a stop id or its budget; count them as the engine does."""
-        emitted = []
-        for token in tokens:
-            emitted.append(token)
-            if token in row.stop_ids:
-                row.finish_reason = "stop"
-                break
-            if len(row.tokens) + len(emitted) >= row.request.max_new_tokens:
-                row.finish_reason = "length"
-                break
-        row.tokens.extend(emitted)
-        row.context.extend(emitted)
-        stats = row.stats
-        stats.target_passes += 1
-        stats.committed_tokens += len(emitted)
-        if drafted:
-            accepted_emitted = min(accepted, len(emitted))
-            stats.num_drafts += 1
-            stats.num_draft_tokens += drafted
-            stats.num_accepted_tokens += accepted_emitted
-            for j in range(accepted_emitted):
-                stats.accepted_per_position[j] += 1
-        if on_tokens is not None and on_tokens(row.index, emitted) and row.finish_reason is None:
-            row.finish_reason = "stop"
+            row.context.extend(row.commit(draft_lists[i][:a] + [next_tokens[i]], a, lengths[i], on_tokens))
 
 
 def total_stats(results: list[GenerationResult]) -> SpecStats:
