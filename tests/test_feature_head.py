@@ -112,6 +112,37 @@ def test_trained_head_drafts_from_features_and_stays_lossless(trained_pair):
     assert after.per_position_acceptance()[0] > 0.5
 
 
+def test_kv_cached_chain_equals_recompute_on_trained_head(trained_pair):
+    """The cached chain (target and head KV caches, rolled back to the verified positions) drafts
+    exactly what the full recomputation drafts: same tokens and per-row counters, greedy and
+    sampled (same seeds, same uniforms); target-only decoding on the cache stays exact."""
+    target, prompts, _, trained, _ = trained_pair
+    sampled = [SamplingParams(0.8, 0.95, 0, seed=i) for i in range(len(prompts))]
+    requests = [GenerationRequest(p, 20 + i) for i, p in enumerate(prompts)]
+    requests += [GenerationRequest(p, 16, sp) for p, sp in zip(prompts, sampled, strict=True)]
+    cached = FeatureSpecDecoder(target, trained, 3).generate(requests)
+    recomputed = FeatureSpecDecoder(target, trained, 3, kv_cache=False).generate(requests)
+    assert [r.token_ids for r in cached] == [r.token_ids for r in recomputed]
+    assert [r.stats for r in cached] == [r.stats for r in recomputed]
+    assert total_stats(cached[: len(prompts)]).mean_accepted_length > 2.0  # many accepted drafts
+    plain = FeatureSpecDecoder(target, trained, 3).generate(requests[: len(prompts)], speculate=False)
+    assert [r.token_ids for r in plain] == [hf_greedy(target, p, 20 + i) for i, p in enumerate(prompts)]
+
+
+def test_kv_cached_chain_on_growing_target_cache(trained_pair, monkeypatch):
+    """A target whose attention takes no 4D mask keeps the growing cache (holes for rejected
+    drafts): still the recomputation's tokens and counters."""
+    import sd2_ray.feature.cached as cached_module
+
+    monkeypatch.setattr(cached_module, "supports_static", lambda model: False)
+    target, prompts, _, trained, _ = trained_pair
+    requests = [GenerationRequest(p, 16) for p in prompts]
+    cached = FeatureSpecDecoder(target, trained, 3).generate(requests)
+    recomputed = FeatureSpecDecoder(target, trained, 3, kv_cache=False).generate(requests)
+    assert [r.token_ids for r in cached] == [r.token_ids for r in recomputed]
+    assert [r.stats for r in cached] == [r.stats for r in recomputed]
+
+
 def test_budgets_one_token_prompts_and_stop_ids(trained_pair):
     """Budgets of 0 and 1, a one-token prompt, and a stop id met inside an accepted draft."""
     target, prompts, _, trained, _ = trained_pair
