@@ -16,6 +16,7 @@ from sd2_ray.feature.decode import FeatureSpecDecoder, total_stats
 from sd2_ray.feature.features import target_features
 from sd2_ray.feature.head import FeatureHead
 from sd2_ray.feature.losses import feature_head_loss
+from sd2_ray.feature.tree import TreeSpecDecoder
 from sd2_ray.specdec.sampling import RowParams, warp_probs
 from sd2_ray.specdec.types import GenerationRequest, SamplingParams
 from sd2_ray.testing.engine_pairs import hf_greedy, sharpen
@@ -215,13 +216,13 @@ def tv_bound(p: torch.Tensor, n: int) -> float:
     return 3 * 0.5 * torch.sqrt(2 * p * (1 - p) / (math.pi * n)).sum().item()
 
 
-@pytest.mark.parametrize("sp", [SamplingParams(1.0), SamplingParams(0.7, 0.9, 5)], ids=["plain", "warped"])
-def test_sampling_matches_target_distribution_and_catches_broken_rule(sp):
-    """Token 1 comes from the prompt pass; tokens 2 and 3 from the first drafting pass (the head's
-    first draft, then its second draft or the correction), so both joints are checked."""
+def sampled_tvs(make_decoder, sp: SamplingParams, n: int = 4000, n_broken: int | None = None):
+    """TV distances of the joints of tokens 1-2 and 2-3 from the exact ones, for a decoder with
+    the right rule and one that always accepts, and their bounds; ``make_decoder(target, head,
+    accept_rule)``."""
     target = sharpen(tiny_model("llama", seed=0, vocab_size=VOCAB), 6.0)
     head = new_head(target, "fspad")
-    prompt, n = [3, 5, 4, 6], 4000
+    prompt = [3, 5, 4, 6]
     exact = exact_joints(target, prompt, sp)
     bounds = [tv_bound(e.flatten(), n) for e in exact]
 
@@ -229,14 +230,29 @@ def test_sampling_matches_target_distribution_and_catches_broken_rule(sp):
         got = sampled_joints(decoder, prompt, sp, n)
         return [0.5 * (g - e).abs().sum().item() for g, e in zip(got, exact, strict=True)]
 
-    tv_good = tv(FeatureSpecDecoder(target, head, 2, eos_token_ids=()))
-    tv_broken = tv(FeatureSpecDecoder(target, head, 2, eos_token_ids=(), accept_rule=lambda p, q, u: u < 1.0))
-    print(f"TV (tokens 1-2, 2-3) good {tv_good}, broken {tv_broken}, bounds {bounds}")
-    assert all(t < b for t, b in zip(tv_good, bounds, strict=True)), (tv_good, bounds)
-    assert all(t > b for t, b in zip(tv_broken, bounds, strict=True)), (
-        tv_broken,
-        bounds,
-    )  # always accepting = the head's
+    good, good_bounds = tv(make_decoder(target, head, None)), bounds
+    if n_broken is not None:  # a broken rule is far off: fewer samples show it
+        n = n_broken
+        bounds = [tv_bound(e.flatten(), n) for e in exact]
+    broken = tv(make_decoder(target, head, lambda *args: True))
+    return (good, good_bounds), (broken, bounds)
+
+
+@pytest.mark.parametrize("sp", [SamplingParams(1.0), SamplingParams(0.7, 0.9, 5)], ids=["plain", "warped"])
+def test_sampling_matches_target_distribution_and_catches_broken_rule(sp):
+    """Token 1 comes from the prompt pass; tokens 2 and 3 from the first drafting pass (the head's
+    first draft, then its second draft or the correction), so both joints are checked."""
+
+    def chain(target, head, rule):
+        return FeatureSpecDecoder(target, head, 2, eos_token_ids=(), accept_rule=rule)
+
+    check_tvs(*sampled_tvs(chain, sp))
+
+
+def check_tvs(good, broken) -> None:
+    print(f"TV (tokens 1-2, 2-3) and bounds: good {good}, broken {broken}")
+    assert all(t < b for t, b in zip(*good, strict=True)), good
+    assert all(t > b for t, b in zip(*broken, strict=True)), broken  # always accepting = the head's
 
 
 def test_mixed_batch_greedy_rows_unaffected_by_sampled_neighbours(trained_pair):
@@ -288,3 +304,53 @@ def test_training_leaves_target_weights_unchanged():
     assert all(p.grad is None for p in target.parameters())
     own = {id(p) for p in head.parameters()}
     assert not own & {id(p) for p in target.parameters()}
+
+
+# ---- tree drafting (EAGLE-2): lossless, and at least the chain's MAL ------------------------------
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 5), (4, 4, 16)], ids=["narrow", "wide"])
+def test_tree_greedy_equals_target_greedy_untrained_head(shape):
+    target = tiny_model("llama", seed=0)
+    prompts = prompts_for(6)
+    results = TreeSpecDecoder(target, new_head(target, "fspad"), *shape).generate(
+        [GenerationRequest(p, 16) for p in prompts]
+    )
+    assert [r.token_ids for r in results] == [hf_greedy(target, p, 16) for p in prompts]
+    stats = total_stats(results)
+    assert stats.num_speculative_tokens == shape[0] and 1.0 <= stats.mean_accepted_length <= shape[0] + 1
+
+
+def test_tree_on_trained_head_lossless_budgets_and_mal_at_least_chain(trained_pair):
+    """Same tokens as the target (and stop ids, budgets); the tree keeps the chain's path in
+    most passes and adds siblings, so its MAL is at least the chain's at the same depth."""
+    target, prompts, _, trained, _ = trained_pair
+    tree = TreeSpecDecoder(target, trained, depth=3, top_k=4, total_tokens=16)
+    results = tree.generate([GenerationRequest(p, 24) for p in prompts])
+    assert [r.token_ids for r in results] == [hf_greedy(target, p, 24) for p in prompts]
+    _, chain = greedy_run(target, trained, prompts, 3, 24)
+    mal = total_stats(results).mean_accepted_length
+    print(f"MAL tree {mal:.3f}, chain {chain.mean_accepted_length:.3f}")
+    assert mal >= chain.mean_accepted_length and mal > 2.0
+    stop = hf_greedy(target, prompts[1], 6)[3]
+    sampled = GenerationRequest(prompts[3], 10, SamplingParams(0.8, seed=5))
+    requests = [GenerationRequest([7], 5), GenerationRequest(prompts[0], 0), GenerationRequest(prompts[2], 1)]
+    requests += [GenerationRequest(prompts[1], 12, stop_token_ids=(stop,)), sampled]
+    results = tree.generate(requests)
+    assert [r.finish_reason for r in results] == ["length", "length", "length", "stop", "length"]
+    assert results[0].token_ids == hf_greedy(target, [7], 5) and results[1].token_ids == []
+    expected = hf_greedy(target, prompts[1], 12)
+    assert results[3].token_ids == expected[: expected.index(stop) + 1]
+    assert results[4].token_ids == tree.generate([sampled])[0].token_ids  # a row's draws are its own
+
+
+@pytest.mark.parametrize("sp", [SamplingParams(1.0), SamplingParams(0.7, 0.9, 5)], ids=["plain", "warped"])
+def test_tree_sampling_matches_target_distribution_and_catches_broken_rule(sp):
+    """Depth 2, three siblings per node out of a vocabulary of 8: tokens 2 and 3 come from the
+    first tree pass, through the recursive rejection over siblings (decoded per row: fewer
+    samples than the chain's test, within their own bounds)."""
+
+    def tree(target, head, rule):
+        return TreeSpecDecoder(target, head, 2, 3, 5, eos_token_ids=(), accept_rule=rule)
+
+    check_tvs(*sampled_tvs(tree, sp, n=800, n_broken=300))
