@@ -6,13 +6,14 @@ Same target, same head, same prompts, greedy; per batch size it prints tokens/s 
   feature sequence every draft step (``FeatureSpecDecoder(kv_cache=False)``);
 - ``cached``: the target's and the head's KV caches (the default);
 - ``target-only``: the cached target alone (``speculate=False``), the speedup's baseline;
+- ``tree``: EAGLE-2 tree drafting (``TreeSpecDecoder``, decoded per row: the same at any batch);
 
 with MAL, and checks that both decoders emit the same tokens. The head is trained here for a few
 dozen steps on the target's own greedy continuations of training prompts (no saved heads exist
 yet), so MAL is what a briefly trained head reaches, not a result about EAGLE or FSPAD.
 
     python bench/bench_feature_decode.py [--kit DIR] [--prompts 8] [--max-new-tokens 64] [-k 4]
-        [--train-steps 60] [--batches 1,8] [--threads 1]
+        [--train-steps 60] [--batches 1,8] [--tree 4,4,16] [--threads 1]
 
 Without ``--kit``: a random Llama of the model kit's size (hidden 256, 4 layers, vocabulary 2048)
 and random prompts; with it: the kit's target, its training prompts for the head and its eval
@@ -60,47 +61,32 @@ def greedy_continuations(target, prompts: list[list[int]], n: int) -> list[list[
     return [p + r.token_ids for p, r in zip(prompts, results, strict=True)]
 
 
-def train_head(target, seqs: list[list[int]], steps: int, variant: str):
+def trained_head(target, seqs: list[list[int]], steps: int, variant: str):
     from sd2_ray.feature.head import FeatureHead, FeatureHeadConfig
-    from sd2_ray.feature.losses import feature_head_loss
+    from sd2_ray.testing.feature_heads import train_head
 
     torch.manual_seed(1)
     head = FeatureHead(FeatureHeadConfig.for_target(target.config, variant), target)
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for i, seq in enumerate(seqs):
-        ids[i, : len(seq)] = torch.tensor(seq)
-        mask[i, : len(seq)] = 1
-    opt = torch.optim.AdamW(head.trainable_parameters(), lr=3e-3)
-    head.train()
-    for _ in range(steps):
-        loss = feature_head_loss(head, target, ids, mask, token_weight=1.0).total
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return head.eval(), loss.item()
+    losses = train_head(head, target, seqs, steps, lr=3e-3)
+    return head.eval(), losses[-1]
 
 
 def run(decoder, prompts: list[list[int]], n: int, batch: int, speculate: bool = True):
     from sd2_ray.feature.decode import total_stats
     from sd2_ray.specdec.types import GenerationRequest
 
-    outputs, results, seconds = [], [], 0.0
+    outputs, results, seconds, cpu = [], [], 0.0, 0.0
     for start in range(0, len(prompts), batch):
         requests = [GenerationRequest(p, n) for p in prompts[start : start + batch]]
-        began = time.perf_counter()
+        began, cpu_began = time.perf_counter(), time.process_time()
         chunk = decoder.generate(requests, speculate=speculate)
         seconds += time.perf_counter() - began
+        cpu += time.process_time() - cpu_began
         results += chunk
         outputs += [r.token_ids for r in chunk]
     tokens = sum(len(o) for o in outputs)
-    return {
-        "outputs": outputs,
-        "tps": tokens / seconds,
-        "seconds": seconds,
-        "mal": total_stats(results).mean_accepted_length,
-    }
+    mal = total_stats(results).mean_accepted_length
+    return {"outputs": outputs, "tps": tokens / seconds, "cpu_tps": tokens / cpu, "mal": mal}
 
 
 def main() -> None:
@@ -112,20 +98,25 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=60)
     parser.add_argument("--variant", default="eagle")
     parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--tree", default="4,4,16", help="depth,top_k,total_tokens of the tree ('' = no tree)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from sd2_ray.feature.decode import FeatureSpecDecoder
+    from sd2_ray.feature.tree import TreeSpecDecoder
 
     target, train_prompts, eval_prompts, what = load(args)
     began = time.perf_counter()
-    head, loss = train_head(
+    head, loss = trained_head(
         target, greedy_continuations(target, train_prompts, args.max_new_tokens), args.train_steps, args.variant
     )
     seconds = time.perf_counter() - began
     print(f"{what}; head ({args.variant}) trained {args.train_steps} steps in {seconds:.1f}s, loss {loss:.3f}")
     print(f"{len(eval_prompts)} prompts, {args.max_new_tokens} new tokens, K = {args.k}, {args.threads} thread(s)")
-    print(f"{'batch':>5} {'path':>12} {'tokens/s':>9} {'MAL':>6} {'vs recompute':>13} {'vs target':>10}")
+    print("tokens/s: wall; per CPU-second of this process (1 thread: steadier on a shared machine)")
+    print(
+        f"{'batch':>5} {'path':>12} {'tokens/s':>9} {'cpu tok/s':>9} {'MAL':>6} {'vs recompute':>13} {'vs target':>10}"
+    )
     with torch.inference_mode():
         for batch in [int(b) for b in args.batches.split(",")]:
             cached = FeatureSpecDecoder(target, head, args.k)
@@ -136,12 +127,17 @@ def main() -> None:
                 "cached": run(cached, eval_prompts, args.max_new_tokens, batch),
                 "target-only": run(cached, eval_prompts, args.max_new_tokens, batch, speculate=False),
             }
+            if args.tree:
+                tree = TreeSpecDecoder(target, head, *(int(x) for x in args.tree.split(",")))
+                paths["tree"] = run(tree, eval_prompts, args.max_new_tokens, batch)
+                assert paths["tree"]["outputs"] == paths["cached"]["outputs"], "tree decoding differs"
             outputs = paths["target-only"]["outputs"]
             assert paths["cached"]["outputs"] == paths["recompute"]["outputs"] == outputs, "decoders differ"
-            for name, r in paths.items():
-                ratio = r["tps"] / paths["recompute"]["tps"]
-                base = r["tps"] / paths["target-only"]["tps"]
-                print(f"{batch:>5} {name:>12} {r['tps']:>9.1f} {r['mal']:>6.2f} {ratio:>12.2f}x {base:>9.2f}x")
+            for name, r in paths.items():  # ratios of CPU tokens/s
+                ratio = r["cpu_tps"] / paths["recompute"]["cpu_tps"]
+                base = r["cpu_tps"] / paths["target-only"]["cpu_tps"]
+                row = f"{batch:>5} {name:>12} {r['tps']:>9.1f} {r['cpu_tps']:>9.1f} {r['mal']:>6.2f}"
+                print(f"{row} {ratio:>12.2f}x {base:>9.2f}x")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from sd2_ray.feature.tree import TreeSpecDecoder
 from sd2_ray.specdec.sampling import RowParams, warp_probs
 from sd2_ray.specdec.types import GenerationRequest, SamplingParams
 from sd2_ray.testing.engine_pairs import hf_greedy, sharpen
+from sd2_ray.testing.feature_heads import padded, train_head
 from sd2_ray.testing.tiny import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -36,31 +37,6 @@ def prompts_for(n: int, vocab: int = 96, seed: int = 0) -> list[list[int]]:
 def new_head(target, variant: str = "eagle", seed: int = 1, **overrides) -> FeatureHead:
     torch.manual_seed(seed)
     return FeatureHead(FeatureHeadConfig.for_target(target.config, variant, **overrides), target)
-
-
-def padded(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and mask (training batches)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for i, seq in enumerate(seqs):
-        ids[i, : len(seq)] = torch.tensor(seq)
-        mask[i, : len(seq)] = 1
-    return ids, mask
-
-
-def train(head: FeatureHead, target, seqs: list[list[int]], steps: int, lr: float = 1e-2) -> list[float]:
-    ids, mask = padded(seqs)
-    opt = torch.optim.AdamW(head.trainable_parameters(), lr=lr)
-    head.train()
-    losses = []
-    for _ in range(steps):
-        parts = feature_head_loss(head, target, ids, mask, token_weight=1.0)
-        opt.zero_grad()
-        parts.total.backward()
-        opt.step()
-        losses.append(parts.total.item())
-    return losses
 
 
 def greedy_run(target, head, prompts, k: int, n: int):
@@ -92,7 +68,7 @@ def trained_pair():
     seqs = [p + hf_greedy(target, p, 24) for p in prompts]
     untrained = new_head(target)
     trained = new_head(target)
-    losses = train(trained, target, seqs, steps=40)
+    losses = train_head(trained, target, seqs, steps=40)
     torch.set_num_threads(threads)
     yield target, prompts, untrained, trained, losses
 
@@ -275,7 +251,7 @@ def test_variant_trains_one_step_and_round_trips(variant, tmp_path):
     target = tiny_model("llama", seed=0)
     head = new_head(target, variant)
     ids, mask = padded(prompts_for(4))
-    losses = train(head, target, [p + [7, 8, 9] for p in prompts_for(4)], steps=1)
+    losses = train_head(head, target, [p + [7, 8, 9] for p in prompts_for(4)], steps=1)
     assert math.isfinite(losses[0])
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in head.trainable_parameters())
     keys = set(head.state_dict())
@@ -298,7 +274,7 @@ def test_training_leaves_target_weights_unchanged():
     target = tiny_model("llama", seed=0)
     before = {k: v.clone() for k, v in target.state_dict().items()}
     head = new_head(target, "fspad")
-    train(head, target, [p + [7, 8, 9, 10] for p in prompts_for(4)], steps=5)
+    train_head(head, target, [p + [7, 8, 9, 10] for p in prompts_for(4)], steps=5)
     for name, value in target.state_dict().items():
         assert torch.equal(value, before[name]), name
     assert all(p.grad is None for p in target.parameters())

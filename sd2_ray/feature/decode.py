@@ -38,7 +38,7 @@ import torch
 from sd2_ray.feature.features import target_pass
 from sd2_ray.feature.head import FeatureHead
 from sd2_ray.specdec.engine import eos_ids_of, output_vocab_size
-from sd2_ray.specdec.rows import Row, row_uniforms
+from sd2_ray.specdec.rows import Row, row_uniforms, start_rows
 from sd2_ray.specdec.sampling import RowParams, fit_vocab, pick, verify
 from sd2_ray.specdec.static_kv import round_capacity
 from sd2_ray.specdec.types import GenerationRequest, GenerationResult, SpecStats, TokenCallback
@@ -71,14 +71,7 @@ class FeatureSpecDecoder:
     def generate(
         self, requests: list[GenerationRequest], on_tokens: TokenCallback | None = None, speculate: bool = True
     ) -> list[GenerationResult]:
-        for i, req in enumerate(requests):
-            if not req.prompt_ids:
-                raise ValueError(f"request {i}: empty prompt_ids")
-        K, eos = self.num_speculative_tokens, self.eos_token_ids
-        rows = [Row.start(i, req, K, eos) for i, req in enumerate(requests)]
-        for row in rows:
-            if row.request.max_new_tokens <= 0:
-                row.finish_reason = "length"
+        rows = start_rows(requests, self.num_speculative_tokens, self.eos_token_ids)
         live = [row for row in rows if row.finish_reason is None]
         with torch.inference_mode():
             if live:

@@ -37,7 +37,7 @@ import torch
 from sd2_ray.feature.features import layer_features
 from sd2_ray.feature.head import FeatureHead
 from sd2_ray.specdec.engine import eos_ids_of, output_vocab_size
-from sd2_ray.specdec.rows import Row
+from sd2_ray.specdec.rows import Row, start_rows
 from sd2_ray.specdec.sampling import RowParams, fit_vocab, sample, warp_probs
 from sd2_ray.specdec.static_kv import MASK_KINDS, supports_static
 from sd2_ray.specdec.types import GenerationRequest, GenerationResult, TokenCallback
@@ -118,15 +118,10 @@ class TreeSpecDecoder:
     def generate(
         self, requests: list[GenerationRequest], on_tokens: TokenCallback | None = None, speculate: bool = True
     ) -> list[GenerationResult]:
-        for i, req in enumerate(requests):
-            if not req.prompt_ids:
-                raise ValueError(f"request {i}: empty prompt_ids")
-        rows = [Row.start(i, req, self.depth, self.eos_token_ids) for i, req in enumerate(requests)]
+        rows = start_rows(requests, self.depth, self.eos_token_ids)
         with torch.inference_mode():
             for row in rows:
-                if row.request.max_new_tokens <= 0:
-                    row.finish_reason = "length"
-                else:
+                if row.finish_reason is None:
                     _RowDecode(self, row, speculate).run(on_tokens)
         return [GenerationResult(row.tokens, row.finish_reason or "length", row.stats) for row in rows]
 

@@ -67,6 +67,18 @@ class Row:
         return emitted
 
 
+def start_rows(requests: list[GenerationRequest], k: int, eos_ids: tuple[int, ...]) -> list[Row]:
+    """Rows of a batch of requests (an empty prompt is an error); zero budgets finish at once."""
+    for i, req in enumerate(requests):
+        if not req.prompt_ids:
+            raise ValueError(f"request {i}: empty prompt_ids")
+    rows = [Row.start(i, req, k, eos_ids) for i, req in enumerate(requests)]
+    for row in rows:
+        if row.request.max_new_tokens <= 0:
+            row.finish_reason = "length"
+    return rows
+
+
 def row_uniforms(rows: list[Row], k: int, device=None) -> torch.Tensor:
     """(B, 2k+1) uniforms per row from its own generator, the same layout every pass (so a
     seeded request's draws don't depend on its batch): [0, k) drafting, [k, 2k) acceptance
