@@ -273,7 +273,7 @@ class _RowDecode:
                         break
                     residual[x] = 0.0  # rejected: the next sibling competes for what is left
                 if chosen is None:
-                    return path, int(sample(residual.unsqueeze(0), u[k : k + 1]))
+                    return path, int(sample(residual.unsqueeze(0), u[k : k + 1].to(residual.device)))
             path.append(chosen)
             node = chosen
 
