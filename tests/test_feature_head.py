@@ -320,6 +320,18 @@ def test_tree_on_trained_head_lossless_budgets_and_mal_at_least_chain(trained_pa
     assert results[4].token_ids == tree.generate([sampled])[0].token_ids  # a row's draws are its own
 
 
+def test_tree_of_one_branch_is_the_chain(trained_pair):
+    """top_k 1 and depth nodes make the tree the head's greedy chain: the same drafts and
+    counters as the chain at K = depth, so the tree's head cache (verified features replacing
+    predicted ones, tree entries dropped) matches the chain's."""
+    target, prompts, _, trained, _ = trained_pair
+    requests = [GenerationRequest(p, 20 + i) for i, p in enumerate(prompts)]
+    tree = TreeSpecDecoder(target, trained, depth=3, top_k=1, total_tokens=3).generate(requests)
+    chain = FeatureSpecDecoder(target, trained, 3).generate(requests)
+    assert [r.token_ids for r in tree] == [r.token_ids for r in chain]
+    assert [r.stats for r in tree] == [r.stats for r in chain]
+
+
 @pytest.mark.parametrize("sp", [SamplingParams(1.0), SamplingParams(0.7, 0.9, 5)], ids=["plain", "warped"])
 def test_tree_sampling_matches_target_distribution_and_catches_broken_rule(sp):
     """Depth 2, three siblings per node out of a vocabulary of 8: tokens 2 and 3 come from the
