@@ -52,8 +52,9 @@ def load(args):
 
 
 def greedy_continuations(target, prompts: list[list[int]], n: int) -> list[list[int]]:
+    from sd2_ray.feature.config import FeatureHeadConfig
     from sd2_ray.feature.decode import FeatureSpecDecoder
-    from sd2_ray.feature.head import FeatureHead, FeatureHeadConfig
+    from sd2_ray.feature.head import FeatureHead
     from sd2_ray.specdec.types import GenerationRequest
 
     head = FeatureHead(FeatureHeadConfig.for_target(target.config), target)  # unused: target-only
@@ -62,7 +63,8 @@ def greedy_continuations(target, prompts: list[list[int]], n: int) -> list[list[
 
 
 def trained_head(target, seqs: list[list[int]], steps: int, variant: str):
-    from sd2_ray.feature.head import FeatureHead, FeatureHeadConfig
+    from sd2_ray.feature.config import FeatureHeadConfig
+    from sd2_ray.feature.head import FeatureHead
     from sd2_ray.testing.feature_heads import train_head
 
     torch.manual_seed(1)
