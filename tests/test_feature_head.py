@@ -16,9 +16,11 @@ from sd2_ray.feature.decode import FeatureSpecDecoder, total_stats
 from sd2_ray.feature.features import target_features
 from sd2_ray.feature.head import FeatureHead
 from sd2_ray.feature.losses import feature_head_loss
+from sd2_ray.feature.tree import TreeSpecDecoder
 from sd2_ray.specdec.sampling import RowParams, warp_probs
 from sd2_ray.specdec.types import GenerationRequest, SamplingParams
-from sd2_ray.testing.engine_pairs import sharpen
+from sd2_ray.testing.engine_pairs import hf_greedy, sharpen
+from sd2_ray.testing.feature_heads import padded, train_head
 from sd2_ray.testing.tiny import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -35,43 +37,6 @@ def prompts_for(n: int, vocab: int = 96, seed: int = 0) -> list[list[int]]:
 def new_head(target, variant: str = "eagle", seed: int = 1, **overrides) -> FeatureHead:
     torch.manual_seed(seed)
     return FeatureHead(FeatureHeadConfig.for_target(target.config, variant, **overrides), target)
-
-
-def hf_greedy(model, prompt: list[int], n: int, eos: int = 2) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=n,
-            do_sample=False,
-            eos_token_id=eos,
-        )
-    return out[0, len(prompt) :].tolist()
-
-
-def padded(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and mask (training batches)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for i, seq in enumerate(seqs):
-        ids[i, : len(seq)] = torch.tensor(seq)
-        mask[i, : len(seq)] = 1
-    return ids, mask
-
-
-def train(head: FeatureHead, target, seqs: list[list[int]], steps: int, lr: float = 1e-2) -> list[float]:
-    ids, mask = padded(seqs)
-    opt = torch.optim.AdamW(head.trainable_parameters(), lr=lr)
-    head.train()
-    losses = []
-    for _ in range(steps):
-        parts = feature_head_loss(head, target, ids, mask, token_weight=1.0)
-        opt.zero_grad()
-        parts.total.backward()
-        opt.step()
-        losses.append(parts.total.item())
-    return losses
 
 
 def greedy_run(target, head, prompts, k: int, n: int):
@@ -103,7 +68,7 @@ def trained_pair():
     seqs = [p + hf_greedy(target, p, 24) for p in prompts]
     untrained = new_head(target)
     trained = new_head(target)
-    losses = train(trained, target, seqs, steps=40)
+    losses = train_head(trained, target, seqs, steps=40)
     torch.set_num_threads(threads)
     yield target, prompts, untrained, trained, losses
 
@@ -122,6 +87,37 @@ def test_trained_head_drafts_from_features_and_stays_lossless(trained_pair):
     print(f"acceptance by position {[round(a, 3) for a in after.per_position_acceptance()]}")
     assert after.mean_accepted_length > before.mean_accepted_length + 0.5
     assert after.per_position_acceptance()[0] > 0.5
+
+
+def test_kv_cached_chain_equals_recompute_on_trained_head(trained_pair):
+    """The cached chain (target and head KV caches, rolled back to the verified positions) drafts
+    exactly what the full recomputation drafts: same tokens and per-row counters, greedy and
+    sampled (same seeds, same uniforms); target-only decoding on the cache stays exact."""
+    target, prompts, _, trained, _ = trained_pair
+    sampled = [SamplingParams(0.8, 0.95, 0, seed=i) for i in range(len(prompts))]
+    requests = [GenerationRequest(p, 20 + i) for i, p in enumerate(prompts)]
+    requests += [GenerationRequest(p, 16, sp) for p, sp in zip(prompts, sampled, strict=True)]
+    cached = FeatureSpecDecoder(target, trained, 3).generate(requests)
+    recomputed = FeatureSpecDecoder(target, trained, 3, kv_cache=False).generate(requests)
+    assert [r.token_ids for r in cached] == [r.token_ids for r in recomputed]
+    assert [r.stats for r in cached] == [r.stats for r in recomputed]
+    assert total_stats(cached[: len(prompts)]).mean_accepted_length > 2.0  # many accepted drafts
+    plain = FeatureSpecDecoder(target, trained, 3).generate(requests[: len(prompts)], speculate=False)
+    assert [r.token_ids for r in plain] == [hf_greedy(target, p, 20 + i) for i, p in enumerate(prompts)]
+
+
+def test_kv_cached_chain_on_growing_target_cache(trained_pair, monkeypatch):
+    """A target whose attention takes no 4D mask keeps the growing cache (holes for rejected
+    drafts): still the recomputation's tokens and counters."""
+    import sd2_ray.feature.cached as cached_module
+
+    monkeypatch.setattr(cached_module, "supports_static", lambda model: False)
+    target, prompts, _, trained, _ = trained_pair
+    requests = [GenerationRequest(p, 16) for p in prompts]
+    cached = FeatureSpecDecoder(target, trained, 3).generate(requests)
+    recomputed = FeatureSpecDecoder(target, trained, 3, kv_cache=False).generate(requests)
+    assert [r.token_ids for r in cached] == [r.token_ids for r in recomputed]
+    assert [r.stats for r in cached] == [r.stats for r in recomputed]
 
 
 def test_budgets_one_token_prompts_and_stop_ids(trained_pair):
@@ -196,13 +192,13 @@ def tv_bound(p: torch.Tensor, n: int) -> float:
     return 3 * 0.5 * torch.sqrt(2 * p * (1 - p) / (math.pi * n)).sum().item()
 
 
-@pytest.mark.parametrize("sp", [SamplingParams(1.0), SamplingParams(0.7, 0.9, 5)], ids=["plain", "warped"])
-def test_sampling_matches_target_distribution_and_catches_broken_rule(sp):
-    """Token 1 comes from the prompt pass; tokens 2 and 3 from the first drafting pass (the head's
-    first draft, then its second draft or the correction), so both joints are checked."""
+def sampled_tvs(make_decoder, sp: SamplingParams, n: int = 4000, n_broken: int | None = None):
+    """TV distances of the joints of tokens 1-2 and 2-3 from the exact ones, for a decoder with
+    the right rule and one that always accepts, and their bounds; ``make_decoder(target, head,
+    accept_rule)``."""
     target = sharpen(tiny_model("llama", seed=0, vocab_size=VOCAB), 6.0)
     head = new_head(target, "fspad")
-    prompt, n = [3, 5, 4, 6], 4000
+    prompt = [3, 5, 4, 6]
     exact = exact_joints(target, prompt, sp)
     bounds = [tv_bound(e.flatten(), n) for e in exact]
 
@@ -210,14 +206,29 @@ def test_sampling_matches_target_distribution_and_catches_broken_rule(sp):
         got = sampled_joints(decoder, prompt, sp, n)
         return [0.5 * (g - e).abs().sum().item() for g, e in zip(got, exact, strict=True)]
 
-    tv_good = tv(FeatureSpecDecoder(target, head, 2, eos_token_ids=()))
-    tv_broken = tv(FeatureSpecDecoder(target, head, 2, eos_token_ids=(), accept_rule=lambda p, q, u: u < 1.0))
-    print(f"TV (tokens 1-2, 2-3) good {tv_good}, broken {tv_broken}, bounds {bounds}")
-    assert all(t < b for t, b in zip(tv_good, bounds, strict=True)), (tv_good, bounds)
-    assert all(t > b for t, b in zip(tv_broken, bounds, strict=True)), (
-        tv_broken,
-        bounds,
-    )  # always accepting = the head's
+    good, good_bounds = tv(make_decoder(target, head, None)), bounds
+    if n_broken is not None:  # a broken rule is far off: fewer samples show it
+        n = n_broken
+        bounds = [tv_bound(e.flatten(), n) for e in exact]
+    broken = tv(make_decoder(target, head, lambda *args: True))
+    return (good, good_bounds), (broken, bounds)
+
+
+@pytest.mark.parametrize("sp", [SamplingParams(1.0), SamplingParams(0.7, 0.9, 5)], ids=["plain", "warped"])
+def test_sampling_matches_target_distribution_and_catches_broken_rule(sp):
+    """Token 1 comes from the prompt pass; tokens 2 and 3 from the first drafting pass (the head's
+    first draft, then its second draft or the correction), so both joints are checked."""
+
+    def chain(target, head, rule):
+        return FeatureSpecDecoder(target, head, 2, eos_token_ids=(), accept_rule=rule)
+
+    check_tvs(*sampled_tvs(chain, sp))
+
+
+def check_tvs(good, broken) -> None:
+    print(f"TV (tokens 1-2, 2-3) and bounds: good {good}, broken {broken}")
+    assert all(t < b for t, b in zip(*good, strict=True)), good
+    assert all(t > b for t, b in zip(*broken, strict=True)), broken  # always accepting = the head's
 
 
 def test_mixed_batch_greedy_rows_unaffected_by_sampled_neighbours(trained_pair):
@@ -240,7 +251,7 @@ def test_variant_trains_one_step_and_round_trips(variant, tmp_path):
     target = tiny_model("llama", seed=0)
     head = new_head(target, variant)
     ids, mask = padded(prompts_for(4))
-    losses = train(head, target, [p + [7, 8, 9] for p in prompts_for(4)], steps=1)
+    losses = train_head(head, target, [p + [7, 8, 9] for p in prompts_for(4)], steps=1)
     assert math.isfinite(losses[0])
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in head.trainable_parameters())
     keys = set(head.state_dict())
@@ -263,9 +274,71 @@ def test_training_leaves_target_weights_unchanged():
     target = tiny_model("llama", seed=0)
     before = {k: v.clone() for k, v in target.state_dict().items()}
     head = new_head(target, "fspad")
-    train(head, target, [p + [7, 8, 9, 10] for p in prompts_for(4)], steps=5)
+    train_head(head, target, [p + [7, 8, 9, 10] for p in prompts_for(4)], steps=5)
     for name, value in target.state_dict().items():
         assert torch.equal(value, before[name]), name
     assert all(p.grad is None for p in target.parameters())
     own = {id(p) for p in head.parameters()}
     assert not own & {id(p) for p in target.parameters()}
+
+
+# ---- tree drafting (EAGLE-2): lossless, and at least the chain's MAL ------------------------------
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 5), (4, 4, 16)], ids=["narrow", "wide"])
+def test_tree_greedy_equals_target_greedy_untrained_head(shape):
+    target = tiny_model("llama", seed=0)
+    prompts = prompts_for(6)
+    results = TreeSpecDecoder(target, new_head(target, "fspad"), *shape).generate(
+        [GenerationRequest(p, 16) for p in prompts]
+    )
+    assert [r.token_ids for r in results] == [hf_greedy(target, p, 16) for p in prompts]
+    stats = total_stats(results)
+    assert stats.num_speculative_tokens == shape[0] and 1.0 <= stats.mean_accepted_length <= shape[0] + 1
+
+
+def test_tree_on_trained_head_lossless_budgets_and_mal_at_least_chain(trained_pair):
+    """Same tokens as the target (and stop ids, budgets); the tree keeps the chain's path in
+    most passes and adds siblings, so its MAL is at least the chain's at the same depth."""
+    target, prompts, _, trained, _ = trained_pair
+    tree = TreeSpecDecoder(target, trained, depth=3, top_k=4, total_tokens=16)
+    results = tree.generate([GenerationRequest(p, 24) for p in prompts])
+    assert [r.token_ids for r in results] == [hf_greedy(target, p, 24) for p in prompts]
+    _, chain = greedy_run(target, trained, prompts, 3, 24)
+    mal = total_stats(results).mean_accepted_length
+    print(f"MAL tree {mal:.3f}, chain {chain.mean_accepted_length:.3f}")
+    assert mal >= chain.mean_accepted_length and mal > 2.0
+    stop = hf_greedy(target, prompts[1], 6)[3]
+    sampled = GenerationRequest(prompts[3], 10, SamplingParams(0.8, seed=5))
+    requests = [GenerationRequest([7], 5), GenerationRequest(prompts[0], 0), GenerationRequest(prompts[2], 1)]
+    requests += [GenerationRequest(prompts[1], 12, stop_token_ids=(stop,)), sampled]
+    results = tree.generate(requests)
+    assert [r.finish_reason for r in results] == ["length", "length", "length", "stop", "length"]
+    assert results[0].token_ids == hf_greedy(target, [7], 5) and results[1].token_ids == []
+    expected = hf_greedy(target, prompts[1], 12)
+    assert results[3].token_ids == expected[: expected.index(stop) + 1]
+    assert results[4].token_ids == tree.generate([sampled])[0].token_ids  # a row's draws are its own
+
+
+def test_tree_of_one_branch_is_the_chain(trained_pair):
+    """top_k 1 and depth nodes make the tree the head's greedy chain: the same drafts and
+    counters as the chain at K = depth, so the tree's head cache (verified features replacing
+    predicted ones, tree entries dropped) matches the chain's."""
+    target, prompts, _, trained, _ = trained_pair
+    requests = [GenerationRequest(p, 20 + i) for i, p in enumerate(prompts)]
+    tree = TreeSpecDecoder(target, trained, depth=3, top_k=1, total_tokens=3).generate(requests)
+    chain = FeatureSpecDecoder(target, trained, 3).generate(requests)
+    assert [r.token_ids for r in tree] == [r.token_ids for r in chain]
+    assert [r.stats for r in tree] == [r.stats for r in chain]
+
+
+@pytest.mark.parametrize("sp", [SamplingParams(1.0), SamplingParams(0.7, 0.9, 5)], ids=["plain", "warped"])
+def test_tree_sampling_matches_target_distribution_and_catches_broken_rule(sp):
+    """Depth 2, three siblings per node out of a vocabulary of 8: tokens 2 and 3 come from the
+    first tree pass, through the recursive rejection over siblings (decoded per row: fewer
+    samples than the chain's test, within their own bounds)."""
+
+    def tree(target, head, rule):
+        return TreeSpecDecoder(target, head, 2, 3, 5, eos_token_ids=(), accept_rule=rule)
+
+    check_tvs(*sampled_tvs(tree, sp, n=800, n_broken=300))

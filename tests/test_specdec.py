@@ -11,7 +11,7 @@ from sd2_ray.specdec.engine import SpeculativeEngine
 from sd2_ray.specdec.kv import RaggedKV
 from sd2_ray.specdec.sampling import RowParams, warp_probs
 from sd2_ray.specdec.types import GenerationRequest, SamplingParams
-from sd2_ray.testing.engine_pairs import noisy_copy, sharpen
+from sd2_ray.testing.engine_pairs import hf_greedy, noisy_copy, sharpen
 from sd2_ray.testing.tiny import tiny_model
 
 
@@ -29,18 +29,6 @@ PROMPT_LENGTHS = [5, 11, 2, 8, 3]
 def prompts_for(n: int, vocab: int = 96, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (PROMPT_LENGTHS[i % len(PROMPT_LENGTHS)],), generator=g).tolist() for i in range(n)]
-
-
-def hf_greedy(model, prompt: list[int], n: int, eos: int | None = 2) -> list[int]:
-    out = model.generate(
-        torch.tensor([prompt]),
-        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-        max_new_tokens=n,
-        do_sample=False,
-        eos_token_id=eos,
-        pad_token_id=0,
-    )
-    return out[0, len(prompt) :].tolist()
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

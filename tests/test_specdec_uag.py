@@ -8,7 +8,7 @@ import torch
 from sd2_ray.specdec.engine import SpeculativeEngine
 from sd2_ray.specdec.types import GenerationRequest, SamplingParams
 from sd2_ray.specdec.uag import Translator, common_prefix, needs_translation
-from sd2_ray.testing.engine_pairs import noisy_copy, permuted_copy, sharpen
+from sd2_ray.testing.engine_pairs import hf_greedy, noisy_copy, permuted_copy, sharpen
 from sd2_ray.testing.tiny import tiny_model
 from sd2_ray.testing.tokenizer import bpe_tokenizer, char_tokenizer
 
@@ -35,18 +35,6 @@ def toks():
 @pytest.fixture(scope="module")
 def target(toks):
     return sharpen(tiny_model("llama", seed=0, vocab_size=len(toks[0])), 4.0)
-
-
-def hf_greedy(model, prompt, n, eos=2):
-    out = model.generate(
-        torch.tensor([prompt]),
-        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-        max_new_tokens=n,
-        do_sample=False,
-        eos_token_id=eos,
-        pad_token_id=0,
-    )
-    return out[0, len(prompt) :].tolist()
 
 
 def test_translation_is_chosen_only_when_vocabularies_differ(toks, target):

@@ -2,13 +2,13 @@
 
 Each pass, for every row with committed tokens x_0..x_{n-1}:
 
-1. the head drafts K tokens: its input is the target's features f_0..f_{n-2} (from the last
-   verification pass; the feature of the newest token x_{n-1} does not exist yet) paired with the
-   embeddings of x_1..x_{n-1}; its output at the last position gives the first draft and a
+1. the head drafts K tokens: its input is the target's features f_0..f_{n-2} (from the
+   verification passes; the feature of the newest token x_{n-1} does not exist yet) paired with
+   the embeddings of x_1..x_{n-1}; its output at the last position gives the first draft and a
    predicted feature, which is fed back (with the draft's embedding) for the next draft, and so on:
-   the chain reuses the target's last verified features and the head's own predictions after them;
-2. the target scores x_0..x_{n-1} + the K drafts in one pass, which also yields its features for
-   every accepted position;
+   the chain reuses the target's verified features and the head's own predictions after them;
+2. the target scores the K drafts in one pass, which also yields its features for every
+   accepted position;
 3. ``sd2_ray.specdec.sampling.verify`` (the project's rule) accepts a prefix and picks the
    correction / bonus token: greedy rows keep the target's argmax, sampled rows follow the target's
    (warped) distribution exactly, whatever the head proposes.
@@ -16,49 +16,32 @@ Each pass, for every row with committed tokens x_0..x_{n-1}:
 The first pass is a plain target pass over the prompts (no features exist before it): it counts as
 a target pass that commits one token, so MAL here includes it, as in EAGLE's decoding.
 
-Correctness over speed (first slice): no KV cache anywhere. The target is recomputed over each
-row's whole sequence every pass and the head over its whole feature sequence every draft step;
-rows are left-padded with position ids that count real tokens, so a row's outputs do not depend on
-its batch. Randomness follows the speculative engine's layout: per request a seeded generator
-draws (2K + 1) uniforms each pass ([0, K) drafting, [K, 2K) acceptance tests, 2K resample/bonus).
+Two ways to compute the same thing (``kv_cache``):
+
+* cached (default, :mod:`sd2_ray.feature.cached`): the target and the head keep KV caches across
+  passes; the target scores only its uncached token(s) + the K drafts, the head only the newly
+  verified features, and both caches drop what verification rejected;
+* recompute (:class:`Recompute`, the reference the cached path is tested against): the target is
+  recomputed over each row's whole sequence every pass and the head over its whole feature
+  sequence every draft step.
+
+Rows are left-padded with position ids that count real tokens, so a row's outputs do not depend
+on its batch. Randomness follows the speculative engine's layout
+(:func:`sd2_ray.specdec.rows.row_uniforms`): per request a seeded generator draws (2K + 1)
+uniforms each pass ([0, K) drafting, [K, 2K) acceptance tests, 2K resample/bonus).
 """
 
 from __future__ import annotations
-
-import random
-from dataclasses import dataclass, field
 
 import torch
 
 from sd2_ray.feature.features import target_pass
 from sd2_ray.feature.head import FeatureHead
 from sd2_ray.specdec.engine import eos_ids_of, output_vocab_size
+from sd2_ray.specdec.rows import Row, row_uniforms, start_rows
 from sd2_ray.specdec.sampling import RowParams, fit_vocab, pick, verify
+from sd2_ray.specdec.static_kv import round_capacity
 from sd2_ray.specdec.types import GenerationRequest, GenerationResult, SpecStats, TokenCallback
-
-
-@dataclass
-class _Row:
-    index: int
-    request: GenerationRequest
-    stop_ids: frozenset
-    stats: SpecStats
-    generator: torch.Generator | None
-    context: list[int]  # prompt + committed tokens
-    tokens: list[int] = field(default_factory=list)  # committed (emitted) tokens
-    features: torch.Tensor | None = None  # (len(context) - 1, H): the target's, in the head's input space
-    finish_reason: str | None = None
-
-    @property
-    def remaining(self) -> int:
-        return self.request.max_new_tokens - len(self.tokens)
-
-
-@dataclass
-class _Drafts:
-    tokens: torch.Tensor  # (B, k)
-    lengths: torch.Tensor  # (B,) how many of them each row may use (its budget)
-    probs: torch.Tensor | None  # (B, k, V) warped head distributions; None when all rows are greedy
 
 
 class FeatureSpecDecoder:
@@ -72,6 +55,7 @@ class FeatureSpecDecoder:
         *,
         eos_token_ids: tuple[int, ...] | None = None,
         accept_rule=None,
+        kv_cache: bool = True,
     ):
         if num_speculative_tokens < 0:
             raise ValueError("num_speculative_tokens must be >= 0")
@@ -80,77 +64,75 @@ class FeatureSpecDecoder:
         self.num_speculative_tokens = num_speculative_tokens
         self.eos_token_ids = tuple(eos_token_ids) if eos_token_ids is not None else eos_ids_of(target)
         self.accept_rule = accept_rule  # tests swap in a wrong rule to show the checks catch it
+        self.kv_cache = kv_cache
         self.vocab = output_vocab_size(target)
         self.device = target.get_input_embeddings().weight.device
 
     def generate(
         self, requests: list[GenerationRequest], on_tokens: TokenCallback | None = None, speculate: bool = True
     ) -> list[GenerationResult]:
-        for i, req in enumerate(requests):
-            if not req.prompt_ids:
-                raise ValueError(f"request {i}: empty prompt_ids")
-        rows = [self._new_row(i, req) for i, req in enumerate(requests)]
-        live = [row for row in rows if row.request.max_new_tokens > 0]
-        for row in rows:
-            if row.request.max_new_tokens <= 0:
-                row.finish_reason = "length"
+        rows = start_rows(requests, self.num_speculative_tokens, self.eos_token_ids)
+        live = [row for row in rows if row.finish_reason is None]
         with torch.inference_mode():
             if live:
                 self._decode(live, on_tokens, speculate)
         return [GenerationResult(row.tokens, row.finish_reason or "length", row.stats) for row in rows]
 
-    def _new_row(self, i: int, req: GenerationRequest) -> _Row:
-        k = self.num_speculative_tokens
-        generator = None
-        if not req.sampling.greedy:
-            seed = req.sampling.seed if req.sampling.seed is not None else random.getrandbits(63)
-            generator = torch.Generator().manual_seed(seed)
-        stats = SpecStats(num_speculative_tokens=k, accepted_per_position=[0] * k)
-        stop_ids = frozenset(self.eos_token_ids) | frozenset(req.stop_token_ids)
-        return _Row(i, req, stop_ids, stats, generator, list(req.prompt_ids))
+    def _new_chain(self, rows: list[Row], speculate: bool):
+        prompts = [list(row.request.prompt_ids) for row in rows]
+        if not self.kv_cache:
+            return Recompute(self.target, self.head, prompts, self.vocab)
+        from sd2_ray.feature.cached import CachedChain
 
-    def _decode(self, rows: list[_Row], on_tokens, speculate: bool) -> None:
+        # a row holds its prompt, its budget and at most K + 1 tokens in flight
+        longest = max(len(p) + row.request.max_new_tokens for p, row in zip(prompts, rows, strict=True))
+        capacity = round_capacity(longest + self.num_speculative_tokens + 1)
+        return CachedChain(self.target, self.head, prompts, self.vocab, capacity, drafting=speculate)
+
+    def _decode(self, rows: list[Row], on_tokens, speculate: bool) -> None:
         rp = RowParams.from_params([row.request.sampling for row in rows], device=self.device)
         K = self.num_speculative_tokens
+        chain = self._new_chain(rows, speculate)
         first = True  # the prompt pass: no features to draft from yet
         while rows:
             k = 0 if first or not speculate else min(K, max(row.remaining for row in rows) - 1)
-            uniforms = self._uniforms(rows)
-            drafts = self._draft(rows, k, rp, uniforms[:, :k])
-            logits, features = self._score(rows, drafts.tokens)
+            uniforms = row_uniforms(rows, K, self.device)
+            # a row never drafts past its own budget, so its tokens don't depend on its batch
+            lengths = torch.tensor([min(k, row.remaining - 1) for row in rows], dtype=torch.long, device=self.device)
+            drafts, probs = chain.draft(k, rp, uniforms[:, :k])
+            logits = chain.score(drafts)
             accepted, next_token = verify(
-                logits,
-                drafts.tokens,
-                drafts.lengths,
-                drafts.probs,
-                rp,
-                uniforms[:, K : K + k],
-                uniforms[:, 2 * K],
-                self.accept_rule,
+                logits, drafts, lengths, probs, rp, uniforms[:, K : K + k], uniforms[:, 2 * K], self.accept_rule
             )
-            self._commit_all(rows, drafts, accepted.tolist(), next_token.tolist(), features, on_tokens)
+            acc, nxt, lens, draft_lists = accepted.tolist(), next_token.tolist(), lengths.tolist(), drafts.tolist()
+            chain.advance(draft_lists, acc, nxt)
+            for i, row in enumerate(rows):
+                row.commit(draft_lists[i][: acc[i]] + [nxt[i]], acc[i], lens[i], on_tokens)
             first = False
             keep = [i for i, row in enumerate(rows) if row.finish_reason is None]
             if len(keep) < len(rows):
                 rows = [rows[i] for i in keep]
                 if keep:
                     rp = rp.select(torch.tensor(keep, dtype=torch.long, device=self.device))
+                    chain.select(keep)
 
-    def _uniforms(self, rows: list[_Row]) -> torch.Tensor:
-        """(B, 2K+1) uniforms, each row from its own generator (greedy rows draw nothing)."""
-        size = 2 * self.num_speculative_tokens + 1
-        out = torch.zeros(len(rows), size)
-        for i, row in enumerate(rows):
-            if row.generator is not None:
-                out[i] = torch.rand(size, generator=row.generator)
-        return out.to(self.device)
 
-    def _draft(self, rows: list[_Row], k: int, rp: RowParams, uniforms: torch.Tensor) -> _Drafts:
+class Recompute:
+    """The chain without any KV cache: each row's context and verified features, recomputed in
+    full every step (the reference the cached chain is tested against)."""
+
+    def __init__(self, target, head: FeatureHead, prompts: list[list[int]], vocab: int):
+        self.target, self.head, self.vocab = target, head, vocab
+        self.device = target.get_input_embeddings().weight.device
+        self.contexts = prompts  # prompt + committed tokens
+        self.features: list[torch.Tensor | None] = [None] * len(prompts)  # (len(context) - 1, H) each
+        self._scored: torch.Tensor | None = None  # the last score's features (B, width, H)
+
+    def draft(self, k: int, rp: RowParams, uniforms: torch.Tensor):
         """k chained head steps over every row's feature sequence (recomputed each step)."""
-        lengths = torch.tensor([min(k, row.remaining - 1) for row in rows], dtype=torch.long, device=self.device)
         if k == 0:
-            return _Drafts(torch.zeros(len(rows), 0, dtype=torch.long, device=self.device), lengths, None)
-        features, next_ids, mask = self._head_inputs(rows)
+            return torch.zeros(len(self.contexts), 0, dtype=torch.long, device=self.device), None
+        features, next_ids, mask = self._head_inputs()
         tokens, probs = [], []
         for j in range(k):
             out = self.head(features, next_ids, mask)
@@ -161,81 +143,55 @@ class FeatureSpecDecoder:
             # last column is every row's newest position)
             features = torch.cat([features, out.regress_features[:, -1:]], dim=1)
             next_ids = torch.cat([next_ids, token.unsqueeze(1)], dim=1)
-            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-        stacked = None if rp.all_greedy else torch.stack(probs, dim=1)
-        return _Drafts(torch.stack(tokens, dim=1), lengths, stacked)
+            mask = torch.cat([mask, mask.new_ones(len(self.contexts), 1)], dim=1)
+        return torch.stack(tokens, dim=1), None if rp.all_greedy else torch.stack(probs, dim=1)
 
-    def _head_inputs(self, rows: list[_Row]):
+    def _head_inputs(self):
         """Left-padded (features, next token ids, mask) of the rows' verified positions."""
-        width = max(len(row.context) - 1 for row in rows)
-        hidden = self.head.config.hidden_size
-        first_features = rows[0].features
-        assert first_features is not None  # set by the prompt pass
-        features = first_features.new_zeros(len(rows), width, hidden)
-        next_ids = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
-        mask = torch.zeros(len(rows), width, dtype=torch.bool, device=self.device)
-        for i, row in enumerate(rows):
-            n = len(row.context) - 1
-            assert row.features is not None and row.features.shape[0] == n
-            features[i, width - n :] = row.features
-            next_ids[i, width - n :] = torch.tensor(row.context[1:], dtype=torch.long)
+        width = max(len(c) - 1 for c in self.contexts)
+        first = self.features[0]
+        assert first is not None  # set by the prompt pass
+        features = first.new_zeros(len(self.contexts), width, self.head.config.hidden_size)
+        next_ids = torch.zeros(len(self.contexts), width, dtype=torch.long, device=self.device)
+        mask = torch.zeros(len(self.contexts), width, dtype=torch.bool, device=self.device)
+        for i, (context, row_features) in enumerate(zip(self.contexts, self.features, strict=True)):
+            n = len(context) - 1
+            assert row_features is not None and row_features.shape[0] == n
+            features[i, width - n :] = row_features
+            next_ids[i, width - n :] = torch.tensor(context[1:], dtype=torch.long)
             mask[i, width - n :] = True
         return features, next_ids, mask
 
-    def _score(self, rows: list[_Row], drafts: torch.Tensor):
+    def score(self, drafts: torch.Tensor) -> torch.Tensor:
         """The target over context + drafts, left-padded: logits (B, k+1, V) at the last k+1
-        positions, and each row's features (in the head's input space) over its real columns."""
+        positions; keeps each row's features (in the head's input space) for :meth:`advance`."""
         k = drafts.shape[1]
-        draft_lists = drafts.tolist()
-        sequences = [row.context + draft_lists[i] for i, row in enumerate(rows)]
+        sequences = [c + d for c, d in zip(self.contexts, drafts.tolist(), strict=True)]
         width = max(len(s) for s in sequences)
-        ids = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
-        mask = torch.zeros(len(rows), width, dtype=torch.bool, device=self.device)
+        ids = torch.zeros(len(sequences), width, dtype=torch.long, device=self.device)
+        mask = torch.zeros(len(sequences), width, dtype=torch.bool, device=self.device)
         for i, seq in enumerate(sequences):
             ids[i, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
             mask[i, width - len(seq) :] = True
         tp = target_pass(self.target, ids, mask, self.head.config.feature_layers)
-        features = self.head.reduce_features(tp.features)
-        return tp.logits[:, width - k - 1 :], features
+        self._scored = self.head.reduce_features(tp.features)
+        return tp.logits[:, width - k - 1 :]
 
-    def _commit_all(self, rows, drafts: _Drafts, accepted, next_tokens, features, on_tokens) -> None:
-        k = drafts.tokens.shape[1]
-        draft_lists, lengths = drafts.tokens.tolist(), drafts.lengths.tolist()
-        width = features.shape[1]
-        for i, row in enumerate(rows):
-            a = accepted[i]
-            n = len(row.context)
+    def advance(self, drafts: list[list[int]], accepted: list[int], next_tokens: list[int]) -> None:
+        scored = self._scored
+        assert scored is not None  # set by score, which every advance follows
+        width = scored.shape[1]
+        for i, context in enumerate(self.contexts):
+            a, n, k = accepted[i], len(context), len(drafts[i])
             # verified features: the old context and the accepted drafts (columns before the
             # unaccepted drafts); the newest token's feature comes with the next pass
             start = width - n - k
-            row.features = features[i, start : start + n + a].clone()
-            self._commit(row, draft_lists[i][:a] + [next_tokens[i]], a, lengths[i], on_tokens)
+            self.features[i] = scored[i, start : start + n + a].clone()
+            context.extend(drafts[i][:a] + [next_tokens[i]])
 
-    def _commit(self, row: _Row, tokens: list[int], accepted: int, drafted: int, on_tokens) -> None:
-        """Emit a row's new tokens up to a stop id or its budget; count them as the engine does."""
-        emitted = []
-        for token in tokens:
-            emitted.append(token)
-            if token in row.stop_ids:
-                row.finish_reason = "stop"
-                break
-            if len(row.tokens) + len(emitted) >= row.request.max_new_tokens:
-                row.finish_reason = "length"
-                break
-        row.tokens.extend(emitted)
-        row.context.extend(emitted)
-        stats = row.stats
-        stats.target_passes += 1
-        stats.committed_tokens += len(emitted)
-        if drafted:
-            accepted_emitted = min(accepted, len(emitted))
-            stats.num_drafts += 1
-            stats.num_draft_tokens += drafted
-            stats.num_accepted_tokens += accepted_emitted
-            for j in range(accepted_emitted):
-                stats.accepted_per_position[j] += 1
-        if on_tokens is not None and on_tokens(row.index, emitted) and row.finish_reason is None:
-            row.finish_reason = "stop"
+    def select(self, keep: list[int]) -> None:
+        self.contexts = [self.contexts[i] for i in keep]
+        self.features = [self.features[i] for i in keep]
 
 
 def total_stats(results: list[GenerationResult]) -> SpecStats:

@@ -34,8 +34,14 @@ def target_pass(target, input_ids: torch.Tensor, attention_mask: torch.Tensor, l
         use_cache=False,
     )
     hidden = out.hidden_states
-    features = torch.cat([hidden[i] for i in layers], dim=-1) if len(layers) > 1 else hidden[layers[0]]
-    return TargetPass(out.logits, features, hidden[-1])
+    return TargetPass(out.logits, layer_features(hidden, layers), hidden[-1])
+
+
+def layer_features(hidden_states: Sequence[torch.Tensor], layers: Sequence[int]) -> torch.Tensor:
+    """The head's input from a forward's ``hidden_states``: the ``layers`` entries concatenated."""
+    if len(layers) == 1:
+        return hidden_states[layers[0]]
+    return torch.cat([hidden_states[i] for i in layers], dim=-1)
 
 
 def target_features(

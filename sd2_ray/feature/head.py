@@ -151,7 +151,27 @@ class FeatureHead(nn.Module):
         logit_features, regress_features = self._layer(fused, positions, _causal_mask(mask, fused.dtype))
         return HeadOutput(logit_features, regress_features, self.lm_logits(logit_features))
 
-    def _layer(self, hidden: torch.Tensor, positions: torch.Tensor, mask4d: torch.Tensor):
+    def step(
+        self,
+        features: torch.Tensor,
+        next_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        past_key_values,
+        use_cache: bool = True,
+        logits_to_keep: int = 1,
+    ) -> HeadOutput:
+        """:meth:`forward` over a chunk of new positions on a KV cache (decoding): the caller
+        gives the positions and the 4D additive mask over cache + chunk (what
+        :class:`~sd2_ray.specdec.static_kv.StaticKV` builds); ``past_key_values`` takes the
+        chunk's keys and values. Logits of the last ``logits_to_keep`` columns (0: all); the
+        default, 1, is the next draft's."""
+        embeds = self.embed(next_ids).to(features.dtype)
+        fused = self.fuse(embeds, features)
+        logit_features, regress_features = self._layer(fused, position_ids, attention_mask, past_key_values)
+        return HeadOutput(logit_features, regress_features, self.lm_logits(logit_features[:, -logits_to_keep:]))
+
+    def _layer(self, hidden: torch.Tensor, positions: torch.Tensor, mask4d: torch.Tensor, past_key_values=None):
         """LlamaDecoderLayer's computation, unrolled so the MLP's hidden activations can feed a
         second output projection (partial alignment); without it both outputs are the same."""
         layer = self.layer
@@ -159,6 +179,7 @@ class FeatureHead(nn.Module):
             hidden_states=layer.input_layernorm(hidden),
             position_embeddings=self.rotary(hidden, positions),
             attention_mask=mask4d,
+            past_key_values=past_key_values,
         )
         hidden = hidden + attn_out
         mlp = layer.mlp

@@ -23,17 +23,16 @@ Per-request generators stay on the CPU, so a seed gives the same draws on any de
 from __future__ import annotations
 
 import logging
-import random
-from dataclasses import dataclass, field
 
 import torch
 
 from sd2_ray.models.device import input_device
 from sd2_ray.specdec.kv import RaggedKV, right_aligned
+from sd2_ray.specdec.rows import Row, row_uniforms
 from sd2_ray.specdec.sampling import RowParams, verify
 from sd2_ray.specdec.static_kv import StaticKV, round_capacity, supports_static
 from sd2_ray.specdec.steps import DecodeSteps
-from sd2_ray.specdec.types import GenerationRequest, GenerationResult, SpecStats, TokenCallback
+from sd2_ray.specdec.types import GenerationRequest, GenerationResult, TokenCallback
 
 logger = logging.getLogger(__name__)
 
@@ -108,21 +107,6 @@ class SameVocabDrafter:
     def select(self, rows: list[int]) -> None:
         self.kv.select(torch.tensor(rows, dtype=torch.long, device=self.device))
         self.pending = [self.pending[i] for i in rows]
-
-
-@dataclass
-class _Row:
-    index: int  # position in the caller's request list
-    request: GenerationRequest
-    stop_ids: frozenset
-    stats: SpecStats
-    generator: torch.Generator | None
-    tokens: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-
-    @property
-    def remaining(self) -> int:
-        return self.request.max_new_tokens - len(self.tokens)
 
 
 class SpeculativeEngine:
@@ -235,21 +219,6 @@ class SpeculativeEngine:
                 results.extend(self._generate_batch(requests[start : start + size], start, on_tokens, speculate))
         return results
 
-    def _new_row(self, offset: int, i: int, req: GenerationRequest) -> _Row:
-        k = self.num_speculative_tokens
-        generator = None
-        if not req.sampling.greedy:
-            generator = torch.Generator().manual_seed(
-                req.sampling.seed if req.sampling.seed is not None else random.getrandbits(63)
-            )
-        return _Row(
-            offset + i,
-            req,
-            frozenset(self.eos_token_ids) | frozenset(req.stop_token_ids),
-            SpecStats(num_speculative_tokens=k, accepted_per_position=[0] * k),
-            generator,
-        )
-
     def _new_drafter(self, prompts: list[list[int]], capacity: int):
         if self.drafter is None or self.num_speculative_tokens == 0:
             return None
@@ -266,13 +235,14 @@ class SpeculativeEngine:
             capacity=capacity if self.static_cache else None,
         )
 
-    def _new_target_cache(self, rows: list[_Row], capacity: int):
+    def _new_target_cache(self, rows: list[Row], capacity: int):
         if self.static_cache:
             return StaticKV(self.target, len(rows), capacity, fixed_width=self.compile)
         return RaggedKV(self.target, len(rows))
 
     def _generate_batch(self, requests, offset: int, on_tokens, speculate: bool = True) -> list[GenerationResult]:
-        rows = [self._new_row(offset, i, r) for i, r in enumerate(requests)]
+        K, eos = self.num_speculative_tokens, self.eos_token_ids
+        rows = [Row.start(offset + i, r, K, eos) for i, r in enumerate(requests)]
         for row in rows:
             if row.request.max_new_tokens <= 0:
                 row.finish_reason = "length"
@@ -281,7 +251,7 @@ class SpeculativeEngine:
             self._decode(live, on_tokens, speculate)
         return [GenerationResult(row.tokens, row.finish_reason or "length", row.stats) for row in rows]
 
-    def _decode(self, rows: list[_Row], on_tokens, speculate: bool = True) -> None:
+    def _decode(self, rows: list[Row], on_tokens, speculate: bool = True) -> None:
         prompts = [list(row.request.prompt_ids) for row in rows]
         rp = RowParams.from_params([row.request.sampling for row in rows], device=self.device)
         K = self.num_speculative_tokens
@@ -299,7 +269,7 @@ class SpeculativeEngine:
             k = min(K, max(row.remaining for row in rows) - 1) if drafter else 0
             if k > 0 and self.compile:
                 k = K  # one shape every pass (a compiled graph each); rows' budgets cut drafts below
-            uniforms = self._uniforms(rows)
+            uniforms = row_uniforms(rows, K, self.device)
             if k > 0:
                 assert drafter is not None  # k is 0 without one
                 drafts, draft_len, draft_probs = drafter.propose(k, rp, uniforms[:, :k], histories)
@@ -330,7 +300,7 @@ class SpeculativeEngine:
             draft_lists = drafts.tolist()
             new_tokens = [draft_lists[i][: acc[i]] + [nxt[i]] for i in range(len(rows))]
             for row, toks, a, m in zip(rows, new_tokens, acc, lens, strict=True):
-                self._commit(row, toks, a, m, k, on_tokens)
+                row.commit(toks, a, m, on_tokens)
             for history, toks in zip(histories, new_tokens, strict=True):
                 history.extend(toks)
             pending = [[t] for t in nxt]
@@ -346,20 +316,6 @@ class SpeculativeEngine:
                     rp = rp.select(index)
                     if drafter is not None:
                         drafter.select(keep)
-
-    def _uniforms(self, rows: list[_Row]) -> torch.Tensor:
-        """(B, 2K+1) uniforms per row from its own generator, the same layout every pass (so a
-        seeded request's draws don't depend on its batch): [0, K) drafting, [K, 2K) acceptance
-        tests, 2K the resample / bonus token. Greedy rows draw nothing. Drawn on the CPU (the
-        generators live there, so a seed means the same draws on any device), then moved."""
-        size = 2 * self.num_speculative_tokens + 1
-        if all(row.generator is None for row in rows):
-            return torch.zeros(len(rows), size, device=self.device)
-        out = torch.zeros(len(rows), size, device="cpu")
-        for i, row in enumerate(rows):
-            if row.generator is not None:
-                out[i] = torch.rand(size, generator=row.generator)
-        return out.to(self.device)
 
     def _score(
         self, kv, pending: list[list[int]], drafts: torch.Tensor, draft_len: torch.Tensor, steady: bool = False
@@ -387,28 +343,3 @@ class SpeculativeEngine:
         columns = torch.arange(width + 1, device=self.device)
         index = (shift.unsqueeze(1) + columns.unsqueeze(0)).clamp_(max=width)
         return logits.gather(1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
-
-    def _commit(self, row: _Row, tokens: list[int], accepted: int, drafted: int, k: int, on_tokens) -> None:
-        """Emit a row's new tokens up to a stop id or its budget; count them; call back."""
-        emitted = []
-        for token in tokens:
-            emitted.append(token)
-            if token in row.stop_ids:
-                row.finish_reason = "stop"
-                break
-            if len(row.tokens) + len(emitted) >= row.request.max_new_tokens:
-                row.finish_reason = "length"
-                break
-        row.tokens.extend(emitted)
-        stats = row.stats
-        stats.target_passes += 1
-        stats.committed_tokens += len(emitted)
-        if drafted:
-            accepted_emitted = min(accepted, len(emitted))
-            stats.num_drafts += 1
-            stats.num_draft_tokens += drafted
-            stats.num_accepted_tokens += accepted_emitted
-            for j in range(accepted_emitted):
-                stats.accepted_per_position[j] += 1
-        if on_tokens is not None and on_tokens(row.index, emitted) and row.finish_reason is None:
-            row.finish_reason = "stop"

@@ -49,7 +49,14 @@ class RaggedKV:
     def forward(self, tokens: torch.Tensor, real: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
         """Append a chunk (B, W) whose ``real`` slots are tokens and the rest holes; return logits
         of the last ``logits_to_keep`` columns (all when 0), on ``self.device``."""
-        tokens, real = tokens.to(self.device), real.to(self.device)
+        return self.outputs(real, input_ids=tokens.to(self.device), logits_to_keep=logits_to_keep).logits.to(
+            self.device
+        )
+
+    def outputs(self, real: torch.Tensor, **inputs):
+        """The model's whole output for a chunk; ``inputs``: ``input_ids`` and any other keyword
+        the model takes (``output_hidden_states``, ...), the cache adds the mask and positions."""
+        real = real.to(self.device)
         mask = torch.cat([self.real, real], dim=1)
         if bool(mask.all()):
             # no holes anywhere: slot index == position, and HF's mask-free causal path is faster
@@ -58,16 +65,11 @@ class RaggedKV:
             attention_mask = mask.long()
             positions = self.lengths.unsqueeze(1) + (real.long().cumsum(1) - 1).clamp_(min=0)
         out = self.model(
-            input_ids=tokens,
-            attention_mask=attention_mask,
-            position_ids=positions,
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=logits_to_keep,
+            attention_mask=attention_mask, position_ids=positions, past_key_values=self.cache, use_cache=True, **inputs
         )
         self.real = mask
         self.lengths = self.lengths + real.sum(1)
-        return out.logits.to(self.device)
+        return out
 
     run = forward  # the name the step functions call (see :mod:`sd2_ray.specdec.steps`)
 

@@ -97,17 +97,24 @@ class StaticKV:
 
     def run(self, tokens: torch.Tensor, real: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
         """One forward of a chunk the caller has reserved; traceable (no host reads)."""
+        return self.call(real, input_ids=tokens, logits_to_keep=logits_to_keep).logits
+
+    def call(self, real: torch.Tensor, **inputs):
+        """The model's whole output for a reserved chunk; ``inputs``: ``input_ids`` and any other
+        keyword the model takes (a model that is not a token LM, e.g. a feature head, takes its
+        own), the cache adds the mask, positions and itself."""
         positions, self.write_slots, mask = self.inputs(real)
         out = self.model(
-            input_ids=tokens,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=logits_to_keep,
+            attention_mask=mask, position_ids=positions, past_key_values=self.cache, use_cache=True, **inputs
         )
         self.lengths.add_(real.sum(1))
-        return out.logits
+        return out
+
+    def outputs(self, real: torch.Tensor, **inputs):
+        """:meth:`call` for a chunk not reserved yet (eager callers): reserves, then runs."""
+        real = real.to(self.device)
+        self.reserve(real.shape[1])
+        return self.call(real, **inputs)
 
     def forward(self, tokens: torch.Tensor, real: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
         """Append a chunk (B, W) whose ``real`` slots are tokens and the rest padding; logits of the

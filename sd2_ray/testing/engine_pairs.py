@@ -5,6 +5,7 @@
   the permuted tokenizer it computes the target's exact distribution in *text* space, so a
   correct cross-tokenizer bridge must accept everything.
 - :func:`tiny_pair_dirs`: saved target/drafter dirs with tokenizers (for CLI and eval tests).
+- :func:`hf_greedy`: the reference every lossless greedy decoder is compared with.
 """
 
 from __future__ import annotations
@@ -39,6 +40,20 @@ def noisy_copy(model, scale: float, seed: int = 7):
         for p in clone.parameters():
             p.add_(torch.randn_like(p) * scale * p.std())
     return clone.eval()
+
+
+def hf_greedy(model, prompt: list[int], n: int, eos: int | None = 2) -> list[int]:
+    """The target's own greedy continuation of one prompt (HF ``generate``, batch 1, no padding)."""
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt) :].tolist()
 
 
 def sharpen(model, factor: float = 8.0):
