@@ -371,3 +371,22 @@ def in_ray_job() -> bool:
     except ImportError:
         return False
     return ray.is_initialized()
+
+
+def actor_pool_args(settings) -> dict[str, Any]:
+    """``map_batches`` arguments of a stage's actor pool of model replicas (``settings``: the
+    fields ``actors``, ``cpus_per_actor``, ``gpus_per_actor``, ``node_resources`` and
+    ``max_restarts``, as distill's and the feature stream's). The actors get the driver's storage
+    environment (AWS_*, SD2_CACHE_DIR), so they reach the same S3 endpoint even when Ray was
+    started before it was set; a lost actor is restarted and its batches retried."""
+    import ray
+
+    return {
+        "compute": ray.data.ActorPoolStrategy(size=settings.actors),
+        "num_cpus": settings.cpus_per_actor,
+        "num_gpus": settings.gpus_per_actor or None,
+        "resources": settings.node_resources or None,
+        "runtime_env": {"env_vars": worker_env()},
+        "max_restarts": settings.max_restarts,
+        "max_task_retries": -1 if settings.max_restarts != 0 else 0,
+    }

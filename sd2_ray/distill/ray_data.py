@@ -91,10 +91,8 @@ def apply_transformers(ds, model_dir: str, config) -> Any:
     so they reach the same S3 endpoint even when Ray was started before it was set."""
     import warnings
 
-    import ray
-
     from sd2_ray.distill.engines import TransformersBatchUDF, transformers_settings
-    from sd2_ray.runtime import worker_env
+    from sd2_ray.runtime import actor_pool_args
 
     udf: type = TransformersBatchUDF  # the actor class, built with kwargs
     kwargs = {"model_dir": model_dir, "settings": transformers_settings(config)}
@@ -105,16 +103,7 @@ def apply_transformers(ds, model_dir: str, config) -> Any:
     with warnings.catch_warnings():  # max_restarts has no named parameter yet in Ray 2.60
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         return ds.map_batches(
-            udf,
-            fn_constructor_kwargs=kwargs,
-            compute=ray.data.ActorPoolStrategy(size=config.actors),
-            batch_size=config.batch_size,
-            num_cpus=config.cpus_per_actor,
-            num_gpus=config.gpus_per_actor or None,
-            resources=config.node_resources or None,
-            runtime_env={"env_vars": worker_env()},
-            max_restarts=config.max_restarts,
-            max_task_retries=-1 if config.max_restarts != 0 else 0,
+            udf, fn_constructor_kwargs=kwargs, batch_size=config.batch_size, **actor_pool_args(config)
         )
 
 

@@ -180,48 +180,27 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     from sd2_ray.finetune.session import engine_over
 
-    worker = WorkerConfig.from_loop_config(loop_config)
-    for key, value in worker.env.items():
-        os.environ.setdefault(key, value)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(worker.cpus_per_worker)))
-    torch.manual_seed(worker.seed)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None and checkpoint.path.rstrip("/").endswith("/" + FINAL_CHECKPOINT):
+    started = base.worker_start(loop_config)
+    if started is None:
         return
+    worker, rank, world, checkpoint = started
     module = build_head(worker, base.worker_device(worker))
     engine, _ = engine_over(module, worker)
     state = base.restore(engine, checkpoint) if checkpoint is not None else TrainState()
     evals = heldout_feature_batches(worker, rank, world)
     shard = ray.train.get_dataset_shard("train")
-    metrics: dict[str, Any] = {}
-    bar = base._progress(worker.total_steps, state.step, rank)  # noqa: SLF001 - the stage's bar
-    last_report = time.monotonic()
-    while state.step < worker.total_steps and state.epoch < worker.epochs:
-        for index, rows in enumerate(local_batches(shard, worker, world, state.epoch)):
-            if index < state.step_in_epoch:
-                continue
-            if state.step >= worker.total_steps:
-                break
-            metrics = feature_step(engine, rows, worker)
-            state.step += 1
-            state.step_in_epoch += 1
-            state.samples += len(rows) * world
-            if bar is not None:
-                bar.update(1)
-                bar.set_description(f"finetune head loss {metrics['loss']:.4f}")
-            metrics.update(step=state.step, epoch=state.epoch, samples=state.samples, restarts=state.restarts)
-            metrics["wall_time"] = time.time()
-            if base.after_step(engine, state, metrics, evals, {}, worker, rank, world, last_report, evaluate):
-                last_report = time.monotonic()
-        else:
-            state.epoch += 1
-            state.step_in_epoch = 0
-            continue
-        break
-    if bar is not None:
-        bar.close()
-    metrics = dict(metrics, masked_nonzero=0, final=True)
+    metrics = base.train_epochs(
+        engine,
+        state,
+        worker,
+        lambda epoch: local_batches(shard, worker, world, epoch),
+        lambda rows: feature_step(engine, rows, worker),
+        evals,
+        {},
+        rank,
+        world,
+        evaluate,
+    )
     state.finished = True
+    metrics = dict(metrics, masked_nonzero=0, final=True)
     save_final(engine, module.lm.config, state, base.scored(metrics, state, worker), rank)

@@ -43,25 +43,17 @@ def feature_dataset(rows, target_dir: str, stream, extract: dict[str, Any]):
 
 def apply_extractor(rows, target_dir: str, stream, extract: dict[str, Any]):
     """The actor pool stage (the same placement fields as distill's transformers actors)."""
-    import ray
-
     from sd2_ray.feature.extract import FeatureExtractor
-    from sd2_ray.runtime import worker_env
+    from sd2_ray.runtime import actor_pool_args
 
     with warnings.catch_warnings():  # max_restarts has no named parameter yet in Ray 2.60
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         return rows.map_batches(
             FeatureExtractor,
             fn_constructor_kwargs={"model_dir": target_dir, "settings": extract},
-            compute=ray.data.ActorPoolStrategy(size=stream.actors),
             batch_size=stream.batch_size,
             batch_format="pyarrow",
-            num_cpus=stream.cpus_per_actor,
-            num_gpus=stream.gpus_per_actor or None,
-            resources=stream.node_resources or None,
-            runtime_env={"env_vars": worker_env()},
-            max_restarts=stream.max_restarts,
-            max_task_retries=-1 if stream.max_restarts != 0 else 0,
+            **actor_pool_args(stream),
         )
 
 

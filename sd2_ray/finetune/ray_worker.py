@@ -135,20 +135,32 @@ def _progress(total: int, done: int, rank: int):
     return bar
 
 
-def train_loop(loop_config: dict[str, Any]) -> None:
-    """Entry point of each Ray Train worker (``loop_config``: :meth:`WorkerConfig.to_loop_config`)."""
+def worker_start(loop_config: dict[str, Any]):
+    """(worker config, rank, world, checkpoint to restore or None), with the worker's environment,
+    threads and seed set; None when the run finished before a restart (the final checkpoint is
+    the result)."""
     import ray.train
 
     worker = WorkerConfig.from_loop_config(loop_config)
     for key, value in worker.env.items():
         os.environ.setdefault(key, value)
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(worker.cpus_per_worker)))
     torch.manual_seed(worker.seed)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None and checkpoint.path.rstrip("/").endswith("/" + FINAL_CHECKPOINT):
-        return  # finished before a restart: the final checkpoint is the result
+        return None
+    return worker, ctx.get_world_rank(), ctx.get_world_size(), checkpoint
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """Entry point of each Ray Train worker (``loop_config``: :meth:`WorkerConfig.to_loop_config`)."""
+    import ray.train
+
+    started = worker_start(loop_config)
+    if started is None:
+        return
+    worker, rank, world, checkpoint = started
     device = worker_device(worker)
     model, tokenizer, masks = session.load_drafter(worker, device, _resolve_model(worker.model))
     if worker.enforce_masks:
@@ -159,20 +171,50 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         log.info("rank %d resumed at step %d (epoch %d, batch %d)", rank, state.step, state.epoch, state.step_in_epoch)
     evals = heldout_batches(worker, tokenizer, rank, world)
     shard = ray.train.get_dataset_shard("train")
+
+    def step(rows: list[dict]) -> dict:
+        return train_step(engine, rows, tokenizer, worker, rank, world)
+
+    metrics = train_epochs(
+        engine, state, worker, lambda epoch: global_batches(shard, worker, epoch), step, evals, masks, rank, world
+    )
+    metrics = dict(metrics, masked_nonzero=masking.count_masked_nonzero(engine.module.lm, masks), final=True)
+    state.finished = True
+    if rank == 0 and state.history:
+        state.history[-1]["masked_nonzero"] = metrics["masked_nonzero"]
+    save_final(engine, tokenizer, state, scored(metrics, state, worker), rank)
+
+
+def train_epochs(
+    engine,
+    state: TrainState,
+    worker: WorkerConfig,
+    batches,
+    step,
+    evals: list,
+    masks: dict,
+    rank: int,
+    world: int,
+    evaluate=heldout.evaluate,
+) -> dict[str, Any]:
+    """The epochs from where ``state`` stands: ``batches(epoch)`` yields each epoch's batches of
+    rows, ``step(rows)`` trains on one and returns its metrics; batches trained on before a
+    restart are skipped. Returns the last step's metrics."""
     total = worker.total_steps
     metrics: dict[str, Any] = {}
     bar = _progress(total, state.step, rank)
     last_report = time.monotonic()
     while state.step < total and state.epoch < worker.epochs:
-        for index, rows in enumerate(global_batches(shard, worker, state.epoch)):
+        for index, rows in enumerate(batches(state.epoch)):
             if index < state.step_in_epoch:
                 continue  # trained on before the restart
             if state.step >= total:
                 break
-            metrics = train_step(engine, rows, tokenizer, worker, rank, world)
+            metrics = step(rows)
             state.step += 1
             state.step_in_epoch += 1
-            state.samples += len(rows)
+            # drafters: every worker sees the global batch; feature heads: each its own split of it
+            state.samples += len(rows) * (world if worker.feature_head is not None else 1)
             if bar is not None:
                 bar.update(1)
                 bar.set_description(f"finetune loss {metrics['loss']:.4f}")
@@ -183,7 +225,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 restarts=state.restarts,
                 wall_time=time.time(),
             )
-            if after_step(engine, state, metrics, evals, masks, worker, rank, world, last_report):
+            if after_step(engine, state, metrics, evals, masks, worker, rank, world, last_report, evaluate):
                 last_report = time.monotonic()
         else:
             state.epoch += 1
@@ -192,11 +234,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         break
     if bar is not None:
         bar.close()
-    metrics = dict(metrics, masked_nonzero=masking.count_masked_nonzero(engine.module.lm, masks), final=True)
-    state.finished = True
-    if rank == 0 and state.history:
-        state.history[-1]["masked_nonzero"] = metrics["masked_nonzero"]
-    save_final(engine, tokenizer, state, scored(metrics, state, worker), rank)
+    return metrics
 
 
 def after_step(
