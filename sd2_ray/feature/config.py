@@ -35,6 +35,12 @@ class FeatureHeadConfig(StageConfig):
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     max_position_embeddings: int = 4096
+    # layout switches: the defaults are this head's own; EAGLE-1 (and vLLM's
+    # EagleLlamaForCausalLM, which an exported head must match exactly) has neither
+    fusion_bias: bool = Field(True, description="the fusion's linear map [embedding; feature] -> H has a bias")
+    layer_input_norm: bool = Field(
+        True, description="the decoder layer RMS-normalises its input (EAGLE-1 and vLLM's EAGLE skip it)"
+    )
 
     @property
     def num_hidden_layers(self) -> int:
@@ -131,6 +137,11 @@ class FeatureTrainSettings(StageConfig):
     )
     feature_weight: float = Field(1.0, ge=0, description="weight of the Smooth L1 feature regression")
     token_weight: float = Field(0.1, ge=0, description="weight of the cross-entropy to the target's next token")
+    vllm_layout: bool = Field(
+        False,
+        description="EAGLE-1's exact layout (no fusion bias, no input norm on the layer): the one vLLM's "
+        "EAGLE loads (sd2_ray/feature/export_vllm.py; eagle variant, last layer only)",
+    )
     ttt_steps: int = Field(
         0,
         ge=0,
@@ -164,4 +175,6 @@ class FeatureTrainSettings(StageConfig):
         overrides = {"feature_layers": self.feature_layers(text.num_hidden_layers)}
         if self.intermediate_size:
             overrides["intermediate_size"] = self.intermediate_size
+        if self.vllm_layout:
+            overrides.update(fusion_bias=False, layer_input_norm=False)
         return FeatureHeadConfig.for_target(text, self.variant, **overrides)

@@ -35,8 +35,10 @@ FSPAD (Gui et al., arXiv 2408.15562) -- the formulation is taken from the author
 
 ``variant``: ``eagle`` (neither), ``fspad`` (both), ``fspad-sampling`` / ``fspad-pad`` (one each,
 for the ablation; ``fspad-pad`` is the authors' "wofs" model). Differences from the authors' head
-kept on purpose: transformers' decoder layer keeps its input norm (EAGLE-1 drops it on its only
-layer), and the first fusion here carries a bias as theirs does.
+kept on purpose by default: transformers' decoder layer keeps its input norm (EAGLE-1 drops it on
+its only layer), and the first fusion here carries a bias as theirs does. ``layer_input_norm=False``
+and ``fusion_bias=False`` give EAGLE-1's layout exactly, the one vLLM's ``EagleLlamaForCausalLM``
+computes (:mod:`sd2_ray.feature.export_vllm` exports only such heads).
 
 Only the head's own weights are parameters: the target's embedding and LM head are used through
 detached weights, never copied, never trained, never in ``state_dict``.
@@ -77,9 +79,9 @@ class HeadOutput:
 class LinearFusion(nn.Module):
     """EAGLE's fusion: one linear map of [embedding; feature]."""
 
-    def __init__(self, hidden: int):
+    def __init__(self, hidden: int, bias: bool = True):
         super().__init__()
-        self.fc = nn.Linear(2 * hidden, hidden)
+        self.fc = nn.Linear(2 * hidden, hidden, bias=bias)
 
     def forward(self, embeds: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.cat([embeds, features], dim=-1))
@@ -92,7 +94,7 @@ class FeatureSampling(nn.Module):
     def __init__(self, config: FeatureHeadConfig):
         super().__init__()
         hidden, inner = config.hidden_size, config.intermediate_size
-        self.fc = nn.Linear(2 * hidden, hidden)
+        self.fc = nn.Linear(2 * hidden, hidden, bias=config.fusion_bias)
         self.norm = _rms_norm(config)
         self.gate_proj = nn.Linear(hidden, inner, bias=False)
         self.up_proj = nn.Linear(hidden, inner, bias=False)
@@ -117,9 +119,13 @@ class FeatureHead(nn.Module):
         layers = len(config.feature_layers)
         # EAGLE-3: several target layers reduced to one feature width before fusion
         self.reduce = nn.Linear(layers * hidden, hidden, bias=False) if layers > 1 else None
-        self.fuse: nn.Module = FeatureSampling(config) if config.feature_sampling else LinearFusion(hidden)
+        self.fuse: nn.Module = (
+            FeatureSampling(config) if config.feature_sampling else LinearFusion(hidden, config.fusion_bias)
+        )
         layer_config = config.layer_config()
         self.layer = LlamaDecoderLayer(layer_config, layer_idx=0)
+        if not config.layer_input_norm:  # EAGLE-1's layout: the fused input goes to attention as is
+            self.layer.input_layernorm = nn.Identity()
         self.rotary = LlamaRotaryEmbedding(config=layer_config)
         # partial alignment: a second output projection of the MLP for the regressed feature
         self.regress_proj = (
