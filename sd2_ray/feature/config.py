@@ -9,7 +9,7 @@ are never written anywhere unless ``cache`` names a place.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -172,7 +172,7 @@ class FeatureTrainSettings(StageConfig):
     def head_config(self, target_config):
         """The head's shape for this target."""
         text = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
-        overrides = {"feature_layers": self.feature_layers(text.num_hidden_layers)}
+        overrides: dict[str, Any] = {"feature_layers": self.feature_layers(text.num_hidden_layers)}
         if self.intermediate_size:
             overrides["intermediate_size"] = self.intermediate_size
         if self.vllm_layout:

@@ -8,7 +8,9 @@ layer's. The target's features are free: the verification pass computes them any
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
+
+import torch
 
 from sd2_ray.feature.head import FeatureHead, is_feature_head
 
@@ -25,7 +27,7 @@ def head_macs(head: FeatureHead) -> dict[str, Any]:
     from sd2_ray.models.macs import linear_macs
 
     own = linear_macs(head)
-    lm_weight = head.frozen.lm_head.weight
+    lm_weight = cast(torch.Tensor, head.frozen.lm_head.weight)
     lm = {"in": int(lm_weight.shape[1]), "out": int(lm_weight.shape[0])}
     lm_macs = lm["in"] * lm["out"]
     dense, sparse = own["dense_macs"] + lm_macs, own["macs"] + lm_macs

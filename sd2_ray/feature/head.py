@@ -125,7 +125,7 @@ class FeatureHead(nn.Module):
         layer_config = config.layer_config()
         self.layer = LlamaDecoderLayer(layer_config, layer_idx=0)
         if not config.layer_input_norm:  # EAGLE-1's layout: the fused input goes to attention as is
-            self.layer.input_layernorm = nn.Identity()
+            self.layer.input_layernorm = nn.Identity()  # type: ignore[assignment]
         self.rotary = LlamaRotaryEmbedding(config=layer_config)
         # partial alignment: a second output projection of the MLP for the regressed feature
         self.regress_proj = (

@@ -138,8 +138,9 @@ def evaluate(engine, batches: list[tuple[dict, bool]], worker: WorkerConfig) -> 
                 on = on_device(batch, device)
                 loss = float(engine(**on))
                 acc = T.chain_acceptance(engine.module.lm, on, k)
+                per_position: list[float] = acc["per_position"]
                 if counted:
-                    sums += [loss, engine.module.last["positions"], acc["chains"], *acc["per_position"]]
+                    sums += [loss, engine.module.last["positions"], acc["chains"], *per_position]
     finally:
         engine.train()
     loss, positions, chains, *per_position = all_reduce(sums.tolist(), device)

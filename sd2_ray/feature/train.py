@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -127,7 +128,7 @@ class FeatureHeadLoss(torch.nn.Module):
 
 
 @torch.no_grad()
-def chain_acceptance(head: FeatureHead, batch: dict[str, torch.Tensor], k: int) -> dict[str, float]:
+def chain_acceptance(head: FeatureHead, batch: dict[str, torch.Tensor], k: int) -> dict[str, Any]:
     """Greedy acceptance of K chained drafts from every response position (teacher-forced on the
     target's features up to the chain's start): ``accepted`` drafts summed over ``chains``, and
     per chain position. Expected MAL = 1 + accepted / chains (the target's own token included)."""

@@ -162,7 +162,7 @@ class _RowDecode:
         verified = cache_length(self.head_cache) + len(self.head_ids)
         out = self.head_step(torch.cat(self.head_features), self.head_ids, None)
         self.head_features, self.head_ids = [], []
-        pool, scores = DraftTree(), []
+        pool, scores = DraftTree(), list[float]()
         features = {-1: out.regress_features[0, -1]}  # node -> the head's predicted feature there
         expanded = {-1: self.log_probs(out.logits[0, -1])}  # node -> its children's log-probs
         slots: dict[int, int] = {}  # node -> its entry in the head's cache
@@ -253,7 +253,8 @@ class _RowDecode:
         k = self.d.top_k
         greedy = self.rp.all_greedy
         probs = None if greedy else warp_probs(logits.unsqueeze(0), self.rp)[0]
-        path, node = [], -1
+        path: list[int] = []
+        node = -1
         while True:
             children = tree.children[node + 1]
             if greedy:
