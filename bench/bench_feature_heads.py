@@ -32,12 +32,12 @@ def budget() -> dict:
     return section
 
 
-def train(distilled: str, target: str, out: str, variant: str, seed: int) -> str:
+def train(distilled: str, target: str, out: str, variant: str, seed: int, head: dict) -> str:
     from sd2_ray.finetune.config import FinetuneConfig
     from sd2_ray.finetune.job import run_finetune
 
     config = FinetuneConfig(
-        model=target, data=distilled, output=out, seed=seed, feature_head={"variant": variant}, **budget()
+        model=target, data=distilled, output=out, seed=seed, feature_head={**head, "variant": variant}, **budget()
     )
     run_finetune(config)
     return out
@@ -61,6 +61,13 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=64, help="held-out kit prompts evaluated")
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--out", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "sd2-bench-heads"))
+    parser.add_argument(
+        "--head",
+        action="append",
+        default=[],
+        metavar="key=value",
+        help="a feature_head setting for every variant, e.g. intermediate_size=1536 (a wider EAGLE at FSPAD's MACs)",
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -70,12 +77,15 @@ def main() -> None:
     paths = kit_paths(ensure_kit())
     rows = read_rows(paths["eval_prompts"])[: args.prompts]
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    head = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.head)}
     distilled, root = os.path.abspath(args.distilled), os.path.abspath(args.out)
     results: dict[str, list[dict]] = {v: [] for v in variants}
     for seed in range(args.seeds):
         for variant in variants:
-            head = train(distilled, paths["target"], os.path.join(root, f"{variant}-seed{seed}"), variant, seed)
-            results[variant].append(evaluate(paths["target"], head, rows, args))
+            out = os.path.join(root, f"{variant}-seed{seed}")
+            results[variant].append(
+                evaluate(paths["target"], train(distilled, paths["target"], out, variant, seed, head), rows, args)
+            )
             print(f"seed {seed} {variant:15s} MAL {results[variant][-1]['mal']:.3f}", flush=True)
     sd2 = evaluate(paths["target"], os.path.abspath(args.sd2), rows, args) if args.sd2 else None
     summary = summarise(results, sd2)
