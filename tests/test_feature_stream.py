@@ -136,6 +136,7 @@ def test_a_killed_feature_actor_is_restarted_and_every_row_arrives_once(kit_dir,
     assert sorted(ids) == sorted(str(r["id"]) for r in rows)  # every row, exactly once
 
 
+@pytest.mark.slow  # 1 min of Ray Data start-up for a cache round trip
 def test_the_opt_in_cache_is_written_once_and_reused(kit_dir, kit_rows, tmp_path):
     from sd2_ray.feature.stream import CACHE_DONE, feature_dataset
 
