@@ -47,7 +47,6 @@ def run(root: str, data: str, target: str, name: str, args, materialize: bool) -
         seq_len=256,
         lr=1e-3,
         checkpoint_every=10_000,
-        report_interval_s=0,
         feature_head={"variant": "eagle", "stream": {"batch_size": 8, "materialize": materialize}},
     )
     result = run_finetune(config)
