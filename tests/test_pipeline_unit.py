@@ -276,3 +276,31 @@ def test_single_stage_from_pipeline_yaml_chains_like_the_pipeline(tmp_path):
     args = cli.build_parser().parse_args(["finetune", "--config", str(cfg_file)])
     finetune = cli.load_config("finetune", args)
     assert (finetune.model, finetune.lr) == (prune.output, 0.001)
+
+
+def test_feature_heads_are_opt_in_heads_of_the_target_with_one_budget(tmp_path):
+    """eagle and fspad: not in the default list; when asked for, a fine-tune of the *target* with
+    the feature_head section (the drafter's name as the variant), the finetune section's budget
+    and feature_finetune's changes, the same for both; a bad change is named."""
+    base = {"output": str(tmp_path), "uag_drafter": None}
+    assert not {"eagle", "fspad"} & set(PipelineConfig.load(None, base).drafter_names)
+    cfg = PipelineConfig.load(
+        None,
+        {
+            **base,
+            "drafters": ["sd2", "eagle", "fspad"],
+            "finetune.epochs": 3,
+            "feature_head": {"ttt_steps": 2, "stream": {"actors": 2}},
+            "feature_finetune": {"lr": 3e-3},
+        },
+    )
+    eagle, fspad, sd2 = (finetune_config(cfg, name) for name in ("eagle", "fspad", "sd2"))
+    assert eagle.model == fspad.model == cfg.target and sd2.feature_head is None
+    assert (eagle.feature_head.variant, fspad.feature_head.variant) == ("eagle", "fspad")
+    assert eagle.feature_head.ttt_steps == 2 and fspad.feature_head.stream.actors == 2
+    assert eagle.lr == fspad.lr == 3e-3 and sd2.lr != 3e-3
+    assert eagle.epochs == fspad.epochs == sd2.epochs == 3
+    assert eagle.output.endswith("drafters/eagle")
+    bad = PipelineConfig.load(None, {**base, "drafters": ["eagle"], "feature_finetune": {"loss": "fkl"}})
+    with pytest.raises(ConfigError, match="loss"):
+        finetune_config(bad, "eagle")
