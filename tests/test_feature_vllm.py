@@ -147,6 +147,22 @@ def test_export_refuses_what_vllm_cannot_compute(tmp_path, overrides, says):
     assert not (tmp_path / "export").exists()
 
 
+@pytest.mark.parametrize("kv_cache", [True, False])
+def test_a_head_in_vllms_layout_decodes_losslessly_with_both_decoders(tmp_path, kv_cache):
+    """EAGLE-1's layout (no input norm: an Identity in the layer) through our own decoders, the
+    KV-cached one included, as `sd2 eval` runs an exportable head."""
+    from sd2_ray.feature.decode import FeatureSpecDecoder
+    from sd2_ray.specdec.types import GenerationRequest
+    from sd2_ray.testing.engine_pairs import hf_greedy
+
+    target, head, _ = export_tiny(tmp_path)
+    prompts = [[5, 9, 14, 3], [7, 21, 8, 30, 11, 4]]
+    results = FeatureSpecDecoder(target, head.eval(), 3, kv_cache=kv_cache).generate(
+        [GenerationRequest(p, 12) for p in prompts]
+    )
+    assert [r.token_ids for r in results] == [hf_greedy(target, p, 12) for p in prompts]
+
+
 def test_export_refuses_a_head_of_another_target(tmp_path):
     export_tiny(tmp_path)
     other = tiny_model("llama", hidden=48, heads=4, kv_heads=2)

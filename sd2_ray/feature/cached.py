@@ -37,7 +37,7 @@ class HeadAsModel:
     def __init__(self, head: FeatureHead):
         self.head = head
         self.config = head.layer.self_attn.config
-        self.dtype = head.layer.input_layernorm.weight.dtype
+        self.dtype = head.layer.self_attn.q_proj.weight.dtype  # the input norm may be an Identity (EAGLE-1)
 
     def get_input_embeddings(self):
         return self.head.frozen.embed
