@@ -467,3 +467,56 @@ def test_tune_trial_lost_with_its_node_is_retried_and_resumes_from_its_checkpoin
         f"tune: trial node lost with the step-{lost['step']} checkpoint; the search ended "
         f"{time.monotonic() - lost['at']:.0f} s after the loss, {time.monotonic() - began:.0f} s in all"
     )
+
+
+@pytest.mark.slow  # 2-3 min; a feature actor's node lost mid-stream while a head trains
+def test_feature_head_training_loses_its_feature_node_and_every_step_runs_once(cluster, s3_bucket, kit_dir):
+    """A feature head's fine-tune on a cluster: its training worker on a training node, the target's
+    feature actor on a generation node, target, rows and output on S3 (no shared disk). Once the
+    head trains, the feature actor's node is SIGKILLed: Ray Data restarts the actor on the spare
+    generation node and retries its batches; training goes on, every step exactly once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sd2_ray.feature.head import is_feature_head
+    from sd2_ray.finetune.config import FinetuneConfig
+    from sd2_ray.finetune.job import run_finetune
+    from sd2_ray.kit import kit_paths
+    from sd2_ray.rows import read_rows
+    from sd2_ray.runtime import ensure_ray
+
+    cluster.add_node(num_cpus=2, resources={"train_node": 1}, object_store_memory=80 * 2**20)
+    gen = [add_gen_node(cluster) for _ in range(2)]
+    ensure_ray()
+    root = f"s3://{s3_bucket}/heads"
+    storage.copy_dir(os.path.join(kit_dir, "target"), f"{root}/target")
+    rows = read_rows(kit_paths(kit_dir)["train_prompts"])[:160]
+    storage.write_text(f"{root}/rows.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    steps = 40  # two epochs: the stream runs twice
+    cfg = FinetuneConfig(
+        model=f"{root}/target",
+        data=f"{root}/rows.jsonl",
+        output=f"{root}/eagle",
+        workers=1,
+        epochs=2,
+        batch_size=8,
+        seq_len=96,
+        lr=1e-3,
+        checkpoint_every=10,
+        node_resources={"train_node": 0.001},
+        feature_head={"variant": "eagle", "stream": {"batch_size": 4, "node_resources": GEN}},
+    )
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(run_finetune, cfg)
+        deadline, lost = time.monotonic() + 300, {}
+        while time.monotonic() < deadline and not future.done() and not lost:
+            actors, workers = node_of_actor("FeatureExtractor"), node_of_actor("RayTrainWorker")
+            if workers and actors and storage.exists(f"{root}/eagle/_checkpoints/eagle/step-0000010"):
+                victim = next(n for n in gen if n.node_id in actors)
+                cluster.remove_node(victim, allow_graceful=False)
+                lost = {"node": victim.node_id}
+            time.sleep(0.2)
+        result = future.result()
+    assert lost, "no feature node was lost"
+    assert [h["step"] for h in result.history] == list(range(1, steps + 1))  # every step once, in order
+    assert is_feature_head(storage.local_dir(result.output))
+    assert lost["node"] not in node_of_actor("FeatureExtractor")
