@@ -61,8 +61,8 @@ class FeatureExtractor:
         self.tokenizer = load_tokenizer(model_dir)
 
     def __call__(self, batch) -> dict[str, list]:
-        rows = batch.to_pylist() if hasattr(batch, "to_pylist") else _records(batch)
-        return extract_rows(self.target, self.tokenizer, rows, self.settings)
+        """``batch``: a pyarrow table (the stream asks Ray Data for that format)."""
+        return extract_rows(self.target, self.tokenizer, batch.to_pylist(), self.settings)
 
 
 def extract_rows(target, tokenizer, rows: list[dict], settings: ExtractSettings) -> dict[str, list]:
@@ -96,13 +96,6 @@ def extract_rows(target, tokenizer, rows: list[dict], settings: ExtractSettings)
     if settings.layers == (-1,):
         del out["top"]  # the features are what the LM head reads: not shipped twice
     return out
-
-
-def _records(batch: dict[str, Any]) -> list[dict]:
-    """A dict of columns (numpy / pandas batch formats) as a list of row dicts."""
-    names = list(batch)
-    count = len(batch[names[0]]) if names else 0
-    return [{name: batch[name][i] for name in names} for i in range(count)]
 
 
 class TargetParts:

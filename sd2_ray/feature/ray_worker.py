@@ -60,7 +60,7 @@ def rows_of(batch: dict[str, Any]) -> list[dict]:
     return [{name: batch[name][i] for name in names} for i in range(len(batch[names[0]]))]
 
 
-def local_batches(shard, worker: WorkerConfig, world: int, epoch: int):
+def local_batches(shard, worker: WorkerConfig, world: int):
     """This worker's rows of each global batch: its split of the stream, batch_size / world at a time."""
     per_worker = worker.batch_size // world
     for batch in shard.iter_batches(batch_size=per_worker, batch_format="numpy", drop_last=True):
@@ -194,7 +194,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         engine,
         state,
         worker,
-        lambda epoch: local_batches(shard, worker, world, epoch),
+        lambda epoch: local_batches(shard, worker, world),  # each epoch streams the split anew
         lambda rows: feature_step(engine, rows, worker),
         evals,
         {},
