@@ -74,6 +74,7 @@ class GenerationRequest:
     max_new_tokens: int
     sampling: SamplingParams = SamplingParams()
     stop_token_ids: tuple[int, ...] = ()  # in addition to the target's EOS ids
+    images: tuple = ()  # pixel values (3, H, W), one per image block of the prompt (vision targets)
 
 
 @dataclass

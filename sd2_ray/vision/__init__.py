@@ -1,0 +1,1 @@
+"""Vision-language targets and MASSV multimodal drafters."""
