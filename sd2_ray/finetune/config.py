@@ -11,6 +11,7 @@ from sd2_ray import storage
 from sd2_ray.config import NODE_RESOURCES_DESCRIPTION, NodeResources, StageConfig, StoragePath
 from sd2_ray.errors import ConfigError
 from sd2_ray.feature.config import FeatureTrainSettings
+from sd2_ray.vision.config import MassvSettings
 
 STAGE = "finetune"  # the stage's name in its manifest and metrics.json
 CHECKPOINTS_DIR = "_checkpoints"
@@ -159,6 +160,18 @@ class FinetuneSettings(StageConfig):
         "(sd2_ray/feature/config.py)",
     )
 
+    massv: MassvSettings | None = Field(
+        None,
+        description="train a MASSV multimodal drafter (a LLaVA drafter: the target VLM's vision tower, a "
+        "projector, `model`'s LM) on image + text rows, one phase a run (sd2_ray/vision/config.py)",
+    )
+
+    @model_validator(mode="after")
+    def _check_massv(self) -> FinetuneSettings:
+        if self.massv is not None and (self.loss != "ce" or self.feature_head is not None):
+            raise ValueError("massv: trains with loss ce on image + text rows, without a feature_head")
+        return self
+
     @model_validator(mode="after")
     def _check_feature_head(self) -> FinetuneSettings:
         if self.feature_head is not None and self.loss != "ce":
@@ -243,8 +256,8 @@ class FinetuneConfig(FinetuneSettings):
 def topk_needs(config: FinetuneSettings) -> list[tuple[str, str]]:
     """(field, what) for every setting that reads the target's stored top-k distribution."""
     needs: list[tuple[str, str]] = []
-    if config.feature_head is not None:
-        return needs  # the head's expected MAL is measured on streamed target features
+    if config.feature_head is not None or config.massv is not None:
+        return needs  # expected MAL from streamed target features / greedy agreement with the answers
     if config.loss != "ce":
         needs.append(("loss", f"loss {config.loss}"))
     if config.select_by == "expected_mal":

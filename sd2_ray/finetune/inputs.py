@@ -46,10 +46,12 @@ def check_model_and_masks(config: FinetuneConfig) -> str:
 def _shape_model(local: str):
     """The architecture on the meta device: names and shapes, no memory."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from sd2_ray.models.io import auto_class
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(local))
+        return auto_class(local).from_config(AutoConfig.from_pretrained(local))
 
 
 @dataclass

@@ -81,6 +81,10 @@ def run_finetune(config: FinetuneConfig, callbacks: list | None = None) -> Finet
     from sd2_ray.runtime import worker_env
 
     extensions_dir()  # before the workers' environment is taken (worker_env)
+    if config.massv is not None:
+        from sd2_ray.vision.stage import drafter_model
+
+        config = drafter_model(config)  # a text LM becomes a LLaVA drafter first (MASSV)
     local_model = check_model_and_masks(config)
     data = prepare_data(config)
 

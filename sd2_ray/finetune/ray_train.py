@@ -129,6 +129,10 @@ def build_trainer(config: FinetuneConfig, worker: WorkerConfig, datasets: dict, 
 
         # each row's features are computed once: every worker gets its own part of the stream
         loop, split = feature_loop, ["train"]
+    elif config.massv is not None:
+        from sd2_ray.vision.ray_worker import train_loop as massv_loop
+
+        loop = massv_loop
     return TorchTrainer(
         loop,
         train_loop_config=worker.to_loop_config(),

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict
 from sd2_ray.feature.config import FeatureTrainSettings
 from sd2_ray.finetune.config import FinetuneConfig, LossName, OptimizerName, SchedulerName, SelectBy
 from sd2_ray.finetune.deepspeed_config import deepspeed_config
+from sd2_ray.vision.config import MassvSettings
 
 LOOP_CONFIG_KEY = "worker"  # the WorkerConfig's key in Ray Train's train_loop_config
 
@@ -68,6 +69,7 @@ class WorkerConfig(BaseModel):
     use_gpu: bool
     cpus_per_worker: float
     feature_head: FeatureTrainSettings | None  # train a feature head on streamed target features
+    massv: MassvSettings | None = None  # train a MASSV drafter's phase on image + text rows
     env: dict[str, str]  # derived: variables set in a worker that lacks them (S3, offline hub, caches)
 
     def to_loop_config(self) -> dict[str, Any]:

@@ -31,7 +31,8 @@ def ensure_kit(out: str | None = None, **overrides: Any) -> str:
 
 
 def kit_paths(kit_dir: str) -> dict[str, str]:
-    """The kit's parts by name (target, drafter, drafter-uag, train_prompts, eval_prompts, kit_json)."""
+    """The kit's parts by name (target, drafter, drafter-uag, the prompt sets, vlm and its scene prompt
+    sets, kit_json)."""
     import os
 
     return {
@@ -40,6 +41,10 @@ def kit_paths(kit_dir: str) -> dict[str, str]:
         "drafter-uag": os.path.join(kit_dir, "drafter-uag"),
         "train_prompts": os.path.join(kit_dir, "prompts", "train.jsonl"),
         "eval_prompts": os.path.join(kit_dir, "prompts", "eval.jsonl"),
+        "vlm": os.path.join(kit_dir, "vlm"),
+        "vision_train_prompts": os.path.join(kit_dir, "prompts", "vision-train.jsonl"),
+        "vision_eval_prompts": os.path.join(kit_dir, "prompts", "vision-eval.jsonl"),
+        "vision_captions": os.path.join(kit_dir, "prompts", "vision-captions.jsonl"),
         "kit_json": os.path.join(kit_dir, "kit.json"),
     }
 

@@ -65,6 +65,13 @@ def ensure_with_status(config: KitConfig) -> tuple[str, bool]:
 def summary(info: dict) -> str:
     lines = [f"{'model':<12} {'arch':<24} {'params':>10} {'vocab':>6} {'held-out loss':>14} {'ln(vocab)':>9}"]
     for name, m in info["models"].items():
+        if name == "vlm":
+            lines.append(
+                f"{name:<12} {m['architecture']:<24} {m['params']:>10,} {m['vocab_size']:>6} "
+                f"tower probe {m['tower_probe_accuracy']:.3f}, exact answers on held-out scenes "
+                f"{m['eval_exact_answers']:.3f}"
+            )
+            continue
         lines.append(
             f"{name:<12} {m['architecture']:<24} {m['params']:>10,} {m['vocab_size']:>6} "
             f"{m['heldout_loss']:>14.3f} {m['ln_vocab']:>9.3f}"
@@ -199,8 +206,49 @@ def _build(config: KitConfig, out: str, digest: str, started: float) -> dict:
     }
     if config.measure_mal:
         info["drafter_greedy_mal"] = _measure_mal(models["target"], models["drafter"], tok, eval_rows)
+    if config.vision:
+        figures["vlm"] = _vision_part(config, out, models["target"], tok)
     info["build_seconds"] = round(time.time() - started, 1)
     return info
+
+
+def _vision_part(config: KitConfig, out: str, target, tok) -> dict:
+    """The VLM and its scene prompts, built (minutes) or copied from the per-part cache."""
+    from sd2_ray.kit.cache import part_location
+    from sd2_ray.vision import kit_vlm
+
+    part = part_location(config, "vlm")
+    record = os.path.join(part, "vlm.json")
+    if not (config.reuse_trained and os.path.isfile(record)):
+        os.makedirs(os.path.dirname(part), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".part-", dir=os.path.dirname(part))
+        try:
+            prompts = {
+                "train": config.vision_train_prompts,
+                "eval": config.vision_eval_prompts,
+                "captions": config.vision_captions,
+            }
+            figures = kit_vlm.build(
+                target,
+                tok,
+                tmp,
+                seed=config.seed,
+                tower_steps=config.vision_tower_steps,
+                steps=config.vision_steps,
+                prompts=prompts,
+            )
+            with open(os.path.join(tmp, "vlm.json"), "w") as f:
+                json.dump(figures, f)
+            if not os.path.isdir(part):
+                os.replace(tmp, part)  # whole or absent: vlm.json is inside
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(os.path.join(part, "vlm"), os.path.join(out, "vlm"))
+    for name in kit_vlm.PROMPT_FILES:
+        shutil.copy(os.path.join(part, "prompts", name), os.path.join(out, "prompts", name))
+    with open(record) as f:
+        figures = json.load(f)
+    return figures
 
 
 def _mix(corpus_stream: list[int], chat_stream: list[int], chat_share: float) -> tuple[list, list]:

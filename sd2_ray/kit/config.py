@@ -78,6 +78,18 @@ class KitConfig(StageConfig):
     heldout_windows: int = Field(32, ge=1, description="Held-out windows for the reported losses")
     num_threads: int = Field(1, ge=1, description="Torch threads while building (fixed for determinism)")
     measure_mal: bool = Field(True, description="Measure the drafter's greedy MAL at K=4 into kit.json")
+    vision: bool = Field(
+        True,
+        description="Also build the vision-language target (kit:vlm, a LLaVA model over the text target) and "
+        "its scene prompts (kit:vision_train_prompts, kit:vision_eval_prompts, kit:vision_captions)",
+    )
+    vision_tower_steps: int = Field(
+        300, ge=1, description="Steps of the VLM's vision-tower pretraining (a patch probe)"
+    )
+    vision_steps: int = Field(250, ge=1, description="Steps of the VLM's visual instruction tuning (tower frozen)")
+    vision_train_prompts: int = Field(1024, ge=1, description="Scene question rows to train the VLM on and distill")
+    vision_eval_prompts: int = Field(64, ge=1, description="Held-out scene question rows (eval)")
+    vision_captions: int = Field(1024, ge=1, description="Image–caption rows (a MASSV projector's phase-1 data)")
 
     @field_validator("out")
     @classmethod
@@ -112,10 +124,20 @@ class KitConfig(StageConfig):
 
     def all_shapes(self) -> dict:
         """Every model's shape (part of the content hash)."""
-        return shapes.all_shapes(self.drafter_shape())
+        out = shapes.all_shapes(self.drafter_shape())
+        if self.vision:
+            from sd2_ray.vision.model import VISION, shape_of
+
+            out["vlm"] = {"text": out["target"], "vision": shape_of(VISION)}
+        return out
 
     def training_fields(self, name: str) -> dict:
         """The fields that decide one model's weights (its part of the cache)."""
+        if name == "vlm":  # the text target's weights, then its own training and prompt sets
+            return {
+                "target": self.training_fields("target"),
+                **{f: getattr(self, f) for f in type(self).model_fields if f.startswith("vision_")},
+            }
         steps = {"target": self.target_steps, "drafter": self.drafter_steps, "drafter-uag": self.uag_steps}
         vocab = self.uag_vocab_size if name == "drafter-uag" else self.vocab_size
         fields: dict[str, Any] = {

@@ -103,17 +103,17 @@ def model_metadata_dir(path: str, extra: tuple[str, ...] = ()) -> str:
 def load_model(
     path: str, dtype: Any = None, trust_remote_code: bool = False, device: Any = "cpu", device_map: Any = None
 ):
-    """A causal LM in eval mode, on ``device`` (loaded straight onto it, no CPU copy first), or
-    placed by an accelerate ``device_map`` (e.g. ``"auto"``: a model too big for one GPU sharded
-    over the visible GPUs of this process); ``device_map`` wins over ``device``."""
+    """A causal LM (or an image-text-to-text model: a LLaVA target or MASSV drafter) in eval
+    mode, on ``device`` (loaded straight onto it, no CPU copy first), or placed by an accelerate
+    ``device_map`` (e.g. ``"auto"``: a model too big for one GPU sharded over the visible GPUs of
+    this process); ``device_map`` wins over ``device``."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     local = resolve_model_dir(path)
     if device_map is None and str(device) != "cpu":
         device_map = {"": str(device)}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = auto_class(local).from_pretrained(
             local,
             dtype=dtype or torch.float32,
             trust_remote_code=trust_remote_code,
@@ -126,6 +126,24 @@ def load_model(
             raise DataError(f"{path}: cannot load the model ({type(err).__name__}: {first})") from None
         raise
     return (model if device_map is not None else model.to(device)).eval()
+
+
+IMAGE_TEXT_TYPES = ("llava",)  # model_type of the vision-language checkpoints the stages load
+
+
+def auto_class(local: str):
+    """The transformers auto class of a local model dir: image-text-to-text for a LLaVA
+    checkpoint (AutoModelForCausalLM does not map it), else causal LM."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    config = os.path.join(local, "config.json")
+    model_type = None
+    if os.path.isfile(config):
+        with open(config) as f:
+            model_type = json.load(f).get("model_type")
+    return AutoModelForImageTextToText if model_type in IMAGE_TEXT_TYPES else AutoModelForCausalLM
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):

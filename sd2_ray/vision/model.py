@@ -180,3 +180,17 @@ def save_vlm(model, tokenizer, out: str) -> None:
         chat_template=tokenizer.chat_template,
     )
     processor.save_pretrained(out)
+
+
+def save_text_lm(vlm_dir: str, out: str) -> str:
+    """The LM half of a LLaVA checkpoint as a plain causal-LM dir (with the tokenizer): how a
+    drafter trained without images (MASSV's control) is used, as a text-only drafter."""
+    from sd2_ray.models.io import load_tokenizer
+    from sd2_ray.vision.prefill import text_lm
+
+    vlm = load_vlm(vlm_dir)
+    lm = text_lm(vlm)
+    lm.config.tie_word_embeddings = True
+    lm.save_pretrained(out, safe_serialization=True)
+    load_tokenizer(vlm_dir).save_pretrained(out)
+    return out
