@@ -9,6 +9,7 @@ KubeRay: ``sd2_ray.serve.app:app_builder`` with ``args`` = ServeConfig fields.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
 from collections.abc import AsyncIterator
@@ -19,7 +20,7 @@ from fastapi import FastAPI, Request
 from ray import serve
 from starlette.responses import JSONResponse, StreamingResponse
 
-from sd2_ray.serve import core
+from sd2_ray.serve import core, images
 from sd2_ray.serve import openai_schema as oa
 from sd2_ray.serve.batching import Delta, Job, run_batch
 from sd2_ray.serve.config import ServeConfig
@@ -32,11 +33,14 @@ api = install_error_handlers(FastAPI(title="sd2-ray", description="OpenAI-compat
 
 
 def load_engine(config: ServeConfig):
-    """(engine, target model, target tokenizer) for the configured pair, via our engine."""
+    """(engine, target model, target tokenizer) for the configured pair, via our engine; a
+    vision-language target gets the engine that puts images in place (:mod:`sd2_ray.serve.images`)."""
     from sd2_ray.models.device import resolve_device, resolve_dtype
     from sd2_ray.specdec.engine import SpeculativeEngine
 
     device = resolve_device(config.device)  # in the replica: the GPUs Ray gave it
+    if images.is_vision_target(config.target):
+        return images.load_vision_engine(config, device, resolve_dtype(config.dtype, device))
     engine = SpeculativeEngine.from_dirs(
         config.target,
         config.drafter,
@@ -101,6 +105,7 @@ class SpecDecodeServer:
         self.model_name = cfg.served_model_name
         self.max_model_len = core.context_length(target.config, cfg.max_model_len)
         self.vocab_size = int(target.config.vocab_size)
+        self.vision = images.image_policy(self.engine, self.tokenizer, cfg)  # None: a text-only target
         self.metrics = SpecMetrics(
             self.model_name,
             cfg.num_speculative_tokens if cfg.drafter else 0,
@@ -115,8 +120,9 @@ class SpecDecodeServer:
         self._generate_batch.set_max_batch_size(cfg.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         log.info(
-            "serving '%s' (drafter %s, K=%d) context %d, batch <= %d, queue <= %d",
+            "serving '%s'%s (drafter %s, K=%d) context %d, batch <= %d, queue <= %d",
             self.model_name,
+            " with images" if self.vision else "",
             cfg.drafter,
             cfg.num_speculative_tokens,
             self.max_model_len,
@@ -145,7 +151,7 @@ class SpecDecodeServer:
         check_api_key(request, self.config.api_key)
         req = oa.validate_request(oa.CompletionRequest, await request.body())
         core.check_model_name(req.model, self.model_name)
-        prepared = core.prepare_completion(req, self.tokenizer, self.max_model_len, self.vocab_size)
+        prepared = core.prepare_completion(req, self.tokenizer, self.max_model_len, self.vocab_size, self.vision)
         return await self._answer(prepared, req, chat=False)
 
     @api.post("/v1/chat/completions")
@@ -153,7 +159,13 @@ class SpecDecodeServer:
         check_api_key(request, self.config.api_key)
         req = oa.validate_request(oa.ChatCompletionRequest, await request.body())
         core.check_model_name(req.model, self.model_name)
-        prepared = core.prepare_chat(req, self.tokenizer, self.max_model_len, self.config.default_max_tokens)
+        args = (req, self.tokenizer, self.max_model_len, self.config.default_max_tokens, self.vision)
+        if req.image_parts() and self.vision is not None:
+            # decoding and preprocessing images (or fetching them) off the event loop, which
+            # keeps streaming the running batch's tokens meanwhile
+            prepared = await asyncio.to_thread(core.prepare_chat, *args)
+        else:
+            prepared = core.prepare_chat(*args)
         return await self._answer(prepared, req, chat=True)
 
     # ---- generation -----------------------------------------------------------------------

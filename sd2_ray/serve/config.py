@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from sd2_ray.config import NODE_RESOURCES_DESCRIPTION, NodeResources, StageConfig, StoragePath
 from sd2_ray.models.device import DeviceName, DtypeName
+from sd2_ray.vision.images import DEFAULT_MAX_BYTES
 
 API_KEY_ENV = "SD2_API_KEY"
 # Spec-Bench's six task groups, the default labels of Serve's per-category acceptance metrics,
@@ -120,6 +121,21 @@ class ServeSettings(StageConfig):
     )
     gpus_per_replica: float = Field(
         0, ge=0, description="transformers engine: GPUs reserved by each model replica (ray_actor_options num_gpus)"
+    )
+    allow_remote_images: bool = Field(
+        False,
+        description="transformers engine, vision-language target: image_url parts may name http(s) URLs, "
+        "which the replica then fetches (URLs the client picks, from inside your network); "
+        "off: images come inline as data:image/...;base64 URLs only",
+    )
+    max_image_bytes: int = Field(
+        DEFAULT_MAX_BYTES, ge=1, description="transformers engine: largest encoded image a request may send (bytes)"
+    )
+    max_images_per_request: int = Field(
+        4,
+        ge=0,
+        description="transformers engine: most image_url parts in one request (each image also takes "
+        "the target's image_seq_length positions of the context)",
     )
     app_name: str = Field("sd2", description="Ray Serve application name")
     metric_categories: list[str] = Field(

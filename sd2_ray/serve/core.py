@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from sd2_ray.serve.images import ImagePolicy, check_image_parts, expand_image_tokens, pixel_values
 from sd2_ray.serve.openai_schema import ChatCompletionRequest, CompletionRequest, OpenAIError, SpecUsage
 from sd2_ray.specdec.types import GenerationRequest, SamplingParams, SpecStats
 
@@ -22,10 +23,11 @@ class PreparedRequest:
     sampling: SamplingParams
     stop: list[str] = field(default_factory=list)
     category: str | None = None  # from the request's metadata; labels its acceptance metrics
+    images: tuple = ()  # (3, H, W) pixel values, one per image of the prompt (vision targets)
 
     def generation_request(self) -> GenerationRequest:
         return GenerationRequest(
-            prompt_ids=list(self.prompt_ids), max_new_tokens=self.max_tokens, sampling=self.sampling
+            prompt_ids=list(self.prompt_ids), max_new_tokens=self.max_tokens, sampling=self.sampling, images=self.images
         )
 
 
@@ -64,7 +66,10 @@ def bound_max_tokens(prompt_len: int, requested: int | None, max_model_len: int,
     return requested
 
 
-def prepare_completion(req: CompletionRequest, tokenizer, max_model_len: int, vocab_size: int) -> PreparedRequest:
+def prepare_completion(
+    req: CompletionRequest, tokenizer, max_model_len: int, vocab_size: int, vision: ImagePolicy | None = None
+) -> PreparedRequest:
+    """A completion prompt; for a vision target it must hold no image token (no images come with it)."""
     if isinstance(req.prompt, str):
         prompt_ids = list(tokenizer(req.prompt)["input_ids"])
     else:
@@ -74,6 +79,7 @@ def prepare_completion(req: CompletionRequest, tokenizer, max_model_len: int, vo
             raise OpenAIError(
                 f"token id {bad[0]} is outside the vocabulary (size {vocab_size})", param="prompt", code="invalid_value"
             )
+    prompt_ids = expand_image_tokens(prompt_ids, 0, vision, param="prompt")
     max_tokens = bound_max_tokens(len(prompt_ids), req.max_tokens, max_model_len, default=16)
     return PreparedRequest(prompt_ids, max_tokens, sampling_params(req), req.stop_strings, req.category)
 
@@ -92,13 +98,26 @@ def render_messages(messages: list[dict[str, str]], tokenizer) -> str:
     return "\n".join(m["content"] for m in messages) + "\n"
 
 
-def prepare_chat(req: ChatCompletionRequest, tokenizer, max_model_len: int, default_max_tokens: int) -> PreparedRequest:
+def prepare_chat(
+    req: ChatCompletionRequest,
+    tokenizer,
+    max_model_len: int,
+    default_max_tokens: int,
+    vision: ImagePolicy | None = None,
+) -> PreparedRequest:
+    """A chat request's prompt ids and, for a vision target, its images' pixel values (decoded
+    last: the cheap checks and the context bound answer first)."""
     from sd2_ray.models.tokens import encode_rendered
 
+    parts = req.image_parts()
+    check_image_parts(parts, vision)
+    messages = req.plain_messages(vision.mark) if vision is not None else req.plain_messages()
     # the same ids distillation, fine-tuning and eval give the same conversation
-    prompt_ids = encode_rendered(render_messages(req.plain_messages(), tokenizer), tokenizer)
+    prompt_ids = encode_rendered(render_messages(messages, tokenizer), tokenizer)
+    prompt_ids = expand_image_tokens(prompt_ids, len(parts), vision)
     max_tokens = bound_max_tokens(len(prompt_ids), req.requested_max_tokens, max_model_len, default=default_max_tokens)
-    return PreparedRequest(prompt_ids, max_tokens, sampling_params(req), req.stop_strings, req.category)
+    images = pixel_values(parts, vision) if vision is not None else ()
+    return PreparedRequest(prompt_ids, max_tokens, sampling_params(req), req.stop_strings, req.category, images)
 
 
 class TextStream:

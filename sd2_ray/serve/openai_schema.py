@@ -26,6 +26,8 @@ from pydantic import (
     model_validator,
 )
 
+from sd2_ray.vision.scenes import IMAGE_PLACEHOLDER
+
 
 class OpenAIError(Exception):
     """An error the HTTP layer renders as ``{"error": {...}}`` with ``status``."""
@@ -182,17 +184,42 @@ class ChatMessage(BaseModel):
 
     @field_validator("content")
     @classmethod
-    def _text_parts_only(cls, value):
+    def _known_parts(cls, value):
         if isinstance(value, list):
-            for part in value:
-                if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise ValueError("only text content parts are supported")
+            for i, part in enumerate(value):
+                kind = part.get("type")
+                if kind == "text":
+                    if not isinstance(part.get("text"), str):
+                        raise ValueError(f"content part {i}: a text part needs a string 'text'")
+                elif kind == "image_url":
+                    image = part.get("image_url")
+                    if not isinstance(image, dict) or not isinstance(image.get("url"), str) or not image["url"]:
+                        raise ValueError(
+                            f'content part {i}: an image_url part needs "image_url": '
+                            '{"url": "data:image/<type>;base64,<data>"}'
+                        )
+                else:
+                    raise ValueError(f"content part {i}: type {kind!r} is not supported (text and image_url are)")
         return value
 
-    def text(self) -> str:
-        if isinstance(self.content, list):  # content parts: only text parts (checked above)
-            return "".join(part["text"] for part in self.content)
-        return self.content or ""
+    def text(self, image_mark: str = IMAGE_PLACEHOLDER) -> str:
+        """The text, each image part an ``image_mark`` where it stands. A mark followed by more
+        content takes a newline after it, as the kit's image rows (``<image>\nQuestion``) do."""
+        if not isinstance(self.content, list):
+            return self.content or ""
+        out = []
+        for i, part in enumerate(self.content):
+            if part["type"] == "text":
+                out.append(part["text"])
+            else:
+                out.append(image_mark + ("\n" if i + 1 < len(self.content) else ""))
+        return "".join(out)
+
+    def image_urls(self) -> list[tuple[int, str]]:
+        """(part index, url) of the image parts, in order."""
+        if not isinstance(self.content, list):
+            return []
+        return [(i, p["image_url"]["url"]) for i, p in enumerate(self.content) if p["type"] == "image_url"]
 
 
 class ChatCompletionRequest(_Request):
@@ -213,8 +240,16 @@ class ChatCompletionRequest(_Request):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
-    def plain_messages(self) -> list[dict[str, str]]:
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+    def plain_messages(self, image_mark: str = IMAGE_PLACEHOLDER) -> list[dict[str, str]]:
+        return [{"role": m.role, "content": m.text(image_mark)} for m in self.messages]
+
+    def image_parts(self) -> list[tuple[str, str]]:
+        """(param, url) of every image part, in prompt order; param names it in a 400."""
+        return [
+            (f"messages.{m}.content.{i}.image_url.url", url)
+            for m, message in enumerate(self.messages)
+            for i, url in message.image_urls()
+        ]
 
 
 # ---- responses -------------------------------------------------------------------------------

@@ -23,6 +23,10 @@ class BadImage(ValueError):
     """An image reference that cannot be used (missing, not an image, too large, not allowed)."""
 
 
+class ImageTooLarge(BadImage):
+    """An image over a byte or pixel limit (a server tells it apart from one that is not an image)."""
+
+
 def image_bytes(
     ref: str, *, max_bytes: int = DEFAULT_MAX_BYTES, allow_remote: bool = False, base_dir: str = ""
 ) -> bytes:
@@ -41,7 +45,7 @@ def image_bytes(
     else:
         data = _read(ref if ref.startswith("s3://") or os.path.isabs(ref) else os.path.join(base_dir, ref), max_bytes)
     if len(data) > max_bytes:
-        raise BadImage(f"image: {len(data)} bytes is over the limit of {max_bytes}")
+        raise ImageTooLarge(f"image: {len(data)} bytes is over the limit of {max_bytes}")
     return data
 
 
@@ -56,8 +60,10 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS):
     try:
         image = Image.open(io.BytesIO(data))
         if image.width * image.height > max_pixels:
-            raise BadImage(f"image: {image.width}x{image.height} is over the limit of {max_pixels} pixels")
+            raise ImageTooLarge(f"image: {image.width}x{image.height} is over the limit of {max_pixels} pixels")
         image.load()
+    except Image.DecompressionBombError as err:  # PIL's own guard, met before ours for huge headers
+        raise ImageTooLarge(f"image: {err}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         if isinstance(err, BadImage):
             raise
@@ -71,7 +77,7 @@ def _looks_base64(ref: str) -> bool:
 
 def _b64(text: str, max_bytes: int) -> bytes:
     if len(text) * 3 // 4 > max_bytes:
-        raise BadImage(f"image: about {len(text) * 3 // 4} bytes is over the limit of {max_bytes}")
+        raise ImageTooLarge(f"image: about {len(text) * 3 // 4} bytes is over the limit of {max_bytes}")
     try:
         return base64.b64decode(text, validate=False)
     except (binascii.Error, ValueError):
@@ -86,11 +92,11 @@ def _read(path: str, max_bytes: int) -> bytes:
             fs, inner = storage.filesystem(path)
             size = fs.get_file_info(inner).size
             if size is not None and size > max_bytes:
-                raise BadImage(f"image: {path} has {size} bytes, over the limit of {max_bytes}")
+                raise ImageTooLarge(f"image: {path} has {size} bytes, over the limit of {max_bytes}")
             with fs.open_input_stream(inner) as f:
                 return f.read()
         if os.path.getsize(path) > max_bytes:
-            raise BadImage(f"image: {path} has {os.path.getsize(path)} bytes, over the limit of {max_bytes}")
+            raise ImageTooLarge(f"image: {path} has {os.path.getsize(path)} bytes, over the limit of {max_bytes}")
         with open(path, "rb") as f:
             return f.read()
     except (FileNotFoundError, IsADirectoryError, PermissionError, OSError) as err:
