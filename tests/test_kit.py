@@ -32,6 +32,11 @@ SMALL = dict(
     eval_prompts=4,
     heldout_windows=2,
     measure_mal=False,
+    vision_tower_steps=2,
+    vision_steps=2,
+    vision_train_prompts=8,
+    vision_eval_prompts=4,
+    vision_captions=4,
 )
 
 
@@ -442,3 +447,35 @@ def test_target_loads_in_vllm(kit_dir, tmp_path):
             .tolist()
         )
     assert vllm_ids == hf
+
+
+def test_kit_has_a_vision_language_target_and_its_scene_prompt_sets(small_kit):
+    """kit:vlm is a LLaVA checkpoint over the text target (its LM weights start as the target's)
+    with its processor; the scene rows carry their images as data URLs and the held-out scenes
+    are not the training ones."""
+    import torch
+
+    from sd2_ray.kit import kit_paths
+    from sd2_ray.models.io import load_model, load_tokenizer
+    from sd2_ray.vision.images import load_image
+    from sd2_ray.vision.model import image_token_id, is_vlm_dir
+
+    paths = kit_paths(small_kit)
+    assert is_vlm_dir(paths["vlm"])
+    assert os.path.isfile(os.path.join(paths["vlm"], "processor_config.json"))
+    vlm, tok = load_model(paths["vlm"]), load_tokenizer(paths["vlm"])
+    assert image_token_id(tok) == len(tok) - 1 == vlm.config.image_token_id
+    assert vlm.lm_head.weight.data_ptr() == vlm.model.language_model.embed_tokens.weight.data_ptr()
+    counts = {"vision_train_prompts": 8, "vision_eval_prompts": 4, "vision_captions": 4}
+    rows = {name: read_jsonl(paths[name]) for name in counts}
+    for name, count in counts.items():
+        assert len(rows[name]) == count
+        for row in rows[name]:
+            assert row["image"].startswith("data:image/png;base64,")
+            assert load_image(row["image"]).size == (32, 32)
+            assert "<image>" in row["messages"][0]["content"] and row["response"]
+    train_images = {r["image"] for r in rows["vision_train_prompts"]}
+    assert not train_images & {r["image"] for r in rows["vision_eval_prompts"]}
+    info = json.load(open(paths["kit_json"]))["models"]["vlm"]
+    assert info["image_tokens"] == vlm.config.image_seq_length == 4
+    assert 0.0 <= info["eval_exact_answers"] <= 1.0
