@@ -28,7 +28,7 @@ class ImageQueue:
         self.embedding, self.image_token = embedding, image_token
         self.features: torch.Tensor | None = None
         self.used = 0
-        self._handle = None
+        self._handle: torch.utils.hooks.RemovableHandle | None = None
 
     def load(self, features: torch.Tensor | None) -> None:
         """Queue (N, hidden) features for the next chunks; None or empty: nothing queued."""
