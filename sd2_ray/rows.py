@@ -132,8 +132,13 @@ def write_skipped(path: str, skipped: list[dict[str, Any]]) -> None:
 
 
 def content_id(row: dict[str, Any]) -> str:
-    """A stable id from the row's instruction (prompt or messages)."""
-    key = row.get("messages") if row.get("messages") is not None else row.get("prompt")
+    """A stable id from the row's instruction (prompt or messages) and, for an image row, its
+    image references as written: image rows often share one question ("Describe the image."),
+    and rows about different images are different rows. A text row's id is as it always was."""
+    key: Any = row.get("messages") if row.get("messages") is not None else row.get("prompt")
+    images = {k: row[k] for k in ("image", "images") if row.get(k)}
+    if images:
+        key = {"instruction": key, **images}
     blob = json.dumps(key, sort_keys=True, ensure_ascii=False, default=str)
     return "h-" + hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 

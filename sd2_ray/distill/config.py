@@ -154,6 +154,10 @@ class DistillConfig(DistillSettings):
       topk_ids       list<list<int32>>: the target's k most likely next ids at that position
       topk_logprobs  list<list<float32>>: their log-probabilities at temperature 1 (raw
                      logits' log-softmax, most likely first; see sd2_ray/distill/scoring.py)
+    A vision-language (LLaVA) target also takes image rows (`image` or `images` beside the
+    prompt; docs/configuration.md "Image rows"); its output adds two columns:
+      image / images string / list<string>: the row's image reference(s), relative local paths
+                     made absolute (both null on a text row)
     Size per response token, Arrow in memory: 4 (response id) + 8k (k ids + k values) + 8
     (two inner-list offsets) bytes = 172 B at k = 20 (vs ~4-5 B of text). On disk Parquet
     saves little (float log-probs hardly compress): 137 B per token more than without top-k at

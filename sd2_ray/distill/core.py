@@ -5,7 +5,10 @@ Prompt rows follow DESIGN.md (``prompt`` or ``messages``, optional ``response``,
 Each usable row becomes a :class:`Request` whose prompt is rendered with the target's chat
 template and tokenized *here*, once, so every engine (transformers or vLLM) sees the same ids.
 Unusable rows (no prompt, wrong types, over-long prompt, an id an earlier row already has) are
-skipped with a reason, never fatal.
+skipped with a reason, never fatal; so is a row whose image an engine actor cannot read (the
+actor reports it, :func:`split_skipped` moves it to the shard's skipped rows).
+For a vision-language target, image rows (``image`` / ``images``) are prepared by
+:mod:`sd2_ray.distill.image_rows` and keep their (resolved) image references in the output.
 The output row contract (columns, types, sizes) is documented on
 :class:`sd2_ray.distill.config.DistillConfig`.
 """
@@ -15,11 +18,14 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sd2_ray import rows as rowlib
 from sd2_ray import storage
 from sd2_ray.rows import SKIPPED_FILE  # noqa: F401  (one name for every stage's skip list)
+
+if TYPE_CHECKING:
+    from sd2_ray.distill.image_rows import VisionTarget
 
 SHARD_PREFIX = "shard-"
 RECORDS_DIR = "_shards"  # per-shard completion records; "_" keeps them out of dataset listings
@@ -35,6 +41,7 @@ REWRITE_TEMPLATE = (
 LEAK_PHRASES = ("reference answer", "in your own words", "instruction:", "reply with the answer only")
 
 TARGET, REFERENCE, DRAFTER = "target", "reference", "drafter"
+BAD_IMAGE_PREFIX = "image:"  # how every unreadable-image skip reason starts (vision.images.BadImage)
 # Bumped whenever the row contract changes: part of every shard's fingerprint, so a resumed
 # run never mixes shards of two schemas in one output.
 ROW_SCHEMA_VERSION = 3  # 3: the category column
@@ -53,15 +60,26 @@ class Request:
     prompt_text: str  # what the engine sees (chat template applied; rewrite wrapper in rewrite mode)
     prompt_ids: list[int]
     category: str | None = None  # the input row's task category, copied to the output row
+    image: str | None = None  # the row's image reference(s), relative paths resolved
+    images: list[str] | None = None
 
-    def engine_item(self) -> dict[str, Any]:
-        """The slim record that travels through Ray Data (the rest stays on the driver)."""
-        return {
+    @property
+    def image_refs(self) -> list[str]:
+        return [self.image] if self.image else list(self.images or [])
+
+    def engine_item(self, with_images: bool = False) -> dict[str, Any]:
+        """The slim record that travels through Ray Data (the rest stays on the driver); with
+        ``with_images`` (a vision target's run: every row, so the column has one type) the
+        image references the actor reads."""
+        item: dict[str, Any] = {
             "index": self.index,
             "shard": self.shard,
             "prompt_ids": self.prompt_ids,
             "prompt_text": self.prompt_text,
         }
+        if with_images:
+            item["images"] = self.image_refs
+        return item
 
 
 @dataclass
@@ -76,6 +94,7 @@ class Generated:
     token_ids: list[int] | None = None  # the response's ids, the EOS that ended it included
     topk_ids: Any = None  # (len(token_ids), k) int32 array: the target's top-k ids per token
     topk_logprobs: Any = None  # (len(token_ids), k) float32 array: their temperature-1 log-probs
+    skipped: str | None = None  # why the row is left out (its image could not be read): a skip, not a failure
 
 
 def shard_of(index: int, shard_size: int) -> int:
@@ -123,9 +142,16 @@ def encode(text: str, tokenizer) -> list[int]:
 
 
 def prepare_row(
-    row: Any, index: int, shard: int, tokenizer, mode: str, max_prompt_tokens: int
+    row: Any,
+    index: int,
+    shard: int,
+    tokenizer,
+    mode: str,
+    max_prompt_tokens: int,
+    vision: VisionTarget | None = None,
 ) -> tuple[Request | None, str | None]:
-    """(request, None) for a usable row, else (None, why it was skipped)."""
+    """(request, None) for a usable row, else (None, why it was skipped). ``vision``: the
+    target is a LLaVA model; its prompts get image tokens and image rows their references."""
     if not isinstance(row, dict):
         return None, f"row must be an object, got {type(row).__name__}"
     problem = rowlib.row_problem(row)
@@ -139,10 +165,26 @@ def prepare_row(
     if mode == "rewrite":
         if reference is None:
             return None, "rewrite mode needs a reference 'response'"
-        text = render(rewrite_messages(messages, reference), tokenizer, None)
+        engine_messages, plain = rewrite_messages(messages, reference), None
     else:
-        text = render(messages, tokenizer, None if uses_messages else row["prompt"])
-    ids = encode(text, tokenizer)
+        engine_messages, plain = messages, None if uses_messages else row["prompt"]
+    fields: dict[str, Any] = {}
+    if vision is None:
+        text = render(engine_messages, tokenizer, plain)
+        ids = encode(text, tokenizer)
+    else:
+        from sd2_ray.distill import image_rows
+
+        problem = image_rows.image_problem(row)
+        if problem:
+            return None, problem
+        fields = image_rows.resolved_fields(row, vision.base_dir)
+        try:
+            text, ids = image_rows.encode_prompt(
+                engine_messages, plain, len(image_rows.refs_of(fields)), tokenizer, vision
+            )
+        except ValueError as err:
+            return None, str(err)
     if len(ids) > max_prompt_tokens:
         return None, f"prompt has {len(ids)} tokens, more than max_prompt_tokens={max_prompt_tokens}"
     return Request(
@@ -155,11 +197,17 @@ def prepare_row(
         prompt_text=text,
         prompt_ids=ids,
         category=rowlib.category_of(row),
+        **fields,
     ), None
 
 
 def prepare_rows(
-    rows: list[Any], tokenizer, mode: str, max_prompt_tokens: int, shard_size: int
+    rows: list[Any],
+    tokenizer,
+    mode: str,
+    max_prompt_tokens: int,
+    shard_size: int,
+    vision: VisionTarget | None = None,
 ) -> tuple[list[Request], list[dict[str, Any]]]:
     """Requests for the usable rows and ``{index, shard, id, reason}`` for the skipped ones (a
     row repeating an earlier id among them: one output row per id)."""
@@ -170,13 +218,29 @@ def prepare_rows(
         request, reason = (
             (None, rowlib.DUPLICATE_ID)
             if index in repeated
-            else prepare_row(row, index, shard, tokenizer, mode, max_prompt_tokens)
+            else prepare_row(row, index, shard, tokenizer, mode, max_prompt_tokens, vision)
         )
         if request is None:
             skipped.append({"index": index, "shard": shard, "id": safe_row_id(row, index), "reason": reason})
         else:
             requests.append(request)
     return requests, skipped
+
+
+def split_skipped(
+    answered: list[tuple[Request, Generated]],
+) -> tuple[list[tuple[Request, Generated]], list[dict[str, Any]]]:
+    """A shard's answers without the rows an engine skipped (an image it could not read), and
+    those rows as skip records, the same ``{index, shard, id, reason}`` the driver writes."""
+    kept, skipped = [], []
+    for request, generated in answered:
+        if generated.skipped:
+            skipped.append(
+                {"index": request.index, "shard": request.shard, "id": request.id, "reason": generated.skipped}
+            )
+        else:
+            kept.append((request, generated))
+    return kept, skipped
 
 
 def rewrite_problem(text: str | None, finish_reason: str | None, allow_truncated: bool) -> str | None:
@@ -222,14 +286,18 @@ def result_row(request: Request, generated: Generated, mode: str, allow_truncate
         "response_ids": generated.token_ids if generated_text else None,
         "topk_ids": generated.topk_ids if generated_text else None,
         "topk_logprobs": generated.topk_logprobs if generated_text else None,
+        "image": request.image,  # written only by a vision target's run (output_schema)
+        "images": request.images,
     }
 
 
 TOPK_COLUMNS = ("topk_ids", "topk_logprobs")
 
 
-def output_schema(top_k: int = 0):
-    """The row contract; the top-k columns exist only when ``logprobs_top_k`` > 0."""
+def output_schema(top_k: int = 0, images: bool = False):
+    """The row contract; the top-k columns exist only when ``logprobs_top_k`` > 0, the image
+    reference columns (``image`` string, ``images`` list of strings; one set per image row,
+    both null on a text row) only in a vision-language target's output."""
     import pyarrow as pa
 
     message = pa.struct([("role", pa.string()), ("content", pa.string())])
@@ -249,18 +317,20 @@ def output_schema(top_k: int = 0):
         ("error", pa.string()),
         ("response_ids", pa.list_(pa.int32())),
     ]
+    if images:
+        fields += [("image", pa.string()), ("images", pa.list_(pa.string()))]
     if top_k:
         fields += [("topk_ids", pa.list_(pa.list_(pa.int32()))), ("topk_logprobs", pa.list_(pa.list_(pa.float32())))]
     return pa.schema(fields)
 
 
-def result_table(result_rows: list[dict[str, Any]], top_k: int = 0):
+def result_table(result_rows: list[dict[str, Any]], top_k: int = 0, images: bool = False):
     """A shard's rows (sorted by input position) as a pyarrow Table with the fixed schema. The
     top-k matrices are laid into Arrow arrays in bulk (no per-value Python objects)."""
     import pyarrow as pa
 
     ordered = sorted(result_rows, key=lambda r: r["index"])
-    schema = output_schema(top_k)
+    schema = output_schema(top_k, images)
     scalar = [{k: v for k, v in r.items() if k not in TOPK_COLUMNS} for r in ordered]
     table = pa.Table.from_pylist(scalar, schema=pa.schema([f for f in schema if f.name not in TOPK_COLUMNS]))
     for name in TOPK_COLUMNS if top_k else ():
@@ -297,6 +367,7 @@ def shard_record(
         "rows_in": rows_in,
         "rows_out": len(result_rows) - failed,
         "skipped": len(skipped),
+        "bad_images": sum(1 for s in skipped if str(s.get("reason", "")).startswith(BAD_IMAGE_PREFIX)),
         "failed": failed,
         "from_target": sum(1 for r in result_rows if r["source"] == TARGET),
         "from_reference": sum(1 for r in result_rows if r["source"] == REFERENCE),

@@ -175,16 +175,7 @@ class TransformersBatchUDF:
         except Exception as err:  # noqa: BLE001 - fall back to one row at a time
             log.warning("batch of %d rows failed (%s); retrying row by row", len(prompts), err)
             generated = [self._generate_one(p, i) for p, i in zip(prompts, indices, strict=True)]
-        out: dict[str, list] = {
-            "index": indices,
-            "shard": [int(s) for s in batch["shard"]],
-            "response": [g.text for g in generated],
-            "finish_reason": [g.finish_reason for g in generated],
-            "response_tokens": [g.response_tokens for g in generated],
-            "error": [g.error for g in generated],
-        }
-        out.update(token_columns(generated, self.settings.get("logprobs_top_k", 0)))
-        return out
+        return result_columns(indices, batch["shard"], generated, self.settings.get("logprobs_top_k", 0))
 
     def _generate(self, prompts: list[list[int]], indices: list[int]) -> list[Generated]:
         s = self.settings  # the seed follows the batch's first row, so a rerun samples the same
@@ -203,6 +194,20 @@ class TransformersBatchUDF:
             return self._generate([prompt], [index])[0]
         except Exception as err:  # noqa: BLE001 - recorded on the row, the job goes on
             return Generated(index, None, None, 0, error=f"{type(err).__name__}: {err}")
+
+
+def result_columns(indices: list[int], shards, generated: list[Generated], top_k: int) -> dict[str, list]:
+    """A UDF's output batch: the result columns of its rows, in batch order."""
+    out: dict[str, list] = {
+        "index": indices,
+        "shard": [int(s) for s in shards],
+        "response": [g.text for g in generated],
+        "finish_reason": [g.finish_reason for g in generated],
+        "response_tokens": [g.response_tokens for g in generated],
+        "error": [g.error for g in generated],
+    }
+    out.update(token_columns(generated, top_k))
+    return out
 
 
 def generated_of(index: int, text: str, output: EngineOutput) -> Generated:
@@ -247,6 +252,7 @@ def to_generated(row: dict[str, Any], eos_ids: list[int], max_new_tokens: int, t
         row = vllm_result(row, eos_ids, max_new_tokens, top_k)
     error = row.get("error")
     text = row.get("response")
+    skipped = row.get("skipped")  # only a vision engine's rows have the column
     ids: Any = row.get("response_ids")  # a list, an array, None or NaN
     return Generated(
         index=int(row["index"]),
@@ -257,6 +263,7 @@ def to_generated(row: dict[str, Any], eos_ids: list[int], max_new_tokens: int, t
         token_ids=None if _missing(ids) else [int(t) for t in ids],
         topk_ids=_matrix(row.get("topk_ids"), "int32", top_k),
         topk_logprobs=_matrix(row.get("topk_logprobs"), "float32", top_k),
+        skipped=None if _missing(skipped) or skipped == "" else str(skipped),
     )
 
 

@@ -7,7 +7,12 @@ Output directory (local or s3://)::
                             the tokenizer response_ids are in (name, vocabulary fingerprint)
     shard-00000.parquet     one per input shard (rows in input order; schema: core.output_schema)
     _shards/shard-00000.json  the shard's completion record (counts, skipped rows, fingerprint)
-    _skipped.jsonl          every skipped input row with the reason
+    _skipped.jsonl          every skipped input row with the reason (rows the driver found unusable
+                            and rows whose image an engine actor could not read)
+
+A vision-language (LLaVA) target also takes image rows (:mod:`sd2_ray.distill.image_rows`: the
+driver resolves their image references, the actors read the images); its output rows keep the
+references in ``image`` / ``images``.
 
 A shard is done when its record exists with the same fingerprint (input ids + settings); the
 record is written after the Parquet file, so a killed run leaves at worst a shard to redo.
@@ -20,7 +25,7 @@ import time
 from typing import Any
 
 from sd2_ray import manifest, storage
-from sd2_ray.distill import core
+from sd2_ray.distill import core, image_rows
 from sd2_ray.distill.config import DistillConfig
 from sd2_ray.errors import ConfigError, DataError
 from sd2_ray.models.tokens import tokenizer_identity
@@ -49,12 +54,14 @@ def main(config: DistillConfig) -> dict[str, Any]:
     if config.mode == "on-policy":
         check_drafter_tokenizer(config, tokenizer)
     max_prompt = config.prompt_limit(context)
+    vision = image_rows.vision_target(metadata_dir, config.prompts)
     unreadable: list[dict[str, Any]] = []
     rows = read_input(config, unreadable)
-    requests, skipped = core.prepare_rows(rows, tokenizer, config.mode, max_prompt, config.shard_size)
+    image_rows.check_input(rows, config, vision)  # one line, exit 2: input this run cannot take
+    requests, skipped = core.prepare_rows(rows, tokenizer, config.mode, max_prompt, config.shard_size, vision)
     # bad rows are counted and skipped; no usable row at all is bad input (exit 2), before any output
     require_usable(config.prompts, len(requests), unreadable + skipped, config.min_usable_share)
-    plan = plan_shards(rows, requests, skipped, config, max_prompt)
+    plan = plan_shards(rows, requests, skipped, config, max_prompt, vision)
     log_too_long(skipped, max_prompt, config, context)
 
     config.save(out)
@@ -66,11 +73,11 @@ def main(config: DistillConfig) -> dict[str, Any]:
     )
     started = time.time()
     try:
-        run_pending(plan, requests, skipped, eos_ids, config, context)
+        run_pending(plan, requests, skipped, eos_ids, config, context, vision is not None)
     except Exception as err:
         manifest.fail(out, STAGE, f"{type(err).__name__}: {err}")
         raise
-    return finish(plan, unreadable + skipped, config, len(rows), time.time() - started)
+    return finish(plan, unreadable, config, len(rows), time.time() - started)
 
 
 def load_target_info(model_dir: str, trust_remote_code: bool) -> tuple[Any, list[int], int]:
@@ -87,7 +94,8 @@ def load_target_info(model_dir: str, trust_remote_code: bool) -> tuple[Any, list
     except OSError:
         generation = None
     eos_ids = eos_token_ids(generation, model_config, tokenizer)
-    context = getattr(model_config, "max_position_embeddings", None) or 2048
+    # a LLaVA config keeps its LM's context in text_config (a text model's text config is itself)
+    context = getattr(model_config.get_text_config(), "max_position_embeddings", None) or 2048
     return tokenizer, eos_ids, int(context)
 
 
@@ -144,9 +152,13 @@ def in_categories(rows: list[Any], categories: list[str], source: str) -> list[A
     return [r for r in rows if not isinstance(r, dict) or category_of(r) in wanted]
 
 
-def shard_settings(config: DistillConfig, max_prompt: int) -> dict[str, Any]:
-    """Everything that changes a shard's content (engine and pool size do not)."""
-    return {
+def shard_settings(
+    config: DistillConfig, max_prompt: int, vision: image_rows.VisionTarget | None = None
+) -> dict[str, Any]:
+    """Everything that changes a shard's content (engine and pool size do not). A vision
+    target's run adds where relative image paths resolve (a text run's settings are as before,
+    so its finished shards stay finished)."""
+    settings = {
         "target": config.target,
         "mode": config.mode,
         "sampling": config.sampling_dict(),
@@ -159,13 +171,21 @@ def shard_settings(config: DistillConfig, max_prompt: int) -> dict[str, Any]:
         "drafter": config.drafter,
         "categories": config.categories,
     }
+    if vision is not None:
+        settings["image_base_dir"] = vision.base_dir
+    return settings
 
 
 def plan_shards(
-    rows: list[Any], requests: list[core.Request], skipped: list[dict[str, Any]], config: DistillConfig, max_prompt: int
+    rows: list[Any],
+    requests: list[core.Request],
+    skipped: list[dict[str, Any]],
+    config: DistillConfig,
+    max_prompt: int,
+    vision: image_rows.VisionTarget | None = None,
 ) -> dict[int, dict[str, Any]]:
     """Per shard: input size, fingerprint, and whether an earlier run already finished it."""
-    settings = shard_settings(config, max_prompt)
+    settings = shard_settings(config, max_prompt, vision)
     plan: dict[int, dict[str, Any]] = {}
     for shard in range(core.num_shards(len(rows), config.shard_size)):
         lo, hi = shard * config.shard_size, min(len(rows), (shard + 1) * config.shard_size)
@@ -201,6 +221,7 @@ def run_pending(
     eos_ids: list[int],
     config: DistillConfig,
     context: int,
+    vision: bool = False,
 ) -> None:
     from tqdm import tqdm
 
@@ -213,7 +234,7 @@ def run_pending(
     with_requests = {r.shard for r in pending}
 
     def write(shard: int, answered: list[tuple[core.Request, core.Generated]]) -> None:
-        write_shard(config, shard, plan[shard], answered, skipped_by_shard[shard])
+        write_shard(config, shard, plan[shard], answered, skipped_by_shard[shard], vision)
 
     for shard, info in plan.items():  # shards whose every row was skipped need no engine
         if not info["done"] and shard not in with_requests:
@@ -222,7 +243,9 @@ def run_pending(
         "%d rows to generate in %d shards (%d rows skipped overall)", len(pending), len(with_requests), len(skipped)
     )
     with tqdm(total=len(pending), desc="distill", unit="row") as progress:
-        generate_shards(pending, config.target, config, eos_ids, write, progress=progress, context=context)
+        generate_shards(
+            pending, config.target, config, eos_ids, write, progress=progress, context=context, vision=vision
+        )
 
 
 def write_shard(
@@ -231,20 +254,27 @@ def write_shard(
     info: dict[str, Any],
     answered: list[tuple[core.Request, core.Generated]],
     skipped: list[dict[str, Any]],
+    vision: bool = False,
 ) -> None:
-    """Parquet first, then the record that marks the shard complete."""
+    """Parquet first, then the record that marks the shard complete. Rows the engine skipped
+    (an unreadable image) join the driver's skipped rows: the record holds them all, so a
+    resumed run that never regenerates this shard still counts and lists them."""
+    answered, engine_skipped = core.split_skipped(answered)
+    skipped = sorted([*skipped, *engine_skipped], key=lambda s: s["index"])
     results = [core.result_row(req, gen, config.mode, config.allow_truncated) for req, gen in answered]
     storage.write_parquet(
-        storage.join(config.output, core.shard_file(shard)), core.result_table(results, config.logprobs_top_k)
+        storage.join(config.output, core.shard_file(shard)),
+        core.result_table(results, config.logprobs_top_k, images=vision),
     )
     record = core.shard_record(shard, info["fingerprint"], info["rows_in"], results, skipped)
     storage.write_json(storage.join(config.output, core.record_file(shard)), record)
     info["done"] = True
     log.info(
-        "shard %d written: %d rows out, %d skipped, %d failed",
+        "shard %d written: %d rows out, %d skipped (%d unreadable images), %d failed",
         shard,
         record["rows_out"],
         record["skipped"],
+        record["bad_images"],
         record["failed"],
     )
 
@@ -268,9 +298,14 @@ def manifest_fields(
 
 
 def finish(
-    plan: dict[int, dict[str, Any]], skipped: list[dict[str, Any]], config: DistillConfig, rows_in: int, seconds: float
+    plan: dict[int, dict[str, Any]],
+    unreadable: list[dict[str, Any]],
+    config: DistillConfig,
+    rows_in: int,
+    seconds: float,
 ) -> dict[str, Any]:
-    """Gather the shard records, drop stale shards of a bigger earlier input, mark complete."""
+    """Gather the shard records, drop stale shards of a bigger earlier input, mark complete.
+    ``_skipped.jsonl``: the unreadable input lines, then every shard record's skipped rows."""
     out = config.output
     records: list[dict[str, Any]] = []
     missing = []
@@ -283,13 +318,16 @@ def finish(
     if missing:
         raise RuntimeError(f"{out}: shards {missing} have no completion record")
     remove_stale_shards(out, len(plan))
-    write_skipped(storage.join(out, core.SKIPPED_FILE), skipped)
+    write_skipped(
+        storage.join(out, core.SKIPPED_FILE), unreadable + [s for r in records for s in r.get("skipped_rows", [])]
+    )
     totals = {
         key: sum(r.get(key, 0) for r in records)
         for key in (
             "rows_in",
             "rows_out",
             "skipped",
+            "bad_images",
             "failed",
             "from_target",
             "from_reference",

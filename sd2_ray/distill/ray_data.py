@@ -31,10 +31,12 @@ def generate_shards(
     on_shard: ShardHandler,
     progress=None,
     context: int | None = None,
+    vision: bool = False,
 ) -> None:
     """Run every request through the engine; call ``on_shard(shard, [(request, generated)])`` once
     per shard, when all of its requests are answered. ``context``: the target's context length
-    (vLLM's max_model_len unless the config sets one)."""
+    (vLLM's max_model_len unless the config sets one). ``vision``: the target is a LLaVA model
+    (the rows carry their image references; the actors read the images)."""
     import ray
 
     from sd2_ray.runtime import ensure_ray, require_reachable
@@ -49,8 +51,8 @@ def generate_shards(
     for r in requests:
         expected[r.shard] += 1
     blocks = max(1, -(-len(requests) // config.batch_size))
-    ds = ray.data.from_items([r.engine_item() for r in requests], override_num_blocks=blocks)
-    ds = apply_engine(ds, model_dir, config, eos_ids, context)
+    ds = ray.data.from_items([r.engine_item(with_images=vision) for r in requests], override_num_blocks=blocks)
+    ds = apply_engine(ds, model_dir, config, eos_ids, context, vision)
     pending: dict[int, list[tuple[Request, Generated]]] = defaultdict(list)
     for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
         for row in batch.to_dict("records"):
@@ -77,18 +79,19 @@ def quiet_ray_data() -> None:
     ctx.print_on_execution_start = False
 
 
-def apply_engine(ds, model_dir: str, config, eos_ids: list[int], context: int | None = None):
+def apply_engine(ds, model_dir: str, config, eos_ids: list[int], context: int | None = None, vision: bool = False):
     """The configured engine as a Ray Data stage over request rows."""
     if config.engine == "vllm":
         return vllm_processor(model_dir, config, eos_ids, context)(ds)
-    return apply_transformers(ds, model_dir, config)
+    return apply_transformers(ds, model_dir, config, vision)
 
 
-def apply_transformers(ds, model_dir: str, config) -> Any:
+def apply_transformers(ds, model_dir: str, config, vision: bool = False) -> Any:
     """An actor pool of ``actors`` transformers callables (on-policy mode: the drafter-writes,
-    target-scores callable). ``model_dir`` is the configured path (local or s3://); each actor
-    resolves it itself. The actors get the driver's storage environment (AWS_*, SD2_CACHE_DIR)
-    so they reach the same S3 endpoint even when Ray was started before it was set."""
+    target-scores callable; a LLaVA target: the vision engine's). ``model_dir`` is the
+    configured path (local or s3://); each actor resolves it itself. The actors get the
+    driver's storage environment (AWS_*, SD2_CACHE_DIR) so they reach the same S3 endpoint even
+    when Ray was started before it was set."""
     import warnings
 
     from sd2_ray.distill.engines import TransformersBatchUDF, transformers_settings
@@ -100,6 +103,10 @@ def apply_transformers(ds, model_dir: str, config) -> Any:
         from sd2_ray.distill.onpolicy import OnPolicyBatchUDF
 
         udf, kwargs = OnPolicyBatchUDF, {**kwargs, "drafter_dir": config.drafter}
+    elif vision:
+        from sd2_ray.distill.vision_engine import VisionBatchUDF
+
+        udf = VisionBatchUDF
     with warnings.catch_warnings():  # max_restarts has no named parameter yet in Ray 2.60
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         return ds.map_batches(

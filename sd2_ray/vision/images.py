@@ -12,6 +12,7 @@ import base64
 import binascii
 import io
 import os
+import posixpath
 import re
 
 DATA_URL = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,(.*)$", re.DOTALL)
@@ -47,6 +48,21 @@ def image_bytes(
     if len(data) > max_bytes:
         raise ImageTooLarge(f"image: {len(data)} bytes is over the limit of {max_bytes}")
     return data
+
+
+def resolve_ref(ref: str, base_dir: str) -> str:
+    """``ref`` with a relative local path made absolute against ``base_dir`` (a local directory
+    or an ``s3://`` prefix); every other kind of reference is returned as it is. A caller that
+    hands references to another process resolves them first, where ``base_dir`` is known."""
+    if not isinstance(ref, str) or not ref or not base_dir:
+        return ref
+    if DATA_URL.match(ref) or _looks_base64(ref) or ref.startswith(("data:", "http://", "https://", "s3://")):
+        return ref
+    if os.path.isabs(ref):
+        return ref
+    if base_dir.startswith("s3://"):
+        return base_dir.rstrip("/") + "/" + posixpath.normpath(ref)
+    return os.path.normpath(os.path.join(base_dir, ref))
 
 
 def load_image(ref: str, *, max_bytes: int = DEFAULT_MAX_BYTES, allow_remote: bool = False, base_dir: str = ""):
