@@ -164,4 +164,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     )
     metrics = dict(metrics, masked_nonzero=masking.count_masked_nonzero(engine.module.lm, masks), final=True)
     state.finished = True
+    if rank == 0 and state.history:
+        state.history[-1]["masked_nonzero"] = metrics["masked_nonzero"]
     base.save_final(engine, tokenizer, state, base.scored(metrics, state, worker), rank)
