@@ -91,7 +91,8 @@ def build_vlm(text_model, tokenizer, vision: VisionShape = VISION, seed: int = 0
     text_model = with_vocab(text_model, len(tokenizer))
     config = llava_config(text_model.config, vision, image_token_id(tokenizer))
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).to(torch.float32)
+    # .float(), not .to(torch.float32): transformers' typing of .to rejects a dtype under mypy
+    model = LlavaForConditionalGeneration(config).float()
     model.model.language_model.load_state_dict(text_model.model.state_dict())
     model.lm_head.weight = model.model.language_model.embed_tokens.weight
     _copy_generation_ids(model, tokenizer)
@@ -115,7 +116,8 @@ def build_drafter(text_drafter, target_vlm, tokenizer, seed: int = 0):
     )
     config = llava_config(text_drafter.config, shape, target_vlm.config.image_token_id)
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).to(torch.float32)
+    # .float(), not .to(torch.float32): transformers' typing of .to rejects a dtype under mypy
+    model = LlavaForConditionalGeneration(config).float()
     model.model.vision_tower.load_state_dict(target_vlm.model.vision_tower.state_dict())
     model.model.language_model.load_state_dict(text_drafter.model.state_dict())
     model.lm_head.weight = model.model.language_model.embed_tokens.weight
