@@ -70,7 +70,12 @@ def eval_prompts(rows: list[dict[str, Any]], tokenizer, target, settings, k: int
     target's context window, which is what losslessness is judged against. Fails (DataError)
     when too few rows remain (``settings.min_usable_share``)."""
     limit = context_length(target) - settings.max_new_tokens - k - 1
-    prompts, kept, skipped = usable_prompts(rows, tokenizer, limit)
+    if _is_vision(target):
+        from sd2_ray.vision.evaluate import image_prompts, images_dir
+
+        prompts, kept, skipped = image_prompts(rows, tokenizer, target, limit, images_dir(settings))
+    else:
+        prompts, kept, skipped = usable_prompts(rows, tokenizer, limit)
     require_usable("eval prompts", len(prompts), [*unreadable, *skipped], settings.min_usable_share)
     if skipped:
         logger.warning("eval: skipped %d of %d prompts (e.g. %s)", len(skipped), len(rows), skipped[0]["reason"])
@@ -90,6 +95,7 @@ def prompt_seed(base: int, prompt_ids: list[int]) -> int:
 
 
 def _requests(prompts: list[list[int]], settings) -> list[GenerationRequest]:
+    """A request per prompt; a VLM's prompts carry their images (``ImagePrompt``)."""
     return [
         GenerationRequest(
             p,
@@ -100,6 +106,7 @@ def _requests(prompts: list[list[int]], settings) -> list[GenerationRequest]:
                 top_k=settings.top_k,
                 seed=prompt_seed(settings.seed, p),
             ),
+            images=getattr(p, "images", ()),
         )
         for p in prompts
     ]
@@ -165,7 +172,12 @@ def _run(
 
 def _warm_up(engine: SpeculativeEngine, prompts: list[list[int]]) -> None:
     """One short untimed decode so first-call allocations don't count against either side."""
-    engine.generate([GenerationRequest(prompts[0][:16], 4)])
+    if getattr(prompts[0], "images", ()):
+        from sd2_ray.vision.evaluate import warm_up_request
+
+        engine.generate([warm_up_request(prompts[0])])
+    else:
+        engine.generate([GenerationRequest(prompts[0][:16], 4)])
 
 
 def measure_target_only(
@@ -180,7 +192,12 @@ def measure_target_only(
     """Target-only decoding of the prompts with the engine's batching (``settings``: an
     :class:`~sd2_ray.evaluate.config.EvalSettings`): outputs and throughput, and the time of each
     category's batches when ``categories`` (one label per prompt, :func:`prompt_categories`)."""
-    engine = SpeculativeEngine(target, None, 0, target_tokenizer, compile=settings.compile)
+    if _is_vision(target):
+        from sd2_ray.vision.evaluate import target_only_engine
+
+        engine: SpeculativeEngine = target_only_engine(target, target_tokenizer, settings)
+    else:
+        engine = SpeculativeEngine(target, None, 0, target_tokenizer, compile=settings.compile)
     _warm_up(engine, prompts)
     run = _run(engine, _requests(prompts, settings), settings.batch_size, "target-only", progress, categories)
     tokens = sum(len(o) for o in run.outputs)
@@ -213,6 +230,10 @@ def load_target(path: str, device: str = "auto", dtype: str = "auto", device_map
     from sd2_ray.models.io import load_model, load_tokenizer
 
     where, torch_dtype = resolve_placement(device, dtype)
+    if _is_vision(path):
+        from sd2_ray.vision.evaluate import load_target as load_vlm_target
+
+        return load_vlm_target(path, torch_dtype, where)
     return (load_model(path, dtype=torch_dtype, device=where, device_map=device_map), load_tokenizer(path))
 
 
@@ -260,7 +281,12 @@ def evaluate_pair(
     from sd2_ray.models.device import dtype_name
 
     where, torch_dtype = resolve_placement(settings.device, settings.dtype)
-    target, t_tok = _load(target_dir, torch_dtype, where, settings.device_map)
+    if isinstance(target_dir, str) and _is_vision(target_dir):
+        from sd2_ray.vision.evaluate import load_target as load_vlm_target
+
+        target, t_tok = load_vlm_target(target_dir, torch_dtype, where)
+    else:
+        target, t_tok = _load(target_dir, torch_dtype, where, settings.device_map)
     where = str(input_device(target))
     t_tok = target_tokenizer or t_tok
     if t_tok is None:
@@ -277,7 +303,7 @@ def evaluate_pair(
         raise DataError(f"evaluate_pair: baseline has {baseline['num_prompts']} prompts, rows have {len(prompts)}")
     _warm_up(engine, prompts)
     run = _run(engine, _requests(prompts, settings), settings.batch_size, f"spec K={k}", progress, categories)
-    t_macs = linear_macs(target)
+    t_macs = _target_macs(target)
     report = figures(run.stats, run.seconds, run.cpu, run.outputs, baseline, t_macs, d_macs, k, settings.temperature)
     report.update(
         mal_ci95=mal_interval(run.request_stats),
@@ -297,12 +323,37 @@ def evaluate_pair(
         target=target_dir if isinstance(target_dir, str) else None,
         drafter=drafter_dir if isinstance(drafter_dir, str) else None,
     )
+    if "per_image" in d_macs:
+        from sd2_ray.vision.evaluate import image_report
+
+        report["vision"] = image_report(d_macs, prompts)
     return report
 
 
+def _is_vision(target) -> bool:
+    """Whether the target (dir or model) is a vision-language model (:mod:`sd2_ray.vision.evaluate`)."""
+    from sd2_ray.vision.evaluate import is_vision_target
+
+    return is_vision_target(target)
+
+
+def _target_macs(target) -> dict[str, Any]:
+    """Per-token MACs of the target: a VLM's language model only (images are costed apart)."""
+    if _is_vision(target):
+        from sd2_ray.vision.evaluate import lm_macs
+
+        return lm_macs(target)
+    return linear_macs(target)
+
+
 def _engine(target, drafter_dir, k: int, t_tok, d_tok, torch_dtype, where: str, settings):
-    """(decoding engine, drafter MACs report): a drafter model (dir or loaded), or a feature
-    head's dir (:mod:`sd2_ray.feature.evaluate`: the head drafts from the target's features)."""
+    """(decoding engine, drafter MACs report): a drafter model (dir or loaded), a feature head's
+    dir (:mod:`sd2_ray.feature.evaluate`: the head drafts from the target's features), or any
+    drafter of a VLM target (:mod:`sd2_ray.vision.evaluate`: MASSV or text-only)."""
+    if _is_vision(target):
+        from sd2_ray.vision.evaluate import pair_engine
+
+        return pair_engine(target, drafter_dir, k, t_tok, d_tok, torch_dtype, where, settings)
     if isinstance(drafter_dir, str):
         from sd2_ray.feature.evaluate import head_engine, is_head_dir
 

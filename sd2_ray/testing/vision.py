@@ -1,6 +1,7 @@
 """Tiny untrained vision-language pairs for tests: a LLaVA target, a MASSV drafter sharing its
 vision tower, and a text-only drafter, with one tokenizer (the kit's kind, trained in a second
-on scene texts). Built in seconds; untrained, so only losslessness means something."""
+on scene texts). Built in seconds; untrained, so only losslessness means something (and
+:func:`varied_head` makes their outputs vary)."""
 
 from __future__ import annotations
 
@@ -50,3 +51,27 @@ def tiny_vision_dirs(out: str, seed: int = 0) -> dict[str, str]:
     text_drafter.save_pretrained(dirs["text_drafter"])
     tok.save_pretrained(dirs["text_drafter"])
     return dirs
+
+
+def varied_head(vlm, seed: int = 0, scale: float = 1.0):
+    """``vlm`` (in place) with an untied random LM head. An untrained tied head maps a token's
+    hidden state back onto that same token, so greedy decoding repeats one token whatever the
+    image; a random head makes outputs depend on the context, images included, so a test that
+    compares outputs can fail."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    weight = vlm.lm_head.weight
+    vlm.lm_head.weight = torch.nn.Parameter(torch.randn(weight.shape, generator=g, dtype=weight.dtype) * scale)
+    vlm.config.tie_word_embeddings = False
+    vlm.config.text_config.tie_word_embeddings = False
+    return vlm
+
+
+def scene_pixels(count: int, config, seed: int = 0, split: str = "eval") -> list:
+    """Pixel values (3, H, W) of ``count`` held-out scenes for a LLaVA ``config``."""
+    from sd2_ray.vision import scenes
+    from sd2_ray.vision.images import image_processor, load_image, pixel_values
+
+    processor = image_processor(config)
+    return [pixel_values([load_image(e["image"])], processor)[0] for e in scenes.examples(count, seed, split)]

@@ -3,15 +3,14 @@ LLaVA target and drafter, with the image features put in place of the ``<image>`
 batch's prompts are prefilled.
 
 How: each side's LM is a plain causal LM sharing the LLaVA checkpoint's weights
-(:func:`text_lm`), and its token embedding takes a queue of image features
-(:class:`ImageQueue`): an ``<image>`` id in a chunk takes the next feature vector, in row-major
-order, exactly as LLaVA's own merge (``masked_scatter``) fills them. The queue is loaded once per
-batch, right before its prefill, from features computed once per image: the vision tower runs
-once and its output feeds the target's projector and, when the drafter carries the same tower
-(a MASSV drafter does), the drafter's projector too. A drafter without images (a text-only
-drafter) keeps an empty queue: its ``<image>`` ids read as that token's own embedding.
-After the prefill, decoding never sees an image again, so the steady loop (and its compiled
-steps) is the text engine's.
+(:func:`text_lm`), and a pre-hook on it (:class:`PrefillImages`) turns the batch's prefill (its
+first forward) into ``inputs_embeds`` with each row's image features at its prompt's
+``<image>`` positions, exactly as LLaVA's own merge (``masked_scatter``) fills them. Features
+are computed once per image and batch: the vision tower runs once and its output feeds the
+target's projector and, when the drafter carries the same tower (a MASSV drafter does), the
+drafter's projector too. A text-only drafter gets no hook: its ``<image>`` ids read as that
+token's own embedding. After the prefill, decoding never sees an image again, so the steady
+loop (and its compiled steps) is the text engine's.
 """
 
 from __future__ import annotations
@@ -21,40 +20,49 @@ import torch
 from sd2_ray.specdec.engine import SpeculativeEngine
 
 
-class ImageQueue:
-    """A forward hook on an embedding: ``<image>`` positions take queued features in order."""
+class PrefillImages:
+    """A forward pre-hook on one side's LM: its next forward (the batch's prefill, the first pass
+    of the loop) takes ``inputs_embeds`` with each row's first ``<image>`` positions (its
+    prompt's, as a prompt comes before anything drafted in the same chunk) set to that row's
+    image features, in order, as LLaVA's own merge fills them; then the hook goes away.
 
-    def __init__(self, embedding: torch.nn.Module, image_token: int):
-        self.embedding, self.image_token = embedding, image_token
-        self.features: torch.Tensor | None = None
-        self.used = 0
-        self._handle: torch.utils.hooks.RemovableHandle | None = None
+    Per side and per row, not a queue on the embedding: a drafter can draft the ``<image>`` id,
+    which then sits in the target's prefill chunk right after that row's prompt (it must read as
+    the token's own embedding, as in LLaVA's decoding), and a drafter that *is* the target shares
+    its embedding module with it, yet each side's prefill needs the features once."""
 
-    def load(self, features: torch.Tensor | None) -> None:
-        """Queue (N, hidden) features for the next chunks; None or empty: nothing queued."""
-        self.features = features if features is not None and len(features) else None
-        self.used = 0
-        if self.features is not None and self._handle is None:
-            self._handle = self.embedding.register_forward_hook(self._fill)
-        elif self.features is None and self._handle is not None:
+    def __init__(self, lm, image_token: int):
+        self.lm, self.image_token = lm, image_token
+        self.rows: list[torch.Tensor] | None = None
+        self._handle = None
+
+    def load(self, rows: list[torch.Tensor] | None) -> None:
+        """Per row of the next batch, its (positions, hidden) features (empty for a text row);
+        None: nothing to fill (and the hook removed)."""
+        self.rows = rows if rows is not None and any(len(r) for r in rows) else None
+        if self.rows is not None and self._handle is None:
+            self._handle = self.lm.register_forward_pre_hook(self._fill, with_kwargs=True)
+        elif self.rows is None and self._handle is not None:
             self._handle.remove()
             self._handle = None
 
-    def _fill(self, module, args, output):
-        ids = args[0]
-        where = ids == self.image_token
-        count = int(where.sum())
-        if not count or self.features is None:
-            return output
-        taken = self.features[self.used : self.used + count]
-        if len(taken) < count:
-            raise ValueError(f"prompt has {count} image positions left but {len(taken)} image features")
-        self.used += count
-        if self.used == len(self.features):  # all consumed: the steady loop runs hook-free
-            self.load(None)
-        output = output.clone()
-        output[where] = taken.to(output.dtype)
-        return output
+    def _fill(self, module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        rows = self.rows
+        if ids is None or rows is None:
+            return None
+        if ids.shape[0] != len(rows):
+            raise ValueError(f"prefill of {ids.shape[0]} rows for images of {len(rows)}")
+        embeds = self.lm.get_input_embeddings()(ids).clone()
+        for b, features in enumerate(rows):
+            if not len(features):
+                continue
+            where = (ids[b] == self.image_token).nonzero().flatten()
+            if len(where) < len(features):
+                raise ValueError(f"row {b}: {len(where)} image positions in its prefill for {len(features)} features")
+            embeds[b, where[: len(features)]] = features.to(embeds.device, embeds.dtype)
+        self.load(None)  # decoding never sees an image again: the steady loop runs hook-free
+        return args, {**kwargs, "input_ids": None, "inputs_embeds": embeds}
 
 
 def text_lm(vlm):
@@ -105,14 +113,19 @@ class VisionSpecEngine(SpeculativeEngine):
         self.drafter_vlm = drafter.eval() if drafter is not None and _is_llava(drafter) else None
         self.image_token = int(target_vlm.config.image_token_id)
         self.patches = int(target_vlm.config.image_seq_length)
+        if self.drafter_vlm is not None and int(self.drafter_vlm.config.image_seq_length) != self.patches:
+            raise ValueError(
+                f"drafter sees an image as {self.drafter_vlm.config.image_seq_length} positions, "
+                f"the target as {self.patches}: their prompts would not line up"
+            )
         target_lm = text_lm(target_vlm)
         drafter_lm = text_lm(drafter) if self.drafter_vlm is not None else drafter
         super().__init__(target_lm, drafter_lm, num_speculative_tokens, **kwargs)
         self.shared_tower = self.drafter_vlm is not None and same_tower(target_vlm, self.drafter_vlm)
         self.tower_runs = 0
-        self._queues = [ImageQueue(target_lm.get_input_embeddings(), self.image_token)]
-        if drafter_lm is not None:
-            self._queues.append(ImageQueue(drafter_lm.get_input_embeddings(), self.image_token))
+        self._fills = [PrefillImages(target_lm, self.image_token)]
+        if self.drafter_vlm is not None:
+            self._fills.append(PrefillImages(drafter_lm, self.image_token))
 
     def generate(self, requests, on_tokens=None, speculate: bool = True):
         for i, req in enumerate(requests):
@@ -126,24 +139,30 @@ class VisionSpecEngine(SpeculativeEngine):
         return super().generate(requests, on_tokens, speculate)
 
     def _decode(self, rows, on_tokens, speculate: bool = True) -> None:
-        images = [img for row in rows for img in getattr(row.request, "images", ())]
-        if images:
-            self._load_images(torch.stack(list(images)))
+        # only the rows that decode (a zero budget never reaches here): their images, in order
+        counts = [len(getattr(row.request, "images", ())) for row in rows]
+        if sum(counts):
+            images = torch.stack([img for row in rows for img in row.request.images])
+            self._load_images(images, counts)
         try:
             super()._decode(rows, on_tokens, speculate)
         finally:
-            for queue in self._queues:
-                queue.load(None)
+            for fill in self._fills:
+                fill.load(None)
 
-    def _load_images(self, pixels: torch.Tensor) -> None:
+    def _load_images(self, pixels: torch.Tensor, counts: list[int]) -> None:
+        split = [n * self.patches for n in counts]
         tower = tower_features(self.target_vlm, pixels)
         self.tower_runs += 1
-        self._queues[0].load(image_features(self.target_vlm, pixels, tower))
-        if self.drafter_vlm is not None and len(self._queues) > 1:
-            shared = tower.to(next(self.drafter_vlm.parameters()).device) if self.shared_tower else None
-            if shared is None:
+        self._fills[0].load(list(image_features(self.target_vlm, pixels, tower).split(split)))
+        if self.drafter_vlm is not None:
+            shared = None
+            if self.shared_tower:
+                param = next(self.drafter_vlm.parameters())
+                shared = tower.to(param.device, param.dtype)
+            else:
                 self.tower_runs += 1
-            self._queues[1].load(image_features(self.drafter_vlm, pixels, shared))
+            self._fills[1].load(list(image_features(self.drafter_vlm, pixels, shared).split(split)))
 
 
 def _is_llava(model) -> bool:
