@@ -453,7 +453,6 @@ def test_kit_has_a_vision_language_target_and_its_scene_prompt_sets(small_kit):
     """kit:vlm is a LLaVA checkpoint over the text target (its LM weights start as the target's)
     with its processor; the scene rows carry their images as data URLs and the held-out scenes
     are not the training ones."""
-    import torch
 
     from sd2_ray.kit import kit_paths
     from sd2_ray.models.io import load_model, load_tokenizer

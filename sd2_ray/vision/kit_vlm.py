@@ -92,12 +92,9 @@ def train_vlm(vlm, tokenizer, rows: list[dict], steps: int, seed: int) -> list[f
     pixels = I.pixel_values([I.load_image(r["image"]) for r in rows], I.image_processor(vlm.config))
     for p in vlm.model.vision_tower.parameters():
         p.requires_grad_(False)
-    groups = [
-        {"params": list(vlm.model.multi_modal_projector.parameters()), "lr": PROJECTOR_LR},
-        {"params": list(vlm.model.language_model.parameters()), "lr": LM_LR},
-    ]
-    peaks = [g["lr"] for g in groups]
-    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    trained = [list(vlm.model.multi_modal_projector.parameters()), list(vlm.model.language_model.parameters())]
+    peaks = [PROJECTOR_LR, LM_LR]
+    opt = torch.optim.AdamW([{"params": ps, "lr": lr} for ps, lr in zip(trained, peaks, strict=True)], weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     vlm.train()
     losses = []
@@ -108,7 +105,7 @@ def train_vlm(vlm, tokenizer, rows: list[dict], steps: int, seed: int) -> list[f
         batch = VD.collate([encoded[i] for i in pick], tokenizer.pad_token_id, [pixels[i] for i in pick])
         loss = vlm(**batch).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+        torch.nn.utils.clip_grad_norm_([p for ps in trained for p in ps], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())

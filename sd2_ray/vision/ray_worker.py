@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -39,7 +40,7 @@ class Encoder:
         self.image_token = int(model.config.image_token_id)
         self.patches = int(model.config.image_seq_length)
 
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
         w = self.worker
         batch = massv.batch_of(
             rows, self.tokenizer, self.processor, self.image_token, self.patches, w.seq_len, w.use_response_ids
@@ -99,9 +100,9 @@ def evaluate(engine, batches: list[tuple[dict, bool]], worker: WorkerConfig) -> 
     engine.eval()
     try:
         with torch.no_grad():
-            for batch, counted in batches:
+            for batch, scored in batches:
                 engine(**on_device(batch, device))
-                if counted:
+                if scored:
                     last = engine.module.last
                     sums += [last["ce"], last["tokens"], last["hits"]]
     finally:
