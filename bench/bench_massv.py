@@ -16,6 +16,8 @@ and data order):
 Prints MAL and drafting MACs per drafter (mean over seeds, and each seed), per-image vision
 MACs (the tower once per image, shared; each side's projector), and the issue's goals.
 
+Each seed is `sd2 massv --config jobs/configs/massv.yaml` with that seed and its own output.
+
     python bench/bench_massv.py [--seeds 3] [--out /tmp/massv-bench] [--k 4] [--json FILE]
 """
 
@@ -31,81 +33,16 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 DRAFTERS = ("text-only", "control", "massv", "massv-sd2")
-# the budget of every phase (the kit's rows are short: a step is a fraction of a second)
-PHASE1 = {"max_steps": 200, "epochs": 4, "lr": 5e-3}
-PHASE2 = {"epochs": 3, "lr": 2e-3}
-COMMON = {"workers": 1, "batch_size": 16, "seq_len": 128, "eval_every": 50, "eval_rows": 64}
+CONFIG = os.path.join(ROOT, "jobs", "configs", "massv.yaml")
 
 
-def distill(kit: dict, out: str) -> str:
-    from sd2_ray.distill.config import DistillConfig
-    from sd2_ray.distill.job import run_distill
+def run_seed(out: str, seed: int, k: int) -> dict:
+    """`sd2 massv --config jobs/configs/massv.yaml` for one seed: its report."""
+    from sd2_ray.vision.recipe import run_massv
+    from sd2_ray.vision.recipe_config import MassvRunConfig
 
-    config = DistillConfig(
-        target=kit["vlm"],
-        prompts=kit["vision_train_prompts"],
-        output=out,
-        engine="transformers",
-        actors=2,
-        batch_size=32,
-        max_new_tokens=64,
-    )
-    run_distill(config)
-    return out
-
-
-def prune(kit: dict, calibration: str, out: str) -> str:
-    from sd2_ray.prune.config import PruneConfig
-    from sd2_ray.prune.job import run_prune
-
-    run_prune(
-        PruneConfig(
-            model=kit["drafter"], calibration=calibration, output=out, method="sparsegpt", sparsity=0.5, seq_len=128
-        )
-    )
-    return out
-
-
-def finetune(model: str, data: str, out: str, seed: int, massv: dict, budget: dict) -> str:
-    from sd2_ray.finetune.config import FinetuneConfig
-    from sd2_ray.finetune.job import run_finetune
-
-    run_finetune(FinetuneConfig(model=model, data=data, output=out, seed=seed, massv=massv, **COMMON, **budget))
-    return out
-
-
-def drafters_of_seed(kit: dict, distilled: str, pruned: str, out: str, seed: int) -> dict[str, str]:
-    """{drafter name: model dir} of one seed."""
-    from sd2_ray.vision.model import save_text_lm
-
-    target = kit["vlm"]
-    captions = kit["vision_captions"]
-    made = {"text-only": kit["drafter"]}
-    for name, text in (("massv", kit["drafter"]), ("massv-sd2", pruned)):
-        base = os.path.join(out, f"seed{seed}", name)
-        phase1 = finetune(
-            text, captions, base + "-p1", seed, {"phase": "projector", "target": target, "seed": seed}, PHASE1
-        )
-        made[name] = finetune(phase1, distilled, base, seed, {"phase": "instruct"}, PHASE2)
-    control = os.path.join(out, f"seed{seed}", "control")
-    finetune(
-        kit["drafter"],
-        distilled,
-        control + "-llava",
-        seed,
-        {"phase": "instruct", "target": target, "images": False},
-        PHASE2,
-    )
-    made["control"] = control if os.path.isdir(control) else save_text_lm(control + "-llava", control)
-    return made
-
-
-def evaluate(target: str, drafter: str, rows: list[dict], k: int) -> dict:
-    from sd2_ray.evaluate.config import EvalSettings
-    from sd2_ray.evaluate.core import evaluate_pair
-
-    settings = EvalSettings(max_new_tokens=64, batch_size=16, measure_baseline=False)
-    return evaluate_pair(target, drafter, rows, k, settings, progress=False)
+    overrides = {"output": os.path.join(out, f"seed{seed}"), "seed": seed, "num_speculative_tokens": k}
+    return run_massv(MassvRunConfig.load(CONFIG, overrides=overrides))
 
 
 def summary(results: dict[str, list[dict]]) -> dict:
@@ -152,26 +89,13 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    from sd2_ray.kit import ensure_kit, kit_paths
-    from sd2_ray.rows import read_jsonl
-
     started = time.time()
-    kit = kit_paths(ensure_kit())
-    distilled = distill(kit, os.path.join(args.out, "distilled"))
-    pruned = prune(kit, distilled, os.path.join(args.out, "pruned"))
-    rows = read_jsonl(kit["vision_eval_prompts"], [])
-    results: dict[str, list[dict]] = {n: [] for n in DRAFTERS}
-    vision: dict = {}
-    for seed in range(args.seeds):
-        made = drafters_of_seed(kit, distilled, pruned, args.out, seed)
-        for name in DRAFTERS:
-            report = evaluate(kit["vlm"], made[name], rows, args.k)
-            results[name].append(report)
-            vision[name] = report.get("vision_macs_per_image", {})
-            print(f"seed {seed} {name}: MAL {report['mean_accepted_length']:.3f}", flush=True)
+    reports = [run_seed(args.out, seed, args.k) for seed in range(args.seeds)]
+    results = {n: [r["drafters"][n] for r in reports] for n in DRAFTERS}
+    vision = {n: results[n][0]["vision"] for n in DRAFTERS}
     summ = summary(results)
     print_table(results, summ, vision)
-    print(f"\n{args.seeds} seeds, K {args.k}, {len(rows)} held-out scenes; {time.time() - started:.0f} s")
+    print(f"\n{args.seeds} seeds, K {args.k}; {time.time() - started:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"summary": summ, "vision": vision, "results": results}, f, indent=2, default=str)

@@ -53,6 +53,12 @@ COMMANDS: dict[str, Command] = {
         "masked sparse fine-tuning on Ray Train + DeepSpeed ZeRO",
         "finetune",
     ),
+    "massv": Command(
+        "sd2_ray.vision.recipe_config:MassvRunConfig",
+        "sd2_ray.vision.recipe:main",
+        "MASSV multimodal drafters for a vision-language target (text-only, control, massv, massv-sd2)",
+        "massv",
+    ),
     "tune": Command(
         "sd2_ray.tune.config:TuneConfig",
         "sd2_ray.tune.job:main",

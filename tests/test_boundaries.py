@@ -20,6 +20,7 @@ ADAPTERS = {
     "distill/ray_data.py": "Ray Data: requests through the engine actor pool or ray.data.llm's vLLM processor",
     "feature/stream.py": "Ray Data: target features from an actor pool, streamed to Ray Train",
     "feature/ray_worker.py": "Ray Train: a feature head's per-worker loop around the pure step",
+    "vision/ray_worker.py": "Ray Train: a MASSV drafter's per-worker loop (image + text rows) around the pure step",
     "finetune/ray_train.py": "Ray Train: dataset + TorchTrainer",
     "finetune/ray_worker.py": "Ray Train: the per-worker loop around the pure step",
     "serve/app.py": "Ray Serve deployment of our engine",
