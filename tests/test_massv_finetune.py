@@ -56,15 +56,7 @@ def inputs(tmp_path_factory):
     load_tokenizer(dirs["text_drafter"]).save_pretrained(pruned)
     save_masks(pruned, masks, {"method": "magnitude", "pattern": "unstructured", "target_sparsity": 0.5})
     examples = scenes.examples(24, 0, "train")
-    captions = [
-        {
-            "id": f"c{i}",
-            "messages": [{"role": "user", "content": "<image>"}],
-            "response": e["caption"],
-            "image": e["image"],
-        }
-        for i, e in enumerate(examples)
-    ]
+    captions = scenes.caption_rows(24, 0)
     answers = [
         {"id": f"a{i}", "messages": e["messages"], "response": e["response"], "image": e["image"]}
         for i, e in enumerate(examples)

@@ -36,22 +36,14 @@ def test_sd2_massv_makes_and_compares_every_drafter_and_resumes(tmp_path):
     from sd2_ray.models.io import load_model, load_tokenizer
     from sd2_ray.models.sparsity import load_masks
     from sd2_ray.testing.vision import tiny_vision_dirs, varied_head
-    from sd2_ray.vision.model import save_vlm
     from sd2_ray.vision import scenes
+    from sd2_ray.vision.model import save_vlm
 
     dirs = tiny_vision_dirs(str(tmp_path / "models"))
     target = varied_head(load_model(dirs["target"]))  # answers that are text, not one repeated token
     save_vlm(target, load_tokenizer(dirs["target"]), dirs["target"])
     train = scenes.examples(24, 0, "train")
-    captions = [
-        {
-            "id": f"c{i}",
-            "messages": [{"role": "user", "content": "<image>"}],
-            "response": e["caption"],
-            "image": e["image"],
-        }
-        for i, e in enumerate(train)
-    ]
+    captions = scenes.caption_rows(24, 0)
     held = [
         {"id": f"e{i}", "messages": e["messages"], "image": e["image"]}
         for i, e in enumerate(scenes.examples(4, 0, "eval"))

@@ -141,14 +141,10 @@ def prompt_sets(seed: int, train: int, evals: int, captions: int) -> dict[str, l
             out.append({**row, "response": e["response"], "image": e["image"]})
         return out
 
-    caption_examples = scenes.examples(captions, seed, "captions")
-    for e in caption_examples:  # an image–text pair: the image alone, the caption as the answer
-        e["messages"] = [{"role": "user", "content": scenes.IMAGE_PLACEHOLDER}]
-        e["response"] = e["caption"]
     return {
         "vision-train.jsonl": rows(scenes.examples(train, seed, "train"), "train"),
         "vision-eval.jsonl": rows(scenes.examples(evals, seed, "eval"), "eval"),
-        "vision-captions.jsonl": rows(caption_examples, "captions"),
+        "vision-captions.jsonl": scenes.caption_rows(captions, seed),
     }
 
 

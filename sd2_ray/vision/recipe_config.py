@@ -18,7 +18,9 @@ ALL_DRAFTERS: tuple[str, ...] = ("text-only", "control", "massv", "massv-sd2")
 
 
 def _phase1() -> FinetuneSettings:
-    return FinetuneSettings(workers=1, batch_size=16, seq_len=128, max_steps=200, epochs=4, lr=5e-3)
+    return FinetuneSettings(
+        workers=1, batch_size=16, seq_len=128, max_steps=200, epochs=4, lr=5e-3, eval_every=50, eval_rows=64
+    )
 
 
 def _phase2() -> FinetuneSettings:

@@ -175,3 +175,18 @@ def examples(count: int, seed: int, split: str) -> list[dict]:
             }
         )
     return out
+
+
+def caption_rows(count: int, seed: int, split: str = "captions") -> list[dict]:
+    """Image–caption pairs as prompt rows (the image alone as the prompt, the caption as the
+    answer): a MASSV projector's phase-1 data."""
+    return [
+        {
+            "id": f"vision-{split}-{i}",
+            "category": VISION,
+            "messages": [{"role": "user", "content": IMAGE_PLACEHOLDER}],
+            "response": e["caption"],
+            "image": e["image"],
+        }
+        for i, e in enumerate(examples(count, seed, split))
+    ]
