@@ -38,7 +38,7 @@ def run_massv(config: MassvRunConfig) -> dict[str, Any]:
     config = with_kit_paths(config)
     distilled = distill(config)
     made = {name: make(config, name, distilled) for name in config.drafters}
-    results = {name: evaluate(config, name, drafter) for name, drafter in made.items()}
+    results: dict[str, dict] = {str(name): evaluate(config, name, drafter) for name, drafter in made.items()}
     report = comparison(results, config)
     storage.write_json(storage.join(config.output, "report.json"), report)
     storage.write_text(storage.join(config.output, "report.md"), report_markdown(report))

@@ -14,7 +14,7 @@ from sd2_ray.finetune.config import FinetuneSettings
 from sd2_ray.prune.config import PruneSettings
 
 DrafterName = Literal["text-only", "control", "massv", "massv-sd2"]
-ALL_DRAFTERS: tuple[str, ...] = ("text-only", "control", "massv", "massv-sd2")
+ALL_DRAFTERS: tuple[DrafterName, ...] = ("text-only", "control", "massv", "massv-sd2")
 
 
 def _phase1() -> FinetuneSettings:
@@ -60,5 +60,5 @@ class MassvRunConfig(StageConfig):
 
     @field_validator("drafters")
     @classmethod
-    def _unique(cls, value: list[str]) -> list[str]:
+    def _unique(cls, value: list[DrafterName]) -> list[DrafterName]:
         return list(dict.fromkeys(value))
