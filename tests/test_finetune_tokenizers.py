@@ -47,7 +47,7 @@ def fake_generate(answers: dict[str, str], tokenizer, top_k: int):
     """Ray Data's engine replaced: each request answered with ``answers[id]`` in the target's ids."""
     from sd2_ray.distill.core import Generated
 
-    def generate(requests, model_dir, config, eos_ids, on_shard, progress=None, context=None):
+    def generate(requests, model_dir, config, eos_ids, on_shard, progress=None, context=None, vision=False):
         by_shard: dict[int, list] = {}
         for req in requests:
             text = answers[req.id]
