@@ -16,7 +16,7 @@ import torch
 from sd2_ray.models.io import load_tokenizer
 from sd2_ray.specdec.sampling import RowParams, warp_probs
 from sd2_ray.specdec.types import GenerationRequest, SamplingParams
-from sd2_ray.testing.engine_pairs import noisy_copy
+from sd2_ray.testing.engine_pairs import hf_greedy, noisy_copy
 from sd2_ray.testing.vision import scene_pixels, tiny_vision_dirs, varied_head
 from sd2_ray.vision.data import prompt_ids
 from sd2_ray.vision.model import load_vlm
@@ -80,16 +80,7 @@ def vlm(tmp_path_factory):
 def llava_greedy(target, prompt, images, n: int) -> list[int]:
     """LLaVA's own greedy continuation (batch 1): transformers merges the image features."""
     pixels = {"pixel_values": torch.stack(images)} if images else {}  # a text row: no pixels at all
-    out = target.generate(
-        torch.tensor([prompt]),
-        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-        max_new_tokens=n,
-        do_sample=False,
-        eos_token_id=EOS,
-        pad_token_id=0,
-        **pixels,
-    )
-    return out[0, len(prompt) :].tolist()
+    return hf_greedy(target, prompt, n, EOS, **pixels)
 
 
 def requests(vlm, rows=None, **kwargs) -> list[GenerationRequest]:

@@ -42,8 +42,9 @@ def noisy_copy(model, scale: float, seed: int = 7):
     return clone.eval()
 
 
-def hf_greedy(model, prompt: list[int], n: int, eos: int | None = 2) -> list[int]:
-    """The target's own greedy continuation of one prompt (HF ``generate``, batch 1, no padding)."""
+def hf_greedy(model, prompt: list[int], n: int, eos: int | None = 2, **inputs) -> list[int]:
+    """The target's own greedy continuation of one prompt (HF ``generate``, batch 1, no padding);
+    ``inputs``: more model inputs (a LLaVA model's ``pixel_values``)."""
     with torch.no_grad():
         out = model.generate(
             torch.tensor([prompt]),
@@ -52,6 +53,7 @@ def hf_greedy(model, prompt: list[int], n: int, eos: int | None = 2) -> list[int
             do_sample=False,
             eos_token_id=eos,
             pad_token_id=0,
+            **inputs,
         )
     return out[0, len(prompt) :].tolist()
 
